@@ -53,7 +53,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} items, found {len(value)}: {value!r}")
+                raise ConfigError(
+                    f"{key}: expected {len(args)} items, found {len(value)}: {value!r}"
+                )
             items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         else:
             inner = args[0] if args else Any
@@ -95,7 +97,9 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
             message names the dotted key, what was expected and what was found.
     """
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, found {data!r}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, found {data!r}"
+        )
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

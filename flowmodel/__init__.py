@@ -1,0 +1,51 @@
+"""flowmodel: a multiscale coupling flow (RealNVP / Glow family) in pure PyTorch.
+
+Public API: FlowConfig, build_flow, Flow (initialize, forward, inverse, log_prob, bits_per_dim,
+sample), the layers, dequantize and the bits/dim helpers.
+"""
+
+from flowmodel.config import FlowConfig
+from flowmodel.flow import (
+    Flow,
+    FlowStep,
+    bits_per_dim_from_log_prob,
+    build_flow,
+    dequantize,
+    reduce_bits,
+    standard_normal_log_prob,
+)
+from flowmodel.layers import (
+    ActNorm,
+    Bijection,
+    Coupling,
+    GaussianSplit,
+    InvConv1x1,
+    LearnedPrior,
+    Logit,
+    Shift,
+    Squeeze,
+)
+from flowmodel.typed import ConfigError, from_dict, to_dict
+
+__all__ = [
+    "ActNorm",
+    "Bijection",
+    "ConfigError",
+    "Coupling",
+    "Flow",
+    "FlowConfig",
+    "FlowStep",
+    "GaussianSplit",
+    "InvConv1x1",
+    "LearnedPrior",
+    "Logit",
+    "Shift",
+    "Squeeze",
+    "bits_per_dim_from_log_prob",
+    "build_flow",
+    "dequantize",
+    "from_dict",
+    "reduce_bits",
+    "standard_normal_log_prob",
+    "to_dict",
+]

@@ -1,0 +1,83 @@
+"""FlowConfig: the architecture of a multiscale coupling flow, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from flowmodel.typed import from_dict, to_dict
+
+__all__ = ["FlowConfig"]
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Architecture of a Glow-style multiscale flow.
+
+    Each level squeezes (C, H, W) -> (4C, H/2, W/2), runs `steps_per_level` steps of
+    ActNorm -> invertible 1x1 conv -> coupling, then factors out half of the channels under a
+    learned conditional Gaussian prior (the last level keeps everything under a learned
+    unconditional prior). So H and W must be divisible by 2**levels.
+
+    Attributes:
+        image_shape: (C, H, W) of the uint8 images.
+        levels: number of squeeze/steps/split levels.
+        steps_per_level: flow steps per level (K in the Glow paper).
+        hidden_channels: width of each coupling conditioner network.
+        coupling_depth: hidden layers of the conditioner (a 3x3 conv, then depth-1 1x1 convs).
+        coupling: "affine" (scale and shift) or "additive" (shift only, volume preserving).
+        mask: "channel" (split channels in halves) or "checkerboard" (spatial parity).
+        n_bits: bits per pixel the model sees; images are reduced to n_bits (8 = untouched).
+        preprocess: "logit" maps y in [0, 1) to logit(alpha + (1 - 2 alpha) y) (RealNVP, Dinh et
+            al. 2017); "shift" maps y to y - 0.5 (Glow, Kingma & Dhariwal 2018). The log-det of
+            either is part of log_prob.
+        logit_alpha: alpha of the logit preprocessing, in [0, 0.5).
+        scale_clamp: affine log-scales are soft-clamped to (-scale_clamp, scale_clamp) with tanh.
+    """
+
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    levels: int = 2
+    steps_per_level: int = 8
+    hidden_channels: int = 64
+    coupling_depth: int = 2
+    coupling: Literal["affine", "additive"] = "affine"
+    mask: Literal["channel", "checkerboard"] = "channel"
+    n_bits: int = 8
+    preprocess: Literal["logit", "shift"] = "logit"
+    logit_alpha: float = 0.05
+    scale_clamp: float = 2.0
+
+    def __post_init__(self) -> None:
+        channels, height, width = self.image_shape
+        if channels < 1 or height < 1 or width < 1:
+            raise ValueError(f"image_shape: expected positive (C, H, W), found {self.image_shape}")
+        if self.levels < 1:
+            raise ValueError(f"levels: expected >= 1, found {self.levels}")
+        factor = 2**self.levels
+        if height % factor or width % factor:
+            raise ValueError(
+                f"image_shape: H and W must be divisible by 2**levels = {factor} "
+                f"(levels={self.levels}), found H={height}, W={width}"
+            )
+        for name in ("steps_per_level", "hidden_channels", "coupling_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
+        if not 1 <= self.n_bits <= 8:
+            raise ValueError(f"n_bits: expected 1..8, found {self.n_bits}")
+        if not 0.0 <= self.logit_alpha < 0.5:
+            raise ValueError(f"logit_alpha: expected in [0, 0.5), found {self.logit_alpha}")
+        if self.scale_clamp <= 0:
+            raise ValueError(f"scale_clamp: expected > 0, found {self.scale_clamp}")
+
+    @property
+    def dims(self) -> int:
+        """D = C * H * W, the number of dimensions that bits/dim divides by."""
+        channels, height, width = self.image_shape
+        return channels * height * width
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowConfig:
+        return from_dict(cls, data)

@@ -1,0 +1,274 @@
+"""The multiscale flow: preprocessing, levels of (squeeze, K steps, split), dequantization, bits/dim.
+
+References:
+    Dinh et al. 2017, "Density estimation using Real NVP", section 3.6 (multiscale architecture).
+    Kingma & Dhariwal 2018, "Glow", figure 2 (flow step and multiscale split).
+    Theis et al. 2016, "A note on the evaluation of generative models" (dequantization bound).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from flowmodel.config import FlowConfig
+from flowmodel.layers import (
+    ActNorm,
+    Bijection,
+    Coupling,
+    GaussianSplit,
+    InvConv1x1,
+    LearnedPrior,
+    Logit,
+    Shift,
+    Squeeze,
+)
+
+__all__ = ["Flow", "FlowStep", "build_flow", "dequantize", "standard_normal_log_prob"]
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I) per sample: z of shape [B, D] -> [B]."""
+    return -0.5 * (z.pow(2).sum(1) + z.shape[1] * LOG_2PI)
+
+
+def reduce_bits(images: Tensor, n_bits: int) -> Tensor:
+    """uint8 images -> integer levels in [0, 2**n_bits), as int64."""
+    return images.long() >> (8 - n_bits)
+
+
+def dequantize(
+    images: Tensor,
+    n_bits: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Uniform dequantization y = (x + u) / 2**n_bits, u ~ U[0, 1)^D, with x = images >> (8 - n_bits).
+
+    For any density p on [0, 1)^D, -log P(x) <= -log p(y) + D * n_bits * ln 2 in expectation over u
+    (Theis et al. 2016), which is what bits_per_dim reports. u is drawn from `generator` on the
+    images' device, or given as `noise` (same shape as images, values in [0, 1)) when the caller
+    needs noise that does not depend on batch order (keyed evaluation).
+    """
+    x = reduce_bits(images, n_bits)
+    if noise is None:
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise: expected shape {list(x.shape)}, found {list(noise.shape)}")
+    else:
+        u = noise.to(device=x.device, dtype=torch.float64)
+    y = (x + u) / 2**n_bits
+    return y.to(dtype)
+
+
+class FlowStep(Bijection):
+    """ActNorm -> invertible 1x1 conv -> coupling (one step of Glow)."""
+
+    def __init__(self, channels: int, config: FlowConfig, parity: int) -> None:
+        super().__init__()
+        self.actnorm = ActNorm(channels)
+        self.invconv = InvConv1x1(channels)
+        self.coupling = Coupling(
+            channels,
+            hidden=config.hidden_channels,
+            depth=config.coupling_depth,
+            mask=config.mask,
+            parity=parity,
+            affine=config.coupling == "affine",
+            clamp=config.scale_clamp,
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x, ld1 = self.actnorm(x)
+        x, ld2 = self.invconv(x)
+        x, ld3 = self.coupling(x)
+        return x, ld1 + ld2 + ld3
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        z, ld3 = self.coupling.inverse(z)
+        z, ld2 = self.invconv.inverse(z)
+        z, ld1 = self.actnorm.inverse(z)
+        return z, ld1 + ld2 + ld3
+
+
+class Flow(nn.Module):
+    """A multiscale coupling flow on images; see FlowConfig for the architecture.
+
+    `forward(y) -> (z, logdet)` maps dequantized images y in [0, 1), shape [B, C, H, W], to a flat
+    latent z of shape [B, D] that is N(0, I) under the model (the learned priors are affine
+    bijections inside the flow), and logdet = log|det dz/dy| of shape [B]. Hence
+
+        log p(y) = log N(z; 0, I) + logdet,
+        bits/dim = -log p(y) / (D ln 2) + n_bits.
+
+    Example:
+        >>> flow = build_flow(FlowConfig(image_shape=(1, 8, 8), levels=2, steps_per_level=2))
+        >>> images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+        >>> flow.bits_per_dim(images).shape
+        torch.Size([4])
+    """
+
+    def __init__(self, config: FlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        channels, height, width = config.image_shape
+        self.preprocess: Bijection = (
+            Logit(config.logit_alpha) if config.preprocess == "logit" else Shift()
+        )
+        self.squeeze = Squeeze()
+        self.steps = nn.ModuleList()
+        self.splits = nn.ModuleList()
+        # Shapes of the latent pieces in the order forward() emits them, for inverse().
+        self.latent_shapes: list[tuple[int, int, int]] = []
+        for level in range(config.levels):
+            channels, height, width = channels * 4, height // 2, width // 2
+            self.steps.append(
+                nn.ModuleList(
+                    FlowStep(channels, config, parity=k % 2) for k in range(config.steps_per_level)
+                )
+            )
+            if level < config.levels - 1:
+                self.splits.append(GaussianSplit(channels))
+                n_keep = channels // 2
+                self.latent_shapes.append((channels - n_keep, height, width))
+                channels = n_keep
+        self.top_prior = LearnedPrior((channels, height, width))
+        self.latent_shapes.append((channels, height, width))
+
+    # -- the bijection -------------------------------------------------------------------------
+    def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        self._check_y(y)
+        x, logdet = self.preprocess(y)
+        latents = []
+        for level, steps in enumerate(self.steps):
+            x, _ = self.squeeze(x)
+            for step in steps:
+                x, ld = step(x)
+                logdet = logdet + ld
+            if level < len(self.splits):
+                x, ld = self.splits[level](x)
+                logdet = logdet + ld
+                n_keep = self.splits[level].n_keep
+                latents.append(x[:, n_keep:].flatten(1))  # factor out eps: (B, C/2 * h * w)
+                x = x[:, :n_keep]
+        x, ld = self.top_prior(x)
+        latents.append(x.flatten(1))
+        return torch.cat(latents, dim=1), logdet + ld  # (B, D), (B,)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        if z.ndim != 2 or z.shape[1] != self.config.dims:
+            raise ValueError(f"z: expected shape [B, {self.config.dims}], found {list(z.shape)}")
+        sizes = [c * h * w for c, h, w in self.latent_shapes]
+        pieces = [
+            piece.reshape(-1, *shape)
+            for piece, shape in zip(torch.split(z, sizes, dim=1), self.latent_shapes)
+        ]
+        x, logdet = self.top_prior.inverse(pieces[-1])
+        for level in reversed(range(len(self.steps))):
+            if level < len(self.splits):
+                x, ld = self.splits[level].inverse(torch.cat([x, pieces[level]], dim=1))
+                logdet = logdet + ld
+            for step in reversed(self.steps[level]):
+                x, ld = step.inverse(x)
+                logdet = logdet + ld
+            x, _ = self.squeeze.inverse(x)
+        y, ld = self.preprocess.inverse(x)
+        return y, logdet + ld
+
+    # -- densities -----------------------------------------------------------------------------
+    def log_prob(self, y: Tensor) -> Tensor:
+        """log p(y) in nats, per image, for dequantized images y in [0, 1): shape [B]."""
+        z, logdet = self(y)
+        return standard_normal_log_prob(z) + logdet
+
+    def bits_per_dim(
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """Bits per dimension of uint8 images [B, C, H, W] under one uniform dequantization: [B].
+
+        Exactly -log p(y) / (D ln 2) + n_bits with y = dequantize(images, n_bits, generator, noise).
+        """
+        self._check_images(images)
+        y = dequantize(images, self.config.n_bits, generator, dtype=self._dtype(), noise=noise)
+        return bits_per_dim_from_log_prob(self.log_prob(y), self.config)
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """n images as uint8 [n, C, H, W]; z ~ N(0, temperature^2 I), so temperature 0 is the mode path."""
+        device, dtype = self._device(), self._dtype()
+        z = torch.randn(n, self.config.dims, generator=generator, device=device, dtype=dtype)
+        y, _ = self.inverse(z * temperature)
+        levels = 2**self.config.n_bits
+        x = torch.floor(y.clamp(0, 1 - 1e-6) * levels).long()
+        return (x << (8 - self.config.n_bits)).to(torch.uint8)
+
+    # -- initialisation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, images: Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent ActNorm initialisation from one batch of uint8 images (Glow, section 3.1).
+
+        Call once, before wrapping the model in DDP, so all workers start from the same weights.
+        """
+        self._check_images(images)
+        for module in self.modules():
+            if isinstance(module, ActNorm):
+                module.start_init()
+        y = dequantize(images, self.config.n_bits, generator, dtype=self._dtype())
+        self(y)
+
+    @property
+    def initialized(self) -> bool:
+        return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))
+
+    # -- checks --------------------------------------------------------------------------------
+    def _dtype(self) -> torch.dtype:
+        return self.top_prior.mu.dtype
+
+    def _device(self) -> torch.device:
+        return self.top_prior.mu.device
+
+    def _check_shape(self, what: str, x: Tensor) -> None:
+        expected = list(self.config.image_shape)
+        if x.ndim != 4 or list(x.shape[1:]) != expected:
+            raise ValueError(
+                f"{what}: expected shape [B, {', '.join(map(str, expected))}], found {list(x.shape)}"
+            )
+
+    def _check_images(self, images: Tensor) -> None:
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8:
+            found = images.dtype if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images: expected a torch.uint8 tensor, found {found}")
+        self._check_shape("images", images)
+
+    def _check_y(self, y: Tensor) -> None:
+        if not isinstance(y, Tensor) or not y.is_floating_point():
+            found = y.dtype if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(
+                f"y: expected a floating-point tensor of dequantized images, found {found}"
+            )
+        self._check_shape("y", y)
+        if y.numel() and (y.min() < 0 or y.max() > 1):
+            raise ValueError(
+                f"y: expected values in [0, 1) (dequantized images), found range "
+                f"[{y.min().item():.4g}, {y.max().item():.4g}]"
+            )
+
+
+def bits_per_dim_from_log_prob(log_prob: Tensor, config: FlowConfig) -> Tensor:
+    """-log p(y) / (D ln 2) + n_bits: the discrete bound on bits/dim, per image."""
+    return -log_prob / (config.dims * math.log(2)) + config.n_bits
+
+
+def build_flow(config: FlowConfig) -> Flow:
+    """The flow that `config` describes, in float32, at its identity-like initialisation."""
+    return Flow(config)
