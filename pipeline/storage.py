@@ -1,0 +1,371 @@
+"""Storage URLs: one place that turns `/path`, `file://...` or `s3://bucket/prefix` into filesystems.
+
+Every module that reads or writes data goes through here, so S3-compatible stores with a custom
+endpoint (MinIO, Ceph, moto) work everywhere by configuration alone:
+
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:9000")   # or from AWS_ENDPOINT_URL
+    fs, path = fsspec_filesystem("s3://data/fmnist/train", storage)  # s3fs, "data/fmnist/train"
+    afs, path = arrow_filesystem("s3://data/fmnist/train", storage)  # pyarrow S3FileSystem
+
+Credentials are never part of a `StorageConfig`: boto (s3fs) and the AWS SDK (pyarrow) take them
+from the standard chain (environment, ~/.aws, instance roles). So a config can be logged, put in
+MLflow params or pickled into Ray tasks without leaking a secret; `StorageError` messages pass
+through `redact` as a second guard.
+
+The small helpers (`join_url`, `exists`, `list_names`, `read_bytes`, `write_bytes_atomic`,
+`put_file_atomic`) are what the shard writer, checkpoints and scoring reuse. Writes are atomic:
+a local file appears under its final name only when complete (temp name in the same folder, then
+`os.replace`); an S3 object is atomic already (a PUT or a completed multipart upload).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import fsspec
+    import pyarrow.fs
+
+__all__ = [
+    "StorageConfig",
+    "StorageError",
+    "arrow_filesystem",
+    "check_access",
+    "exists",
+    "fsspec_filesystem",
+    "is_s3",
+    "join_url",
+    "list_names",
+    "make_temp_file",
+    "put_file_atomic",
+    "read_bytes",
+    "redact",
+    "replace_with",
+    "write_bytes_atomic",
+]
+
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+class StorageError(RuntimeError):
+    """A storage URL cannot be used; the message says what and `hint` says what to try."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(redact(message))
+        self.hint = redact(hint)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where S3 URLs point; local paths ignore it. Holds no credentials (see module docstring).
+
+    Attributes:
+        endpoint_url: S3-compatible endpoint, e.g. "http://127.0.0.1:9000"; None means AWS_ENDPOINT_URL
+            from the environment, or AWS itself when that is unset too.
+        region: None means AWS_REGION, then AWS_DEFAULT_REGION, then "us-east-1".
+        anon: unsigned requests (public buckets); no credentials needed.
+        connect_timeout: seconds before a connection attempt fails (kept short so an unreachable
+            endpoint is reported in seconds rather than minutes of retries).
+        max_attempts: attempts per request, retries included.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anon: bool = False
+    connect_timeout: float = 5.0
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        # Resolved once, where the config is made (the driver), so Ray workers with a different
+        # environment still use the same endpoint.
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        region = (
+            self.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1"
+        )
+        if endpoint is not None and urlparse(endpoint).scheme not in ("http", "https"):
+            raise ValueError(
+                f"endpoint_url: expected http://host:port or https://..., found {endpoint!r}"
+            )
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts: expected at least 1, found {self.max_attempts}")
+        object.__setattr__(self, "endpoint_url", endpoint)
+        object.__setattr__(self, "region", region)
+
+    def describe(self) -> str:
+        """One line for logs: endpoint and region, never credentials."""
+        return f"endpoint={self.endpoint_url or 'aws'} region={self.region}"
+
+
+def redact(text: str) -> str:
+    """`text` with the values of AWS credential variables in the environment replaced by ***."""
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith(("s3://", "s3a://"))
+
+
+def _local_path(url: str) -> str:
+    if url.startswith("file://"):
+        url = urlparse(url).path
+    elif "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise StorageError(
+            f"unsupported storage URL {url!r}: scheme {scheme}:// is not handled",
+            hint="use a local path, file:///path or s3://bucket/prefix",
+        )
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def _s3_path(url: str) -> str:
+    path = url.split("://", 1)[1].strip("/")
+    if not path:
+        raise StorageError(f"{url!r} names no bucket", hint="write s3://bucket/prefix")
+    return path
+
+
+def fsspec_filesystem(
+    url: str, storage: StorageConfig | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `url` and the path within it (absolute local path, or bucket/key)."""
+    storage = storage or StorageConfig()
+    if not is_s3(url):
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem(), _local_path(url)
+    import s3fs
+
+    client_kwargs: dict[str, Any] = {"region_name": storage.region}
+    if storage.endpoint_url:
+        client_kwargs["endpoint_url"] = storage.endpoint_url
+    fs = s3fs.S3FileSystem(
+        anon=storage.anon,
+        client_kwargs=client_kwargs,
+        config_kwargs={
+            "connect_timeout": storage.connect_timeout,
+            "retries": {"max_attempts": storage.max_attempts, "mode": "standard"},
+        },
+        # Listings must see what other processes wrote a moment ago (rerun checks, readers).
+        use_listings_cache=False,
+    )
+    return fs, _s3_path(url)
+
+
+def arrow_filesystem(
+    url: str, storage: StorageConfig | None = None
+) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem for `url` and the path within it.
+
+    pyarrow ignores AWS_ENDPOINT_URL, so the endpoint goes in as endpoint_override + scheme.
+    """
+    import pyarrow.fs as pafs
+
+    storage = storage or StorageConfig()
+    if not is_s3(url):
+        return pafs.LocalFileSystem(), _local_path(url)
+    kwargs: dict[str, Any] = {
+        "region": storage.region,
+        "anonymous": storage.anon,
+        "connect_timeout": storage.connect_timeout,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=storage.max_attempts),
+    }
+    if storage.endpoint_url:
+        parsed = urlparse(storage.endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        kwargs["scheme"] = parsed.scheme
+    return pafs.S3FileSystem(**kwargs), _s3_path(url)
+
+
+def join_url(base: str, *parts: str) -> str:
+    """`base` with relative `parts` appended by "/", keeping its scheme: join_url("s3://b/p", "x")."""
+    url = base.rstrip("/") if base.rstrip("/") else base
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            url = f"{url}/{part}"
+    return url
+
+
+@contextlib.contextmanager
+def _translated(url: str, storage: StorageConfig | None) -> Iterator[None]:
+    """Turn the errors users meet (no endpoint, no credentials, no bucket) into StorageError."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # botocore/aiohttp errors have no common base worth importing
+        raise _storage_error(url, storage, err) from err
+
+
+def _storage_error(url: str, storage: StorageConfig | None, err: BaseException) -> StorageError:
+    storage = storage or StorageConfig()
+    name = type(err).__name__
+    text = f"{name}: {err}"
+    if "NoCredentials" in name or "Unable to locate credentials" in text:
+        return StorageError(
+            f"no AWS credentials found for {url}",
+            hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+            "or use anonymous access for public buckets",
+        )
+    if any(
+        s in text
+        for s in (
+            "EndpointConnectionError",
+            "Could not connect",
+            "Connect call failed",
+            "ClientConnectorError",
+            "Cannot connect",
+        )
+    ):
+        return StorageError(
+            f"S3 endpoint {storage.endpoint_url or 'aws'} is unreachable ({url})",
+            hint="start it (make s3-up) or pass the right --endpoint-url / AWS_ENDPOINT_URL",
+        )
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        bucket = _s3_path(url).split("/", 1)[0] if is_s3(url) else url
+        return StorageError(
+            f"bucket {bucket!r} does not exist at {storage.describe()}",
+            hint="create it first, or check the URL",
+        )
+    if isinstance(err, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text:
+        return StorageError(
+            f"access denied to {url} ({name})", hint="check the credentials and the bucket policy"
+        )
+    return StorageError(f"cannot access {url}: {text}")
+
+
+def check_access(url: str, storage: StorageConfig | None = None) -> None:
+    """Fail fast with a StorageError (endpoint, credentials, bucket) before a job starts work.
+
+    A missing prefix is fine (a job may be about to create it); a missing bucket is not.
+    """
+    if not is_s3(url):
+        _local_path(url)
+        return
+    fs, path = fsspec_filesystem(url, storage)
+    bucket = path.split("/", 1)[0]
+    with _translated(url, storage):
+        try:
+            fs.ls(bucket, detail=False)
+        except FileNotFoundError as err:
+            raise StorageError(
+                f"bucket {bucket!r} does not exist at {(storage or StorageConfig()).describe()}",
+                hint="create it first, or check the URL",
+            ) from err
+
+
+def exists(url: str, storage: StorageConfig | None = None) -> bool:
+    fs, path = fsspec_filesystem(url, storage)
+    with _translated(url, storage):
+        return bool(fs.exists(path))
+
+
+def list_names(url: str, storage: StorageConfig | None = None) -> list[str]:
+    """Sorted names of the files directly under the prefix `url` (no folders); [] if none."""
+    fs, path = fsspec_filesystem(url, storage)
+    with _translated(url, storage):
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+    names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"]
+    return sorted(names)
+
+
+def read_bytes(url: str, storage: StorageConfig | None = None) -> bytes:
+    fs, path = fsspec_filesystem(url, storage)
+    with _translated(url, storage):
+        return fs.cat_file(path)
+
+
+def _local_temp_name(path: str) -> str:
+    folder, name = os.path.split(path)
+    # Leading dot and a unique suffix: never mistaken for the final file, never shared by writers.
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def write_bytes_atomic(url: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Write `data` to `url` so that readers see the old content or all of the new, never a part."""
+    fs, path = fsspec_filesystem(url, storage)
+    if not is_s3(url):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = _local_temp_name(path)
+        try:
+            with open(temp, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temp)
+        return
+    with _translated(url, storage):
+        fs.pipe_file(path, data)
+
+
+def put_file_atomic(local_file: str, url: str, storage: StorageConfig | None = None) -> None:
+    """Copy a finished local file to `url` atomically (see `write_bytes_atomic`)."""
+    fs, path = fsspec_filesystem(url, storage)
+    if not is_s3(url):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.abspath(local_file) == path:
+            return
+        temp = _local_temp_name(path)
+        try:
+            shutil.copyfile(local_file, temp)
+            os.replace(temp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temp)
+        return
+    with _translated(url, storage):
+        fs.put_file(local_file, path)
+
+
+def local_temp_dir_for(url: str) -> str | None:
+    """A folder for temp files that can be renamed onto `url`'s folder (same filesystem), or None
+    for object storage, where any local temp folder will do."""
+    if is_s3(url):
+        return None
+    folder = os.path.dirname(_local_path(url))
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def make_temp_file(url: str, suffix: str = "") -> str:
+    """A new empty local temp file suited to end up at `url` (see `local_temp_dir_for`)."""
+    folder = local_temp_dir_for(url)
+    prefix = "." + os.path.basename(url.rstrip("/")) + ".tmp-" if folder else "flowray-"
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.close(handle)
+    return name
+
+
+def replace_with(local_file: str, url: str, storage: StorageConfig | None = None) -> None:
+    """Move a finished temp file from `make_temp_file` to `url` atomically, then drop the temp."""
+    try:
+        if is_s3(url):
+            put_file_atomic(local_file, url, storage)
+        else:
+            os.replace(local_file, _local_path(url))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(local_file)
