@@ -1,0 +1,593 @@
+"""Image sources for `flowray prepare`: IDX files, image folder trees and .npy arrays, local or S3.
+
+A source is a small picklable description (URLs, target shape, a file list): it is sent to the Ray
+tasks that write shards, and each task reads only the images of its own shards. Nothing reads a
+whole large source into memory: IDX and .npy files are read by seeking to the requested rows,
+folder images one file at a time.
+
+The contract (`ImageSource`):
+    splits()             -> {"train": 60000, "test": 10000}   split name -> number of images
+    read(split, indices) -> SourceImage(key, image, label, error) per index, in order; indices
+                            must be ascending. `image` is uint8 [C, H, W] in the target shape;
+                            `key` says where it came from ("cats/0001.jpg", "t10k-images...gz#42").
+                            An image that cannot be decoded comes back with image=None and `error`
+                            set, so the caller's on_error policy decides (only folders produce them).
+    shape, classes, has_labels, description
+
+Every image goes through `fit_image`: converted to the target channels (1: luminance, 3: RGB;
+alpha is composited over white; 16-bit is scaled to 8-bit), then centre-cropped to the target aspect
+ratio and resized (Lanczos) to the target height x width. Images already in the target shape are
+passed through untouched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from collections.abc import Iterator, Sequence
+from typing import IO, TYPE_CHECKING, NamedTuple, Protocol
+
+import numpy as np
+
+from pipeline.storage import StorageConfig, fsspec_filesystem, is_s3, join_url
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+__all__ = [
+    "DEFAULT_FASHION_MNIST_DIR",
+    "FolderSource",
+    "FractionSplit",
+    "IdxSource",
+    "ImageSource",
+    "NpySource",
+    "SourceError",
+    "SourceImage",
+    "default_idx_dir",
+    "fit_image",
+    "open_source",
+]
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Rows read per request from IDX/.npy files: big enough to amortise S3 round trips, small enough
+# to keep memory flat (4096 RGB 64x64 images are 50 MB).
+_CHUNK_ROWS = 4096
+
+
+class SourceError(ValueError):
+    """A source cannot be read as asked; the message says what was expected and what was found."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class SourceImage(NamedTuple):
+    key: str
+    image: np.ndarray | None  # uint8 [C, H, W]; None when `error` is set
+    label: int | None
+    error: str | None = None
+
+
+class ImageSource(Protocol):
+    @property
+    def description(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+    @property
+    def classes(self) -> tuple[str, ...] | None: ...
+    @property
+    def has_labels(self) -> bool: ...
+    def splits(self) -> dict[str, int]: ...
+    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]: ...
+
+
+def default_idx_dir() -> str:
+    """FASHION_MNIST_DIR from the environment, else where Debian's dataset-fashion-mnist puts it."""
+    return os.environ.get("FASHION_MNIST_DIR") or DEFAULT_FASHION_MNIST_DIR
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def _to_mode(image: PILImage.Image, channels: int) -> PILImage.Image:
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16/32-bit greyscale: Pillow's convert("L") clips at 255, so scale down instead.
+        array = np.asarray(image).astype(np.float64)
+        if array.max(initial=0) > 255:
+            array = array / 257.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        # Transparent pixels often hold black; composite over white like a viewer shows them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def fit_image(image: PILImage.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """`image` as uint8 [C, H, W]: target channels, centre-cropped and resized to size=(H, W)."""
+    from PIL import Image, ImageOps
+
+    if channels not in (1, 3):
+        raise SourceError(f"channels: expected 1 or 3, found {channels}")
+    image = _to_mode(image, channels)
+    height, width = size
+    if image.size != (width, height):
+        image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.uint8)
+    if channels == 1:
+        return array[None].copy()  # (H, W) -> (1, H, W)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+
+
+def _fit_array(hwc: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 [H, W, C] array as uint8 [C, H, W] in the target shape (PIL only when needed)."""
+    from PIL import Image
+
+    height, width, have = hwc.shape
+    if have == channels and (height, width) == tuple(size):
+        return np.ascontiguousarray(hwc.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[have]
+    pixels = hwc[:, :, 0] if have == 1 else hwc
+    return fit_image(Image.fromarray(np.ascontiguousarray(pixels), mode), channels, size)
+
+
+def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Ascending indices as (start, stop) runs of consecutive values, each at most _CHUNK_ROWS."""
+    start = prev = None
+    for index in indices:
+        if prev is not None and index <= prev:
+            raise ValueError(f"indices must be ascending, found {index} after {prev}")
+        if start is None:
+            start = prev = index
+        elif index == prev + 1 and index - start < _CHUNK_ROWS:
+            prev = index
+        else:
+            yield start, prev + 1
+            start = prev = index
+    if start is not None:
+        yield start, prev + 1
+
+
+def _check_target(channels: int | None, size: tuple[int, int] | None) -> None:
+    if channels is not None and channels not in (1, 3):
+        raise SourceError(f"channels: expected 1 or 3, found {channels}")
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise SourceError(f"size: expected (height, width) of positive integers, found {size}")
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+class _IdxFile(NamedTuple):
+    url: str
+    dims: tuple[int, ...]  # (N,) for labels, (N, H, W) for images
+    offset: int  # header bytes
+
+
+def _open_maybe_gzip(url: str, storage: StorageConfig | None) -> IO[bytes]:
+    fs, path = fsspec_filesystem(url, storage)
+    raw = fs.open(path, "rb")
+    return gzip.GzipFile(fileobj=raw, mode="rb") if url.endswith(".gz") else raw
+
+
+def _read_idx_header(url: str, storage: StorageConfig | None) -> _IdxFile:
+    with _open_maybe_gzip(url, storage) as file:
+        head = file.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+            raise SourceError(f"{url}: not an IDX file of unsigned bytes (magic {head.hex()})")
+        ndim = head[3]
+        dims = tuple(int.from_bytes(file.read(4), "big") for _ in range(ndim))
+    return _IdxFile(url, dims, 4 + 4 * ndim)
+
+
+def _find_idx(folder: str, prefix: str, kind: str, storage: StorageConfig | None) -> str:
+    fs, path = fsspec_filesystem(folder, storage)
+    try:
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        names = []
+    matches = sorted(n for n in names if n.startswith(prefix) and kind in n)
+    if not matches:
+        raise SourceError(
+            f"no {prefix}*{kind}* file in {folder} (an IDX folder holds train-images-idx3-ubyte.gz, "
+            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)",
+            hint="install Fashion-MNIST with `sudo apt-get install dataset-fashion-mnist`, set "
+            "FASHION_MNIST_DIR, or pass --source idx:<folder with the four files>",
+        )
+    # Prefer the compressed file when both exist: it is what the Debian package ships.
+    gz = [n for n in matches if n.endswith(".gz")]
+    return join_url(folder, (gz or matches)[0])
+
+
+class IdxSource:
+    """MNIST-format IDX files (.gz or raw) in a folder: splits "train" and "test", labels 0-9."""
+
+    _PREFIXES = {"train": "train", "test": "t10k"}
+
+    def __init__(
+        self,
+        folder: str,
+        storage: StorageConfig | None = None,
+        channels: int | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        _check_target(channels, size)
+        self.folder = folder
+        self.storage = storage
+        self._files: dict[str, tuple[_IdxFile, _IdxFile]] = {}
+        for split, prefix in self._PREFIXES.items():
+            images = _read_idx_header(_find_idx(folder, prefix, "images-idx3", storage), storage)
+            labels = _read_idx_header(_find_idx(folder, prefix, "labels-idx1", storage), storage)
+            if len(images.dims) != 3 or len(labels.dims) != 1 or images.dims[0] != labels.dims[0]:
+                raise SourceError(
+                    f"{folder}: {split} images {images.dims} and labels {labels.dims} disagree: "
+                    "expected [N, H, W] images and [N] labels"
+                )
+            self._files[split] = (images, labels)
+        native = self._files["train"][0].dims[1:]
+        self._shape = (channels or 1, *(size or native))
+
+    @property
+    def description(self) -> str:
+        return f"idx:{self.folder}"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape  # type: ignore[return-value]
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return None
+
+    @property
+    def has_labels(self) -> bool:
+        return True
+
+    def splits(self) -> dict[str, int]:
+        return {split: images.dims[0] for split, (images, _) in self._files.items()}
+
+    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
+        images, labels = self._files[split]
+        height, width = images.dims[1:]
+        name = images.url.rsplit("/", 1)[-1]
+        channels, *size = self._shape
+        with (
+            _open_maybe_gzip(images.url, self.storage) as image_file,
+            _open_maybe_gzip(labels.url, self.storage) as label_file,
+        ):
+            for start, stop in _runs(indices):
+                # Forward seeks on a gzip stream decompress and discard: memory stays flat.
+                image_file.seek(images.offset + start * height * width)
+                label_file.seek(labels.offset + start)
+                count = stop - start
+                pixels = _read_exact(image_file, count * height * width, images.url)
+                label_bytes = _read_exact(label_file, count, labels.url)
+                block = np.frombuffer(pixels, np.uint8).reshape(count, height, width, 1)
+                for i in range(count):
+                    image = _fit_array(block[i], channels, tuple(size))
+                    yield SourceImage(f"{name}#{start + i}", image, int(label_bytes[i]))
+
+
+def _read_exact(file: IO[bytes], count: int, url: str) -> bytes:
+    data = file.read(count)
+    if len(data) != count:
+        raise SourceError(f"{url}: file ends early (wanted {count} more bytes, got {len(data)})")
+    return data
+
+
+# ----------------------------------------------------------------------------- .npy
+
+
+class _NpyFile(NamedTuple):
+    url: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+
+
+def _read_npy_header(url: str, storage: StorageConfig | None) -> _NpyFile:
+    fs, path = fsspec_filesystem(url, storage)
+    if not fs.exists(path):
+        raise SourceError(f"no such .npy file: {url}")
+    with fs.open(path, "rb") as file:
+        try:
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+        except ValueError as err:
+            raise SourceError(f"{url}: not a .npy file ({err})") from err
+        offset = file.tell()
+    if fortran:
+        raise SourceError(f"{url}: Fortran-ordered arrays are not supported; save it C-ordered")
+    return _NpyFile(url, tuple(shape), np.dtype(dtype), offset)
+
+
+class NpySource:
+    """Images in a .npy array ([N, H, W], [N, H, W, C] or [N, C, H, W], uint8, C in 1, 3, 4) and
+    optional integer labels [N] in a second .npy. One split, "train" (see `FractionSplit`).
+
+    Layout: 3-D is greyscale; 4-D is channels-last when the last axis is 1, 3 or 4, else
+    channels-first when axis 1 is. Rows are read by seeking, so the arrays can live on S3.
+    """
+
+    def __init__(
+        self,
+        images_url: str,
+        labels_url: str | None = None,
+        storage: StorageConfig | None = None,
+        channels: int | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        _check_target(channels, size)
+        self.storage = storage
+        self.images = _read_npy_header(images_url, storage)
+        self.labels = _read_npy_header(labels_url, storage) if labels_url else None
+        shape = self.images.shape
+        if self.images.dtype != np.uint8:
+            raise SourceError(f"{images_url}: expected uint8 images, found {self.images.dtype}")
+        if len(shape) == 3:
+            self.layout, native = "NHW", (1, shape[1], shape[2])
+        elif len(shape) == 4 and shape[3] in (1, 3, 4):
+            self.layout, native = "NHWC", (shape[3], shape[1], shape[2])
+        elif len(shape) == 4 and shape[1] in (1, 3, 4):
+            self.layout, native = "NCHW", (shape[1], shape[2], shape[3])
+        else:
+            raise SourceError(
+                f"{images_url}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W] with "
+                f"C in 1, 3, 4; found shape {list(shape)}"
+            )
+        if self.labels is not None and (
+            self.labels.shape != (shape[0],) or self.labels.dtype.kind not in "iu"
+        ):
+            raise SourceError(
+                f"{labels_url}: expected integer labels of shape [{shape[0]}], found "
+                f"{self.labels.dtype} {list(self.labels.shape)}"
+            )
+        native_channels = 1 if native[0] == 1 else 3
+        self._shape = (channels or native_channels, *(size or native[1:]))
+
+    @property
+    def description(self) -> str:
+        labels = f",{self.labels.url}" if self.labels else ""
+        return f"npy:{self.images.url}{labels}"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape  # type: ignore[return-value]
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return None
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def splits(self) -> dict[str, int]:
+        return {"train": self.images.shape[0]}
+
+    def _rows(self, npy: _NpyFile, start: int, stop: int) -> np.ndarray:
+        fs, path = fsspec_filesystem(npy.url, self.storage)
+        row = int(np.prod(npy.shape[1:], dtype=np.int64)) * npy.dtype.itemsize
+        with fs.open(path, "rb") as file:
+            file.seek(npy.offset + start * row)
+            data = _read_exact(file, (stop - start) * row, npy.url)
+        return np.frombuffer(data, npy.dtype).reshape(stop - start, *npy.shape[1:])
+
+    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
+        if split != "train":
+            raise KeyError(split)
+        channels, *size = self._shape
+        name = self.images.url.rsplit("/", 1)[-1]
+        for start, stop in _runs(indices):
+            block = self._rows(self.images, start, stop)
+            if self.layout == "NHW":
+                block = block[..., None]  # (n, H, W) -> (n, H, W, 1)
+            elif self.layout == "NCHW":
+                block = block.transpose(0, 2, 3, 1)  # (n, C, H, W) -> (n, H, W, C)
+            labels = self._rows(self.labels, start, stop) if self.labels else None
+            for i in range(stop - start):
+                label = int(labels[i]) if labels is not None else None
+                yield SourceImage(
+                    f"{name}#{start + i}", _fit_array(block[i], channels, tuple(size)), label
+                )
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+class FolderSource:
+    """A tree of JPEG/PNG files, local or on S3, in sorted path order. One split, "train".
+
+    Labels: when every image sits exactly one folder below the root (root/<class>/<file>), the
+    sorted folder names are the classes and an image's label is its class's index; otherwise the
+    images are unlabelled.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage: StorageConfig | None = None,
+        channels: int | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        _check_target(channels, size)
+        if size is None:
+            raise SourceError(
+                f"folder source {url}: its images differ in size, so a target size is needed",
+                hint="pass --size HxW, e.g. --size 64x64",
+            )
+        self.url = url.rstrip("/")
+        self.storage = storage
+        fs, root = fsspec_filesystem(self.url, storage)
+        if not fs.isdir(root):
+            raise SourceError(f"no such folder: {url}", hint="check the path or the s3:// URL")
+        found = fs.find(root)
+        prefix = root.rstrip("/") + "/"
+        self.files = sorted(
+            p[len(prefix) :]
+            for p in found
+            if p.lower().endswith(IMAGE_SUFFIXES) and p.startswith(prefix)
+        )
+        if not self.files:
+            raise SourceError(
+                f"no images in {url}: expected files ending in {', '.join(IMAGE_SUFFIXES)}"
+            )
+        if all(f.count("/") == 1 for f in self.files):
+            self._classes: tuple[str, ...] | None = tuple(
+                sorted({f.split("/")[0] for f in self.files})
+            )
+        else:
+            self._classes = None
+        self._shape = (channels or 3, *size)
+
+    @property
+    def description(self) -> str:
+        return f"folder:{self.url}"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape  # type: ignore[return-value]
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return self._classes
+
+    @property
+    def has_labels(self) -> bool:
+        return self._classes is not None
+
+    def splits(self) -> dict[str, int]:
+        return {"train": len(self.files)}
+
+    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
+        from PIL import Image, ImageOps
+
+        if split != "train":
+            raise KeyError(split)
+        fs, root = fsspec_filesystem(self.url, self.storage)
+        class_index = {name: i for i, name in enumerate(self._classes or ())}
+        channels, *size = self._shape
+        previous = -1
+        for index in indices:
+            if index <= previous:
+                raise ValueError(f"indices must be ascending, found {index} after {previous}")
+            previous = index
+            relative = self.files[index]
+            label = class_index[relative.split("/")[0]] if self._classes else None
+            try:
+                data = fs.cat_file(f"{root.rstrip('/')}/{relative}")
+                with Image.open(io.BytesIO(data)) as image:
+                    image.load()
+                    image = ImageOps.exif_transpose(image)
+                    pixels = fit_image(image, channels, tuple(size))
+            except (OSError, ValueError, SyntaxError) as err:
+                # Pillow raises these for truncated or non-image bytes; the caller's policy decides.
+                yield SourceImage(relative, None, label, f"cannot decode image: {err}")
+                continue
+            yield SourceImage(relative, pixels, label)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+class FractionSplit:
+    """Carve a "val" split out of a one-split source: a seeded random `val_fraction` of its images.
+
+    The assignment depends only on (number of images, val_fraction, seed), so reruns agree; each
+    split keeps the source's order.
+    """
+
+    def __init__(self, base: ImageSource, val_fraction: float, seed: int = 0) -> None:
+        splits = base.splits()
+        if len(splits) != 1:
+            raise SourceError(
+                f"--val-fraction applies to one-split sources (folders, .npy); {base.description} "
+                f"already has splits {sorted(splits)}"
+            )
+        if not 0.0 < val_fraction < 1.0:
+            raise SourceError(f"val_fraction: expected a number in (0, 1), found {val_fraction}")
+        self.base = base
+        self.val_fraction = val_fraction
+        self.seed = seed
+        ((self._base_split, total),) = splits.items()
+        order = np.random.default_rng(seed).permutation(total)
+        n_val = int(round(total * val_fraction))
+        self._members = {
+            "train": np.sort(order[n_val:]),
+            "val": np.sort(order[:n_val]),
+        }
+
+    @property
+    def description(self) -> str:
+        return f"{self.base.description} (val_fraction={self.val_fraction}, seed={self.seed})"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.base.shape
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return self.base.classes
+
+    @property
+    def has_labels(self) -> bool:
+        return self.base.has_labels
+
+    def splits(self) -> dict[str, int]:
+        return {name: len(members) for name, members in self._members.items()}
+
+    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
+        members = self._members[split]
+        return self.base.read(self._base_split, [int(members[i]) for i in indices])
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def open_source(
+    spec: str,
+    storage: StorageConfig | None = None,
+    channels: int | None = None,
+    size: tuple[int, int] | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+) -> ImageSource:
+    """A source from a spec: `idx:<folder>`, `folder:<url>` or `npy:<images.npy>[,<labels.npy>]`.
+
+    `idx:` alone means `default_idx_dir()`. Local paths and s3:// URLs both work.
+    """
+    kind, _, location = spec.partition(":")
+    if kind == "idx":
+        location = location or default_idx_dir()
+        if not is_s3(location) and not os.path.isdir(location):
+            raise SourceError(
+                f"IDX folder not found: {location}",
+                hint="install Fashion-MNIST with `sudo apt-get install dataset-fashion-mnist`, set "
+                "FASHION_MNIST_DIR, or pass --source idx:<folder with the four IDX files>",
+            )
+        source: ImageSource = IdxSource(location, storage, channels, size)
+    elif kind == "folder" and location:
+        source = FolderSource(location, storage, channels, size)
+    elif kind == "npy" and location:
+        images, _, labels = location.partition(",")
+        source = NpySource(images, labels or None, storage, channels, size)
+    else:
+        raise SourceError(
+            f"unknown source {spec!r}",
+            hint="use idx:<folder>, folder:<url> or npy:<images.npy>[,<labels.npy>]",
+        )
+    if val_fraction:
+        source = FractionSplit(source, val_fraction, seed)
+    return source
