@@ -48,11 +48,10 @@ if bucket not in existing:
 print(f"[s3] bucket s3://{bucket} ready", file=sys.stderr)
 PY
 
-# AWS_ENDPOINT_URL: boto3/awscli; MLFLOW_S3_ENDPOINT_URL: MLflow's artifact client; FLOWRAY_S3_*:
-# the project's storage settings. The credentials are moto's dummies (any value works).
+# AWS_ENDPOINT_URL is read by boto3, awscli and pipeline.storage; MLFLOW_S3_ENDPOINT_URL by MLflow's
+# S3 artifact client. The credentials are moto's dummies (any value works).
 write_env s3 <<ENV
 export FLOWRAY_BUCKET=$BUCKET
-export FLOWRAY_S3_ENDPOINT_URL=$ENDPOINT
 export AWS_ENDPOINT_URL=$ENDPOINT
 export MLFLOW_S3_ENDPOINT_URL=$ENDPOINT
 export AWS_DEFAULT_REGION=$REGION
