@@ -73,15 +73,15 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss = batch_bits_per_dim(model, images, generator).mean()
     if not torch.isfinite(loss):
-        return StepMetrics(bits_per_dim=float(loss), grad_norm=math.nan, skipped=True)
+        return StepMetrics(bits_per_dim=float(loss.detach()), grad_norm=math.nan, skipped=True)
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
-        return StepMetrics(bits_per_dim=float(loss), grad_norm=float(norm), skipped=True)
+        return StepMetrics(bits_per_dim=float(loss.detach()), grad_norm=float(norm), skipped=True)
     optimizer.step()
-    return StepMetrics(bits_per_dim=float(loss), grad_norm=float(norm), skipped=False)
+    return StepMetrics(bits_per_dim=float(loss.detach()), grad_norm=float(norm), skipped=False)
 
 
 def keyed_noise(keys: Sequence[str], shape: tuple[int, ...], seed: int) -> Tensor:

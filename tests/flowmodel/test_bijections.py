@@ -49,7 +49,9 @@ LAYERS: dict[str, Callable[[], Bijection]] = {
     "coupling-checker-additive": lambda: Coupling(SHAPE[0], 8, 1, "checkerboard", 1, False),
     "gaussian-split": lambda: GaussianSplit(SHAPE[0]),
     "learned-prior": lambda: LearnedPrior(SHAPE),
-    "flow-step": lambda: FlowStep(SHAPE[0], FlowConfig(image_shape=(1, 8, 8), hidden_channels=8), 1),
+    "flow-step": lambda: FlowStep(
+        SHAPE[0], FlowConfig(image_shape=(1, 8, 8), hidden_channels=8), 1
+    ),
 }
 
 
@@ -104,7 +106,13 @@ def test_layer_forward_and_inverse_logdets_cancel(name: str) -> None:
 
 def test_layers_are_not_trivial_after_perturbation() -> None:
     """Guards the suite itself: a perturbed layer really changes its input and has a log-det."""
-    for name in ("actnorm", "invconv", "coupling-channel-affine-0", "coupling-checker-affine-0", "gaussian-split"):
+    for name in (
+        "actnorm",
+        "invconv",
+        "coupling-channel-affine-0",
+        "coupling-checker-affine-0",
+        "gaussian-split",
+    ):
         layer, x = make_layer(name), layer_input(name)
         z, logdet = layer(x)
         assert (z - x).abs().max() > 1e-2, name
@@ -123,7 +131,9 @@ def test_squeeze_is_a_permutation_of_2x2_patches() -> None:
 TINY_FLOWS = {
     "logit-channel-affine": FlowConfig((2, 4, 4), 2, 2, 8, 2, "affine", "channel", 8, "logit"),
     "shift-checker-affine": FlowConfig((2, 4, 4), 2, 2, 8, 1, "affine", "checkerboard", 8, "shift"),
-    "logit-channel-additive-5bit": FlowConfig((2, 4, 4), 2, 2, 8, 1, "additive", "channel", 5, "logit"),
+    "logit-channel-additive-5bit": FlowConfig(
+        (2, 4, 4), 2, 2, 8, 1, "additive", "channel", 5, "logit"
+    ),
 }
 
 
@@ -136,7 +146,9 @@ def tiny_flow(config: FlowConfig) -> torch.nn.Module:
 
 def tiny_images(config: FlowConfig, batch: int = 2, seed: int = 3) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch, *config.image_shape), generator=generator, dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (batch, *config.image_shape), generator=generator, dtype=torch.uint8
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TINY_FLOWS))
@@ -164,4 +176,6 @@ def test_whole_flow_inverts_and_logdets_cancel(name: str) -> None:
 def flow_input(config: FlowConfig) -> Tensor:
     from flowmodel import dequantize
 
-    return dequantize(tiny_images(config), config.n_bits, torch.Generator().manual_seed(4), torch.float64)
+    return dequantize(
+        tiny_images(config), config.n_bits, torch.Generator().manual_seed(4), torch.float64
+    )
