@@ -8,7 +8,6 @@ import torch
 
 from flowmodel import FlowConfig, build_flow
 from pipeline.train_step import evaluate_bits_per_dim, keyed_noise, train_step
-from tests.flowmodel.conftest import fashion_mnist  # noqa: F401  (fixture)
 
 
 def batches(images: torch.Tensor, size: int, offset: int = 0):
@@ -29,7 +28,7 @@ def test_short_training_run_lowers_test_bits_per_dim_well_below_init(
     optimizer = torch.optim.Adam(flow.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     skipped = 0
-    for epoch in range(4):
+    for _epoch in range(4):
         order = torch.randperm(train.shape[0], generator=generator)
         for start in range(0, train.shape[0] - 63, 64):
             metrics = train_step(flow, train[order[start : start + 64]], optimizer)
