@@ -2,8 +2,8 @@
 
 A source is a small picklable description (URLs, target shape, a file list): it is sent to the Ray
 tasks that write shards, and each task reads only the images of its own shards. Nothing reads a
-whole large source into memory: IDX and .npy files are read by seeking to the requested rows,
-folder images one file at a time.
+whole large source into memory: raw IDX and .npy files are read by seeking to the requested rows,
+folder images one file at a time (gzipped IDX files, tens of MB, are decompressed once per process).
 
 The contract (`ImageSource`):
     splits()             -> {"train": 60000, "test": 10000}   split name -> number of images
@@ -22,6 +22,7 @@ passed through untouched.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -173,14 +174,29 @@ class _IdxFile(NamedTuple):
     offset: int  # header bytes
 
 
-def _open_maybe_gzip(url: str, storage: StorageConfig | None) -> IO[bytes]:
+@functools.lru_cache(maxsize=4)
+def _gunzipped(url: str, storage: StorageConfig | None) -> bytes:
+    """A .gz IDX file decompressed, once per process: gzip cannot seek, and re-decompressing from
+    the start for every shard made writing quadratic. IDX files are tens to hundreds of MB; store
+    them uncompressed to read them by seeking instead."""
     fs, path = fsspec_filesystem(url, storage)
-    raw = fs.open(path, "rb")
-    return gzip.GzipFile(fileobj=raw, mode="rb") if url.endswith(".gz") else raw
+    with fs.open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as file:
+        return file.read()
+
+
+def _open_maybe_gzip(url: str, storage: StorageConfig | None) -> IO[bytes]:
+    if url.endswith(".gz"):
+        return io.BytesIO(_gunzipped(url, storage))
+    fs, path = fsspec_filesystem(url, storage)
+    return fs.open(path, "rb")
 
 
 def _read_idx_header(url: str, storage: StorageConfig | None) -> _IdxFile:
-    with _open_maybe_gzip(url, storage) as file:
+    fs, path = fsspec_filesystem(url, storage)
+    with (
+        fs.open(path, "rb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="rb") if url.endswith(".gz") else raw as file,
+    ):
         head = file.read(4)
         if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
             raise SourceError(f"{url}: not an IDX file of unsigned bytes (magic {head.hex()})")
@@ -256,6 +272,8 @@ class IdxSource:
         return {split: images.dims[0] for split, (images, _) in self._files.items()}
 
     def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
+        # .gz files are decompressed into memory once per process (see _gunzipped); raw files
+        # are read by seeking.
         images, labels = self._files[split]
         height, width = images.dims[1:]
         name = images.url.rsplit("/", 1)[-1]
@@ -265,7 +283,6 @@ class IdxSource:
             _open_maybe_gzip(labels.url, self.storage) as label_file,
         ):
             for start, stop in _runs(indices):
-                # Forward seeks on a gzip stream decompress and discard: memory stays flat.
                 image_file.seek(images.offset + start * height * width)
                 label_file.seek(labels.offset + start)
                 count = stop - start

@@ -43,6 +43,7 @@ __all__ = [
     "fsspec_filesystem",
     "is_s3",
     "join_url",
+    "list_files",
     "list_names",
     "make_temp_file",
     "put_file_atomic",
@@ -277,16 +278,24 @@ def exists(url: str, storage: StorageConfig | None = None) -> bool:
         return bool(fs.exists(path))
 
 
-def list_names(url: str, storage: StorageConfig | None = None) -> list[str]:
-    """Sorted names of the files directly under the prefix `url` (no folders); [] if none."""
+def list_files(url: str, storage: StorageConfig | None = None) -> dict[str, int]:
+    """{name: size in bytes} of the files directly under the prefix `url` (no folders); {} if none."""
     fs, path = fsspec_filesystem(url, storage)
     with _translated(url, storage):
         try:
             entries = fs.ls(path, detail=True)
         except FileNotFoundError:
-            return []
-    names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"]
-    return sorted(names)
+            return {}
+    return {
+        e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+        for e in entries
+        if e.get("type") == "file"
+    }
+
+
+def list_names(url: str, storage: StorageConfig | None = None) -> list[str]:
+    """Sorted names of the files directly under the prefix `url` (no folders); [] if none."""
+    return sorted(list_files(url, storage))
 
 
 def read_bytes(url: str, storage: StorageConfig | None = None) -> bytes:
@@ -353,9 +362,14 @@ def local_temp_dir_for(url: str) -> str | None:
 def make_temp_file(url: str, suffix: str = "") -> str:
     """A new empty local temp file suited to end up at `url` (see `local_temp_dir_for`)."""
     folder = local_temp_dir_for(url)
-    prefix = "." + os.path.basename(url.rstrip("/")) + ".tmp-" if folder else "flowray-"
-    handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
-    os.close(handle)
+    if folder is None:
+        handle, name = tempfile.mkstemp(prefix="flowray-", suffix=suffix)
+        os.close(handle)
+        return name
+    # Not mkstemp: its 0600 mode would survive the rename; open() applies the umask instead.
+    name = _local_temp_name(_local_path(url)) + suffix
+    with open(name, "xb"):
+        pass
     return name
 
 
