@@ -1,0 +1,73 @@
+"""MLflow connection: tracking URI defaults, experiments with explicit artifact roots, readable
+errors when the server is down.
+
+The embedded default is `sqlite:///<workdir>/mlflow.db` with artifacts in `<workdir>/mlartifacts`
+(MLflow 3 refuses a ./mlruns file store). An `http(s)://` tracking server works the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+__all__ = ["TrackingError", "default_tracking_uri", "ensure_experiment", "resolve_tracking_uri"]
+
+DEFAULT_WORKDIR = "flowray-work"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached or refused; `hint` says what to try."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def default_tracking_uri(workdir: str | Path = DEFAULT_WORKDIR) -> str:
+    """`sqlite:///<absolute workdir>/mlflow.db`; the folder is created."""
+    folder = Path(workdir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(configured: str | None, workdir: str | Path = DEFAULT_WORKDIR) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else the embedded SQLite store under `workdir`.
+    A relative sqlite path is made absolute, so Ray workers with another cwd find the same file."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+    return uri
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Set the tracking URI and return the experiment id of `name`, creating it if needed.
+
+    For a SQLite store the artifact root is `<db folder>/mlartifacts` (absolute), never ./mlruns.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        artifact_location = None
+        if tracking_uri.startswith("sqlite:///"):
+            root = Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts"
+            artifact_location = root.resolve().as_uri()
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as err:
+        raise TrackingError(
+            f"MLflow tracking at {tracking_uri} failed: {err.message.splitlines()[0]}",
+            hint="check MLFLOW_TRACKING_URI / --tracking-uri; `make mlflow-up` starts a local server",
+        ) from err
+    except Exception as err:  # connection errors surface as requests/urllib3 exceptions
+        raise TrackingError(
+            f"MLflow tracking server at {tracking_uri} is not reachable ({type(err).__name__})",
+            hint="start it (`make mlflow-up`) or unset MLFLOW_TRACKING_URI to use the embedded SQLite store",
+        ) from err
