@@ -1,0 +1,122 @@
+"""Fixtures for the whole suite: Fashion-MNIST on disk, an S3 endpoint on loopback, local Ray.
+
+fashion_mnist_dir   Path of the four IDX files (FASHION_MNIST_DIR or the Debian location);
+                    skips the test when they are absent.
+aws_credentials     Fake AWS credentials and region in the environment, for the session, and
+                    isolation from any real ~/.aws config. `s3_server` and `ray_local` both
+                    use it, so Ray workers (which inherit the environment at ray.init) can sign
+                    requests to moto too.
+s3_server           moto's ThreadedMotoServer on 127.0.0.1 on a free port (session); its value
+                    is the endpoint URL. Ray workers reach it (in-process mock_aws would not).
+s3                  per test: moto state reset (POST /moto-api/reset), a fresh bucket, and an
+                    `S3Bucket` with .endpoint_url, .bucket, .url ("s3://<bucket>") and .storage
+                    (a `StorageConfig` pointing at the endpoint).
+ray_local           a local Ray instance with 2 CPUs and no dashboard for the session
+                    (address="local": never joins a cluster that happens to run here).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.sources import DEFAULT_FASHION_MNIST_DIR
+from pipeline.storage import StorageConfig
+
+IDX_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+TEST_BUCKET = "flowray-test"
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    folder = Path(os.environ.get("FASHION_MNIST_DIR") or DEFAULT_FASHION_MNIST_DIR)
+    missing = [name for name in IDX_FILES if not (folder / name).exists()]
+    if missing:
+        pytest.skip(
+            f"Fashion-MNIST IDX files not found in {folder} (missing {', '.join(missing)}); "
+            "install dataset-fashion-mnist (make setup) or set FASHION_MNIST_DIR"
+        )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def aws_credentials() -> Iterator[None]:
+    patch = pytest.MonkeyPatch()
+    patch.setenv("AWS_ACCESS_KEY_ID", "flowray-test-key")
+    patch.setenv("AWS_SECRET_ACCESS_KEY", "flowray-test-secret")
+    patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    patch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no 1-second instance-metadata probes
+    patch.setenv("AWS_CONFIG_FILE", os.devnull)
+    patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION"):
+        patch.delenv(name, raising=False)
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_credentials: None) -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    endpoint_url: str
+    bucket: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}"
+
+    @property
+    def storage(self) -> StorageConfig:
+        return StorageConfig(endpoint_url=self.endpoint_url, region="us-east-1")
+
+
+@pytest.fixture
+def s3(s3_server: str) -> S3Bucket:
+    import boto3
+
+    request = urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket=TEST_BUCKET)
+    return S3Bucket(s3_server, TEST_BUCKET)
+
+
+@pytest.fixture(scope="session")
+def ray_local(aws_credentials: None) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():  # another fixture or test already started one: share it
+        yield
+        return
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )  # workers get the driver's sys.path, so they import the checkout's packages
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()

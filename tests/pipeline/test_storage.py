@@ -1,0 +1,157 @@
+"""Storage URLs: local and S3 (moto on loopback) through fsspec and pyarrow, atomic writes, errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import s3fs
+
+from flowmodel.typed import ConfigError, from_dict, to_dict
+from pipeline.storage import (
+    StorageConfig,
+    StorageError,
+    arrow_filesystem,
+    check_access,
+    exists,
+    fsspec_filesystem,
+    join_url,
+    list_files,
+    list_names,
+    put_file_atomic,
+    read_bytes,
+    write_bytes_atomic,
+)
+
+
+def test_config_defaults_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    assert StorageConfig().endpoint_url == "http://127.0.0.1:9000"
+    assert StorageConfig().region == "eu-west-3"
+    monkeypatch.setenv("AWS_REGION", "eu-north-1")
+    assert StorageConfig().region == "eu-north-1"
+    explicit = StorageConfig(endpoint_url="https://minio.example:9000", region="us-west-2")
+    assert (explicit.endpoint_url, explicit.region) == ("https://minio.example:9000", "us-west-2")
+
+
+def test_config_without_environment_means_aws(monkeypatch):
+    for name in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    assert StorageConfig().endpoint_url is None
+    assert StorageConfig().region == "us-east-1"
+
+
+def test_config_parses_with_typed_from_dict_and_round_trips():
+    config = from_dict(StorageConfig, {"endpoint_url": "http://localhost:5000", "region": "x-1"})
+    assert config == from_dict(StorageConfig, to_dict(config))
+    with pytest.raises(ConfigError, match="unknown key secret_access_key"):
+        from_dict(StorageConfig, {"secret_access_key": "nope"})
+    with pytest.raises(ConfigError, match="endpoint_url"):
+        from_dict(StorageConfig, {"endpoint_url": "localhost:5000"})
+
+
+def test_credentials_never_appear_in_repr_or_errors(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
+    config = StorageConfig(endpoint_url="http://127.0.0.1:1")
+    assert "sekrit" not in repr(config) + config.describe() + str(to_dict(config))
+    error = StorageError("failed with key sekrit-value-123", hint="sekrit-value-123 again")
+    assert "sekrit" not in str(error) + error.hint
+
+
+def test_local_paths_and_file_urls_map_to_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fs, path = fsspec_filesystem("data/train")
+    assert path == str(tmp_path / "data" / "train")
+    assert fs.protocol[0] in ("file", "local")
+    _, path = fsspec_filesystem(f"file://{tmp_path}/x")
+    assert path == f"{tmp_path}/x"
+    afs, path = arrow_filesystem(f"file://{tmp_path}/x")
+    assert type(afs).__name__ == "LocalFileSystem" and path == f"{tmp_path}/x"
+
+
+def test_unsupported_scheme_is_a_storage_error():
+    with pytest.raises(StorageError, match=r"gs://"):
+        fsspec_filesystem("gs://bucket/x")
+
+
+@pytest.mark.parametrize(
+    ("base", "parts", "expected"),
+    [
+        (
+            "s3://bucket/prefix",
+            ("train", "shard-000000.tar"),
+            "s3://bucket/prefix/train/shard-000000.tar",
+        ),
+        ("s3://bucket/prefix/", ("/train/",), "s3://bucket/prefix/train"),
+        ("/data", ("a", "", "b"), "/data/a/b"),
+        ("file:///data", ("x",), "file:///data/x"),
+    ],
+)
+def test_join_url(base, parts, expected):
+    assert join_url(base, *parts) == expected
+
+
+def test_local_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+    url = str(tmp_path / "sub" / "blob.json")
+    write_bytes_atomic(url, b"one")
+    write_bytes_atomic(url, b"two")
+    assert read_bytes(url) == b"two"
+    assert sorted(os.listdir(tmp_path / "sub")) == ["blob.json"]
+    assert exists(url) and not exists(url + ".missing")
+    source = tmp_path / "local.bin"
+    source.write_bytes(b"payload")
+    put_file_atomic(str(source), str(tmp_path / "sub" / "copy.bin"))
+    assert list_files(str(tmp_path / "sub")) == {"blob.json": 3, "copy.bin": 7}
+    assert list_names(str(tmp_path / "nothing-here")) == []
+
+
+def test_s3_through_fsspec_and_pyarrow_share_one_endpoint(s3, tmp_path):
+    url = join_url(s3.url, "prefix", "blob.bin")
+    write_bytes_atomic(url, b"0123456789", s3.storage)
+    fs, path = fsspec_filesystem(url, s3.storage)
+    assert isinstance(fs, s3fs.S3FileSystem) and path == f"{s3.bucket}/prefix/blob.bin"
+    assert read_bytes(url, s3.storage) == b"0123456789"
+    afs, apath = arrow_filesystem(url, s3.storage)
+    with afs.open_input_stream(apath) as stream:
+        assert stream.read() == b"0123456789"
+    local = tmp_path / "up.bin"
+    local.write_bytes(b"x" * 1000)
+    put_file_atomic(str(local), join_url(s3.url, "prefix", "up.bin"), s3.storage)
+    assert list_files(join_url(s3.url, "prefix"), s3.storage) == {"blob.bin": 10, "up.bin": 1000}
+    assert exists(url, s3.storage)
+    assert not exists(join_url(s3.url, "prefix", "other"), s3.storage)
+
+
+def test_check_access_reports_a_missing_bucket(s3):
+    check_access(join_url(s3.url, "new-prefix"), s3.storage)  # a missing prefix is fine
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist") as info:
+        check_access("s3://no-such-bucket/x", s3.storage)
+    assert "create it" in info.value.hint
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_check_access_reports_an_unreachable_endpoint(aws_credentials):
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    storage = StorageConfig(endpoint_url=endpoint, connect_timeout=1, max_attempts=1)
+    with pytest.raises(StorageError, match="unreachable") as info:
+        check_access("s3://bucket/x", storage)
+    assert endpoint in str(info.value)
+    assert "--endpoint-url" in info.value.hint
+
+
+def test_check_access_reports_missing_credentials(s3, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    s3fs.S3FileSystem.clear_instance_cache()  # cached instances hold the old credentials
+    with pytest.raises(StorageError, match="no AWS credentials") as info:
+        check_access(s3.url, s3.storage)
+    assert "AWS_ACCESS_KEY_ID" in info.value.hint
+    s3fs.S3FileSystem.clear_instance_cache()
