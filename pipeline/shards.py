@@ -376,23 +376,26 @@ def _write_shard(job: _Job, index: int, start: int, stop: int) -> _ShardResult:
         # upload on close; so write locally, then rename or upload the finished file.
         with open(temp, "wb") as stream:
             writer = wds.TarWriter(stream, encoder=False, mtime=0, user="flowray", group="flowray")
-            for offset, item in enumerate(job.source.read(job.split, range(start, stop))):
-                key = shard_key(job.split, start + offset)
-                if item.error is not None or item.image is None:
-                    if job.on_error == "fail":
-                        raise PrepareError(
-                            f"{job.source.description}: {item.key} (would be {key}): {item.error}",
-                            hint="fix or remove the file, or pass --on-error skip",
-                        )
-                    logger.warning("skipped input %s (%s): %s", item.key, key, item.error)
-                    skipped += 1
-                    continue
-                sample = {"__key__": key, "png": encode_png(item.image)}
-                if item.label is not None:
-                    sample["cls"] = str(item.label).encode("ascii")
-                writer.write(sample)
-                count += 1
-            writer.close()
+            try:
+                for offset, item in enumerate(job.source.read(job.split, range(start, stop))):
+                    key = shard_key(job.split, start + offset)
+                    if item.error is not None or item.image is None:
+                        if job.on_error == "fail":
+                            raise PrepareError(
+                                f"{job.source.description}: {item.key} (would be {key}): "
+                                f"{item.error}",
+                                hint="fix or remove the file, or pass --on-error skip",
+                            )
+                        logger.warning("skipped input %s (%s): %s", item.key, key, item.error)
+                        skipped += 1
+                        continue
+                    sample = {"__key__": key, "png": encode_png(item.image)}
+                    if item.label is not None:
+                        sample["cls"] = str(item.label).encode("ascii")
+                    writer.write(sample)
+                    count += 1
+            finally:
+                writer.close()  # before the stream closes, also on error (the temp is dropped)
         info = ShardInfo(name, count, _sha256_local(temp), os.path.getsize(temp), start)
         replace_with(temp, shard_url, job.storage)
     finally:

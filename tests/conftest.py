@@ -120,3 +120,36 @@ def ray_local(aws_credentials: None) -> Iterator[None]:
     DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def photo_folder(tmp_path: Path) -> Path:
+    """Real RGB photos (scikit-image's bundled astronaut, coffee, chelsea) cut into patches and
+    saved under class folders: 18 files, PNG and JPEG, mixed sizes, one RGBA and one greyscale.
+
+    astronaut/: six 32x32 RGB PNGs, exactly the target size of the tests (pixels pass through).
+    coffee/:    96x64 patches as JPEG (quality 90), and one 16-bit greyscale PNG.
+    chelsea/:   80x120 patches as PNG, one with an alpha channel.
+    """
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    root = tmp_path / "photos"
+    for name in ("astronaut", "coffee", "chelsea"):
+        (root / name).mkdir(parents=True)
+    astronaut, coffee, chelsea = data.astronaut(), data.coffee(), data.chelsea()
+    for i in range(6):
+        patch = astronaut[100 + 32 * i : 132 + 32 * i, 200:232]
+        Image.fromarray(patch).save(root / "astronaut" / f"patch-{i}.png")
+    for i in range(5):
+        patch = coffee[50 * i : 50 * i + 64, 100 + 80 * i : 196 + 80 * i]
+        Image.fromarray(patch).save(root / "coffee" / f"patch-{i}.jpg", quality=90)
+    grey16 = (data.camera()[:64, :96].astype(np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(grey16).save(root / "coffee" / "patch-grey16.png")
+    for i in range(5):
+        patch = chelsea[30 * i : 30 * i + 120, 60 * i : 60 * i + 80]
+        Image.fromarray(patch).save(root / "chelsea" / f"patch-{i}.png")
+    rgba = np.dstack([chelsea[:120, 200:280], np.full((120, 80), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(root / "chelsea" / "patch-rgba.png")
+    return root
