@@ -27,12 +27,13 @@ def predict_frame(
     """
     from pipeline.train_step import keyed_bits_per_dim
 
-    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    # On the flow's device (a GPU scoring actor); keyed noise is made on the CPU and moved.
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).to(flow.top_prior.mu.device)
     dims, ln2 = flow.config.dims, math.log(2)
     per_draw = []
     for draw in range(draws):
         draw_keys = keys if draw == 0 else [f"{key}#{draw}" for key in keys]
-        per_draw.append(keyed_bits_per_dim(flow, draw_keys, tensor, seed).double())
+        per_draw.append(keyed_bits_per_dim(flow, draw_keys, tensor, seed).double().cpu())
     # log P(x) = -bpd * D * ln 2 per draw; average probabilities across draws.
     log_likelihood = torch.logsumexp(torch.stack(per_draw) * (-dims * ln2), 0) - math.log(draws)
     bits = -log_likelihood / (dims * ln2)

@@ -9,7 +9,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["image_grid", "png_bytes", "titled_grid_png", "training_curves"]
+__all__ = [
+    "bits_per_dim_histogram",
+    "captioned_images_png",
+    "image_grid",
+    "png_bytes",
+    "titled_grid_png",
+    "training_curves",
+]
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
@@ -75,6 +82,62 @@ def training_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _figure_png(fig)
+
+
+def bits_per_dim_histogram(
+    counts: Sequence[int] | np.ndarray,
+    edges: Sequence[float] | np.ndarray,
+    title: str,
+    markers: dict[str, float] | None = None,
+) -> bytes:
+    """A histogram of per-image bits/dim from precomputed bin counts (len(edges) = len(counts) + 1),
+    with optional labelled vertical lines (e.g. {"median": 3.1, "p99": 4.2}), as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts, edges = np.asarray(counts), np.asarray(edges, dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.stairs(counts, edges, fill=True, alpha=0.7, label=f"{int(counts.sum()):,} images")
+    for i, (name, value) in enumerate((markers or {}).items()):
+        ax.axvline(value, color=f"C{i + 1}", linestyle="--", label=f"{name} {value:.3f}")
+    ax.set_xlabel("bits per dimension (lower = more likely)")
+    ax.set_ylabel("images per bin")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _figure_png(fig)
+
+
+def captioned_images_png(
+    images: np.ndarray, captions: Sequence[str], title: str, columns: int = 8
+) -> bytes:
+    """uint8 [N, C, H, W] images (C = 1 or 3) in a grid, each with its caption, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(captions) != len(images):
+        raise ValueError(
+            f"images: expected uint8 [N, 1 or 3, H, W] and N captions, found "
+            f"{list(images.shape)} and {len(captions)} captions"
+        )
+    n = max(1, len(images))
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(1.5 * columns, 1.7 * rows + 0.6), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        tile = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)  # (H, W[, 3])
+        ax.imshow(tile, cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title)
     return _figure_png(fig)
 
 
