@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,16 +63,21 @@ def train_step(
     *,
     max_grad_norm: float | None = 100.0,
     generator: torch.Generator | None = None,
+    all_finite: Callable[[bool], bool] = bool,
 ) -> StepMetrics:
     """One maximum-likelihood step on a batch of uint8 images [B, C, H, W].
 
     The loss is the batch's mean bits/dim. A non-finite loss or gradient norm skips the update
     (the optimizer state is untouched) and reports `skipped=True`; the caller counts them.
+    Under DDP, `all_finite` must turn this worker's "loss is finite" into the verdict of all
+    workers (an all-reduce), so that every worker skips the same steps and none waits forever for
+    a gradient all-reduce the others skipped. Gradient norms are equal on all workers after DDP's
+    all-reduce, so that check needs no extra agreement.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss = batch_bits_per_dim(model, images, generator).mean()
-    if not torch.isfinite(loss):
+    if not all_finite(bool(torch.isfinite(loss))):
         return StepMetrics(bits_per_dim=float(loss.detach()), grad_norm=math.nan, skipped=True)
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]

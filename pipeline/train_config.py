@@ -1,0 +1,129 @@
+"""TrainConfig: everything `flowray train` needs, typed, with the only copy of each default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from flowmodel import FlowConfig
+from flowmodel.typed import from_dict, to_dict
+from pipeline.storage import StorageConfig
+
+__all__ = [
+    "DataSettings",
+    "MlflowSettings",
+    "OptimSettings",
+    "RunSettings",
+    "ScalingSettings",
+    "TrainConfig",
+    "flatten",
+]
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Shard splits written by `flowray prepare` (local paths or s3:// URLs)."""
+
+    train: str = "flowray-work/data/train"
+    validation: str = "flowray-work/data/test"
+    on_error: Literal["skip", "fail"] = "skip"
+    shuffle_buffer: int = 2048  # rows in Ray Data's local shuffle buffer per worker
+    validation_limit: int | None = None  # evaluate on the first N images only (None: the whole split)
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    optimizer: Literal["adam", "adamax"] = "adam"
+    lr: float = 1e-3
+    warmup_steps: int = 200  # linear warmup from 0 to lr
+    max_grad_norm: float = 50.0
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999  # Polyak average used for evaluation and the final model; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected > 0, found {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay: expected in [0, 1), found {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    num_workers: int = 2  # 0 runs the loop in the driver process (tests, debugging)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # dead workers replaced, resuming from the latest checkpoint
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: expected >= 0, found {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker: expected > 0, found {self.cpus_per_worker}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where checkpoints go. Rerunning with the same name and storage_path resumes the run."""
+
+    name: str = "fashion-flow"
+    storage_path: str = "flowray-work/runs"
+    address: str | None = None  # Ray address; None: RAY_ADDRESS, else a local in-process Ray
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
+    experiment: str = "flowray"
+    registered_model: str = "fashion-flow"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training job. Steps count optimizer updates; batch_size is per worker."""
+
+    model: FlowConfig = field(default_factory=FlowConfig)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    workdir: str = "flowray-work"
+    batch_size: int = 64
+    max_steps: int = 2000
+    max_minutes: float | None = None  # stop (with a final evaluation) after this wall time
+    eval_every: int = 500
+    eval_seed: int = 0  # keyed dequantization seed: same images + seed = same bits/dim anywhere
+    eval_batch_size: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    init_images: int = 512  # images for the data-dependent ActNorm initialisation
+    max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
+    sample_temperature: float = 0.7
+    fail_at_step: int | None = None  # test-only fault injection: the last worker dies once here
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes: expected > 0, found {self.max_minutes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return from_dict(cls, data)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: MLflow params from a resolved config."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
