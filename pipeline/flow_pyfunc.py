@@ -52,9 +52,8 @@ class FlowPyfunc(mlflow.pyfunc.PythonModel):
 
         self.flow = load_flow(context.artifacts["flow"])
 
-    def predict(
-        self, context: Any, model_input: Any, params: dict[str, Any] | None = None
-    ) -> pd.DataFrame:
+    # No type hints here: MLflow turns predict's hints into a schema it then enforces.
+    def predict(self, context, model_input, params=None):
         params = params or {}
         if isinstance(model_input, dict):
             images = (
