@@ -33,7 +33,9 @@ Corrupt data, under `on_error`:
     undecodable PNG, wrong mode or size, a sample without a PNG, a bad `cls`:  one sample
     truncated or unreadable tar, fewer samples than the manifest says:     the samples lost
     missing shard:                                                         all its samples
-"fail" raises `CorruptDataError` naming the shard and key ("*" for a whole shard). "skip" logs a
+"fail" raises `CorruptDataError` naming the shard and key ("*" for a whole shard); through Ray it
+arrives as RayTaskError(CorruptDataError), an instance of both, so `except CorruptDataError` works
+in the driver. "skip" logs a
 warning with shard and key (logger `pipeline.reader`), counts the lost samples and goes on.
 
 Where skip counts go: a `SkipTally`. `SkipTally()` lives in this process (for `iter_split`);
