@@ -23,8 +23,11 @@ from pipeline.model_store import load_flow, save_flow
 
 __all__ = [
     "ModelNotFound",
+    "ModelVersionInfo",
     "Promotion",
+    "RegisteredModelInfo",
     "ResolvedModel",
+    "list_models",
     "log_flow_model",
     "promote",
     "register_flow",
@@ -57,6 +60,69 @@ class ResolvedModel:
     uri: str
     name: str
     version: str
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered version as `flowray models list` shows it."""
+
+    version: str
+    val_bits_per_dim: float  # nan when the version has no tag
+    aliases: tuple[str, ...]
+    run_id: str
+    created: str  # ISO 8601, UTC
+    promotion: str  # the last promotion decision recorded on the version
+
+
+@dataclass(frozen=True)
+class RegisteredModelInfo:
+    name: str
+    aliases: dict[str, str]  # alias -> version
+    versions: tuple[ModelVersionInfo, ...]  # newest first
+
+
+def list_models(name: str | None = None) -> list[RegisteredModelInfo]:
+    """Registered models (or the one called `name`), sorted by name, versions newest first.
+
+    Raises:
+        ModelNotFound: `name` is given and not registered (the message lists what is).
+    """
+    from datetime import datetime, timezone
+
+    client = MlflowClient()
+    if name is not None:
+        try:
+            models = [client.get_registered_model(name)]
+        except MlflowException as err:
+            names = sorted(m.name for m in client.search_registered_models())
+            raise ModelNotFound(
+                f"no registered model {name!r} (registered: {', '.join(names) or 'none'})"
+            ) from err
+    else:
+        models = sorted(client.search_registered_models(), key=lambda m: m.name)
+    result = []
+    for model in models:
+        by_version: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            by_version.setdefault(str(version), []).append(alias)
+        versions = []
+        for mv in client.search_model_versions(f"name='{model.name}'"):
+            tag = mv.tags.get(VAL_TAG)
+            created = datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc)
+            versions.append(
+                ModelVersionInfo(
+                    version=str(mv.version),
+                    val_bits_per_dim=float(tag) if tag is not None else math.nan,
+                    aliases=tuple(sorted(by_version.get(str(mv.version), []))),
+                    run_id=mv.run_id or "",
+                    created=created.isoformat(timespec="seconds"),
+                    promotion=mv.tags.get("promotion", ""),
+                )
+            )
+        versions.sort(key=lambda v: int(v.version), reverse=True)
+        aliases = {alias: str(v) for alias, v in sorted((model.aliases or {}).items())}
+        result.append(RegisteredModelInfo(model.name, aliases, tuple(versions)))
+    return result
 
 
 def log_flow_model(flow: Flow, name: str = "model") -> mlflow.models.model.ModelInfo:

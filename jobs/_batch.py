@@ -1,0 +1,182 @@
+"""What the batch entry points (score, sample, models) share: config assembly, Ray and MLflow
+connections, and turning the errors users meet into one line plus a hint (exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import yaml
+
+from jobs.config import apply_overrides, preset_path
+
+__all__ = [
+    "EXIT_USAGE",
+    "UserError",
+    "add_common_arguments",
+    "build_config",
+    "check_tracking_server",
+    "connect_ray",
+    "default_of",
+    "run_main",
+]
+
+T = TypeVar("T")
+EXIT_USAGE = 2
+log = logging.getLogger("flowray")
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix; printed as one line plus a hint."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The dataclass default of field `name`, for help texts (defaults live in the config only)."""
+    for item in dataclasses.fields(cls):
+        if item.name == name:
+            if item.default is not dataclasses.MISSING:
+                return item.default
+            if item.default_factory is not dataclasses.MISSING:
+                return item.default_factory()
+            return "required"
+    raise KeyError(name)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, ray: bool = True) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///<cwd>/flowray-work/mlflow.db)",
+    )
+    if ray:
+        parser.add_argument(
+            "--address",
+            default=None,
+            help="Ray cluster address, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, "
+            "else a local Ray started in this process with one CPU per core)",
+        )
+        parser.add_argument(
+            "--endpoint-url",
+            default=None,
+            help="S3-compatible endpoint for s3:// URLs (default: $AWS_ENDPOINT_URL, else AWS)",
+        )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
+
+
+def build_config(cls: type[T], path: str | None, overrides: list[str], flags: dict[str, Any]) -> T:
+    """YAML file or preset, then --set overrides, then explicit flags (not None); validated."""
+    from flowmodel.typed import ConfigError, from_dict
+
+    data: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(preset_path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = loaded
+    data = apply_overrides(data, overrides)
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if "." in key:  # e.g. storage.endpoint_url
+            section, name = key.split(".", 1)
+            data.setdefault(section, {})[name] = value
+        else:
+            data[key] = value
+    return from_dict(cls, data)
+
+
+def connect_ray(address: str | None) -> None:
+    """Join `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a local Ray here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **quiet)
+        return
+    # One logical CPU per core: the batch jobs size their actor pools from this and leave one
+    # CPU for Ray Data's read tasks.
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, **quiet)
+
+
+def check_tracking_server(uri: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after minutes of MLflow retries, when a tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered: up, even if /health is not served there
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(
+            f"MLflow tracking server at {uri} is not reachable ({reason})",
+            hint="start it (`make mlflow-up`), pass --tracking-uri, or unset MLFLOW_TRACKING_URI "
+            "to use the embedded SQLite store",
+        ) from err
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from flowmodel.typed import ConfigError
+    from pipeline.reader import CorruptDataError
+    from pipeline.registry import ModelNotFound
+    from pipeline.shards import ManifestError
+    from pipeline.storage import StorageError
+    from pipeline.tracking import TrackingError
+
+    return (
+        UserError,
+        ConfigError,
+        ModelNotFound,
+        ManifestError,
+        StorageError,
+        TrackingError,
+        CorruptDataError,
+        FileNotFoundError,
+    )
+
+
+_HINTS = {
+    "ModelNotFound": "check the name and alias with `flowray models list`",
+    "ConfigError": "see `--help`; config keys are the dataclass fields of the job's config",
+    "CorruptDataError": "pass --on-error skip to leave unreadable images out (they are counted)",
+}
+
+
+def run_main(
+    prog: str, body: Callable[[], int], extra: tuple[type[BaseException], ...] = ()
+) -> int:
+    """Run `body`; errors users meet become `<prog>: error: ...` + a hint and exit code 2."""
+    try:
+        return body()
+    except (*_known_errors(), *extra) as err:
+        _report(prog, err)
+        return EXIT_USAGE
+    except Exception as err:
+        # Ray wraps task errors; show the cause when it is one of ours.
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, (*_known_errors(), *extra)):
+            _report(prog, cause)
+            return EXIT_USAGE
+        raise
+
+
+def _report(prog: str, err: BaseException) -> None:
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    hint = getattr(err, "hint", "") or _HINTS.get(type(err).__name__, "")
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    if hint:
+        print(f"  hint: {hint}", file=sys.stderr)

@@ -1,0 +1,107 @@
+"""`flowray models`: list registered models with validation bits/dim and aliases; promote a version.
+
+    flowray models list [--name fashion-flow]
+    flowray models promote fashion-flow 7 [--alias champion] [--force]
+
+`promote` refuses (exit code 1) a version whose validation bits/dim is not better than the alias's
+current holder, unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from jobs._batch import UserError, add_common_arguments, check_tracking_server, run_main
+
+PROG = "flowray models"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Registered flows: list versions and aliases, promote a version."
+    )
+    commands = p.add_subparsers(dest="command", metavar="{list,promote}")
+    listing = commands.add_parser("list", help="registered models, versions, val bits/dim, aliases")
+    listing.add_argument("--name", default=None, help="only this model (default: all)")
+    add_common_arguments(listing, ray=False)
+    promote = commands.add_parser(
+        "promote", help="point an alias at a version if its val bits/dim is better"
+    )
+    promote.add_argument("name", help="registered model name")
+    promote.add_argument("version", help="version number to promote")
+    promote.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+    promote.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even if worse than the alias's current version (default: off)",
+    )
+    add_common_arguments(promote, ray=False)
+    return p
+
+
+def format_models(models: list) -> str:
+    """The `list` table: one block per model, one row per version, newest first."""
+    if not models:
+        return "no registered models"
+    lines = []
+    for model in models:
+        aliases = ", ".join(f"@{a} -> v{v}" for a, v in model.aliases.items()) or "none"
+        lines.append(f"{model.name}  (aliases: {aliases})")
+        lines.append(
+            f"  {'version':>7}  {'val bits/dim':>12}  {'aliases':<20}  {'created':<25}  run"
+        )
+        for v in model.versions:
+            bpd = "-" if math.isnan(v.val_bits_per_dim) else f"{v.val_bits_per_dim:.4f}"
+            names = ", ".join(v.aliases) or "-"
+            lines.append(f"  {v.version:>7}  {bpd:>12}  {names:<20}  {v.created:<25}  {v.run_id}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command is None:
+        p.print_help()
+        return 2
+
+    def body() -> int:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        from pipeline.registry import list_models, promote
+        from pipeline.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(args.tracking_uri)
+        check_tracking_server(uri)
+        mlflow.set_tracking_uri(uri)
+        if args.command == "list":
+            print(format_models(list_models(args.name)))
+            return 0
+        model = list_models(args.name)[0]  # ModelNotFound names what is registered
+        if args.version not in {v.version for v in model.versions}:
+            known = ", ".join(v.version for v in model.versions) or "none"
+            raise UserError(
+                f"{args.name} has no version {args.version} (versions: {known})",
+                hint="see `flowray models list`",
+            )
+        try:
+            decision = promote(args.name, args.version, force=args.force, alias=args.alias)
+        except MlflowException as err:
+            raise UserError(f"promotion failed: {err.message.splitlines()[0]}") from err
+        if decision.promoted:
+            print(f"{args.name} v{args.version} is now @{args.alias}: {decision.reason}")
+            return 0
+        print(
+            f"refused: {args.name} v{args.version} is not better than @{args.alias} "
+            f"({decision.reason}); pass --force to promote it anyway",
+            file=sys.stderr,
+        )
+        return 1
+
+    return run_main(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
