@@ -30,6 +30,8 @@ command -v ray >/dev/null || die "ray not found: install the project (make setup
 RAY_ROOT="$STACK_DIR/ray"
 if ((${#RAY_ROOT} > 36)); then
     RAY_ROOT="/tmp/flowray-ray-$(printf '%s' "$STACK_DIR" | cksum | cut -d' ' -f1)"
+    # The logs stay reachable from the stack dir all the same.
+    ln -sfn "$RAY_ROOT" "$STACK_DIR/ray"
 fi
 HEAD_TEMP="$RAY_ROOT/head"
 WORKER_TEMP="$RAY_ROOT/worker"
