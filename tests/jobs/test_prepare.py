@@ -1,0 +1,146 @@
+"""`flowray prepare`: the CLI writes shards, reruns write nothing, and user errors are one line + hint."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+
+from jobs.cli import main as flowray
+from jobs.prepare import build_parser, main
+from pipeline.reader import iter_split
+from pipeline.shards import load_manifest
+from pipeline.storage import join_url
+
+
+def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_prepare_fashion_mnist_then_rerun_writes_nothing(fashion_mnist_dir, tmp_path, capsys):
+    argv = ["--source", f"idx:{fashion_mnist_dir}", "--out", str(tmp_path / "data")]
+    argv += ["--limit", "300", "--shard-samples", "100"]
+    code, out, err = _run(capsys, argv)
+    assert code == 0, err
+    assert "splits: train=60000, test=10000; image shape [1, 28, 28]" in out
+    assert "train: 300 images [1, 28, 28] in 3 shards (3 written, 0 already complete)" in out
+    assert load_manifest(str(tmp_path / "data" / "test")).count == 300
+    code, out, _ = _run(capsys, argv)
+    assert code == 0
+    assert "train: 300 images [1, 28, 28] in 3 shards (0 written, 3 already complete), " in out
+    assert "manifest unchanged" in out and " written:" not in out
+
+
+def test_flowray_cli_dispatches_prepare_with_a_folder_source(photo_folder, tmp_path, capsys):
+    out_dir = tmp_path / "shards"
+    code = flowray(
+        ["prepare", "--source", f"folder:{photo_folder}", "--out", str(out_dir), "--size", "24x24"]
+        + ["--channels", "1", "--val-fraction", "0.25", "--shard-samples", "5"]
+    )
+    assert code == 0, capsys.readouterr().err
+    train, val = load_manifest(str(out_dir / "train")), load_manifest(str(out_dir / "val"))
+    assert (train.count, val.count) == (14, 4)  # 18 images; round(4.5) == 4
+    assert train.shape == val.shape == (1, 24, 24)
+    assert train.classes == ("astronaut", "chelsea", "coffee")
+    rows = list(iter_split(str(out_dir / "val")))
+    assert {r["image"].shape for r in rows} == {(1, 24, 24)} and all(r["label"] >= 0 for r in rows)
+
+
+def test_prepare_npy_to_s3_and_back(tmp_path, s3, capsys):
+    images = np.random.default_rng(1).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    out = join_url(s3.url, "npy")
+    code, _, err = _run(
+        capsys,
+        ["--source", f"npy:{tmp_path}/x.npy", "--out", out, "--endpoint-url", s3.endpoint_url]
+        + ["--shard-samples", "16"],
+    )
+    assert code == 0, err
+    rows = list(iter_split(join_url(out, "train"), s3.storage))
+    assert len(rows) == 40 and all(r["label"] == -1 for r in rows)
+    np.testing.assert_array_equal(
+        np.stack([r["image"] for r in rows]), images.transpose(0, 3, 1, 2)
+    )
+
+
+def _assert_user_error(err: str, message: str, hint: str) -> None:
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err
+    assert lines[0].startswith("flowray prepare: ") and message in lines[0]
+    assert lines[1].startswith("hint: ") and hint in lines[1]
+
+
+def test_missing_dataset_folder_is_one_line_and_a_hint(tmp_path, capsys):
+    code, _, err = _run(capsys, ["--source", f"idx:{tmp_path}/nowhere", "--out", str(tmp_path)])
+    assert code == 2
+    _assert_user_error(err, f"IDX folder not found: {tmp_path}/nowhere", "dataset-fashion-mnist")
+
+
+def test_folder_without_idx_files_names_the_missing_file(tmp_path, capsys):
+    code, _, err = _run(capsys, ["--source", f"idx:{tmp_path}", "--out", str(tmp_path / "o")])
+    assert code == 2
+    _assert_user_error(err, "no train*images-idx3* file in", "FASHION_MNIST_DIR")
+
+
+def test_folder_source_without_size_asks_for_it(photo_folder, tmp_path, capsys):
+    code, _, err = _run(capsys, ["--source", f"folder:{photo_folder}", "--out", str(tmp_path)])
+    assert code == 2
+    _assert_user_error(err, "a target size is needed", "--size HxW")
+
+
+def test_unreachable_s3_endpoint_is_one_line_and_a_hint(tmp_path, capsys, aws_credentials):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    code, _, err = _run(capsys, ["--out", "s3://bucket/x", "--endpoint-url", endpoint])
+    assert code == 2
+    _assert_user_error(err, f"S3 endpoint {endpoint} is unreachable", "--endpoint-url")
+
+
+def test_missing_credentials_are_one_line_and_a_hint(s3, monkeypatch, capsys):
+    import s3fs
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    s3fs.S3FileSystem.clear_instance_cache()
+    code, _, err = _run(capsys, ["--out", join_url(s3.url, "x"), "--endpoint-url", s3.endpoint_url])
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert code == 2
+    _assert_user_error(err, "no AWS credentials found", "AWS_ACCESS_KEY_ID")
+    assert "flowray-test-secret" not in err
+
+
+def test_missing_bucket_is_one_line_and_a_hint(s3, capsys):
+    code, _, err = _run(
+        capsys, ["--out", "s3://absent-bucket/x", "--endpoint-url", s3.endpoint_url]
+    )
+    assert code == 2
+    _assert_user_error(err, "bucket 'absent-bucket' does not exist", "create it")
+
+
+def test_help_shows_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in [
+        ("--shard-samples", "10000"),
+        ("--shard-bytes", "256MiB"),
+        ("--workers", "0"),
+        ("--on-error", "fail"),
+        ("--val-fraction", "0.0"),
+    ]:
+        assert option in text and f"(default: {default})" in text
+    assert text.count("(default:") == len(build_parser()._actions) - 1  # all but --help
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("--size=64", "expected HxW"), ("--shard-bytes=lots", "256MiB")]
+)
+def test_bad_option_values_are_usage_errors(value, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--out", "x", value])
+    assert info.value.code == 2 and message in capsys.readouterr().err
