@@ -520,6 +520,7 @@ def read_split(
     rows_per_block: int = 1024,
     manifest: Manifest | None = None,
     concurrency: int | None = None,
+    ray_remote_args: dict[str, Any] | None = None,
 ) -> ray.data.Dataset:
     """A lazy Ray Data dataset of the split's rows (see the module docstring).
 
@@ -531,6 +532,7 @@ def read_split(
         rows_per_block: rows per Ray Data block emitted by a read task.
         manifest: skip loading it again when the caller has it.
         concurrency: at most this many read tasks at once (default: Ray decides).
+        ray_remote_args: passed to the read tasks (num_cpus, memory, runtime_env, ...).
     """
     import ray.data
 
@@ -538,4 +540,6 @@ def read_split(
         raise ValueError("read_split runs in Ray tasks: pass tally=SkipTally.shared()")
     spec, names = _prepare_read(split_url, storage, shards, on_error, tally, manifest)
     source = _datasource(spec, names, shuffle, seed, rows_per_block)
-    return ray.data.read_datasource(source, concurrency=concurrency)
+    return ray.data.read_datasource(
+        source, concurrency=concurrency, ray_remote_args=ray_remote_args or {}
+    )
