@@ -155,7 +155,7 @@ def register_flow(model_uri: str, name: str, val_bits_per_dim: float, run_id: st
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name)
-    version = client.create_model_version(name, model_uri, run_id=run_id).version
+    version = str(client.create_model_version(name, model_uri, run_id=run_id).version)
     client.set_model_version_tag(name, version, VAL_TAG, f"{val_bits_per_dim:.6f}")
     client.set_registered_model_alias(name, CANDIDATE, version)
     return promote(name, version, force=False)
@@ -177,10 +177,10 @@ def promote(name: str, version: str, force: bool = False, alias: str = CHAMPION)
         current = None
     if current is None:
         promoted, reason = True, f"no {alias} yet; {new:.4f} bits/dim"
-    elif current.version == str(version):
+    elif str(current.version) == str(version):
         promoted, reason = True, f"already {alias}"
     else:
-        old = _version_bpd(client, name, current.version)
+        old = _version_bpd(client, name, str(current.version))
         promoted = force or new < old
         reason = f"{new:.4f} vs {alias} v{current.version} {old:.4f} bits/dim" + (
             " (forced)" if force and new >= old else ""
@@ -213,7 +213,7 @@ def resolve_model(reference: str) -> ResolvedModel:
         client = MlflowClient()
         try:
             if rest:
-                version = client.get_model_version_by_alias(name, rest).version
+                version = str(client.get_model_version_by_alias(name, rest).version)
             else:
                 name, _, version = reference[len("models:/") :].partition("/")
                 client.get_model_version(name, version)
