@@ -5,4 +5,6 @@ Submodules are imported by name (`from pipeline.storage import StorageConfig`); 
 imports nothing itself, so `import pipeline` stays cheap and free of Ray.
 """
 
+from __future__ import annotations
+
 __all__: list[str] = []

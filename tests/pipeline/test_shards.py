@@ -287,3 +287,17 @@ def test_npy_source_explains_bad_arrays(tmp_path):
     np.save(tmp_path / "lab.npy", np.zeros(5, np.int64))
     with pytest.raises(SourceError, match=r"expected integer labels of shape \[4\]"):
         NpySource(str(tmp_path / "img.npy"), str(tmp_path / "lab.npy"))
+
+
+def test_io_benchmark_reports_every_backend_and_column(tmp_path, aws_credentials):
+    from pipeline.bench_io import run
+
+    report = run(n_images=60, repeats=1, shard_samples=25, with_ray=False, workdir=str(tmp_path))
+    assert set(report["results"]) == {"local", "s3"}
+    for figures in report["results"].values():
+        assert set(figures) == {"write", "read_iter", "mb"}
+        assert figures["write"] > 0 and figures["read_iter"] > 0 and figures["mb"] > 0
+    assert (
+        "| local disk |" in report["markdown"] and "| S3 (moto, loopback) |" in report["markdown"]
+    )
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "flowray-test-key"  # the stand-ins were undone
