@@ -8,13 +8,19 @@ import sys
 # command -> (module, one-line help). Modules are imported only when their command runs, so
 # `flowray --help` stays fast and a broken optional dependency only breaks its own command.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("jobs.prepare", "write WebDataset image shards + manifest from IDX, image folders or .npy"),
+    "prepare": (
+        "jobs.prepare",
+        "write WebDataset image shards + manifest from IDX, image folders or .npy",
+    ),
     "train": ("jobs.train", "train a flow with Ray Train; log and register it in MLflow"),
     "score": ("jobs.score", "bulk log-likelihood scoring of image shards with a registered model"),
     "sample": ("jobs.sample", "generate images from a registered model with Ray tasks"),
     "models": ("jobs.models", "list registered models, versions and aliases; promote a version"),
     "submit": ("jobs.submit", "submit train|score|sample to a Ray cluster and follow its logs"),
-    "demo": ("jobs.demo", "the whole pipeline on the embedded default (local Ray, disk, SQLite MLflow)"),
+    "demo": (
+        "jobs.demo",
+        "the whole pipeline on the embedded default (local Ray, disk, SQLite MLflow)",
+    ),
     "bench": ("jobs.bench", "benchmarks side by side: quality, throughput, memory"),
 }
 
