@@ -1,0 +1,204 @@
+"""`flowray submit`: run train, score, sample or prepare as a job on a Ray cluster, follow its logs
+and exit with its status (0 SUCCEEDED, 1 FAILED or STOPPED, 2 when it could not be submitted).
+
+    source .stack/env.sh                   # local stack: RAY_ADDRESS, MLFLOW_TRACKING_URI, AWS_*
+    flowray submit train --config fashion-mnist --set data.train=s3://flowray/fmnist/train ...
+    flowray submit --address http://head:8265 score --model models:/fashion-flow@champion \\
+        --input s3://flowray/fmnist/test --output s3://flowray/scores
+    flowray submit --no-wait sample --model models:/fashion-flow@champion --n 64 --output ...
+
+Everything after the job name goes to `python -m jobs.<name>` on the cluster, which runs in a copy
+of this checkout; local paths in job arguments mean paths on the cluster, so use s3:// URLs. The
+equivalent by hand, and what travels with the job, are in pipeline/submission.py.
+Ctrl-C stops the job (a second Ctrl-C leaves it running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from pipeline.submission import (
+    JOB_COMMANDS,
+    JobSpec,
+    SubmitError,
+    connect,
+    dashboard_url,
+    describe,
+    final_message,
+    follow,
+    job_environment,
+    new_submission_id,
+    repo_root,
+    runtime_env,
+    secret_values,
+    stop,
+    submit,
+)
+
+__all__ = ["build_parser", "main"]
+
+PROG = "flowray submit"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, found {text!r}")
+    return name.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Submit `python -m jobs.<job> [job args]` to a Ray cluster's job server with "
+        "this checkout as working_dir and MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL, "
+        "AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION and the AWS/MLflow credentials of this "
+        "shell as the job's environment (credentials are never printed). Follows the job's logs "
+        "and exits 0 when it SUCCEEDED, 1 when it FAILED or was STOPPED, 2 when it could not be "
+        "submitted. Options go before the job name; everything after it goes to the job.",
+        epilog="Equivalent by hand: ray job submit --address $RAY_API_SERVER_ADDRESS "
+        "--working-dir . --runtime-env-json '{\"env_vars\": {...}}' -- python -m jobs.<job> ...",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="the cluster: http(s)://<head>:8265 (job server) or <head>:6379 (GCS, looked up) "
+        "(default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--working-dir",
+        default=None,
+        help="sources to ship as the job's working_dir (default: this flowray checkout)",
+    )
+    source.add_argument(
+        "--no-working-dir",
+        action="store_true",
+        help="ship no sources: the cluster's image has flowray installed (default: off)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more environment variable for the job; repeatable (default: none)",
+    )
+    parser.add_argument(
+        "--no-credentials",
+        action="store_true",
+        help="do not forward AWS_* / MLFLOW_TRACKING_* credentials: the cluster's nodes have "
+        "their own identity (default: forward them)",
+    )
+    parser.add_argument(
+        "--submission-id",
+        default=None,
+        help="job id (default: flowray-<job>-<time>-<random>)",
+    )
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="print the job id and return instead of following the logs (default: off)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be submitted (credentials masked) and exit; contacts no cluster "
+        "(default: off)",
+    )
+    parser.add_argument("job", choices=JOB_COMMANDS, help="the job to run on the cluster")
+    parser.add_argument(
+        "job_args", nargs=argparse.REMAINDER, help="arguments of `python -m jobs.<job>`"
+    )
+    return parser
+
+
+def build_spec(args: argparse.Namespace, environ: Mapping[str, str]) -> JobSpec:
+    """The job described by parsed arguments and the submitting shell's environment."""
+    job_args = list(args.job_args)
+    if job_args[:1] == ["--"]:
+        job_args = job_args[1:]
+    if args.no_working_dir:
+        working_dir = None
+    elif args.working_dir:
+        working_dir = Path(args.working_dir).resolve()
+    else:
+        working_dir = repo_root()
+        if working_dir is None:
+            raise SubmitError(
+                "flowray is installed, not run from a checkout: there are no sources to ship",
+                hint="pass --working-dir <flowray checkout>, or --no-working-dir when the "
+                "cluster's image has flowray installed",
+            )
+    env = job_environment(environ, dict(args.env), credentials=not args.no_credentials)
+    return JobSpec(
+        command=args.job,
+        args=job_args,
+        runtime_env=runtime_env(working_dir, env),
+        submission_id=args.submission_id or new_submission_id(args.job),
+    )
+
+
+def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    spec = build_spec(args, environ)
+    if args.dry_run:
+        where = args.address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS")
+        print(describe(spec, where or "<no address>"))
+        return 0
+    url = dashboard_url(args.address, environ)
+    print(describe(spec, url), file=sys.stderr, flush=True)
+    client = connect(url)
+    job_id = submit(client, spec)
+    if args.no_wait:
+        print(job_id)
+        print(
+            f"follow: ray job logs -f --address {url} {job_id}\n"
+            f"status: ray job status --address {url} {job_id}\n"
+            f"stop:   ray job stop --address {url} {job_id}",
+            file=sys.stderr,
+        )
+        return 0
+    print(
+        f"job {job_id} submitted; following its logs (Ctrl-C stops it)", file=sys.stderr, flush=True
+    )
+    masked = secret_values(spec.runtime_env.get("env_vars", {}))
+    started = time.monotonic()
+    try:
+        status = follow(client, job_id, sys.stdout, secrets=masked)
+    except KeyboardInterrupt:
+        print(f"\nstopping job {job_id} (Ctrl-C again to leave it running)", file=sys.stderr)
+        try:
+            status = stop(client, job_id)
+        except KeyboardInterrupt:
+            print(f"job {job_id} left running", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    reason = "" if status == "SUCCEEDED" else final_message(client, job_id, masked)
+    print(
+        f"job {job_id}: {status} after {time.monotonic() - started:.0f} s"
+        + (f": {reason}" if reason else ""),
+        flush=True,
+    )
+    return 0 if status == "SUCCEEDED" else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args, os.environ)
+    except SubmitError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

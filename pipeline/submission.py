@@ -1,0 +1,432 @@
+"""Sending flowray jobs to a Ray cluster through its job server, and following them to the end.
+
+    url = dashboard_url("127.0.0.1:6379", os.environ)       # a GCS address is looked up
+    env = job_environment(os.environ)                        # what the job needs from here
+    spec = JobSpec("train", ["--config", "fashion-mnist"], runtime_env(repo_root(), env))
+    client = connect(url)
+    job_id = submit(client, spec)
+    status = follow(client, job_id, sys.stdout, secrets=secret_values(env))
+
+The job runs `python -m jobs.<command> <args>` on the cluster's head node, in a copy of the flowray
+checkout (Ray's `working_dir`), with the tracking URI, the S3 endpoint, the region and the
+credentials of the submitting shell as environment variables. It is what this does by hand:
+
+    ray job submit --address "$RAY_API_SERVER_ADDRESS" --working-dir . \\
+        --runtime-env-json '{"excludes": [".venv", ".stack", ...], "env_vars": {...}}' \\
+        -- python -m jobs.train --config fashion-mnist
+
+Credentials travel in the runtime_env's env_vars, which the cluster keeps with the job (anyone who
+can read the dashboard can read them): on a shared cluster, give the nodes an identity of their own
+(instance profile, IRSA) and submit with credentials=False. Nothing printed here shows them:
+`redacted` masks them in the summary and `follow` masks their values in the job's logs.
+
+Ray's client reads RAY_API_SERVER_ADDRESS / RAY_ADDRESS and lets them override the address it is
+given; `connect` hides them while it builds the client, so an explicit address wins. Token auth
+(Ray >= 2.59) is Ray's: with RAY_AUTH_MODE=token the client sends ~/.ray/auth_token (or
+RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH). The token never goes into the job's environment: the job's
+driver runs on the cluster, whose nodes have their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import shlex
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+__all__ = [
+    "CREDENTIAL_VARIABLES",
+    "FORWARDED_VARIABLES",
+    "JOB_COMMANDS",
+    "WORKING_DIR_EXCLUDES",
+    "JobSpec",
+    "SubmitError",
+    "connect",
+    "dashboard_url",
+    "entrypoint",
+    "follow",
+    "job_environment",
+    "redacted",
+    "repo_root",
+    "runtime_env",
+    "secret_values",
+    "stop",
+    "submit",
+]
+
+JOB_COMMANDS = ("train", "score", "sample", "prepare")
+# Where the job finds the tracking server and object storage: copied from the submitting shell.
+FORWARDED_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+# Copied too unless credentials=False; never printed.
+CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+# Never uploaded with the sources: environments, local state, outputs (Ray also honours .gitignore).
+WORKING_DIR_EXCLUDES = (
+    ".venv",
+    ".stack",
+    "flowray-work",
+    "demo-work",
+    "bench-results",
+    ".git",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+)
+# Variable names whose values are secrets, besides CREDENTIAL_VARIABLES (for --env KEY=VALUE).
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY")
+# user:password@ in a URL (a tracking URI with basic auth, say).
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
+MASK = "***"
+_CONNECT_TIMEOUT_S = 5.0
+
+_ADDRESS_HINT = (
+    "pass --address http://<head>:8265 (the dashboard / job server) or a GCS address <head>:6379, "
+    "or set RAY_API_SERVER_ADDRESS / RAY_ADDRESS (local stack: make cluster-up; "
+    "source .stack/env.sh)"
+)
+_AUTH_HINT = (
+    "the cluster uses Ray token auth: export RAY_AUTH_MODE=token with the cluster's token in "
+    "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN (on the head: ray get-auth-token)"
+)
+
+
+class SubmitError(RuntimeError):
+    """A submission that cannot go ahead; printed as one line plus `hint`."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class JobClient(Protocol):
+    """The part of ray.job_submission.JobSubmissionClient used here (tests pass a fake)."""
+
+    def submit_job(self, **kwargs: Any) -> str: ...
+    def get_job_status(self, job_id: str) -> Any: ...
+    def get_job_info(self, job_id: str) -> Any: ...
+    def stop_job(self, job_id: str) -> bool: ...
+    def tail_job_logs(self, job_id: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job: `python -m jobs.<command> <args>` with a runtime_env."""
+
+    command: str
+    args: Sequence[str]
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    submission_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.command not in JOB_COMMANDS:
+            raise SubmitError(
+                f"unknown job {self.command!r}: expected one of {', '.join(JOB_COMMANDS)}"
+            )
+
+    @property
+    def entrypoint(self) -> str:
+        return entrypoint(self.command, self.args)
+
+
+def entrypoint(command: str, args: Sequence[str]) -> str:
+    """The shell command the job server runs; each argument quoted as the shell needs."""
+    return shlex.join(["python", "-m", f"jobs.{command}", *args])
+
+
+def new_submission_id(command: str) -> str:
+    """A readable, unique job id: flowray-train-20250101-120000-3fa2c1."""
+    return f"flowray-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+# -- environment ------------------------------------------------------------------------------------
+def job_environment(
+    environ: Mapping[str, str],
+    extra: Mapping[str, str] | None = None,
+    credentials: bool = True,
+) -> dict[str, str]:
+    """The env_vars a job gets: FORWARDED_VARIABLES (and CREDENTIAL_VARIABLES when `credentials`)
+    that are set in `environ`, then `extra`. A region set under one of AWS_REGION /
+    AWS_DEFAULT_REGION is set under both (boto3 reads one, other AWS SDKs the other)."""
+    names = FORWARDED_VARIABLES + (CREDENTIAL_VARIABLES if credentials else ())
+    env = {name: environ[name] for name in names if environ.get(name)}
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        env.setdefault("AWS_REGION", region)
+        env.setdefault("AWS_DEFAULT_REGION", region)
+    env.update(extra or {})
+    return env
+
+
+def is_secret(name: str) -> bool:
+    return name in CREDENTIAL_VARIABLES or bool(_SECRET_NAME.search(name.upper()))
+
+
+def secret_values(env: Mapping[str, str]) -> list[str]:
+    """Values to mask wherever they appear: secret variables' values and passwords in URLs.
+    Values shorter than 4 characters are not masked (they would mask half the log)."""
+    values = {value for name, value in env.items() if is_secret(name)}
+    values |= {match.group(2) for value in env.values() for match in _URL_PASSWORD.finditer(value)}
+    return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
+
+
+def redacted(env: Mapping[str, str]) -> dict[str, str]:
+    """env for printing: secret variables' values and passwords in URLs replaced by ***."""
+    return {
+        name: MASK if is_secret(name) else _URL_PASSWORD.sub(rf"\1:{MASK}@", value)
+        for name, value in env.items()
+    }
+
+
+def mask(text: str, secrets_: Sequence[str]) -> str:
+    for value in secrets_:
+        text = text.replace(value, MASK)
+    return text
+
+
+# -- runtime_env ------------------------------------------------------------------------------------
+def repo_root() -> Path | None:
+    """The flowray checkout this module runs from (pyproject.toml and jobs/ beside pipeline/), or
+    None for an installed copy: then the cluster's image must have flowray installed."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "jobs" / "cli.py").is_file():
+        return root
+    return None
+
+
+def runtime_env(working_dir: Path | None, env_vars: Mapping[str, str]) -> dict[str, Any]:
+    """Ray runtime_env: the sources as working_dir (minus WORKING_DIR_EXCLUDES) and env_vars."""
+    env: dict[str, Any] = {}
+    if working_dir is not None:
+        if not (working_dir / "jobs").is_dir():
+            raise SubmitError(
+                f"working dir {working_dir}: expected a flowray checkout (with jobs/), found none",
+                hint="pass --working-dir <your flowray checkout>, or --no-working-dir when the "
+                "cluster's image has flowray installed",
+            )
+        env["working_dir"] = str(working_dir)
+        env["excludes"] = list(WORKING_DIR_EXCLUDES)
+    if env_vars:
+        env["env_vars"] = dict(env_vars)
+    return env
+
+
+def describe(spec: JobSpec, url: str) -> str:
+    """What is about to be submitted, secrets masked: printed before submitting."""
+    lines = [
+        f"submitting {spec.command} to {url}"
+        + (f" as {spec.submission_id}" if spec.submission_id else ""),
+        f"  entrypoint: {spec.entrypoint}",
+    ]
+    working_dir = spec.runtime_env.get("working_dir")
+    lines.append(
+        f"  working_dir: {working_dir} (without {', '.join(spec.runtime_env['excludes'])})"
+        if working_dir
+        else "  working_dir: none (flowray must be installed on the cluster)"
+    )
+    env = redacted(spec.runtime_env.get("env_vars", {}))
+    lines.append(
+        "  env: " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) if env else "none")
+    )
+    return "\n".join(lines)
+
+
+# -- the job server ---------------------------------------------------------------------------------
+def dashboard_url(address: str | None, environ: Mapping[str, str]) -> str:
+    """The job server's http(s) URL for `address`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS.
+
+    http(s)://host:port is used as it is. host:port is a GCS address (what `ray start` prints and
+    RAY_ADDRESS holds): the dashboard's address is looked up in the GCS, as `ray job submit` does.
+    """
+    address = (
+        address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS") or ""
+    ).strip()
+    if not address:
+        raise SubmitError("no Ray cluster address", hint=_ADDRESS_HINT)
+    if address.startswith(("http://", "https://")):
+        return address.rstrip("/")
+    if "://" in address or address in ("auto", "local"):
+        raise SubmitError(
+            f"address {address!r}: expected http(s)://<head>:<dashboard port> or <head>:<GCS port>",
+            hint=_ADDRESS_HINT,
+        )
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SubmitError(
+            f"address {address!r}: expected <host>:<port> or an http(s):// URL", hint=_ADDRESS_HINT
+        )
+    _check_reachable(host, int(port), f"the Ray GCS at {address}")
+    return _lookup_dashboard(address)
+
+
+def _check_reachable(host: str, port: int, what: str) -> None:
+    """Fail fast on a closed port: Ray's own clients retry for a minute or more."""
+    try:
+        with socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise SubmitError(f"cannot reach {what}: {err}", hint=_ADDRESS_HINT) from None
+
+
+def _lookup_dashboard(gcs_address: str) -> str:
+    from ray.dashboard.utils import ray_address_to_api_server_url
+
+    try:
+        return ray_address_to_api_server_url(gcs_address).rstrip("/")
+    except Exception as err:  # Ray raises ValueError, ConnectionError or its own auth errors
+        if _is_auth_error(err):
+            raise SubmitError(
+                f"the Ray GCS at {gcs_address} refused the request: {err}", hint=_AUTH_HINT
+            ) from None
+        raise SubmitError(
+            f"cannot find the job server of the Ray cluster at {gcs_address}: {err}",
+            hint=_ADDRESS_HINT,
+        ) from None
+
+
+def _is_auth_error(err: BaseException) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    return "authentication" in text or "auth token" in text or "unauthenticated" in text
+
+
+@contextmanager
+def _without_address_variables() -> Iterator[None]:
+    """Ray's JobSubmissionClient prefers RAY_API_SERVER_ADDRESS / RAY_ADDRESS over the address it
+    is given; hide them so the URL chosen by `dashboard_url` is the one used."""
+    saved = {
+        name: os.environ.pop(name)
+        for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+        if name in os.environ
+    }
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def connect(url: str) -> JobClient:
+    """A JobSubmissionClient for the job server at `url`; SubmitError when it does not answer or
+    refuses the token."""
+    from urllib.parse import urlsplit
+
+    from ray.job_submission import JobSubmissionClient
+
+    parts = urlsplit(url)
+    _check_reachable(
+        parts.hostname or "",
+        parts.port or (443 if parts.scheme == "https" else 80),
+        f"the Ray job server at {url}",
+    )
+    try:
+        with _without_address_variables():
+            return JobSubmissionClient(url)
+    except Exception as err:
+        if _is_auth_error(err):
+            raise SubmitError(
+                f"the Ray job server at {url} refused the request: {_first_line(err)}",
+                hint=_AUTH_HINT,
+            ) from None
+        raise SubmitError(
+            f"cannot use the Ray job server at {url}: {_first_line(err)}", hint=_ADDRESS_HINT
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def submit(client: JobClient, spec: JobSpec) -> str:
+    """Submit the job; returns its id (spec.submission_id when given)."""
+    try:
+        return client.submit_job(
+            entrypoint=spec.entrypoint,
+            runtime_env=spec.runtime_env or None,
+            submission_id=spec.submission_id,
+            metadata={"flowray_command": spec.command},
+        )
+    except Exception as err:
+        if _is_auth_error(err):
+            raise SubmitError(
+                f"the Ray job server refused the job: {_first_line(err)}", hint=_AUTH_HINT
+            ) from None
+        raise SubmitError(
+            f"the Ray job server did not accept the job: {_first_line(err)}",
+            hint="check the cluster's dashboard log (dashboard.log on the head node)",
+        ) from None
+
+
+def status_name(status: Any) -> str:
+    """JobStatus.SUCCEEDED (an enum in Ray, a str subclass) -> "SUCCEEDED"."""
+    return str(getattr(status, "value", status))
+
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def follow(
+    client: JobClient,
+    job_id: str,
+    out: TextIO,
+    secrets: Sequence[str] = (),
+    poll_s: float = 2.0,
+) -> str:
+    """Stream the job's logs to `out` (secret values masked) until it ends; return its final
+    status name. Falls back to polling the status when the log stream breaks."""
+    try:
+        asyncio.run(_tail(client, job_id, out, secrets))
+    except Exception as err:
+        # The log websocket closed early (job server restarted, proxy timeout): keep waiting.
+        out.write(f"[flowray submit] log stream interrupted ({_first_line(err)}); polling status\n")
+    while True:
+        status = status_name(client.get_job_status(job_id))
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+async def _tail(client: JobClient, job_id: str, out: TextIO, secrets: Sequence[str]) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        out.write(mask(chunk, secrets))
+        out.flush()
+
+
+def final_message(client: JobClient, job_id: str, secrets: Sequence[str] = ()) -> str:
+    """The job server's one-line reason for a job's end ('' when none), secrets masked."""
+    try:
+        message = getattr(client.get_job_info(job_id), "message", "") or ""
+    except Exception:  # the reason is a nicety; the status is what matters
+        return ""
+    return mask(message.strip().splitlines()[0], secrets) if message.strip() else ""
+
+
+def stop(client: JobClient, job_id: str, wait_s: float = 60.0, poll_s: float = 1.0) -> str:
+    """Ask the job server to stop the job and wait (up to wait_s) for it to end; return its status."""
+    client.stop_job(job_id)
+    deadline = time.monotonic() + wait_s
+    status = status_name(client.get_job_status(job_id))
+    while status not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        status = status_name(client.get_job_status(job_id))
+    return status
