@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Progress:
+class ShardProgress:
     """Prints one line per shard and keeps the images/s figure honest (written images only)."""
 
     def __init__(self) -> None:
@@ -157,7 +157,7 @@ class _Progress:
         )
 
 
-def _summary(result: PrepareResult) -> list[str]:
+def summary_lines(result: PrepareResult) -> list[str]:
     lines = []
     for split, r in result.splits.items():
         rate = r.images_written / r.seconds if r.images_written else 0.0
@@ -221,10 +221,10 @@ def _run(args: argparse.Namespace) -> None:
         limit=args.limit,
         workers=args.workers,
         on_error=args.on_error,
-        progress=_Progress(),
+        progress=ShardProgress(),
     )
     print("done:")
-    for line in _summary(result):
+    for line in summary_lines(result):
         print(f"  {line}")
 
 

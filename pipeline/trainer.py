@@ -281,6 +281,10 @@ def train(config: TrainConfig) -> TrainResult:
             state.history["train"], state.history["validation"], f"{config.run.name}: bits/dim"
         )
         mlflow.log_image(_png_to_array(curve), "curves/bits_per_dim.png")
+        if "://" not in config.workdir:  # also beside the other local outputs
+            pictures = Path(config.workdir) / "pictures"
+            pictures.mkdir(parents=True, exist_ok=True)
+            (pictures / f"{config.run.name}-bits_per_dim.png").write_bytes(curve)
         info = log_flow_model(ema_flow)
     promotion = register_flow(info.model_uri, config.mlflow.registered_model, val_bpd, run_id)
     client.set_tag(run_id, "model_version", promotion.version)
