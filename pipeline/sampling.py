@@ -232,7 +232,7 @@ def _resolve(config: SampleConfig) -> tuple[FlowPayload, str, str, Any]:
     resolved = resolve_model(config.model)
     payload = FlowPayload.from_flow(resolved.flow)
     if resolved.name:
-        return payload, resolved.name, resolved.version, resolved.flow
+        return payload, resolved.name, str(resolved.version), resolved.flow
     return payload, "local", payload.digest(), resolved.flow
 
 

@@ -333,7 +333,7 @@ def _resolve(config: ScoreConfig) -> tuple[FlowPayload, str, str]:
     resolved = resolve_model(config.model)
     payload = FlowPayload.from_flow(resolved.flow)
     if resolved.name:
-        return payload, resolved.name, resolved.version
+        return payload, resolved.name, str(resolved.version)
     if resolved.uri.startswith("runs:/"):
         run_id = resolved.uri[len("runs:/") :].split("/", 1)[0]
         return payload, f"run-{run_id[:12]}", payload.digest()
@@ -365,7 +365,7 @@ def _write_shard(prefix: str, shard: str, frame: Any, storage: StorageConfig) ->
     url = join_url(prefix, _parquet_name(shard))
     frame = frame.sort_values("key", kind="stable").reset_index(drop=True)
     table = pa.Table.from_pandas(frame[list(OUTPUT_COLUMNS)], preserve_index=False)
-    temp = make_temp_file(url, ".parquet")
+    temp = make_temp_file(url)  # ".<name>.tmp-<pid>-<id>": readers skip dot-files
     pq.write_table(table, temp)
     replace_with(temp, url, storage)
     return url
