@@ -57,7 +57,9 @@ def dequantize(
     """
     x = reduce_bits(images, n_bits)
     if noise is None:
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+        # Drawn where the generator lives, so a CPU generator gives the same noise for a GPU model.
+        where = generator.device if generator is not None else x.device
+        u = torch.rand(x.shape, generator=generator, device=where, dtype=torch.float64).to(x.device)
     elif noise.shape != x.shape:
         raise ValueError(f"noise: expected shape {list(x.shape)}, found {list(noise.shape)}")
     else:
@@ -197,6 +199,7 @@ class Flow(nn.Module):
         Exactly -log p(y) / (D ln 2) + n_bits with y = dequantize(images, n_bits, generator, noise).
         """
         self._check_images(images)
+        images = images.to(self._device())  # callers may hand CPU batches to a GPU model
         y = dequantize(images, self.config.n_bits, generator, dtype=self._dtype(), noise=noise)
         return bits_per_dim_from_log_prob(self.log_prob(y), self.config)
 
@@ -204,13 +207,16 @@ class Flow(nn.Module):
     def sample(
         self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> Tensor:
-        """n images as uint8 [n, C, H, W]; z ~ N(0, temperature^2 I), so temperature 0 is the mode path."""
+        """n images as CPU uint8 [n, C, H, W]; z ~ N(0, temperature^2 I): temperature 0 is the mode path."""
         device, dtype = self._device(), self._dtype()
-        z = torch.randn(n, self.config.dims, generator=generator, device=device, dtype=dtype)
+        where = generator.device if generator is not None else device
+        z = torch.randn(n, self.config.dims, generator=generator, device=where, dtype=dtype).to(
+            device
+        )
         y, _ = self.inverse(z * temperature)
         levels = 2**self.config.n_bits
         x = torch.floor(y.clamp(0, 1 - 1e-6) * levels).long()
-        return (x << (8 - self.config.n_bits)).to(torch.uint8)
+        return (x << (8 - self.config.n_bits)).to(torch.uint8).cpu()
 
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,6 +229,7 @@ class Flow(nn.Module):
         for module in self.modules():
             if isinstance(module, ActNorm):
                 module.start_init()
+        images = images.to(self._device())
         y = dequantize(images, self.config.n_bits, generator, dtype=self._dtype())
         self(y)
 
