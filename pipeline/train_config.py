@@ -28,7 +28,9 @@ class DataSettings:
     validation: str = "flowray-work/data/test"
     on_error: Literal["skip", "fail"] = "skip"
     shuffle_buffer: int = 2048  # rows in Ray Data's local shuffle buffer per worker
-    validation_limit: int | None = None  # evaluate on the first N images only (None: the whole split)
+    validation_limit: int | None = (
+        None  # evaluate on the first N images only (None: the whole split)
+    )
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,14 @@ class OptimSettings:
 
 @dataclass(frozen=True)
 class ScalingSettings:
-    num_workers: int = 2  # 0 runs the loop in the driver process (tests, debugging)
+    num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # dead workers replaced, resuming from the latest checkpoint
 
     def __post_init__(self) -> None:
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers: expected >= 0, found {self.num_workers}")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: expected >= 1, found {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker: expected > 0, found {self.cpus_per_worker}")
 

@@ -62,11 +62,11 @@ def preflight(config: TrainConfig, local_ray: bool) -> dict[str, Any]:
                 hint="set model.image_shape to the data's shape, or prepare the data at the model's size",
             )
         manifests[role] = manifest
-    needed = config.batch_size * max(1, config.scaling.num_workers)
+    needed = config.batch_size * config.scaling.num_workers
     if manifests["train"].count < needed:
         raise PreflightError(
             f"data.train has {manifests['train'].count} images, fewer than one global batch "
-            f"({config.batch_size} x {max(1, config.scaling.num_workers)} workers = {needed})"
+            f"({config.batch_size} x {config.scaling.num_workers} workers = {needed})"
         )
     cores = os.cpu_count() or 1
     if local_ray and config.scaling.num_workers * config.scaling.cpus_per_worker > cores:
