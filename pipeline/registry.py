@@ -155,7 +155,12 @@ def register_flow(model_uri: str, name: str, val_bits_per_dim: float, run_id: st
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name)
-    version = str(client.create_model_version(name, model_uri, run_id=run_id).version)
+    # A tracking server refuses a models:/<model id> source without the model_id that owns it
+    # (SQLite stores accept it): pass the LoggedModel's id along.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = str(
+        client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id).version
+    )
     client.set_model_version_tag(name, version, VAL_TAG, f"{val_bits_per_dim:.6f}")
     client.set_registered_model_alias(name, CANDIDATE, version)
     return promote(name, version, force=False)
