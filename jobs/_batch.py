@@ -7,38 +7,26 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import yaml
 
 from jobs.config import apply_overrides, preset_path
+from jobs.errors import UserError
 
 __all__ = [
-    "EXIT_USAGE",
-    "UserError",
     "add_common_arguments",
     "build_config",
     "check_tracking_server",
     "connect_ray",
     "default_of",
-    "run_main",
 ]
 
 T = TypeVar("T")
 EXIT_USAGE = 2
 log = logging.getLogger("flowray")
-
-
-class UserError(RuntimeError):
-    """A problem the user can fix; printed as one line plus a hint."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 def default_of(cls: type, name: str) -> Any:
@@ -127,56 +115,3 @@ def check_tracking_server(uri: str, timeout: float = 3.0) -> None:
             hint="start it (`make mlflow-up`), pass --tracking-uri, or unset MLFLOW_TRACKING_URI "
             "to use the embedded SQLite store",
         ) from err
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from flowmodel.typed import ConfigError
-    from pipeline.reader import CorruptDataError
-    from pipeline.registry import ModelNotFound
-    from pipeline.shards import ManifestError
-    from pipeline.storage import StorageError
-    from pipeline.tracking import TrackingError
-
-    return (
-        UserError,
-        ConfigError,
-        ModelNotFound,
-        ManifestError,
-        StorageError,
-        TrackingError,
-        CorruptDataError,
-        FileNotFoundError,
-    )
-
-
-_HINTS = {
-    "ModelNotFound": "check the name and alias with `flowray models list`",
-    "ConfigError": "see `--help`; config keys are the dataclass fields of the job's config",
-    "CorruptDataError": "pass --on-error skip to leave unreadable images out (they are counted)",
-}
-
-
-def run_main(
-    prog: str, body: Callable[[], int], extra: tuple[type[BaseException], ...] = ()
-) -> int:
-    """Run `body`; errors users meet become `<prog>: error: ...` + a hint and exit code 2."""
-    try:
-        return body()
-    except (*_known_errors(), *extra) as err:
-        _report(prog, err)
-        return EXIT_USAGE
-    except Exception as err:
-        # Ray wraps task errors; show the cause when it is one of ours.
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, (*_known_errors(), *extra)):
-            _report(prog, cause)
-            return EXIT_USAGE
-        raise
-
-
-def _report(prog: str, err: BaseException) -> None:
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    hint = getattr(err, "hint", "") or _HINTS.get(type(err).__name__, "")
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    if hint:
-        print(f"  hint: {hint}", file=sys.stderr)

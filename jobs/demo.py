@@ -65,7 +65,7 @@ def _step(title: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with user_errors("demo"):
+    with user_errors("flowray demo"):
         return run(args)
 
 

@@ -13,7 +13,8 @@ import argparse
 import math
 import sys
 
-from jobs._batch import UserError, add_common_arguments, check_tracking_server, run_main
+from jobs._batch import add_common_arguments, check_tracking_server
+from jobs.errors import UserError, run_main
 
 PROG = "flowray models"
 

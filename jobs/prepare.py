@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with user_errors("prepare"):
+        with user_errors("flowray prepare"):
             _run(args)
     except JobExit as exit_:
         return int(exit_.code or 2)

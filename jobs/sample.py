@@ -18,9 +18,9 @@ from jobs._batch import (
     check_tracking_server,
     connect_ray,
     default_of,
-    run_main,
 )
 from jobs.config import add_config_arguments
+from jobs.errors import run_main
 
 PROG = "flowray sample"
 
@@ -67,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from pipeline.sampling import SampleError
 
     def body() -> int:
         from pipeline.sampling import SampleConfig, generate
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(result.line())
         return 0
 
-    return run_main(PROG, body, extra=(SampleError,))
+    return run_main(PROG, body)
 
 
 if __name__ == "__main__":

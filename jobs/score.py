@@ -18,9 +18,9 @@ from jobs._batch import (
     check_tracking_server,
     connect_ray,
     default_of,
-    run_main,
 )
 from jobs.config import add_config_arguments
+from jobs.errors import run_main
 
 PROG = "flowray score"
 
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"summary: {result.summary_url}  mlflow run: {result.mlflow_run_id}")
         return 0
 
-    from pipeline.scoring import ScoreError
-
-    return run_main(PROG, body, extra=(ScoreError,))
+    return run_main(PROG, body)
 
 
 if __name__ == "__main__":

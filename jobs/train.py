@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with user_errors("train"):
+    with user_errors("flowray train"):
         from pipeline.train_config import TrainConfig
         from pipeline.trainer import train
 

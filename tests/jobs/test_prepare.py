@@ -69,7 +69,7 @@ def test_prepare_npy_to_s3_and_back(tmp_path, s3, capsys):
 def _assert_user_error(err: str, message: str, hint: str) -> None:
     lines = err.strip().splitlines()
     assert "Traceback" not in err
-    assert lines[0].startswith("flowray prepare: ") and message in lines[0]
+    assert lines[0].startswith("flowray prepare: error: ") and message in lines[0]
     assert lines[1].startswith("hint: ") and hint in lines[1]
 
 
