@@ -95,9 +95,11 @@ def connect_ray(address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **quiet)
         return
-    # One logical CPU per core: the batch jobs size their actor pools from this and leave one
-    # CPU for Ray Data's read tasks.
-    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, **quiet)
+    # One logical CPU per core plus one: the batch jobs size their actor pools as "CPUs less one
+    # for Ray Data's read tasks", and reading (PNG decode) is light next to the flow's forward
+    # pass, so every core runs a model actor and the reader shares them.
+    cores = os.cpu_count() or 2
+    ray.init(address="local", num_cpus=cores + 1, include_dashboard=False, **quiet)
 
 
 def check_tracking_server(uri: str, timeout: float = 3.0) -> None:

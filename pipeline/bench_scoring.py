@@ -63,7 +63,7 @@ def _prepare(count: int, out: str, storage: Any = None) -> str:
 
 def _raw_forward(model_dir: str, split: str, batch_size: int) -> float:
     """Images/s of predict_frame over decoded in-memory images, all cores, this process."""
-    from pipeline.flow_pyfunc import predict_frame
+    from pipeline.likelihood import predict_frame
     from pipeline.model_store import load_flow
     from pipeline.reader import iter_split
 

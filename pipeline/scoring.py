@@ -51,7 +51,6 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -245,10 +244,7 @@ class Scorer:
         self.dims = self.flow.config.dims
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with warnings.catch_warnings():
-            # Importing the pyfunc class makes MLflow warn about its predict type hints: noise here.
-            warnings.simplefilter("ignore", UserWarning)
-            from pipeline.flow_pyfunc import predict_frame
+        from pipeline.likelihood import predict_frame
 
         # Ray hands read-only views (zero copy); torch wants writable memory.
         images = np.require(batch["image"], requirements=["C", "W"])  # (B, C, H, W) uint8
