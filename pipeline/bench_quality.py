@@ -49,7 +49,15 @@ from pipeline.bench_common import (
 from pipeline.train_config import TrainConfig
 from pipeline.train_step import StepMetrics, evaluate_bits_per_dim, keyed_noise, train_step
 
-__all__ = ["TARGET_BITS_PER_DIM", "REFERENCE_NORMFLOWS", "run", "markdown"]
+__all__ = [
+    "REFERENCE_NORMFLOWS",
+    "TARGET_BITS_PER_DIM",
+    "make_optimizer",
+    "markdown",
+    "normflows_step",
+    "normflows_test_bits_per_dim",
+    "run",
+]
 
 TARGET_BITS_PER_DIM = 3.70  # issue 7: flowray at 10 minutes
 # Issue 7's reference: normflows (2 levels, 8 steps, 64 hidden, Adamax 1e-3, batch 64) after 10
@@ -57,7 +65,8 @@ TARGET_BITS_PER_DIM = 3.70  # issue 7: flowray at 10 minutes
 REFERENCE_NORMFLOWS = {"bits_per_dim": 3.95, "images_per_second": 400.0}
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The preset's optimizer, as the Ray Train loop makes it, for either model."""
     kind = torch.optim.Adamax if config.optim.optimizer == "adamax" else torch.optim.Adam
     return kind(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
 
@@ -129,7 +138,7 @@ def _contender(
     seconds: float,
     max_steps: int | None,
 ) -> _Contender:
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)  # dequantization noise
 
     def one(batch: Tensor, index: int) -> float:
