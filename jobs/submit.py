@@ -16,6 +16,7 @@ Ctrl-C stops the job (a second Ctrl-C leaves it running).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -58,6 +59,9 @@ def _key_value(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
+        # Job arguments follow the job name; abbreviations would let `--n 8` (sample's option)
+        # pass for a prefix of --no-wait.
+        allow_abbrev=False,
         description="Submit `python -m jobs.<job> [job args]` to a Ray cluster's job server with "
         "this checkout as working_dir and MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL, "
         "AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION and the AWS/MLflow credentials of this "
@@ -189,8 +193,16 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0 if status == "SUCCEEDED" else EXIT_FAILED
 
 
+def _quiet_ray_packaging() -> None:
+    """Ray logs each .gitignore it honours and each default exclude while it packs working_dir;
+    keep its upload line, drop that chatter."""
+    for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    _quiet_ray_packaging()
     try:
         return run(args, os.environ)
     except SubmitError as err:
