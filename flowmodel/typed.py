@@ -14,7 +14,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "flatten", "from_dict", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -134,3 +134,14 @@ def to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return plain(config)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: MLflow params from a resolved config."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from pipeline.errors import FlowrayError
+
 __all__ = [
     "EXIT_USAGE",
     "JobExit",
@@ -25,12 +27,8 @@ __all__ = [
 EXIT_USAGE = 2
 
 
-class UserError(RuntimeError):
-    """A problem the user can fix; printed as one line plus a hint."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
+class UserError(FlowrayError, RuntimeError):
+    """A problem the user can fix, found by a job's own checks."""
 
 
 class JobExit(SystemExit):
@@ -49,29 +47,8 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flowmodel.typed import ConfigError
     from pipeline.reader import CorruptDataError
     from pipeline.registry import ModelNotFound
-    from pipeline.sampling import SampleError
-    from pipeline.scoring import ScoreError
-    from pipeline.shards import ManifestError, PrepareError
-    from pipeline.sources import SourceError
-    from pipeline.storage import StorageError
-    from pipeline.tracking import TrackingError
-    from pipeline.trainer import PreflightError
 
-    return (
-        UserError,
-        ConfigError,
-        CorruptDataError,
-        ModelNotFound,
-        SampleError,
-        ScoreError,
-        ManifestError,
-        PrepareError,
-        SourceError,
-        StorageError,
-        TrackingError,
-        PreflightError,
-        FileNotFoundError,
-    )
+    return (FlowrayError, ConfigError, CorruptDataError, ModelNotFound, FileNotFoundError)
 
 
 def report(prog: str, err: BaseException) -> None:

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from flowmodel.typed import to_dict
+from pipeline.errors import FlowrayError
 from pipeline.model_payload import FlowPayload
 from pipeline.storage import (
     StorageConfig,
@@ -54,12 +55,8 @@ SPLIT = "samples"
 GRID_FILE = "grid.png"
 
 
-class SampleError(RuntimeError):
+class SampleError(FlowrayError, RuntimeError):
     """Sampling cannot run as asked; `hint` says what to try."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 @dataclass(frozen=True)

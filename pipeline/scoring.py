@@ -58,7 +58,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from flowmodel.typed import to_dict
+from flowmodel.typed import flatten, to_dict
+from pipeline.errors import FlowrayError
 from pipeline.model_payload import FlowPayload
 from pipeline.storage import (
     StorageConfig,
@@ -99,12 +100,8 @@ SUMMARY_DIR = "_summary"
 _FINE_BIN, _FINE_MAX = 1e-3, 64.0
 
 
-class ScoreError(RuntimeError):
+class ScoreError(FlowrayError, RuntimeError):
     """Scoring cannot run as asked; the message says what was expected and what was found."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -629,7 +626,7 @@ def _summarise(
         }
         run_name = f"score {result.model_name} v{result.model_version} {stamp}"
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-            params = _flat(to_dict(config))
+            params = flatten(to_dict(config))
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not _nan(v)})
             with tempfile.TemporaryDirectory() as tmp:
@@ -643,13 +640,3 @@ def _summarise(
 
 def _nan(value: float) -> bool:
     return isinstance(value, float) and math.isnan(value)
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 
 from flowmodel.typed import ConfigError, from_dict, to_dict
+from pipeline.errors import FlowrayError
 from pipeline.sources import ImageSource, SourceError
 from pipeline.storage import (
     StorageConfig,
@@ -81,20 +82,12 @@ _TAR_BLOCK = 512
 _TAR_END = 1024  # two zero blocks close an archive
 
 
-class ManifestError(ValueError):
+class ManifestError(FlowrayError, ValueError):
     """A split's manifest is missing, invalid or disagrees with the shards present."""
 
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
-
-class PrepareError(RuntimeError):
+class PrepareError(FlowrayError, RuntimeError):
     """prepare cannot go on: bad input under on_error="fail", or an output made differently."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
+from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, fsspec_filesystem, is_s3, join_url
 
 if TYPE_CHECKING:
@@ -57,12 +58,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CHUNK_ROWS = 4096
 
 
-class SourceError(ValueError):
+class SourceError(FlowrayError, ValueError):
     """A source cannot be read as asked; the message says what was expected and what was found."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 class SourceImage(NamedTuple):

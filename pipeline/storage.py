@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from pipeline.errors import FlowrayError
+
 if TYPE_CHECKING:
     import fsspec
     import pyarrow.fs
@@ -56,12 +58,11 @@ __all__ = [
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
-class StorageError(RuntimeError):
+class StorageError(FlowrayError, RuntimeError):
     """A storage URL cannot be used; the message says what and `hint` says what to try."""
 
     def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(redact(message))
-        self.hint = redact(hint)
+        super().__init__(redact(message), redact(hint))
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,15 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import FlowrayError
+
 __all__ = ["TrackingError", "default_tracking_uri", "ensure_experiment", "resolve_tracking_uri"]
 
 DEFAULT_WORKDIR = "flowray-work"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(FlowrayError, RuntimeError):
     """The tracking server cannot be reached or refused; `hint` says what to try."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 def default_tracking_uri(workdir: str | Path = DEFAULT_WORKDIR) -> str:

@@ -16,7 +16,6 @@ __all__ = [
     "RunSettings",
     "ScalingSettings",
     "TrainConfig",
-    "flatten",
 ]
 
 
@@ -118,14 +117,3 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return from_dict(cls, data)
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: MLflow params from a resolved config."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

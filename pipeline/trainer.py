@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.train_config import TrainConfig, flatten
+from flowmodel.typed import flatten
+from pipeline.errors import FlowrayError
+from pipeline.train_config import TrainConfig
 
 __all__ = ["PreflightError", "TrainResult", "preflight", "train"]
 
@@ -26,12 +28,8 @@ log = logging.getLogger(__name__)
 RUN_TAG = "flowray.run_name"
 
 
-class PreflightError(ValueError):
+class PreflightError(FlowrayError, ValueError):
     """The job cannot start; the message names what was expected and what was found."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 @dataclass(frozen=True)
