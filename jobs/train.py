@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with user_errors("flowray train"):
+        from jobs._batch import check_tracking_server
+        from pipeline.tracking import resolve_tracking_uri
         from pipeline.train_config import TrainConfig
         from pipeline.trainer import train
 
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(config.to_dict(), sort_keys=False))
             return 0
+        check_tracking_server(resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir))
         result = train(config)
     print(
         f"\ndone: {result.steps} steps, validation {result.val_bits_per_dim:.4f} bits/dim, "
