@@ -9,7 +9,8 @@ stack         the same `LocalStack` without the (re)start: for tests that manage
 `LocalStack` gives the addresses (.s3_endpoint, .bucket, .tracking_uri, .ray_address (GCS),
 .dashboard_url), .env (what the scripts export) and .environ() (os.environ plus that, for
 subprocesses such as `ray job submit`), .up()/.down() per service, .stop_worker_node() /
-.start_worker_node(), .process_groups() and .live_processes() for checks.
+.start_worker_node(), .restart_s3() (objects carried over), .use_cluster_settings() (node sizes of
+the next cluster-up), .process_groups() and .live_processes() for checks.
 
 Scripts run with this interpreter's bin directory first on PATH (ray, mlflow, moto_server) and pick
 free ports when the defaults are taken, so a developer's own `make cluster-up` can keep running.
@@ -49,6 +50,8 @@ def parse_exports(text: str) -> dict[str, str]:
 class LocalStack:
     stack_dir: Path
     exports: dict[str, dict[str, str]] = field(default_factory=dict)  # per service
+    # Settings for cluster-up.sh (RAY_HEAD_CPUS, ...): see use_cluster_settings.
+    cluster_settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -85,8 +88,45 @@ class LocalStack:
     def up(self, *services: str) -> LocalStack:
         """Start the given services (default: all) unless they run; collect their env."""
         for service in services or SERVICES:
-            self.exports[service] = parse_exports(self.run_script(f"{service}-up"))
+            extra = self.cluster_settings if service == "cluster" else None
+            self.exports[service] = parse_exports(self.run_script(f"{service}-up", extra_env=extra))
         return self
+
+    def use_cluster_settings(self, **settings: str) -> None:
+        """cluster-up.sh settings (RAY_HEAD_CPUS="3", ...) for the cluster from now on; none means
+        the scripts' defaults. A cluster running with other settings is stopped first, so the next
+        up() starts one that has them (a worker node restarted later gets them too)."""
+        if settings != self.cluster_settings and "cluster" in self.exports:
+            self.down("cluster")
+        self.cluster_settings = dict(settings)
+
+    def restart_s3(self) -> None:
+        """Stop the S3 endpoint and start it again on the same port, like an outage of a real
+        endpoint. moto keeps objects in memory only, so the bucket's objects are read just before
+        the stop and written back after the start (a write that lands in between is lost, as
+        in-flight writes are in an outage)."""
+        import boto3
+
+        def client():
+            return boto3.client(
+                "s3",
+                endpoint_url=self.s3_endpoint,
+                region_name=self.env["AWS_DEFAULT_REGION"],
+                aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            )
+
+        s3, bucket = client(), self.bucket
+        objects = {}
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                objects[item["Key"]] = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        port = self.s3_endpoint.rsplit(":", 1)[1]
+        self.down("s3")
+        self.exports["s3"] = parse_exports(self.run_script("s3-up", extra_env={"S3_PORT": port}))
+        s3 = client()
+        for key, body in objects.items():
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
 
     def down(self, *services: str) -> None:
         """Stop the given services (default: all, in reverse start order)."""
@@ -100,6 +140,7 @@ class LocalStack:
         self.run_script("cluster-down", "worker", extra_env=extra)
 
     def start_worker_node(self) -> None:
+        """Start the worker node again (with the current cluster settings)."""
         self.up("cluster")
 
     # -- addresses ------------------------------------------------------------------------------
