@@ -79,13 +79,15 @@ class Pipeline:
         """The submitting shell: the stack's exports with a secret that must not leak."""
         return self.stack.environ() | {"AWS_SECRET_ACCESS_KEY": self.secret}
 
-    def train_args(self, run_name: str, steps: int, checkpoint_every: int) -> list[str]:
+    def train_args(
+        self, run_name: str, steps: int, checkpoint_every: int, model: str | None = None
+    ) -> list[str]:
         settings = TRAIN_SETTINGS + [
             f"data.train={self.prefix}/fmnist/train",
             f"data.validation={self.prefix}/fmnist/test",
             f"run.storage_path={self.prefix}/runs",
             f"run.name={run_name}",
-            f"mlflow.registered_model={self.model}",
+            f"mlflow.registered_model={model or self.model}",
             f"mlflow.experiment=e2e-{self.uid}",
             f"max_steps={steps}",
             f"checkpoint_every={checkpoint_every}",
@@ -341,9 +343,11 @@ def test_losing_the_worker_node_during_training_resumes_from_the_checkpoint(pipe
     """scaling.max_failures=2: the worker on the lost node dies with it, Ray Train retries, and the
     new worker group (placed once the node is back, as an autoscaler would bring one) resumes from
     the latest checkpoint. The job succeeds and `flowray submit` follows it throughout."""
-    job = Background(
-        pipeline, "train", *pipeline.train_args("node-loss", steps=30, checkpoint_every=5)
+    # A model name of its own: this run must not move the champion the other tests score with.
+    args = pipeline.train_args(
+        "node-loss", steps=30, checkpoint_every=5, model=f"{pipeline.model}-node-loss"
     )
+    job = Background(pipeline, "train", *args)
     job.wait_for(r"step 10/30")  # at least one checkpoint (step 5 or 10) is saved by now
     pipeline.stack.stop_worker_node(kill=True)
     pipeline.stack.start_worker_node()
