@@ -187,6 +187,8 @@ def _preset(args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Progress must reach a log file (nohup ... > log) as it happens, not at exit.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     # normflows calls torch.lu, deprecated in torch 2.x: one warning per step otherwise.
     warnings.filterwarnings("ignore", message=r"torch\.lu is deprecated")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"normflows")
