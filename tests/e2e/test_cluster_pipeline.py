@@ -388,6 +388,8 @@ def test_s3_restart_during_scoring_then_a_rerun_scores_every_key_once(pipeline):
     pipeline.stack.restart_s3()
     first = job.finish()
     assert first.code in (0, 1), first.out[-6000:]
+    # Shown with -rP: which way the outage went this time.
+    print("first scoring job:", first.out.strip().splitlines()[-1])
 
     rerun = submit(pipeline, *args)
     assert_succeeded(rerun)
