@@ -46,18 +46,26 @@ __all__ = [
     "CREDENTIAL_VARIABLES",
     "FORWARDED_VARIABLES",
     "JOB_COMMANDS",
+    "TERMINAL",
     "WORKING_DIR_EXCLUDES",
+    "JobClient",
     "JobSpec",
     "SubmitError",
     "connect",
     "dashboard_url",
+    "describe",
     "entrypoint",
+    "final_message",
     "follow",
+    "is_secret",
     "job_environment",
+    "mask",
+    "new_submission_id",
     "redacted",
     "repo_root",
     "runtime_env",
     "secret_values",
+    "status_name",
     "stop",
     "submit",
 ]
@@ -99,6 +107,7 @@ _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCE
 # user:password@ in a URL (a tracking URI with basic auth, say).
 _URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
 MASK = "***"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")  # JobStatus values after which nothing changes
 _CONNECT_TIMEOUT_S = 5.0
 
 _ADDRESS_HINT = (
@@ -200,6 +209,7 @@ def redacted(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def mask(text: str, secrets_: Sequence[str]) -> str:
+    """text with each of `secrets_` (longest first, as secret_values orders them) replaced by ***."""
     for value in secrets_:
         text = text.replace(value, MASK)
     return text
@@ -380,9 +390,6 @@ def submit(client: JobClient, spec: JobSpec) -> str:
 def status_name(status: Any) -> str:
     """JobStatus.SUCCEEDED (an enum in Ray, a str subclass) -> "SUCCEEDED"."""
     return str(getattr(status, "value", status))
-
-
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def follow(
