@@ -354,8 +354,9 @@ def test_losing_the_worker_node_during_training_resumes_from_the_checkpoint(pipe
     done = job.finish()
 
     assert_succeeded(done)
-    assert "its node has died" in done.out, done.out[-6000:]
-    assert "[FailurePolicy] RETRY" in done.out
+    # Ray Train saw the worker group fail and chose to retry (the first error it reports varies:
+    # the dead node, a failed health check, or the surviving worker's broken gloo connection).
+    assert "[FailurePolicy] RETRY" in done.out, done.out[-6000:]
     resumed = [
         int(step) for step in re.findall(r"resuming from checkpoint at step (\d+)", done.out)
     ]
