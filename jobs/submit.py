@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from jobs.errors import run_main
 from pipeline.submission import (
     JOB_COMMANDS,
     JobSpec,
@@ -44,8 +45,7 @@ from pipeline.submission import (
 __all__ = ["build_parser", "main"]
 
 PROG = "flowray submit"
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+EXIT_FAILED = 1  # the job FAILED or was STOPPED; EXIT_USAGE (2): it could not be submitted
 EXIT_INTERRUPTED = 130
 
 
@@ -203,13 +203,7 @@ def _quiet_ray_packaging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     _quiet_ray_packaging()
-    try:
-        return run(args, os.environ)
-    except SubmitError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_main(PROG, lambda: run(args, os.environ))
 
 
 if __name__ == "__main__":

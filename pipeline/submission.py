@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from pipeline.errors import FlowrayError
+
 __all__ = [
     "CREDENTIAL_VARIABLES",
     "FORWARDED_VARIABLES",
@@ -121,12 +123,8 @@ _AUTH_HINT = (
 )
 
 
-class SubmitError(RuntimeError):
+class SubmitError(FlowrayError, RuntimeError):
     """A submission that cannot go ahead; printed as one line plus `hint`."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 class JobClient(Protocol):

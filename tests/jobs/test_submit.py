@@ -211,7 +211,7 @@ def test_an_unreachable_cluster_is_one_line_and_a_hint(stack_env, capsys):
     err = capsys.readouterr().err
     assert code == 2
     lines = err.strip().splitlines()
-    assert lines[0].startswith("flowray submit: cannot reach the Ray GCS at 127.0.0.1:")
+    assert lines[0].startswith("flowray submit: error: cannot reach the Ray GCS at 127.0.0.1:")
     assert lines[1].startswith("hint: ") and "--address" in lines[1]
     assert "Traceback" not in err
 
