@@ -54,6 +54,9 @@ class ScalingSettings:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # dead workers replaced, resuming from the latest checkpoint
+    # PACK fills a node before the next; SPREAD puts workers on different nodes when it can, and
+    # still fits them on the nodes that are left after one is lost.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

@@ -231,6 +231,7 @@ def train(config: TrainConfig) -> TrainResult:
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
+            placement_strategy=config.scaling.placement_strategy,
             resources_per_worker={
                 "CPU": config.scaling.cpus_per_worker,
                 **({"GPU": 1} if config.scaling.use_gpu else {}),
