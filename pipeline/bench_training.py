@@ -15,8 +15,8 @@ All runs use the same global batch: the preset's per-worker batch times its work
   logging), for `seconds` of training; its logged per-window images/s, the first window (startup)
   left out. Evaluation, checkpoints and registration happen after the timed windows.
 
-Images/s of a run is the median of its per-window rates; a row is the median over repeats.
-Ratios: Ray overhead = Ray 2-worker / in-process images/s (target >= 0.9), flowray / normflows
+Images/s of a run is the median of its per-window rates; a row is the median over repeats; a
+ratio is the median of the per-repeat ratios. Ratios: Ray overhead = Ray 2-worker / in-process images/s (target >= 0.9), flowray / normflows
 in-process images/s (target >= 1.3).
 """
 
@@ -271,10 +271,16 @@ def run(
     }
     report["samples"] = samples
     report["images_per_second"] = rates
+
+    # Ratios per repeat (both figures measured minutes apart, under similar load), then the
+    # median: on a shared machine a ratio of medians would pair figures from different loads.
+    def ratio(top: str, bottom: str) -> float:
+        return median([a / b for a, b in zip(samples[top], samples[bottom])])
+
     report["ratios"] = {
-        "ray_2_workers_vs_in_process": rates["ray_2_workers"] / rates["flowray_in_process"],
-        "ray_1_worker_vs_in_process": rates["ray_1_worker"] / rates["flowray_in_process"],
-        "flowray_vs_normflows": rates["flowray_in_process"] / rates["normflows_in_process"],
+        "ray_2_workers_vs_in_process": ratio("ray_2_workers", "flowray_in_process"),
+        "ray_1_worker_vs_in_process": ratio("ray_1_worker", "flowray_in_process"),
+        "flowray_vs_normflows": ratio("flowray_in_process", "normflows_in_process"),
     }
     report["targets"] = {
         "ray_overhead": {
@@ -307,25 +313,29 @@ def markdown(report: dict[str, Any]) -> str:
             threads["ray_1_worker"],
             params["flowray"],
             rates["ray_1_worker"],
-            rates["ray_1_worker"] / in_process,
+            ratios["ray_1_worker_vs_in_process"],
         ],
         [
             "flowray, Ray Train 2 workers (DDP)",
             threads["ray_2_workers"],
             params["flowray"],
             rates["ray_2_workers"],
-            rates["ray_2_workers"] / in_process,
+            ratios["ray_2_workers_vs_in_process"],
         ],
         [
             "normflows Glow, in-process loop",
             f"1 process x {threads['in_process']} threads",
             params["normflows"],
             rates["normflows_in_process"],
-            rates["normflows_in_process"] / in_process,
+            1 / ratios["flowray_vs_normflows"],
         ],
     ]
     table = markdown_table(
         ["run", "threads", "params", "train images/s", "vs flowray in-process"], rows
+    )
+    per_repeat = "; ".join(
+        f"{key}: " + ", ".join(f"{v:,.0f}" for v in values)
+        for key, values in report["samples"].items()
     )
     targets = report["targets"]
 
@@ -342,8 +352,10 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"Global batch {settings['global_batch']} (split over the Ray workers), "
             f"{settings['seconds_per_run']:g} s of training per run, median of per-window rates "
-            f"(first window left out), median over {settings['repeats']} repeat(s); "
+            f"(first window left out), median over {settings['repeats']} repeat(s); the last column is "
+            f"the median of per-repeat ratios; "
             f"{settings['train_images']:,} training images.",
+            f"Per repeat, images/s: {per_repeat}.",
             f"Ray overhead (2 workers / in-process): "
             f"{verdict('ray_overhead', ratios['ray_2_workers_vs_in_process'])}; "
             f"flowray / normflows: {verdict('flowray_vs_normflows', ratios['flowray_vs_normflows'])}.",
