@@ -50,6 +50,20 @@ def preflight(config: TrainConfig, local_ray: bool) -> dict[str, Any]:
     """Check data and resources before Ray starts. Returns the two manifests."""
     from pipeline.shards import load_manifest
 
+    # Resources first: they fail without touching storage.
+    cores = os.cpu_count() or 1
+    if local_ray and config.scaling.num_workers * config.scaling.cpus_per_worker > cores:
+        raise PreflightError(
+            f"scaling: {config.scaling.num_workers} workers x {config.scaling.cpus_per_worker} CPUs "
+            f"need more than this machine's {cores} cores",
+            hint="lower scaling.num_workers or scaling.cpus_per_worker, or pass --address of a Ray cluster",
+        )
+    if config.scaling.use_gpu and local_ray:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PreflightError("scaling.use_gpu is true but this machine has no CUDA device")
+
     manifests = {}
     for role, url in (("train", config.data.train), ("validation", config.data.validation)):
         manifest = load_manifest(url, config.storage)
@@ -66,18 +80,6 @@ def preflight(config: TrainConfig, local_ray: bool) -> dict[str, Any]:
             f"data.train has {manifests['train'].count} images, fewer than one global batch "
             f"({config.batch_size} x {config.scaling.num_workers} workers = {needed})"
         )
-    cores = os.cpu_count() or 1
-    if local_ray and config.scaling.num_workers * config.scaling.cpus_per_worker > cores:
-        raise PreflightError(
-            f"scaling: {config.scaling.num_workers} workers x {config.scaling.cpus_per_worker} CPUs "
-            f"need more than this machine's {cores} cores",
-            hint="lower scaling.num_workers or scaling.cpus_per_worker, or pass --address of a Ray cluster",
-        )
-    if config.scaling.use_gpu and local_ray:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise PreflightError("scaling.use_gpu is true but this machine has no CUDA device")
     return manifests
 
 
