@@ -113,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
     ray.init(
         address="local",
         num_cpus=int(args.workers * config.scaling.cpus_per_worker) + 2,
-        include_dashboard=False,
         log_to_driver=True,
     )
     _step(

@@ -11,6 +11,7 @@ import copy
 import itertools
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -177,8 +178,15 @@ def _maybe_inject_fault(config: TrainConfig, step: int, rank: int, world: int) -
     if exists(marker, config.storage):
         return
     write_bytes_atomic(marker, f"worker {rank} killed at step {step}\n".encode(), config.storage)
-    print(f"[fault injection] worker {rank} exits at step {step}", flush=True)
+    _say(f"[fault injection] worker {rank} exits at step {step}")
     os._exit(1)
+
+
+def _say(message: str) -> None:
+    """One line to the driver. Ray Train V2 turns a worker's print() into a log record and, when
+    sys.stdout is wrapped (as MLflow's import does), also tees it, so each line showed twice;
+    writing to the real stdout gives Ray's log forwarding exactly one copy."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def _format_eta(seconds: float) -> str:
@@ -206,7 +214,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             flow, ema_flow, state = load_checkpoint(Path(directory))
         flow.train()
         if is_chief:
-            print(f"resuming from checkpoint at step {state.step}", flush=True)
+            _say(f"resuming from checkpoint at step {state.step}")
     else:
         flow = build_flow(config.model)
         # Same seed and same images on every worker; DDP then broadcasts rank 0's weights anyway.
@@ -245,7 +253,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.artifact_bytes(
             _sample_grid(ema.model, config.sample_temperature, step), f"samples/step-{step:07d}.png"
         )
-        print(f"step {step}: validation {mean:.4f} bits/dim on {count} images", flush=True)
+        _say(f"step {step}: validation {mean:.4f} bits/dim on {count} images")
         return mean
 
     def checkpoint_and_report(metrics: dict[str, float]) -> None:
@@ -325,10 +333,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     step,
                 )
                 if is_chief:
-                    print(
+                    _say(
                         f"step {step}/{config.max_steps} | {metrics.bits_per_dim:.3f} bits/dim | "
-                        f"{rate:.0f} img/s | lr {lr:.2e} | skipped {skipped_total} | ETA {_format_eta(max(eta, 0))}",
-                        flush=True,
+                        f"{rate:.0f} img/s | lr {lr:.2e} | skipped {skipped_total} | ETA {_format_eta(max(eta, 0))}"
                     )
                 window_start, window_steps = time.monotonic(), 0
             if is_chief and (step % config.eval_every == 0 or done):

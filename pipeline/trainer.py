@@ -181,7 +181,9 @@ def _init_ray(config: TrainConfig) -> None:
     # Ray Data excludes Train's CPUs from its own budget: give it logical CPUs of its own, or the
     # readers and the workers deadlock on a 2-core machine.
     workers_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
-    ray.init(num_cpus=int(math.ceil(workers_cpus)) + 2, include_dashboard=False, log_to_driver=True)
+    # The dashboard stays on: Ray Train's placement-group cleaner asks its state API whether the
+    # controller lives, and warns every few seconds when it cannot.
+    ray.init(address="local", num_cpus=int(math.ceil(workers_cpus)) + 2, log_to_driver=True)
 
 
 def _storage_args(config: TrainConfig) -> tuple[str, Any]:
