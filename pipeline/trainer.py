@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +127,7 @@ def _log_lineage(config: TrainConfig, manifests: dict[str, Any]) -> None:
     import hashlib
 
     import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -135,9 +136,12 @@ def _log_lineage(config: TrainConfig, manifests: dict[str, Any]) -> None:
         digest = hashlib.sha256("".join(s.sha256 for s in manifest.shards).encode()).hexdigest()
         source_uri = url if "://" in url else Path(url).resolve().as_uri()
         try:
-            source = resolve_dataset_source(source_uri)
-        except Exception:  # an unregistered scheme: keep the lineage as tags only
-            source = resolve_dataset_source(Path(tempfile.gettempdir()).as_uri())
+            with warnings.catch_warnings():
+                # MLflow registers the local artifact source twice and warns that it is ambiguous.
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(source_uri)
+        except Exception:  # a scheme MLflow has no source for: the URL stays in the tags below
+            source = CodeDatasetSource(tags={"url": url})
         dataset = MetaDataset(source=source, name=f"{role}:{manifest.split}", digest=digest[:16])
         mlflow.log_input(
             dataset,
