@@ -6,8 +6,8 @@
     flowray bench --suite training --repeats 3      # images/s: in-process, Ray Train 1 and 2 workers, normflows
     flowray bench --smoke                           # every suite in seconds (the test suite runs this)
 
-Suites: quality (pipeline.bench_quality), training (pipeline.bench_training), scoring
-(pipeline.bench_scoring), scaling (pipeline.bench_scaling), io (pipeline.bench_io), gpu (only on
+Suites: quality (pipeline.bench.quality), training (pipeline.bench.training), scoring
+(pipeline.bench.scoring), scaling (pipeline.bench.scaling), io (pipeline.bench.shard_io), gpu (only on
 a machine with a CUDA device; not built yet). Only ratios and side-by-side figures from one run
 mean anything on a shared machine; every report carries the machine and its load average.
 """
@@ -92,7 +92,7 @@ def _write(out: Path, suite: str, report: dict[str, Any]) -> None:
 
 
 def _quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline import bench_quality
+    from pipeline.bench import quality as bench_quality
 
     config = _preset(args)
     if args.smoke:
@@ -105,7 +105,7 @@ def _quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def _training(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from dataclasses import replace
 
-    from pipeline import bench_training
+    from pipeline.bench import training as bench_training
 
     config = _preset(args)
     if args.smoke:
@@ -125,7 +125,7 @@ def _training(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def _scoring(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline import bench_scoring
+    from pipeline.bench import scoring as bench_scoring
 
     if args.smoke:
         return bench_scoring.run(images=128, repeats=1, growth=2, sample_images=16)
@@ -133,7 +133,7 @@ def _scoring(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def _scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline import bench_scaling
+    from pipeline.bench import scaling as bench_scaling
 
     config = _preset(args)
     if args.smoke:
@@ -151,7 +151,7 @@ def _scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def _io(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline import bench_io
+    from pipeline.bench import shard_io as bench_io
 
     if args.smoke:
         return bench_io.run(n_images=200, repeats=1, shard_samples=100)
@@ -180,7 +180,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
 
 def _preset(args: argparse.Namespace) -> Any:
     from jobs.config import load_config
-    from pipeline.train_config import TrainConfig
+    from pipeline.train.config import TrainConfig
 
     return load_config(TrainConfig, args.config, [])
 

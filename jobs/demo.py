@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from pipeline.sampling import SampleConfig, generate
-    from pipeline.scoring import ScoreConfig, score
-    from pipeline.shards import prepare
-    from pipeline.sources import open_source
-    from pipeline.tracking import default_tracking_uri
-    from pipeline.train_config import TrainConfig
-    from pipeline.trainer import train
+    from pipeline.batch.sampling import SampleConfig, generate
+    from pipeline.batch.scoring import ScoreConfig, score
+    from pipeline.data.shards import prepare
+    from pipeline.data.sources import open_source
+    from pipeline.tracking.connection import default_tracking_uri
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.driver import train
 
     workdir = Path(args.workdir).resolve()
     data, pictures = workdir / "data", workdir / "pictures"

@@ -45,8 +45,8 @@ HINTS = {
 def known_errors() -> tuple[type[BaseException], ...]:
     """The error types that mean "the user can fix this" (imported lazily: each job is light)."""
     from flowmodel.typed import ConfigError
-    from pipeline.reader import CorruptDataError
-    from pipeline.registry import ModelNotFound
+    from pipeline.data.reader import CorruptDataError
+    from pipeline.tracking.registry import ModelNotFound
 
     return (FlowrayError, ConfigError, CorruptDataError, ModelNotFound, FileNotFoundError)
 

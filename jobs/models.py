@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        from pipeline.registry import list_models, promote
-        from pipeline.tracking import resolve_tracking_uri
+        from pipeline.tracking.connection import resolve_tracking_uri
+        from pipeline.tracking.registry import list_models, promote
 
         uri = resolve_tracking_uri(args.tracking_uri)
         check_tracking_server(uri)

@@ -5,7 +5,7 @@ folders or .npy arrays, on local disk or S3. Reruns complete what is missing and
     flowray prepare --source folder:s3://photos/raw --size 64x64 --val-fraction 0.1 \\
         --out s3://datasets/photos --endpoint-url http://127.0.0.1:9000 --workers 4
 
-The work is `pipeline.shards.prepare`; this module parses options, connects to Ray when
+The work is `pipeline.data.shards.prepare`; this module parses options, connects to Ray when
 --workers > 0, prints progress and a summary, and turns the errors users meet into one line and a
 hint (exit code 2).
 """
@@ -19,8 +19,8 @@ import sys
 import time
 
 from jobs.errors import JobExit, user_errors
-from pipeline.shards import PrepareResult, ShardEvent, prepare
-from pipeline.sources import default_idx_dir, open_source
+from pipeline.data.shards import PrepareResult, ShardEvent, prepare
+from pipeline.data.sources import default_idx_dir, open_source
 from pipeline.storage import StorageConfig, check_access, is_s3, join_url
 
 __all__ = ["build_parser", "main"]

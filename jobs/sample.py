@@ -26,7 +26,7 @@ PROG = "flowray sample"
 
 
 def parser() -> argparse.ArgumentParser:
-    from pipeline.sampling import SampleConfig
+    from pipeline.batch.sampling import SampleConfig
 
     def d(name: str) -> object:
         return default_of(SampleConfig, name)
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def body() -> int:
-        from pipeline.sampling import SampleConfig, generate
-        from pipeline.tracking import resolve_tracking_uri
+        from pipeline.batch.sampling import SampleConfig, generate
+        from pipeline.tracking.connection import resolve_tracking_uri
 
         config = build_config(
             SampleConfig,

@@ -3,7 +3,7 @@
     flowray score --model models:/fashion-flow@champion --input data/fmnist/test --output scores
 
 Runs locally (Ray started in-process) or on a cluster (`--address`, or under `ray job submit`).
-A rerun scores only shards without output; see pipeline/scoring.py for the layout.
+A rerun scores only shards without output; see pipeline/batch/scoring.py for the layout.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ PROG = "flowray score"
 
 
 def parser() -> argparse.ArgumentParser:
-    from pipeline.scoring import ScoreConfig
+    from pipeline.batch.scoring import ScoreConfig
 
     def d(name: str) -> object:
         return default_of(ScoreConfig, name)
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def body() -> int:
-        from pipeline.scoring import ScoreConfig, score
-        from pipeline.tracking import resolve_tracking_uri
+        from pipeline.batch.scoring import ScoreConfig, score
+        from pipeline.tracking.connection import resolve_tracking_uri
 
         config = build_config(
             ScoreConfig,

@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with user_errors("flowray train"):
         from jobs._batch import check_tracking_server
-        from pipeline.tracking import resolve_tracking_uri
-        from pipeline.train_config import TrainConfig
-        from pipeline.trainer import train
+        from pipeline.tracking.connection import resolve_tracking_uri
+        from pipeline.train.config import TrainConfig
+        from pipeline.train.driver import train
 
         overrides = list(args.overrides)
         if args.address:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sources import DEFAULT_FASHION_MNIST_DIR
+from pipeline.data.sources import DEFAULT_FASHION_MNIST_DIR
 from pipeline.storage import StorageConfig
 
 IDX_FILES = (

@@ -9,8 +9,8 @@ import pytest
 
 from jobs.cli import main as flowray
 from jobs.prepare import build_parser, main
-from pipeline.reader import iter_split
-from pipeline.shards import load_manifest
+from pipeline.data.reader import iter_split
+from pipeline.data.shards import load_manifest
 from pipeline.storage import join_url
 
 

@@ -161,7 +161,7 @@ def test_models_list_and_promote_refuses_a_worse_version_unless_forced(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.registry import register_flow
+    from pipeline.tracking.registry import register_flow
 
     mlflow.set_tracking_uri(trained_model.tracking_uri)
     client = MlflowClient()

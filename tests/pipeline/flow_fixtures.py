@@ -2,7 +2,7 @@
 helpers to make shard sets. Imported by the scoring, sampling and job tests.
 
 Training runs once per process (cached here, not per fixture), whichever test module asks first:
-a couple of thousand training images, ~100 steps of `pipeline.train_step.train_step`.
+a couple of thousand training images, ~100 steps of `pipeline.train.step.train_step`.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def _train(fashion_mnist_dir: Path, root: Path) -> TrainedModel:
     import mlflow
 
     from flowmodel import FlowConfig, build_flow
-    from pipeline.model_store import save_flow
-    from pipeline.registry import log_flow_model, register_flow
-    from pipeline.tracking import ensure_experiment
-    from pipeline.train_step import train_step
+    from pipeline.model.artifact import save_flow
+    from pipeline.tracking.connection import ensure_experiment
+    from pipeline.tracking.registry import log_flow_model, register_flow
+    from pipeline.train.step import train_step
 
     images = read_idx_images(fashion_mnist_dir, "train-images-idx3-ubyte.gz", 2048)
     torch.manual_seed(0)
@@ -82,8 +82,8 @@ def prepare_fmnist(
     fashion_mnist_dir: Path, out: str, count: int, per_shard: int, storage=None
 ) -> str:
     """`count` held-out (test split) Fashion-MNIST images as shards of `per_shard`; the split URL."""
-    from pipeline.shards import prepare
-    from pipeline.sources import IdxSource
+    from pipeline.data.shards import prepare
+    from pipeline.data.sources import IdxSource
 
     source = IdxSource(str(fashion_mnist_dir), storage)
     prepare(source, out, storage, splits=["test"], shard_samples=per_shard, limit=count)
@@ -92,8 +92,8 @@ def prepare_fmnist(
 
 def prepare_array(images: np.ndarray, folder: Path, per_shard: int) -> str:
     """uint8 images [N, H, W] (or [N, C, H, W]) as shards via a .npy source; the split URL."""
-    from pipeline.shards import prepare
-    from pipeline.sources import NpySource
+    from pipeline.data.shards import prepare
+    from pipeline.data.sources import NpySource
 
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "images.npy", images)

@@ -1,0 +1,226 @@
+"""Shard I/O benchmark: write and read throughput (images/s), local disk versus an S3 endpoint.
+
+    python -m pipeline.bench.shard_io                      # 4000 Fashion-MNIST images, 3 repeats
+    python -m pipeline.bench.shard_io --images 10000 --repeats 5 --no-ray
+
+For each backend, each repeat writes the images as shards to a fresh prefix with
+`pipeline.data.shards.prepare` (in this process), then reads them back with `iter_split` (in this
+process) and, unless --no-ray, with `read_split` through Ray Data. It reports medians as a Markdown
+table; `run(...)` returns the same figures as a dict (for `flowray bench`).
+
+The S3 endpoint is moto's ThreadedMotoServer on 127.0.0.1, in this process, with stand-in
+credentials set in the environment for the duration of `run` (moto accepts any). It shares the GIL with the client, so its figures are a lower bound for
+the client-side cost of the S3 code path, not a measure of a real object store.
+The source is Fashion-MNIST (FASHION_MNIST_DIR) when present, else random 28x28 greyscale images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.reader import iter_split, read_split
+from pipeline.data.shards import prepare
+from pipeline.data.sources import ImageSource, NpySource, SourceError, open_source
+from pipeline.storage import StorageConfig, join_url
+
+__all__ = ["run", "markdown_table", "main"]
+
+_BUCKET = "flowray-bench"
+
+
+def _source(n_images: int, workdir: Path) -> ImageSource:
+    try:
+        return open_source("idx:")
+    except SourceError:
+        images = np.random.default_rng(0).integers(0, 256, (n_images, 28, 28), dtype=np.uint8)
+        np.save(workdir / "bench-images.npy", images)
+        return NpySource(str(workdir / "bench-images.npy"))
+
+
+def _timed(action: Callable[[], int]) -> float:
+    """Images per second of `action`, which returns how many images it handled."""
+    started = time.perf_counter()
+    count = action()
+    return count / (time.perf_counter() - started)
+
+
+# moto accepts any credentials; these stand in for them while the benchmark runs, so no real
+# credentials are sent even to loopback. (Unsigned requests would do for writes, but moto then
+# refuses anonymous reads of the objects.)
+_FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
+
+
+def _fake_credentials(stack: ExitStack) -> None:
+    saved = {name: os.environ.get(name) for name in [*_FAKE_CREDENTIALS, "AWS_SESSION_TOKEN"]}
+
+    def restore() -> None:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    stack.callback(restore)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.update(_FAKE_CREDENTIALS)
+
+
+def _start_s3(stack: ExitStack) -> StorageConfig:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    stack.callback(server.stop)
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=_BUCKET)
+    return StorageConfig(endpoint_url=endpoint, region="us-east-1")
+
+
+def run(
+    n_images: int = 4000,
+    repeats: int = 3,
+    shard_samples: int = 500,
+    with_ray: bool = True,
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    """Measure write/read images/s on local disk and on S3 (moto); medians over `repeats`.
+
+    Returns:
+        {"images": n, "repeats": r, "source": description, "shard_samples": s,
+         "results": {"local": {"write": x, "read_iter": y, "read_ray": z, "mb": m}, "s3": {...}},
+         "markdown": table}. read_ray is absent with with_ray=False.
+    """
+    with ExitStack() as stack:
+        base = (
+            Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        )
+        source = _source(n_images, base)
+        split = next(iter(source.splits()))
+        n_images = min(n_images, source.splits()[split])
+        _fake_credentials(stack)
+        s3_storage = _start_s3(stack)
+        remote_args: dict[str, Any] | None = None
+        backends = {
+            "local": (str(base / "bench-local"), None),
+            "s3": (f"s3://{_BUCKET}", s3_storage),
+        }
+        if with_ray:
+            import ray
+
+            if not ray.is_initialized():
+                # Started now, its workers inherit the stand-in credentials.
+                ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+                stack.callback(ray.shutdown)
+            else:
+                remote_args = {"runtime_env": {"env_vars": dict(_FAKE_CREDENTIALS)}}
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = False
+        # Warm-up: decompress the source and import codecs outside the timed runs.
+        list(source.read(split, range(min(n_images, 64))))
+
+        samples: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
+        megabytes: dict[str, float] = {}
+        for repeat in range(repeats):
+            for backend, (root, storage) in backends.items():
+                out = join_url(root, f"run-{repeat}")
+                split_url = join_url(out, split)
+                result: dict = {}
+
+                def write(out=out, storage=storage, result=result) -> int:
+                    written = prepare(
+                        source,
+                        out,
+                        storage,
+                        splits=[split],
+                        limit=n_images,
+                        shard_samples=shard_samples,
+                    )
+                    result["manifest"] = written.splits[split].manifest
+                    return written.splits[split].images_written
+
+                def read_iter(split_url=split_url, storage=storage) -> int:
+                    return sum(1 for _ in iter_split(split_url, storage))
+
+                def read_ray(split_url=split_url, storage=storage) -> int:
+                    dataset = read_split(
+                        split_url, storage, ray_remote_args=remote_args if storage else None
+                    )
+                    return sum(len(b["key"]) for b in dataset.iter_batches(batch_size=256))
+
+                timings = samples[backend]
+                timings.setdefault("write", []).append(_timed(write))
+                timings.setdefault("read_iter", []).append(_timed(read_iter))
+                if with_ray:
+                    timings.setdefault("read_ray", []).append(_timed(read_ray))
+                megabytes[backend] = sum(s.bytes for s in result["manifest"].shards) / 1e6
+        results = {
+            backend: {name: statistics.median(values) for name, values in timings.items()}
+            | {"mb": megabytes[backend]}
+            for backend, timings in samples.items()
+        }
+    report = {
+        "images": n_images,
+        "repeats": repeats,
+        "shard_samples": shard_samples,
+        "source": source.description,
+        "results": results,
+    }
+    report["markdown"] = markdown_table(report)
+    return report
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    columns = [
+        ("write", "write"),
+        ("read_iter", "read (iter_split)"),
+        ("read_ray", "read (Ray Data)"),
+    ]
+    present = [(k, title) for k, title in columns if k in report["results"]["local"]]
+    header = "| storage | " + " | ".join(f"{t} images/s" for _, t in present) + " | shards MB |"
+    lines = [header, "|" + "---|" * (len(present) + 2)]
+    for backend, figures in report["results"].items():
+        cells = " | ".join(f"{figures[k]:,.0f}" for k, _ in present)
+        name = "local disk" if backend == "local" else "S3 (moto, loopback)"
+        lines.append(f"| {name} | {cells} | {figures['mb']:.1f} |")
+    lines.append("")
+    lines.append(
+        f"{report['images']} images from {report['source']}, {report['shard_samples']} per shard, "
+        f"median of {report['repeats']} runs."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.bench.shard_io",
+        description="Shard write/read throughput: local disk versus S3 (moto on loopback).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--images", type=int, default=4000, help="images written and read per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per backend; medians reported")
+    parser.add_argument("--shard-samples", type=int, default=500, help="images per shard")
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray Data read")
+    parser.add_argument("--workdir", default=None, help="local folder for shards; None: a temp dir")
+    args = parser.parse_args(argv)
+    report = run(args.images, args.repeats, args.shard_samples, not args.no_ray, args.workdir)
+    print(report["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,366 @@
+"""Training throughput: flowray's model through Ray Train (1 and 2 workers) versus a plain
+in-process loop of the same model, versus normflows' Glow at a matched parameter count.
+
+    report = run(config, seconds=60, repeats=3)     # config: the `fashion-mnist` preset
+    print(report["markdown"])
+
+All runs use the same global batch: the preset's per-worker batch times its worker count (64 x 2 =
+128), split evenly over the Ray workers. Per repeat, in this order:
+
+- in-process: flowray (`pipeline.train.step.train_step` + warmup + EMA, the Ray loop's work without
+  Ray) and normflows (the same step, `bench_quality.normflows_step`), alternating steps, each for
+  `seconds` of step time, on Fashion-MNIST held in memory, torch using every core.
+- Ray Train, 1 worker with all cores, then 2 workers with 1 core each: `pipeline.train.driver.train`,
+  the production job (Ray Data reading the prepared shards, DDP for 2 workers, rank-0 MLflow
+  logging), for `seconds` of training; its logged per-window images/s, the first window (startup)
+  left out. Evaluation, checkpoints and registration happen after the timed windows.
+
+Images/s of a run is the median of its per-window rates; a row is the median over repeats; a
+ratio is the median of the per-repeat ratios. Ratios: Ray overhead = Ray 2-worker / in-process images/s (target >= 0.9), flowray / normflows
+in-process images/s (target >= 1.3).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowmodel import build_flow, dequantize
+from pipeline.bench.common import (
+    EmaCopy,
+    TimedTrainer,
+    fashion_mnist,
+    machine,
+    markdown_table,
+    median,
+    normflows_glow,
+    parameter_count,
+    train_interleaved,
+)
+from pipeline.bench.quality import make_optimizer, normflows_step
+from pipeline.train.config import TrainConfig
+from pipeline.train.step import train_step
+
+__all__ = ["TARGET_FLOWRAY_VS_NORMFLOWS", "TARGET_RAY_OVERHEAD", "markdown", "run"]
+
+TARGET_RAY_OVERHEAD = 0.9  # Ray 2 workers / in-process images/s
+TARGET_FLOWRAY_VS_NORMFLOWS = 1.3
+
+
+def _in_process(
+    config: TrainConfig, images: torch.Tensor, batch: int, seconds: float, max_steps: int | None
+) -> dict[str, float]:
+    """flowray and normflows, alternating steps in this process: median window images/s each."""
+    torch.manual_seed(config.seed)
+    flow = build_flow(config.model)
+    flow.initialize(images[: config.init_images], generator=torch.Generator().manual_seed(0))
+    glow = normflows_glow(
+        config.model.levels,
+        config.model.steps_per_level,
+        config.model.hidden_channels,
+        config.model.image_shape,
+    )
+    with torch.no_grad():
+        glow.log_prob(dequantize(images[: config.init_images], 8), None)
+    clip = config.optim.max_grad_norm
+    trainers = {}
+    for name, model in (("flowray", flow), ("normflows", glow)):
+        optimizer = make_optimizer(model, config)
+        ema = EmaCopy(model, config.optim.ema_decay)
+        generator = torch.Generator().manual_seed(config.seed)
+
+        def step(
+            batch_images: torch.Tensor,
+            index: int,
+            model=model,
+            optimizer=optimizer,
+            ema=ema,
+            generator=generator,
+            name=name,
+        ) -> float:
+            lr = config.optim.lr * min(1.0, (index + 1) / max(config.optim.warmup_steps, 1))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            kind = train_step if name == "flowray" else normflows_step
+            metrics = kind(model, batch_images, optimizer, max_grad_norm=clip, generator=generator)
+            ema.update(model)
+            return metrics.bits_per_dim
+
+        trainers[name] = TimedTrainer(
+            step,
+            images,
+            batch,
+            seconds=seconds,
+            max_steps=max_steps,
+            window_steps=10,
+            seed=config.seed,
+        )
+    results = train_interleaved(trainers)
+    return {
+        "flowray": results["flowray"].images_per_second,
+        "normflows": results["normflows"].images_per_second,
+        "flowray_params": parameter_count(flow),
+        "normflows_params": parameter_count(glow),
+    }
+
+
+def _thread_probe(cpus: float) -> int:
+    """torch threads in a fresh Ray worker holding `cpus` CPUs, as a Train worker is (Ray sets
+    OMP_NUM_THREADS from them; max_calls=1, as a reused worker keeps the threads of its first task)."""
+    import ray
+
+    @ray.remote(max_calls=1)
+    def threads() -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    return int(ray.get(threads.options(num_cpus=cpus).remote()))
+
+
+def _ray_run(
+    config: TrainConfig,
+    workdir: Path,
+    name: str,
+    workers: int,
+    global_batch: int,
+    seconds: float,
+    max_steps: int | None,
+    log_every: int,
+) -> float:
+    """One `pipeline.train.driver.train` run; median of its logged images/s, first window left out."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.driver import train
+
+    cores = os.cpu_count() or 1
+    run_config = replace(
+        config,
+        batch_size=global_batch // workers,
+        max_steps=max_steps or 1_000_000,
+        max_minutes=seconds / 60,
+        eval_every=1_000_000,
+        checkpoint_every=1_000_000,
+        log_every=log_every,
+        data=replace(config.data, validation_limit=config.eval_batch_size),
+        scaling=replace(
+            config.scaling, num_workers=workers, cpus_per_worker=max(1, cores // workers)
+        ),
+        run=replace(config.run, name=name, storage_path=str(workdir / "runs")),
+        mlflow=replace(
+            config.mlflow,
+            tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
+            experiment="flowray-bench",
+            registered_model="flowray-bench",
+        ),
+        workdir=str(workdir),
+    )
+    result = train(run_config)
+    history = MlflowClient(run_config.mlflow.tracking_uri).get_metric_history(
+        result.mlflow_run_id, "images_per_second"
+    )
+    rates = [m.value for m in sorted(history, key=lambda m: m.step)]
+    return median(rates[1:] if len(rates) > 1 else rates)
+
+
+def _prepare_data(workdir: Path, limit: int | None) -> Path:
+    """Fashion-MNIST train and test shards under workdir/data (a rerun finds them done)."""
+    from pipeline.data.shards import prepare
+    from pipeline.data.sources import open_source
+
+    data = workdir / "data"
+    prepare(open_source("idx:"), str(data), limit=limit, shard_samples=5000)
+    return data
+
+
+def run(
+    config: TrainConfig,
+    seconds: float = 60.0,
+    repeats: int = 3,
+    *,
+    workdir: str | Path,
+    train_images: int | None = None,
+    max_steps: int | None = None,
+    log_every: int = 25,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure images/s in-process and through Ray Train; see the module docstring.
+
+    Args:
+        config: the preset (model, per-worker batch x workers = the global batch, optimizer).
+        seconds: training time per run (Ray runs: their max_minutes; startup comes on top).
+        repeats: runs of each kind; medians reported.
+        workdir: shards, Ray Train runs and the MLflow store of the Ray runs go here.
+        train_images: use the first N training images (None: all 60,000; smoke runs).
+        max_steps: also stop each run after this many steps (smoke runs).
+        log_every: steps per logged images/s window in the Ray runs.
+    """
+    import ray
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    global_batch = config.batch_size * max(1, config.scaling.num_workers)
+    data = _prepare_data(workdir, train_images)
+    config = replace(
+        config,
+        data=replace(config.data, train=str(data / "train"), validation=str(data / "test")),
+        init_images=min(config.init_images, train_images or config.init_images),
+    )
+    _, images = fashion_mnist("train", train_images)
+    report: dict[str, Any] = {"machine": machine(), "settings": {}}
+    samples: dict[str, list[float]] = {
+        "flowray_in_process": [],
+        "normflows_in_process": [],
+        "ray_1_worker": [],
+        "ray_2_workers": [],
+    }
+    params: dict[str, int] = {}
+    # As pipeline.train.driver starts it: the workers' CPUs plus 2 logical CPUs for Ray Data.
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address="local", num_cpus=cores + 2, include_dashboard=False, log_to_driver=True)
+    threads = {"ray_1_worker": _thread_probe(cores), "ray_2_workers": _thread_probe(cores // 2)}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        for repeat in range(repeats):
+            log(f"repeat {repeat + 1}/{repeats}: in-process flowray and normflows")
+            figures = _in_process(config, images, global_batch, seconds, max_steps)
+            samples["flowray_in_process"].append(figures["flowray"])
+            samples["normflows_in_process"].append(figures["normflows"])
+            params = {
+                "flowray": figures["flowray_params"],
+                "normflows": figures["normflows_params"],
+            }
+            for key, workers in (("ray_1_worker", 1), ("ray_2_workers", 2)):
+                log(f"repeat {repeat + 1}/{repeats}: Ray Train, {workers} worker(s)")
+                rate = _ray_run(
+                    config,
+                    workdir,
+                    f"bench-{stamp}-{key}-{repeat}",
+                    workers,
+                    global_batch,
+                    seconds,
+                    max_steps,
+                    log_every,
+                )
+                samples[key].append(rate)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    rates = {key: median(values) for key, values in samples.items()}
+    report["settings"] = {
+        "global_batch": global_batch,
+        "seconds_per_run": seconds,
+        "repeats": repeats,
+        "train_images": len(images),
+        "log_every": log_every,
+        "threads": {
+            "in_process": cores,
+            "ray_1_worker": f"1 worker x {threads['ray_1_worker']} threads",
+            "ray_2_workers": f"2 workers x {threads['ray_2_workers']} threads",
+        },
+        "params": params,
+    }
+    report["samples"] = samples
+    report["images_per_second"] = rates
+
+    # Ratios per repeat (both figures measured minutes apart, under similar load), then the
+    # median: on a shared machine a ratio of medians would pair figures from different loads.
+    def ratio(top: str, bottom: str) -> float:
+        return median([a / b for a, b in zip(samples[top], samples[bottom])])
+
+    report["ratios"] = {
+        "ray_2_workers_vs_in_process": ratio("ray_2_workers", "flowray_in_process"),
+        "ray_1_worker_vs_in_process": ratio("ray_1_worker", "flowray_in_process"),
+        "flowray_vs_normflows": ratio("flowray_in_process", "normflows_in_process"),
+    }
+    report["targets"] = {
+        "ray_overhead": {
+            "at_least": TARGET_RAY_OVERHEAD,
+            "met": bool(report["ratios"]["ray_2_workers_vs_in_process"] >= TARGET_RAY_OVERHEAD),
+        },
+        "flowray_vs_normflows": {
+            "at_least": TARGET_FLOWRAY_VS_NORMFLOWS,
+            "met": bool(report["ratios"]["flowray_vs_normflows"] >= TARGET_FLOWRAY_VS_NORMFLOWS),
+        },
+    }
+    report["markdown"] = markdown(report)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    settings, rates, ratios = report["settings"], report["images_per_second"], report["ratios"]
+    threads, params = settings["threads"], settings["params"]
+    in_process = rates["flowray_in_process"]
+    rows = [
+        [
+            "flowray, in-process loop",
+            f"1 process x {threads['in_process']} threads",
+            params["flowray"],
+            in_process,
+            1.0,
+        ],
+        [
+            "flowray, Ray Train 1 worker",
+            threads["ray_1_worker"],
+            params["flowray"],
+            rates["ray_1_worker"],
+            ratios["ray_1_worker_vs_in_process"],
+        ],
+        [
+            "flowray, Ray Train 2 workers (DDP)",
+            threads["ray_2_workers"],
+            params["flowray"],
+            rates["ray_2_workers"],
+            ratios["ray_2_workers_vs_in_process"],
+        ],
+        [
+            "normflows Glow, in-process loop",
+            f"1 process x {threads['in_process']} threads",
+            params["normflows"],
+            rates["normflows_in_process"],
+            1 / ratios["flowray_vs_normflows"],
+        ],
+    ]
+    table = markdown_table(
+        ["run", "threads", "params", "train images/s", "vs flowray in-process"], rows
+    )
+    per_repeat = "; ".join(
+        f"{key}: " + ", ".join(f"{v:,.0f}" for v in values)
+        for key, values in report["samples"].items()
+    )
+    targets = report["targets"]
+
+    def verdict(name: str, value: float) -> str:
+        target = targets[name]
+        return (
+            f"{value:.2f} (target >= {target['at_least']}: {'met' if target['met'] else 'missed'})"
+        )
+
+    machine_info = report["machine"]
+    return "\n".join(
+        [
+            table,
+            "",
+            f"Global batch {settings['global_batch']} (split over the Ray workers), "
+            f"{settings['seconds_per_run']:g} s of training per run, median of per-window rates "
+            f"(first window left out), median over {settings['repeats']} repeat(s); the last column is "
+            f"the median of per-repeat ratios; "
+            f"{settings['train_images']:,} training images.",
+            f"Per repeat, images/s: {per_repeat}.",
+            f"Ray overhead (2 workers / in-process): "
+            f"{verdict('ray_overhead', ratios['ray_2_workers_vs_in_process'])}; "
+            f"flowray / normflows: {verdict('flowray_vs_normflows', ratios['flowray_vs_normflows'])}.",
+            f"Machine: {machine_info['cpu']}, {machine_info['cores']} cores, torch "
+            f"{machine_info['torch']}, Ray {machine_info['ray']}, load average at start "
+            f"{machine_info['load_average'][0]}.",
+        ]
+    )

@@ -1,0 +1,621 @@
+"""WebDataset image shards: the on-storage format, `prepare` (write) and `load_manifest` (check).
+
+Layout of a prepared dataset, per split (local path or s3:// prefix):
+
+    <out>/<split>/shard-000000.tar     WebDataset tar: <key>.png (+ <key>.cls) per sample
+    <out>/<split>/shard-000001.tar     ...
+    <out>/<split>/_parts/shard-000000.json   per-shard completion marker (fingerprint + ShardInfo)
+    <out>/<split>/manifest.json        `Manifest`, written last and atomically
+
+Keys are `<split>-<index:08d>`, the image's position in the split, so they are stable across
+reruns and unique across splits. Images are uint8 PNG (mode L for 1 channel, RGB for 3), lossless:
+what the reader decodes is exactly what the source produced. `cls` holds the label in decimal.
+Tar members carry mtime 0 and a fixed owner, so the same input gives byte-identical shards.
+
+Writing: each shard is written to a local temp file, hashed, then renamed into place (local) or
+uploaded (S3: one PUT or multipart upload, atomic on completion); then its marker is written. A
+rerun plans the same shards and skips each one whose marker matches the run's fingerprint and whose
+file still has the marker's size and sha256. The manifest is written last, and not rewritten when
+it would not change, so a rerun of a finished prepare writes nothing. A prefix holding shards made
+with other settings is refused rather than mixed or deleted.
+
+`prepare(..., workers=N)` writes the shards with Ray tasks, at most N at a time, one task per shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Literal
+
+import numpy as np
+
+from flowmodel.typed import ConfigError, from_dict, to_dict
+from pipeline.data.sources import ImageSource, SourceError
+from pipeline.errors import FlowrayError
+from pipeline.storage import (
+    StorageConfig,
+    StorageError,
+    exists,
+    fsspec_filesystem,
+    join_url,
+    list_files,
+    make_temp_file,
+    read_bytes,
+    replace_with,
+    write_bytes_atomic,
+)
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST_NAME",
+    "Manifest",
+    "ManifestError",
+    "PrepareError",
+    "PrepareResult",
+    "ShardEvent",
+    "ShardInfo",
+    "SplitResult",
+    "compare_shards",
+    "encode_png",
+    "load_manifest",
+    "prepare",
+    "shard_key",
+    "shard_name",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "flowray-shards/1"
+MANIFEST_NAME = "manifest.json"
+PARTS_DIR = "_parts"
+_TAR_BLOCK = 512
+_TAR_END = 1024  # two zero blocks close an archive
+
+
+class ManifestError(FlowrayError, ValueError):
+    """A split's manifest is missing, invalid or disagrees with the shards present."""
+
+
+class PrepareError(FlowrayError, RuntimeError):
+    """prepare cannot go on: bad input under on_error="fail", or an output made differently."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the manifest records it. `start` is the split index of its first key."""
+
+    name: str
+    count: int
+    sha256: str
+    bytes: int
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a split holds; parsed with `flowmodel.typed.from_dict`, so unknown keys are refused."""
+
+    split: str
+    count: int
+    shape: tuple[int, int, int]  # [C, H, W]
+    shards: tuple[ShardInfo, ...]
+    source: str
+    created: str  # ISO 8601, UTC
+    fingerprint: str  # hash of everything that decides the shards' content
+    has_labels: bool = False
+    classes: tuple[str, ...] | None = None
+    dtype: str = "uint8"
+    n_bits: int = 8
+    encoding: str = "png"
+    skipped_inputs: int = 0  # source images that could not be decoded (on_error="skip")
+    format: str = FORMAT
+
+    def shard(self, name: str) -> ShardInfo:
+        for info in self.shards:
+            if info.name == name:
+                return info
+        raise KeyError(f"no shard {name!r} in the manifest of split {self.split!r}")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def shard_key(split: str, index: int) -> str:
+    return f"{split}-{index:08d}"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [C, H, W] (C = 1 or 3) as PNG bytes (mode L or RGB)."""
+    from PIL import Image
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(
+            f"expected uint8 [C, H, W] with C in 1, 3; found {image.dtype} {image.shape}"
+        )
+    if image.shape[0] == 1:
+        pil = Image.fromarray(image[0], "L")
+    else:
+        pil = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB")  # (H, W, C)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+@dataclass(frozen=True)
+class ShardDiff:
+    missing: tuple[str, ...]
+    extra: tuple[str, ...]
+    wrong_size: tuple[tuple[str, int, int], ...]  # (name, bytes found, bytes expected)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.extra or self.wrong_size)
+
+    def describe(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"missing {_few(self.missing)}")
+        if self.extra:
+            parts.append(f"not in the manifest {_few(self.extra)}")
+        for name, found, expected in self.wrong_size[:3]:
+            parts.append(f"{name} has {found} bytes, manifest says {expected}")
+        return "; ".join(parts)
+
+
+def _few(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def compare_shards(manifest: Manifest, files: dict[str, int]) -> ShardDiff:
+    """Shards the manifest lists versus the `.tar` files present ({name: size})."""
+    listed = {info.name: info for info in manifest.shards}
+    present = {name: size for name, size in files.items() if name.endswith(".tar")}
+    return ShardDiff(
+        missing=tuple(sorted(set(listed) - set(present))),
+        extra=tuple(sorted(set(present) - set(listed))),
+        wrong_size=tuple(
+            (name, present[name], info.bytes)
+            for name, info in sorted(listed.items())
+            if name in present and present[name] != info.bytes
+        ),
+    )
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    try:
+        manifest = from_dict(Manifest, json.loads(data))
+    except (ConfigError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{where} is not a valid shard manifest: {err}") from err
+    if manifest.format != FORMAT:
+        raise ManifestError(f"{where}: expected format {FORMAT}, found {manifest.format}")
+    if sum(info.count for info in manifest.shards) != manifest.count:
+        raise ManifestError(f"{where}: shard counts do not add up to count={manifest.count}")
+    return manifest
+
+
+def load_manifest(
+    split_url: str, storage: StorageConfig | None = None, *, check_shards: bool = True
+) -> Manifest:
+    """The manifest of the split at `split_url`, checked against the shards present.
+
+    Raises:
+        ManifestError: the prefix is empty; it has shards but no manifest (prepare did not
+            finish); the manifest is invalid; or (check_shards) a listed shard is missing, has
+            another size, or a shard file is not listed.
+        StorageError: the storage cannot be reached.
+    """
+    files = list_files(split_url, storage)
+    if not files:
+        raise ManifestError(
+            f"no data at {split_url}: expected {MANIFEST_NAME} and shard-*.tar files",
+            hint="run `flowray prepare --out <data>` first and pass <data>/<split>, e.g. .../train",
+        )
+    if MANIFEST_NAME not in files:
+        tars = [n for n in files if n.endswith(".tar")]
+        if tars:
+            raise ManifestError(
+                f"{split_url} has {len(tars)} shard files but no {MANIFEST_NAME}: "
+                "prepare did not finish",
+                hint="rerun `flowray prepare` with the same options; it completes what is missing",
+            )
+        raise ManifestError(
+            f"{split_url} holds no {MANIFEST_NAME} and no shards (found {_few(sorted(files))})",
+            hint="pass a split folder written by `flowray prepare`, e.g. <data>/train",
+        )
+    where = join_url(split_url, MANIFEST_NAME)
+    manifest = parse_manifest(read_bytes(where, storage), where)
+    if check_shards:
+        diff = compare_shards(manifest, files)
+        if diff:
+            raise ManifestError(
+                f"{where} disagrees with the shards present: {diff.describe()}",
+                hint="rerun `flowray prepare` with the same options to repair missing shards",
+            )
+    return manifest
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class ShardEvent:
+    """Progress: one shard finished (written now or found complete)."""
+
+    split: str
+    name: str
+    count: int
+    bytes: int
+    written: bool
+    done: int  # shards of this split finished so far
+    total: int  # shards of this split
+    images_done: int
+    elapsed: float  # seconds since this split started
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    manifest: Manifest
+    shards_written: int
+    shards_skipped: int
+    images_written: int
+    seconds: float
+    manifest_written: bool
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    out: str
+    splits: dict[str, SplitResult]
+
+    @property
+    def shards_written(self) -> int:
+        return sum(r.shards_written for r in self.splits.values())
+
+    @property
+    def shards_skipped(self) -> int:
+        return sum(r.shards_skipped for r in self.splits.values())
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a shard-writing task needs; picklable (the source is a description, not data)."""
+
+    source: ImageSource
+    split: str
+    split_url: str
+    storage: StorageConfig | None
+    fingerprint: str
+    on_error: Literal["skip", "fail"]
+
+
+@dataclass(frozen=True)
+class _ShardResult:
+    info: ShardInfo
+    written: bool
+    skipped_inputs: int
+
+
+def _sha256_of(url: str, storage: StorageConfig | None) -> str:
+    fs, path = fsspec_filesystem(url, storage)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as file:
+        while chunk := file.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_local(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _complete_shard(job: _Job, name: str, start: int) -> _ShardResult | None:
+    """The shard's record if it is already complete and verified, else None.
+
+    Raises PrepareError when its marker comes from a prepare with other settings.
+    """
+    marker_url = join_url(job.split_url, PARTS_DIR, name.replace(".tar", ".json"))
+    if not exists(marker_url, job.storage):
+        return None
+    marker = json.loads(read_bytes(marker_url, job.storage))
+    if marker.get("fingerprint") != job.fingerprint:
+        raise PrepareError(
+            f"{job.split_url} already holds shards prepared with other settings "
+            f"({name} has fingerprint {str(marker.get('fingerprint'))[:12]}, this run "
+            f"{job.fingerprint[:12]})",
+            hint="write to a new --out, or rerun with the options used before",
+        )
+    info = from_dict(ShardInfo, marker["shard"])
+    shard_url = join_url(job.split_url, name)
+    fs, path = fsspec_filesystem(shard_url, job.storage)
+    if info.start != start or not fs.exists(path) or fs.size(path) != info.bytes:
+        return None
+    if _sha256_of(shard_url, job.storage) != info.sha256:
+        logger.warning("%s: sha256 differs from its marker; rewriting it", shard_url)
+        return None
+    return _ShardResult(info, written=False, skipped_inputs=int(marker.get("skipped_inputs", 0)))
+
+
+def _write_shard(job: _Job, index: int, start: int, stop: int) -> _ShardResult:
+    """Write shard `index` holding split images [start, stop), unless it is already complete."""
+    import webdataset as wds
+
+    name = shard_name(index)
+    done = _complete_shard(job, name, start)
+    if done is not None:
+        return done
+    shard_url = join_url(job.split_url, name)
+    temp = make_temp_file(shard_url, ".tar")
+    count = skipped = 0
+    try:
+        # We own the file: TarWriter does not close streams it did not open, and s3fs would only
+        # upload on close; so write locally, then rename or upload the finished file.
+        with open(temp, "wb") as stream:
+            writer = wds.TarWriter(stream, encoder=False, mtime=0, user="flowray", group="flowray")
+            try:
+                for offset, item in enumerate(job.source.read(job.split, range(start, stop))):
+                    key = shard_key(job.split, start + offset)
+                    if item.error is not None or item.image is None:
+                        if job.on_error == "fail":
+                            raise PrepareError(
+                                f"{job.source.description}: {item.key} (would be {key}): "
+                                f"{item.error}",
+                                hint="fix or remove the file, or pass --on-error skip",
+                            )
+                        logger.warning("skipped input %s (%s): %s", item.key, key, item.error)
+                        skipped += 1
+                        continue
+                    sample = {"__key__": key, "png": encode_png(item.image)}
+                    if item.label is not None:
+                        sample["cls"] = str(item.label).encode("ascii")
+                    writer.write(sample)
+                    count += 1
+            finally:
+                writer.close()  # before the stream closes, also on error (the temp is dropped)
+        info = ShardInfo(name, count, _sha256_local(temp), os.path.getsize(temp), start)
+        replace_with(temp, shard_url, job.storage)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    marker = {"fingerprint": job.fingerprint, "shard": to_dict(info), "skipped_inputs": skipped}
+    marker_url = join_url(job.split_url, PARTS_DIR, name.replace(".tar", ".json"))
+    write_bytes_atomic(marker_url, json.dumps(marker, indent=1).encode(), job.storage)
+    return _ShardResult(info, written=True, skipped_inputs=skipped)
+
+
+def _samples_per_shard(
+    source: ImageSource, split: str, count: int, shard_samples: int, shard_bytes: int | None
+) -> int:
+    """Samples per shard: shard_samples, lowered so a shard stays near shard_bytes.
+
+    The size per sample is estimated from the split's first images (PNG size rounded up to tar
+    blocks, plus headers), so the plan is the same on every rerun.
+    """
+    if shard_bytes is None or count == 0:
+        return max(1, min(shard_samples, count or 1))
+    probe = [i for i in source.read(split, range(min(count, 32))) if i.image is not None]
+    if not probe:
+        return max(1, min(shard_samples, count))
+    per_member = [
+        _TAR_BLOCK + math.ceil(len(encode_png(i.image)) / _TAR_BLOCK) * _TAR_BLOCK for i in probe
+    ]
+    per_sample = float(np.mean(per_member)) + (2 * _TAR_BLOCK if source.has_labels else 0)
+    by_bytes = int((shard_bytes - _TAR_END) // per_sample)
+    return max(1, min(shard_samples, by_bytes, count))
+
+
+def _fingerprint(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _run_in_process(
+    job: _Job, plans: list[tuple[int, int, int]], report: Callable[[_ShardResult], None]
+) -> None:
+    for index, start, stop in plans:
+        report(_write_shard(job, index, start, stop))
+
+
+def _run_with_ray(
+    job: _Job,
+    plans: list[tuple[int, int, int]],
+    report: Callable[[_ShardResult], None],
+    workers: int,
+) -> None:
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=1)(_write_shard)
+    job_ref = ray.put(job)
+    queue = list(plans)
+    pending: list = []
+    try:
+        while queue or pending:
+            while queue and len(pending) < workers:
+                pending.append(task.remote(job_ref, *queue.pop(0)))
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                report(ray.get(ready[0]))
+            except ray.exceptions.RayTaskError as err:
+                # Show the task's own error (a PrepareError names the input), not Ray's wrapper.
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, (PrepareError, SourceError, StorageError)):
+                    raise cause from None
+                raise
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+
+
+def prepare(
+    source: ImageSource,
+    out_url: str,
+    storage: StorageConfig | None = None,
+    *,
+    splits: Sequence[str] | None = None,
+    shard_samples: int = 10_000,
+    shard_bytes: int | None = 256 << 20,
+    limit: int | None = None,
+    workers: int = 0,
+    on_error: Literal["skip", "fail"] = "fail",
+    progress: Callable[[ShardEvent], None] | None = None,
+) -> PrepareResult:
+    """Write `source` as shards + manifest per split under `out_url` (see the module docstring).
+
+    Args:
+        source: from `pipeline.data.sources.open_source` or a source class.
+        out_url: local path, file:// or s3:// prefix; each split goes to `<out_url>/<split>`.
+        splits: the splits to write (default: all the source has).
+        shard_samples: most samples per shard.
+        shard_bytes: target bytes per shard (estimated up front, so a shard may differ a little);
+            None for no byte target.
+        limit: at most this many images per split (the first ones), for demos and tests.
+        workers: 0 writes in this process; N > 0 runs Ray tasks, N at a time (Ray must be
+            initialised, or Ray starts a local instance).
+        on_error: a source image that cannot be decoded stops prepare ("fail") or is logged,
+            counted in `Manifest.skipped_inputs` and left out ("skip"; its key stays unused).
+        progress: called after each shard, in completion order.
+
+    Returns:
+        What was written and skipped, with each split's manifest.
+    """
+    if shard_samples < 1:
+        raise ValueError(f"shard_samples: expected at least 1, found {shard_samples}")
+    if shard_bytes is not None and shard_bytes < 4 * _TAR_BLOCK:
+        raise ValueError(f"shard_bytes: expected at least {4 * _TAR_BLOCK}, found {shard_bytes}")
+    available = source.splits()
+    chosen = list(splits) if splits else list(available)
+    unknown = [s for s in chosen if s not in available]
+    if unknown:
+        raise PrepareError(
+            f"{source.description} has no split {unknown[0]!r} (it has {', '.join(available)})"
+        )
+    results = {}
+    for split in chosen:
+        results[split] = _prepare_split(
+            source,
+            split,
+            join_url(out_url, split),
+            storage,
+            count=min(available[split], limit) if limit is not None else available[split],
+            shard_samples=shard_samples,
+            shard_bytes=shard_bytes,
+            workers=workers,
+            on_error=on_error,
+            progress=progress,
+        )
+    return PrepareResult(out_url, results)
+
+
+def _prepare_split(
+    source: ImageSource,
+    split: str,
+    split_url: str,
+    storage: StorageConfig | None,
+    *,
+    count: int,
+    shard_samples: int,
+    shard_bytes: int | None,
+    workers: int,
+    on_error: Literal["skip", "fail"],
+    progress: Callable[[ShardEvent], None] | None,
+) -> SplitResult:
+    started = time.perf_counter()
+    per_shard = _samples_per_shard(source, split, count, shard_samples, shard_bytes)
+    plans = [
+        (i, start, min(start + per_shard, count))
+        for i, start in enumerate(range(0, count, per_shard))
+    ]
+    fingerprint = _fingerprint(
+        {
+            "format": FORMAT,
+            "source": source.description,
+            "split": split,
+            "shape": list(source.shape),
+            "count": count,
+            "per_shard": per_shard,
+            "has_labels": source.has_labels,
+            "classes": list(source.classes) if source.classes else None,
+        }
+    )
+    manifest_url = join_url(split_url, MANIFEST_NAME)
+    previous = None
+    if exists(manifest_url, storage):
+        previous = parse_manifest(read_bytes(manifest_url, storage), manifest_url)
+        if previous.fingerprint != fingerprint:
+            raise PrepareError(
+                f"{split_url} already holds a split prepared with other settings "
+                f"(source {previous.source}, {previous.count} images of shape {list(previous.shape)})",
+                hint="write to a new --out, or rerun with the options used before",
+            )
+    job = _Job(source, split, split_url, storage, fingerprint, on_error)
+    finished: dict[int, _ShardResult] = {}
+
+    def report(result: _ShardResult) -> None:
+        finished[int(result.info.name[6:12])] = result
+        if progress is not None:
+            progress(
+                ShardEvent(
+                    split=split,
+                    name=result.info.name,
+                    count=result.info.count,
+                    bytes=result.info.bytes,
+                    written=result.written,
+                    done=len(finished),
+                    total=len(plans),
+                    images_done=sum(r.info.count for r in finished.values()),
+                    elapsed=time.perf_counter() - started,
+                )
+            )
+
+    if workers > 0 and len(plans) > 1:
+        _run_with_ray(job, plans, report, workers)
+    else:
+        _run_in_process(job, plans, report)
+
+    shards = tuple(finished[i].info for i, _, _ in plans)
+    manifest = Manifest(
+        split=split,
+        count=sum(info.count for info in shards),
+        shape=tuple(source.shape),  # type: ignore[arg-type]
+        shards=shards,
+        source=source.description,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        fingerprint=fingerprint,
+        has_labels=source.has_labels,
+        classes=tuple(source.classes) if source.classes else None,
+        skipped_inputs=sum(r.skipped_inputs for r in finished.values()),
+    )
+    manifest_written = (
+        previous is None or dataclasses.replace(manifest, created=previous.created) != previous
+    )
+    if manifest_written:
+        # Last, and atomically: a manifest present means every shard it lists is complete.
+        data = json.dumps(to_dict(manifest), indent=1).encode()
+        write_bytes_atomic(manifest_url, data, storage)
+    else:
+        manifest = previous
+    written = [r for r in finished.values() if r.written]
+    return SplitResult(
+        manifest=manifest,
+        shards_written=len(written),
+        shards_skipped=len(finished) - len(written),
+        images_written=sum(r.info.count for r in written),
+        seconds=time.perf_counter() - started,
+        manifest_written=manifest_written,
+    )

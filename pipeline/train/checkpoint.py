@@ -1,0 +1,67 @@
+"""Training checkpoints: a directory Ray Train persists to `storage_path` (local or s3://).
+
+model.safetensors / flow_config.json   the flow being trained (pipeline.model.artifact layout)
+ema/model.safetensors, ema/...         the Polyak average (the model that is evaluated and shipped)
+state.pt                               optimizer state, step, counters, RNG states: tensors and
+                                       plain Python only, loaded with weights_only=True
+train_config.json                      the resolved TrainConfig
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowmodel import Flow
+from pipeline.model.artifact import load_flow, save_flow
+
+__all__ = ["TrainState", "load_checkpoint", "save_checkpoint"]
+
+
+@dataclass
+class TrainState:
+    step: int
+    images_seen: int
+    skipped_steps: int
+    optimizer: dict[str, Any]
+    rng: torch.Tensor
+    history: dict[str, list[list[float]]]  # "train"/"validation" -> [[step, bits/dim], ...]
+
+
+def save_checkpoint(
+    directory: Path, flow: Flow, ema: Flow, state: TrainState, config: dict
+) -> Path:
+    save_flow(flow, directory)
+    save_flow(ema, directory / "ema")
+    torch.save(
+        {
+            "step": state.step,
+            "images_seen": state.images_seen,
+            "skipped_steps": state.skipped_steps,
+            "optimizer": state.optimizer,
+            "rng": state.rng,
+            "history": state.history,
+        },
+        directory / "state.pt",
+    )
+    (directory / "train_config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def load_checkpoint(directory: Path) -> tuple[Flow, Flow, TrainState]:
+    """(flow, ema, state) from a checkpoint directory; nothing is unpickled."""
+    flow, ema = load_flow(directory), load_flow(directory / "ema")
+    raw = torch.load(directory / "state.pt", weights_only=True)
+    state = TrainState(
+        step=int(raw["step"]),
+        images_seen=int(raw["images_seen"]),
+        skipped_steps=int(raw["skipped_steps"]),
+        optimizer=raw["optimizer"],
+        rng=raw["rng"],
+        history=raw["history"],
+    )
+    return flow, ema, state

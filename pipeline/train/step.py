@@ -1,0 +1,106 @@
+"""Pure training and evaluation steps: no Ray, no MLflow, no I/O. Tested in-process.
+
+The Ray Train worker loop (pipeline/train/worker.py) and the in-process benchmarks both call these, so what is
+benchmarked and tested is what runs in production.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from flowmodel import Flow, bits_per_dim_from_log_prob, dequantize, standard_normal_log_prob
+from pipeline.model.likelihood import keyed_bits_per_dim
+
+__all__ = [
+    "StepMetrics",
+    "batch_bits_per_dim",
+    "evaluate_bits_per_dim",
+    "train_step",
+    "unwrap",
+]
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one optimisation step measured. `skipped` is True when the loss was not finite."""
+
+    bits_per_dim: float
+    grad_norm: float
+    skipped: bool
+
+
+def unwrap(model: nn.Module) -> Flow:
+    """The Flow inside a DDP (or any `.module`) wrapper."""
+    while not isinstance(model, Flow) and hasattr(model, "module"):
+        model = model.module
+    if not isinstance(model, Flow):
+        raise TypeError(f"expected a Flow (optionally wrapped), found {type(model).__name__}")
+    return model
+
+
+def batch_bits_per_dim(
+    model: nn.Module, images: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Per-image bits/dim through `model(y)`, so that a DDP wrapper sees the forward pass."""
+    flow = unwrap(model)
+    flow._check_images(images)
+    y = dequantize(images, flow.config.n_bits, generator, dtype=flow._dtype())
+    z, logdet = model(y)
+    return bits_per_dim_from_log_prob(standard_normal_log_prob(z) + logdet, flow.config)
+
+
+def train_step(
+    model: nn.Module,
+    images: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    max_grad_norm: float | None = 100.0,
+    generator: torch.Generator | None = None,
+    all_finite: Callable[[bool], bool] = bool,
+) -> StepMetrics:
+    """One maximum-likelihood step on a batch of uint8 images [B, C, H, W].
+
+    The loss is the batch's mean bits/dim. A non-finite loss or gradient norm skips the update
+    (the optimizer state is untouched) and reports `skipped=True`; the caller counts them.
+    Under DDP, `all_finite` must turn this worker's "loss is finite" into the verdict of all
+    workers (an all-reduce), so that every worker skips the same steps and none waits forever for
+    a gradient all-reduce the others skipped. Gradient norms are equal on all workers after DDP's
+    all-reduce, so that check needs no extra agreement.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = batch_bits_per_dim(model, images, generator).mean()
+    if not all_finite(bool(torch.isfinite(loss))):
+        return StepMetrics(bits_per_dim=float(loss.detach()), grad_norm=math.nan, skipped=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return StepMetrics(bits_per_dim=float(loss.detach()), grad_norm=float(norm), skipped=True)
+    optimizer.step()
+    return StepMetrics(bits_per_dim=float(loss.detach()), grad_norm=float(norm), skipped=False)
+
+
+@torch.no_grad()
+def evaluate_bits_per_dim(
+    model: nn.Module, batches: Iterable[tuple[Sequence[str], Tensor]], seed: int = 0
+) -> tuple[float, int]:
+    """Mean per-image bits/dim over (keys, images) batches, with keyed dequantization noise.
+
+    Returns (mean, count). Independent of batching and order, so it matches scoring to rounding.
+    """
+    flow = unwrap(model)
+    was_training = flow.training
+    flow.eval()
+    total, count = 0.0, 0
+    for keys, images in batches:
+        total += float(keyed_bits_per_dim(flow, keys, images, seed).double().sum())
+        count += images.shape[0]
+    flow.train(was_training)
+    return (total / count if count else math.nan), count

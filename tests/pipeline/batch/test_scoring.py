@@ -1,0 +1,262 @@
+"""Bulk scoring: per-shard Parquet written once, exactly once per key across crashes and reruns,
+agreement with training's validation, the OOD score, skips, the registry, S3."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.batch.scoring import OUTPUT_COLUMNS, ScoreConfig, ScoreError, max_png_bytes, score
+from tests.pipeline.flow_fixtures import (
+    MODEL_NAME,
+    TrainedModel,
+    prepare_array,
+    prepare_fmnist,
+    trained_model,  # noqa: F401  (fixture)
+)
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+IMAGES, PER_SHARD = 600, 200
+
+
+@pytest.fixture(scope="module")
+def fmnist_split(fashion_mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """600 held-out Fashion-MNIST test images in 3 shards."""
+    return prepare_fmnist(
+        fashion_mnist_dir, str(tmp_path_factory.mktemp("fmnist") / "data"), IMAGES, PER_SHARD
+    )
+
+
+def config(
+    trained: TrainedModel, input: str, output: Path | str, model: str = "", **kwargs
+) -> ScoreConfig:
+    return ScoreConfig(
+        model=model or str(trained.directory),
+        input=input,
+        output=str(output),
+        tracking_uri=trained.tracking_uri,
+        batch_size=128,
+        actors=1,
+        least_likely=8,
+        **kwargs,
+    )
+
+
+def parquet_files(prefix: str | Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in Path(prefix).glob("*.parquet")}
+
+
+@pytest.fixture(scope="module")
+def scored(trained_model: TrainedModel, fmnist_split: str, tmp_path_factory) -> tuple:  # noqa: F811
+    cfg = config(trained_model, fmnist_split, tmp_path_factory.mktemp("scores"))
+    return cfg, score(cfg)
+
+
+def test_scoring_writes_one_file_per_shard_with_every_key_once(scored: tuple) -> None:
+    _, result = scored
+    assert result.model_name == "local" and len(result.model_version) == 12
+    assert sorted(parquet_files(result.output)) == [f"shard-00000{i}.parquet" for i in range(3)]
+    frame = pd.read_parquet(result.output)
+    assert list(frame.columns) == list(OUTPUT_COLUMNS)
+    assert len(frame) == IMAGES == frame["key"].nunique() == result.images_scored
+    for name in ("shard-000000", "shard-000002"):
+        part = pd.read_parquet(Path(result.output) / f"{name}.parquet")
+        assert set(part["shard"]) == {f"{name}.tar"} and len(part) == PER_SHARD
+    assert set(frame["label"]) <= set(range(10))
+    assert result.images_skipped == 0
+    # The summary beside the outputs, and in MLflow with the model's name and version.
+    summary = Path(result.summary_url)
+    assert {"summary.json", "bits_per_dim_histogram.png", "least_likely.png"} <= {
+        p.name for p in summary.iterdir()
+    }
+    assert result.p99_bits_per_dim >= result.median_bits_per_dim
+    assert abs(result.mean_bits_per_dim - frame["bits_per_dim"].mean()) < 1e-9
+    # Median and p99 come from 1e-3-wide bins (bounded memory): within a bin of the order stats.
+    ordered = np.sort(frame["bits_per_dim"].to_numpy())
+    assert ordered[299] - 1e-3 <= result.median_bits_per_dim <= ordered[300] + 1e-3
+    assert ordered[593] - 1e-3 <= result.p99_bits_per_dim <= ordered[594] + 1e-3
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(scored[0].tracking_uri).get_run(result.mlflow_run_id)
+    assert run.data.tags["model_name"] == "local"
+    assert run.data.tags["model_version"] == result.model_version
+    assert run.data.metrics["images_scored"] == IMAGES
+
+
+def test_rerun_writes_nothing(scored: tuple) -> None:
+    cfg, first = scored
+    before = parquet_files(first.output)
+    summaries = sorted(p.name for p in (Path(first.output) / "_summary").iterdir())
+    again = score(cfg)
+    assert again.shards_written == () and again.images_scored == 0
+    assert again.shards_already_done == 3 and again.mlflow_run_id is None
+    assert parquet_files(first.output) == before  # same files, same mtimes
+    assert sorted(p.name for p in (Path(first.output) / "_summary").iterdir()) == summaries
+
+
+def test_scores_reproduce_training_validation_bits_per_dim(
+    scored: tuple,
+    trained_model: TrainedModel,  # noqa: F811
+    fmnist_split: str,
+) -> None:
+    from pipeline.data.reader import iter_split
+    from pipeline.model.artifact import load_flow
+    from pipeline.model.likelihood import keyed_bits_per_dim
+    from pipeline.train.step import evaluate_bits_per_dim
+
+    flow = load_flow(trained_model.directory)
+    rows = list(iter_split(fmnist_split))
+    keys = [row["key"] for row in rows]
+    images = torch.from_numpy(np.stack([row["image"] for row in rows]))
+    batches = [(keys[i : i + 100], images[i : i + 100]) for i in range(0, len(keys), 100)]
+    mean, count = evaluate_bits_per_dim(flow, batches, seed=0)
+    frame = pd.read_parquet(scored[1].output).set_index("key").loc[keys]
+    assert count == IMAGES
+    assert abs(frame["bits_per_dim"].mean() - mean) < 1e-4
+    expected = keyed_bits_per_dim(flow, keys, images, seed=0).double().numpy()
+    assert np.abs(frame["bits_per_dim"].to_numpy() - expected).max() < 1e-4
+    # log-likelihood in nats is bits/dim in other units: -bpd * D * ln 2.
+    dims = 28 * 28
+    np.testing.assert_allclose(
+        frame["log_likelihood"], -frame["bits_per_dim"] * dims * math.log(2), rtol=1e-9
+    )
+    # OOD score = bits/dim - PNG bits/dim, PNG at maximum compression of the decoded image.
+    first = rows[0]
+    png_bits = 8 * len(max_png_bytes(first["image"])) / dims
+    assert frame.loc[first["key"], "png_bits_per_dim"] == pytest.approx(png_bits)
+    np.testing.assert_allclose(
+        frame["ood_score"], frame["bits_per_dim"] - frame["png_bits_per_dim"], atol=1e-12
+    )
+
+
+def test_interrupted_run_then_rerun_scores_every_key_exactly_once(
+    trained_model: TrainedModel,  # noqa: F811
+    fmnist_split: str,
+    tmp_path: Path,
+) -> None:
+    cfg = config(trained_model, fmnist_split, tmp_path / "out")
+
+    def crash_after_first(shard: str) -> None:
+        raise RuntimeError(f"injected crash after {shard}")
+
+    with pytest.raises(RuntimeError, match="injected crash"):
+        score(cfg, on_shard_written=crash_after_first)
+    prefix = next((tmp_path / "out").glob("model=local/version=*"))
+    survived = parquet_files(prefix)
+    assert len(survived) == 1  # the crash came before the other shards were complete
+    assert not [p for p in prefix.iterdir() if p.name.startswith(".")]  # no temp files left
+
+    result = score(cfg)
+    assert len(result.shards_written) == 2 and result.shards_already_done == 1
+    after = parquet_files(prefix)
+    assert len(after) == 3
+    assert all(after[name] == mtime for name, mtime in survived.items())  # not rewritten
+    frame = pd.read_parquet(prefix)
+    assert len(frame) == IMAGES and frame["key"].nunique() == IMAGES
+
+
+def test_unreadable_image_is_skipped_counted_and_left_out(
+    trained_model: TrainedModel,  # noqa: F811
+    fmnist_split: str,
+    tmp_path: Path,
+) -> None:
+    split = tmp_path / "test"
+    shutil.copytree(fmnist_split, split)
+    shard = split / "shard-000001.tar"
+    with tarfile.open(shard) as archive:
+        member = [m for m in archive.getmembers() if m.name.endswith(".png")][5]
+    bad_key = member.name.split(".")[0]
+    with open(shard, "r+b") as file:  # same size, so the manifest still matches: break the CRC
+        file.seek(member.offset_data + member.size // 2)
+        file.write(b"\x00" * 16)
+
+    result = score(config(trained_model, str(split), tmp_path / "out", on_error="skip"))
+    assert result.images_skipped == 1 and result.images_scored == IMAGES - 1
+    frame = pd.read_parquet(result.output)
+    assert len(frame) == IMAGES - 1 == frame["key"].nunique()
+    assert bad_key not in set(frame["key"])
+    assert len(parquet_files(result.output)) == 3
+
+
+def test_shape_mismatch_stops_before_any_work(
+    trained_model: TrainedModel,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32), dtype=np.uint8)
+    split = prepare_array(images, tmp_path / "big", per_shard=10)
+    with pytest.raises(ScoreError) as error:
+        score(config(trained_model, split, tmp_path / "out"))
+    assert "[1, 32, 32]" in str(error.value) and "[1, 28, 28]" in str(error.value)
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_registry_alias_scores_noise_as_less_likely_than_fashion_mnist(
+    scored: tuple,
+    trained_model: TrainedModel,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    noise = np.random.default_rng(1).integers(0, 256, (300, 28, 28), dtype=np.uint8)
+    split = prepare_array(noise, tmp_path / "noise", per_shard=150)
+    result = score(
+        config(trained_model, split, tmp_path / "out", model=f"models:/{MODEL_NAME}@champion")
+    )
+    assert (result.model_name, result.model_version) == (MODEL_NAME, "1")
+    assert Path(result.output) == tmp_path / "out" / f"model={MODEL_NAME}" / "version=1"
+    noise_bits = pd.read_parquet(result.output)["bits_per_dim"]
+    fmnist_bits = pd.read_parquet(scored[1].output)["bits_per_dim"]
+    # Uniform noise is far less likely under a model of clothes than held-out clothes are.
+    assert noise_bits.mean() > fmnist_bits.mean() + 2.0
+    assert noise_bits.min() > fmnist_bits.median()
+
+
+def test_unknown_alias_lists_the_registered_aliases(
+    trained_model: TrainedModel,  # noqa: F811
+    fmnist_split: str,
+    tmp_path: Path,
+) -> None:
+    from pipeline.tracking.registry import ModelNotFound
+
+    with pytest.raises(ModelNotFound) as error:
+        score(config(trained_model, fmnist_split, tmp_path, model=f"models:/{MODEL_NAME}@nope"))
+    assert "@champion -> v1" in str(error.value) and "@candidate -> v1" in str(error.value)
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_s3_input_and_output(
+    trained_model: TrainedModel,  # noqa: F811
+    fashion_mnist_dir: Path,
+    s3,
+) -> None:
+    import pyarrow.dataset as pads
+
+    from pipeline.storage import arrow_filesystem, fsspec_filesystem
+
+    split = prepare_fmnist(fashion_mnist_dir, f"{s3.url}/data", 300, 150, s3.storage)
+    cfg = ScoreConfig(
+        model=str(trained_model.directory),
+        input=split,
+        output=f"{s3.url}/scores",
+        storage=s3.storage,
+        tracking_uri=trained_model.tracking_uri,
+        actors=1,
+        log_to_mlflow=False,
+    )
+    result = score(cfg)
+    assert result.output.startswith(f"{s3.url}/scores/model=local/version=")
+    filesystem, path = arrow_filesystem(result.output, s3.storage)
+    table = pads.dataset(path, filesystem=filesystem, format="parquet").to_table()
+    assert table.num_rows == 300 and len(set(table.column("key").to_pylist())) == 300
+
+    fs, path = fsspec_filesystem(result.output, s3.storage)
+    etags = {e["name"]: e["ETag"] for e in fs.ls(path, detail=True) if e["type"] == "file"}
+    again = score(cfg)
+    assert again.shards_written == () and again.shards_already_done == 2
+    assert {e["name"]: e["ETag"] for e in fs.ls(path, detail=True) if e["type"] == "file"} == etags
