@@ -7,16 +7,27 @@ The embedded default is `sqlite:///<workdir>/mlflow.db` with artifacts in `<work
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import mlflow
+from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from flowmodel.typed import flatten, to_dict
 from pipeline.errors import FlowrayError
 
-__all__ = ["TrackingError", "default_tracking_uri", "ensure_experiment", "resolve_tracking_uri"]
+__all__ = [
+    "TrackingError",
+    "default_tracking_uri",
+    "ensure_experiment",
+    "log_config_params",
+    "resolve_tracking_uri",
+]
 
 DEFAULT_WORKDIR = "flowray-work"
 
@@ -69,3 +80,23 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
             f"MLflow tracking server at {tracking_uri} is not reachable ({type(err).__name__})",
             hint="start it (`make mlflow-up`) or unset MLFLOW_TRACKING_URI to use the embedded SQLite store",
         ) from err
+
+
+# MLflow's limit on one param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
+MAX_PARAM_LENGTH = 6000
+
+
+def log_config_params(run_id: str, config: Any, *, exclude: Iterable[str] = ()) -> None:
+    """Log a typed config as the run's params: one param per dotted key (`optim.lr`).
+
+    Strings are logged as they are, everything else as JSON (`null`, `[28, 28]`), cut to MLflow's
+    length limit. `exclude` drops top-level sections (e.g. `storage`, which holds no results).
+    `MlflowClient.log_batch` splits the params into batches the server accepts.
+    """
+    skip = set(exclude)
+    values = {k: v for k, v in to_dict(config).items() if k not in skip}
+    params = [
+        Param(key, (value if isinstance(value, str) else json.dumps(value))[:MAX_PARAM_LENGTH])
+        for key, value in flatten(values).items()
+    ]
+    MlflowClient().log_batch(run_id, params=params)
