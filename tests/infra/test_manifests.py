@@ -158,6 +158,8 @@ def _check_ray_cluster_spec(spec: dict[str, Any], where: str) -> None:
         # the GPU nodes' taint; a CPU group asks for none.
         if group["groupName"] == "gpu":
             assert gpus >= 1
+            # GPU nodes run the CUDA image; the CPU image's torch could not use their GPUs.
+            assert {c["image"] for c in containers} == {"${FLOWRAY_GPU_IMAGE}"}, where
             for c in containers:
                 assert c["resources"]["requests"].get("nvidia.com/gpu") == c["resources"][
                     "limits"
@@ -166,6 +168,7 @@ def _check_ray_cluster_spec(spec: dict[str, Any], where: str) -> None:
             assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
         else:
             assert gpus == 0, f"{where}: CPU group {group['groupName']} asks for GPUs"
+            assert {c["image"] for c in containers} == {"${FLOWRAY_IMAGE}"}, where
 
 
 def test_raycluster_has_a_head_a_cpu_group_and_a_gpu_group():
@@ -464,3 +467,21 @@ def test_every_makefile_stack_target_has_its_script():
     }
     for name in scripts:
         assert (LOCAL / name).is_file(), name
+
+
+def test_docker_build_context_holds_only_what_the_image_copies():
+    # BuildKit reads infra/Dockerfile.dockerignore for `docker build -f infra/Dockerfile .`: it
+    # excludes everything, then lets through exactly the paths the Dockerfile COPYs, so .venv,
+    # .stack, demo-work and data never reach the build context.
+    rules = [
+        line
+        for line in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert rules[0] == "**"
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    copied = set()
+    for sources in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", _dockerfile(), re.M):
+        copied |= set(sources.split())
+    assert copied == {"pyproject.toml", "README.md", "flowmodel", "pipeline", "jobs"}
+    assert allowed == copied
