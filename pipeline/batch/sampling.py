@@ -17,6 +17,9 @@ Shards are written by the driver in image order from the chunks the tasks return
 `tasks` chunks in flight, so memory stays bounded); each shard goes to a temp file, then is renamed
 or uploaded whole (atomic). A rerun of a finished job (same manifest fingerprint) does nothing; an
 output written with other settings is refused, never overwritten.
+
+The model is named as in scoring (pipeline.batch.resolve): registry name and version, "run-<run
+id>" for runs:/ models, "local" for a directory, with a hash of the weights as the version.
 """
 
 from __future__ import annotations
@@ -31,19 +34,29 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
+import torch
+
+from flowmodel import Flow
 from flowmodel.typed import to_dict
+from pipeline.batch.resolve import BatchModel, resolve_batch_model
+from pipeline.batch.sample_shards import SampleShardWriter
+from pipeline.data.shards import (
+    FORMAT,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    encode_png,
+    parse_manifest,
+)
 from pipeline.errors import FlowrayError
-from pipeline.model.payload import FlowPayload
+from pipeline.model.artifact import FlowPayload
 from pipeline.storage import (
     StorageConfig,
     check_access,
     exists,
     join_url,
-    make_temp_file,
     read_bytes,
-    replace_with,
     write_bytes_atomic,
 )
 
@@ -112,6 +125,8 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class SampleResult:
+    """What a sampling run did."""
+
     model_name: str
     model_version: str
     output: str
@@ -123,6 +138,7 @@ class SampleResult:
     mlflow_run_id: str | None
 
     def line(self) -> str:
+        """The one-line report a job prints at the end."""
         if not self.written:
             return (
                 f"nothing to do: {self.images} samples with these settings already at {self.output}"
@@ -139,17 +155,13 @@ def chunk_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-_FLOWS: dict[str, Any] = {}  # per worker process: weights digest -> flow, loaded once
+_FLOWS: dict[str, Flow] = {}  # per worker process: weights digest -> flow, loaded once
 
 
 def _sample_chunk(
     payload: FlowPayload, seed: int, index: int, count: int, temperature: float, threads: int
 ) -> list[bytes]:
     """Chunk `index`: `count` images as PNG bytes (a Ray task, also called in-process)."""
-    import torch
-
-    from pipeline.data.shards import encode_png
-
     torch.set_num_threads(threads)  # same thread count, same float reductions, same bytes
     key = payload.digest()
     if key not in _FLOWS:
@@ -160,91 +172,14 @@ def _sample_chunk(
     return [encode_png(image) for image in images.numpy()]
 
 
-class _ShardWriter:
-    """Writes consecutive samples into shards of `per_shard`, each atomically; collects ShardInfo."""
+@dataclass(frozen=True)
+class _Plan:
+    """What a run will do, settled before any image is drawn."""
 
-    def __init__(self, output: str, storage: StorageConfig, per_shard: int) -> None:
-        self.output, self.storage, self.per_shard = output, storage, per_shard
-        self.infos: list[Any] = []
-        self.index = 0  # next sample index
-        self._writer: Any = None
-        self._temp = ""
-        self._count = 0
-
-    def write(self, png: bytes) -> None:
-        import webdataset as wds
-
-        from pipeline.data.shards import shard_key
-
-        if self._writer is None:
-            url = join_url(self.output, self._name())
-            self._temp = make_temp_file(url, ".tar")
-            self._stream = open(self._temp, "wb")  # noqa: SIM115 (closed in _close)
-            self._writer = wds.TarWriter(
-                self._stream, encoder=False, mtime=0, user="flowray", group="flowray"
-            )
-            self._start, self._count = self.index, 0
-        self._writer.write({"__key__": shard_key(SPLIT, self.index), "png": png})
-        self.index += 1
-        self._count += 1
-        if self._count == self.per_shard:
-            self.close()
-
-    def _name(self) -> str:
-        from pipeline.data.shards import shard_name
-
-        return shard_name(len(self.infos))
-
-    def close(self) -> None:
-        from pipeline.data.shards import ShardInfo
-
-        if self._writer is None:
-            return
-        # We own the stream: TarWriter does not close streams it did not open.
-        self._writer.close()
-        self._stream.close()
-        digest = hashlib.sha256()
-        with open(self._temp, "rb") as file:
-            while chunk := file.read(8 << 20):
-                digest.update(chunk)
-        name = self._name()
-        info = ShardInfo(
-            name, self._count, digest.hexdigest(), os.path.getsize(self._temp), self._start
-        )
-        replace_with(self._temp, join_url(self.output, name), self.storage)
-        self.infos.append(info)
-        self._writer = None
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._stream.close()
-            if os.path.exists(self._temp):
-                os.remove(self._temp)
-            self._writer = None
-
-
-def _resolve(config: SampleConfig) -> tuple[FlowPayload, str, str, Any]:
-    from pipeline.tracking.registry import resolve_model
-
-    resolved = resolve_model(config.model)
-    payload = FlowPayload.from_flow(resolved.flow)
-    if resolved.name:
-        return payload, resolved.name, str(resolved.version), resolved.flow
-    return payload, "local", payload.digest(), resolved.flow
-
-
-def _grid_png(flow: Any, config: SampleConfig, label: str) -> bytes:
-    import torch
-
-    from pipeline.plots import image_grid, titled_grid_png
-
-    panels = []
-    for temperature in config.grid_temperatures:
-        # One seed for all panels: the same z scaled by each temperature, so panels compare.
-        generator = torch.Generator().manual_seed(chunk_seed(config.seed, -1))
-        images = flow.sample(config.grid_images, temperature, generator).numpy()
-        panels.append((f"temperature {temperature:g}", image_grid(images)))
-    return titled_grid_png(panels, f"samples from {label} (seed {config.seed})")
+    model: BatchModel
+    fingerprint: str  # hash of everything that decides the shards' bytes
+    done: Manifest | None  # the manifest of a finished identical run at the output, if any
+    tracking_uri: str
 
 
 def generate(config: SampleConfig) -> SampleResult:
@@ -253,47 +188,87 @@ def generate(config: SampleConfig) -> SampleResult:
     Ray must be initialised (or a local instance starts). Raises SampleError when the output
     holds samples made with other settings; ModelNotFound, StorageError, TrackingError below.
     """
-    import mlflow
-    import ray
+    plan = _plan(config)
+    model = plan.model
+    if plan.done is not None:
+        result = SampleResult(
+            model_name=model.name,
+            model_version=model.version,
+            output=config.output,
+            images=plan.done.count,
+            shards=len(plan.done.shards),
+            written=False,
+            images_per_second=0.0,
+            seconds=0.0,
+            mlflow_run_id=None,
+        )
+        logger.info(result.line())
+        return result
+    started = time.perf_counter()
+    shards = _draw(config, model.payload)
+    seconds = time.perf_counter() - started
+    grid = _grid_png(model.flow, config, model.label)
+    write_bytes_atomic(join_url(config.output, GRID_FILE), grid, config.storage)
+    _write_manifest(config, plan, shards)
+    result = SampleResult(
+        model_name=model.name,
+        model_version=model.version,
+        output=config.output,
+        images=config.n,
+        shards=len(shards),
+        written=True,
+        images_per_second=config.n / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        mlflow_run_id=None,
+    )
+    if config.log_to_mlflow:
+        run_id = _log_run(config, result, grid, plan.tracking_uri)
+        result = dataclasses.replace(result, mlflow_run_id=run_id)
+    logger.info(result.line())
+    return result
 
-    from pipeline.data.shards import FORMAT, MANIFEST_NAME, Manifest, parse_manifest
+
+def _plan(config: SampleConfig) -> _Plan:
+    """Check access, resolve the model, and find a finished run at the output (or refuse one
+    made with other settings)."""
+    import mlflow
+
     from pipeline.tracking.connection import resolve_tracking_uri
 
-    storage = config.storage
-    check_access(config.output, storage)
+    check_access(config.output, config.storage)
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    payload, name, version, flow = _resolve(config)
-    shape = tuple(flow.config.image_shape)
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {
-                "weights": payload.digest(),
-                "n": config.n,
-                "temperature": config.temperature,
-                "seed": config.seed,
-                "chunk_size": config.chunk_size,
-                "threads": config.cpus_per_task,
-                "shard_samples": config.shard_samples,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
+    model = resolve_batch_model(config.model)
+    fingerprint = _fingerprint(config, model.payload)
     manifest_url = join_url(config.output, MANIFEST_NAME)
-    if exists(manifest_url, storage):
-        previous = parse_manifest(read_bytes(manifest_url, storage), manifest_url)
-        if previous.fingerprint == fingerprint:
-            result = SampleResult(
-                name, version, config.output, previous.count, len(previous.shards),
-                False, 0.0, 0.0, None,
-            )  # fmt: skip
-            logger.info(result.line())
-            return result
-        raise SampleError(
-            f"{config.output} already holds samples made with other settings "
-            f"({previous.source}, {previous.count} images)",
-            hint="write to a new --output, or rerun with the settings used before",
-        )
+    done = None
+    if exists(manifest_url, config.storage):
+        done = parse_manifest(read_bytes(manifest_url, config.storage), manifest_url)
+        if done.fingerprint != fingerprint:
+            raise SampleError(
+                f"{config.output} already holds samples made with other settings "
+                f"({done.source}, {done.count} images)",
+                hint="write to a new --output, or rerun with the settings used before",
+            )
+    return _Plan(model=model, fingerprint=fingerprint, done=done, tracking_uri=tracking_uri)
+
+
+def _fingerprint(config: SampleConfig, payload: FlowPayload) -> str:
+    fields = {
+        "weights": payload.digest(),
+        "n": config.n,
+        "temperature": config.temperature,
+        "seed": config.seed,
+        "chunk_size": config.chunk_size,
+        "threads": config.cpus_per_task,
+        "shard_samples": config.shard_samples,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _draw(config: SampleConfig, payload: FlowPayload) -> list[ShardInfo]:
+    """Run the chunks as Ray tasks and write their images into shards, in image order."""
+    import ray
 
     chunks = [
         (i, min(config.chunk_size, config.n - i * config.chunk_size))
@@ -304,8 +279,7 @@ def generate(config: SampleConfig) -> SampleResult:
     )
     task = ray.remote(num_cpus=config.cpus_per_task, max_retries=2)(_sample_chunk)
     payload_ref = ray.put(payload)
-    writer = _ShardWriter(config.output, storage, config.shard_samples)
-    started = time.perf_counter()
+    writer = SampleShardWriter(config.output, config.storage, SPLIT, config.shard_samples)
     queue, in_flight = list(chunks), []
     try:
         # In-order consumption with `window` chunks in flight: shards come out in image order.
@@ -322,39 +296,47 @@ def generate(config: SampleConfig) -> SampleResult:
         for ref in in_flight:
             ray.cancel(ref)
         raise
-    seconds = time.perf_counter() - started
+    return writer.infos
 
-    label = f"{name} v{version}"
-    grid = _grid_png(flow, config, label)
-    write_bytes_atomic(join_url(config.output, GRID_FILE), grid, storage)
+
+def _grid_png(flow: Flow, config: SampleConfig, label: str) -> bytes:
+    """One panel per grid temperature, titled with the model's label."""
+    from pipeline.plots import image_grid, titled_grid_png
+
+    panels = []
+    for temperature in config.grid_temperatures:
+        # One seed for all panels: the same z scaled by each temperature, so panels compare.
+        generator = torch.Generator().manual_seed(chunk_seed(config.seed, -1))
+        images = flow.sample(config.grid_images, temperature, generator).numpy()
+        panels.append((f"temperature {temperature:g}", image_grid(images)))
+    return titled_grid_png(panels, f"samples from {label} (seed {config.seed})")
+
+
+def _write_manifest(config: SampleConfig, plan: _Plan, shards: list[ShardInfo]) -> None:
+    """Last, and atomically: a manifest present means every shard it lists is complete."""
+    source = (
+        f"samples:{config.model} ({plan.model.label}) "
+        f"temperature={config.temperature:g} seed={config.seed}"
+    )
     manifest = Manifest(
         split=SPLIT,
         count=config.n,
-        shape=shape,  # type: ignore[arg-type]
-        shards=tuple(writer.infos),
-        source=f"samples:{config.model} ({label}) temperature={config.temperature:g} seed={config.seed}",
+        shape=plan.model.image_shape,
+        shards=tuple(shards),
+        source=source,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        fingerprint=fingerprint,
+        fingerprint=plan.fingerprint,
         format=FORMAT,
     )
-    # Last, and atomically: a manifest present means every shard it lists is complete.
-    write_bytes_atomic(manifest_url, json.dumps(to_dict(manifest), indent=1).encode(), storage)
-    result = SampleResult(
-        name, version, config.output, config.n, len(writer.infos), True,
-        config.n / seconds if seconds > 0 else 0.0, seconds, None,
-    )  # fmt: skip
-    if config.log_to_mlflow:
-        result = dataclasses.replace(
-            result, mlflow_run_id=_log_run(config, result, grid, tracking_uri)
-        )
-    logger.info(result.line())
-    return result
+    url = join_url(config.output, MANIFEST_NAME)
+    write_bytes_atomic(url, json.dumps(to_dict(manifest), indent=1).encode(), config.storage)
 
 
 def _log_run(config: SampleConfig, result: SampleResult, grid: bytes, tracking_uri: str) -> str:
+    """The MLflow sampling run: the config as params (not storage), metrics, the grid; its id."""
     import mlflow
 
-    from pipeline.tracking.connection import ensure_experiment
+    from pipeline.tracking.connection import ensure_experiment, log_config_params
 
     experiment_id = ensure_experiment(tracking_uri, config.experiment)
     tags = {
@@ -367,9 +349,7 @@ def _log_run(config: SampleConfig, result: SampleResult, grid: bytes, tracking_u
         run_name=f"sample {result.model_name} v{result.model_version}",
         tags=tags,
     ) as run:
-        params = to_dict(config)
-        params.pop("storage")
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        log_config_params(run.info.run_id, config, exclude=("storage",))
         mlflow.log_metrics(
             {
                 "images": result.images,

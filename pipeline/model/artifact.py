@@ -1,34 +1,56 @@
-"""A trained flow on disk: safetensors weights + config JSON. No pickled modules, ever.
+"""The model artifact: a trained flow on disk and in memory, as safetensors weights + config JSON.
+No pickled modules, ever.
 
-Checkpoints, the MLflow pyfunc model and local model directories all use this layout:
+On disk (checkpoints, the MLflow pyfunc model, local model directories):
 
     <dir>/model.safetensors   the flow's state_dict (parameters and buffers)
     <dir>/flow_config.json    FlowConfig.to_dict()
+
+In memory, `FlowPayload` holds the same two parts as bytes and a dict. Batch jobs resolve a model
+once on the driver (registry lookup, artifact download), then hand the payload to every actor
+through Ray's object store: actors never touch the registry, and no node needs the driver's local
+files (a multi-node cluster shares no disk with the driver).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_tensors
 
 from flowmodel import Flow, FlowConfig, build_flow
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "load_flow", "save_flow"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "FlowPayload", "load_flow", "save_flow"]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "flow_config.json"
+
+
+def _state_dict(flow: Flow) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; a state_dict copy has neither.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in flow.state_dict().items()}
+
+
+def _build(
+    config: dict[str, Any], state: dict[str, torch.Tensor], device: str | torch.device
+) -> Flow:
+    flow = build_flow(FlowConfig.from_dict(config))
+    flow.load_state_dict(state)
+    return flow.to(device).eval()
 
 
 def save_flow(flow: Flow, directory: str | Path) -> Path:
     """Write `flow` to `directory` (created if needed); returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses shared or non-contiguous storage; a state_dict copy has neither.
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in flow.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE))
+    save_file(_state_dict(flow), str(directory / WEIGHTS_FILE))
     (directory / CONFIG_FILE).write_text(json.dumps(flow.config.to_dict(), indent=2))
     return directory
 
@@ -42,7 +64,25 @@ def load_flow(directory: str | Path, device: str | torch.device = "cpu") -> Flow
             f"not a flowray model directory: {directory} (expected {WEIGHTS_FILE} and "
             f"{CONFIG_FILE}, missing {', '.join(missing)})"
         )
-    config = FlowConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    flow = build_flow(config)
-    flow.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-    return flow.to(device).eval()
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    return _build(config, load_file(str(directory / WEIGHTS_FILE)), device)
+
+
+@dataclass(frozen=True)
+class FlowPayload:
+    """A flow as picklable bytes: the artifact's config dict and safetensors weights."""
+
+    config: dict[str, Any]
+    weights: bytes  # safetensors bytes of the state_dict
+
+    @classmethod
+    def from_flow(cls, flow: Flow) -> FlowPayload:
+        return cls(config=flow.config.to_dict(), weights=save_tensors(_state_dict(flow)))
+
+    def load(self, device: str | torch.device = "cpu") -> Flow:
+        """The flow in eval mode on `device`."""
+        return _build(self.config, load_tensors(self.weights), device)
+
+    def digest(self) -> str:
+        """A short hash of the weights: the version of a model that has no registry version."""
+        return hashlib.sha256(self.weights).hexdigest()[:12]

@@ -1,7 +1,8 @@
 """Per-image log-likelihood and bits/dim of uint8 images: keyed dequantization, K draws.
 
-Shared by validation (pipeline.train), the scoring actors and the MLflow pyfunc model; it imports torch and pandas only, so a
-scoring actor starts without MLflow.
+Shared by validation (pipeline.train.step), the scoring actors (pipeline.batch) and the MLflow
+pyfunc model (pipeline.model.pyfunc). It imports torch, numpy and pandas only, so a scoring actor
+starts without MLflow.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ def keyed_bits_per_dim(flow: Flow, keys: Sequence[str], images: Tensor, seed: in
 
 
 def predict_frame(
-    flow: Any, images: np.ndarray, keys: list[str], seed: int, draws: int
+    flow: Flow, images: np.ndarray, keys: list[str], seed: int, draws: int
 ) -> pd.DataFrame:
     """Per image: log-likelihood in nats (of the discrete image, log P(x) bound) and bits/dim.
 

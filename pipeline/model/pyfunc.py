@@ -1,7 +1,8 @@
 """The MLflow pyfunc flavour of a flow: `predict(uint8 images) -> log-likelihood and bits/dim`.
 
-Logged as "models from code" (this module's path is the model's code, FlowPyfunc is instantiated
-by `jobs`-free code at load), so nothing is pickled: the weights are the safetensors artifact.
+Logged as "models from code": MLflow runs pipeline/model/pyfunc_entry.py, which instantiates
+FlowPyfunc, so nothing is pickled; the weights are the safetensors artifact (pipeline.model.artifact).
+This is the one module of pipeline.model that imports MLflow: MLflow loads it itself.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 
+from pipeline.model.artifact import load_flow
 from pipeline.model.likelihood import predict_frame
 
 __all__ = ["FlowPyfunc"]
@@ -22,8 +24,6 @@ class FlowPyfunc(mlflow.pyfunc.PythonModel):
     draws (1). Output: a DataFrame with key, log_likelihood (nats) and bits_per_dim."""
 
     def load_context(self, context: Any) -> None:
-        from pipeline.model.artifact import load_flow
-
         self.flow = load_flow(context.artifacts["flow"])
 
     # No type hints here: MLflow turns predict's hints into a schema it then enforces.

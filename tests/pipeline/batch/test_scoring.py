@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.batch.scoring import OUTPUT_COLUMNS, ScoreConfig, ScoreError, max_png_bytes, score
+from pipeline.batch.score_output import OUTPUT_COLUMNS
+from pipeline.batch.score_pipeline import max_png_bytes
+from pipeline.batch.scoring import ScoreConfig, ScoreError, score
 from tests.pipeline.flow_fixtures import (
     MODEL_NAME,
     TrainedModel,

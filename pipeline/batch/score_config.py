@@ -1,0 +1,113 @@
+"""What a scoring job is asked (ScoreConfig), what it did (ScoreResult), and how it refuses
+(ScoreError). `pipeline.batch.scoring` runs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.errors import FlowrayError
+from pipeline.storage import StorageConfig
+
+__all__ = ["ScoreConfig", "ScoreError", "ScoreResult"]
+
+
+class ScoreError(FlowrayError, RuntimeError):
+    """Scoring cannot run as asked; the message says what was expected and what was found."""
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One scoring job. `model`, `input` and `output` are required; the rest has defaults.
+
+    Attributes:
+        model: models:/<name>@<alias>, models:/<name>/<version>, runs:/<id>/<path> or a local
+            model directory.
+        input: a prepared split, `<data>/<split>` (local path or s3://).
+        output: a prefix (local or s3://); files go under model=<name>/version=<v>/.
+        storage: S3 endpoint and region for input and output.
+        batch_size: images per forward pass in an actor.
+        actors: size of the scoring actor pool; 0 = one per CPU (or GPU) of the cluster, less one
+            CPU left for reading.
+        cpus_per_actor, gpus_per_actor: Ray resources of each actor (gpus > 0 scores on CUDA).
+        read_concurrency: at most this many read tasks at once (None: Ray Data decides).
+        draws: dequantization draws K per image, averaged in probability space.
+        seed: dequantization seed; the same meaning as training's eval_seed, so scoring reproduces
+            the training job's validation bits/dim.
+        on_error: an unreadable image is logged, counted and left out ("skip") or stops the job.
+        least_likely: how many of the least likely images the summary grid shows.
+        tracking_uri: MLflow tracking URI (None: MLFLOW_TRACKING_URI, else the embedded SQLite).
+        experiment: MLflow experiment of the summary run.
+        log_to_mlflow: log the summary run (the files under _summary/ are written either way).
+    """
+
+    model: str
+    input: str
+    output: str
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    batch_size: int = 256
+    actors: int = 0
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    read_concurrency: int | None = None
+    draws: int = 1
+    seed: int = 0
+    on_error: Literal["skip", "fail"] = "skip"
+    least_likely: int = 32
+    tracking_uri: str | None = None
+    experiment: str = "flowray-scoring"
+    log_to_mlflow: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("model", "input", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: required, found an empty value")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, found {self.batch_size}")
+        if self.actors < 0:
+            raise ValueError(f"actors: expected >= 0 (0 = auto), found {self.actors}")
+        if self.draws < 1:
+            raise ValueError(f"draws: expected >= 1, found {self.draws}")
+        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ValueError(
+                f"cpus_per_actor > 0 and gpus_per_actor >= 0 expected, found "
+                f"{self.cpus_per_actor} and {self.gpus_per_actor}"
+            )
+        if self.least_likely < 0:
+            raise ValueError(f"least_likely: expected >= 0, found {self.least_likely}")
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What a scoring run did. Statistics cover the images scored by this run."""
+
+    model_name: str
+    model_version: str
+    output: str  # <output>/model=<name>/version=<v>
+    shards_total: int
+    shards_already_done: int
+    shards_written: tuple[str, ...]
+    images_scored: int
+    images_skipped: int
+    mean_bits_per_dim: float
+    median_bits_per_dim: float
+    p99_bits_per_dim: float
+    images_per_second: float
+    seconds: float
+    summary_url: str | None
+    mlflow_run_id: str | None
+
+    def line(self) -> str:
+        """The one-line report a job prints at the end."""
+        if not self.shards_written and not self.images_scored:
+            return (
+                f"nothing to score: all {self.shards_already_done}/{self.shards_total} shards of "
+                f"model={self.model_name} version={self.model_version} already at {self.output}"
+            )
+        return (
+            f"scored {self.images_scored:,} images ({len(self.shards_written)} shards written, "
+            f"{self.shards_already_done} already done, {self.images_skipped} images skipped) "
+            f"with {self.model_name} v{self.model_version} at {self.images_per_second:,.0f} "
+            f"images/s; bits/dim mean {self.mean_bits_per_dim:.4f} median "
+            f"{self.median_bits_per_dim:.4f} p99 {self.p99_bits_per_dim:.4f} -> {self.output}"
+        )

@@ -1,0 +1,137 @@
+"""The Ray Data side of scoring: read the pending shards, score them on an actor pool.
+
+    read_split (read tasks: tar -> decoded uint8 images)
+      -> map_batches(Scorer, compute=ActorPoolStrategy(size))   one flow per actor, loaded once
+      -> rows without images: key, shard, label, log_likelihood, bits_per_dim, png_bits_per_dim,
+         ood_score, and `png` for the few least likely images of each batch
+
+The OOD score's complexity term L(x) is the PNG of the decoded image at maximum compression (see
+pipeline.batch.scoring); it is computed here, in the actors, beside the flow's forward pass.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from pipeline.batch.score_config import ScoreConfig
+from pipeline.data.reader import SkipTally, read_split
+from pipeline.data.shards import Manifest
+from pipeline.model.artifact import FlowPayload
+from pipeline.model.likelihood import predict_frame
+
+__all__ = ["Scorer", "build_pipeline", "max_png_bytes", "pool_size"]
+
+
+def max_png_bytes(image: np.ndarray) -> bytes:
+    """uint8 [C, H, W] (C = 1 or 3) as PNG at maximum zlib compression (level 9)."""
+    from PIL import Image
+
+    if image.shape[0] == 1:
+        picture = Image.fromarray(image[0], "L")
+    else:
+        picture = Image.fromarray(
+            np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB"
+        )  # (H, W, C)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=9)
+    return buffer.getvalue()
+
+
+class Scorer:
+    """Ray Data callable class: loads the flow once per actor, scores batches of reader rows.
+
+    Input batch (numpy): key, shard, image uint8 [B, C, H, W], label, nbytes. Output: the
+    OUTPUT_COLUMNS of pipeline.batch.score_output plus `png`, the max-compression PNG of this
+    batch's `keep_png` least likely images (b"" for the others), so the driver can draw the least
+    likely images without images flowing through the pipeline.
+    """
+
+    def __init__(
+        self, payload: Any, seed: int, draws: int, device: str = "cpu", keep_png: int = 0
+    ) -> None:
+        import ray
+
+        if isinstance(payload, ray.ObjectRef):
+            payload = ray.get(payload)
+        self.flow = payload.load(device)
+        self.seed, self.draws, self.keep_png = seed, draws, keep_png
+        self.dims = self.flow.config.dims
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Ray hands read-only views (zero copy); torch wants writable memory.
+        images = np.require(batch["image"], requirements=["C", "W"])  # (B, C, H, W) uint8
+        keys = [str(key) for key in batch["key"]]
+        frame = predict_frame(self.flow, images, keys, self.seed, self.draws)
+        pngs = [max_png_bytes(image) for image in images]
+        png_bits = np.array([8.0 * len(p) / self.dims for p in pngs])
+        bits = frame["bits_per_dim"].to_numpy()
+        kept = np.full(len(keys), b"", dtype=object)
+        for i in np.argsort(-bits, kind="stable")[: self.keep_png]:
+            kept[i] = pngs[i]
+        return {
+            "key": np.array(keys, dtype=object),
+            "shard": np.asarray(batch["shard"], dtype=object),
+            "label": np.asarray(batch["label"], dtype=np.int64),
+            "log_likelihood": frame["log_likelihood"].to_numpy(),
+            "bits_per_dim": bits,
+            "png_bits_per_dim": png_bits,
+            "ood_score": bits - png_bits,
+            "png": kept,
+        }
+
+
+def pool_size(config: ScoreConfig) -> int:
+    """Actors in the pool: `config.actors`, else as many as the cluster's resources allow."""
+    if config.actors:
+        return config.actors
+    import ray
+
+    resources = ray.cluster_resources()
+    if config.gpus_per_actor > 0:
+        return max(1, int(resources.get("GPU", 0) // config.gpus_per_actor))
+    # Leave one CPU for the read tasks, or actors would starve them.
+    return max(1, int((resources.get("CPU", 1) - 1) // config.cpus_per_actor))
+
+
+def build_pipeline(
+    config: ScoreConfig,
+    payload: FlowPayload,
+    manifest: Manifest,
+    shards: list[str],
+    tally: SkipTally | None,
+) -> Any:
+    """The lazy Ray Dataset of the score rows of `shards`, files of the split `manifest` describes.
+
+    `tally` counts the images the readers skip (None under on_error="fail": nothing is skipped).
+    """
+    import ray
+    import ray.data
+
+    dataset = read_split(
+        config.input,
+        config.storage,
+        shards=shards,
+        on_error=config.on_error,
+        tally=tally,
+        manifest=manifest,
+        rows_per_block=config.batch_size,
+        concurrency=config.read_concurrency,
+    )
+    return dataset.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "payload": ray.put(payload),
+            "seed": config.seed,
+            "draws": config.draws,
+            "device": "cuda" if config.gpus_per_actor > 0 else "cpu",
+            "keep_png": config.least_likely,
+        },
+        compute=ray.data.ActorPoolStrategy(size=pool_size(config)),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor or None,
+    )
