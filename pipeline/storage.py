@@ -76,6 +76,8 @@ class StorageConfig:
         anon: unsigned requests (public buckets); no credentials needed.
         connect_timeout: seconds before a connection attempt fails (kept short so an unreachable
             endpoint is reported in seconds rather than minutes of retries).
+        read_timeout: seconds without a byte from an open connection before the request fails
+            (and is retried): a stalled transfer costs this long, not forever.
         max_attempts: attempts per request, retries included.
     """
 
@@ -83,6 +85,7 @@ class StorageConfig:
     region: str | None = None
     anon: bool = False
     connect_timeout: float = 5.0
+    read_timeout: float = 30.0
     max_attempts: int = 3
 
     def __post_init__(self) -> None:
@@ -98,6 +101,11 @@ class StorageConfig:
         if endpoint is not None and urlparse(endpoint).scheme not in ("http", "https"):
             raise ValueError(
                 f"endpoint_url: expected http://host:port or https://..., found {endpoint!r}"
+            )
+        if self.connect_timeout <= 0 or self.read_timeout <= 0:
+            raise ValueError(
+                f"timeouts: expected seconds > 0, found connect_timeout={self.connect_timeout}, "
+                f"read_timeout={self.read_timeout}"
             )
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts: expected at least 1, found {self.max_attempts}")
@@ -160,7 +168,8 @@ def fsspec_filesystem(
         client_kwargs=client_kwargs,
         config_kwargs={
             "connect_timeout": storage.connect_timeout,
-            "retries": {"max_attempts": storage.max_attempts, "mode": "standard"},
+            "read_timeout": storage.read_timeout,
+            "retries": {"total_max_attempts": storage.max_attempts, "mode": "standard"},
         },
         # Listings must see what other processes wrote a moment ago (rerun checks, readers).
         use_listings_cache=False,
@@ -184,6 +193,7 @@ def arrow_filesystem(
         "region": storage.region,
         "anonymous": storage.anon,
         "connect_timeout": storage.connect_timeout,
+        "request_timeout": storage.read_timeout,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=storage.max_attempts),
     }
     if storage.endpoint_url:

@@ -10,7 +10,13 @@ s3_server           moto's ThreadedMotoServer on 127.0.0.1 on a free port (sessi
                     is the endpoint URL. Ray workers reach it (in-process mock_aws would not).
 s3                  per test: moto state reset (POST /moto-api/reset), a fresh bucket, and an
                     `S3Bucket` with .endpoint_url, .bucket, .url ("s3://<bucket>") and .storage
-                    (a `StorageConfig` pointing at the endpoint).
+                    (a `StorageConfig` pointing at the endpoint). With FLOWRAY_TEST_S3_FAULTS set
+                    (e.g. "rate=0.05,seed=1,max_in_a_row=4"; keys are `FaultPlan` fields, kinds
+                    joined by "+"), .endpoint_url is a fault proxy in front of moto, so every S3
+                    test runs under injected faults; .direct_endpoint_url is always moto itself.
+faulty_s3           per test: the `s3` bucket, plus a `FaultyS3Proxy` in front of moto with no
+                    faults until the test sets a plan (`faulty_s3.proxy.set_plan(FaultPlan(...))`);
+                    .bucket goes through the proxy, .direct around it. See tests/faults/s3_proxy.py.
 ray_local           a local Ray instance with 2 CPUs and no dashboard for the session
                     (address="local": never joins a cluster that happens to run here).
 """
@@ -28,6 +34,7 @@ import pytest
 
 from pipeline.data.sources import DEFAULT_FASHION_MNIST_DIR
 from pipeline.storage import StorageConfig
+from tests.faults.s3_proxy import FaultPlan, FaultyS3Proxy
 
 IDX_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -36,6 +43,7 @@ IDX_FILES = (
     "t10k-labels-idx1-ubyte.gz",
 )
 TEST_BUCKET = "flowray-test"
+FAULTS_ENV = "FLOWRAY_TEST_S3_FAULTS"
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +89,7 @@ def s3_server(aws_credentials: None) -> Iterator[str]:
 class S3Bucket:
     endpoint_url: str
     bucket: str
+    direct_endpoint_url: str = ""  # moto itself, around any fault proxy ("" = endpoint_url)
 
     @property
     def url(self) -> str:
@@ -90,16 +99,64 @@ class S3Bucket:
     def storage(self) -> StorageConfig:
         return StorageConfig(endpoint_url=self.endpoint_url, region="us-east-1")
 
+    def client(self, direct: bool = True):
+        """A boto3 client; direct=True goes around the fault proxy (test setup, checks)."""
+        import boto3
+
+        endpoint = (self.direct_endpoint_url or self.endpoint_url) if direct else self.endpoint_url
+        return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+def _plan_from_env(text: str) -> FaultPlan:
+    """FLOWRAY_TEST_S3_FAULTS="rate=0.05,seed=1,max_in_a_row=4,kinds=500+503" as a FaultPlan."""
+    fields: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name == "kinds":
+            fields[name] = tuple(value.split("+"))
+        elif name in ("rate", "stall_s"):
+            fields[name] = float(value)
+        elif name in ("seed", "max_in_a_row", "max_faults"):
+            fields[name] = int(value)
+        else:
+            raise ValueError(f"{FAULTS_ENV}: unknown setting {name!r} in {text!r}")
+    return FaultPlan(**fields)
+
+
+@pytest.fixture(scope="session")
+def _env_fault_proxy(s3_server: str) -> Iterator[FaultyS3Proxy | None]:
+    text = os.environ.get(FAULTS_ENV, "")
+    if not text:
+        yield None
+        return
+    with FaultyS3Proxy(s3_server, _plan_from_env(text)) as proxy:
+        yield proxy
+
 
 @pytest.fixture
-def s3(s3_server: str) -> S3Bucket:
+def s3(s3_server: str, _env_fault_proxy: FaultyS3Proxy | None) -> S3Bucket:
     import boto3
 
     request = urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")
     urllib.request.urlopen(request, timeout=10).close()
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=TEST_BUCKET)
-    return S3Bucket(s3_server, TEST_BUCKET)
+    endpoint = _env_fault_proxy.endpoint_url if _env_fault_proxy else s3_server
+    return S3Bucket(endpoint, TEST_BUCKET, direct_endpoint_url=s3_server)
+
+
+@dataclass(frozen=True)
+class FaultyS3:
+    proxy: FaultyS3Proxy
+    bucket: S3Bucket  # through the proxy
+    direct: S3Bucket  # moto itself
+
+
+@pytest.fixture
+def faulty_s3(s3: S3Bucket, s3_server: str) -> Iterator[FaultyS3]:
+    with FaultyS3Proxy(s3_server) as proxy:
+        through = S3Bucket(proxy.endpoint_url, s3.bucket, direct_endpoint_url=s3_server)
+        yield FaultyS3(proxy, through, S3Bucket(s3_server, s3.bucket))
 
 
 @pytest.fixture(scope="session")
