@@ -12,13 +12,21 @@ import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from flowmodel.errors import FlowrayError
+
 T = TypeVar("T")
 
 __all__ = ["ConfigError", "flatten", "from_dict", "to_dict"]
 
 
-class ConfigError(ValueError):
-    """A config value is missing, unknown or of the wrong type; the message names the key."""
+class ConfigError(FlowrayError, ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names the key.
+
+    A ValueError too: callers and tests catch a bad config value as ValueError, the same as the
+    ValueErrors that config classes raise from `__post_init__` (which `from_dict` turns into this).
+    """
+
+    hint = "see the job's --help; config keys are the dataclass fields of the job's config"
 
 
 def _type_name(tp: Any) -> str:
@@ -33,14 +41,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:
+            # `X | None` given a value: X's own error names the exact key (`a.b[2]`) and what X
+            # expects, which a message about the whole union would hide.
+            return _coerce(value, options[0], key)
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, found {value!r}")
     if origin is typing.Literal:
         allowed = get_args(tp)

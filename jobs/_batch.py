@@ -1,5 +1,5 @@
-"""What the batch entry points (score, sample, models) share: config assembly, Ray and MLflow
-connections, and turning the errors users meet into one line plus a hint (exit code 2)."""
+"""What the batch entry points (score, sample, models) share: their common options, option
+defaults read from the config dataclass, the Ray connection and a quick tracking-server check."""
 
 from __future__ import annotations
 
@@ -9,24 +9,16 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-
-from jobs.config import apply_overrides, preset_path
 from jobs.errors import UserError
 
 __all__ = [
     "add_common_arguments",
-    "build_config",
     "check_tracking_server",
     "connect_ray",
     "default_of",
 ]
-
-T = TypeVar("T")
-EXIT_USAGE = 2
-log = logging.getLogger("flowray")
 
 
 def default_of(cls: type, name: str) -> Any:
@@ -61,28 +53,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, ray: bool = True) -
             help="S3-compatible endpoint for s3:// URLs (default: $AWS_ENDPOINT_URL, else AWS)",
         )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
-
-
-def build_config(cls: type[T], path: str | None, overrides: list[str], flags: dict[str, Any]) -> T:
-    """YAML file or preset, then --set overrides, then explicit flags (not None); validated."""
-    from flowmodel.typed import ConfigError, from_dict
-
-    data: dict[str, Any] = {}
-    if path:
-        loaded = yaml.safe_load(preset_path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = loaded
-    data = apply_overrides(data, overrides)
-    for key, value in flags.items():
-        if value is None:
-            continue
-        if "." in key:  # e.g. storage.endpoint_url
-            section, name = key.split(".", 1)
-            data.setdefault(section, {})[name] = value
-        else:
-            data[key] = value
-    return from_dict(cls, data)
 
 
 def connect_ray(address: str | None) -> None:

@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
+        from jobs.errors import EXIT_USAGE  # here, not at the top: it imports torch (via flowmodel)
+
         print(f"flowray: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -3,7 +3,9 @@
     return run_main("flowray score", body)      # body() -> exit code
     with user_errors("flowray train"): ...       # the same, as a context manager
 
-Anything not listed in `known_errors()` is a bug and keeps its traceback.
+A user error is a `FlowrayError` (its message says what was expected and what was found, its
+`hint` what to try) or a FileNotFoundError (a path the user gave). Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from pipeline.errors import FlowrayError
 
 __all__ = [
     "EXIT_USAGE",
+    "USER_ERRORS",
     "JobExit",
     "UserError",
-    "known_errors",
     "report",
     "run_main",
+    "user_cause",
     "user_errors",
 ]
 
 EXIT_USAGE = 2
+USER_ERRORS: tuple[type[BaseException], ...] = (FlowrayError, FileNotFoundError)
+# Ray wraps a task's or Train worker's error (RayTaskError.cause, TrainingFailedError's
+# __cause__); a few links are enough to reach ours.
+_MAX_WRAPPERS = 5
 
 
 class UserError(FlowrayError, RuntimeError):
@@ -35,40 +42,21 @@ class JobExit(SystemExit):
     """Raised by `user_errors` with EXIT_USAGE after the message is printed."""
 
 
-HINTS = {
-    "ModelNotFound": "check the name and alias with `flowray models list`",
-    "ConfigError": "see `--help`; config keys are the dataclass fields of the job's config",
-    "CorruptDataError": "pass --on-error skip to leave unreadable images out (they are counted)",
-}
-
-
-def known_errors() -> tuple[type[BaseException], ...]:
-    """The error types that mean "the user can fix this" (imported lazily: each job is light)."""
-    from flowmodel.typed import ConfigError
-    from pipeline.data.reader import CorruptDataError
-    from pipeline.tracking.registry import ModelNotFound
-
-    return (FlowrayError, ConfigError, CorruptDataError, ModelNotFound, FileNotFoundError)
-
-
 def report(prog: str, err: BaseException) -> None:
-    """`<prog>: error: <first line>` and `hint: <hint>` on stderr."""
+    """`<prog>: error: <first line>` and, when the error has one, `hint: <hint>` on stderr."""
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    hint = getattr(err, "hint", "") or HINTS.get(type(err).__name__, "")
     print(f"{prog}: error: {message}", file=sys.stderr)
+    hint = err.hint if isinstance(err, FlowrayError) else ""
     if hint:
         print(f"hint: {hint}", file=sys.stderr)
 
 
-def _user_cause(err: BaseException) -> BaseException | None:
-    """The user error itself, or the one Ray wrapped (task and Train worker errors carry a cause)."""
-    known = known_errors()
-    seen = 0
-    while err is not None and seen < 5:
-        if isinstance(err, known):
+def user_cause(err: BaseException | None) -> BaseException | None:
+    """The user error itself, or the one Ray wrapped; None when `err` is a bug."""
+    for _ in range(_MAX_WRAPPERS):
+        if err is None or isinstance(err, USER_ERRORS):
             return err
         err = getattr(err, "cause", None) or err.__cause__
-        seen += 1
     return None
 
 
@@ -77,7 +65,7 @@ def run_main(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except Exception as err:
-        cause = _user_cause(err)
+        cause = user_cause(err)
         if cause is None:
             raise
         report(prog, cause)
@@ -90,7 +78,7 @@ def user_errors(prog: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        cause = _user_cause(err)
+        cause = user_cause(err)
         if cause is None:
             raise
         report(prog, cause)

@@ -14,7 +14,7 @@ import math
 import sys
 
 from jobs._batch import add_common_arguments, check_tracking_server
-from jobs.errors import UserError, run_main
+from jobs.errors import EXIT_USAGE, UserError, run_main
 
 PROG = "flowray models"
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command is None:
         p.print_help()
-        return 2
+        return EXIT_USAGE
 
     def body() -> int:
         import mlflow

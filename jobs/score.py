@@ -12,14 +12,8 @@ import argparse
 import logging
 import sys
 
-from jobs._batch import (
-    add_common_arguments,
-    build_config,
-    check_tracking_server,
-    connect_ray,
-    default_of,
-)
-from jobs.config import add_config_arguments
+from jobs._batch import add_common_arguments, check_tracking_server, connect_ray, default_of
+from jobs.config import add_config_arguments, load_config
 from jobs.errors import run_main
 
 PROG = "flowray score"
@@ -92,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.batch.scoring import ScoreConfig, score
         from pipeline.tracking.connection import resolve_tracking_uri
 
-        config = build_config(
+        config = load_config(
             ScoreConfig,
             args.config,
             args.overrides,

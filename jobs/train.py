@@ -46,12 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.train.config import TrainConfig
         from pipeline.train.driver import train
 
-        overrides = list(args.overrides)
-        if args.address:
-            overrides.append(f"run.address={args.address}")
-        if args.tracking_uri:
-            overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
-        config = load_config(TrainConfig, args.config, overrides)
+        flags = {"run.address": args.address, "mlflow.tracking_uri": args.tracking_uri}
+        config = load_config(TrainConfig, args.config, args.overrides, flags)
         if args.print_config:
             import yaml
 

@@ -1,16 +1,11 @@
-"""The base of every error a user can fix (bad input, missing data, unreachable services)."""
+"""The base of every error a user can fix: `FlowrayError` (message + hint).
+
+Defined in flowmodel.errors, so that flowmodel's ConfigError can derive from it without flowmodel
+importing pipeline; this is the same class, re-exported where pipeline code looks for it.
+"""
 
 from __future__ import annotations
 
+from flowmodel.errors import FlowrayError
+
 __all__ = ["FlowrayError"]
-
-
-class FlowrayError(Exception):
-    """`str(err)` says what was expected and what was found; `hint` says what to try.
-
-    The jobs print such errors as one line plus the hint (jobs/errors.py) instead of a traceback.
-    """
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from pipeline.data.shards import Manifest, ManifestError, ShardInfo, compare_shards, load_manifest
+from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, fsspec_filesystem, join_url, list_files
 
 if TYPE_CHECKING:
@@ -86,8 +87,13 @@ WHOLE_SHARD = "*"
 _MAX_RECORDS = 1000
 
 
-class CorruptDataError(RuntimeError):
+class CorruptDataError(FlowrayError, RuntimeError):
     """A sample or shard cannot be read (on_error="fail"); names the shard and the key."""
+
+    hint = (
+        "pass --on-error skip (score) or --set data.on_error=skip (train) to leave unreadable "
+        "images out (they are counted)"
+    )
 
     def __init__(self, shard: str, key: str, reason: str) -> None:
         super().__init__(f"shard {shard}, key {key}: {reason}")

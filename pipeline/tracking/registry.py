@@ -1,7 +1,12 @@
 """MLflow model logging, registration and aliases for flows.
 
-A model version carries tags `val_bits_per_dim` and `image_shape`; aliases `candidate` (the newest
-trained version) and `champion` (the best validation bits/dim) drive scoring and sampling.
+A logged flow is a pyfunc "model from code": the entry pipeline/model/pyfunc_entry.py, the `flow`
+artifact (model.safetensors + flow_config.json) and the code loading needs, flowmodel/ and a
+pipeline/ holding only __init__.py, errors.py and model/ (`SHIPPED_PIPELINE`).
+
+A model version carries tags `val_bits_per_dim` and `image_shape` ("1x28x28", C x H x W);
+aliases `candidate` (the newest trained version) and `champion` (the best validation bits/dim)
+drive scoring and sampling.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +22,16 @@ from pathlib import Path
 import mlflow
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ParamSchema, ParamSpec
 
 from flowmodel import Flow
+from pipeline.errors import FlowrayError
 from pipeline.model.artifact import load_flow, save_flow
 
 __all__ = [
+    "SHIPPED_PIPELINE",
     "ModelNotFound",
     "ModelVersionInfo",
     "Promotion",
@@ -38,11 +48,22 @@ log = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 VAL_TAG = "val_bits_per_dim"
+SHAPE_TAG = "image_shape"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# What of pipeline/ a logged model needs to load: pipeline.model imports only flowmodel and
+# pipeline.errors. Training, batch jobs, tracking and benchmarks stay out of served models.
+SHIPPED_PIPELINE = ("__init__.py", "errors.py", "model")
+# FlowPyfunc.predict's params. MLflow drops (with a log line) any predict param its signature does
+# not declare; no input schema, because MLflow would then enforce one on the image dict.
+PREDICT_SIGNATURE = ModelSignature(
+    params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("draws", "long", 1)])
+)
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(FlowrayError, LookupError):
     """A model reference that names nothing; the message lists what exists."""
+
+    hint = "check the name and alias with `flowray models list`"
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,8 @@ def log_flow_model(flow: Flow, name: str = "model") -> mlflow.models.model.Model
             python_model=str(PACKAGE_ROOT / "pipeline" / "model" / "pyfunc_entry.py"),
             artifacts={"flow": str(model_dir)},
             # The model carries its own code so a serving host needs no flowray install.
-            code_paths=[str(PACKAGE_ROOT / "flowmodel"), str(PACKAGE_ROOT / "pipeline")],
+            code_paths=_stage_code(Path(tmp) / "code"),
+            signature=PREDICT_SIGNATURE,
             # Explicit requirements: inferring them loads the model in a subprocess (slow).
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
@@ -147,9 +169,25 @@ def log_flow_model(flow: Flow, name: str = "model") -> mlflow.models.model.Model
         )
 
 
+def _stage_code(folder: Path) -> list[str]:
+    """flowmodel/ and a pipeline/ with only `SHIPPED_PIPELINE`, copied under `folder`; MLflow
+    copies each listed path into the model's code/ folder by its name."""
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(PACKAGE_ROOT / "flowmodel", folder / "flowmodel", ignore=skip)
+    for item in SHIPPED_PIPELINE:
+        source, target = PACKAGE_ROOT / "pipeline" / item, folder / "pipeline" / item
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=skip)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return [str(folder / "flowmodel"), str(folder / "pipeline")]
+
+
 def register_flow(model_uri: str, name: str, val_bits_per_dim: float, run_id: str) -> Promotion:
-    """Register `model_uri` as a new version of `name`, alias it `candidate`, and move `champion`
-    to it when its validation bits/dim beats the champion's. The decision is a version tag."""
+    """Register `model_uri` (a flow logged by `log_flow_model`) as a new version of `name`, tag
+    it with its validation bits/dim and image shape, alias it `candidate`, and move `champion` to
+    it when its validation bits/dim beats the champion's. The decision is a version tag."""
     client = MlflowClient()
     try:
         client.get_registered_model(name)
@@ -162,8 +200,20 @@ def register_flow(model_uri: str, name: str, val_bits_per_dim: float, run_id: st
         client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id).version
     )
     client.set_model_version_tag(name, version, VAL_TAG, f"{val_bits_per_dim:.6f}")
+    client.set_model_version_tag(name, version, SHAPE_TAG, _image_shape(model_uri))
     client.set_registered_model_alias(name, CANDIDATE, version)
     return promote(name, version, force=False)
+
+
+def _image_shape(model_uri: str) -> str:
+    """ "1x28x28": the logged flow's (C, H, W), read from the metadata `log_flow_model` writes."""
+    metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+    if "flow_config" not in metadata:
+        raise ValueError(
+            f"{model_uri}: expected a flow logged by log_flow_model (metadata flow_config), "
+            f"found metadata keys {sorted(metadata) or 'none'}"
+        )
+    return "x".join(str(size) for size in json.loads(metadata["flow_config"])["image_shape"])
 
 
 def _version_bpd(client: MlflowClient, name: str, version: str) -> float:

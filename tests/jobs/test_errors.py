@@ -1,0 +1,95 @@
+"""How jobs report errors: any FlowrayError (config, data, registry, a job's own checks) is one
+line plus its own hint and exit code 2, also when Ray wrapped it; anything else is a bug and keeps
+its traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowmodel import FlowConfig
+from jobs import cli
+from jobs.config import load_config
+from jobs.errors import EXIT_USAGE, JobExit, UserError, run_main, user_errors
+from pipeline.data.reader import CorruptDataError
+from pipeline.tracking.registry import ModelNotFound
+
+
+def stderr_lines(capsys: pytest.CaptureFixture) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def bad_config() -> int:
+    load_config(FlowConfig, None, ["levels=two"])
+    return 0
+
+
+def test_a_config_error_is_one_line_and_its_hint(capsys: pytest.CaptureFixture) -> None:
+    assert run_main("flowray train", bad_config) == EXIT_USAGE == 2
+    assert stderr_lines(capsys) == [
+        "flowray train: error: levels: expected an integer, found 'two'",
+        "hint: see the job's --help; config keys are the dataclass fields of the job's config",
+    ]
+
+
+def test_an_error_wrapped_by_ray_is_reported_as_the_user_error_inside(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    def body() -> int:
+        try:
+            raise CorruptDataError("shard-000001.tar", "img-7", "image size 0x0")
+        except CorruptDataError as err:  # as Ray Train's TrainingFailedError wraps a worker's
+            raise RuntimeError("training failed") from err
+
+    assert run_main("flowray train", body) == EXIT_USAGE
+    error, hint = stderr_lines(capsys)
+    assert error == "flowray train: error: shard shard-000001.tar, key img-7: image size 0x0"
+    assert hint.startswith("hint: pass --on-error skip (score) or --set data.on_error=skip")
+
+
+def test_each_user_error_brings_its_own_hint(capsys: pytest.CaptureFixture) -> None:
+    def missing_model() -> int:
+        raise ModelNotFound("model 'models:/m@best' not found: 'm' has aliases none")
+
+    def own_check() -> int:
+        raise UserError("m has no version 9 (versions: 1)", hint="see `flowray models list`")
+
+    assert run_main("flowray score", missing_model) == EXIT_USAGE
+    assert stderr_lines(capsys)[1] == "hint: check the name and alias with `flowray models list`"
+    assert run_main("flowray models", own_check) == EXIT_USAGE
+    assert stderr_lines(capsys) == [
+        "flowray models: error: m has no version 9 (versions: 1)",
+        "hint: see `flowray models list`",
+    ]
+
+
+def test_a_missing_file_is_one_line_without_a_hint(capsys: pytest.CaptureFixture) -> None:
+    def body() -> int:
+        raise FileNotFoundError("not a flowray model directory: /tmp/x (missing model.safetensors)")
+
+    assert run_main("flowray sample", body) == EXIT_USAGE
+    assert stderr_lines(capsys) == [
+        "flowray sample: error: not a flowray model directory: /tmp/x (missing model.safetensors)"
+    ]
+
+
+def test_a_bug_keeps_its_traceback(capsys: pytest.CaptureFixture) -> None:
+    def body() -> int:
+        raise KeyError("image")
+
+    with pytest.raises(KeyError):
+        run_main("flowray score", body)
+    assert capsys.readouterr().err == ""
+
+
+def test_user_errors_context_exits_with_the_usage_code(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(JobExit) as exit_info, user_errors("flowray demo"):
+        bad_config()
+    assert exit_info.value.code == EXIT_USAGE
+    assert (
+        stderr_lines(capsys)[0] == "flowray demo: error: levels: expected an integer, found 'two'"
+    )
+
+
+def test_an_unknown_command_exits_with_the_usage_code(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["trian"]) == EXIT_USAGE
+    assert "flowray: unknown command 'trian'" in capsys.readouterr().err

@@ -1,0 +1,217 @@
+"""Logging and registering flows in MLflow: what a logged model ships (flowmodel and the loading
+part of pipeline, nothing else), that it loads and predicts in a fresh process from its own code,
+the version tags, and that models logged before pipeline/ moved into subpackages still resolve."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from flowmodel import Flow, FlowConfig, build_flow
+from pipeline.model.artifact import save_flow
+from pipeline.model.likelihood import keyed_bits_per_dim
+from pipeline.tracking.connection import ensure_experiment
+from pipeline.tracking.registry import (
+    SHIPPED_PIPELINE,
+    ModelNotFound,
+    log_flow_model,
+    register_flow,
+    resolve_model,
+)
+
+SHAPE = (3, 8, 8)
+SEED = 7
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> str:
+    """An empty SQLite MLflow store in tmp_path, set as the tracking URI; its experiment id."""
+    return ensure_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "registry-tests")
+
+
+def tiny_flow() -> Flow:
+    """A small RGB flow with data-initialized ActNorm, so its weights are not the defaults."""
+    torch.manual_seed(0)
+    flow = build_flow(FlowConfig(image_shape=SHAPE, levels=2, steps_per_level=1, hidden_channels=8))
+    generator = torch.Generator().manual_seed(0)
+    flow.initialize(torch.randint(0, 256, (32, *SHAPE), dtype=torch.uint8, generator=generator))
+    return flow.eval()
+
+
+def images(count: int) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (count, *SHAPE), dtype=np.uint8)
+
+
+def log_and_register(flow: Flow, name: str) -> str:
+    with mlflow.start_run() as run:
+        info = log_flow_model(flow)
+        register_flow(info.model_uri, name, 4.25, run.info.run_id)
+    return f"models:/{name}/1"
+
+
+def code_files(model_dir: Path) -> set[str]:
+    code = model_dir / "code"
+    return {p.relative_to(code).as_posix() for p in code.rglob("*") if p.is_file()}
+
+
+def imported_modules(source: Path) -> set[str]:
+    """Absolute module names a Python file imports (`import a.b`, `from a.b import c`)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_a_logged_flow_ships_flowmodel_and_only_the_loading_part_of_pipeline(
+    experiment: str,
+) -> None:
+    uri = log_and_register(tiny_flow(), "shipped")
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    files = code_files(model_dir)
+
+    assert {f.split("/")[0] for f in files} == {"flowmodel", "pipeline"}
+    assert {f.split("/")[1] for f in files if f.startswith("pipeline/")} == set(SHIPPED_PIPELINE)
+    for left_out in ("bench", "train", "batch", "data", "tracking", "storage.py", "submission.py"):
+        assert not (model_dir / "code" / "pipeline" / left_out).exists(), left_out
+    assert "pipeline/model/pyfunc.py" in files and "flowmodel/flow.py" in files
+    assert not any("__pycache__" in f for f in files)
+    # Every flowray module the shipped code imports is shipped too.
+    code = model_dir / "code"
+    for path in code.rglob("*.py"):
+        for module in imported_modules(path):
+            if module.split(".")[0] in ("flowmodel", "pipeline"):
+                target = code / module.replace(".", "/")
+                found = target.with_suffix(".py").exists() or (target / "__init__.py").exists()
+                assert found, f"{path.relative_to(code)} imports {module}, which is not shipped"
+
+
+def test_a_registered_version_is_tagged_with_its_bits_per_dim_and_image_shape(
+    experiment: str,
+) -> None:
+    log_and_register(tiny_flow(), "tagged")
+    tags = MlflowClient().get_model_version("tagged", "1").tags
+    assert tags["val_bits_per_dim"] == "4.250000"
+    assert tags["image_shape"] == "3x8x8"
+
+
+# Run in a fresh interpreter: the model's own code must be enough. The test's virtualenv has
+# flowray installed in editable mode, whose import hook would quietly supply any pipeline module
+# the model lacks; a serving host has no flowray at all, so the hook is removed first.
+LOAD_AND_PREDICT = """
+import importlib.util, json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+import mlflow
+import numpy as np
+
+uri, images_file, keys, seed = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+model = mlflow.pyfunc.load_model(uri)
+frame = model.predict({"image": np.load(images_file), "key": keys}, params={"seed": seed})
+import pipeline
+print(json.dumps({
+    "bits": frame["bits_per_dim"].tolist(),
+    "keys": frame["key"].tolist(),
+    "pipeline": pipeline.__file__,
+    "train_importable": importlib.util.find_spec("pipeline.train") is not None,
+}))
+"""
+
+
+def test_a_logged_flow_loads_in_a_fresh_process_from_its_own_code(
+    experiment: str, tmp_path: Path
+) -> None:
+    flow = tiny_flow()
+    uri = log_and_register(flow, "fresh")
+    batch = images(5)
+    np.save(tmp_path / "images.npy", batch)
+    keys = [f"img-{i}" for i in range(len(batch))]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, uri, "images.npy", json.dumps(keys), str(SEED)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert "/code/pipeline/" in loaded["pipeline"], loaded["pipeline"]
+    assert not loaded["train_importable"]
+    expected = keyed_bits_per_dim(flow, keys, torch.from_numpy(batch), SEED).double()
+    assert loaded["keys"] == keys
+    # SEED is not predict's default (0): equal bits mean the seed param reached the model.
+    assert loaded["bits"] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def old_layout_model(flow: Flow, folder: Path) -> Path:
+    """A model directory as `log_flow_model` wrote it before pipeline/ moved into subpackages:
+    code/pipeline/ held the flat modules (flow_pyfunc.py, pyfunc_entry.py, model_store.py, ...),
+    and artifacts/flow held model.safetensors + flow_config.json, as it still does."""
+    save_flow(flow, folder / "artifacts" / "flow")
+    old_code = folder / "code" / "pipeline"
+    old_code.mkdir(parents=True)
+    (old_code / "__init__.py").write_text("")
+    entry = "import mlflow.models\nfrom pipeline.flow_pyfunc import FlowPyfunc\n"
+    (old_code / "pyfunc_entry.py").write_text(entry + "mlflow.models.set_model(FlowPyfunc())\n")
+    (old_code / "flow_pyfunc.py").write_text("from pipeline.model_store import load_flow\n")
+    (folder / "pyfunc_entry.py").write_text((old_code / "pyfunc_entry.py").read_text())
+    flavor = {
+        "artifacts": {"flow": {"path": "artifacts/flow"}},
+        "code": "code",
+        "loader_module": "mlflow.pyfunc.loaders.code_model",
+        "model_code_path": "pipeline/pyfunc_entry.py",
+    }
+    mlmodel = {
+        "flavors": {"python_function": flavor},
+        "metadata": {"flow_config": json.dumps(flow.config.to_dict())},
+    }
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    return folder
+
+
+def test_a_model_logged_before_the_move_still_resolves_by_alias_and_version(
+    experiment: str, tmp_path: Path
+) -> None:
+    flow = tiny_flow()
+    model = mlflow.initialize_logged_model(name="model", experiment_id=experiment)
+    client = MlflowClient()
+    client.log_model_artifacts(model.model_id, str(old_layout_model(flow, tmp_path / "old")))
+    client.finalize_logged_model(model.model_id, "READY")
+    with mlflow.start_run() as run:
+        register_flow(f"models:/{model.model_id}", "old-layout", 4.0, run.info.run_id)
+
+    for reference in ("models:/old-layout@champion", "models:/old-layout/1"):
+        resolved = resolve_model(reference)
+        assert (resolved.name, resolved.version) == ("old-layout", "1")
+        batch, keys = torch.from_numpy(images(4)), ["a", "b", "c", "d"]
+        assert torch.equal(
+            keyed_bits_per_dim(resolved.flow, keys, batch, SEED),
+            keyed_bits_per_dim(flow, keys, batch, SEED),
+        )
+    assert client.get_model_version("old-layout", "1").tags["image_shape"] == "3x8x8"
+
+
+def test_an_unknown_alias_is_a_user_error_that_lists_the_aliases(experiment: str) -> None:
+    log_and_register(tiny_flow(), "aliased")
+    with pytest.raises(ModelNotFound) as error:
+        resolve_model("models:/aliased@best")
+    assert "'aliased' has aliases @candidate -> v1, @champion -> v1" in str(error.value)
+    assert "flowray models list" in error.value.hint
+    assert isinstance(error.value, LookupError)
