@@ -1,5 +1,5 @@
 """A small flow trained once per test session on real Fashion-MNIST, saved and registered, plus
-helpers to make shard sets. Imported by the scoring, sampling and job tests.
+helpers to make shard sets. Imported by the scoring, sampling, resolver and job tests.
 
 Training runs once per process (cached here, not per fixture), whichever test module asks first:
 a couple of thousand training images, ~100 steps of `pipeline.train.step.train_step`.

@@ -83,6 +83,12 @@ def test_sampling_run_is_logged_with_the_model_version(
     run = MlflowClient(trained_model.tracking_uri).get_run(result.mlflow_run_id)
     assert (run.data.tags["model_name"], run.data.tags["model_version"]) == ("fmnist-test", "1")
     assert run.data.metrics["images"] == 8
+    # The config as params, one per key, JSON for non-strings; storage holds no results: left out.
+    params = run.data.params
+    assert params["model"] == "models:/fmnist-test@champion" and params["n"] == "8"
+    assert params["grid_temperatures"] == "[0.5, 0.7, 0.85, 1.0]"
+    assert params["tracking_uri"] == trained_model.tracking_uri
+    assert not [key for key in params if key.startswith("storage")]
     artifacts = [
         a.path for a in MlflowClient(trained_model.tracking_uri).list_artifacts(run.info.run_id)
     ]

@@ -91,6 +91,10 @@ def test_scoring_writes_one_file_per_shard_with_every_key_once(scored: tuple) ->
     assert run.data.tags["model_name"] == "local"
     assert run.data.tags["model_version"] == result.model_version
     assert run.data.metrics["images_scored"] == IMAGES
+    # The config as params, one per dotted key, JSON for non-strings.
+    params = run.data.params
+    assert params["model"] == scored[0].model and params["batch_size"] == "128"
+    assert params["read_concurrency"] == "null" and params["storage.endpoint_url"] == "null"
 
 
 def test_rerun_writes_nothing(scored: tuple) -> None:
