@@ -20,7 +20,7 @@ PROG = "flowray score"
 
 
 def parser() -> argparse.ArgumentParser:
-    from pipeline.batch.scoring import ScoreConfig
+    from pipeline.batch.score_config import ScoreConfig
 
     def d(name: str) -> object:
         return default_of(ScoreConfig, name)
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def body() -> int:
-        from pipeline.batch.scoring import ScoreConfig, score
+        from pipeline.batch.score_config import ScoreConfig
+        from pipeline.batch.scoring import score
         from pipeline.tracking.connection import resolve_tracking_uri
 
         config = load_config(

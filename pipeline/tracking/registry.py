@@ -189,6 +189,7 @@ def register_flow(model_uri: str, name: str, val_bits_per_dim: float, run_id: st
     it with its validation bits/dim and image shape, alias it `candidate`, and move `champion` to
     it when its validation bits/dim beats the champion's. The decision is a version tag."""
     client = MlflowClient()
+    shape = _image_shape(model_uri)  # first: a model that is not a flow gets no version
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -200,13 +201,13 @@ def register_flow(model_uri: str, name: str, val_bits_per_dim: float, run_id: st
         client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id).version
     )
     client.set_model_version_tag(name, version, VAL_TAG, f"{val_bits_per_dim:.6f}")
-    client.set_model_version_tag(name, version, SHAPE_TAG, _image_shape(model_uri))
+    client.set_model_version_tag(name, version, SHAPE_TAG, shape)
     client.set_registered_model_alias(name, CANDIDATE, version)
     return promote(name, version, force=False)
 
 
 def _image_shape(model_uri: str) -> str:
-    """ "1x28x28": the logged flow's (C, H, W), read from the metadata `log_flow_model` writes."""
+    """The logged flow's (C, H, W) as "1x28x28", from the metadata `log_flow_model` writes."""
     metadata = mlflow.models.get_model_info(model_uri).metadata or {}
     if "flow_config" not in metadata:
         raise ValueError(

@@ -53,8 +53,8 @@ def images(count: int) -> np.ndarray:
     return np.random.default_rng(1).integers(0, 256, (count, *SHAPE), dtype=np.uint8)
 
 
-def log_and_register(flow: Flow, name: str) -> str:
-    with mlflow.start_run() as run:
+def log_and_register(flow: Flow, experiment: str, name: str) -> str:
+    with mlflow.start_run(experiment_id=experiment) as run:
         info = log_flow_model(flow)
         register_flow(info.model_uri, name, 4.25, run.info.run_id)
     return f"models:/{name}/1"
@@ -79,7 +79,7 @@ def imported_modules(source: Path) -> set[str]:
 def test_a_logged_flow_ships_flowmodel_and_only_the_loading_part_of_pipeline(
     experiment: str,
 ) -> None:
-    uri = log_and_register(tiny_flow(), "shipped")
+    uri = log_and_register(tiny_flow(), experiment, "shipped")
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     files = code_files(model_dir)
 
@@ -102,7 +102,7 @@ def test_a_logged_flow_ships_flowmodel_and_only_the_loading_part_of_pipeline(
 def test_a_registered_version_is_tagged_with_its_bits_per_dim_and_image_shape(
     experiment: str,
 ) -> None:
-    log_and_register(tiny_flow(), "tagged")
+    log_and_register(tiny_flow(), experiment, "tagged")
     tags = MlflowClient().get_model_version("tagged", "1").tags
     assert tags["val_bits_per_dim"] == "4.250000"
     assert tags["image_shape"] == "3x8x8"
@@ -134,7 +134,7 @@ def test_a_logged_flow_loads_in_a_fresh_process_from_its_own_code(
     experiment: str, tmp_path: Path
 ) -> None:
     flow = tiny_flow()
-    uri = log_and_register(flow, "fresh")
+    uri = log_and_register(flow, experiment, "fresh")
     batch = images(5)
     np.save(tmp_path / "images.npy", batch)
     keys = [f"img-{i}" for i in range(len(batch))]
@@ -194,7 +194,7 @@ def test_a_model_logged_before_the_move_still_resolves_by_alias_and_version(
     client = MlflowClient()
     client.log_model_artifacts(model.model_id, str(old_layout_model(flow, tmp_path / "old")))
     client.finalize_logged_model(model.model_id, "READY")
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment) as run:
         register_flow(f"models:/{model.model_id}", "old-layout", 4.0, run.info.run_id)
 
     for reference in ("models:/old-layout@champion", "models:/old-layout/1"):
@@ -209,7 +209,7 @@ def test_a_model_logged_before_the_move_still_resolves_by_alias_and_version(
 
 
 def test_an_unknown_alias_is_a_user_error_that_lists_the_aliases(experiment: str) -> None:
-    log_and_register(tiny_flow(), "aliased")
+    log_and_register(tiny_flow(), experiment, "aliased")
     with pytest.raises(ModelNotFound) as error:
         resolve_model("models:/aliased@best")
     assert "'aliased' has aliases @candidate -> v1, @champion -> v1" in str(error.value)
