@@ -22,17 +22,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.train.config import TrainConfig
+from pipeline.train.ema import EMA
+from pipeline.train.step import StepMetrics, make_optimizer, set_learning_rate
+
 __all__ = [
-    "EmaCopy",
-    "RssSampler",
+    "Contender",
     "fashion_mnist",
     "finite_positive",
     "machine",
+    "make_contender",
     "markdown_table",
     "median",
     "normflows_bits_per_dim",
     "normflows_glow",
     "parameter_count",
+    "RssSampler",
     "TimedTrainer",
     "train_interleaved",
 ]
@@ -169,28 +174,6 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-class EmaCopy:
-    """Polyak average of any module's parameters (flowray's training recipe, for either model)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        import copy
-
-        self.model = copy.deepcopy(model).eval()
-        self.decay = decay
-        self.updates = 0
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for average, current in zip(self.model.parameters(), model.parameters()):
-            average.lerp_(current.detach(), 1 - decay)
-        for average, current in zip(self.model.buffers(), model.buffers()):
-            average.copy_(current)
-
-
 # ----------------------------------------------------------------------------- timing
 
 
@@ -282,6 +265,55 @@ def train_interleaved(
                 if progress is not None:
                     progress(name, trainer)
     return {name: trainer.result() for name, trainer in trainers.items()}
+
+
+@dataclass
+class Contender:
+    """One model in an in-process race: its trainer, EMA and count of skipped steps."""
+
+    model: nn.Module
+    ema: EMA[nn.Module]
+    trainer: TimedTrainer
+    skipped: int = 0
+
+
+def make_contender(
+    model: nn.Module,
+    step: Callable[[nn.Module, Tensor, torch.optim.Optimizer, torch.Generator], StepMetrics],
+    images: Tensor,
+    config: TrainConfig,
+    *,
+    batch_size: int,
+    seconds: float,
+    max_steps: int | None,
+    window_steps: int = 20,
+) -> Contender:
+    """`model` trained by `step(model, batch, optimizer, generator)` with flowray's recipe, as the
+    Ray Train loop runs it: the preset's optimizer and warmup, an EMA updated after every step
+    that was not skipped, seeded dequantization noise and batch order."""
+    optimizer = make_optimizer(model.parameters(), config.optim)
+    generator = torch.Generator().manual_seed(config.seed)  # dequantization noise
+
+    def one(batch: Tensor, index: int) -> float:
+        set_learning_rate(optimizer, config.optim, index)
+        metrics = step(model, batch, optimizer, generator)
+        if metrics.skipped:
+            racer.skipped += 1
+        else:
+            racer.ema.update(model)
+        return metrics.bits_per_dim
+
+    trainer = TimedTrainer(
+        one,
+        images,
+        batch_size,
+        seconds=seconds,
+        max_steps=max_steps,
+        window_steps=window_steps,
+        seed=config.seed,
+    )
+    racer = Contender(model, EMA(model, config.optim.ema_decay), trainer)
+    return racer
 
 
 # ----------------------------------------------------------------------------- memory

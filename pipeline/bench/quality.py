@@ -4,22 +4,24 @@
     print(report["markdown"])
 
 Both models are trained in this process by the same plain torch loop
-(`bench_common.TimedTrainer`): the same cores and threads, the same batch size and data order (one
-seeded permutation of the training split per epoch), the same recipe (the preset's optimizer,
-learning-rate warmup, gradient clipping and EMA), the same data-dependent ActNorm initialisation
-batch. Only the model differs:
+(`pipeline.bench.common.make_contender` on a `TimedTrainer`): the same cores and threads, the same
+batch size and data order (one seeded permutation of the training split per epoch), the same recipe
+(the preset's optimizer, learning-rate warmup, gradient clipping and EMA, from `pipeline.train` as
+the Ray Train loop uses them), the same data-dependent ActNorm initialisation batch. Only the model
+differs:
 
 - flowray: `build_flow(config.model)` trained with `pipeline.train.step.train_step`, the step
   the Ray Train job runs.
 - normflows 1.7.3: `MultiscaleFlow` of GlowBlock / Squeeze / Merge with DiagGaussian bases at the
   same levels, steps and hidden width, so the parameter counts match to within 1%
-  (`bench_common.normflows_glow`); unconditional, uniform dequantization, inputs in [0, 1).
+  (`pipeline.bench.common.normflows_glow`); unconditional, uniform dequantization, inputs in
+  [0, 1).
 
 Each trains for `minutes` of its own step time (evaluation excluded); the two alternate steps, so
 that both see the same load on this shared machine. Then the EMA weights are evaluated on
 the whole test split with keyed dequantization noise: the same u for an image in both models, so
 both see identical y = (x + u) / 256 and report bits/dim by the same formula
-(`bench_common.normflows_bits_per_dim`).
+(`pipeline.bench.common.normflows_bits_per_dim`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,10 +37,11 @@ from torch import Tensor, nn
 
 from flowmodel import build_flow, dequantize
 from pipeline.bench.common import (
-    EmaCopy,
+    Contender,
     TimedTrainer,
     fashion_mnist,
     machine,
+    make_contender,
     markdown_table,
     normflows_bits_per_dim,
     normflows_glow,
@@ -53,7 +55,6 @@ from pipeline.train.step import StepMetrics, evaluate_bits_per_dim, train_step
 __all__ = [
     "REFERENCE_NORMFLOWS",
     "TARGET_BITS_PER_DIM",
-    "make_optimizer",
     "markdown",
     "normflows_step",
     "normflows_test_bits_per_dim",
@@ -64,20 +65,6 @@ TARGET_BITS_PER_DIM = 3.70  # issue 7: flowray at 10 minutes
 # Issue 7's reference: normflows (2 levels, 8 steps, 64 hidden, Adamax 1e-3, batch 64) after 10
 # minutes on this machine.
 REFERENCE_NORMFLOWS = {"bits_per_dim": 3.95, "images_per_second": 400.0}
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The preset's optimizer, as the Ray Train loop makes it, for either model."""
-    kind = torch.optim.Adamax if config.optim.optimizer == "adamax" else torch.optim.Adam
-    return kind(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-
-
-def _warmup(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> None:
-    """Linear warmup, as the Ray Train loop does."""
-    warmup = config.optim.warmup_steps
-    lr = config.optim.lr * min(1.0, (step + 1) / warmup) if warmup else config.optim.lr
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def normflows_step(
@@ -121,44 +108,7 @@ def normflows_test_bits_per_dim(
     return total / len(keys)
 
 
-@dataclass
-class _Contender:
-    """One model in the race: its trainer, optimizer, EMA and skip count."""
-
-    model: nn.Module
-    ema: EmaCopy
-    trainer: TimedTrainer
-    skipped: int = 0
-
-
-def _contender(
-    model: nn.Module,
-    step: Callable[[nn.Module, Tensor, torch.optim.Optimizer, torch.Generator], StepMetrics],
-    images: Tensor,
-    config: TrainConfig,
-    seconds: float,
-    max_steps: int | None,
-) -> _Contender:
-    optimizer = make_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.seed)  # dequantization noise
-
-    def one(batch: Tensor, index: int) -> float:
-        _warmup(optimizer, config, index)
-        metrics = step(model, batch, optimizer, generator)
-        if metrics.skipped:
-            contender.skipped += 1
-        else:
-            contender.ema.update(model)
-        return metrics.bits_per_dim
-
-    trainer = TimedTrainer(
-        one, images, config.batch_size, seconds=seconds, max_steps=max_steps, seed=config.seed
-    )
-    contender = _Contender(model, EmaCopy(model, config.optim.ema_decay), trainer)
-    return contender
-
-
-def _figures(contender: _Contender, batch_size: int) -> dict[str, Any]:
+def _figures(contender: Contender, batch_size: int) -> dict[str, Any]:
     result = contender.trainer.result()
     return {
         "params": parameter_count(contender.model),
@@ -237,21 +187,23 @@ def run(
         glow.log_prob(dequantize(init_batch, 8, torch.Generator().manual_seed(config.seed)), None)
     clip = config.optim.max_grad_norm
     contenders = {
-        "flowray": _contender(
+        "flowray": make_contender(
             flow,
             lambda m, b, o, g: train_step(m, b, o, max_grad_norm=clip, generator=g),
             train,
             config,
-            seconds,
-            max_steps,
+            batch_size=config.batch_size,
+            seconds=seconds,
+            max_steps=max_steps,
         ),
-        "normflows": _contender(
+        "normflows": make_contender(
             glow,
             lambda m, b, o, g: normflows_step(m, b, o, max_grad_norm=clip, generator=g),
             train,
             config,
-            seconds,
-            max_steps,
+            batch_size=config.batch_size,
+            seconds=seconds,
+            max_steps=max_steps,
         ),
     }
     for name, contender in contenders.items():

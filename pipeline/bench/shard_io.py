@@ -9,8 +9,9 @@ process) and, unless --no-ray, with `read_split` through Ray Data. It reports me
 table; `run(...)` returns the same figures as a dict (for `flowray bench`).
 
 The S3 endpoint is moto's ThreadedMotoServer on 127.0.0.1, in this process, with stand-in
-credentials set in the environment for the duration of `run` (moto accepts any). It shares the GIL with the client, so its figures are a lower bound for
-the client-side cost of the S3 code path, not a measure of a real object store.
+credentials set in the environment for the duration of `run` (moto accepts any). It shares the GIL
+with the client, so its figures are a lower bound for the client-side cost of the S3 code path,
+not a measure of a real object store.
 The source is Fashion-MNIST (FASHION_MNIST_DIR) when present, else random 28x28 greyscale images.
 """
 
@@ -34,7 +35,7 @@ from pipeline.data.shards import prepare
 from pipeline.data.sources import ImageSource, NpySource, SourceError, open_source
 from pipeline.storage import StorageConfig, join_url
 
-__all__ = ["run", "markdown_table", "main"]
+__all__ = ["main", "markdown", "run"]
 
 _BUCKET = "flowray-bench"
 
@@ -180,11 +181,11 @@ def run(
         "source": source.description,
         "results": results,
     }
-    report["markdown"] = markdown_table(report)
+    report["markdown"] = markdown(report)
     return report
 
 
-def markdown_table(report: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any]) -> str:
     columns = [
         ("write", "write"),
         ("read_iter", "read (iter_split)"),

@@ -7,17 +7,18 @@ in-process loop of the same model, versus normflows' Glow at a matched parameter
 All runs use the same global batch: the preset's per-worker batch times its worker count (64 x 2 =
 128), split evenly over the Ray workers. Per repeat, in this order:
 
-- in-process: flowray (`pipeline.train.step.train_step` + warmup + EMA, the Ray loop's work without
-  Ray) and normflows (the same step, `bench_quality.normflows_step`), alternating steps, each for
-  `seconds` of step time, on Fashion-MNIST held in memory, torch using every core.
-- Ray Train, 1 worker with all cores, then 2 workers with 1 core each: `pipeline.train.driver.train`,
-  the production job (Ray Data reading the prepared shards, DDP for 2 workers, rank-0 MLflow
-  logging), for `seconds` of training; its logged per-window images/s, the first window (startup)
-  left out. Evaluation, checkpoints and registration happen after the timed windows.
+- in-process: flowray (`pipeline.train.step.train_step` + warmup + EMA, the Ray loop's work
+  without Ray) and normflows (the same step, `pipeline.bench.quality.normflows_step`), alternating
+  steps, each for `seconds` of step time, on Fashion-MNIST held in memory, torch using every core.
+- Ray Train, 1 worker with all cores, then 2 workers with 1 core each:
+  `pipeline.train.driver.train`, the production job (Ray Data reading the prepared shards, DDP for
+  2 workers, rank-0 MLflow logging), for `seconds` of training; its logged per-window images/s,
+  the first window (startup) left out. Evaluation, checkpoints and registration happen after the
+  timed windows.
 
 Images/s of a run is the median of its per-window rates; a row is the median over repeats; a
-ratio is the median of the per-repeat ratios. Ratios: Ray overhead = Ray 2-worker / in-process images/s (target >= 0.9), flowray / normflows
-in-process images/s (target >= 1.3).
+ratio is the median of the per-repeat ratios. Ratios: Ray overhead = Ray 2-worker / in-process
+images/s (target >= 0.9), flowray / normflows in-process images/s (target >= 1.3).
 """
 
 from __future__ import annotations
@@ -33,17 +34,16 @@ import torch
 
 from flowmodel import build_flow, dequantize
 from pipeline.bench.common import (
-    EmaCopy,
-    TimedTrainer,
     fashion_mnist,
     machine,
+    make_contender,
     markdown_table,
     median,
     normflows_glow,
     parameter_count,
     train_interleaved,
 )
-from pipeline.bench.quality import make_optimizer, normflows_step
+from pipeline.bench.quality import normflows_step
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import train_step
 
@@ -69,38 +69,22 @@ def _in_process(
     with torch.no_grad():
         glow.log_prob(dequantize(images[: config.init_images], 8), None)
     clip = config.optim.max_grad_norm
-    trainers = {}
-    for name, model in (("flowray", flow), ("normflows", glow)):
-        optimizer = make_optimizer(model, config)
-        ema = EmaCopy(model, config.optim.ema_decay)
-        generator = torch.Generator().manual_seed(config.seed)
-
-        def step(
-            batch_images: torch.Tensor,
-            index: int,
-            model=model,
-            optimizer=optimizer,
-            ema=ema,
-            generator=generator,
-            name=name,
-        ) -> float:
-            lr = config.optim.lr * min(1.0, (index + 1) / max(config.optim.warmup_steps, 1))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            kind = train_step if name == "flowray" else normflows_step
-            metrics = kind(model, batch_images, optimizer, max_grad_norm=clip, generator=generator)
-            ema.update(model)
-            return metrics.bits_per_dim
-
-        trainers[name] = TimedTrainer(
-            step,
+    trainers = {
+        name: make_contender(
+            model,
+            lambda m, b, o, g, kind=kind: kind(m, b, o, max_grad_norm=clip, generator=g),
             images,
-            batch,
+            config,
+            batch_size=batch,
             seconds=seconds,
             max_steps=max_steps,
             window_steps=10,
-            seed=config.seed,
+        ).trainer
+        for name, model, kind in (
+            ("flowray", flow, train_step),
+            ("normflows", glow, normflows_step),
         )
+    }
     results = train_interleaved(trainers)
     return {
         "flowray": results["flowray"].images_per_second,

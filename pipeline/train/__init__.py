@@ -1,5 +1,7 @@
-"""Training: the typed TrainConfig, the pure train/eval step, the Ray Train worker loop, the
-driver behind `flowray train`, and checkpoints.
+"""Training: the typed TrainConfig (config), the pure train/eval step with the optimizer and its
+warmup (step), the EMA of the weights (ema), the loop's counting (loop_state), the Ray Train worker
+loop (worker) and what it reports (reporting), the driver behind `flowray train` (driver), and
+checkpoints (checkpoint).
 
 May import: flowmodel, pipeline.{model,data,tracking}, pipeline.{errors,storage,plots}.
 """

@@ -2,8 +2,9 @@
 
 model.safetensors / flow_config.json   the flow being trained (pipeline.model.artifact layout)
 ema/model.safetensors, ema/...         the Polyak average (the model that is evaluated and shipped)
-state.pt                               optimizer state, step, counters, RNG states: tensors and
-                                       plain Python only, loaded with weights_only=True
+state.pt                               optimizer state, step, counters (the EMA's update count
+                                       among them), RNG state: tensors and plain Python only,
+                                       loaded with weights_only=True
 train_config.json                      the resolved TrainConfig
 """
 
@@ -24,12 +25,15 @@ __all__ = ["TrainState", "load_checkpoint", "save_checkpoint"]
 
 @dataclass
 class TrainState:
+    """What a checkpoint holds besides the two models' weights."""
+
     step: int
     images_seen: int
     skipped_steps: int
     optimizer: dict[str, Any]
     rng: torch.Tensor
     history: dict[str, list[list[float]]]  # "train"/"validation" -> [[step, bits/dim], ...]
+    ema_updates: int  # `EMA.updates`: steps that updated the average (skipped steps do not)
 
 
 def save_checkpoint(
@@ -45,6 +49,7 @@ def save_checkpoint(
             "optimizer": state.optimizer,
             "rng": state.rng,
             "history": state.history,
+            "ema_updates": state.ema_updates,
         },
         directory / "state.pt",
     )
@@ -63,5 +68,8 @@ def load_checkpoint(directory: Path) -> tuple[Flow, Flow, TrainState]:
         optimizer=raw["optimizer"],
         rng=raw["rng"],
         history=raw["history"],
+        # Checkpoints written before the count was stored: their runs restarted the average's
+        # warm-up at the step number.
+        ema_updates=int(raw.get("ema_updates", raw["step"])),
     )
     return flow, ema, state

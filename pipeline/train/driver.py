@@ -10,21 +10,26 @@ restores it through `get_checkpoint()`) and continues the same MLflow run.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flowmodel.typed import flatten
 from pipeline.errors import FlowrayError
 from pipeline.train.config import TrainConfig
 
+if TYPE_CHECKING:
+    from ray.train import Result
+    from ray.train.torch import TorchTrainer
+
+    from flowmodel import Flow
+    from pipeline.data.reader import SkipTally
+    from pipeline.train.checkpoint import TrainState
+
 __all__ = ["PreflightError", "TrainResult", "preflight", "train"]
 
-log = logging.getLogger(__name__)
 RUN_TAG = "flowray.run_name"
 
 
@@ -88,7 +93,7 @@ def _mlflow_run(config: TrainConfig, tracking_uri: str, manifests: dict[str, Any
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking.connection import ensure_experiment
+    from pipeline.tracking.connection import ensure_experiment, log_config_params
 
     experiment_id = ensure_experiment(tracking_uri, config.mlflow.experiment)
     client = MlflowClient(tracking_uri)
@@ -106,15 +111,7 @@ def _mlflow_run(config: TrainConfig, tracking_uri: str, manifests: dict[str, Any
         return run_id
     run = client.create_run(experiment_id, run_name=config.run.name, tags={RUN_TAG: storage_tag})
     run_id = run.info.run_id
-    params = {
-        k: json.dumps(v) if not isinstance(v, str) else v
-        for k, v in flatten(config.to_dict()).items()
-    }
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[start : start + 100])
+    log_config_params(run_id, config)
     with mlflow.start_run(run_id=run_id):
         _log_lineage(config, manifests)
         mlflow.log_text(json.dumps(config.to_dict(), indent=2), "config/train_config.json")
@@ -201,16 +198,8 @@ def _storage_args(config: TrainConfig) -> tuple[str, Any]:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training job described by `config`; see the module docstring."""
-    import mlflow
-    import ray.train
-    from mlflow.tracking import MlflowClient
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.data.reader import SkipTally, read_split
-    from pipeline.plots import training_curves
+    from pipeline.data.reader import SkipTally
     from pipeline.tracking.connection import resolve_tracking_uri
-    from pipeline.tracking.registry import log_flow_model, register_flow
-    from pipeline.train.checkpoint import load_checkpoint
 
     config = absolute_paths(config)
     local = not (config.run.address or os.environ.get("RAY_ADDRESS"))
@@ -219,6 +208,32 @@ def train(config: TrainConfig) -> TrainResult:
     run_id = _mlflow_run(config, tracking_uri, manifests)
     _init_ray(config)
     tally = SkipTally.shared() if config.data.on_error == "skip" else None
+    trainer = _trainer(config, manifests, tally, tracking_uri, run_id)
+    print(
+        f"training {config.run.name}: {config.scaling.num_workers} workers x batch {config.batch_size}, "
+        f"up to {config.max_steps} steps"
+        + (f" or {config.max_minutes:g} minutes" if config.max_minutes else "")
+        + f"; {manifests['train'].count} training images, checkpoints in {config.run.storage_path}/{config.run.name}",
+        flush=True,
+    )
+    result = _fit(trainer, tracking_uri, run_id, config.run.name)
+    return _finish(config, result, tally, tracking_uri, run_id)
+
+
+def _trainer(
+    config: TrainConfig,
+    manifests: dict[str, Any],
+    tally: SkipTally | None,
+    tracking_uri: str,
+    run_id: str,
+) -> TorchTrainer:
+    """The TorchTrainer: the shuffled training split as a Ray Data stream, the workers, and where
+    checkpoints go (the same name and storage path resume the run)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data.reader import read_split
+
     dataset = read_split(
         config.data.train,
         config.storage,
@@ -229,7 +244,7 @@ def train(config: TrainConfig) -> TrainResult:
         manifest=manifests["train"],
     ).select_columns(["image"])
     storage_path, storage_filesystem = _storage_args(config)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _loop,
         train_loop_config={
             "train": config.to_dict(),
@@ -254,21 +269,31 @@ def train(config: TrainConfig) -> TrainResult:
         ),
         datasets={"train": dataset},
     )
-    print(
-        f"training {config.run.name}: {config.scaling.num_workers} workers x batch {config.batch_size}, "
-        f"up to {config.max_steps} steps"
-        + (f" or {config.max_minutes:g} minutes" if config.max_minutes else "")
-        + f"; {manifests['train'].count} training images, checkpoints in {config.run.storage_path}/{config.run.name}",
-        flush=True,
-    )
-    client = MlflowClient(tracking_uri)
+
+
+def _fit(trainer: TorchTrainer, tracking_uri: str, run_id: str, name: str) -> Result:
+    """`trainer.fit()`; the MLflow run is marked FAILED when it raises."""
+    from mlflow.tracking import MlflowClient
+
     try:
         result = trainer.fit()
     except Exception:
-        client.set_terminated(run_id, status="FAILED")
+        MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED")
         raise
     if result.checkpoint is None:
-        raise RuntimeError(f"training {config.run.name} finished without a checkpoint")
+        raise RuntimeError(f"training {name} finished without a checkpoint")
+    return result
+
+
+def _finish(
+    config: TrainConfig, result: Result, tally: SkipTally | None, tracking_uri: str, run_id: str
+) -> TrainResult:
+    """From the last checkpoint: the final figures, the EMA model logged and registered (promoted
+    to champion when better), the MLflow run closed."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.registry import register_flow
+    from pipeline.train.checkpoint import load_checkpoint
 
     with result.checkpoint.as_directory() as directory:
         _, ema_flow, state = load_checkpoint(Path(directory))
@@ -277,23 +302,11 @@ def train(config: TrainConfig) -> TrainResult:
         validation[-1][1] if validation else float(result.metrics.get("val_bits_per_dim", math.nan))
     )
     skipped = tally.total() if tally is not None else 0
+    client = MlflowClient(tracking_uri)
     rates = [m.value for m in client.get_metric_history(run_id, "images_per_second")]
     rate = sorted(rates)[len(rates) // 2] if rates else math.nan
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(
-            {"final_val_bits_per_dim": val_bpd, "skipped_images": skipped}, step=state.step
-        )
-        curve = training_curves(
-            state.history["train"], state.history["validation"], f"{config.run.name}: bits/dim"
-        )
-        mlflow.log_image(_png_to_array(curve), "curves/bits_per_dim.png")
-        if "://" not in config.workdir:  # also beside the other local outputs
-            pictures = Path(config.workdir) / "pictures"
-            pictures.mkdir(parents=True, exist_ok=True)
-            (pictures / f"{config.run.name}-bits_per_dim.png").write_bytes(curve)
-        info = log_flow_model(ema_flow)
-    promotion = register_flow(info.model_uri, config.mlflow.registered_model, val_bpd, run_id)
+    model_uri = _log_final(config, tracking_uri, run_id, ema_flow, state, val_bpd, skipped)
+    promotion = register_flow(model_uri, config.mlflow.registered_model, val_bpd, run_id)
     client.set_tag(run_id, "model_version", promotion.version)
     client.set_tag(run_id, "champion_decision", promotion.reason)
     client.set_terminated(run_id, status="FINISHED")
@@ -309,6 +322,38 @@ def train(config: TrainConfig) -> TrainResult:
         skipped_images=skipped,
         images_per_second=rate,
     )
+
+
+def _log_final(
+    config: TrainConfig,
+    tracking_uri: str,
+    run_id: str,
+    ema_flow: Flow,
+    state: TrainState,
+    val_bpd: float,
+    skipped: int,
+) -> str:
+    """Final metrics, the bits/dim curves (also under <workdir>/pictures) and the EMA model on
+    the run; returns the logged model's URI."""
+    import mlflow
+
+    from pipeline.plots import training_curves
+    from pipeline.tracking.registry import log_flow_model
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(
+            {"final_val_bits_per_dim": val_bpd, "skipped_images": skipped}, step=state.step
+        )
+        curve = training_curves(
+            state.history["train"], state.history["validation"], f"{config.run.name}: bits/dim"
+        )
+        mlflow.log_image(_png_to_array(curve), "curves/bits_per_dim.png")
+        if "://" not in config.workdir:  # also beside the other local outputs
+            pictures = Path(config.workdir) / "pictures"
+            pictures.mkdir(parents=True, exist_ok=True)
+            (pictures / f"{config.run.name}-bits_per_dim.png").write_bytes(curve)
+        return log_flow_model(ema_flow).model_uri
 
 
 def _png_to_array(data: bytes) -> Any:

@@ -1,7 +1,8 @@
-"""Pure training and evaluation steps: no Ray, no MLflow, no I/O. Tested in-process.
+"""Pure training and evaluation steps, the optimizer and its warmup: no Ray, no MLflow, no I/O.
+Tested in-process.
 
-The Ray Train worker loop (pipeline/train/worker.py) and the in-process benchmarks both call these, so what is
-benchmarked and tested is what runs in production.
+The Ray Train worker loop (`pipeline.train.worker`) and the in-process benchmarks both call these,
+so what is benchmarked and tested is what runs in production.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from torch import Tensor, nn
 
 from flowmodel import Flow, bits_per_dim_from_log_prob, dequantize, standard_normal_log_prob
 from pipeline.model.likelihood import keyed_bits_per_dim
+from pipeline.train.config import OptimSettings
 
 __all__ = [
     "StepMetrics",
     "batch_bits_per_dim",
     "evaluate_bits_per_dim",
+    "make_optimizer",
+    "set_learning_rate",
     "train_step",
     "unwrap",
 ]
@@ -41,6 +45,21 @@ def unwrap(model: nn.Module) -> Flow:
     if not isinstance(model, Flow):
         raise TypeError(f"expected a Flow (optionally wrapped), found {type(model).__name__}")
     return model
+
+
+def make_optimizer(params: Iterable[nn.Parameter], optim: OptimSettings) -> torch.optim.Optimizer:
+    """Adam or Adamax, as `optim` says, at its peak learning rate (`set_learning_rate` warms up)."""
+    kind = torch.optim.Adamax if optim.optimizer == "adamax" else torch.optim.Adam
+    return kind(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, optim: OptimSettings, step: int) -> float:
+    """Linear warmup: lr * min(1, (step + 1) / warmup_steps) for 0-based `step`; returns it."""
+    warmup = optim.warmup_steps
+    lr = optim.lr * min(1.0, (step + 1) / warmup) if warmup else optim.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def batch_bits_per_dim(

@@ -1,54 +1,90 @@
 """The Ray Train worker loop: wires data shards, DDP, checkpoints and MLflow around `train_step`.
 
-Each worker runs `train_loop_per_worker(loop_config)`. Rank 0 alone evaluates, logs to MLflow,
-draws sample grids and writes checkpoints; every worker calls `ray.train.report` the same number of
-times (it is a barrier in Ray Train V2).
+Each worker runs `train_loop_per_worker(loop_config)`, which reads as its phases:
+
+    restore or initialise   the flow, its EMA and the optimizer, from the latest checkpoint or fresh
+    the step loop           epochs over this worker's data shard, one `train_step` per batch;
+                            after each step: progress, evaluation and checkpoint when they fall due
+    evaluate (rank 0)       validation bits/dim of the EMA weights, a sample grid
+    checkpoint and report   every worker calls `ray.train.report` the same number of times (it is a
+                            barrier in Ray Train V2); rank 0 attaches the checkpoint
+
+Rank 0 alone evaluates, logs to MLflow, draws sample grids and writes checkpoints. The counting
+lives in `pipeline.train.loop_state`, the EMA in `pipeline.train.ema`, the optimizer, warmup and
+step in `pipeline.train.step`: plain PyTorch, tested without Ray.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
-import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from flowmodel import Flow, build_flow
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import evaluate_bits_per_dim, train_step, unwrap
+from pipeline.train.ema import EMA
+from pipeline.train.loop_state import LoopState, eta_seconds, record_step
+from pipeline.train.reporting import RunLogger, format_eta, sample_grid, say
+from pipeline.train.step import (
+    StepMetrics,
+    evaluate_bits_per_dim,
+    make_optimizer,
+    set_learning_rate,
+    train_step,
+    unwrap,
+)
 
-__all__ = ["EMA", "train_loop_per_worker"]
+__all__ = ["train_loop_per_worker"]
 
 
-class EMA:
-    """Polyak average of a flow's parameters, with the usual warm-up: the decay used at update t is
-    min(decay, (1 + t) / (10 + t)), so short runs are not dominated by the random start."""
+# ----------------------------------------------------------------------------- this worker
 
-    def __init__(self, flow: Flow, decay: float, updates: int = 0) -> None:
-        self.model = copy.deepcopy(flow).eval()
-        self.decay = decay
-        self.updates = updates
-        for param in self.model.parameters():
-            param.requires_grad_(False)
 
-    @torch.no_grad()
-    def update(self, flow: Flow) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.decay else 0.0
-        for average, current in zip(self.model.parameters(), flow.parameters()):
-            average.lerp_(current.detach(), 1 - decay)
-        for average, current in zip(self.model.buffers(), flow.buffers()):
-            average.copy_(current)
+@dataclass(frozen=True)
+class _Worker:
+    """Who this worker is: its config (and the dict it came from, stored in checkpoints), its
+    rank among `world` workers, and the MLflow logger (active on rank 0 only)."""
+
+    config: TrainConfig
+    config_dict: dict[str, Any]
+    rank: int
+    world: int
+    logger: RunLogger
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class _Training:
+    """What the steps act on. `model` is the flow, wrapped by DDP when there are several workers."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA[Flow]
+    generator: torch.Generator  # this worker's dequantization noise (CPU)
+    device: torch.device
+
+
+@dataclass
+class _Clock:
+    """Wall time since the step loop started, and the steps and start of the logging window."""
+
+    started: float = field(default_factory=time.monotonic)
+    window_start: float = field(default_factory=time.monotonic)
+    window_steps: int = 0
 
 
 def _all_agree(flag: bool, op: Any) -> bool:
@@ -60,15 +96,11 @@ def _all_agree(flag: bool, op: Any) -> bool:
     return bool(tensor.item())
 
 
-def _param_checksum(flow: Flow) -> float:
-    return float(
-        sum(p.detach().double().sum() for p in flow.state_dict().values() if p.is_floating_point())
-    )
-
-
 def _check_identical_start(flow: Flow) -> list[float]:
     """All-gather each worker's parameter checksum after initialisation; they must be equal."""
-    checksum = _param_checksum(flow)
+    checksum = float(
+        sum(p.detach().double().sum() for p in flow.state_dict().values() if p.is_floating_point())
+    )
     if not (dist.is_available() and dist.is_initialized()):
         return [checksum]
     gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
@@ -77,6 +109,9 @@ def _check_identical_start(flow: Flow) -> list[float]:
     if max(sums) - min(sums) > 1e-9 * max(1.0, abs(sums[0])):
         raise RuntimeError(f"workers start from different parameters (checksums {sums})")
     return sums
+
+
+# ----------------------------------------------------------------------------- data
 
 
 def _validation_batches(config: TrainConfig) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -111,254 +146,210 @@ def _init_batch(config: TrainConfig) -> torch.Tensor:
     return torch.from_numpy(np.stack(images))
 
 
-class _Logger:
-    """Rank 0's MLflow writes, batched; a no-op elsewhere."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None, active: bool) -> None:
-        self.client = None
-        self.run_id = run_id
-        if active and tracking_uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri)
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))
-        ]
-        self.client.log_batch(self.run_id, metrics=batch)
-
-    def artifact_bytes(self, data: bytes, path: str) -> None:
-        if self.client is None:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / Path(path).name
-            local.write_bytes(data)
-            self.client.log_artifact(self.run_id, str(local), str(Path(path).parent))
-
-
-def _sample_grid(flow: Flow, temperature: float, step: int) -> bytes:
-    from pipeline.plots import image_grid, png_bytes
-
-    images = flow.sample(64, temperature=temperature, generator=torch.Generator().manual_seed(step))
-    return png_bytes(image_grid(images.numpy(), columns=8), scale=3)
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> float:
-    warmup = config.optim.warmup_steps
-    lr = config.optim.lr * min(1.0, (step + 1) / warmup) if warmup else config.optim.lr
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
-def _make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
-    kind = torch.optim.Adamax if config.optim.optimizer == "adamax" else torch.optim.Adam
-    return kind(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-
-
-def _fault_marker(config: TrainConfig) -> str:
-    from pipeline.storage import join_url
-
-    return join_url(config.run.storage_path, config.run.name, "fault-injected")
-
-
 def _maybe_inject_fault(config: TrainConfig, step: int, rank: int, world: int) -> None:
     """Test-only: the last worker exits abruptly once, at `fail_at_step`, like a lost node."""
     if config.fail_at_step is None or step != config.fail_at_step or rank != world - 1:
         return
-    from pipeline.storage import exists, write_bytes_atomic
+    from pipeline.storage import exists, join_url, write_bytes_atomic
 
-    marker = _fault_marker(config)
+    marker = join_url(config.run.storage_path, config.run.name, "fault-injected")
     if exists(marker, config.storage):
         return
     write_bytes_atomic(marker, f"worker {rank} killed at step {step}\n".encode(), config.storage)
-    _say(f"[fault injection] worker {rank} exits at step {step}")
+    say(f"[fault injection] worker {rank} exits at step {step}")
     os._exit(1)
 
 
-def _say(message: str) -> None:
-    """One line to the driver. Ray Train V2 turns a worker's print() into a log record and, when
-    sys.stdout is wrapped (as MLflow's import does), also tees it, so each line showed twice;
-    writing to the real stdout gives Ray's log forwarding exactly one copy."""
-    print(message, file=sys.__stdout__, flush=True)
-
-
-def _format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s"
+# ----------------------------------------------------------------------------- phases
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker; `loop_config` holds the TrainConfig as a dict
+    ("train"), the MLflow tracking URI and run id."""
     import ray.train
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    worker = _Worker(
+        config=TrainConfig.from_dict(loop_config["train"]),
+        config_dict=loop_config["train"],
+        rank=rank,
+        world=context.get_world_size(),
+        logger=RunLogger(
+            loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), rank == 0
+        ),
+    )
+    torch.manual_seed(worker.config.seed)
+    training, state = _restore_or_init(worker, ray.train.get_checkpoint())
+    _step_loop(worker, training, state)
+
+
+def _load_or_build(worker: _Worker, checkpoint: Any) -> tuple[Flow, tuple[Flow, TrainState] | None]:
+    """The flow from Ray Train's latest checkpoint (with its EMA weights and state), or a new one
+    with its data-dependent initialisation."""
+    if checkpoint is None:
+        flow = build_flow(worker.config.model)
+        # Same seed and same images on every worker; DDP then broadcasts rank 0's weights anyway.
+        seed = worker.config.seed
+        flow.initialize(_init_batch(worker.config), generator=torch.Generator().manual_seed(seed))
+        return flow, None
+    with checkpoint.as_directory() as directory:
+        flow, ema_flow, saved = load_checkpoint(Path(directory))
+    flow.train()
+    if worker.is_chief:
+        say(f"resuming from checkpoint at step {saved.step}")
+    return flow, (ema_flow, saved)
+
+
+def _restore_or_init(worker: _Worker, checkpoint: Any) -> tuple[_Training, LoopState]:
+    """Phase 1: the model (DDP-wrapped for several workers), EMA, optimizer and counters, at the
+    latest checkpoint or fresh; every worker's start is checked to be identical."""
     import ray.train.torch
 
-    config = TrainConfig.from_dict(loop_config["train"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    is_chief = rank == 0
-    logger = _Logger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), is_chief)
-    torch.manual_seed(config.seed)
-
-    checkpoint = ray.train.get_checkpoint()
-    state: TrainState | None = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            flow, ema_flow, state = load_checkpoint(Path(directory))
-        flow.train()
-        if is_chief:
-            _say(f"resuming from checkpoint at step {state.step}")
-    else:
-        flow = build_flow(config.model)
-        # Same seed and same images on every worker; DDP then broadcasts rank 0's weights anyway.
-        flow.initialize(_init_batch(config), generator=torch.Generator().manual_seed(config.seed))
-        ema_flow = flow
+    config = worker.config
+    flow, restored = _load_or_build(worker, checkpoint)
     checksums = _check_identical_start(flow)
-
-    ema = EMA(ema_flow, config.optim.ema_decay, updates=state.step if state else 0)
-    model = ray.train.torch.prepare_model(flow) if world > 1 else flow
-    optimizer = _make_optimizer(model.parameters(), config)
-    step, images_seen, skipped_total = 0, 0, 0
-    history: dict[str, list[list[float]]] = {"train": [], "validation": []}
-    if state is not None:
-        optimizer.load_state_dict(state.optimizer)
-        step, images_seen, skipped_total = state.step, state.images_seen, state.skipped_steps
-        history = state.history
-        torch.set_rng_state(state.rng)
-    elif is_chief:
-        logger.metrics({f"init_checksum_rank{r}": c for r, c in enumerate(checksums)}, 0)
-
+    model = ray.train.torch.prepare_model(flow) if worker.world > 1 else flow
+    # Made after prepare_model has put the flow on its device, so that the average lives there too.
+    ema = EMA(flow, config.optim.ema_decay)
+    optimizer = make_optimizer(model.parameters(), config.optim)
+    state = LoopState()
+    if restored is not None:
+        ema_flow, saved = restored
+        ema.load_state_dict({"model": ema_flow.state_dict(), "updates": saved.ema_updates})
+        optimizer.load_state_dict(saved.optimizer)
+        state = LoopState.resumed(saved)
+        torch.set_rng_state(saved.rng)
+    elif worker.is_chief:
+        worker.logger.metrics({f"init_checksum_rank{r}": c for r, c in enumerate(checksums)}, 0)
     # Each worker draws its own dequantization noise.
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank + step)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + worker.rank + state.step)
     device = next(model.parameters()).device
+    return _Training(model, optimizer, ema, generator, device), state
+
+
+def _step_loop(worker: _Worker, training: _Training, state: LoopState) -> None:
+    """Phase 2: epochs over this worker's shard until max_steps or max_minutes."""
+    import ray.train
+
+    config = worker.config
     shard = ray.train.get_dataset_shard("train")
-    started = time.monotonic()
-    window_start, window_steps = time.monotonic(), 0
-    consecutive_bad, last_eval_step, last_ckpt_step = 0, -1, step
-    val_bpd = math.nan
-
-    def evaluate() -> float:
-        mean, count = evaluate_bits_per_dim(
-            ema.model, _validation_batches(config), seed=config.eval_seed
-        )
-        history["validation"].append([step, mean])
-        logger.metrics({"val_bits_per_dim": mean, "val_images": count}, step)
-        logger.artifact_bytes(
-            _sample_grid(ema.model, config.sample_temperature, step), f"samples/step-{step:07d}.png"
-        )
-        _say(f"step {step}: validation {mean:.4f} bits/dim on {count} images")
-        return mean
-
-    def checkpoint_and_report(metrics: dict[str, float]) -> None:
-        nonlocal last_ckpt_step
-        last_ckpt_step = step
-        if not is_chief:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            train_state = TrainState(
-                step,
-                images_seen,
-                skipped_total,
-                optimizer.state_dict(),
-                torch.get_rng_state(),
-                history,
-            )
-            save_checkpoint(Path(tmp), unwrap(model), ema.model, train_state, loop_config["train"])
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    done = step >= config.max_steps
+    clock = _Clock()
+    done = state.step >= config.max_steps
     while not done:
         epoch_steps = 0
         for batch in shard.iter_torch_batches(
             batch_size=config.batch_size,
             drop_last=True,
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-            device=str(device),
+            device=str(training.device),
         ):
-            _maybe_inject_fault(config, step, rank, world)
-            lr = _set_lr(optimizer, config, step)
-            metrics = train_step(
-                model,
-                batch["image"],
-                optimizer,
-                max_grad_norm=config.optim.max_grad_norm,
-                generator=generator if device.type == "cpu" else None,
-                all_finite=lambda ok: _all_agree(ok, dist.ReduceOp.MIN),
-            )
-            step += 1
+            done = _step_and_duties(worker, training, state, clock, batch["image"])
             epoch_steps += 1
-            window_steps += 1
-            if metrics.skipped:
-                skipped_total += 1
-                consecutive_bad += 1
-                if consecutive_bad >= config.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{consecutive_bad} consecutive non-finite training steps (last at step {step}); "
-                        f"stopping. The last good checkpoint (step {last_ckpt_step}) is intact: lower "
-                        "optim.lr or optim.max_grad_norm and rerun to resume from it."
-                    )
-            else:
-                consecutive_bad = 0
-                ema.update(unwrap(model))
-                images_seen += config.batch_size * world
-            history["train"].append([step, metrics.bits_per_dim])
-
-            elapsed = time.monotonic() - started
-            out_of_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes
-            done = step >= config.max_steps or _all_agree(out_of_time, dist.ReduceOp.MAX)
-
-            if step % config.log_every == 0 or done:
-                window = time.monotonic() - window_start
-                rate = window_steps * config.batch_size * world / max(window, 1e-9)
-                sec_per_step = window / max(window_steps, 1)
-                eta = (config.max_steps - step) * sec_per_step
-                if config.max_minutes is not None:
-                    eta = min(eta, 60 * config.max_minutes - elapsed)
-                logger.metrics(
-                    {
-                        "train_bits_per_dim": metrics.bits_per_dim,
-                        "images_per_second": rate,
-                        "learning_rate": lr,
-                        "grad_norm": metrics.grad_norm,
-                        "skipped_steps": skipped_total,
-                    },
-                    step,
-                )
-                if is_chief:
-                    _say(
-                        f"step {step}/{config.max_steps} | {metrics.bits_per_dim:.3f} bits/dim | "
-                        f"{rate:.0f} img/s | lr {lr:.2e} | skipped {skipped_total} | ETA {_format_eta(max(eta, 0))}"
-                    )
-                window_start, window_steps = time.monotonic(), 0
-            if is_chief and (step % config.eval_every == 0 or done):
-                val_bpd = evaluate()
-                last_eval_step = step
-            if step % config.checkpoint_every == 0 or done:
-                checkpoint_and_report(
-                    {
-                        "step": step,
-                        "val_bits_per_dim": val_bpd if last_eval_step == step else math.nan,
-                        "skipped_steps": skipped_total,
-                    }
-                )
             if done:
                 break
         if epoch_steps == 0:
             raise ValueError(
                 f"the training split {config.data.train} gives no full batch of {config.batch_size} "
-                f"images per worker ({world} workers): use more images or a smaller batch_size"
+                f"images per worker ({worker.world} workers): use more images or a smaller batch_size"
             )
-    if last_ckpt_step != step:  # resumed at or past max_steps: still report the final state
-        if is_chief and last_eval_step != step:
-            val_bpd = evaluate()
-        checkpoint_and_report(
-            {"step": step, "val_bits_per_dim": val_bpd, "skipped_steps": skipped_total}
+
+
+def _step_and_duties(
+    worker: _Worker, training: _Training, state: LoopState, clock: _Clock, images: torch.Tensor
+) -> bool:
+    """One training step, then whatever falls due: progress, evaluation, checkpoint. Returns
+    whether the run is done (every worker agrees, so all of them stop at the same step)."""
+    config = worker.config
+    _maybe_inject_fault(config, state.step, worker.rank, worker.world)
+    lr = set_learning_rate(training.optimizer, config.optim, state.step)
+    metrics = train_step(
+        training.model,
+        images,
+        training.optimizer,
+        max_grad_norm=config.optim.max_grad_norm,
+        generator=training.generator if training.device.type == "cpu" else None,
+        all_finite=lambda ok: _all_agree(ok, dist.ReduceOp.MIN),
+    )
+    global_batch = config.batch_size * worker.world
+    record_step(state, metrics, global_batch=global_batch, max_skipped=config.max_nonfinite_steps)
+    if not metrics.skipped:
+        training.ema.update(unwrap(training.model))
+    clock.window_steps += 1
+
+    elapsed = time.monotonic() - clock.started
+    out_of_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes
+    done = state.step >= config.max_steps or _all_agree(out_of_time, dist.ReduceOp.MAX)
+    if state.step % config.log_every == 0 or done:
+        _log_progress(worker, state, clock, metrics, lr, elapsed)
+    if worker.is_chief and (state.step % config.eval_every == 0 or done):
+        _evaluate(worker, training, state)
+    if state.step % config.checkpoint_every == 0 or done:
+        _checkpoint_and_report(worker, training, state)
+    return done
+
+
+def _log_progress(
+    worker: _Worker,
+    state: LoopState,
+    clock: _Clock,
+    metrics: StepMetrics,
+    lr: float,
+    elapsed: float,
+) -> None:
+    """Training metrics of the window since the last log line; then a new window starts."""
+    config = worker.config
+    window = time.monotonic() - clock.window_start
+    rate = clock.window_steps * config.batch_size * worker.world / max(window, 1e-9)
+    pace = window / max(clock.window_steps, 1)
+    eta = eta_seconds(config.max_steps - state.step, pace, elapsed, config.max_minutes)
+    worker.logger.metrics(
+        {
+            "train_bits_per_dim": metrics.bits_per_dim,
+            "images_per_second": rate,
+            "learning_rate": lr,
+            "grad_norm": metrics.grad_norm,
+            "skipped_steps": state.skipped_steps,
+        },
+        state.step,
+    )
+    if worker.is_chief:
+        say(
+            f"step {state.step}/{config.max_steps} | {metrics.bits_per_dim:.3f} bits/dim | "
+            f"{rate:.0f} img/s | lr {lr:.2e} | skipped {state.skipped_steps} | "
+            f"ETA {format_eta(eta)}"
         )
+    # After the MLflow write, so that its time counts in neither window.
+    clock.window_start, clock.window_steps = time.monotonic(), 0
+
+
+def _evaluate(worker: _Worker, training: _Training, state: LoopState) -> None:
+    """Phase 3 (rank 0): validation bits/dim of the EMA weights, logged with a sample grid."""
+    config, step, flow = worker.config, state.step, training.ema.model
+    mean, count = evaluate_bits_per_dim(flow, _validation_batches(config), seed=config.eval_seed)
+    state.history["validation"].append([step, mean])
+    state.val_bits_per_dim, state.last_eval_step = mean, step
+    worker.logger.metrics({"val_bits_per_dim": mean, "val_images": count}, step)
+    worker.logger.artifact_bytes(
+        sample_grid(flow, config.sample_temperature, step), f"samples/step-{step:07d}.png"
+    )
+    say(f"step {step}: validation {mean:.4f} bits/dim on {count} images")
+
+
+def _checkpoint_and_report(worker: _Worker, training: _Training, state: LoopState) -> None:
+    """Phase 4: every worker reports; rank 0 attaches the checkpoint of this step."""
+    import ray.train
+
+    state.last_checkpoint_step = state.step
+    metrics = state.report_metrics()
+    if not worker.is_chief:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    saved = state.saved(
+        training.optimizer.state_dict(), torch.get_rng_state(), training.ema.updates
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(
+            Path(tmp), unwrap(training.model), training.ema.model, saved, worker.config_dict
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

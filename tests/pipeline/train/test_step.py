@@ -1,14 +1,21 @@
-"""The pure training step on real Fashion-MNIST, in-process (no Ray)."""
+"""The pure training step on real Fashion-MNIST, in-process (no Ray), and the optimizer recipe."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from flowmodel import FlowConfig, build_flow
 from pipeline.model.likelihood import keyed_noise
-from pipeline.train.step import evaluate_bits_per_dim, train_step
+from pipeline.train.config import OptimSettings
+from pipeline.train.step import (
+    evaluate_bits_per_dim,
+    make_optimizer,
+    set_learning_rate,
+    train_step,
+)
 
 
 def batches(images: torch.Tensor, size: int, offset: int = 0):
@@ -72,3 +79,22 @@ def test_non_finite_loss_skips_the_update() -> None:
     assert metrics.skipped
     for key, value in flow.state_dict().items():
         assert torch.equal(value, before[key]) or torch.isnan(value).any(), key
+
+
+def test_learning_rate_warms_up_linearly_then_holds() -> None:
+    model = torch.nn.Linear(2, 1)
+    optim = OptimSettings(lr=1e-3, warmup_steps=4)
+    optimizer = make_optimizer(model.parameters(), optim)
+    lrs = [set_learning_rate(optimizer, optim, step) for step in range(6)]
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    no_warmup = OptimSettings(lr=2e-3, warmup_steps=0)
+    assert set_learning_rate(optimizer, no_warmup, 0) == 2e-3
+
+
+def test_optimizer_follows_the_settings() -> None:
+    params = list(torch.nn.Linear(2, 1).parameters())
+    adamax = make_optimizer(params, OptimSettings(optimizer="adamax", lr=5e-4, weight_decay=0.1))
+    assert isinstance(adamax, torch.optim.Adamax)
+    assert adamax.defaults["lr"] == 5e-4 and adamax.defaults["weight_decay"] == 0.1
+    assert type(make_optimizer(params, OptimSettings())) is torch.optim.Adam

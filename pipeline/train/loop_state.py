@@ -1,0 +1,97 @@
+"""The training loop's counting, Ray-free: steps, images, skipped steps, the history of bits/dim,
+when the last checkpoint and evaluation were, and the time left. `pipeline.train.worker` keeps one
+`LoopState` per worker and restores it from a checkpoint's `TrainState`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline.train.checkpoint import TrainState
+from pipeline.train.step import StepMetrics
+
+__all__ = ["LoopState", "eta_seconds", "record_step"]
+
+
+@dataclass
+class LoopState:
+    """The step loop's counters and history: what a checkpoint restores besides the weights,
+    plus what this worker remembers between steps."""
+
+    step: int = 0
+    images_seen: int = 0
+    skipped_steps: int = 0
+    history: dict[str, list[list[float]]] = field(
+        default_factory=lambda: {"train": [], "validation": []}
+    )
+    consecutive_skipped: int = 0
+    last_checkpoint_step: int = 0
+    last_eval_step: int = -1
+    val_bits_per_dim: float = math.nan  # of the last evaluation (rank 0 only)
+
+    @classmethod
+    def resumed(cls, saved: TrainState) -> LoopState:
+        return cls(
+            step=saved.step,
+            images_seen=saved.images_seen,
+            skipped_steps=saved.skipped_steps,
+            history=saved.history,
+            last_checkpoint_step=saved.step,
+        )
+
+    def saved(self, optimizer: dict[str, Any], rng: torch.Tensor, ema_updates: int) -> TrainState:
+        """The checkpoint's TrainState: these counters with the optimizer, RNG and EMA state."""
+        return TrainState(
+            step=self.step,
+            images_seen=self.images_seen,
+            skipped_steps=self.skipped_steps,
+            optimizer=optimizer,
+            rng=rng,
+            history=self.history,
+            ema_updates=ema_updates,
+        )
+
+    def report_metrics(self) -> dict[str, float]:
+        """What `ray.train.report` carries: validation bits/dim only when evaluated at this step."""
+        fresh = self.last_eval_step == self.step
+        return {
+            "step": self.step,
+            "val_bits_per_dim": self.val_bits_per_dim if fresh else math.nan,
+            "skipped_steps": self.skipped_steps,
+        }
+
+
+def record_step(
+    state: LoopState, metrics: StepMetrics, *, global_batch: int, max_skipped: int
+) -> None:
+    """Count one finished step. A skipped (non-finite) step adds no images; `max_skipped` of them
+    in a row stop the run with FloatingPointError, naming the last good checkpoint."""
+    state.step += 1
+    if metrics.skipped:
+        state.skipped_steps += 1
+        state.consecutive_skipped += 1
+        if state.consecutive_skipped >= max_skipped:
+            raise FloatingPointError(
+                f"{state.consecutive_skipped} consecutive non-finite training steps (last at step "
+                f"{state.step}); stopping. The last good checkpoint (step "
+                f"{state.last_checkpoint_step}) is intact: lower optim.lr or optim.max_grad_norm "
+                "and rerun to resume from it."
+            )
+    else:
+        state.consecutive_skipped = 0
+        state.images_seen += global_batch
+    state.history["train"].append([state.step, metrics.bits_per_dim])
+
+
+def eta_seconds(
+    steps_left: int, seconds_per_step: float, elapsed: float, max_minutes: float | None
+) -> float:
+    """Time to the end of the run: the steps left at the current pace, capped by the time budget."""
+    eta = steps_left * seconds_per_step
+    if max_minutes is not None:
+        eta = min(eta, 60 * max_minutes - elapsed)
+    return max(eta, 0)
