@@ -1,4 +1,6 @@
-"""Helpers shared by the benchmark suites: data, the normflows peer model, timing, memory, tables.
+"""Helpers shared by the benchmark suites: the machine, medians and tables, Fashion-MNIST in
+memory, S3 on loopback (moto), memory of a process tree. The in-process training races live in
+`pipeline.bench.race`.
 
 Numbers from this machine are only meaningful side by side (it is shared and noisy), so every
 suite reports medians and ratios, and every report carries `machine()`: CPU, cores, versions,
@@ -7,42 +9,35 @@ threads and the load average when it started.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
 import statistics
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import ExitStack
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipeline.train.config import TrainConfig
-from pipeline.train.ema import EMA
-from pipeline.train.step import StepMetrics, make_optimizer, set_learning_rate
+from pipeline.storage import StorageConfig
 
 __all__ = [
-    "Contender",
+    "BENCH_BUCKET",
     "fashion_mnist",
+    "FAKE_S3_CREDENTIALS",
+    "fake_s3_credentials",
     "finite_positive",
     "machine",
-    "make_contender",
     "markdown_table",
     "median",
-    "normflows_bits_per_dim",
-    "normflows_glow",
-    "parameter_count",
     "RssSampler",
-    "TimedTrainer",
-    "train_interleaved",
+    "start_s3",
 ]
-
-LN2 = math.log(2)
 
 
 def median(values: Sequence[float]) -> float:
@@ -123,197 +118,47 @@ def fashion_mnist(split: str, limit: int | None = None) -> tuple[list[str], Tens
     return keys, torch.from_numpy(np.stack(images))  # (N, 1, 28, 28)
 
 
-# ----------------------------------------------------------------------------- normflows
+# ----------------------------------------------------------------------------- S3 on loopback
+
+BENCH_BUCKET = "flowray-bench"
+
+# moto accepts any credentials; these stand in for them while the benchmark runs, so no real
+# credentials are sent even to loopback. (Unsigned requests would do for writes, but moto then
+# refuses anonymous reads of the objects.)
+FAKE_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
 
 
-def normflows_glow(levels: int, steps: int, hidden: int, image_shape: Sequence[int]) -> nn.Module:
-    """normflows' multiscale Glow, unconditional, as its Glow example builds it.
+def fake_s3_credentials(stack: ExitStack) -> None:
+    """Stand-in AWS credentials in the environment until `stack` closes (then the old ones)."""
+    saved = {name: os.environ.get(name) for name in [*FAKE_S3_CREDENTIALS, "AWS_SESSION_TOKEN"]}
 
-    Per level: `steps` GlowBlocks (affine coupling with a 3x3-1x1-3x3 ConvNet, LU 1x1 conv,
-    ActNorm), a Squeeze, and a Merge between levels; a trainable diagonal Gaussian base per latent
-    (DiagGaussian, one mean and log-scale per element, as flowray's learned priors). Level i = 0 is
-    the coarsest. Inputs are dequantized images in [0, 1), no logit.
-    """
-    import normflows as nf
+    def restore() -> None:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
-    channels, height, width = image_shape
-    q0, merges, flows = [], [], []
-    for i in range(levels):
-        blocks = [
-            nf.flows.GlowBlock(
-                channels * 2 ** (levels + 1 - i), hidden, split_mode="channel", scale=True
-            )
-            for _ in range(steps)
-        ]
-        flows.append([*blocks, nf.flows.Squeeze()])
-        if i > 0:
-            merges.append(nf.flows.Merge())
-            factor = 2 ** (levels - i)
-            latent = (channels * factor, height // factor, width // factor)
-        else:
-            factor = 2**levels
-            latent = (channels * factor * 2, height // factor, width // factor)
-        q0.append(nf.distributions.DiagGaussian(latent))
-    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+    stack.callback(restore)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.update(FAKE_S3_CREDENTIALS)
 
 
-def normflows_bits_per_dim(model: nn.Module, y: Tensor, n_bits: int = 8) -> Tensor:
-    """Per-image bits/dim of dequantized images y = (x + u) / 2**n_bits in [0, 1) under normflows.
+def start_s3(stack: ExitStack) -> StorageConfig:
+    """moto's S3 server on 127.0.0.1 (stopped when `stack` closes) with BENCH_BUCKET created."""
+    import boto3
+    from moto.server import ThreadedMotoServer
 
-    The same bound as flowray's `bits_per_dim_from_log_prob`:
-        flowray:   bpd = -log p(y) / (D ln 2) + n_bits      (flowmodel.flow, log_prob in nats)
-        normflows: bpd = -model.log_prob(y) / (D ln 2) + n_bits
-    where the + n_bits is the dequantization constant D * n_bits * ln 2 / (D ln 2) (the density of
-    y on [0, 1)^D versus the discrete x), so both count bits/dim identically.
-    """
-    dims = y[0].numel()
-    return -model.log_prob(y, None) / (dims * LN2) + n_bits
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-@dataclass(frozen=True)
-class TrainRun:
-    """What a `TimedTrainer` did: steps, step seconds (nothing else) and per-window images/s."""
-
-    steps: int
-    seconds: float
-    window_rates: tuple[float, ...]
-    last_loss: float
-
-    @property
-    def images_per_second(self) -> float:
-        """Median over windows, the first (warm-up) window left out when there are others."""
-        rates = self.window_rates[1:] if len(self.window_rates) > 1 else self.window_rates
-        return median(rates)
-
-
-def batches(images: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
-    """Endless shuffled batches, reshuffled every epoch; the same order for the same seed."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield images[order[start : start + batch_size]]
-
-
-class TimedTrainer:
-    """Calls `step(batch, step_index) -> loss` on shuffled batches, timing each step alone.
-
-    Only step time counts towards the budget, and the rate of each window of `window_steps`
-    steps is kept, so that startup (the first window) and one-off stalls do not move the median.
-    """
-
-    def __init__(
-        self,
-        step: Callable[[Tensor, int], float],
-        images: Tensor,
-        batch_size: int,
-        *,
-        seconds: float,
-        max_steps: int | None = None,
-        window_steps: int = 20,
-        seed: int = 0,
-    ) -> None:
-        self.step, self.batch_size = step, batch_size
-        self.seconds, self.max_steps, self.window_steps = seconds, max_steps, window_steps
-        self._batches = batches(images, batch_size, seed)
-        self.steps, self.elapsed, self.loss = 0, 0.0, math.nan
-        self._window, self.rates = 0.0, []
-
-    @property
-    def done(self) -> bool:
-        return self.elapsed >= self.seconds or (
-            self.max_steps is not None and self.steps >= self.max_steps
-        )
-
-    def advance(self) -> None:
-        batch = next(self._batches)
-        started = time.perf_counter()
-        self.loss = self.step(batch, self.steps)
-        took = time.perf_counter() - started
-        self.steps += 1
-        self.elapsed += took
-        self._window += took
-        if self.steps % self.window_steps == 0:
-            self.rates.append(self.window_steps * self.batch_size / self._window)
-            self._window = 0.0
-
-    def result(self) -> TrainRun:
-        rates = self.rates or [self.steps * self.batch_size / max(self.elapsed, 1e-9)]
-        return TrainRun(self.steps, self.elapsed, tuple(rates), self.loss)
-
-
-def train_interleaved(
-    trainers: dict[str, TimedTrainer],
-    progress: Callable[[str, TimedTrainer], None] | None = None,
-) -> dict[str, TrainRun]:
-    """Run the trainers' steps in turn (one step each, round robin) until each has used its budget.
-
-    On a shared machine the load drifts over minutes; alternating steps gives every model the same
-    conditions, where running them one after the other would not.
-    """
-    while not all(t.done for t in trainers.values()):
-        for name, trainer in trainers.items():
-            if not trainer.done:
-                trainer.advance()
-                if progress is not None:
-                    progress(name, trainer)
-    return {name: trainer.result() for name, trainer in trainers.items()}
-
-
-@dataclass
-class Contender:
-    """One model in an in-process race: its trainer, EMA and count of skipped steps."""
-
-    model: nn.Module
-    ema: EMA[nn.Module]
-    trainer: TimedTrainer
-    skipped: int = 0
-
-
-def make_contender(
-    model: nn.Module,
-    step: Callable[[nn.Module, Tensor, torch.optim.Optimizer, torch.Generator], StepMetrics],
-    images: Tensor,
-    config: TrainConfig,
-    *,
-    batch_size: int,
-    seconds: float,
-    max_steps: int | None,
-    window_steps: int = 20,
-) -> Contender:
-    """`model` trained by `step(model, batch, optimizer, generator)` with flowray's recipe, as the
-    Ray Train loop runs it: the preset's optimizer and warmup, an EMA updated after every step
-    that was not skipped, seeded dequantization noise and batch order."""
-    optimizer = make_optimizer(model.parameters(), config.optim)
-    generator = torch.Generator().manual_seed(config.seed)  # dequantization noise
-
-    def one(batch: Tensor, index: int) -> float:
-        set_learning_rate(optimizer, config.optim, index)
-        metrics = step(model, batch, optimizer, generator)
-        if metrics.skipped:
-            racer.skipped += 1
-        else:
-            racer.ema.update(model)
-        return metrics.bits_per_dim
-
-    trainer = TimedTrainer(
-        one,
-        images,
-        batch_size,
-        seconds=seconds,
-        max_steps=max_steps,
-        window_steps=window_steps,
-        seed=config.seed,
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    stack.callback(server.stop)
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+        Bucket=BENCH_BUCKET
     )
-    racer = Contender(model, EMA(model, config.optim.ema_decay), trainer)
-    return racer
+    return StorageConfig(endpoint_url=endpoint, region="us-east-1")
 
 
 # ----------------------------------------------------------------------------- memory

@@ -26,7 +26,6 @@ both see identical y = (x + u) / 256 and report bits/dim by the same formula
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -35,28 +34,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowmodel import build_flow, dequantize
-from pipeline.bench.common import (
+from flowmodel import dequantize
+from pipeline.bench.common import fashion_mnist, machine, markdown_table
+from pipeline.bench.race import (
     Contender,
     TimedTrainer,
-    fashion_mnist,
-    machine,
     make_contender,
-    markdown_table,
     normflows_bits_per_dim,
-    normflows_glow,
+    normflows_step,
+    paired_models,
     parameter_count,
     train_interleaved,
 )
 from pipeline.model.likelihood import keyed_noise
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import StepMetrics, evaluate_bits_per_dim, train_step
+from pipeline.train.step import evaluate_bits_per_dim, train_step
 
 __all__ = [
     "REFERENCE_NORMFLOWS",
     "TARGET_BITS_PER_DIM",
     "markdown",
-    "normflows_step",
     "normflows_test_bits_per_dim",
     "run",
 ]
@@ -65,32 +62,6 @@ TARGET_BITS_PER_DIM = 3.70  # issue 7: flowray at 10 minutes
 # Issue 7's reference: normflows (2 levels, 8 steps, 64 hidden, Adamax 1e-3, batch 64) after 10
 # minutes on this machine.
 REFERENCE_NORMFLOWS = {"bits_per_dim": 3.95, "images_per_second": 400.0}
-
-
-def normflows_step(
-    model: nn.Module,
-    images: Tensor,
-    optimizer: torch.optim.Optimizer,
-    *,
-    max_grad_norm: float | None,
-    generator: torch.Generator | None,
-    n_bits: int = 8,
-) -> StepMetrics:
-    """`pipeline.train.step.train_step` for a normflows model: same loss, checks and clipping."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    y = dequantize(images, n_bits, generator)
-    loss = normflows_bits_per_dim(model, y, n_bits).mean()
-    if not torch.isfinite(loss):
-        return StepMetrics(float(loss.detach()), math.nan, skipped=True)
-    loss.backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
-    if not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        return StepMetrics(float(loss.detach()), float(norm), skipped=True)
-    optimizer.step()
-    return StepMetrics(float(loss.detach()), float(norm), skipped=False)
 
 
 @torch.no_grad()
@@ -145,15 +116,12 @@ def run(
          "targets", "markdown"}; each model has params, steps, images_per_second and
         test_bits_per_dim.
     """
+    if config.model.n_bits != 8:
+        raise ValueError(f"the comparison assumes 8-bit images, found n_bits={config.model.n_bits}")
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     _, train = fashion_mnist("train", train_images)
     test_keys, test = fashion_mnist("test", test_images)
-    init_batch = train[: config.init_images]
-    model_config = config.model
-    if model_config.n_bits != 8:
-        raise ValueError(f"the comparison assumes 8-bit images, found n_bits={model_config.n_bits}")
-    seconds = 60 * minutes
     report: dict[str, Any] = {
         "machine": machine(),
         "settings": {
@@ -170,42 +138,57 @@ def run(
             "eval_seed": config.eval_seed,
         },
     }
+    contenders = _contenders(config, train, 60 * minutes, max_steps)
+    report["settings"]["load_average_during"] = _race(contenders, minutes, log)
+    report["models"] = _test_figures(contenders, config, test_keys, test)
+    for name, figures in report["models"].items():
+        log(f"{name}: test {figures['test_bits_per_dim']:.4f} bits/dim")
+    ours, theirs = report["models"]["flowray"], report["models"]["normflows"]
+    report["ratios"] = {
+        "bits_per_dim_gain": theirs["test_bits_per_dim"] - ours["test_bits_per_dim"],
+        "images_per_second": ours["images_per_second"] / theirs["images_per_second"],
+        "params": ours["params"] / theirs["params"],
+    }
+    report["targets"] = {
+        "flowray_bits_per_dim_at_most": TARGET_BITS_PER_DIM,
+        "met": bool(ours["test_bits_per_dim"] <= TARGET_BITS_PER_DIM),
+        "reference_normflows": REFERENCE_NORMFLOWS,
+    }
+    report["markdown"] = markdown(report)
+    return report
 
-    # flowray: the preset's model, initialised as the Ray Train job does.
-    torch.manual_seed(config.seed)
-    flow = build_flow(model_config)
-    flow.initialize(init_batch, generator=torch.Generator().manual_seed(config.seed))
-    # normflows: same levels, steps and width; its ActNorms initialise on their first batch, so
-    # give them the same one.
-    glow = normflows_glow(
-        model_config.levels,
-        model_config.steps_per_level,
-        model_config.hidden_channels,
-        model_config.image_shape,
-    )
-    with torch.no_grad():
-        glow.log_prob(dequantize(init_batch, 8, torch.Generator().manual_seed(config.seed)), None)
+
+def _contenders(
+    config: TrainConfig, train: Tensor, seconds: float, max_steps: int | None
+) -> dict[str, Contender]:
+    """Both models, initialised on the same batch, each with flowray's recipe and its own step."""
+    flow, glow = paired_models(config, train[: config.init_images])
     clip = config.optim.max_grad_norm
-    contenders = {
-        "flowray": make_contender(
-            flow,
-            lambda m, b, o, g: train_step(m, b, o, max_grad_norm=clip, generator=g),
-            train,
-            config,
-            batch_size=config.batch_size,
-            seconds=seconds,
-            max_steps=max_steps,
-        ),
-        "normflows": make_contender(
+    steps = {
+        "flowray": (flow, lambda m, b, o, g: train_step(m, b, o, max_grad_norm=clip, generator=g)),
+        "normflows": (
             glow,
             lambda m, b, o, g: normflows_step(m, b, o, max_grad_norm=clip, generator=g),
+        ),
+    }
+    return {
+        name: make_contender(
+            model,
+            step,
             train,
             config,
             batch_size=config.batch_size,
             seconds=seconds,
             max_steps=max_steps,
-        ),
+        )
+        for name, (model, step) in steps.items()
     }
+
+
+def _race(
+    contenders: dict[str, Contender], minutes: float, log: Callable[[str], None]
+) -> list[float]:
+    """Train the contenders in alternation; returns the load average before and after."""
     for name, contender in contenders.items():
         log(f"{name}: {parameter_count(contender.model):,} parameters")
     log(f"training both for {minutes:g} min of step time each, alternating steps")
@@ -219,22 +202,24 @@ def run(
 
     load_before = os.getloadavg()[0]
     train_interleaved({name: c.trainer for name, c in contenders.items()}, progress)
-    report["settings"]["load_average_during"] = [
-        round(load_before, 2),
-        round(os.getloadavg()[0], 2),
-    ]
+    return [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
-    models: dict[str, Any] = {}
+
+def _test_figures(
+    contenders: dict[str, Contender], config: TrainConfig, keys: list[str], test: Tensor
+) -> dict[str, Any]:
+    """Each model's training figures and the test bits/dim of its EMA weights (keyed noise)."""
+    model = config.model
     started = time.perf_counter()
     chunks = [
-        (test_keys[i : i + config.eval_batch_size], test[i : i + config.eval_batch_size])
+        (keys[i : i + config.eval_batch_size], test[i : i + config.eval_batch_size])
         for i in range(0, len(test), config.eval_batch_size)
     ]
     bits, count = evaluate_bits_per_dim(contenders["flowray"].ema.model, chunks, config.eval_seed)
-    models["flowray"] = {
-        "architecture": f"{model_config.levels} levels x {model_config.steps_per_level} steps, "
-        f"{model_config.hidden_channels} hidden, {model_config.coupling} {model_config.mask} "
-        f"coupling, {model_config.preprocess} preprocessing",
+    flowray = {
+        "architecture": f"{model.levels} levels x {model.steps_per_level} steps, "
+        f"{model.hidden_channels} hidden, {model.coupling} {model.mask} "
+        f"coupling, {model.preprocess} preprocessing",
         **_figures(contenders["flowray"], config.batch_size),
         "test_bits_per_dim": bits,
         "test_images": count,
@@ -242,34 +227,18 @@ def run(
     }
     started = time.perf_counter()
     bits = normflows_test_bits_per_dim(
-        contenders["normflows"].ema.model, test_keys, test, config.eval_seed
+        contenders["normflows"].ema.model, keys, test, config.eval_seed
     )
-    models["normflows"] = {
-        "architecture": f"{model_config.levels} levels x {model_config.steps_per_level} "
-        f"GlowBlocks, {model_config.hidden_channels} hidden, affine channel coupling (sigmoid "
+    normflows = {
+        "architecture": f"{model.levels} levels x {model.steps_per_level} "
+        f"GlowBlocks, {model.hidden_channels} hidden, affine channel coupling (sigmoid "
         "scale), DiagGaussian bases, no logit",
         **_figures(contenders["normflows"], config.batch_size),
         "test_bits_per_dim": bits,
         "test_images": len(test),
         "eval_seconds": time.perf_counter() - started,
     }
-    for name, figures in models.items():
-        log(f"{name}: test {figures['test_bits_per_dim']:.4f} bits/dim")
-    report["models"] = models
-
-    ours, theirs = models["flowray"], models["normflows"]
-    report["ratios"] = {
-        "bits_per_dim_gain": theirs["test_bits_per_dim"] - ours["test_bits_per_dim"],
-        "images_per_second": ours["images_per_second"] / theirs["images_per_second"],
-        "params": ours["params"] / theirs["params"],
-    }
-    report["targets"] = {
-        "flowray_bits_per_dim_at_most": TARGET_BITS_PER_DIM,
-        "met": bool(ours["test_bits_per_dim"] <= TARGET_BITS_PER_DIM),
-        "reference_normflows": REFERENCE_NORMFLOWS,
-    }
-    report["markdown"] = markdown(report)
-    return report
+    return {"flowray": flowray, "normflows": normflows}
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -106,7 +106,6 @@ def run(
     """
     import ray
 
-    from pipeline.batch.scoring import ScoreConfig, score
     from pipeline.model.artifact import save_flow
 
     workdir = Path(workdir).resolve()
@@ -115,61 +114,25 @@ def run(
     flow = build_flow(model_config or FlowConfig())
     flow.initialize(base[:512], generator=torch.Generator().manual_seed(0))
     model_dir = save_flow(flow, workdir / "model")
-    started_ray = False
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         _start_ray()
-        started_ray = True
-    splits = {}
-    for size in sorted(sizes):
-        log(f"scaling: preparing {size:,} images")
-        splits[size] = _prepared(workdir, base.numpy(), size, shard_samples)
-
     rows = []
     try:
+        splits = {}
         for size in sorted(sizes):
-            if fresh_ray:
+            log(f"scaling: preparing {size:,} images")
+            splits[size] = _prepared(workdir, base.numpy(), size, shard_samples)
+        for size in sorted(sizes):
+            if fresh_ray:  # so that the memory measured is this size's job alone
                 ray.shutdown()
                 _start_ray()
                 started_ray = True
-            output = workdir / f"scores-{time.strftime('%Y%m%d-%H%M%S')}-{size}"
-            config = ScoreConfig(
-                model=str(model_dir),
-                input=splits[size],
-                output=str(output),
-                batch_size=batch_size,
-                log_to_mlflow=False,
-                tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
-            )
-            log(f"scaling: scoring {size:,} images")
-            with RssSampler() as memory:
-                began = time.perf_counter()
-                result = score(config)
-                seconds = time.perf_counter() - began
-            shutil.rmtree(output, ignore_errors=True)  # this run's own scores, not needed
-            rows.append(
-                {
-                    "images": size,
-                    "scored": result.images_scored,
-                    "seconds": seconds,
-                    "images_per_second": result.images_scored / seconds,
-                    "peak_pss_mb": memory.peak_pss_mb,
-                    "peak_rss_mb": memory.peak_rss_mb,
-                    "processes": memory.processes,
-                }
-            )
-            log(
-                f"scaling: {size:,} images in {seconds:.1f} s, peak PSS {memory.peak_pss_mb:,.0f} MB"
-            )
+            rows.append(_score_size(model_dir, splits[size], size, workdir, batch_size, log))
     finally:
         if started_ray:
             ray.shutdown()
-    first = rows[0]
-    for row in rows:
-        row["seconds_per_image_vs_smallest"] = (row["seconds"] / row["images"]) / (
-            first["seconds"] / first["images"]
-        )
-        row["peak_pss_vs_smallest"] = row["peak_pss_mb"] / first["peak_pss_mb"]
-    growth = max(row["peak_pss_vs_smallest"] for row in rows)
+    growth = _relative_to_smallest(rows)
     report = {
         "machine": machine(),
         "settings": {
@@ -189,6 +152,56 @@ def run(
     }
     report["markdown"] = markdown(report)
     return report
+
+
+def _score_size(
+    model_dir: Path,
+    split: str,
+    size: int,
+    workdir: Path,
+    batch_size: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """One `flowray score` run over `split`: wall time, images/s and peak memory of the job."""
+    from pipeline.batch.scoring import ScoreConfig, score
+
+    output = workdir / f"scores-{time.strftime('%Y%m%d-%H%M%S')}-{size}"
+    config = ScoreConfig(
+        model=str(model_dir),
+        input=split,
+        output=str(output),
+        batch_size=batch_size,
+        log_to_mlflow=False,
+        tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
+    )
+    log(f"scaling: scoring {size:,} images")
+    with RssSampler() as memory:
+        began = time.perf_counter()
+        result = score(config)
+        seconds = time.perf_counter() - began
+    shutil.rmtree(output, ignore_errors=True)  # this run's own scores, not needed
+    log(f"scaling: {size:,} images in {seconds:.1f} s, peak PSS {memory.peak_pss_mb:,.0f} MB")
+    return {
+        "images": size,
+        "scored": result.images_scored,
+        "seconds": seconds,
+        "images_per_second": result.images_scored / seconds,
+        "peak_pss_mb": memory.peak_pss_mb,
+        "peak_rss_mb": memory.peak_rss_mb,
+        "processes": memory.processes,
+    }
+
+
+def _relative_to_smallest(rows: list[dict[str, Any]]) -> float:
+    """Adds each row's seconds per image and peak PSS over the first (smallest) row's; returns
+    the largest PSS ratio."""
+    first = rows[0]
+    for row in rows:
+        row["seconds_per_image_vs_smallest"] = (row["seconds"] / row["images"]) / (
+            first["seconds"] / first["images"]
+        )
+        row["peak_pss_vs_smallest"] = row["peak_pss_mb"] / first["peak_pss_mb"]
+    return max(row["peak_pss_vs_smallest"] for row in rows)
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -25,17 +25,25 @@ import os
 import tempfile
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.bench.common import RssSampler, machine, markdown_table, median
+from pipeline.bench.common import (
+    BENCH_BUCKET,
+    RssSampler,
+    fake_s3_credentials,
+    machine,
+    markdown_table,
+    median,
+    start_s3,
+)
+from pipeline.storage import StorageConfig
 
 __all__ = ["main", "run"]
-
-_BUCKET = "flowray-bench"
 
 
 def _model(model_dir: str | None, base: Path) -> str:
@@ -99,74 +107,32 @@ def run(
          "score_s3", "sampling"} (images/s), "ratio_local", "ratio_s3",
          "memory_mb": {N: peak PSS, growth*N: peak PSS}, "markdown"}.
     """
-    import ray
-
-    from pipeline.batch.sampling import SampleConfig, generate
-    from pipeline.batch.scoring import ScoreConfig, score
-    from pipeline.bench.shard_io import _fake_credentials, _start_s3
-
     with ExitStack() as stack:
         base = Path(workdir or stack.enter_context(tempfile.TemporaryDirectory()))
-        _fake_credentials(stack)  # before Ray starts: its workers inherit them
-        s3 = _start_s3(stack)
-        if not ray.is_initialized():
-            ray.init(
-                address="local",
-                num_cpus=os.cpu_count() or 2,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-            )
-            stack.callback(ray.shutdown)
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
-        model = _model(model_dir, base)
-        local = _prepare(images, str(base / "data-n"))
-        large = _prepare(images * growth, str(base / f"data-{growth}n"))
-        remote = _prepare(images, f"s3://{_BUCKET}/data-n", s3)
-        tracking = f"sqlite:///{base / 'mlflow.db'}"
-
-        def score_once(split: str, tag: str, storage: Any = None) -> tuple[float, float]:
-            config = ScoreConfig(
-                model=model,
-                input=split,
-                output=str(base / "scores" / f"{tag}-{time.monotonic_ns()}"),
-                storage=storage or s3,
-                batch_size=batch_size,
-                actors=actors,
-                tracking_uri=tracking,
-                log_to_mlflow=False,
-            )
-            with RssSampler(interval=0.25) as memory:
-                result = score(config)
-            return result.images_per_second, memory.peak_pss_mb
-
+        fake_s3_credentials(stack)  # before Ray starts: its workers inherit them
+        s3 = start_s3(stack)
+        _local_ray(stack)
+        bench = _Bench(_model(model_dir, base), base, s3, batch_size, actors)
+        splits = {
+            "local": _prepare(images, str(base / "data-n")),
+            "large": _prepare(images * growth, str(base / f"data-{growth}n")),
+            "s3": _prepare(images, f"s3://{BENCH_BUCKET}/data-n", s3),
+        }
         figures: dict[str, list[float]] = {}
         peaks: dict[str, list[float]] = {}
         for repeat in range(repeats):
-            figures.setdefault("raw_forward", []).append(_raw_forward(model, local, batch_size))
-            speed, peak = score_once(local, "local")
+            figures.setdefault("raw_forward", []).append(
+                _raw_forward(bench.model, splits["local"], batch_size)
+            )
+            speed, peak = bench.score(splits["local"], "local")
             figures.setdefault("score_local", []).append(speed)
             peaks.setdefault("n", []).append(peak)
-            figures.setdefault("score_s3", []).append(score_once(remote, "s3", s3)[0])
-            speed, peak = score_once(large, "large")
+            figures.setdefault("score_s3", []).append(bench.score(splits["s3"], "s3")[0])
+            speed, peak = bench.score(splits["large"], "large")
             figures.setdefault(f"score_local_{growth}x", []).append(speed)
             peaks.setdefault(f"{growth}n", []).append(peak)
-            started = time.perf_counter()
-            generate(
-                SampleConfig(
-                    model=model,
-                    output=str(base / "samples" / f"run-{repeat}"),
-                    n=sample_images,
-                    tracking_uri=tracking,
-                    log_to_mlflow=False,
-                )
-            )
-            figures.setdefault("sampling", []).append(
-                sample_images / (time.perf_counter() - started)
-            )
+            figures.setdefault("sampling", []).append(bench.sample(sample_images, repeat))
     results = {name: median(values) for name, values in figures.items()}
-    memory = {name: median(values) for name, values in peaks.items()}
     report: dict[str, Any] = {
         "images": images,
         "repeats": repeats,
@@ -175,8 +141,80 @@ def run(
         "results": results,
         "ratio_local": results["score_local"] / results["raw_forward"],
         "ratio_s3": results["score_s3"] / results["raw_forward"],
-        "memory_mb": memory,
+        "memory_mb": {name: median(values) for name, values in peaks.items()},
     }
+    report["markdown"] = _markdown(report, sample_images)
+    return report
+
+
+def _local_ray(stack: ExitStack) -> None:
+    """A local Ray (one logical CPU per core) until `stack` closes, unless one is running."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count() or 2,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+        stack.callback(ray.shutdown)
+    DataContext.get_current().enable_progress_bars = False
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """The model and settings every timed scoring and sampling run shares."""
+
+    model: str
+    base: Path
+    s3: StorageConfig
+    batch_size: int
+    actors: int
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.base / 'mlflow.db'}"
+
+    def score(self, split: str, tag: str) -> tuple[float, float]:
+        """`flowray score` on `split` into a fresh prefix: images/s and peak PSS (MB)."""
+        from pipeline.batch.scoring import ScoreConfig, score
+
+        config = ScoreConfig(
+            model=self.model,
+            input=split,
+            output=str(self.base / "scores" / f"{tag}-{time.monotonic_ns()}"),
+            storage=self.s3,
+            batch_size=self.batch_size,
+            actors=self.actors,
+            tracking_uri=self.tracking_uri,
+            log_to_mlflow=False,
+        )
+        with RssSampler(interval=0.25) as memory:
+            result = score(config)
+        return result.images_per_second, memory.peak_pss_mb
+
+    def sample(self, count: int, repeat: int) -> float:
+        """Images/s of `flowray sample` writing `count` images as PNG shards."""
+        from pipeline.batch.sampling import SampleConfig, generate
+
+        started = time.perf_counter()
+        generate(
+            SampleConfig(
+                model=self.model,
+                output=str(self.base / "samples" / f"run-{repeat}"),
+                n=count,
+                tracking_uri=self.tracking_uri,
+                log_to_mlflow=False,
+            )
+        )
+        return count / (time.perf_counter() - started)
+
+
+def _markdown(report: dict[str, Any], sample_images: int) -> str:
+    results, memory, growth = report["results"], report["memory_mb"], report["growth"]
+    images = report["images"]
     rows = [
         ["raw forward (in-process, all cores)", images, results["raw_forward"], 1.0, "-"],
         [
@@ -200,11 +238,10 @@ def run(
         ["measurement", "images", "images/s (median)", "vs raw forward", "peak PSS MB"], rows
     )
     load = report["machine"]["load_average"]
-    report["markdown"] = (
-        f"{table}\n\nmedian of {repeats} runs on {report['machine']['cores']} cores "
+    return (
+        f"{table}\n\nmedian of {report['repeats']} runs on {report['machine']['cores']} cores "
         f"(load average at start {load}); Ray Data figures include actor start-up."
     )
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -30,14 +29,18 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.bench.common import (
+    BENCH_BUCKET,
+    FAKE_S3_CREDENTIALS,
+    fake_s3_credentials,
+    start_s3,
+)
 from pipeline.data.reader import iter_split, read_split
 from pipeline.data.shards import prepare
 from pipeline.data.sources import ImageSource, NpySource, SourceError, open_source
 from pipeline.storage import StorageConfig, join_url
 
 __all__ = ["main", "markdown", "run"]
-
-_BUCKET = "flowray-bench"
 
 
 def _source(n_images: int, workdir: Path) -> ImageSource:
@@ -54,41 +57,6 @@ def _timed(action: Callable[[], int]) -> float:
     started = time.perf_counter()
     count = action()
     return count / (time.perf_counter() - started)
-
-
-# moto accepts any credentials; these stand in for them while the benchmark runs, so no real
-# credentials are sent even to loopback. (Unsigned requests would do for writes, but moto then
-# refuses anonymous reads of the objects.)
-_FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
-
-
-def _fake_credentials(stack: ExitStack) -> None:
-    saved = {name: os.environ.get(name) for name in [*_FAKE_CREDENTIALS, "AWS_SESSION_TOKEN"]}
-
-    def restore() -> None:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-    stack.callback(restore)
-    os.environ.pop("AWS_SESSION_TOKEN", None)
-    os.environ.update(_FAKE_CREDENTIALS)
-
-
-def _start_s3(stack: ExitStack) -> StorageConfig:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    stack.callback(server.stop)
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=_BUCKET)
-    return StorageConfig(endpoint_url=endpoint, region="us-east-1")
 
 
 def run(
@@ -112,25 +80,12 @@ def run(
         source = _source(n_images, base)
         split = next(iter(source.splits()))
         n_images = min(n_images, source.splits()[split])
-        _fake_credentials(stack)
-        s3_storage = _start_s3(stack)
-        remote_args: dict[str, Any] | None = None
+        fake_s3_credentials(stack)
         backends = {
             "local": (str(base / "bench-local"), None),
-            "s3": (f"s3://{_BUCKET}", s3_storage),
+            "s3": (f"s3://{BENCH_BUCKET}", start_s3(stack)),
         }
-        if with_ray:
-            import ray
-
-            if not ray.is_initialized():
-                # Started now, its workers inherit the stand-in credentials.
-                ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-                stack.callback(ray.shutdown)
-            else:
-                remote_args = {"runtime_env": {"env_vars": dict(_FAKE_CREDENTIALS)}}
-            from ray.data import DataContext
-
-            DataContext.get_current().enable_progress_bars = False
+        remote_args = _ray_with_credentials(stack) if with_ray else None
         # Warm-up: decompress the source and import codecs outside the timed runs.
         list(source.read(split, range(min(n_images, 64))))
 
@@ -138,37 +93,18 @@ def run(
         megabytes: dict[str, float] = {}
         for repeat in range(repeats):
             for backend, (root, storage) in backends.items():
-                out = join_url(root, f"run-{repeat}")
-                split_url = join_url(out, split)
-                result: dict = {}
-
-                def write(out=out, storage=storage, result=result) -> int:
-                    written = prepare(
-                        source,
-                        out,
-                        storage,
-                        splits=[split],
-                        limit=n_images,
-                        shard_samples=shard_samples,
-                    )
-                    result["manifest"] = written.splits[split].manifest
-                    return written.splits[split].images_written
-
-                def read_iter(split_url=split_url, storage=storage) -> int:
-                    return sum(1 for _ in iter_split(split_url, storage))
-
-                def read_ray(split_url=split_url, storage=storage) -> int:
-                    dataset = read_split(
-                        split_url, storage, ray_remote_args=remote_args if storage else None
-                    )
-                    return sum(len(b["key"]) for b in dataset.iter_batches(batch_size=256))
-
-                timings = samples[backend]
-                timings.setdefault("write", []).append(_timed(write))
-                timings.setdefault("read_iter", []).append(_timed(read_iter))
-                if with_ray:
-                    timings.setdefault("read_ray", []).append(_timed(read_ray))
-                megabytes[backend] = sum(s.bytes for s in result["manifest"].shards) / 1e6
+                timings, megabytes[backend] = _write_and_read(
+                    source,
+                    split,
+                    join_url(root, f"run-{repeat}"),
+                    storage,
+                    limit=n_images,
+                    shard_samples=shard_samples,
+                    with_ray=with_ray,
+                    remote_args=remote_args,
+                )
+                for name, value in timings.items():
+                    samples[backend].setdefault(name, []).append(value)
         results = {
             backend: {name: statistics.median(values) for name, values in timings.items()}
             | {"mb": megabytes[backend]}
@@ -183,6 +119,56 @@ def run(
     }
     report["markdown"] = markdown(report)
     return report
+
+
+def _ray_with_credentials(stack: ExitStack) -> dict[str, Any] | None:
+    """A local Ray whose workers see the stand-in credentials: started now, they inherit them
+    (None is returned); a Ray already running gets them as remote args for the read tasks."""
+    import ray
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return {"runtime_env": {"env_vars": dict(FAKE_S3_CREDENTIALS)}}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    stack.callback(ray.shutdown)
+    return None
+
+
+def _write_and_read(
+    source: ImageSource,
+    split: str,
+    out: str,
+    storage: StorageConfig | None,
+    *,
+    limit: int,
+    shard_samples: int,
+    with_ray: bool,
+    remote_args: dict[str, Any] | None,
+) -> tuple[dict[str, float], float]:
+    """Images/s writing `limit` images as shards to `out`, reading them with `iter_split` and
+    (with_ray) with Ray Data; and the shards' megabytes."""
+    split_url = join_url(out, split)
+    written = {}
+
+    def write() -> int:
+        result = prepare(
+            source, out, storage, splits=[split], limit=limit, shard_samples=shard_samples
+        )
+        written["manifest"] = result.splits[split].manifest
+        return result.splits[split].images_written
+
+    def read_iter() -> int:
+        return sum(1 for _ in iter_split(split_url, storage))
+
+    def read_ray() -> int:
+        dataset = read_split(split_url, storage, ray_remote_args=remote_args if storage else None)
+        return sum(len(b["key"]) for b in dataset.iter_batches(batch_size=256))
+
+    timings = {"write": _timed(write), "read_iter": _timed(read_iter)}
+    if with_ray:
+        timings["read_ray"] = _timed(read_ray)
+    return timings, sum(s.bytes for s in written["manifest"].shards) / 1e6
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ All runs use the same global batch: the preset's per-worker batch times its work
 128), split evenly over the Ray workers. Per repeat, in this order:
 
 - in-process: flowray (`pipeline.train.step.train_step` + warmup + EMA, the Ray loop's work
-  without Ray) and normflows (the same step, `pipeline.bench.quality.normflows_step`), alternating
+  without Ray) and normflows (the same step, `pipeline.bench.race.normflows_step`), alternating
   steps, each for `seconds` of step time, on Fashion-MNIST held in memory, torch using every core.
 - Ray Train, 1 worker with all cores, then 2 workers with 1 core each:
   `pipeline.train.driver.train`, the production job (Ray Data reading the prepared shards, DDP for
@@ -25,25 +25,22 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flowmodel import build_flow, dequantize
-from pipeline.bench.common import (
-    fashion_mnist,
-    machine,
+from pipeline.bench.common import fashion_mnist, machine, markdown_table, median
+from pipeline.bench.race import (
     make_contender,
-    markdown_table,
-    median,
-    normflows_glow,
+    normflows_step,
+    paired_models,
     parameter_count,
     train_interleaved,
 )
-from pipeline.bench.quality import normflows_step
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import train_step
 
@@ -57,17 +54,7 @@ def _in_process(
     config: TrainConfig, images: torch.Tensor, batch: int, seconds: float, max_steps: int | None
 ) -> dict[str, float]:
     """flowray and normflows, alternating steps in this process: median window images/s each."""
-    torch.manual_seed(config.seed)
-    flow = build_flow(config.model)
-    flow.initialize(images[: config.init_images], generator=torch.Generator().manual_seed(0))
-    glow = normflows_glow(
-        config.model.levels,
-        config.model.steps_per_level,
-        config.model.hidden_channels,
-        config.model.image_shape,
-    )
-    with torch.no_grad():
-        glow.log_prob(dequantize(images[: config.init_images], 8), None)
+    flow, glow = paired_models(config, images[: config.init_images])
     clip = config.optim.max_grad_norm
     trainers = {
         name: make_contender(
@@ -185,8 +172,6 @@ def run(
         max_steps: also stop each run after this many steps (smoke runs).
         log_every: steps per logged images/s window in the Ray runs.
     """
-    import ray
-
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
@@ -199,47 +184,20 @@ def run(
         init_images=min(config.init_images, train_images or config.init_images),
     )
     _, images = fashion_mnist("train", train_images)
-    report: dict[str, Any] = {"machine": machine(), "settings": {}}
-    samples: dict[str, list[float]] = {
-        "flowray_in_process": [],
-        "normflows_in_process": [],
-        "ray_1_worker": [],
-        "ray_2_workers": [],
-    }
-    params: dict[str, int] = {}
-    # As pipeline.train.driver starts it: the workers' CPUs plus 2 logical CPUs for Ray Data.
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", num_cpus=cores + 2, include_dashboard=False, log_to_driver=True)
-    threads = {"ray_1_worker": _thread_probe(cores), "ray_2_workers": _thread_probe(cores // 2)}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    try:
-        for repeat in range(repeats):
-            log(f"repeat {repeat + 1}/{repeats}: in-process flowray and normflows")
-            figures = _in_process(config, images, global_batch, seconds, max_steps)
-            samples["flowray_in_process"].append(figures["flowray"])
-            samples["normflows_in_process"].append(figures["normflows"])
-            params = {
-                "flowray": figures["flowray_params"],
-                "normflows": figures["normflows_params"],
-            }
-            for key, workers in (("ray_1_worker", 1), ("ray_2_workers", 2)):
-                log(f"repeat {repeat + 1}/{repeats}: Ray Train, {workers} worker(s)")
-                rate = _ray_run(
-                    config,
-                    workdir,
-                    f"bench-{stamp}-{key}-{repeat}",
-                    workers,
-                    global_batch,
-                    seconds,
-                    max_steps,
-                    log_every,
-                )
-                samples[key].append(rate)
-    finally:
-        if started_ray:
-            ray.shutdown()
-    rates = {key: median(values) for key, values in samples.items()}
+    report: dict[str, Any] = {"machine": machine()}
+    with _local_ray(cores):
+        threads = {"ray_1_worker": _thread_probe(cores), "ray_2_workers": _thread_probe(cores // 2)}
+        samples, params = _measure(
+            config,
+            images,
+            workdir,
+            global_batch=global_batch,
+            seconds=seconds,
+            repeats=repeats,
+            max_steps=max_steps,
+            log_every=log_every,
+            log=log,
+        )
     report["settings"] = {
         "global_batch": global_batch,
         "seconds_per_run": seconds,
@@ -254,18 +212,8 @@ def run(
         "params": params,
     }
     report["samples"] = samples
-    report["images_per_second"] = rates
-
-    # Ratios per repeat (both figures measured minutes apart, under similar load), then the
-    # median: on a shared machine a ratio of medians would pair figures from different loads.
-    def ratio(top: str, bottom: str) -> float:
-        return median([a / b for a, b in zip(samples[top], samples[bottom])])
-
-    report["ratios"] = {
-        "ray_2_workers_vs_in_process": ratio("ray_2_workers", "flowray_in_process"),
-        "ray_1_worker_vs_in_process": ratio("ray_1_worker", "flowray_in_process"),
-        "flowray_vs_normflows": ratio("flowray_in_process", "normflows_in_process"),
-    }
+    report["images_per_second"] = {key: median(values) for key, values in samples.items()}
+    report["ratios"] = _ratios(samples)
     report["targets"] = {
         "ray_overhead": {
             "at_least": TARGET_RAY_OVERHEAD,
@@ -280,43 +228,83 @@ def run(
     return report
 
 
+@contextmanager
+def _local_ray(cores: int) -> Iterator[None]:
+    """A local Ray for the runs, started as pipeline.train.driver starts it (the workers' CPUs plus
+    2 logical CPUs for Ray Data) and shut down after; a Ray already running is used as it is."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=cores + 2, include_dashboard=False, log_to_driver=True)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _measure(
+    config: TrainConfig,
+    images: torch.Tensor,
+    workdir: Path,
+    *,
+    global_batch: int,
+    seconds: float,
+    repeats: int,
+    max_steps: int | None,
+    log_every: int,
+    log: Callable[[str], None],
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Per repeat: the in-process pair, then Ray Train with 1 and 2 workers. Returns images/s per
+    run kind and repeat, and the two models' parameter counts."""
+    samples: dict[str, list[float]] = {
+        "flowray_in_process": [],
+        "normflows_in_process": [],
+        "ray_1_worker": [],
+        "ray_2_workers": [],
+    }
+    params: dict[str, int] = {}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for repeat in range(repeats):
+        log(f"repeat {repeat + 1}/{repeats}: in-process flowray and normflows")
+        figures = _in_process(config, images, global_batch, seconds, max_steps)
+        samples["flowray_in_process"].append(figures["flowray"])
+        samples["normflows_in_process"].append(figures["normflows"])
+        params = {"flowray": figures["flowray_params"], "normflows": figures["normflows_params"]}
+        for key, workers in (("ray_1_worker", 1), ("ray_2_workers", 2)):
+            log(f"repeat {repeat + 1}/{repeats}: Ray Train, {workers} worker(s)")
+            rate = _ray_run(
+                config,
+                workdir,
+                f"bench-{stamp}-{key}-{repeat}",
+                workers,
+                global_batch,
+                seconds,
+                max_steps,
+                log_every,
+            )
+            samples[key].append(rate)
+    return samples, params
+
+
+def _ratios(samples: dict[str, list[float]]) -> dict[str, float]:
+    """Ratios per repeat (both figures measured minutes apart, under similar load), then the
+    median: on a shared machine a ratio of medians would pair figures from different loads."""
+
+    def ratio(top: str, bottom: str) -> float:
+        return median([a / b for a, b in zip(samples[top], samples[bottom])])
+
+    return {
+        "ray_2_workers_vs_in_process": ratio("ray_2_workers", "flowray_in_process"),
+        "ray_1_worker_vs_in_process": ratio("ray_1_worker", "flowray_in_process"),
+        "flowray_vs_normflows": ratio("flowray_in_process", "normflows_in_process"),
+    }
+
+
 def markdown(report: dict[str, Any]) -> str:
-    settings, rates, ratios = report["settings"], report["images_per_second"], report["ratios"]
-    threads, params = settings["threads"], settings["params"]
-    in_process = rates["flowray_in_process"]
-    rows = [
-        [
-            "flowray, in-process loop",
-            f"1 process x {threads['in_process']} threads",
-            params["flowray"],
-            in_process,
-            1.0,
-        ],
-        [
-            "flowray, Ray Train 1 worker",
-            threads["ray_1_worker"],
-            params["flowray"],
-            rates["ray_1_worker"],
-            ratios["ray_1_worker_vs_in_process"],
-        ],
-        [
-            "flowray, Ray Train 2 workers (DDP)",
-            threads["ray_2_workers"],
-            params["flowray"],
-            rates["ray_2_workers"],
-            ratios["ray_2_workers_vs_in_process"],
-        ],
-        [
-            "normflows Glow, in-process loop",
-            f"1 process x {threads['in_process']} threads",
-            params["normflows"],
-            rates["normflows_in_process"],
-            1 / ratios["flowray_vs_normflows"],
-        ],
-    ]
-    table = markdown_table(
-        ["run", "threads", "params", "train images/s", "vs flowray in-process"], rows
-    )
+    settings, ratios = report["settings"], report["ratios"]
+    table = _table(report)
     per_repeat = "; ".join(
         f"{key}: " + ", ".join(f"{v:,.0f}" for v in values)
         for key, values in report["samples"].items()
@@ -347,4 +335,44 @@ def markdown(report: dict[str, Any]) -> str:
             f"{machine_info['torch']}, Ray {machine_info['ray']}, load average at start "
             f"{machine_info['load_average'][0]}.",
         ]
+    )
+
+
+def _table(report: dict[str, Any]) -> str:
+    """One row per run kind: threads, parameters, images/s and its ratio to flowray in-process."""
+    settings, rates, ratios = report["settings"], report["images_per_second"], report["ratios"]
+    threads, params = settings["threads"], settings["params"]
+    in_process = f"1 process x {threads['in_process']} threads"
+    rows = [
+        [
+            "flowray, in-process loop",
+            in_process,
+            params["flowray"],
+            rates["flowray_in_process"],
+            1.0,
+        ],
+        [
+            "flowray, Ray Train 1 worker",
+            threads["ray_1_worker"],
+            params["flowray"],
+            rates["ray_1_worker"],
+            ratios["ray_1_worker_vs_in_process"],
+        ],
+        [
+            "flowray, Ray Train 2 workers (DDP)",
+            threads["ray_2_workers"],
+            params["flowray"],
+            rates["ray_2_workers"],
+            ratios["ray_2_workers_vs_in_process"],
+        ],
+        [
+            "normflows Glow, in-process loop",
+            in_process,
+            params["normflows"],
+            rates["normflows_in_process"],
+            1 / ratios["flowray_vs_normflows"],
+        ],
+    ]
+    return markdown_table(
+        ["run", "threads", "params", "train images/s", "vs flowray in-process"], rows
     )
