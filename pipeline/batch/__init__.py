@@ -1,6 +1,15 @@
 """Batch jobs over a trained model: bulk likelihood scoring (Parquet per shard, exactly once per
 key) and sample generation, resolving the model the same way for both.
 
+    resolve          model reference -> flow, payload for actors, name and version (both jobs)
+    scoring          score(): plan -> pipeline -> collect -> report, over
+      score_config     ScoreConfig, ScoreResult, ScoreError
+      score_pipeline   Ray Data: read_split -> Scorer actors
+      score_output     per-shard Parquet, written once complete; the settings file
+      score_report     statistics, summary files, MLflow summary run
+    sampling         generate(): Ray tasks draw chunks; the MLflow run
+      sample_shards    PNG samples into tar shards, atomically
+
 May import: flowmodel, pipeline.{model,data,tracking}, pipeline.{errors,storage,plots}.
 """
 
