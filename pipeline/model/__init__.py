@@ -4,7 +4,8 @@ pyfunc flavour with its models-from-code entry.
 
 This subpackage is what a logged model ships (with flowmodel and pipeline.errors), so it may
 import only flowmodel and pipeline.errors. Nothing here imports Ray, and only `pyfunc` (the MLflow
-adapter, loaded by MLflow itself) imports MLflow.
+adapter) and `pyfunc_entry` (its models-from-code file, which flowray never imports) import
+MLflow: MLflow loads them itself. A scoring actor loads flows through `artifact` and `likelihood`.
 """
 
 from __future__ import annotations
