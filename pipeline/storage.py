@@ -14,15 +14,24 @@ through `redact` as a second guard.
 
 The small helpers (`join_url`, `exists`, `list_names`, `read_bytes`, `write_bytes_atomic`,
 `put_file_atomic`) are what the shard writer, checkpoints and scoring reuse. Writes are atomic:
-a local file appears under its final name only when complete (temp name in the same folder, then
-`os.replace`); an S3 object is atomic already (a PUT or a completed multipart upload).
+a local file appears under its final name only when complete (temp name in the same folder,
+fsync, `os.replace`, fsync of the folder, so a power cut leaves the old file or the whole new
+one); an S3 object is atomic already (a PUT or a completed multipart upload).
+
+Local temp files are named `.<final name>.<host>-<pid>-<random>.tmp`: hidden, and ending in
+`.tmp` whatever the final name, so no listing or glob for `*.tar`, `*.parquet` or a manifest
+ever matches one. A writer killed mid-write leaves its temp behind; `sweep_temp_files` removes
+the temps in a folder whose writer (same host, that pid) no longer runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -44,6 +53,7 @@ __all__ = [
     "exists",
     "fsspec_filesystem",
     "is_s3",
+    "is_temp_name",
     "join_url",
     "list_files",
     "list_names",
@@ -52,6 +62,7 @@ __all__ = [
     "read_bytes",
     "redact",
     "replace_with",
+    "sweep_temp_files",
     "write_bytes_atomic",
 ]
 
@@ -315,10 +326,80 @@ def read_bytes(url: str, storage: StorageConfig | None = None) -> bytes:
         return fs.cat_file(path)
 
 
+# A short tag of this host: a pid names a process only together with its host.
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+# What writers before this naming left: ".<name>.tmp-<pid>-<random>[<suffix>]".
+_OLD_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(\.[A-Za-z0-9]+)?$")
+
+
 def _local_temp_name(path: str) -> str:
     folder, name = os.path.split(path)
-    # Leading dot and a unique suffix: never mistaken for the final file, never shared by writers.
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    # Hidden, ".tmp" last, unique per writer: never mistaken for the final file, never shared.
+    return os.path.join(folder, f".{name}.{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for a temp file name made by this module (now or by earlier versions)."""
+    return bool(_TEMP.match(name) or _OLD_TEMP.match(name))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep_temp_files(url: str, storage: StorageConfig | None = None) -> list[str]:
+    """Remove the temp files in the local folder `url` that no running writer owns.
+
+    A temp is removed when it was made on this host by a process that no longer runs (or by an
+    earlier version of this module, whose names carry the pid only). Temps of live processes,
+    of other hosts (a shared filesystem) and every other file are left alone. On S3, temps never
+    reach the bucket (they are local files until one atomic upload): nothing to do.
+
+    Returns:
+        The names removed, sorted.
+    """
+    if is_s3(url):
+        return []
+    folder = _local_path(url)
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for name in sorted(names):
+        match = _TEMP.match(name) or _OLD_TEMP.match(name)
+        if match is None or match.groupdict().get("host", _HOST_TAG) != _HOST_TAG:
+            continue
+        if _process_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def _fsync_path(path: str) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _replace_durably(temp: str, path: str) -> None:
+    """Rename a complete temp onto `path` so that after a crash either file is whole: the data
+    reaches the disk before the rename, and the rename before we return."""
+    _fsync_path(temp)
+    os.replace(temp, path)
+    _fsync_path(os.path.dirname(path) or ".")
 
 
 def write_bytes_atomic(url: str, data: bytes, storage: StorageConfig | None = None) -> None:
@@ -330,9 +411,7 @@ def write_bytes_atomic(url: str, data: bytes, storage: StorageConfig | None = No
         try:
             with open(temp, "wb") as file:
                 file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, path)
+            _replace_durably(temp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temp)
@@ -351,7 +430,7 @@ def put_file_atomic(local_file: str, url: str, storage: StorageConfig | None = N
         temp = _local_temp_name(path)
         try:
             shutil.copyfile(local_file, temp)
-            os.replace(temp, path)
+            _replace_durably(temp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temp)
@@ -371,14 +450,19 @@ def local_temp_dir_for(url: str) -> str | None:
 
 
 def make_temp_file(url: str, suffix: str = "") -> str:
-    """A new empty local temp file suited to end up at `url` (see `local_temp_dir_for`)."""
+    """A new empty local temp file suited to end up at `url` (see `local_temp_dir_for`).
+
+    Next to a local `url` it is named as the module docstring says (`suffix` is not used there:
+    a temp must never end like a final file); elsewhere (for S3) it is a system temp file ending
+    in `suffix`.
+    """
     folder = local_temp_dir_for(url)
     if folder is None:
         handle, name = tempfile.mkstemp(prefix="flowray-", suffix=suffix)
         os.close(handle)
         return name
     # Not mkstemp: its 0600 mode would survive the rename; open() applies the umask instead.
-    name = _local_temp_name(_local_path(url)) + suffix
+    name = _local_temp_name(_local_path(url))
     with open(name, "xb"):
         pass
     return name
@@ -390,7 +474,7 @@ def replace_with(local_file: str, url: str, storage: StorageConfig | None = None
         if is_s3(url):
             put_file_atomic(local_file, url, storage)
         else:
-            os.replace(local_file, _local_path(url))
+            _replace_durably(local_file, _local_path(url))
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(local_file)

@@ -5,9 +5,11 @@
     ds = read_split("s3://data/fmnist/train", storage)            # ray.data.Dataset, lazy
     for batch in ds.iter_batches(batch_size=256): ...
 
-    tally = SkipTally.shared()                                     # a Ray actor; see below
+    tally = SkipTally.shared()                                     # a Ray actor; see tally.py
     ds = read_split(url, storage, on_error="skip", tally=tally)
     ...consume ds (here, or in Ray Train workers)...
+    tally.left_out()          # [ShardOutcome(shard, complete=False, reason=...)] shards not read whole
+    tally.outcomes()          # {shard: ShardOutcome}: rows, skipped_keys, retries
     print(tally.total(), tally.by_shard(), tally.records()[:5])
 
     for row in iter_split(url, storage): ...                       # same rows, no Ray
@@ -29,41 +31,53 @@ the rows within each shard (a shard is at most `shard_samples` images, so that b
 For mixing across shards, add Ray Data's `local_shuffle_buffer_size=...` in
 `iter_batches`/`iter_torch_batches`.
 
-Corrupt data, under `on_error`:
-    undecodable PNG, wrong mode or size, a sample without a PNG, a bad `cls`:  one sample
-    truncated or unreadable tar, fewer samples than the manifest says:     the samples lost
-    missing shard:                                                         all its samples
+Storage faults are not bad data. Bytes come through `streams.ResumingReader`: a 5xx, a SlowDown, a
+reset, a timeout or a transfer cut short is retried with bounded backoff and the read resumes at
+the byte it reached, so nothing above sees it. When storage keeps failing past `retry`, the shard
+is left out as `transient` under "skip" (a rerun reads it) and `TransientReadError` (a
+StorageError) is raised under "fail"; it is never counted as a bad image.
+
+Bad data, under `on_error`:
+    a bad image: a member read whole that does not decode, has the wrong mode or size, breaks the
+    `limits` (checked from its tar header and its image header, before decoding), or a sample
+    without a PNG or with a bad `cls`                                         -> that sample
+    a shard that cannot be read whole: missing; another size or sha256 than the manifest's; a tar
+    that ends early or is unreadable; fewer or more samples than the manifest lists -> the shard
 "fail" raises `CorruptDataError` naming the shard and key ("*" for a whole shard); through Ray it
 arrives as RayTaskError(CorruptDataError), an instance of both, so `except CorruptDataError` works
-in the driver. "skip" logs a
-warning with shard and key (logger `pipeline.data.reader`), counts the lost samples and goes on.
+in the driver. "skip" logs a warning with shard and key (logger `pipeline.data.reader`), reports
+to the tally (a bad image: its key in the shard's `skipped_keys`; a shard: `complete=False` with
+its reason) and goes on. A tally is required with on_error="skip".
 
-Where skip counts go: a `SkipTally`. `SkipTally()` lives in this process (for `iter_split`);
-`SkipTally.shared()` is backed by a small Ray actor (num_cpus=0) that read tasks on any node report
-to, once per shard with problems, and wait for, so that when iteration has finished every skip is in
-the tally. `read_split` accepts only a shared tally. After the job: `total()` (samples lost),
-`by_shard()` ({shard: samples lost}), `records()` (the first 1000 `Skipped(shard, key, reason,
-count)`), `summary()` (one line for the job's report). A tally is required with on_error="skip".
+Whole shards: a shard's outcome is reported before its last row is handed on, and that row only
+if the shard is complete; so once a consumer holds every row the manifest lists for a shard, that
+shard was read whole and verified (size, sha256, sample count). Rows of a shard that turns out
+incomplete may have been handed on before the problem showed: consumers that need whole shards
+(scoring) drop a shard whose outcome says `complete=False`.
 
-A manifest that disagrees with the split (a shard file it does not list) is a `ManifestError` when
-the dataset is created; a missing listed shard under "fail" is a `CorruptDataError` then too.
+Before any work, the manifest is compared with the shards present. Under "fail": a shard file it
+does not list is a `ManifestError`, and a listed shard that is missing or has another size is a
+`CorruptDataError` (or ManifestError), as `load_manifest` does. Under "skip": unlisted files are
+logged and ignored, and listed shards that are missing or have another size are reported as left
+out and not read; every other shard is read.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import logging
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from pipeline.data.shards import Manifest, ManifestError, ShardInfo, compare_shards, load_manifest
+from pipeline.data.images import ImageLimits, decode_image
+from pipeline.data.shard_reader import WHOLE_SHARD, iter_shard, refused_shard
+from pipeline.data.shards import Manifest, ManifestError, compare_shards, load_manifest
+from pipeline.data.streams import RetryPolicy, TransientReadError
+from pipeline.data.tally import ShardOutcome, Skipped, SkipTally
 from pipeline.errors import FlowrayError
-from pipeline.storage import StorageConfig, fsspec_filesystem, join_url, list_files
+from pipeline.storage import StorageConfig, join_url, list_files
 
 if TYPE_CHECKING:
     import ray.data
@@ -71,8 +85,12 @@ if TYPE_CHECKING:
 __all__ = [
     "COLUMNS",
     "CorruptDataError",
+    "ImageLimits",
+    "RetryPolicy",
+    "ShardOutcome",
     "SkipTally",
     "Skipped",
+    "TransientReadError",
     "decode_image",
     "iter_shard",
     "iter_split",
@@ -83,8 +101,6 @@ logger = logging.getLogger(__name__)
 
 OnError = Literal["skip", "fail"]
 COLUMNS = ("key", "shard", "image", "label", "nbytes")
-WHOLE_SHARD = "*"
-_MAX_RECORDS = 1000
 
 
 class CorruptDataError(FlowrayError, RuntimeError):
@@ -104,241 +120,6 @@ class CorruptDataError(FlowrayError, RuntimeError):
         return (type(self), (self.shard, self.key, self.reason))
 
 
-@dataclass(frozen=True)
-class Skipped:
-    """Samples skipped under on_error="skip": `count` samples at `key` ("*": a whole shard)."""
-
-    shard: str
-    key: str
-    reason: str
-    count: int = 1
-
-
-# ----------------------------------------------------------------------------- tally
-
-
-class _Counts:
-    """The tally's state; held in this process or inside the Ray actor."""
-
-    def __init__(self) -> None:
-        self.records: list[Skipped] = []
-        self.per_shard: dict[str, int] = {}
-
-    def add(self, records: list[Skipped]) -> None:
-        for record in records:
-            self.per_shard[record.shard] = self.per_shard.get(record.shard, 0) + record.count
-            if len(self.records) < _MAX_RECORDS:
-                self.records.append(record)
-
-    def state(self) -> tuple[list[Skipped], dict[str, int]]:
-        return list(self.records), dict(self.per_shard)
-
-
-@functools.cache
-def _tally_actor_class() -> Any:
-    import ray
-
-    return ray.remote(num_cpus=0, max_restarts=0)(_Counts)
-
-
-class SkipTally:
-    """Counts of samples skipped by readers under on_error="skip" (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self._local: _Counts | None = _Counts()
-        self._actor: Any = None
-
-    @classmethod
-    def shared(cls) -> SkipTally:
-        """A tally backed by a Ray actor, for readers running in Ray tasks (Ray must be up)."""
-        tally = cls()
-        tally._local = None
-        tally._actor = _tally_actor_class().remote()
-        return tally
-
-    @property
-    def is_shared(self) -> bool:
-        return self._actor is not None
-
-    def add(self, records: list[Skipped]) -> None:
-        if not records:
-            return
-        if self._actor is None:
-            self._local.add(records)  # type: ignore[union-attr]
-        else:
-            import ray
-
-            # Wait for it: once a read task has finished, its skips must be visible.
-            ray.get(self._actor.add.remote(records))
-
-    def _state(self) -> tuple[list[Skipped], dict[str, int]]:
-        if self._actor is None:
-            return self._local.state()  # type: ignore[union-attr]
-        import ray
-
-        return ray.get(self._actor.state.remote())
-
-    def total(self) -> int:
-        return sum(self._state()[1].values())
-
-    def by_shard(self) -> dict[str, int]:
-        return dict(sorted(self._state()[1].items()))
-
-    def records(self) -> list[Skipped]:
-        return self._state()[0]
-
-    def summary(self) -> str:
-        per_shard = self.by_shard()
-        if not per_shard:
-            return "skipped 0 samples"
-        shards = ", ".join(f"{name}: {count}" for name, count in per_shard.items())
-        return f"skipped {sum(per_shard.values())} samples ({shards})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        if self._actor is None:
-            # A copy in another process would count there and report nothing here.
-            raise TypeError(
-                "a local SkipTally cannot be sent to other processes; use SkipTally.shared()"
-            )
-        return (_shared_tally, (self._actor,))
-
-
-def _shared_tally(actor: Any) -> SkipTally:
-    tally = SkipTally()
-    tally._local, tally._actor = None, actor
-    return tally
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-class _BadSample(Exception):
-    """One sample cannot be used; the message says why."""
-
-
-def decode_image(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-    """PNG bytes as uint8 [C, H, W], checked against `shape` (mode L for C=1, RGB for C=3).
-
-    Raises:
-        ValueError: the bytes are not an image, or its mode or size differ from `shape`.
-    """
-    from PIL import Image
-
-    channels, height, width = shape
-    want_mode = "L" if channels == 1 else "RGB"
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            mode, size = image.mode, image.size
-            array = np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot decode image: {err}") from err
-    if mode != want_mode:
-        raise ValueError(f"image mode {mode}, expected {want_mode} for {channels} channel(s)")
-    if size != (width, height):
-        raise ValueError(f"image size {size[1]}x{size[0]}, expected {height}x{width} (HxW)")
-    if channels == 1:
-        return array[None].copy()  # (H, W) -> (1, H, W)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
-
-
-def _sample_row(shard: str, key: str, members: dict[str, bytes], manifest: Manifest) -> dict:
-    data = members.get("png")
-    if data is None:
-        raise _BadSample(f"no png member (found {sorted(members) or 'nothing'})")
-    try:
-        image = decode_image(data, manifest.shape)
-    except ValueError as err:
-        raise _BadSample(str(err)) from err
-    label = -1
-    if "cls" in members:
-        try:
-            label = int(members["cls"].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError) as err:
-            raise _BadSample(f"bad cls {members['cls'][:20]!r}") from err
-    elif manifest.has_labels:
-        raise _BadSample("no cls member in a labelled split")
-    return {"key": key, "shard": shard, "image": image, "label": label, "nbytes": len(data)}
-
-
-def _tar_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a WebDataset tar stream, in order.
-
-    WebDataset groups consecutive members by the name up to the first dot of the base name.
-    Raises tarfile.TarError / EOFError / OSError on a truncated or unreadable archive.
-    """
-    key, members = None, {}
-    with tarfile.open(fileobj=stream, mode="r|") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            stem, _, extension = base.partition(".")
-            member_key = f"{folder}/{stem}" if folder else stem
-            if member_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = member_key, {}
-            extracted = archive.extractfile(member)
-            members[extension.lower()] = extracted.read() if extracted else b""
-    if key is not None:
-        yield key, members
-
-
-def iter_shard(
-    shard_url: str,
-    info: ShardInfo,
-    manifest: Manifest,
-    storage: StorageConfig | None = None,
-    *,
-    on_error: OnError = "fail",
-    problems: list[Skipped] | None = None,
-) -> Iterator[dict]:
-    """Rows of one shard (the shared decode path of both readers).
-
-    Under "skip", problems are logged and appended to `problems` (the caller reports them to its
-    tally); under "fail" the first one raises CorruptDataError.
-    """
-    shard = info.name
-    seen = 0  # samples read from the tar, good or bad
-    last_key = WHOLE_SHARD
-
-    def problem(key: str, reason: str, count: int = 1) -> None:
-        if on_error == "fail":
-            raise CorruptDataError(shard, key, reason)
-        logger.warning("skipped %d sample(s) in shard %s at key %s: %s", count, shard, key, reason)
-        if problems is not None:
-            problems.append(Skipped(shard, key, reason, count))
-
-    fs, path = fsspec_filesystem(shard_url, storage)
-    try:
-        stream = fs.open(path, "rb", block_size=8 << 20) if fs.exists(path) else None
-    except FileNotFoundError:
-        stream = None
-    if stream is None:
-        problem(WHOLE_SHARD, f"shard missing at {shard_url}", info.count)
-        return
-    try:
-        with stream:
-            for key, members in _tar_samples(stream):
-                seen += 1
-                last_key = key
-                try:
-                    row = _sample_row(shard, key, members, manifest)
-                except _BadSample as err:
-                    problem(key, str(err))
-                    continue
-                yield row
-    except (tarfile.TarError, EOFError, OSError) as err:
-        lost = max(info.count - seen, 1)
-        problem(last_key, f"unreadable tar after {seen} samples ({err}); {lost} lost", lost)
-        return
-    if seen < info.count:
-        problem(
-            last_key, f"shard holds {seen} samples, manifest says {info.count}", info.count - seen
-        )
-
-
 # ----------------------------------------------------------------------------- splits
 
 
@@ -351,29 +132,77 @@ class _Spec:
     manifest: Manifest
     on_error: OnError
     tally: SkipTally | None
+    limits: ImageLimits = ImageLimits()
+    retry: RetryPolicy = RetryPolicy()
 
 
 def _read_shards(
     spec: _Spec, names: Sequence[str], seed: int | None, shuffle: bool
 ) -> Iterator[dict]:
     rng = np.random.default_rng(seed) if shuffle else None
+    report = spec.tally.add_outcome if spec.tally is not None else None
     for name in names:
-        problems: list[Skipped] = []
         rows = iter_shard(
             join_url(spec.split_url, name),
             spec.manifest.shard(name),
             spec.manifest,
             spec.storage,
             on_error=spec.on_error,
-            problems=problems,
+            limits=spec.limits,
+            retry=spec.retry,
+            report=report,
         )
         if rng is not None:
             buffered = list(rows)  # one shard: bounded by prepare's shard size
             yield from (buffered[i] for i in rng.permutation(len(buffered)))
         else:
             yield from rows
-        if problems and spec.tally is not None:
-            spec.tally.add(problems)
+
+
+def _size_reason(found: int, expected: int) -> str:
+    return f"shard has {found:,} bytes, manifest says {expected:,} (truncated or replaced)"
+
+
+def _check_shards_present(
+    split_url: str, manifest: Manifest, names: list[str], spec: _Spec, storage: StorageConfig | None
+) -> list[str]:
+    """`names` less the shards that are missing or have another size than the manifest's.
+
+    Under "fail" such a shard, or a shard file the manifest does not list, raises before any
+    work; under "skip" the bad shards are reported to the tally as left out.
+    """
+    diff = compare_shards(manifest, list_files(split_url, storage))
+    where = join_url(split_url, "manifest.json")
+    if spec.on_error == "fail":
+        if diff.extra:
+            raise ManifestError(
+                f"{where} disagrees with the shards present: {diff.describe()}",
+                hint="a prefix holds one prepared split; rerun prepare into a new --out",
+            )
+        sizes = {name: (found, expected) for name, found, expected in diff.wrong_size}
+        for name in names:
+            if name in diff.missing:
+                raise CorruptDataError(
+                    name, WHOLE_SHARD, f"shard missing at {join_url(split_url, name)}"
+                )
+            if name in sizes:
+                found, expected = sizes[name]
+                raise CorruptDataError(name, WHOLE_SHARD, _size_reason(found, expected))
+        return names
+    if diff.extra:
+        logger.warning(
+            "%s: files the manifest does not list are ignored: %s", where, diff.describe()
+        )
+    sizes = {name: (found, expected) for name, found, expected in diff.wrong_size}
+    refused = {name: f"shard missing at {join_url(split_url, name)}" for name in diff.missing}
+    refused |= {name: _size_reason(found, expected) for name, (found, expected) in sizes.items()}
+    keep = []
+    for name in names:
+        if name not in refused:
+            keep.append(name)
+            continue
+        spec.tally.add_outcome(*refused_shard(manifest.shard(name), refused[name]))  # type: ignore[union-attr]
+    return keep
 
 
 def _prepare_read(
@@ -383,6 +212,8 @@ def _prepare_read(
     on_error: OnError,
     tally: SkipTally | None,
     manifest: Manifest | None,
+    limits: ImageLimits | None = None,
+    retry: RetryPolicy | None = None,
 ) -> tuple[_Spec, list[str]]:
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error: expected 'skip' or 'fail', found {on_error!r}")
@@ -393,13 +224,6 @@ def _prepare_read(
         )
     split_url = split_url.rstrip("/")
     manifest = manifest or load_manifest(split_url, storage, check_shards=False)
-    diff = compare_shards(manifest, list_files(split_url, storage))
-    if diff.extra:
-        raise ManifestError(
-            f"{join_url(split_url, 'manifest.json')} disagrees with the shards present: "
-            f"{diff.describe()}",
-            hint="a prefix holds one prepared split; rerun prepare into a new --out",
-        )
     listed = [info.name for info in manifest.shards]
     names = list(listed) if shards is None else list(shards)
     unknown = [n for n in names if n not in listed]
@@ -407,13 +231,16 @@ def _prepare_read(
         raise ValueError(
             f"no shard {unknown[0]!r} in {split_url} (it has {len(listed)}: {listed[0]}...)"
         )
-    if on_error == "fail":
-        for name in names:
-            if name in diff.missing:
-                raise CorruptDataError(
-                    name, WHOLE_SHARD, f"shard missing at {join_url(split_url, name)}"
-                )
-    return _Spec(split_url, storage, manifest, on_error, tally), names
+    spec = _Spec(
+        split_url,
+        storage,
+        manifest,
+        on_error,
+        tally,
+        limits or ImageLimits(),
+        retry or RetryPolicy(),
+    )
+    return spec, _check_shards_present(split_url, manifest, names, spec, storage)
 
 
 def iter_split(
@@ -426,92 +253,16 @@ def iter_split(
     shuffle: bool = False,
     seed: int | None = None,
     manifest: Manifest | None = None,
+    limits: ImageLimits | None = None,
+    retry: RetryPolicy | None = None,
 ) -> Iterator[dict]:
     """The rows of a split (or of `shards`), in this process, without Ray (see module docstring)."""
-    spec, names = _prepare_read(split_url, storage, shards, on_error, tally, manifest)
+    spec, names = _prepare_read(
+        split_url, storage, shards, on_error, tally, manifest, limits, retry
+    )
     if shuffle:
         np.random.default_rng(seed).shuffle(names)
     return _read_shards(spec, names, seed, shuffle)
-
-
-def _rows_to_block(rows: list[dict]) -> Any:
-    from ray.data.block import BlockAccessor
-
-    batch = {
-        "key": np.array([r["key"] for r in rows], dtype=object),
-        "shard": np.array([r["shard"] for r in rows], dtype=object),
-        "image": np.stack([r["image"] for r in rows]),  # (n, C, H, W)
-        "label": np.array([r["label"] for r in rows], dtype=np.int64),
-        "nbytes": np.array([r["nbytes"] for r in rows], dtype=np.int64),
-    }
-    return BlockAccessor.batch_to_block(batch)
-
-
-def _read_task(spec: _Spec, names: list[str], seed: int | None, shuffle: bool, rows_per_block: int):
-    rows: list[dict] = []
-    for row in _read_shards(spec, names, seed, shuffle):
-        rows.append(row)
-        if len(rows) == rows_per_block:
-            yield _rows_to_block(rows)
-            rows = []
-    if rows:
-        yield _rows_to_block(rows)
-
-
-def _datasource(
-    spec: _Spec, names: list[str], shuffle: bool, seed: int | None, rows_per_block: int
-) -> Any:
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    image_bytes = int(np.prod(spec.manifest.shape))
-
-    class ShardDatasource(Datasource):
-        """One read task per group of shards; shard order reshuffled at every execution."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self._executions = 0
-
-        def get_name(self) -> str:
-            return "FlowrayShards"
-
-        def estimate_inmemory_data_size(self) -> int:
-            return sum(spec.manifest.shard(n).count for n in names) * (image_bytes + 64)
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-            order = list(names)
-            task_seed = None
-            if shuffle:
-                # A new permutation per execution (epoch); reproducible when a seed is given.
-                task_seed = None if seed is None else seed + self._executions
-                np.random.default_rng(task_seed).shuffle(order)
-            self._executions += 1
-            groups = [
-                g
-                for g in np.array_split(
-                    np.array(order, dtype=object), max(1, min(parallelism, len(order)))
-                )
-                if len(g)
-            ]
-            tasks = []
-            for i, group in enumerate(groups):
-                group_names = [str(n) for n in group]
-                count = sum(spec.manifest.shard(n).count for n in group_names)
-                metadata = BlockMetadata(
-                    num_rows=count,
-                    size_bytes=count * (image_bytes + 64),
-                    input_files=[join_url(spec.split_url, n) for n in group_names],
-                    exec_stats=None,
-                )
-                group_seed = None if task_seed is None else task_seed * 100_003 + i
-                read = functools.partial(
-                    _read_task, spec, group_names, group_seed, shuffle, rows_per_block
-                )
-                tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
-            return tasks
-
-    return ShardDatasource()
 
 
 def read_split(
@@ -527,6 +278,8 @@ def read_split(
     manifest: Manifest | None = None,
     concurrency: int | None = None,
     ray_remote_args: dict[str, Any] | None = None,
+    limits: ImageLimits | None = None,
+    retry: RetryPolicy | None = None,
 ) -> ray.data.Dataset:
     """A lazy Ray Data dataset of the split's rows (see the module docstring).
 
@@ -539,13 +292,19 @@ def read_split(
         manifest: skip loading it again when the caller has it.
         concurrency: at most this many read tasks at once (default: Ray decides).
         ray_remote_args: passed to the read tasks (num_cpus, memory, runtime_env, ...).
+        limits: bounds on each image, checked before decoding (default: `ImageLimits()`).
+        retry: how storage faults are retried (default: `RetryPolicy()`).
     """
     import ray.data
 
+    from pipeline.data.ray_source import shard_datasource
+
     if tally is not None and not tally.is_shared:
         raise ValueError("read_split runs in Ray tasks: pass tally=SkipTally.shared()")
-    spec, names = _prepare_read(split_url, storage, shards, on_error, tally, manifest)
-    source = _datasource(spec, names, shuffle, seed, rows_per_block)
+    spec, names = _prepare_read(
+        split_url, storage, shards, on_error, tally, manifest, limits, retry
+    )
+    source = shard_datasource(spec, names, shuffle, seed, rows_per_block)
     return ray.data.read_datasource(
         source, concurrency=concurrency, ray_remote_args=ray_remote_args or {}
     )

@@ -13,7 +13,9 @@ what the reader decodes is exactly what the source produced. `cls` holds the lab
 Tar members carry mtime 0 and a fixed owner, so the same input gives byte-identical shards.
 
 Writing: each shard is written to a local temp file, hashed, then renamed into place (local) or
-uploaded (S3: one PUT or multipart upload, atomic on completion); then its marker is written. A
+uploaded (S3: one PUT or multipart upload, atomic on completion); then its marker is written.
+Local temps are hidden and end in ".tmp" (see pipeline.storage), so nothing reading the split
+takes one for a shard, and a rerun first removes the temps that a killed run left. A
 rerun plans the same shards and skips each one whose marker matches the run's fingerprint and whose
 file still has the marker's size and sha256. The manifest is written last, and not rewritten when
 it would not change, so a rerun of a finished prepare writes nothing. A prefix holding shards made
@@ -40,6 +42,7 @@ from typing import Literal
 import numpy as np
 
 from flowmodel.typed import ConfigError, from_dict, to_dict
+from pipeline.data.images import ImageLimits
 from pipeline.data.sources import ImageSource, SourceError
 from pipeline.errors import FlowrayError
 from pipeline.storage import (
@@ -52,6 +55,7 @@ from pipeline.storage import (
     make_temp_file,
     read_bytes,
     replace_with,
+    sweep_temp_files,
     write_bytes_atomic,
 )
 
@@ -180,10 +184,17 @@ def _few(names: Sequence[str]) -> str:
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+def _is_shard_file(name: str) -> bool:
+    # Hidden files are never shards: temps (".shard-000001.tar.<host>-<pid>-<id>.tmp") and the
+    # ".tar"-ending temps that earlier versions left behind after a kill.
+    return name.endswith(".tar") and not name.startswith(".")
+
+
 def compare_shards(manifest: Manifest, files: dict[str, int]) -> ShardDiff:
-    """Shards the manifest lists versus the `.tar` files present ({name: size})."""
+    """Shards the manifest lists versus the `.tar` files present ({name: size}); hidden files
+    (temps) are not shards."""
     listed = {info.name: info for info in manifest.shards}
-    present = {name: size for name, size in files.items() if name.endswith(".tar")}
+    present = {name: size for name, size in files.items() if _is_shard_file(name)}
     return ShardDiff(
         missing=tuple(sorted(set(listed) - set(present))),
         extra=tuple(sorted(set(present) - set(listed))),
@@ -225,7 +236,7 @@ def load_manifest(
             hint="run `flowray prepare --out <data>` first and pass <data>/<split>, e.g. .../train",
         )
     if MANIFEST_NAME not in files:
-        tars = [n for n in files if n.endswith(".tar")]
+        tars = [n for n in files if _is_shard_file(n)]
         if tars:
             raise ManifestError(
                 f"{split_url} has {len(tars)} shard files but no {MANIFEST_NAME}: "
@@ -487,8 +498,9 @@ def prepare(
         limit: at most this many images per split (the first ones), for demos and tests.
         workers: 0 writes in this process; N > 0 runs Ray tasks, N at a time (Ray must be
             initialised, or Ray starts a local instance).
-        on_error: a source image that cannot be decoded stops prepare ("fail") or is logged,
-            counted in `Manifest.skipped_inputs` and left out ("skip"; its key stays unused).
+        on_error: a bad source image (undecodable, or over the source's `ImageLimits`: too many
+            bytes or pixels) stops prepare ("fail") or is logged with its path, counted in
+            `Manifest.skipped_inputs` and left out ("skip"; its key stays unused).
         progress: called after each shard, in completion order.
 
     Returns:
@@ -536,23 +548,37 @@ def _prepare_split(
     progress: Callable[[ShardEvent], None] | None,
 ) -> SplitResult:
     started = time.perf_counter()
+    # A prepare killed before left its temps here; they are ours to remove (not a live writer's).
+    for folder in (split_url, join_url(split_url, PARTS_DIR)):
+        removed = sweep_temp_files(folder, storage)
+        if removed:
+            logger.info(
+                "%s: removed %d temp file(s) of an interrupted run: %s",
+                folder,
+                len(removed),
+                ", ".join(removed[:3]),
+            )
     per_shard = _samples_per_shard(source, split, count, shard_samples, shard_bytes)
     plans = [
         (i, start, min(start + per_shard, count))
         for i, start in enumerate(range(0, count, per_shard))
     ]
-    fingerprint = _fingerprint(
-        {
-            "format": FORMAT,
-            "source": source.description,
-            "split": split,
-            "shape": list(source.shape),
-            "count": count,
-            "per_shard": per_shard,
-            "has_labels": source.has_labels,
-            "classes": list(source.classes) if source.classes else None,
-        }
-    )
+    fields = {
+        "format": FORMAT,
+        "source": source.description,
+        "split": split,
+        "shape": list(source.shape),
+        "count": count,
+        "per_shard": per_shard,
+        "has_labels": source.has_labels,
+        "classes": list(source.classes) if source.classes else None,
+    }
+    limits = getattr(source, "limits", None)
+    if limits is not None and limits != ImageLimits():
+        # Other limits skip other images: other shards. Default limits leave the fingerprint of
+        # splits prepared before limits existed unchanged.
+        fields["limits"] = to_dict(limits)
+    fingerprint = _fingerprint(fields)
     manifest_url = join_url(split_url, MANIFEST_NAME)
     previous = None
     if exists(manifest_url, storage):

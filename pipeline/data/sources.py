@@ -14,10 +14,15 @@ The contract (`ImageSource`):
                             set, so the caller's on_error policy decides (only folders produce them).
     shape, classes, has_labels, description
 
-Every image goes through `fit_image`: converted to the target channels (1: luminance, 3: RGB;
-alpha is composited over white; 16-bit is scaled to 8-bit), then centre-cropped to the target aspect
-ratio and resized (Lanczos) to the target height x width. Images already in the target shape are
-passed through untouched.
+Every image goes through `fit_image` (pipeline.data.images): converted to the target channels
+(1: luminance, 3: RGB; alpha is composited over white; 16-bit is scaled to 8-bit by its type's
+range), then centre-cropped to the target aspect ratio and resized (Lanczos) to the target
+height x width. Images already in the target shape are passed through untouched.
+
+Image files (folder sources) are bad inputs, not crashes, when they break `ImageLimits`: a file
+larger than `max_bytes` (known from the listing, so it is never downloaded) or a header declaring
+more than `max_pixels` pixels (a decompression bomb) comes back with `error` set, like an
+undecodable file, before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -27,21 +32,21 @@ import gzip
 import io
 import os
 from collections.abc import Iterator, Sequence
-from typing import IO, TYPE_CHECKING, NamedTuple, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 import numpy as np
 
+from pipeline.data.images import BadImage, ImageLimits, fit_array, fit_image, open_image
+from pipeline.data.streams import RetryPolicy, with_retries
 from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, fsspec_filesystem, is_s3, join_url
-
-if TYPE_CHECKING:
-    from PIL import Image as PILImage
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
     "FolderSource",
     "FractionSplit",
     "IdxSource",
+    "ImageLimits",
     "ImageSource",
     "NpySource",
     "SourceError",
@@ -85,57 +90,6 @@ class ImageSource(Protocol):
 def default_idx_dir() -> str:
     """FASHION_MNIST_DIR from the environment, else where Debian's dataset-fashion-mnist puts it."""
     return os.environ.get("FASHION_MNIST_DIR") or DEFAULT_FASHION_MNIST_DIR
-
-
-# ----------------------------------------------------------------------------- pixels
-
-
-def _to_mode(image: PILImage.Image, channels: int) -> PILImage.Image:
-    from PIL import Image
-
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16/32-bit greyscale: Pillow's convert("L") clips at 255, so scale down instead.
-        array = np.asarray(image).astype(np.float64)
-        if array.max(initial=0) > 255:
-            array = array / 257.0
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
-        # Transparent pixels often hold black; composite over white like a viewer shows them.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("L" if channels == 1 else "RGB")
-
-
-def fit_image(image: PILImage.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """`image` as uint8 [C, H, W]: target channels, centre-cropped and resized to size=(H, W)."""
-    from PIL import Image, ImageOps
-
-    if channels not in (1, 3):
-        raise SourceError(f"channels: expected 1 or 3, found {channels}")
-    image = _to_mode(image, channels)
-    height, width = size
-    if image.size != (width, height):
-        image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
-    array = np.asarray(image, dtype=np.uint8)
-    if channels == 1:
-        return array[None].copy()  # (H, W) -> (1, H, W)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
-
-
-def _fit_array(hwc: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """A uint8 [H, W, C] array as uint8 [C, H, W] in the target shape (PIL only when needed)."""
-    from PIL import Image
-
-    height, width, have = hwc.shape
-    if have == channels and (height, width) == tuple(size):
-        return np.ascontiguousarray(hwc.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[have]
-    pixels = hwc[:, :, 0] if have == 1 else hwc
-    return fit_image(Image.fromarray(np.ascontiguousarray(pixels), mode), channels, size)
 
 
 def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -287,7 +241,7 @@ class IdxSource:
                 label_bytes = _read_exact(label_file, count, labels.url)
                 block = np.frombuffer(pixels, np.uint8).reshape(count, height, width, 1)
                 for i in range(count):
-                    image = _fit_array(block[i], channels, tuple(size))
+                    image = fit_array(block[i], channels, tuple(size))
                     yield SourceImage(f"{name}#{start + i}", image, int(label_bytes[i]))
 
 
@@ -414,7 +368,7 @@ class NpySource:
             for i in range(stop - start):
                 label = int(labels[i]) if labels is not None else None
                 yield SourceImage(
-                    f"{name}#{start + i}", _fit_array(block[i], channels, tuple(size)), label
+                    f"{name}#{start + i}", fit_array(block[i], channels, tuple(size)), label
                 )
 
 
@@ -435,8 +389,12 @@ class FolderSource:
         storage: StorageConfig | None = None,
         channels: int | None = None,
         size: tuple[int, int] | None = None,
+        limits: ImageLimits | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         _check_target(channels, size)
+        self.limits = limits or ImageLimits()
+        self.retry = retry or RetryPolicy()
         if size is None:
             raise SourceError(
                 f"folder source {url}: its images differ in size, so a target size is needed",
@@ -447,13 +405,15 @@ class FolderSource:
         fs, root = fsspec_filesystem(self.url, storage)
         if not fs.isdir(root):
             raise SourceError(f"no such folder: {url}", hint="check the path or the s3:// URL")
-        found = fs.find(root)
+        found = fs.find(root, detail=True)
         prefix = root.rstrip("/") + "/"
-        self.files = sorted(
-            p[len(prefix) :]
-            for p in found
+        images = sorted(
+            (p[len(prefix) :], int(info.get("size") or 0))
+            for p, info in found.items()
             if p.lower().endswith(IMAGE_SUFFIXES) and p.startswith(prefix)
         )
+        self.files = [name for name, _ in images]
+        self.sizes = [size for _, size in images]  # from the listing: checked before a download
         if not self.files:
             raise SourceError(
                 f"no images in {url}: expected files ending in {', '.join(IMAGE_SUFFIXES)}"
@@ -486,13 +446,10 @@ class FolderSource:
         return {"train": len(self.files)}
 
     def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
-        from PIL import Image, ImageOps
-
         if split != "train":
             raise KeyError(split)
         fs, root = fsspec_filesystem(self.url, self.storage)
         class_index = {name: i for i, name in enumerate(self._classes or ())}
-        channels, *size = self._shape
         previous = -1
         for index in indices:
             if index <= previous:
@@ -501,16 +458,29 @@ class FolderSource:
             relative = self.files[index]
             label = class_index[relative.split("/")[0]] if self._classes else None
             try:
-                data = fs.cat_file(f"{root.rstrip('/')}/{relative}")
-                with Image.open(io.BytesIO(data)) as image:
-                    image.load()
-                    image = ImageOps.exif_transpose(image)
-                    pixels = fit_image(image, channels, tuple(size))
-            except (OSError, ValueError, SyntaxError) as err:
-                # Pillow raises these for truncated or non-image bytes; the caller's policy decides.
-                yield SourceImage(relative, None, label, f"cannot decode image: {err}")
+                pixels = self._read_one(fs, f"{root.rstrip('/')}/{relative}", self.sizes[index])
+            except BadImage as err:
+                # A bad input (undecodable, over a limit), not a fault: the caller's policy decides.
+                yield SourceImage(relative, None, label, str(err))
                 continue
             yield SourceImage(relative, pixels, label)
+
+    def _read_one(self, fs: Any, path: str, listed_size: int) -> np.ndarray:
+        """One file as uint8 [C, H, W]; BadImage for bad inputs. Storage faults are retried and,
+        when they last, raised (TransientReadError): they say nothing about the image."""
+        from PIL import ImageOps
+
+        self.limits.check_bytes(listed_size)  # before downloading it
+        data = with_retries(lambda: fs.cat_file(path), self.retry, path)
+        channels, *size = self._shape
+        with open_image(data, self.limits) as image:
+            try:
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                return fit_image(upright, channels, tuple(size))
+            except (OSError, ValueError, SyntaxError) as err:
+                # Pillow raises these for truncated or corrupt image data.
+                raise BadImage(f"cannot decode image: {err}") from err
 
 
 # ----------------------------------------------------------------------------- splits
@@ -562,6 +532,10 @@ class FractionSplit:
     def splits(self) -> dict[str, int]:
         return {name: len(members) for name, members in self._members.items()}
 
+    @property
+    def limits(self) -> ImageLimits | None:
+        return getattr(self.base, "limits", None)
+
     def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
         members = self._members[split]
         return self.base.read(self._base_split, [int(members[i]) for i in indices])
@@ -577,10 +551,12 @@ def open_source(
     size: tuple[int, int] | None = None,
     val_fraction: float = 0.0,
     seed: int = 0,
+    limits: ImageLimits | None = None,
 ) -> ImageSource:
     """A source from a spec: `idx:<folder>`, `folder:<url>` or `npy:<images.npy>[,<labels.npy>]`.
 
-    `idx:` alone means `default_idx_dir()`. Local paths and s3:// URLs both work.
+    `idx:` alone means `default_idx_dir()`. Local paths and s3:// URLs both work. `limits` bound
+    the image files of folder sources (IDX and .npy hold raw pixels of a declared shape).
     """
     kind, _, location = spec.partition(":")
     if kind == "idx":
@@ -593,7 +569,7 @@ def open_source(
             )
         source: ImageSource = IdxSource(location, storage, channels, size)
     elif kind == "folder" and location:
-        source = FolderSource(location, storage, channels, size)
+        source = FolderSource(location, storage, channels, size, limits=limits)
     elif kind == "npy" and location:
         images, _, labels = location.partition(",")
         source = NpySource(images, labels or None, storage, channels, size)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.reader import CorruptDataError, SkipTally, iter_split, read_split
+from pipeline.data.reader import CorruptDataError, ImageLimits, SkipTally, iter_split, read_split
 from pipeline.data.shards import ManifestError, encode_png, prepare, shard_key
 from pipeline.data.sources import FolderSource, fit_image, open_source
 from pipeline.storage import fsspec_filesystem, join_url, put_file_atomic
@@ -118,17 +119,47 @@ def test_shuffle_changes_order_not_content(split, ray_local):
 
 
 # ----------------------------------------------------------------------------- corruption
+#
+# Two families. Bad images: the shard is whole and matches its manifest (`_reseal` gives it the
+# manifest entry another tool would have written), but one member is not a usable image: that
+# sample alone is skipped, and the shard is complete. Bad shards: the shard is missing, cut,
+# altered, or holds more samples than its manifest lists: it is reported and left out whole.
+
+BAD_KEY = shard_key("test", 60)  # the 11th sample of shard-000001.tar
+BAD_SHARD = "shard-000001.tar"
 
 
-def _rewrite_member(shard_path: str, member_name: str, data: bytes) -> None:
+def _rewrite_member(shard_path: str, member_name: str, data: bytes | None, extra=()) -> None:
+    """Rewrite a shard with `member_name` replaced by `data` (None: dropped) and `extra`
+    (name, bytes) members appended."""
     with tarfile.open(shard_path) as archive:
         members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
     with tarfile.open(shard_path, "w") as archive:
         for member, content in members:
             if member.name == member_name:
+                if data is None:
+                    continue
                 content = data
                 member.size = len(data)
             archive.addfile(member, io.BytesIO(content))
+        for name, content in extra:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+
+
+def _reseal(split: str, shard: str) -> None:
+    """Give `shard` the size and sha256 its bytes have now in the manifest."""
+    import hashlib
+    import json
+
+    path = Path(split) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    data = (Path(split) / shard).read_bytes()
+    for entry in manifest["shards"]:
+        if entry["name"] == shard:
+            entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    path.write_text(json.dumps(manifest))
 
 
 def _png(array: np.ndarray, mode: str) -> bytes:
@@ -137,88 +168,184 @@ def _png(array: np.ndarray, mode: str) -> bytes:
     return buffer.getvalue()
 
 
-BAD_KEY = shard_key("test", 60)  # the 11th sample of shard-000001.tar
+def _bomb_png(side: int = 15000) -> bytes:
+    """A real side x side greyscale PNG of a few hundred KB (all zeros compress ~1000:1)."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return len(body).to_bytes(4, "big") + kind + body + crc.to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit greyscale
+    raw = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte + zeros
+    data = b"".join(raw.compress(row) for _ in range(side)) + raw.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
 
 
-def _corrupt(split: str, case: str) -> tuple[str, int]:
-    """Damage shard-000001.tar; returns (key named in errors, samples expected lost)."""
-    shard = os.path.join(split, "shard-000001.tar")
-    member = f"{BAD_KEY}.png"
-    if case == "undecodable":
-        _rewrite_member(shard, member, b"\x89PNG\r\n\x1a\n but then garbage")
-    elif case == "wrong_mode":
-        _rewrite_member(shard, member, _png(np.zeros((28, 28, 3), np.uint8), "RGB"))
-    elif case == "wrong_size":
-        _rewrite_member(shard, member, _png(np.zeros((27, 28), np.uint8), "L"))
-    elif case == "truncated":
-        with open(shard, "r+b") as file:
-            file.truncate(os.path.getsize(shard) // 2)
-        return "", -1  # decided by where the cut falls; checked by totals
-    elif case == "missing":
-        os.remove(shard)
-        return "*", 50
-    return BAD_KEY, 1
-
-
-CASES = ["undecodable", "wrong_mode", "wrong_size", "truncated", "missing"]
-REASONS = {
-    "undecodable": "cannot decode image",
-    "wrong_mode": "image mode RGB, expected L",
-    "wrong_size": "image size 27x28, expected 28x28",
-    "truncated": "unreadable tar after",
-    "missing": "shard missing",
+BAD_IMAGES = {
+    "undecodable": (b"\x89PNG\r\n\x1a\n but then garbage", "cannot decode image"),
+    "wrong_mode": (
+        lambda: _png(np.zeros((28, 28, 3), np.uint8), "RGB"),
+        "image mode RGB, expected L",
+    ),
+    "wrong_size": (
+        lambda: _png(np.zeros((27, 28), np.uint8), "L"),
+        "image size 27x28, expected 28x28",
+    ),
+    "bomb": (_bomb_png, "225,000,000 pixels is larger than Pillow's limit"),
+    "oversized": (bytes(400_000), "larger than the limit of 300,000 bytes"),
+    "no_png": (None, "no png member"),
 }
+LIMITS = ImageLimits(max_bytes=300_000)  # above the bomb PNG (219 KB), below "oversized"
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_corruption_is_skipped_counted_and_logged(split, case, caplog):
-    key, lost = _corrupt(split, case)
+def _bad_image(split: str, case: str) -> str:
+    data, reason = BAD_IMAGES[case]
+    data = data() if callable(data) else data
+    _rewrite_member(os.path.join(split, BAD_SHARD), f"{BAD_KEY}.png", data)
+    _reseal(split, BAD_SHARD)
+    return reason
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_a_bad_image_skips_that_sample_and_the_shard_stays_complete(split, case, caplog):
+    reason = _bad_image(split, case)
+    tally = SkipTally()
+    rows = list(iter_split(split, on_error="skip", tally=tally, limits=LIMITS))
+    keys = [r["key"] for r in rows]
+    assert keys == [shard_key("test", i) for i in range(150) if i != 60]
+    outcome = tally.outcomes()[BAD_SHARD]
+    assert outcome.complete and outcome.reason == ""
+    assert (outcome.expected, outcome.rows, outcome.skipped_keys) == (50, 49, (BAD_KEY,))
+    assert all(tally.outcomes()[f"shard-00000{i}.tar"].complete for i in (0, 2))
+    assert tally.total() == 1 and tally.by_shard() == {BAD_SHARD: 1} and tally.left_out() == []
+    (record,) = tally.records()
+    assert (record.shard, record.key, record.count) == (BAD_SHARD, BAD_KEY, 1)
+    assert reason in record.reason
+    assert any(BAD_SHARD in m and BAD_KEY in m and reason in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_a_bad_image_fails_naming_shard_and_key(split, case):
+    reason = _bad_image(split, case)
+    with pytest.raises(CorruptDataError, match=rf"shard {BAD_SHARD}, key {BAD_KEY}: ") as info:
+        list(iter_split(split, on_error="fail", limits=LIMITS))
+    assert reason in info.value.reason
+
+
+def _bad_shard(split: str, case: str) -> tuple[str, str]:
+    """Damage shard-000001.tar; returns (key named in the error, reason)."""
+    shard = os.path.join(split, BAD_SHARD)
+    size = os.path.getsize(shard)
+    if case == "missing":
+        os.remove(shard)
+        return "*", "shard missing"
+    if case == "cut":  # an interrupted copy: the manifest still says the full size
+        with open(shard, "r+b") as file:
+            file.truncate(size - 20_000)
+        return "*", f"bytes, manifest says {size:,}"
+    if case == "cut_resealed":  # the manifest agrees with the cut file: the tar itself ends early
+        with open(shard, "r+b") as file:
+            file.truncate(size // 2 + 100)
+        _reseal(split, BAD_SHARD)
+        return "", "unreadable tar after"
+    if case == "altered":  # same size, one byte of tar padding changed: only the hash knows
+        with open(shard, "r+b") as file:
+            file.seek(size - 10)
+            file.write(b"\x01")
+        return "*", "differs from the manifest's"
+    if case == "more_samples":
+        extra = shard_key("test", 999)
+        _rewrite_member(
+            shard,
+            "",
+            None,
+            extra=[
+                (f"{extra}.png", _png(np.zeros((28, 28), np.uint8), "L")),
+                (f"{extra}.cls", b"3"),
+            ],
+        )
+        _reseal(split, BAD_SHARD)
+        return extra, "holds more samples than the 50 its manifest lists"
+    raise AssertionError(case)
+
+
+BAD_SHARDS = ["missing", "cut", "cut_resealed", "altered", "more_samples"]
+
+
+@pytest.mark.parametrize("case", BAD_SHARDS)
+def test_a_bad_shard_is_left_out_whole_and_every_other_shard_read(split, case, caplog):
+    key, reason = _bad_shard(split, case)
     tally = SkipTally()
     rows = list(iter_split(split, on_error="skip", tally=tally))
-    assert len(rows) + tally.total() == 150
-    assert tally.by_shard() == {"shard-000001.tar": tally.total()}
-    if lost > 0:
-        assert tally.total() == lost
-    else:
-        assert 0 < tally.total() < 50
-    (record,) = tally.records()
-    assert REASONS[case] in record.reason and record.shard == "shard-000001.tar"
+    others = [r["key"] for r in rows if r["shard"] != BAD_SHARD]
+    assert others == [shard_key("test", i) for i in [*range(50), *range(100, 150)]]
+    # Never the whole shard: its last row is held back until the shard is known to be whole.
+    handed = sum(r["shard"] == BAD_SHARD for r in rows)
+    assert handed < 50
+    (outcome,) = tally.left_out()
+    assert (outcome.shard, outcome.complete, outcome.transient) == (BAD_SHARD, False, False)
+    assert reason in outcome.reason and outcome.rows == handed and outcome.lost == 50 - handed
+    assert tally.total() == 50 - handed and tally.by_shard() == {BAD_SHARD: 50 - handed}
+    assert "1 shard(s) left out" in tally.summary() and BAD_SHARD in tally.summary()
+    assert any(f"left out shard {BAD_SHARD}" in m and reason in m for m in caplog.messages)
     if key:
-        assert record.key == key
-    good = [r["key"] for r in rows]
-    assert good[:50] == [shard_key("test", i) for i in range(50)]  # other shards are intact
-    assert good[-50:] == [shard_key("test", i) for i in range(100, 150)]
-    assert any("shard-000001.tar" in m and REASONS[case] in m for m in caplog.messages)
-    assert "skipped" in tally.summary() and str(tally.total()) in tally.summary()
+        assert tally.records()[-1].key == key
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_corruption_fails_naming_shard_and_key(split, case):
-    key, _ = _corrupt(split, case)
-    with pytest.raises(CorruptDataError, match=r"shard shard-000001\.tar, key ") as info:
+@pytest.mark.parametrize("case", BAD_SHARDS)
+def test_a_bad_shard_fails_naming_the_shard(split, case):
+    key, reason = _bad_shard(split, case)
+    with pytest.raises(CorruptDataError, match=rf"shard {BAD_SHARD}, key ") as info:
         list(iter_split(split, on_error="fail"))
-    assert info.value.shard == "shard-000001.tar"
-    assert REASONS[case] in info.value.reason
+    assert info.value.shard == BAD_SHARD and reason in info.value.reason
     if key:
         assert info.value.key == key
 
 
-def test_ray_reader_reports_skips_to_a_shared_tally(split, ray_local):
-    _corrupt(split, "undecodable")
+def test_under_fail_a_missing_or_cut_shard_stops_before_any_work(split):
+    _bad_shard(split, "cut")
+    with pytest.raises(CorruptDataError, match=r"shard shard-000001\.tar, key \*: shard has"):
+        iter_split(split, on_error="fail")  # raised when the iterator is made, not while reading
+
+
+def test_skip_reads_the_good_shards_when_the_manifest_disagrees_with_the_files(split, caplog):
+    """The issue's case: one shard lost its last 20 KB (and a stray file sits next to them)."""
+    _bad_shard(split, "cut")
+    fs, path = fsspec_filesystem(split)
+    fs.copy(f"{path}/shard-000000.tar", f"{path}/shard-000003.tar")
+    tally = SkipTally()
+    rows = list(iter_split(split, on_error="skip", tally=tally))
+    assert [r["key"] for r in rows] == [
+        shard_key("test", i) for i in [*range(50), *range(100, 150)]
+    ]
+    (outcome,) = tally.left_out()
+    assert outcome.shard == BAD_SHARD and outcome.rows == 0 and "manifest says" in outcome.reason
+    assert any("shard-000003.tar" in m and "ignored" in m for m in caplog.messages)
+    with pytest.raises(ManifestError, match="not in the manifest shard-000003.tar"):
+        iter_split(split, on_error="fail")
+
+
+def test_ray_reader_reports_outcomes_to_a_shared_tally(split, ray_local):
+    _bad_image(split, "undecodable")
     shard = os.path.join(split, "shard-000002.tar")
     with open(shard, "r+b") as file:
         file.truncate(os.path.getsize(shard) - 20_000)  # cut inside the last samples
     tally = SkipTally.shared()
     rows = _ray_rows(read_split(split, on_error="skip", tally=tally))
-    by_shard = tally.by_shard()
-    assert by_shard["shard-000001.tar"] == 1 and by_shard["shard-000002.tar"] > 0
-    assert len(rows) + tally.total() == 150
-    assert BAD_KEY not in {r["key"] for r in rows}
-    assert {r.shard for r in tally.records()} == {"shard-000001.tar", "shard-000002.tar"}
+    assert [r["key"] for r in rows] == [shard_key("test", i) for i in range(100) if i != 60]
+    outcomes = tally.outcomes()
+    assert outcomes["shard-000000.tar"].complete and outcomes["shard-000000.tar"].rows == 50
+    assert outcomes[BAD_SHARD].complete and outcomes[BAD_SHARD].skipped_keys == (BAD_KEY,)
+    assert not outcomes["shard-000002.tar"].complete and outcomes["shard-000002.tar"].rows == 0
+    assert tally.by_shard() == {BAD_SHARD: 1, "shard-000002.tar": 50}
 
 
 def test_ray_reader_fails_naming_shard_and_key(split, ray_local):
-    _corrupt(split, "wrong_size")
+    _bad_image(split, "wrong_size")
     # Ray raises RayTaskError(CorruptDataError): an instance of both, so callers catch ours.
     with pytest.raises(
         CorruptDataError, match=rf"shard shard-000001\.tar, key {BAD_KEY}: image size"
@@ -227,18 +354,29 @@ def test_ray_reader_fails_naming_shard_and_key(split, ray_local):
 
 
 def test_ray_reader_fails_early_on_a_missing_shard(split):
-    _corrupt(split, "missing")
+    _bad_shard(split, "missing")
     with pytest.raises(CorruptDataError, match=r"shard shard-000001\.tar, key \*: shard missing"):
         read_split(split, on_error="fail")
 
 
-def test_a_shard_the_manifest_does_not_list_is_an_error(split):
+def test_a_shard_the_manifest_does_not_list_is_an_error_under_fail(split):
     fs, path = fsspec_filesystem(split)
     fs.copy(f"{path}/shard-000000.tar", f"{path}/shard-000003.tar")
     with pytest.raises(ManifestError, match="not in the manifest shard-000003.tar"):
         read_split(split)
     with pytest.raises(ManifestError, match="not in the manifest shard-000003.tar"):
         iter_split(split)
+
+
+def test_temp_files_are_never_taken_for_shards(split):
+    """What a prepare killed mid-shard leaves (the old name ended in .tar) is not a shard."""
+    for name in (
+        ".shard-000001.tar.tmp-4194301-0a1b2c3d.tar",
+        ".shard-000001.tar.0a1b2c-77-0a1b2c3d.tmp",
+    ):
+        with open(os.path.join(split, name), "wb") as file:
+            file.write(b"half a shard")
+    assert len(list(iter_split(split, on_error="fail"))) == 150
 
 
 def test_skip_needs_a_tally_and_ray_needs_a_shared_one(split):

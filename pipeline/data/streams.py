@@ -1,0 +1,224 @@
+"""Reading bytes from storage through transient faults: bounded retries, resumed where they stopped.
+
+    policy = RetryPolicy()                                  # 6 tries per read, 0.2 s .. 5 s apart
+    data = with_retries(lambda: fs.cat_file(path), policy, what=url)
+    with ResumingReader(fs, path, policy, what=url) as stream:     # a file-like object
+        tarfile.open(fileobj=stream, mode="r|")                   # never sees a fault
+
+Transient: what a retry can cure. S3 5xx and SlowDown, a reset or refused connection, a timeout,
+a transfer cut short (aiohttp's ClientPayloadError, botocore's IncompleteRead), and a read that
+ends before the object's size (a silent short transfer). s3fs and botocore retry some of these
+themselves; this layer catches what gets through them (long bursts), waits with capped
+exponential backoff and full jitter, and reopens the object at the byte where the last good read
+stopped, so no byte is read twice and nothing above sees the fault.
+
+Not transient, raised at once: a missing object (FileNotFoundError), denied access
+(PermissionError, AccessDenied, bad credentials), and any error of our own code.
+
+When a read still fails after `policy.attempts` tries, or one file needed more than
+`policy.max_retries` retries in all, `TransientReadError` (a StorageError) is raised: storage is
+failing, the data is not known to be bad, and a rerun may succeed. Callers never count it as bad
+data.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pipeline.storage import StorageError
+
+__all__ = [
+    "ResumingReader",
+    "RetryPolicy",
+    "TransientReadError",
+    "is_transient",
+    "with_retries",
+]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STORAGE_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "s3fs", "fsspec", "http")
+# Errors of those libraries that no retry cures: credentials, permissions, a wrong request.
+_PERMANENT = (
+    "NoCredentials",
+    "PartialCredentials",
+    "ParamValidation",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchKey",
+    "NoSuchBucket",
+    "InvalidRange",
+)
+
+
+class TransientReadError(StorageError):
+    """Storage kept failing after every retry; the data is not known to be bad."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray pickles task errors: keep the hint, not only the message.
+        return (type(self), (str(self), self.hint))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to retry one file.
+
+    Attributes:
+        attempts: tries of one read (or open), the first included.
+        base_delay_s, max_delay_s: wait before retry n is uniform in
+            [0, min(max_delay_s, base_delay_s * 2**n)] ("full jitter": retries of many readers
+            do not arrive together).
+        max_retries: retries of one file in all, whatever succeeded in between, so a file
+            that fails every other read still ends in bounded time.
+    """
+
+    attempts: int = 6
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+    max_retries: int = 30
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.max_retries < 0:
+            raise ValueError(
+                f"retry policy: expected attempts >= 1 and max_retries >= 0, found "
+                f"attempts={self.attempts}, max_retries={self.max_retries}"
+            )
+        if not 0 <= self.base_delay_s <= self.max_delay_s:
+            raise ValueError(
+                f"retry policy: expected 0 <= base_delay_s <= max_delay_s, found "
+                f"{self.base_delay_s} and {self.max_delay_s}"
+            )
+
+    def delay(self, retry: int) -> float:
+        return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2**retry))
+
+
+def is_transient(err: BaseException, _depth: int = 0) -> bool:
+    """True for a storage fault that a retry may cure (see the module docstring).
+
+    An error that a storage library raised while handling a transient one (s3fs 2026.9 raises
+    IndexError on an argument-less FSTimeoutError) counts as that transient error.
+    """
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, TransientReadError)):
+        return False
+    text = f"{type(err).__name__}: {err}"
+    if any(marker in text for marker in _PERMANENT):
+        return False
+    if isinstance(err, OSError):  # s3fs turns ClientErrors (500, 503) into OSError
+        return True
+    if type(err).__module__.split(".")[0] in _STORAGE_MODULES:
+        return True
+    cause = err.__cause__ or err.__context__
+    return cause is not None and _depth < 5 and is_transient(cause, _depth + 1)
+
+
+class _ShortTransfer(OSError):
+    """The stream ended before the object's size: a transfer cut without an error."""
+
+
+def with_retries(call: Callable[[], T], policy: RetryPolicy, what: str) -> T:
+    """`call()`, retried on transient errors (see the module docstring)."""
+    for attempt in range(policy.attempts):
+        try:
+            return call()
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            if attempt + 1 == policy.attempts:
+                raise TransientReadError(
+                    f"{what}: storage kept failing ({type(err).__name__}: {err}) after "
+                    f"{policy.attempts} attempts",
+                    hint="the data is not known to be bad; rerun the job (finished work is kept)",
+                ) from err
+            logger.info("%s: %s: %s; retry %d", what, type(err).__name__, err, attempt + 1)
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")
+
+
+class ResumingReader:
+    """A read-only binary stream of one object that rides out transient faults.
+
+    Opens `path` on `fs` (fsspec), learns its size, and serves `read(n)`; a transient error or a
+    stream that ends before `size` closes the file, waits, reopens it and seeks to the position
+    reached. `retries` counts the retries made.
+    """
+
+    def __init__(
+        self, fs: Any, path: str, policy: RetryPolicy, what: str, block_size: int = 8 << 20
+    ) -> None:
+        self._fs, self._path, self._policy, self._what = fs, path, policy, what
+        self._block_size = block_size
+        self._file: Any = None
+        self._position = 0
+        self.retries = 0
+        self.size: int = with_retries(lambda: int(fs.info(path)["size"]), policy, what)
+
+    def _open(self) -> Any:
+        file = self._fs.open(self._path, "rb", block_size=self._block_size)
+        if self._position:
+            file.seek(self._position)
+        return file
+
+    def read(self, size: int = -1) -> bytes:
+        attempt = 0
+        while True:
+            try:
+                if self._file is None:
+                    self._file = self._open()
+                data = self._file.read(size)
+                if not data and size != 0 and self._position < self.size:
+                    raise _ShortTransfer(
+                        f"stream ended at byte {self._position:,} of {self.size:,}"
+                    )
+                self._position += len(data)
+                return data
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                self._drop()
+                attempt += 1
+                self.retries += 1
+                if attempt >= self._policy.attempts or self.retries > self._policy.max_retries:
+                    raise TransientReadError(
+                        f"{self._what}: storage kept failing at byte {self._position:,} "
+                        f"({type(err).__name__}: {err}) after {attempt} attempts "
+                        f"({self.retries} retries of this file)",
+                        hint="the data is not known to be bad; rerun the job "
+                        "(finished work is kept)",
+                    ) from err
+                logger.info(
+                    "%s: %s at byte %d: %s; retry %d",
+                    self._what,
+                    type(err).__name__,
+                    self._position,
+                    err,
+                    attempt,
+                )
+                time.sleep(self._policy.delay(attempt - 1))
+
+    def tell(self) -> int:
+        return self._position
+
+    def _drop(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # a broken connection may fail to close; the file is gone anyway
+                logger.debug("closing %s after an error failed", self._what, exc_info=True)
+            self._file = None
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> ResumingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

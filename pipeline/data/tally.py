@@ -1,0 +1,191 @@
+"""What the readers report: one `ShardOutcome` per shard read, and the samples skipped.
+
+    tally = SkipTally.shared()          # a Ray actor; read tasks on any node report to it
+    ds = read_split(url, storage, on_error="skip", tally=tally)
+    ...consume ds...
+    tally.outcomes()["shard-000003.tar"]   # ShardOutcome(complete=True, rows=9998, ...)
+    tally.left_out()                      # the shards that could not be read whole, with why
+    tally.total(), tally.by_shard(), tally.records()[:5], tally.summary()
+
+A shard's outcome is reported once it has been read to its end (or given up), before its last
+row is handed on (see `pipeline.data.reader`), so a consumer that has received all the rows the
+manifest lists for a shard knows the shard is complete; for any other shard, the outcome is in
+the tally by the time the stream has ended.
+
+`complete` means: every byte was read (transient faults were retried, never counted), the size and
+sha256 match the manifest, the tar ended cleanly, and it held exactly the manifest's samples. Then
+`rows` + len(`skipped_keys`) == `expected`, where `skipped_keys` are the bad images (a member read
+whole that does not decode, breaks the image limits, or lacks its label). An incomplete shard says
+why in `reason` and should be left out whole by consumers that need whole shards (scoring), since
+some of its rows may have been delivered; `transient` marks the ones a rerun may read (storage
+kept failing) as opposed to damaged ones.
+
+`SkipTally()` lives in this process (for `iter_split`); `SkipTally.shared()` is backed by a small
+Ray actor (num_cpus=0) that read tasks report to and wait for, so that when iteration has finished
+every outcome is in the tally. A shard reported twice (a retried read task) keeps the last report.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ShardOutcome", "SkipTally", "Skipped"]
+
+_MAX_RECORDS = 1000
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Samples skipped under on_error="skip": `count` samples at `key` ("*": a whole shard)."""
+
+    shard: str
+    key: str
+    reason: str
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """How reading one shard ended (see the module docstring)."""
+
+    shard: str
+    expected: int  # samples the manifest lists
+    rows: int  # rows handed on
+    complete: bool
+    reason: str = ""  # why it is incomplete; "" when complete
+    skipped_keys: tuple[str, ...] = ()  # bad images (their rows were not handed on)
+    retries: int = 0  # transient storage faults ridden out
+    transient: bool = False  # incomplete because storage kept failing: a rerun may read it
+
+    @property
+    def lost(self) -> int:
+        """Samples the manifest lists that were not handed on."""
+        return self.expected - self.rows
+
+
+class _Counts:
+    """The tally's state; held in this process or inside the Ray actor."""
+
+    def __init__(self) -> None:
+        self.records: list[Skipped] = []
+        self.outcomes: dict[str, ShardOutcome] = {}
+        self.loose: dict[str, int] = {}  # counts from add() without an outcome (old callers)
+
+    def add(self, records: list[Skipped]) -> None:
+        for record in records:
+            self.loose[record.shard] = self.loose.get(record.shard, 0) + record.count
+        self._keep(records)
+
+    def add_outcome(self, outcome: ShardOutcome, records: list[Skipped]) -> None:
+        again = outcome.shard in self.outcomes
+        self.outcomes[outcome.shard] = outcome
+        if not again:  # a retried read task reports the same problems again
+            self._keep(records)
+
+    def _keep(self, records: list[Skipped]) -> None:
+        room = _MAX_RECORDS - len(self.records)
+        self.records.extend(records[: max(room, 0)])
+
+    def state(self) -> tuple[list[Skipped], dict[str, int], dict[str, ShardOutcome]]:
+        per_shard = dict(self.loose)
+        for name, outcome in self.outcomes.items():
+            if outcome.lost:
+                per_shard[name] = outcome.lost
+        return list(self.records), per_shard, dict(self.outcomes)
+
+
+@functools.cache
+def _tally_actor_class() -> Any:
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=0)(_Counts)
+
+
+class SkipTally:
+    """Shard outcomes and skipped samples reported by readers (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._local: _Counts | None = _Counts()
+        self._actor: Any = None
+
+    @classmethod
+    def shared(cls) -> SkipTally:
+        """A tally backed by a Ray actor, for readers running in Ray tasks (Ray must be up)."""
+        tally = cls()
+        tally._local = None
+        tally._actor = _tally_actor_class().remote()
+        return tally
+
+    @property
+    def is_shared(self) -> bool:
+        return self._actor is not None
+
+    def add(self, records: list[Skipped]) -> None:
+        """Count skipped samples that belong to no shard outcome."""
+        if records:
+            self._call("add", records)
+
+    def add_outcome(self, outcome: ShardOutcome, records: Sequence[Skipped] = ()) -> None:
+        """Record how a shard ended, with its skip records (logged lines, capped)."""
+        self._call("add_outcome", outcome, list(records))
+
+    def _call(self, method: str, *args: Any) -> Any:
+        if self._actor is None:
+            return getattr(self._local, method)(*args)
+        import ray
+
+        # Wait for it: once a read task has moved on, what it reported must be visible.
+        return ray.get(getattr(self._actor, method).remote(*args))
+
+    def _state(self) -> tuple[list[Skipped], dict[str, int], dict[str, ShardOutcome]]:
+        return self._call("state")
+
+    def total(self) -> int:
+        """Samples the manifests list that were not handed on (bad images, shards left out)."""
+        return sum(self._state()[1].values())
+
+    def by_shard(self) -> dict[str, int]:
+        """{shard: samples not handed on}, for shards that lost any."""
+        return dict(sorted(self._state()[1].items()))
+
+    def records(self) -> list[Skipped]:
+        """The first 1000 skip records, in report order."""
+        return self._state()[0]
+
+    def outcomes(self) -> dict[str, ShardOutcome]:
+        """{shard: outcome} of every shard read (or refused) so far."""
+        return dict(sorted(self._state()[2].items()))
+
+    def left_out(self) -> list[ShardOutcome]:
+        """The shards that could not be read whole, by name."""
+        return [o for o in self.outcomes().values() if not o.complete]
+
+    def summary(self) -> str:
+        records, per_shard, outcomes = self._state()
+        left_out = sorted((o for o in outcomes.values() if not o.complete), key=lambda o: o.shard)
+        if not per_shard and not left_out:
+            return "skipped 0 samples"
+        shards = ", ".join(f"{name}: {count}" for name, count in sorted(per_shard.items()))
+        line = f"skipped {sum(per_shard.values())} samples ({shards})"
+        if left_out:
+            reasons = "; ".join(f"{o.shard}: {o.reason}" for o in left_out[:5])
+            more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+            line += f"; {len(left_out)} shard(s) left out ({reasons}{more})"
+        return line
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._actor is None:
+            # A copy in another process would count there and report nothing here.
+            raise TypeError(
+                "a local SkipTally cannot be sent to other processes; use SkipTally.shared()"
+            )
+        return (_shared_tally, (self._actor,))
+
+
+def _shared_tally(actor: Any) -> SkipTally:
+    tally = SkipTally()
+    tally._local, tally._actor = None, actor
+    return tally
