@@ -155,3 +155,73 @@ def test_check_access_reports_missing_credentials(s3, monkeypatch):
         check_access(s3.url, s3.storage)
     assert "AWS_ACCESS_KEY_ID" in info.value.hint
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_local_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """fsync of the temp, then the rename, then fsync of the folder: after a power cut the
+    file is the old one or the whole new one. Before issue 12 `replace_with` (shards, Parquet)
+    and `put_file_atomic` renamed unsynced temps, and no folder was synced."""
+    from pipeline.storage import make_temp_file, replace_with
+
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:  # records, then does the real thing
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def replace(source, destination) -> None:
+        events.append(("replace", str(source), str(destination)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "out" / "shard-000000.tar"
+    source = tmp_path / "finished.bin"
+    source.write_bytes(b"payload")
+
+    def via_temp() -> None:
+        temp = make_temp_file(str(target), ".tar")
+        with open(temp, "wb") as file:
+            file.write(b"payload")
+        replace_with(temp, str(target))
+
+    writers = {
+        "write_bytes_atomic": lambda: write_bytes_atomic(str(target), b"payload"),
+        "put_file_atomic": lambda: put_file_atomic(str(source), str(target)),
+        "replace_with": via_temp,
+    }
+    for name, write in writers.items():
+        events.clear()
+        write()
+        assert target.read_bytes() == b"payload"
+        assert len(events) == 3, (name, events)
+        synced, renamed, folder = events
+        assert renamed[0] == "replace" and renamed[2] == str(target), (name, events)
+        assert synced == ("fsync", renamed[1]), (name, events)  # the temp, before its rename
+        assert folder == ("fsync", str(target.parent)), (name, events)
+        temp_name = os.path.basename(renamed[1])
+        assert temp_name.startswith(".shard-000000.tar.") and temp_name.endswith(".tmp")
+
+
+def test_sweep_removes_only_temps_of_writers_that_are_gone(tmp_path):
+    import subprocess
+
+    from pipeline.storage import is_temp_name, make_temp_file, sweep_temp_files
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    live = os.path.basename(make_temp_file(str(tmp_path / "a.parquet")))
+    dead = live.replace(f"-{os.getpid()}-", f"-{gone.pid}-")
+    tag = live.split(".")[-2][:6]  # ".a.parquet.<host tag>-<pid>-<id>.tmp"
+    other_host = live.replace(f".{tag}-", ".000000-" if tag != "000000" else ".111111-")
+    old_style = f".b.tar.tmp-{gone.pid}-0a1b2c3d.tar"
+    for name in (dead, other_host, old_style, "a.parquet", ".hidden-but-not-a-temp"):
+        (tmp_path / name).write_bytes(b"x")
+    assert all(is_temp_name(n) for n in (live, dead, other_host, old_style))
+    assert not is_temp_name("a.parquet")
+    assert sweep_temp_files(str(tmp_path)) == sorted([dead, old_style])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [live, other_host, "a.parquet", ".hidden-but-not-a-temp"]
+    )
+    assert sweep_temp_files("s3://bucket/prefix") == []

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.reader import decode_image
+from pipeline.data.reader import decode_image, iter_split
 from pipeline.data.shards import (
     Manifest,
     ManifestError,
@@ -301,3 +302,90 @@ def test_io_benchmark_reports_every_backend_and_column(tmp_path, aws_credentials
         "| local disk |" in report["markdown"] and "| S3 (moto, loopback) |" in report["markdown"]
     )
     assert os.environ["AWS_ACCESS_KEY_ID"] == "flowray-test-key"  # the stand-ins were undone
+
+
+# ----------------------------------------------------------------------------- kills and temps
+
+_HOLDING_PREPARE = """
+import sys, threading
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from pipeline.data.shards import prepare
+from pipeline.data.sources import NpySource
+
+
+class Holding:
+    \"\"\"The .npy source, but after `hold_after` images it says so and waits to be killed.\"\"\"
+
+    def __init__(self, base, hold_after, marker):
+        self.base, self.hold_after, self.marker = base, hold_after, marker
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def read(self, split, indices):
+        for n, item in enumerate(self.base.read(split, indices)):
+            if n == self.hold_after:
+                Path(self.marker).write_text("holding")
+                threading.Event().wait()  # until SIGKILL
+            yield item
+
+
+source = Holding(NpySource({images!r}), hold_after=30, marker={marker!r})
+prepare(source, {out!r}, shard_samples=50, shard_bytes=None)  # no size probe: hold in shard 0
+"""
+
+
+def test_a_prepare_killed_mid_shard_leaves_a_temp_that_is_no_shard_and_a_rerun_sweeps(tmp_path):
+    """SIGKILL while a shard is half written. Before issue 12 the temp was named
+    `.shard-000000.tar.tmp-<pid>-<id>.tar`: every later read of the split failed on a shard the
+    manifest did not list, and rerunning prepare left it there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.data.sources import NpySource
+    from pipeline.storage import make_temp_file
+
+    images = np.random.default_rng(3).integers(0, 256, (100, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    out, marker = tmp_path / "out", tmp_path / "holding"
+    script = _HOLDING_PREPARE.format(
+        root=str(Path(__file__).resolve().parents[3]),
+        images=str(tmp_path / "x.npy"),
+        marker=str(marker),
+        out=str(out),
+    )
+    process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():  # the writer is inside shard 0, its temp open
+            assert process.poll() is None, "the prepare process ended before holding"
+            assert time.monotonic() < deadline, "the prepare process never reached the hold"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    split = out / "train"
+    (left,) = os.listdir(split)
+    assert left.startswith(".shard-000000.tar.") and left.endswith(".tmp"), left
+    # An old-style leftover of a dead writer, and a live writer's temp (this process's own).
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old_style = split / f".shard-000001.tar.tmp-{dead.pid}-0a1b2c3d.tar"
+    old_style.write_bytes(b"half a shard")
+    live = make_temp_file(str(split / "shard-000001.tar"), ".tar")
+
+    result = prepare(NpySource(str(tmp_path / "x.npy")), str(out), shard_samples=50)
+    assert result.shards_written == 2
+    assert sorted(os.listdir(split)) == sorted(
+        [os.path.basename(live), "_parts", "manifest.json", "shard-000000.tar", "shard-000001.tar"]
+    )
+    os.remove(live)
+    # Byte for byte what an uninterrupted run writes.
+    prepare(NpySource(str(tmp_path / "x.npy")), str(tmp_path / "clean"), shard_samples=50)
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        assert (split / name).read_bytes() == (tmp_path / "clean" / "train" / name).read_bytes()
+    assert len(list(iter_split(str(split)))) == 100
