@@ -113,3 +113,33 @@ def test_slow_smoke_suite_writes_finite_figures(
     suite: str, tmp_path: Path, fashion_mnist_dir: Path
 ) -> None:
     CHECKS[suite](_smoke(suite, tmp_path, fashion_mnist_dir, timeout=880))
+
+
+def test_race_contender_warms_up_counts_skips_and_averages_only_good_steps() -> None:
+    import torch
+
+    from pipeline.bench.race import make_contender
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.step import StepMetrics
+
+    config = TrainConfig.from_dict({"optim": {"lr": 1.0, "warmup_steps": 4, "ema_decay": 0.5}})
+    rates: list[float] = []
+
+    def every_second_step_skipped(model, batch, optimizer, generator) -> StepMetrics:
+        rates.append(optimizer.param_groups[0]["lr"])
+        return StepMetrics(float(len(rates)), 1.0, skipped=len(rates) % 2 == 0)
+
+    racer = make_contender(
+        torch.nn.Linear(1, 1, bias=False),
+        every_second_step_skipped,
+        torch.zeros(8, 1, 1, 1, dtype=torch.uint8),
+        config,
+        batch_size=2,
+        seconds=1e9,
+        max_steps=4,
+    )
+    while not racer.trainer.done:
+        racer.trainer.advance()
+    assert rates == [0.25, 0.5, 0.75, 1.0]
+    assert (racer.skipped, racer.ema.updates) == (2, 2)
+    assert (racer.trainer.result().steps, racer.trainer.result().last_loss) == (4, 4.0)
