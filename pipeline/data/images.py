@@ -33,6 +33,7 @@ __all__ = [
     "BadImage",
     "ImageLimits",
     "decode_image",
+    "encode_png",
     "fit_array",
     "fit_image",
     "open_image",
@@ -187,3 +188,20 @@ def fit_array(hwc: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarr
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[have]
     pixels = hwc[:, :, 0] if have == 1 else hwc
     return fit_image(Image.fromarray(np.ascontiguousarray(pixels), mode), channels, size)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [C, H, W] (C = 1 or 3) as PNG bytes (mode L or RGB)."""
+    from PIL import Image
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(
+            f"expected uint8 [C, H, W] with C in 1, 3; found {image.dtype} {image.shape}"
+        )
+    if image.shape[0] == 1:
+        pil = Image.fromarray(image[0], "L")
+    else:
+        pil = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB")  # (H, W, C)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()

@@ -72,8 +72,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from pipeline.data.images import ImageLimits, decode_image
+from pipeline.data.manifest import Manifest, ManifestError, compare_shards, load_manifest
 from pipeline.data.shard_reader import WHOLE_SHARD, iter_shard, refused_shard
-from pipeline.data.shards import Manifest, ManifestError, compare_shards, load_manifest
 from pipeline.data.streams import RetryPolicy, TransientReadError
 from pipeline.data.tally import ShardOutcome, Skipped, SkipTally
 from pipeline.errors import FlowrayError

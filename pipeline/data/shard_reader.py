@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.data.images import BadImage, ImageLimits, decode_image
-from pipeline.data.shards import Manifest, ShardInfo
+from pipeline.data.manifest import Manifest, ShardInfo
 from pipeline.data.streams import ResumingReader, RetryPolicy, TransientReadError
 from pipeline.data.tally import ShardOutcome, Skipped
 from pipeline.storage import StorageConfig, fsspec_filesystem

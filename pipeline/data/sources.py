@@ -32,13 +32,13 @@ import gzip
 import io
 import os
 from collections.abc import Iterator, Sequence
-from typing import IO, Any, NamedTuple, Protocol
+from typing import IO, NamedTuple
 
 import numpy as np
 
-from pipeline.data.images import BadImage, ImageLimits, fit_array, fit_image, open_image
-from pipeline.data.streams import RetryPolicy, with_retries
-from pipeline.errors import FlowrayError
+from pipeline.data.folders import FolderSource
+from pipeline.data.images import ImageLimits, fit_array, fit_image
+from pipeline.data.source_base import ImageSource, SourceError, SourceImage, check_target
 from pipeline.storage import StorageConfig, fsspec_filesystem, is_s3, join_url
 
 __all__ = [
@@ -57,34 +57,9 @@ __all__ = [
 ]
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Rows read per request from IDX/.npy files: big enough to amortise S3 round trips, small enough
 # to keep memory flat (4096 RGB 64x64 images are 50 MB).
 _CHUNK_ROWS = 4096
-
-
-class SourceError(FlowrayError, ValueError):
-    """A source cannot be read as asked; the message says what was expected and what was found."""
-
-
-class SourceImage(NamedTuple):
-    key: str
-    image: np.ndarray | None  # uint8 [C, H, W]; None when `error` is set
-    label: int | None
-    error: str | None = None
-
-
-class ImageSource(Protocol):
-    @property
-    def description(self) -> str: ...
-    @property
-    def shape(self) -> tuple[int, int, int]: ...
-    @property
-    def classes(self) -> tuple[str, ...] | None: ...
-    @property
-    def has_labels(self) -> bool: ...
-    def splits(self) -> dict[str, int]: ...
-    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]: ...
 
 
 def default_idx_dir() -> str:
@@ -107,13 +82,6 @@ def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
             start = prev = index
     if start is not None:
         yield start, prev + 1
-
-
-def _check_target(channels: int | None, size: tuple[int, int] | None) -> None:
-    if channels is not None and channels not in (1, 3):
-        raise SourceError(f"channels: expected 1 or 3, found {channels}")
-    if size is not None and (len(size) != 2 or min(size) < 1):
-        raise SourceError(f"size: expected (height, width) of positive integers, found {size}")
 
 
 # ----------------------------------------------------------------------------- IDX
@@ -187,7 +155,7 @@ class IdxSource:
         channels: int | None = None,
         size: tuple[int, int] | None = None,
     ) -> None:
-        _check_target(channels, size)
+        check_target(channels, size)
         self.folder = folder
         self.storage = storage
         self._files: dict[str, tuple[_IdxFile, _IdxFile]] = {}
@@ -297,7 +265,7 @@ class NpySource:
         channels: int | None = None,
         size: tuple[int, int] | None = None,
     ) -> None:
-        _check_target(channels, size)
+        check_target(channels, size)
         self.storage = storage
         self.images = _read_npy_header(images_url, storage)
         self.labels = _read_npy_header(labels_url, storage) if labels_url else None
@@ -370,117 +338,6 @@ class NpySource:
                 yield SourceImage(
                     f"{name}#{start + i}", fit_array(block[i], channels, tuple(size)), label
                 )
-
-
-# ----------------------------------------------------------------------------- folders
-
-
-class FolderSource:
-    """A tree of JPEG/PNG files, local or on S3, in sorted path order. One split, "train".
-
-    Labels: when every image sits exactly one folder below the root (root/<class>/<file>), the
-    sorted folder names are the classes and an image's label is its class's index; otherwise the
-    images are unlabelled.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        storage: StorageConfig | None = None,
-        channels: int | None = None,
-        size: tuple[int, int] | None = None,
-        limits: ImageLimits | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        _check_target(channels, size)
-        self.limits = limits or ImageLimits()
-        self.retry = retry or RetryPolicy()
-        if size is None:
-            raise SourceError(
-                f"folder source {url}: its images differ in size, so a target size is needed",
-                hint="pass --size HxW, e.g. --size 64x64",
-            )
-        self.url = url.rstrip("/")
-        self.storage = storage
-        fs, root = fsspec_filesystem(self.url, storage)
-        if not fs.isdir(root):
-            raise SourceError(f"no such folder: {url}", hint="check the path or the s3:// URL")
-        found = fs.find(root, detail=True)
-        prefix = root.rstrip("/") + "/"
-        images = sorted(
-            (p[len(prefix) :], int(info.get("size") or 0))
-            for p, info in found.items()
-            if p.lower().endswith(IMAGE_SUFFIXES) and p.startswith(prefix)
-        )
-        self.files = [name for name, _ in images]
-        self.sizes = [size for _, size in images]  # from the listing: checked before a download
-        if not self.files:
-            raise SourceError(
-                f"no images in {url}: expected files ending in {', '.join(IMAGE_SUFFIXES)}"
-            )
-        if all(f.count("/") == 1 for f in self.files):
-            self._classes: tuple[str, ...] | None = tuple(
-                sorted({f.split("/")[0] for f in self.files})
-            )
-        else:
-            self._classes = None
-        self._shape = (channels or 3, *size)
-
-    @property
-    def description(self) -> str:
-        return f"folder:{self.url}"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self._shape  # type: ignore[return-value]
-
-    @property
-    def classes(self) -> tuple[str, ...] | None:
-        return self._classes
-
-    @property
-    def has_labels(self) -> bool:
-        return self._classes is not None
-
-    def splits(self) -> dict[str, int]:
-        return {"train": len(self.files)}
-
-    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
-        if split != "train":
-            raise KeyError(split)
-        fs, root = fsspec_filesystem(self.url, self.storage)
-        class_index = {name: i for i, name in enumerate(self._classes or ())}
-        previous = -1
-        for index in indices:
-            if index <= previous:
-                raise ValueError(f"indices must be ascending, found {index} after {previous}")
-            previous = index
-            relative = self.files[index]
-            label = class_index[relative.split("/")[0]] if self._classes else None
-            try:
-                pixels = self._read_one(fs, f"{root.rstrip('/')}/{relative}", self.sizes[index])
-            except BadImage as err:
-                # A bad input (undecodable, over a limit), not a fault: the caller's policy decides.
-                yield SourceImage(relative, None, label, str(err))
-                continue
-            yield SourceImage(relative, pixels, label)
-
-    def _read_one(self, fs: Any, path: str, listed_size: int) -> np.ndarray:
-        """One file as uint8 [C, H, W]; BadImage for bad inputs. Storage faults are retried and,
-        when they last, raised (TransientReadError): they say nothing about the image."""
-        from PIL import ImageOps
-
-        self.limits.check_bytes(listed_size)  # before downloading it
-        data = with_retries(lambda: fs.cat_file(path), self.retry, path)
-        channels, *size = self._shape
-        with open_image(data, self.limits) as image:
-            try:
-                image.load()
-                upright = ImageOps.exif_transpose(image)
-                return fit_image(upright, channels, tuple(size))
-            except (OSError, ValueError, SyntaxError) as err:
-                # Pillow raises these for truncated or corrupt image data.
-                raise BadImage(f"cannot decode image: {err}") from err
 
 
 # ----------------------------------------------------------------------------- splits

@@ -339,28 +339,84 @@ def test_sampling_writes_images_from_the_champion(pipeline):
 
 
 # -- faults -----------------------------------------------------------------------------------------
+HOLD_STEP = 10
+
+
+def _needs_hold_hook() -> None:
+    import dataclasses
+
+    from pipeline.train.config import TrainConfig
+
+    if "hold_at_step" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        pytest.skip(
+            "needs the training loop's test-only hold_at_step hook (TrainConfig.hold_at_step; "
+            "every worker waits at that step until <run.storage_path>/<run.name>/release-hold "
+            "exists, the chief printing 'holding at step N')"
+        )
+
+
+def latest_checkpoint_step(pipeline: Pipeline, run_url: str) -> int | None:
+    """The step of the checkpoint Ray Train has registered as latest for a run (from its
+    checkpoint manager snapshot in storage), or None before the first."""
+    try:
+        snapshot = json.loads(pipeline.read(f"{run_url}/checkpoint_manager_snapshot.json"))
+    except pipeline.s3().exceptions.NoSuchKey:
+        return None
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    step = (latest.get("metrics") or {}).get("step")
+    return None if step is None else int(step)
+
+
+def wait_until(condition, what: str, job: Background, timeout: float = JOB_TIMEOUT_S) -> None:
+    """Poll `condition()` until it holds; fail if the job ends first or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert job.process.poll() is None, (
+            f"the job ended before {what}:\n{''.join(job.lines)[-6000:]}"
+        )
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.5)
+
+
 def test_losing_the_worker_node_during_training_resumes_from_the_checkpoint(pipeline):
     """scaling.max_failures=2: the worker on the lost node dies with it, Ray Train retries, and the
     new worker group (placed once the node is back, as an autoscaler would bring one) resumes from
-    the latest checkpoint. The job succeeds and `flowray submit` follows it throughout."""
+    the latest checkpoint. The job succeeds and `flowray submit` follows it throughout.
+
+    Deterministic, whatever the machine's load: every worker holds at step 10 (hold_at_step)
+    until the test writes the release marker, so training cannot pass that step before the node
+    is killed; and the node is killed only once Ray Train has registered the step-10 checkpoint.
+    The marker is written before the node comes back, so the resumed run does not hold again."""
+    _needs_hold_hook()
+    run = "node-loss"
     # A model name of its own: this run must not move the champion the other tests score with.
     args = pipeline.train_args(
-        "node-loss", steps=30, checkpoint_every=5, model=f"{pipeline.model}-node-loss"
+        run, steps=30, checkpoint_every=5, model=f"{pipeline.model}-node-loss"
     )
-    job = Background(pipeline, "train", *args)
-    job.wait_for(r"step 10/30")  # at least one checkpoint (step 5 or 10) is saved by now
+    job = Background(pipeline, "train", *args, "--set", f"hold_at_step={HOLD_STEP}")
+    run_url = f"{pipeline.prefix}/runs/{run}"
+    job.wait_for(rf"holding at step {HOLD_STEP}\b")
+    wait_until(
+        lambda: latest_checkpoint_step(pipeline, run_url) == HOLD_STEP,
+        f"registered checkpoint at step {HOLD_STEP}",
+        job,
+    )
     pipeline.stack.stop_worker_node(kill=True)
+    bucket, _, key = f"{run_url}/release-hold".removeprefix("s3://").partition("/")
+    pipeline.s3().put_object(Bucket=bucket, Key=key, Body=b"released by the e2e test\n")
     pipeline.stack.start_worker_node()
     done = job.finish()
 
     assert_succeeded(done)
     # Ray Train saw the worker group fail and chose to retry (the first error it reports varies:
     # the dead node, a failed health check, or the surviving worker's broken gloo connection).
-    assert "[FailurePolicy] RETRY" in done.out, done.out[-6000:]
-    resumed = [
-        int(step) for step in re.findall(r"resuming from checkpoint at step (\d+)", done.out)
-    ]
-    assert resumed and 5 <= min(resumed) < 30, done.out[-6000:]
+    retry_at = done.out.find("[FailurePolicy] RETRY")
+    assert retry_at >= 0, done.out[-6000:]
+    before_retry = done.out[:retry_at]
+    assert f"step {HOLD_STEP}/30" in before_retry, before_retry[-4000:]
+    assert not re.search(r"step (1[1-9]|2\d|30)/30", before_retry), before_retry[-4000:]
+    resumed = [int(s) for s in re.findall(r"resuming from checkpoint at step (\d+)", done.out)]
+    assert resumed == [HOLD_STEP], done.out[-6000:]
     assert "done: 30 steps" in done.out
 
 
