@@ -106,6 +106,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
     sample_temperature: float = 0.7
     fail_at_step: int | None = None  # test-only fault injection: the last worker dies once here
+    # Test-only: after the checkpoint of this step, every worker waits until
+    # <run.storage_path>/<run.name>/release-hold exists (lets a test kill a node at a known step).
+    hold_at_step: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "log_every"):

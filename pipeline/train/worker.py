@@ -160,6 +160,29 @@ def _maybe_inject_fault(config: TrainConfig, step: int, rank: int, world: int) -
     os._exit(1)
 
 
+HOLD_POLL_SECONDS = 0.5
+HOLD_LIMIT_SECONDS = 1800.0
+
+
+def _maybe_hold(config: TrainConfig, step: int, is_chief: bool) -> None:
+    """Test-only: at `hold_at_step`, wait until the test writes the release marker. The step's
+    checkpoint is already reported, so a test can kill a node knowing where training stands."""
+    if config.hold_at_step is None or step != config.hold_at_step:
+        return
+    from pipeline.storage import exists, join_url
+
+    marker = join_url(config.run.storage_path, config.run.name, "release-hold")
+    if is_chief:
+        say(f"holding at step {step} until {marker} exists")
+    deadline = time.monotonic() + HOLD_LIMIT_SECONDS
+    while not exists(marker, config.storage):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"hold_at_step={step}: {marker} did not appear in {HOLD_LIMIT_SECONDS:.0f} s"
+            )
+        time.sleep(HOLD_POLL_SECONDS)
+
+
 # ----------------------------------------------------------------------------- phases
 
 
@@ -286,6 +309,7 @@ def _step_and_duties(
         _evaluate(worker, training, state)
     if state.step % config.checkpoint_every == 0 or done:
         _checkpoint_and_report(worker, training, state)
+    _maybe_hold(config, state.step, worker.is_chief)
     return done
 
 
