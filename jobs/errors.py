@@ -17,6 +17,9 @@ from contextlib import contextmanager
 from pipeline.errors import FlowrayError
 
 __all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_PARTIAL",
     "EXIT_USAGE",
     "USER_ERRORS",
     "JobExit",
@@ -27,7 +30,11 @@ __all__ = [
     "user_errors",
 ]
 
-EXIT_USAGE = 2
+# Exit codes, the same for every command (documented in `flowray --help` and the README).
+EXIT_OK = 0  # done: every item processed
+EXIT_FAILURE = 1  # the job failed at run time (a bug, a service down, a Ray failure)
+EXIT_USAGE = 2  # usage or configuration error: nothing was done
+EXIT_PARTIAL = 3  # finished, but some items (e.g. unreadable shards) were left out and reported
 USER_ERRORS: tuple[type[BaseException], ...] = (FlowrayError, FileNotFoundError)
 # Ray wraps a task's or Train worker's error (RayTaskError.cause, TrainingFailedError's
 # __cause__); a few links are enough to reach ours.
