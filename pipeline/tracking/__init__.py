@@ -1,5 +1,6 @@
-"""MLflow: the tracking connection (URIs, experiments, readable errors) and the model registry
-(logging flows, versions, the candidate and champion aliases).
+"""MLflow: the tracking connection (URIs, experiments, readable errors), the logged model (a flow as
+a pyfunc with its signature and input example) and the model registry (versions, the candidate
+and champion aliases).
 
 May import: flowmodel, pipeline.model, pipeline.errors.
 """

@@ -1,12 +1,12 @@
-"""MLflow model logging, registration and aliases for flows.
-
-A logged flow is a pyfunc "model from code": the entry pipeline/model/pyfunc_entry.py, the `flow`
-artifact (model.safetensors + flow_config.json) and the code loading needs, flowmodel/ and a
-pipeline/ holding only __init__.py, errors.py and model/ (`SHIPPED_PIPELINE`).
+"""The model registry: flows registered as versions, the candidate and champion aliases, listing
+and resolving model references.
 
 A model version carries tags `val_bits_per_dim` and `image_shape` ("1x28x28", C x H x W);
 aliases `candidate` (the newest trained version) and `champion` (the best validation bits/dim)
-drive scoring and sampling.
+drive scoring, sampling and serving. Registration goes through `mlflow.register_model`, which
+creates the registered model when needed and links the version to the logged model and its run.
+A version without a finite validation bits/dim is never registered and never becomes champion.
+Logging the model itself is pipeline.tracking.logged_model (re-exported here).
 """
 
 from __future__ import annotations
@@ -14,28 +14,27 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import ParamSchema, ParamSpec
 
 from flowmodel import Flow
 from pipeline.errors import FlowrayError
-from pipeline.model.artifact import load_flow, save_flow
+from pipeline.model.artifact import load_flow
+from pipeline.tracking.logged_model import SHIPPED_PIPELINE, log_flow_model
 
 __all__ = [
+    "CANDIDATE",
+    "CHAMPION",
     "SHIPPED_PIPELINE",
     "ModelNotFound",
     "ModelVersionInfo",
     "Promotion",
     "RegisteredModelInfo",
+    "RegistrationError",
     "ResolvedModel",
     "list_models",
     "log_flow_model",
@@ -49,15 +48,6 @@ log = logging.getLogger(__name__)
 CANDIDATE, CHAMPION = "candidate", "champion"
 VAL_TAG = "val_bits_per_dim"
 SHAPE_TAG = "image_shape"
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-# What of pipeline/ a logged model needs to load: pipeline.model imports only flowmodel and
-# pipeline.errors. Training, batch jobs, tracking and benchmarks stay out of served models.
-SHIPPED_PIPELINE = ("__init__.py", "errors.py", "model")
-# FlowPyfunc.predict's params. MLflow drops (with a log line) any predict param its signature does
-# not declare; no input schema, because MLflow would then enforce one on the image dict.
-PREDICT_SIGNATURE = ModelSignature(
-    params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("draws", "long", 1)])
-)
 
 
 class ModelNotFound(FlowrayError, LookupError):
@@ -66,11 +56,23 @@ class ModelNotFound(FlowrayError, LookupError):
     hint = "check the name and alias with `flowray models list`"
 
 
+class RegistrationError(FlowrayError, RuntimeError):
+    """A model that must not be registered or promoted: no finite validation bits/dim."""
+
+    hint = (
+        "a version is registered and promoted only with a finite validation bits/dim: check "
+        "that training evaluated on data.validation (its log shows val bits/dim)"
+    )
+
+
 @dataclass(frozen=True)
 class Promotion:
+    """What `register_flow` and `promote` decided; `reason` is the line the jobs print."""
+
     version: str
     promoted: bool
-    reason: str
+    reason: str  # "now champion (no previous champion)", "champion stays v2 (3.4100 < 3.4500)"
+    previous: str = ""  # the alias's holder before the decision ("" when it had none)
 
 
 @dataclass(frozen=True)
@@ -146,64 +148,36 @@ def list_models(name: str | None = None) -> list[RegisteredModelInfo]:
     return result
 
 
-def log_flow_model(flow: Flow, name: str = "model") -> mlflow.models.model.ModelInfo:
-    """Log `flow` in the active run as a pyfunc model (code + config JSON + safetensors)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_flow(flow, Path(tmp) / "flow")
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(PACKAGE_ROOT / "pipeline" / "model" / "pyfunc_entry.py"),
-            artifacts={"flow": str(model_dir)},
-            # The model carries its own code so a serving host needs no flowray install.
-            code_paths=_stage_code(Path(tmp) / "code"),
-            signature=PREDICT_SIGNATURE,
-            # Explicit requirements: inferring them loads the model in a subprocess (slow).
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                "safetensors",
-                "numpy",
-                "pandas",
-                f"mlflow=={mlflow.__version__}",
-            ],
-            metadata={"flow_config": json.dumps(flow.config.to_dict())},
+def register_flow(
+    model_uri: str, name: str, val_bits_per_dim: float, run_id: str | None = None
+) -> Promotion:
+    """Register `model_uri` (a flow logged by `log_flow_model`) as a new version of `name`, tagged
+    with its validation bits/dim and image shape, alias it `candidate`, and move `champion` to it
+    when its validation bits/dim beats the champion's (`promote`).
+
+    `run_id` is not needed: MLflow links the version to the run that logged the model. It stays
+    in the signature for callers that pass it.
+
+    Raises:
+        RegistrationError: `val_bits_per_dim` is not a finite number (NaN, None, empty); nothing
+            is registered.
+        ValueError: `model_uri` is not a flow logged by `log_flow_model`; nothing is registered.
+    """
+    del run_id  # MLflow reads the run from the logged model
+    if not _finite(val_bits_per_dim):
+        raise RegistrationError(
+            f"cannot register {model_uri} as {name}: expected a finite validation bits/dim, "
+            f"found {val_bits_per_dim!r}; nothing was registered"
         )
-
-
-def _stage_code(folder: Path) -> list[str]:
-    """flowmodel/ and a pipeline/ with only `SHIPPED_PIPELINE`, copied under `folder`; MLflow
-    copies each listed path into the model's code/ folder by its name."""
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(PACKAGE_ROOT / "flowmodel", folder / "flowmodel", ignore=skip)
-    for item in SHIPPED_PIPELINE:
-        source, target = PACKAGE_ROOT / "pipeline" / item, folder / "pipeline" / item
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=skip)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    return [str(folder / "flowmodel"), str(folder / "pipeline")]
-
-
-def register_flow(model_uri: str, name: str, val_bits_per_dim: float, run_id: str) -> Promotion:
-    """Register `model_uri` (a flow logged by `log_flow_model`) as a new version of `name`, tag
-    it with its validation bits/dim and image shape, alias it `candidate`, and move `champion` to
-    it when its validation bits/dim beats the champion's. The decision is a version tag."""
-    client = MlflowClient()
     shape = _image_shape(model_uri)  # first: a model that is not a flow gets no version
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name)
-    # A tracking server refuses a models:/<model id> source without the model_id that owns it
-    # (SQLite stores accept it): pass the LoggedModel's id along.
-    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    version = str(
-        client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id).version
-    )
-    client.set_model_version_tag(name, version, VAL_TAG, f"{val_bits_per_dim:.6f}")
-    client.set_model_version_tag(name, version, SHAPE_TAG, shape)
-    client.set_registered_model_alias(name, CANDIDATE, version)
+    tags = {VAL_TAG: f"{float(val_bits_per_dim):.6f}", SHAPE_TAG: shape}
+    version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+    MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
     return promote(name, version, force=False)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _image_shape(model_uri: str) -> str:
@@ -217,44 +191,68 @@ def _image_shape(model_uri: str) -> str:
     return "x".join(str(size) for size in json.loads(metadata["flow_config"])["image_shape"])
 
 
-def _version_bpd(client: MlflowClient, name: str, version: str) -> float:
+def _version_bpd(client: MlflowClient, name: str, version: str) -> tuple[float, str | None]:
+    """The version's validation bits/dim (NaN when its tag is missing or not a number) and the
+    tag as stored."""
     tag = client.get_model_version(name, version).tags.get(VAL_TAG)
-    return float(tag) if tag is not None else math.inf
+    try:
+        return float(tag), tag  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan, tag
 
 
 def promote(name: str, version: str, force: bool = False, alias: str = CHAMPION) -> Promotion:
     """Point `alias` at `version` if its validation bits/dim is lower than the current holder's
-    (or `force`). Records `promotion` on the version either way."""
+    (or `force`). Records the decision as the version's `promotion` tag either way.
+
+    Raises:
+        RegistrationError: `version` has no finite validation bits/dim: it never becomes `alias`,
+            even with `force`.
+    """
     client = MlflowClient()
-    new = _version_bpd(client, name, str(version))
+    version = str(version)
+    new, tag = _version_bpd(client, name, version)
+    if not math.isfinite(new):
+        raise RegistrationError(
+            f"{name} v{version} cannot become {alias}: expected a finite {VAL_TAG} tag, "
+            f"found {tag!r}"
+        )
     try:
-        current = client.get_model_version_by_alias(name, alias)
+        current: str | None = str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         current = None
-    if current is None:
-        promoted, reason = True, f"no {alias} yet; {new:.4f} bits/dim"
-    elif str(current.version) == str(version):
-        promoted, reason = True, f"already {alias}"
-    else:
-        old = _version_bpd(client, name, str(current.version))
-        promoted = force or new < old
-        reason = f"{new:.4f} vs {alias} v{current.version} {old:.4f} bits/dim" + (
-            " (forced)" if force and new >= old else ""
-        )
+    promoted, reason = _decide(client, name, version, new, current, force, alias)
     if promoted:
-        client.set_registered_model_alias(name, alias, str(version))
-    client.set_model_version_tag(
-        name, str(version), "promotion", f"{alias}: {'yes' if promoted else 'no'}; {reason}"
-    )
-    log.info(
-        "model %s v%s -> %s: %s (%s)",
-        name,
-        version,
-        alias,
-        "promoted" if promoted else "kept",
-        reason,
-    )
-    return Promotion(version=str(version), promoted=promoted, reason=reason)
+        client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "promotion", reason)
+    log.info("model %s v%s: %s", name, version, reason)
+    return Promotion(version=version, promoted=promoted, reason=reason, previous=current or "")
+
+
+def _decide(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    new: float,
+    current: str | None,
+    force: bool,
+    alias: str,
+) -> tuple[bool, str]:
+    """Whether `version` (validation bits/dim `new`) takes `alias` from `current`, and why, in
+    the words the jobs print: "now champion (3.4100 < v2's 3.4500)"."""
+    if current is None:
+        return True, f"now {alias} (no previous {alias})"
+    if current == version:
+        return True, f"already {alias}"
+    old, _ = _version_bpd(client, name, current)
+    if not math.isfinite(old):  # a version registered before figures were required
+        return True, f"now {alias} (v{current} has no validation bits/dim)"
+    if new < old:
+        return True, f"now {alias} ({new:.4f} < v{current}'s {old:.4f})"
+    if force:
+        return True, f"now {alias}, forced ({new:.4f} >= v{current}'s {old:.4f})"
+    relation = "<" if old < new else "="
+    return False, f"{alias} stays v{current} ({old:.4f} {relation} {new:.4f})"
 
 
 def resolve_model(reference: str) -> ResolvedModel:

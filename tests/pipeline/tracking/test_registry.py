@@ -1,11 +1,15 @@
 """Logging and registering flows in MLflow: what a logged model ships (flowmodel and the loading
 part of pipeline, nothing else), that it loads and predicts in a fresh process from its own code,
-the version tags, and that models logged before pipeline/ moved into subpackages still resolve."""
+its signature and input example, the version tags, registration through mlflow.register_model,
+the champion decisions and their wording, that a version without a finite validation bits/dim is
+never registered nor promoted, and that models logged before pipeline/ moved into subpackages
+still resolve."""
 
 from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,11 +25,16 @@ from mlflow.tracking import MlflowClient
 from flowmodel import Flow, FlowConfig, build_flow
 from pipeline.model.artifact import save_flow
 from pipeline.model.likelihood import keyed_bits_per_dim
+from pipeline.model.pyfunc import as_uint8_images, content_key
 from pipeline.tracking.connection import ensure_experiment
+from pipeline.tracking.logged_model import example_images
 from pipeline.tracking.registry import (
     SHIPPED_PIPELINE,
     ModelNotFound,
+    Promotion,
+    RegistrationError,
     log_flow_model,
+    promote,
     register_flow,
     resolve_model,
 )
@@ -119,7 +128,7 @@ import numpy as np
 
 uri, images_file, keys, seed = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 model = mlflow.pyfunc.load_model(uri)
-frame = model.predict({"image": np.load(images_file), "key": keys}, params={"seed": seed})
+frame = model.predict(np.load(images_file), params={"seed": seed, "keys": keys})
 import pipeline
 print(json.dumps({
     "bits": frame["bits_per_dim"].tolist(),
@@ -215,3 +224,172 @@ def test_an_unknown_alias_is_a_user_error_that_lists_the_aliases(experiment: str
     assert "'aliased' has aliases @candidate -> v1, @champion -> v1" in str(error.value)
     assert "flowray models list" in error.value.hint
     assert isinstance(error.value, LookupError)
+
+
+def test_a_logged_flow_has_a_uint8_tensor_signature_and_an_input_example_that_serves(
+    experiment: str,
+) -> None:
+    flow = tiny_flow()
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_flow_model(flow)
+    assert json.loads(info.signature.inputs.to_json()) == [
+        {"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": [-1, *SHAPE]}}
+    ]
+    assert {p.name: p.default for p in info.signature.params.params} == {
+        "keys": [],
+        "seed": 0,
+        "draws": 1,
+    }
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri))
+    serving = json.loads((model_dir / "serving_input_example.json").read_text())
+    example = np.asarray(serving["inputs"])
+    assert example.shape == (2, *SHAPE)
+    assert np.array_equal(example, example_images(flow))  # the flow's own seeded samples
+
+    frame = mlflow.pyfunc.load_model(info.model_uri).predict(example.astype(np.uint8))
+    expected_keys = [content_key(image) for image in example.astype(np.uint8)]
+    assert frame["key"].tolist() == expected_keys
+    expected = keyed_bits_per_dim(flow, expected_keys, torch.from_numpy(example).byte(), 0)
+    assert frame["bits_per_dim"].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_without_keys_an_image_scores_the_same_at_any_position_in_any_batch(
+    experiment: str,
+) -> None:
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_flow_model(tiny_flow())
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    batch = images(3)
+    forward = model.predict(batch)
+    backward = model.predict(batch[::-1].copy())
+    alone = model.predict(batch[1:2])
+    assert forward["bits_per_dim"].tolist() == backward["bits_per_dim"].tolist()[::-1]
+    assert alone["bits_per_dim"][0] == forward["bits_per_dim"][1]
+    with_keys = model.predict(batch, params={"keys": ["a", "b", "c"], "seed": SEED})
+    assert with_keys["key"].tolist() == ["a", "b", "c"]
+    assert with_keys["bits_per_dim"].tolist() != forward["bits_per_dim"].tolist()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.full((2, *SHAPE), 7, np.int64), None),
+        (np.full((2, *SHAPE), 255, np.uint16), None),
+        (
+            np.full((2, *SHAPE), 0.5),
+            "expected integers 0..255 shaped [B, 3, 8, 8], found dtype float64 [2, 3, 8, 8]",
+        ),
+        (
+            np.full((2, *SHAPE), 256, np.int64),
+            "expected values in 0..255, found values from 256 to 256",
+        ),
+        (
+            np.full((2, *SHAPE), -1, np.int32),
+            "expected values in 0..255, found values from -1 to -1",
+        ),
+        (
+            np.zeros((2, 1, 8, 8), np.uint8),
+            "expected shape [B, 3, 8, 8] (B >= 1), found [2, 1, 8, 8]",
+        ),
+        (
+            np.zeros((0, *SHAPE), np.uint8),
+            "expected shape [B, 3, 8, 8] (B >= 1), found [0, 3, 8, 8]",
+        ),
+        (np.full((2, *SHAPE), True), "found dtype bool"),
+    ],
+)
+def test_images_of_any_integer_type_within_0_255_are_accepted_and_others_refused(
+    values: np.ndarray, message: str | None
+) -> None:
+    if message is None:
+        converted = as_uint8_images(values, SHAPE)
+        assert converted.dtype == np.uint8 and np.array_equal(converted, values)
+        return
+    with pytest.raises(ValueError) as error:
+        as_uint8_images(values, SHAPE)
+    assert message in str(error.value)
+
+
+def test_predict_refuses_a_bad_batch_with_a_400_error_saying_expected_and_found(
+    experiment: str,
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_flow_model(tiny_flow())
+    python_model = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model()
+    with pytest.raises(MlflowException) as error:
+        python_model.predict(None, np.full((1, *SHAPE), 300), params={})
+    assert error.value.get_http_status_code() == 400
+    assert "expected values in 0..255, found values from 300 to 300" in error.value.message
+    with pytest.raises(MlflowException, match="keys: expected one per image \\(1\\), found 2"):
+        python_model.predict(None, images(1), params={"keys": ["a", "b"]})
+
+
+def test_registration_goes_through_mlflow_and_links_the_run_that_logged_the_model(
+    experiment: str,
+) -> None:
+    with mlflow.start_run(experiment_id=experiment) as run:
+        info = log_flow_model(tiny_flow())
+        first = register_flow(info.model_uri, "linked", 4.0)
+    version = MlflowClient().get_model_version("linked", "1")
+    assert (first.version, first.promoted, first.previous) == ("1", True, "")
+    assert version.run_id == run.info.run_id
+    assert info.model_id in version.source  # the LoggedModel, not a copy of its files
+    assert aliases("linked") == {"candidate": "1", "champion": "1"}
+
+
+def aliases(name: str) -> dict[str, str]:
+    return {a: str(v) for a, v in MlflowClient().get_registered_model(name).aliases.items()}
+
+
+def register_logged(experiment: str, name: str, bits: float) -> Promotion:
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_flow_model(tiny_flow())
+        return register_flow(info.model_uri, name, bits)
+
+
+def test_the_champion_decision_says_what_happened(experiment: str) -> None:
+    assert register_logged(experiment, "decided", 3.45).reason == (
+        "now champion (no previous champion)"
+    )
+    better = register_logged(experiment, "decided", 3.41)
+    assert (better.version, better.promoted, better.previous) == ("2", True, "1")
+    assert better.reason == "now champion (3.4100 < v1's 3.4500)"
+    worse = register_logged(experiment, "decided", 3.5)
+    assert (worse.version, worse.promoted) == ("3", False)
+    assert worse.reason == "champion stays v2 (3.4100 < 3.5000)"
+    client = MlflowClient()
+    assert aliases("decided") == {"candidate": "3", "champion": "2"}
+    assert client.get_model_version("decided", "3").tags["promotion"] == worse.reason
+    forced = promote("decided", "3", force=True)
+    assert forced.reason == "now champion, forced (3.5000 >= v2's 3.4100)"
+    assert promote("decided", "3").reason == "already champion"
+
+
+@pytest.mark.parametrize("bits", [math.nan, None, "", math.inf])
+def test_a_flow_without_a_finite_validation_figure_is_never_registered(
+    experiment: str, bits: object
+) -> None:
+    with pytest.raises(RegistrationError) as error:
+        register_logged(experiment, "unscored", bits)  # type: ignore[arg-type]
+    assert f"expected a finite validation bits/dim, found {bits!r}" in str(error.value)
+    assert "nothing was registered" in str(error.value)
+    assert "data.validation" in error.value.hint
+    assert MlflowClient().search_registered_models(filter_string="name='unscored'") == []
+
+
+def test_a_version_without_a_finite_figure_never_becomes_champion_even_forced(
+    experiment: str,
+) -> None:
+    register_logged(experiment, "tagged-nan", 4.0)
+    register_logged(experiment, "tagged-nan", 4.5)
+    client = MlflowClient()
+    client.set_model_version_tag("tagged-nan", "2", "val_bits_per_dim", "nan")
+    with pytest.raises(RegistrationError, match="v2 cannot become champion: expected a finite"):
+        promote("tagged-nan", "2", force=True)
+    assert aliases("tagged-nan")["champion"] == "1"
+    # A champion without a figure (registered before figures were required) gives way.
+    client.delete_model_version_tag("tagged-nan", "1", "val_bits_per_dim")
+    client.set_model_version_tag("tagged-nan", "2", "val_bits_per_dim", "4.500000")
+    assert promote("tagged-nan", "2").reason == "now champion (v1 has no validation bits/dim)"
