@@ -57,7 +57,7 @@ incomplete may have been handed on before the problem showed: consumers that nee
 
 Before any work, the manifest is compared with the shards present. Under "fail": a shard file it
 does not list is a `ManifestError`, and a listed shard that is missing or has another size is a
-`CorruptDataError` (or ManifestError), as `load_manifest` does. Under "skip": unlisted files are
+`CorruptDataError` naming it. Under "skip": unlisted files are
 logged and ignored, and listed shards that are missing or have another size are reported as left
 out and not read; every other shard is read.
 """
