@@ -1,0 +1,19 @@
+"""Online scoring on Ray Serve: `flowray serve --model models:/<name>@champion`.
+
+    config      ServeConfig: what to serve, where, and how requests are batched
+    requests    HTTP bodies (PNG/JPEG bytes, JSON uint8 arrays) to images and keys
+    model       the served model: resolved by reference, scored with the batch scorer, and
+                reloaded when its registry alias moves
+    deployment  the Ray Serve deployment (FastAPI ingress, @serve.batch) and the application
+    bench       no: the throughput suite is pipeline.bench.serving
+
+An answer is the score job's row for the same image: bits/dim, log-likelihood and the OOD score
+come from pipeline.batch.score_pipeline.Scorer, so the two never drift apart.
+
+May import: flowmodel, pipeline.model, pipeline.data (image decoding), pipeline.tracking,
+pipeline.batch (the scorer and the model resolver), pipeline.errors.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

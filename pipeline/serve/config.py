@@ -1,0 +1,74 @@
+"""What `flowray serve` is asked: the model, the HTTP address, batching and reloading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ServeConfig"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One served model. `model` is required; the rest has defaults.
+
+    Attributes:
+        model: models:/<name>@<alias> (reloaded when the alias moves), models:/<name>/<version>,
+            runs:/<id>/<path> or a local model directory.
+        tracking_uri: MLflow tracking URI the replicas read the registry from (None:
+            MLFLOW_TRACKING_URI, else the embedded SQLite store).
+        host, port: where Ray Serve's HTTP proxy listens (a cluster-wide Serve setting: an
+            already running Serve keeps its own).
+        route_prefix: the application's path prefix; routes are <prefix>/score, <prefix>/health.
+        app_name: the Ray Serve application name.
+        seed, draws: dequantization, with the score job's meaning and defaults, so a request
+            that gives an image's score key gets the score job's bits/dim.
+        max_batch_size, batch_wait_ms: @serve.batch: a forward pass takes up to this many
+            images, waiting at most this long for a batch to fill.
+        max_ongoing_requests: requests a replica holds at once (0: 2 x max_batch_size, so a
+            full batch can form while the previous one runs).
+        reload_interval_s: how often a replica asks the registry where the alias points
+            (0: never; only models:/<name>@<alias> references reload).
+        replicas, cpus_per_replica: Ray Serve replicas of the deployment and their CPUs.
+    """
+
+    model: str
+    tracking_uri: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    app_name: str = "flowray"
+    seed: int = 0
+    draws: int = 1
+    max_batch_size: int = 32
+    batch_wait_ms: float = 5.0
+    max_ongoing_requests: int = 0
+    reload_interval_s: float = 30.0
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: required, found an empty value")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: expected 1..65535, found {self.port}")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(
+                f"route_prefix: expected a path starting with /, found {self.route_prefix!r}"
+            )
+        for name in ("max_batch_size", "draws", "replicas"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
+        for name in ("batch_wait_ms", "reload_interval_s", "max_ongoing_requests"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, found {getattr(self, name)}")
+        if self.cpus_per_replica <= 0:
+            raise ValueError(f"cpus_per_replica: expected > 0, found {self.cpus_per_replica}")
+
+    @property
+    def ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    @property
+    def url(self) -> str:
+        """The base URL of the application's routes."""
+        return f"http://{self.host}:{self.port}{self.route_prefix.rstrip('/')}"

@@ -1,0 +1,82 @@
+"""The Ray Serve deployment of a flow: a FastAPI ingress with batched scoring.
+
+    GET  <prefix>/health   {"reference", "model", "version", "image_shape"}: what answers now
+    POST <prefix>/score    an encoded image or JSON pixels (pipeline.serve.requests) ->
+                           {"predictions": [{"key", "log_likelihood", "bits_per_dim",
+                             "png_bits_per_dim", "ood_score", "model", "version", "batch_size"}]}
+
+Each image of a request goes through `score_batch`, a @serve.batch method: images of concurrent
+requests share one forward pass of up to `max_batch_size` images, waiting at most `batch_wait_ms`
+for a batch to fill. The pass runs in a worker thread, so the replica keeps accepting requests
+(the next batch fills) while torch computes.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route parameters' annotations at
+# run time (a string "Request" that Ray Serve's ingress wrapper cannot resolve becomes a
+# required query parameter named `request`).
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from pipeline.serve.config import ServeConfig
+from pipeline.serve.model import ModelHolder
+from pipeline.serve.requests import BadRequest, ScoreItem, parse_request
+
+__all__ = ["FlowScoring", "build_app"]
+
+api = FastAPI(title="flowray", description="log-likelihood, bits/dim and OOD score of images")
+
+
+@serve.deployment
+@serve.ingress(api)
+class FlowScoring:
+    def __init__(self, config: ServeConfig) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(config.tracking_uri)  # resolved by the driver
+        self.holder = ModelHolder(config.model, config.seed, config.draws, config.reload_interval_s)
+        self.score_batch.set_max_batch_size(config.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+
+    @api.get("/health")
+    def health(self) -> dict[str, Any]:
+        model = self.holder.current
+        return {
+            "reference": model.reference,
+            "model": model.name,
+            "version": model.version,
+            "image_shape": list(model.image_shape),
+        }
+
+    @api.post("/score")
+    async def score(self, request: Request, key: str | None = None) -> JSONResponse:
+        shape = self.holder.current.image_shape
+        try:
+            body = await request.body()
+            items = parse_request(body, request.headers.get("content-type", ""), shape, key)
+        except BadRequest as err:
+            return JSONResponse({"error": str(err)}, status_code=err.status)
+        predictions = await asyncio.gather(*(self.score_batch(item) for item in items))
+        return JSONResponse({"predictions": predictions})
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def score_batch(self, items: list[ScoreItem]) -> list[dict[str, Any]]:
+        model = self.holder.current  # one model for the whole batch, even if a reload lands
+        return await asyncio.to_thread(model.score, items)
+
+    def __del__(self) -> None:
+        holder = getattr(self, "holder", None)
+        if holder is not None:
+            holder.stop()
+
+
+def build_app(config: ServeConfig) -> Any:
+    """The Ray Serve application of `config` (a bound deployment), for `serve.run`."""
+    return FlowScoring.options(
+        num_replicas=config.replicas,
+        max_ongoing_requests=config.ongoing_requests,
+        ray_actor_options={"num_cpus": config.cpus_per_replica},
+    ).bind(config)

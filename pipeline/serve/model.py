@@ -1,0 +1,125 @@
+"""The served model: resolved by reference, scored with the score job's own scorer, and
+reloaded when the registry alias it was asked for moves.
+
+A replica holds one `ServedModel` at a time. `ModelHolder` polls the registry every
+`reload_interval_s` in a background thread; when `models:/<name>@<alias>` points at another
+version, it loads that version beside the old one and swaps the reference, so requests in flight
+finish on the model they started with and no request waits for a load. A failed check or load
+is logged and the old model keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.serve.requests import ScoreItem
+
+__all__ = ["ModelHolder", "ServedModel", "alias_of", "load_served_model"]
+
+log = logging.getLogger("ray.serve")  # Ray Serve's logger: lines land in the replica's log
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    reference: str  # what the user asked for
+    name: str
+    version: str
+    image_shape: tuple[int, int, int]
+    scorer: Any  # pipeline.batch.score_pipeline.Scorer
+
+    def score(self, items: list[ScoreItem]) -> list[dict[str, Any]]:
+        """One forward pass over `items`: per item the score job's columns, plus the model
+        version that answered and how many images shared the pass."""
+        count = len(items)
+        batch = {  # the reader's row layout, which the score job's Scorer takes
+            "key": np.array([item.key for item in items], dtype=object),
+            "shard": np.full(count, "", dtype=object),
+            "label": np.full(count, -1, dtype=np.int64),
+            "image": np.stack([item.image for item in items]),  # (B, C, H, W) uint8
+        }
+        out = self.scorer(batch)
+        columns = ("log_likelihood", "bits_per_dim", "png_bits_per_dim", "ood_score")
+        return [
+            {
+                "key": str(out["key"][i]),
+                **{column: float(out[column][i]) for column in columns},
+                "model": self.name,
+                "version": self.version,
+                "batch_size": count,
+            }
+            for i in range(count)
+        ]
+
+
+def load_served_model(reference: str, seed: int, draws: int) -> ServedModel:
+    """Resolve `reference` (the batch jobs' resolver) and build its scorer on the CPU."""
+    from pipeline.batch.resolve import resolve_batch_model
+    from pipeline.batch.score_pipeline import Scorer
+
+    model = resolve_batch_model(reference)
+    scorer = Scorer(model.payload, seed=seed, draws=draws)
+    return ServedModel(reference, model.name, model.version, model.image_shape, scorer)
+
+
+def alias_of(reference: str) -> tuple[str, str] | None:
+    """(name, alias) of `models:/<name>@<alias>`; None for any other reference."""
+    if not reference.startswith("models:/"):
+        return None
+    name, at, alias = reference[len("models:/") :].partition("@")
+    return (name, alias) if at and name and alias else None
+
+
+class ModelHolder:
+    """The current `ServedModel` of a replica, reloaded when its alias moves (module docstring)."""
+
+    def __init__(self, reference: str, seed: int, draws: int, reload_interval_s: float) -> None:
+        self.reference, self.seed, self.draws = reference, seed, draws
+        self.current = load_served_model(reference, seed, draws)
+        self._stop = threading.Event()
+        self._alias = alias_of(reference)
+        if self._alias and reload_interval_s > 0:
+            threading.Thread(
+                target=self._watch,
+                args=(reload_interval_s,),
+                name="flowray-alias-watch",
+                daemon=True,
+            ).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.check()
+            except Exception as err:  # the registry may be down for a while: keep serving
+                log.warning("flowray: alias check of %s failed: %s", self.reference, err)
+
+    def check(self) -> bool:
+        """Load the alias's version if it moved; True when the served model changed."""
+        from mlflow.tracking import MlflowClient
+
+        assert self._alias is not None
+        name, alias = self._alias
+        version = str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        if version == self.current.version:
+            return False
+        loaded = load_served_model(f"models:/{name}/{version}", self.seed, self.draws)
+        previous, self.current = self.current.version, _renamed(loaded, self.reference)
+        log.info(
+            "flowray: %s moved from v%s to v%s; now serving v%s",
+            self.reference,
+            previous,
+            version,
+            version,
+        )
+        return True
+
+
+def _renamed(model: ServedModel, reference: str) -> ServedModel:
+    return ServedModel(reference, model.name, model.version, model.image_shape, model.scorer)

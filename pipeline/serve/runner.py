@@ -1,0 +1,80 @@
+"""Start and stop the served model on Ray Serve (the part of `flowray serve` that is not options).
+
+    info = start(config)     # the model resolved here first, then Serve started and the app run
+    ...                      # requests at info.url + "/score"
+    stop(config, shutdown=True)
+
+Ray must be connected first (a local Ray or a cluster). The model is resolved on the driver before
+anything is deployed, so a reference that names nothing fails in seconds with the registry's
+aliases listed, instead of after Ray Serve's retries of a failing replica.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from pipeline.errors import FlowrayError
+from pipeline.serve.config import ServeConfig
+
+__all__ = ["PortInUse", "ServingInfo", "check_port_free", "start", "stop"]
+
+
+class PortInUse(FlowrayError, ValueError):
+    """The HTTP port asked for is taken on this machine."""
+
+    hint = "pass another --port, or stop what listens there"
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    url: str  # base URL of the routes: <url>/score, <url>/health
+    reference: str
+    name: str
+    version: str
+    image_shape: tuple[int, ...]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise PortInUse when `host:port` cannot be bound here (a local Ray's proxy would fail)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise PortInUse(
+                f"{host}:{port}: expected a free port, found it in use ({err.strerror})"
+            ) from err
+
+
+def start(config: ServeConfig) -> ServingInfo:
+    """Deploy `config`'s model as the Serve application `config.app_name`; returns once a
+    replica answers. `config.tracking_uri` must be resolved (replicas read it as given)."""
+    import mlflow
+    from ray import serve
+
+    from pipeline.batch.resolve import resolve_batch_model
+    from pipeline.serve.deployment import build_app
+
+    mlflow.set_tracking_uri(config.tracking_uri)
+    resolve_batch_model(config.model)  # ModelNotFound here, not in a retried replica
+    serve.start(http_options={"host": config.host, "port": config.port})
+    handle = serve.run(
+        build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False
+    )
+    health = handle.health.remote().result()
+    return ServingInfo(
+        config.url,
+        health["reference"],
+        health["model"],
+        health["version"],
+        tuple(health["image_shape"]),
+    )
+
+
+def stop(config: ServeConfig, shutdown: bool) -> None:
+    """Delete the application; with `shutdown`, Serve itself too (a Serve this process started)."""
+    from ray import serve
+
+    serve.delete(config.app_name)
+    if shutdown:
+        serve.shutdown()

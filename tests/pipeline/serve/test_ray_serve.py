@@ -1,0 +1,182 @@
+"""Online scoring on Ray Serve, on loopback: a PNG or JSON image gets the bits/dim,
+log-likelihood and OOD score `flowray score` wrote for it; images of concurrent requests share
+forward passes; bad requests get a 4xx saying what was expected; and when the registry alias
+moves, the deployment serves the new version without a restart."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from pipeline.serve.config import ServeConfig
+from pipeline.serve.requests import decode_fitted
+from pipeline.serve.runner import ServingInfo, start, stop
+from tests.pipeline.flow_fixtures import MODEL_NAME, TrainedModel
+from tests.pipeline.serve.conftest import ScoredImages, free_port
+
+RELOADED_NAME = "serve-reload"  # its own registered model: moving its alias touches no other test
+RELOAD_TIMEOUT_S = 120
+
+
+def request(url: str, body: bytes, content_type: str, timeout: float = 60) -> tuple[int, dict]:
+    message = urllib.request.Request(url, body, {"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(message, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def serving(trained_model: TrainedModel, scored_images: ScoredImages) -> Iterator[ServingInfo]:
+    from pipeline.tracking.registry import register_flow
+
+    mlflow.set_tracking_uri(trained_model.tracking_uri)
+    register_flow(f"models:/{MODEL_NAME}/1", RELOADED_NAME, 4.0)  # v1, champion
+    config = ServeConfig(
+        model=f"models:/{RELOADED_NAME}@champion",
+        tracking_uri=trained_model.tracking_uri,
+        port=free_port(),
+        app_name="flowray-test",
+        max_batch_size=8,
+        batch_wait_ms=20,
+        reload_interval_s=0.5,
+        cpus_per_replica=0.5,  # the session's local Ray has 2 CPUs
+    )
+    info = start(config)
+    try:
+        yield info
+    finally:
+        stop(config, shutdown=True)
+
+
+def test_health_names_the_served_version(serving: ServingInfo) -> None:
+    assert (serving.name, serving.version, serving.image_shape) == (RELOADED_NAME, "1", (1, 28, 28))
+    health = get(f"{serving.url}/health")
+    assert health["reference"] == f"models:/{RELOADED_NAME}@champion"
+
+
+def assert_matches_score(prediction: dict, scored: ScoredImages, key: str) -> None:
+    row = scored.rows.loc[key]
+    assert prediction["key"] == key
+    for column in ("bits_per_dim", "png_bits_per_dim", "ood_score"):
+        assert prediction[column] == pytest.approx(row[column], abs=1e-5), column
+    assert prediction["log_likelihood"] == pytest.approx(row["log_likelihood"], abs=1e-2)
+
+
+def test_png_bytes_get_what_flowray_score_wrote_for_the_image(
+    serving: ServingInfo, scored_images: ScoredImages
+) -> None:
+    def post_png(i: int) -> tuple[int, dict]:
+        key = scored_images.keys[i]
+        return request(f"{serving.url}/score?key={key}", scored_images.pngs[i], "image/png")
+
+    with ThreadPoolExecutor(max_workers=len(scored_images.keys)) as pool:
+        answers = list(pool.map(post_png, range(len(scored_images.keys))))
+    for (status, answer), key in zip(answers, scored_images.keys):
+        assert status == 200, answer
+        (prediction,) = answer["predictions"]
+        assert_matches_score(prediction, scored_images, key)
+        assert (prediction["model"], prediction["version"]) == (RELOADED_NAME, "1")
+
+
+def test_a_json_batch_shares_forward_passes_and_matches_flowray_score(
+    serving: ServingInfo, scored_images: ScoredImages
+) -> None:
+    body = {"images": scored_images.images.astype(int).tolist(), "keys": scored_images.keys}
+    status, answer = request(f"{serving.url}/score", json.dumps(body).encode(), "application/json")
+    assert status == 200, answer
+    predictions = answer["predictions"]
+    for prediction, key in zip(predictions, scored_images.keys, strict=True):
+        assert_matches_score(prediction, scored_images, key)
+    assert max(p["batch_size"] for p in predictions) > 1
+
+
+def test_a_jpeg_photo_is_fitted_to_the_models_shape_like_prepare_fits_folders(
+    serving: ServingInfo,
+) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8), "RGB")
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=90)
+    jpeg = buffer.getvalue()
+    status, answer = request(f"{serving.url}/score", jpeg, "image/jpeg")
+    assert status == 200, answer
+    fitted = decode_fitted(jpeg, (1, 28, 28))
+    body = json.dumps({"image": fitted.astype(int).tolist()}).encode()
+    status, same = request(f"{serving.url}/score", body, "application/json")
+    assert status == 200, same
+    assert answer["predictions"][0]["bits_per_dim"] == same["predictions"][0]["bits_per_dim"]
+    assert answer["predictions"][0]["key"] == same["predictions"][0]["key"]  # a pixel digest
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (b"hello", "text/plain", 415, "content type: expected application/json or one of"),
+        (b"not a png", "image/png", 400, "image: cannot decode image"),
+        (b'{"image": [[[0.5]]]}', "application/json", 400, "expected integers 0..255"),
+        (b"{", "application/json", 400, "body: expected JSON"),
+        (b'{"inputs": []}', "application/json", 400, "found ['inputs']"),
+        (
+            json.dumps({"image": np.full((1, 28, 28), 300).tolist()}).encode(),
+            "application/json",
+            400,
+            "expected values in 0..255, found values from 300 to 300",
+        ),
+        (
+            json.dumps({"images": np.zeros((2, 1, 8, 8), int).tolist()}).encode(),
+            "application/json",
+            400,
+            "expected shape [B, 1, 28, 28] (B >= 1), found [2, 1, 8, 8]",
+        ),
+    ],
+)
+def test_a_bad_request_gets_a_4xx_saying_expected_and_found(
+    serving: ServingInfo, body: bytes, content_type: str, status: int, message: str
+) -> None:
+    code, answer = request(f"{serving.url}/score", body, content_type)
+    assert code == status
+    assert message in answer["error"]
+
+
+def test_when_the_alias_moves_the_new_version_answers_without_a_restart(
+    serving: ServingInfo, scored_images: ScoredImages, trained_model: TrainedModel
+) -> None:
+    from pipeline.model.artifact import load_flow
+    from pipeline.tracking.registry import log_flow_model, register_flow
+
+    png, key = scored_images.pngs[0], scored_images.keys[0]
+    status, before = request(f"{serving.url}/score?key={key}", png, "image/png")
+    assert status == 200 and before["predictions"][0]["version"] == "1"
+    flow = load_flow(trained_model.directory)
+    with torch.no_grad():  # another model of the same shape: a nudged top prior
+        flow.top_prior.mu.add_(0.05)
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("tests").experiment_id):
+        promotion = register_flow(log_flow_model(flow).model_uri, RELOADED_NAME, 3.9)
+    assert (promotion.version, promotion.promoted) == ("2", True)
+
+    deadline = time.monotonic() + RELOAD_TIMEOUT_S
+    while get(f"{serving.url}/health")["version"] != "2":
+        assert time.monotonic() < deadline, f"still v1 {RELOAD_TIMEOUT_S} s after the alias moved"
+        time.sleep(0.2)  # a poll interval
+    status, after = request(f"{serving.url}/score?key={key}", png, "image/png")
+    assert status == 200 and after["predictions"][0]["version"] == "2"
+    assert after["predictions"][0]["bits_per_dim"] != before["predictions"][0]["bits_per_dim"]
