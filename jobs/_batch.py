@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from jobs.errors import UserError
+from jobs.errors import EXIT_FAILURE, UserError
 
 __all__ = [
     "add_common_arguments",
@@ -86,4 +86,5 @@ def check_tracking_server(uri: str, timeout: float = 3.0) -> None:
             f"MLflow tracking server at {uri} is not reachable ({reason})",
             hint="start it (`make mlflow-up`), pass --tracking-uri, or unset MLFLOW_TRACKING_URI "
             "to use the embedded SQLite store",
+            exit_code=EXIT_FAILURE,  # a service down: a runtime failure, not a usage error
         ) from err

@@ -1,4 +1,5 @@
-"""One readable line plus a hint for the errors users meet, instead of a traceback (exit code 2).
+"""One readable line plus a hint for the errors users meet, instead of a traceback, and the exit
+code that says what kind of error it was.
 
     return run_main("flowray score", body)      # body() -> exit code
     with user_errors("flowray train"): ...       # the same, as a context manager
@@ -6,6 +7,17 @@
 A user error is a `FlowrayError` (its message says what was expected and what was found, its
 `hint` what to try) or a FileNotFoundError (a path the user gave). Anything else is a bug and
 keeps its traceback.
+
+Exit codes, the same for every command (`flowray --help` and the README list them):
+    0  done: every item processed
+    1  runtime failure: a service down or refusing (tracking server, S3, cluster), data broken
+       mid-run, a bug
+    2  usage or configuration error: a bad option, config key, path, model reference or
+       combination; nothing was done
+    3  finished, but some items were left out (and reported)
+A user error exits 2 unless its class (or the error itself) says otherwise with an `exit_code`
+attribute: a FlowrayError that reports a runtime failure sets `exit_code = 1`
+(`exit_code_of`).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ __all__ = [
     "USER_ERRORS",
     "JobExit",
     "UserError",
+    "exit_code_of",
     "report",
     "run_main",
     "user_cause",
@@ -42,11 +55,22 @@ _MAX_WRAPPERS = 5
 
 
 class UserError(FlowrayError, RuntimeError):
-    """A problem the user can fix, found by a job's own checks."""
+    """A problem the user can fix, found by a job's own checks: a usage error (exit 2) unless
+    `exit_code` says it is a runtime failure (EXIT_FAILURE)."""
+
+    def __init__(self, message: str, hint: str = "", exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code
 
 
 class JobExit(SystemExit):
-    """Raised by `user_errors` with EXIT_USAGE after the message is printed."""
+    """Raised by `user_errors` with the error's exit code after the message is printed."""
+
+
+def exit_code_of(err: BaseException) -> int:
+    """EXIT_USAGE for a user error, unless it carries another `exit_code` (module docstring)."""
+    code = getattr(err, "exit_code", None)
+    return code if isinstance(code, int) and not isinstance(code, bool) else EXIT_USAGE
 
 
 def report(prog: str, err: BaseException) -> None:
@@ -68,7 +92,7 @@ def user_cause(err: BaseException | None) -> BaseException | None:
 
 
 def run_main(prog: str, body: Callable[[], int]) -> int:
-    """Run `body`; errors users meet become one line plus a hint and EXIT_USAGE."""
+    """Run `body`; errors users meet become one line plus a hint and their exit code."""
     try:
         return body()
     except Exception as err:
@@ -76,12 +100,12 @@ def run_main(prog: str, body: Callable[[], int]) -> int:
         if cause is None:
             raise
         report(prog, cause)
-        return EXIT_USAGE
+        return exit_code_of(cause)
 
 
 @contextmanager
 def user_errors(prog: str) -> Iterator[None]:
-    """`run_main` as a context manager: prints and raises JobExit(EXIT_USAGE) for user errors."""
+    """`run_main` as a context manager: prints and raises JobExit(<exit code>) for user errors."""
     try:
         yield
     except Exception as err:
@@ -89,4 +113,4 @@ def user_errors(prog: str) -> Iterator[None]:
         if cause is None:
             raise
         report(prog, cause)
-        raise JobExit(EXIT_USAGE) from None
+        raise JobExit(exit_code_of(cause)) from None

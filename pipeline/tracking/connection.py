@@ -35,6 +35,8 @@ DEFAULT_WORKDIR = "flowray-work"
 class TrackingError(FlowrayError, RuntimeError):
     """The tracking server cannot be reached or refused; `hint` says what to try."""
 
+    exit_code = 1  # a runtime failure (jobs.errors.EXIT_FAILURE), not a usage error
+
 
 def default_tracking_uri(workdir: str | Path = DEFAULT_WORKDIR) -> str:
     """`sqlite:///<absolute workdir>/mlflow.db`; the folder is created."""

@@ -63,6 +63,7 @@ class RegistrationError(FlowrayError, RuntimeError):
         "a version is registered and promoted only with a finite validation bits/dim: check "
         "that training evaluated on data.validation (its log shows val bits/dim)"
     )
+    exit_code = 1  # a runtime failure (jobs.errors.EXIT_FAILURE): the run produced no figure
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """How jobs report errors: any FlowrayError (config, data, registry, a job's own checks) is one
-line plus its own hint and exit code 2, also when Ray wrapped it; anything else is a bug and keeps
-its traceback."""
+line plus its own hint, also when Ray wrapped it; it exits 2 (usage or config error) unless it
+says it is a runtime failure (exit_code 1: a service down); anything else is a bug and keeps its
+traceback."""
 
 from __future__ import annotations
 
@@ -9,9 +10,19 @@ import pytest
 from flowmodel import FlowConfig
 from jobs import cli
 from jobs.config import load_config
-from jobs.errors import EXIT_USAGE, JobExit, UserError, run_main, user_errors
+from jobs.errors import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    JobExit,
+    UserError,
+    exit_code_of,
+    run_main,
+    user_errors,
+)
 from pipeline.data.reader import CorruptDataError
-from pipeline.tracking.registry import ModelNotFound
+from pipeline.errors import FlowrayError
+from pipeline.tracking.connection import TrackingError
+from pipeline.tracking.registry import ModelNotFound, RegistrationError
 
 
 def stderr_lines(capsys: pytest.CaptureFixture) -> list[str]:
@@ -93,3 +104,49 @@ def test_user_errors_context_exits_with_the_usage_code(capsys: pytest.CaptureFix
 def test_an_unknown_command_exits_with_the_usage_code(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["trian"]) == EXIT_USAGE
     assert "flowray: unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_a_service_that_is_down_is_a_runtime_failure_not_a_usage_error(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    def tracking_down() -> int:
+        raise TrackingError(
+            "MLflow tracking server at http://127.0.0.1:9 is not reachable", hint="start it"
+        )
+
+    assert run_main("flowray score", tracking_down) == EXIT_FAILURE == 1
+    assert stderr_lines(capsys) == [
+        "flowray score: error: MLflow tracking server at http://127.0.0.1:9 is not reachable",
+        "hint: start it",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (ModelNotFound("no registered model 'x'"), EXIT_USAGE),
+        (UserError("x has no version 9"), EXIT_USAGE),
+        (UserError("promotion failed", exit_code=EXIT_FAILURE), EXIT_FAILURE),
+        (TrackingError("down"), EXIT_FAILURE),
+        (RegistrationError("val bits/dim nan"), EXIT_FAILURE),
+        (FileNotFoundError("/nowhere"), EXIT_USAGE),
+        (FlowrayError("anything a user can fix"), EXIT_USAGE),
+    ],
+)
+def test_each_error_kind_has_its_exit_code(error: BaseException, code: int) -> None:
+    assert exit_code_of(error) == code
+
+
+def test_a_runtime_failure_wrapped_by_ray_keeps_its_exit_code(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    class ServiceDown(FlowrayError, RuntimeError):
+        exit_code = EXIT_FAILURE
+
+    with pytest.raises(JobExit) as exit_info, user_errors("flowray train"):
+        try:
+            raise ServiceDown("S3 endpoint unreachable")
+        except ServiceDown as err:  # as Ray Train's TrainingFailedError wraps a worker's
+            raise RuntimeError("training failed") from err
+    assert exit_info.value.code == EXIT_FAILURE
+    assert stderr_lines(capsys) == ["flowray train: error: S3 endpoint unreachable"]
