@@ -30,11 +30,13 @@ SUITES = ("quality", "training", "scoring", "scaling", "io", "gpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jobs.config import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="flowray bench",
         description="Benchmarks side by side: model quality against normflows, training and "
         "scoring throughput, scaling and shard I/O. Writes <out>/<suite>.json and .md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
     parser.add_argument(

@@ -19,7 +19,14 @@ import yaml
 
 from flowmodel.typed import ConfigError, from_dict
 
-__all__ = ["ConfigError", "add_config_arguments", "apply_overrides", "load_config", "preset_path"]
+__all__ = [
+    "ConfigError",
+    "HelpFormatter",
+    "add_config_arguments",
+    "apply_overrides",
+    "load_config",
+    "preset_path",
+]
 
 T = TypeVar("T")
 PRESETS = Path(__file__).resolve().parent / "configs"
@@ -125,3 +132,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
         metavar="KEY=VALUE",
         help="override one config value, e.g. --set optim.lr=3e-4 (repeatable)",
     )
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """The help style of every command: each option ends with exactly one `(default: ...)`.
+
+    A help text that already says its default (defaults read from a job's config dataclass, or
+    described in words: "(default: $RAY_ADDRESS, else a local Ray)") is left alone; otherwise the
+    option's argparse default is added: on/off for flags, "none" for an empty list, nothing for
+    None (such an option says in its text what happens without it).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or not action.option_strings or default in (None, argparse.SUPPRESS):
+            return text
+        if isinstance(default, bool):
+            shown = "on" if default else "off"
+        elif isinstance(default, (list, tuple)) and not default:
+            shown = "none"
+        else:
+            shown = "%(default)s"  # argparse fills it in
+        return f"{text} (default: {shown})"

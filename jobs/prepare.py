@@ -18,6 +18,7 @@ import re
 import sys
 import time
 
+from jobs.config import HelpFormatter
 from jobs.errors import JobExit, user_errors
 from pipeline.data.shards import PrepareResult, ShardEvent, prepare
 from pipeline.data.sources import default_idx_dir, open_source
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flowray prepare",
         description="Write WebDataset image shards and a manifest per split "
         "(<out>/<split>/shard-NNNNNN.tar, manifest.json).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--source",
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--splits",
         default=None,
-        help="comma-separated splits to write; None writes all (IDX has train,test; folder/npy "
+        help="comma-separated splits to write (default: all: IDX has train,test; folder/npy "
         "have train, plus val with --val-fraction)",
     )
     parser.add_argument(
@@ -92,13 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         choices=(1, 3),
         default=None,
-        help="target channels; None keeps the source's own (folders: 3)",
+        help="target channels (default: the source's own; folders: 3)",
     )
     parser.add_argument(
         "--size",
         type=_size,
         default=None,
-        help="target HxW, centre-crop + resize; None keeps the source's own (folders need it)",
+        help="target HxW, centre-crop + resize (default: the source's own; folders need it)",
     )
     parser.add_argument(
         "--shard-samples", type=_positive, default=10_000, help="most images per shard"
@@ -110,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="target bytes per shard, e.g. 64MB or 256MiB; 0 for no byte target",
     )
     parser.add_argument(
-        "--limit", type=_positive, default=None, help="at most N images per split (demos, tests)"
+        "--limit",
+        type=_positive,
+        default=None,
+        help="at most N images per split (demos, tests) (default: all)",
     )
     parser.add_argument(
         "--on-error",
@@ -121,11 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--endpoint-url",
         default=None,
-        help="S3-compatible endpoint, e.g. http://127.0.0.1:9000; None means AWS_ENDPOINT_URL, "
-        "else AWS. Credentials come from the usual AWS environment/config",
+        help="S3-compatible endpoint, e.g. http://127.0.0.1:9000; credentials come from the usual "
+        "AWS environment/config (default: $AWS_ENDPOINT_URL, else AWS)",
     )
     parser.add_argument(
-        "--region", default=None, help="S3 region; None means AWS_REGION / AWS_DEFAULT_REGION"
+        "--region",
+        default=None,
+        help="S3 region (default: $AWS_REGION, else $AWS_DEFAULT_REGION)",
     )
     parser.add_argument(
         "--workers",
@@ -134,10 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray tasks writing shards at once; 0 writes in this process without Ray",
     )
     parser.add_argument(
-        "--ray-address",
+        "--address",
+        dest="ray_address",
+        metavar="ADDRESS",
         default=None,
-        help="Ray cluster for --workers > 0; None means RAY_ADDRESS, else a local Ray instance",
+        help="Ray cluster for --workers > 0 (default: $RAY_ADDRESS, else a local Ray instance)",
     )
+    # The option's old name, still accepted; hidden so that every command shows --address.
+    parser.add_argument("--ray-address", dest="ray_address", help=argparse.SUPPRESS)
     return parser
 
 

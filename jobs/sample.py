@@ -13,7 +13,7 @@ import logging
 import sys
 
 from jobs._batch import add_common_arguments, check_tracking_server, connect_ray, default_of
-from jobs.config import add_config_arguments, load_config
+from jobs.config import HelpFormatter, add_config_arguments, load_config
 from jobs.errors import run_main
 
 PROG = "flowray sample"
@@ -27,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog=PROG,
+        formatter_class=HelpFormatter,
         description="Generate images with Ray tasks into PNG WebDataset shards + manifest + grid.",
     )
     p.add_argument(

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from jobs._batch import add_common_arguments, check_tracking_server, connect_ray, default_of
-from jobs.config import add_config_arguments, load_config
+from jobs.config import HelpFormatter, add_config_arguments, load_config
 from jobs.errors import run_main
 
 PROG = "flowray score"
@@ -27,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog=PROG,
+        formatter_class=HelpFormatter,
         description="Score every image of a prepared split: log-likelihood (nats), bits/dim and "
         "a complexity-corrected OOD score, as Parquet per shard under "
         "<output>/model=<name>/version=<v>/. Shards already scored are skipped.",

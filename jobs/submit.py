@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from jobs.config import HelpFormatter
 from jobs.errors import run_main
 from pipeline.submission import (
     JOB_COMMANDS,
@@ -58,6 +59,7 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         prog=PROG,
         # Job arguments follow the job name; abbreviations would let `--n 8` (sample's option)
         # pass for a prefix of --no-wait.
