@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jobs.train", "train a flow with Ray Train; log and register it in MLflow"),
     "score": ("jobs.score", "bulk log-likelihood scoring of image shards with a registered model"),
     "sample": ("jobs.sample", "generate images from a registered model with Ray tasks"),
+    "serve": (
+        "jobs.serve",
+        "online scoring over HTTP on Ray Serve, reloading when the alias moves",
+    ),
     "models": ("jobs.models", "list registered models, versions and aliases; promote a version"),
     "submit": ("jobs.submit", "submit train|score|sample to a Ray cluster and follow its logs"),
     "demo": (
@@ -24,27 +28,68 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("jobs.bench", "benchmarks side by side: quality, throughput, memory"),
 }
 
+# The same numbers as jobs.errors (not imported here: it imports torch, and --help stays light).
+EXIT_CODES = (
+    (0, "done"),
+    (1, "runtime failure: a service down or refusing, data broken mid-run, a bug"),
+    (2, "usage or configuration error: nothing was done"),
+    (3, "finished with items left out (each reported)"),
+)
+USAGE_ERROR = 2
+
 
 def usage() -> str:
     lines = ["usage: flowray <command> [options]", "", "commands:"]
     lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "`flowray <command> --help` lists each command's options and defaults."]
+    lines += [
+        "",
+        "`flowray <command> --help` or `flowray help <command>` lists a command's options and "
+        "defaults;",
+        "`flowray --version` prints the version.",
+        "",
+        "exit codes:",
+    ]
+    lines += [f"  {code}  {text}" for code, text in EXIT_CODES]
     return "\n".join(lines)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("flowray")
+    except PackageNotFoundError:  # a checkout run without installing it
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"flowray {version()}")
+        return 0
+    if not argv or argv[0] in ("-h", "--help") or argv == ["help"]:
         print(usage())
         return 0
+    if argv[0] == "help":
+        return command_help(argv[1])
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        from jobs.errors import EXIT_USAGE  # here, not at the top: it imports torch (via flowmodel)
-
         print(f"flowray: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return EXIT_USAGE
+        return USAGE_ERROR
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
+
+
+def command_help(name: str) -> int:
+    """`flowray help <command>`: that command's --help."""
+    if name not in COMMANDS:
+        print(f"flowray help: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        return int(importlib.import_module(COMMANDS[name][0]).main(["--help"]) or 0)
+    except SystemExit as done:  # argparse exits after printing the help
+        return int(done.code or 0)
 
 
 if __name__ == "__main__":

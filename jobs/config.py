@@ -122,7 +122,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
     parser.add_argument(
         "--config",
         default=default_config,
-        help=f"YAML config file or preset name from jobs/configs (default: {default_config})",
+        help="YAML config file or preset name from jobs/configs "
+        f"(default: {default_config or 'none: options and --set only'})",
     )
     parser.add_argument(
         "--set",

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.config import load_config
+from jobs.config import HelpFormatter, load_config
 from jobs.errors import user_errors
 from jobs.prepare import ShardProgress, summary_lines
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowray demo",
         description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--workdir",
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 == flowray demo done in {minutes:.1f} minutes
   test bits/dim      {scored.mean_bits_per_dim:.4f} (all {scored.images_scored + scored.images_skipped:,} test images scored; validation during training {trained.val_bits_per_dim:.4f})
   training           {trained.steps} steps, {trained.images_per_second:.0f} images/s (median, {args.workers} workers)
-  model              {model_uri} ({"champion" if trained.promoted else "candidate"}: {trained.promotion_reason})
+  model              {trained.model_name}: registered v{trained.model_version}, {trained.promotion_reason}  ({model_uri})
   scores (Parquet)   {scored.output}
   pictures           {scored.summary_url or scored.output}  (bits/dim histogram, least likely images)
                      {sampled.output}  (sample grids)

@@ -14,21 +14,30 @@ import math
 import sys
 
 from jobs._batch import add_common_arguments, check_tracking_server
-from jobs.errors import EXIT_USAGE, UserError, run_main
+from jobs.config import HelpFormatter
+from jobs.errors import EXIT_FAILURE, EXIT_USAGE, UserError, run_main
 
 PROG = "flowray models"
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="Registered flows: list versions and aliases, promote a version."
+        prog=PROG,
+        description="Registered flows: list versions and aliases, promote a version.",
+        formatter_class=HelpFormatter,
     )
     commands = p.add_subparsers(dest="command", metavar="{list,promote}")
-    listing = commands.add_parser("list", help="registered models, versions, val bits/dim, aliases")
+    listing = commands.add_parser(
+        "list",
+        help="registered models, versions, val bits/dim, aliases",
+        formatter_class=HelpFormatter,
+    )
     listing.add_argument("--name", default=None, help="only this model (default: all)")
     add_common_arguments(listing, ray=False)
     promote = commands.add_parser(
-        "promote", help="point an alias at a version if its val bits/dim is better"
+        "promote",
+        help="point an alias at a version if its val bits/dim is better",
+        formatter_class=HelpFormatter,
     )
     promote.add_argument("name", help="registered model name")
     promote.add_argument("version", help="version number to promote")
@@ -90,13 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             decision = promote(args.name, args.version, force=args.force, alias=args.alias)
         except MlflowException as err:
-            raise UserError(f"promotion failed: {err.message.splitlines()[0]}") from err
+            raise UserError(
+                f"promotion failed: {err.message.splitlines()[0]}", exit_code=EXIT_FAILURE
+            ) from err
         if decision.promoted:
-            print(f"{args.name} v{args.version} is now @{args.alias}: {decision.reason}")
+            print(f"{args.name} v{args.version}: {decision.reason}")
             return 0
         print(
-            f"refused: {args.name} v{args.version} is not better than @{args.alias} "
-            f"({decision.reason}); pass --force to promote it anyway",
+            f"refused: {args.name} v{args.version} is not better: {decision.reason}; "
+            "pass --force to promote it anyway",
             file=sys.stderr,
         )
         return 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.config import add_config_arguments, load_config
+from jobs.config import HelpFormatter, add_config_arguments, load_config
 from jobs.errors import user_errors
 
 DEFAULT_CONFIG = "fashion-mnist"
@@ -21,16 +21,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a multiscale flow with Ray Train (DDP) on prepared shards; log metrics, "
         "samples and the model to MLflow and register it (alias candidate; champion when better). "
         "Rerunning with the same run.name and run.storage_path resumes from the latest checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_config_arguments(parser, DEFAULT_CONFIG)
     parser.add_argument(
-        "--address", default=None, help="Ray address (default: RAY_ADDRESS, else local Ray)"
+        "--address",
+        default=None,
+        help="Ray cluster address, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, else a "
+        "local Ray started in this process)",
     )
     parser.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite under workdir)",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
@@ -58,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\ndone: {result.steps} steps, validation {result.val_bits_per_dim:.4f} bits/dim, "
         f"{result.images_per_second:.0f} img/s (median)\n"
-        f"model: models:/{result.model_name}/{result.model_version} (alias candidate"
-        f"{', champion' if result.promoted else ''}: {result.promotion_reason})\n"
+        f"model: registered {result.model_name} v{result.model_version} (alias candidate), "
+        f"{result.promotion_reason}\n"
         f"checkpoint: {result.checkpoint_path}\nMLflow run: {result.mlflow_run_id}"
         + (f"\nskipped images: {result.skipped_images}" if result.skipped_images else "")
     )

@@ -1,10 +1,17 @@
-"""`flowray`: the command list answers fast, without importing torch, Ray or MLflow."""
+"""`flowray`: the command list answers fast, without importing torch, Ray or MLflow; every command
+speaks one style (--address, one `(default: ...)` per option, `flowray help <command>`,
+`--version`), and the exit codes are documented where users look."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from importlib.metadata import version
 
+import pytest
+
+from jobs import cli
 from jobs.cli import COMMANDS
 
 CHECK_HELP = """
@@ -24,3 +31,85 @@ def test_help_lists_every_command_and_imports_nothing_heavy() -> None:
     for name in COMMANDS:
         assert f"\n  {name} " in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "heavy: none"
+
+
+def test_help_documents_the_exit_codes_jobs_use(capsys: pytest.CaptureFixture) -> None:
+    from jobs.errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "exit codes:" in text
+    for code, words in [
+        (EXIT_OK, "done"),
+        (EXIT_FAILURE, "runtime failure"),
+        (EXIT_USAGE, "usage or configuration error"),
+        (EXIT_PARTIAL, "finished with items left out"),
+    ]:
+        assert re.search(rf"^  {code}  {words}", text, re.MULTILINE), (code, words)
+
+
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"flowray {version('flowray')}\n"
+
+
+def test_help_of_a_command_is_that_commands_help(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["help", "train"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: flowray train")
+    assert "--print-config" in text
+    assert cli.main(["help", "trian"]) == 2
+    assert "flowray help: unknown command 'trian'" in capsys.readouterr().err
+
+
+def option_entries(help_text: str) -> dict[str, str]:
+    """Each option of a --help text (its first flag) -> its whole entry, lines joined."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in help_text.splitlines():
+        match = re.match(r"^  (-[-\w]+)", line)
+        if match:
+            current = match[1]
+            entries[current] = line
+        elif current and line.startswith("    "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+HELP_ARGS = [[name] for name in COMMANDS] + [["models", "list"], ["models", "promote"]]
+
+
+@pytest.mark.parametrize("command", HELP_ARGS, ids=" ".join)
+def test_every_option_shows_its_default_at_most_once(
+    command: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command, "--help"])
+    assert done.value.code == 0
+    entries = option_entries(capsys.readouterr().out)
+    assert entries, "no options found in the help"
+    for option, entry in entries.items():
+        assert entry.count("(default:") <= 1, entry
+        if option not in ("-h",):
+            assert "(default: None)" not in entry, entry
+    if "--address" in entries or command[0] in ("train", "score", "sample", "serve", "prepare"):
+        assert "--address" in entries, "every command that reaches Ray says --address"
+        assert "--ray-address" not in entries
+
+
+def test_train_shows_each_default_once(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.count("(default: fashion-mnist)") == 1
+
+
+def test_prepare_still_takes_ray_address_as_a_hidden_alias() -> None:
+    from jobs.prepare import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--out", "x", "--ray-address", "auto"]).ray_address == "auto"
+    assert parser.parse_args(["--out", "x", "--address", "auto"]).ray_address == "auto"
+    assert "--ray-address" not in parser.format_help()
