@@ -21,8 +21,8 @@ some of its rows may have been delivered; `transient` marks the ones a rerun may
 kept failing) as opposed to damaged ones.
 
 `SkipTally()` lives in this process (for `iter_split`); `SkipTally.shared()` is backed by a small
-Ray actor (num_cpus=0) that read tasks report to and wait for, so that when iteration has finished
-every outcome is in the tally. A shard reported twice (a retried read task) keeps the last report.
+Ray actor (num_cpus=0, on the driver's node, so losing a worker node does not lose it) that read
+tasks report to and wait for, so that when iteration has finished every outcome is in the tally. A shard reported twice (a retried read task) keeps the last report.
 """
 
 from __future__ import annotations
@@ -114,9 +114,16 @@ class SkipTally:
     @classmethod
     def shared(cls) -> SkipTally:
         """A tally backed by a Ray actor, for readers running in Ray tasks (Ray must be up)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         tally = cls()
         tally._local = None
-        tally._actor = _tally_actor_class().remote()
+        # Pinned to the driver's node: on a worker node that dies (a lost node that Ray Train
+        # rides out) it would take every outcome with it and fail all later readers; the
+        # driver's node dying ends the job anyway.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        tally._actor = _tally_actor_class().options(scheduling_strategy=here).remote()
         return tally
 
     @property
