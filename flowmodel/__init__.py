@@ -6,8 +6,10 @@ sample), the layers, dequantize and the bits/dim helpers.
 
 from flowmodel.config import FlowConfig
 from flowmodel.flow import (
+    PRECISIONS,
     Flow,
     FlowStep,
+    Precision,
     bits_per_dim_from_log_prob,
     build_flow,
     dequantize,
@@ -28,6 +30,7 @@ from flowmodel.layers import (
 from flowmodel.typed import ConfigError, from_dict, to_dict
 
 __all__ = [
+    "PRECISIONS",
     "ActNorm",
     "Bijection",
     "ConfigError",
@@ -39,6 +42,7 @@ __all__ = [
     "InvConv1x1",
     "LearnedPrior",
     "Logit",
+    "Precision",
     "Shift",
     "Squeeze",
     "bits_per_dim_from_log_prob",

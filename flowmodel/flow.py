@@ -9,6 +9,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +27,21 @@ from flowmodel.layers import (
     Squeeze,
 )
 
-__all__ = ["Flow", "FlowStep", "build_flow", "dequantize", "standard_normal_log_prob"]
+__all__ = [
+    "PRECISIONS",
+    "Flow",
+    "FlowStep",
+    "Precision",
+    "build_flow",
+    "dequantize",
+    "standard_normal_log_prob",
+]
 
 LOG_2PI = math.log(2 * math.pi)
+
+Precision = Literal["fp32", "bf16"]
+# The coupling conditioners' autocast dtype per precision (None: no autocast, float32 throughout).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -143,8 +156,11 @@ class Flow(nn.Module):
         self.latent_shapes.append((channels, height, width))
 
     # -- the bijection -------------------------------------------------------------------------
-    def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        self._check_y(y)
+    def forward(self, y: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor]:
+        """(z, logdet) of dequantized images y. check=False skips the check that y lies in
+        [0, 1], which reads values back from the device (a sync, and a graph break under
+        torch.compile): for callers whose y comes from `dequantize`, in range by construction."""
+        self._check_y(y, values=check)
         x, logdet = self.preprocess(y)
         latents = []
         for level, steps in enumerate(self.steps):
@@ -183,9 +199,9 @@ class Flow(nn.Module):
         return y, logdet + ld
 
     # -- densities -----------------------------------------------------------------------------
-    def log_prob(self, y: Tensor) -> Tensor:
+    def log_prob(self, y: Tensor, *, check: bool = True) -> Tensor:
         """log p(y) in nats, per image, for dequantized images y in [0, 1): shape [B]."""
-        z, logdet = self(y)
+        z, logdet = self(y, check=check)
         return standard_normal_log_prob(z) + logdet
 
     def bits_per_dim(
@@ -201,7 +217,7 @@ class Flow(nn.Module):
         self._check_images(images)
         images = images.to(self._device())  # callers may hand CPU batches to a GPU model
         y = dequantize(images, self.config.n_bits, generator, dtype=self._dtype(), noise=noise)
-        return bits_per_dim_from_log_prob(self.log_prob(y), self.config)
+        return bits_per_dim_from_log_prob(self.log_prob(y, check=False), self.config)
 
     @torch.no_grad()
     def sample(
@@ -217,6 +233,27 @@ class Flow(nn.Module):
         levels = 2**self.config.n_bits
         x = torch.floor(y.clamp(0, 1 - 1e-6) * levels).long()
         return (x << (8 - self.config.n_bits)).to(torch.uint8).cpu()
+
+    # -- precision -----------------------------------------------------------------------------
+    def set_precision(self, precision: Precision) -> Flow:
+        """Run the coupling conditioners in `precision` ("bf16": under autocast) from now on.
+
+        Only the conditioner networks change: ActNorm, the 1x1 convolutions, the priors, the logit
+        and every log-det stay float32, so log p(y) is a float32 sum of float32 terms. A setting,
+        not state: state_dict and checkpoints do not hold it (a loaded flow is "fp32").
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {list(PRECISIONS)}, found {precision!r}")
+        for module in self.modules():
+            if isinstance(module, Coupling):
+                module.autocast_dtype = PRECISIONS[precision]
+        return self
+
+    @property
+    def precision(self) -> Precision:
+        """The precision set by `set_precision` ("fp32" for a new or loaded flow)."""
+        dtype = next((m.autocast_dtype for m in self.modules() if isinstance(m, Coupling)), None)
+        return "bf16" if dtype == torch.bfloat16 else "fp32"
 
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -257,14 +294,14 @@ class Flow(nn.Module):
             raise ValueError(f"images: expected a torch.uint8 tensor, found {found}")
         self._check_shape("images", images)
 
-    def _check_y(self, y: Tensor) -> None:
+    def _check_y(self, y: Tensor, values: bool = True) -> None:
         if not isinstance(y, Tensor) or not y.is_floating_point():
             found = y.dtype if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(
                 f"y: expected a floating-point tensor of dequantized images, found {found}"
             )
         self._check_shape("y", y)
-        if y.numel() and (y.min() < 0 or y.max() > 1):
+        if values and y.numel() and (y.min() < 0 or y.max() > 1):
             raise ValueError(
                 f"y: expected values in [0, 1) (dequantized images), found range "
                 f"[{y.min().item():.4g}, {y.max().item():.4g}]"

@@ -231,9 +231,22 @@ class Coupling(Bijection):
         else:
             n_in, n_out = channels, channels
         self.net = conditioner(n_in, n_out * (2 if affine else 1), hidden, depth)
+        # Mixed precision: the dtype the conditioner runs in under autocast (None: as its input).
+        # Set through `Flow.set_precision`; an attribute, not state, so checkpoints never hold it.
+        self.autocast_dtype: torch.dtype | None = None
+
+    def _conditioner(self, x_a: Tensor) -> Tensor:
+        if self.autocast_dtype is None:
+            return self.net(x_a)
+        # Only the conditioner's convolutions run in low precision (most of the FLOPs); its output
+        # returns to the input's dtype before the scale, shift and log-det are formed, so those,
+        # the priors, the logit and the loss all stay float32.
+        with torch.autocast(device_type=x_a.device.type, dtype=self.autocast_dtype):
+            h = self.net(x_a)
+        return h.to(x_a.dtype)
 
     def _params(self, x_a: Tensor) -> tuple[Tensor, Tensor | None]:
-        h = self.net(x_a)
+        h = self._conditioner(x_a)
         if not self.affine:
             return h, None
         shift, raw = h.chunk(2, dim=1)

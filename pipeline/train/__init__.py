@@ -1,7 +1,8 @@
 """Training: the typed TrainConfig (config), the pure train/eval step with the optimizer and its
-warmup (step), the EMA of the weights (ema), the loop's counting (loop_state), the Ray Train worker
-loop (worker) and what it reports (reporting), the driver behind `flowray train` (driver), and
-checkpoints (checkpoint).
+warmup (step), the EMA of the weights (ema), the device-placed training core that the worker and
+the GPU bench share (core) and its collectives (distributed), the loop's counting (loop_state), the
+Ray Train worker loop (worker) and what it reports (reporting), the driver behind `flowray train`
+(driver), and checkpoints (checkpoint, written and read on the CPU).
 
 May import: flowmodel, pipeline.{model,data,tracking}, pipeline.{errors,storage,plots}.
 """

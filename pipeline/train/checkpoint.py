@@ -6,6 +6,10 @@ state.pt                               optimizer state, step, counters (the EMA'
                                        among them), RNG state: tensors and plain Python only,
                                        loaded with weights_only=True
 train_config.json                      the resolved TrainConfig
+
+Every tensor is written from the CPU and read onto the CPU, so a checkpoint written on a GPU
+resumes on a CPU-only machine and the reverse; `pipeline.train.core.start_training` moves what it
+loads onto the worker's device.
 """
 
 from __future__ import annotations
@@ -21,6 +25,17 @@ from flowmodel import Flow
 from pipeline.model.artifact import load_flow, save_flow
 
 __all__ = ["TrainState", "load_checkpoint", "save_checkpoint"]
+
+
+def _on_cpu(value: Any) -> Any:
+    """Every tensor in a nested state (an optimizer's state_dict) copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
 
 
 @dataclass
@@ -46,8 +61,10 @@ def save_checkpoint(
             "step": state.step,
             "images_seen": state.images_seen,
             "skipped_steps": state.skipped_steps,
-            "optimizer": state.optimizer,
-            "rng": state.rng,
+            # An optimizer on a GPU holds its moments there: saved as is, they would only load
+            # where that GPU exists.
+            "optimizer": _on_cpu(state.optimizer),
+            "rng": state.rng.cpu(),
             "history": state.history,
             "ema_updates": state.ema_updates,
         },
@@ -58,9 +75,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(directory: Path) -> tuple[Flow, Flow, TrainState]:
-    """(flow, ema, state) from a checkpoint directory; nothing is unpickled."""
+    """(flow, ema, state) from a checkpoint directory, on the CPU; nothing is unpickled."""
     flow, ema = load_flow(directory), load_flow(directory / "ema")
-    raw = torch.load(directory / "state.pt", weights_only=True)
+    # map_location: checkpoints written before optimizer states were saved from the CPU may hold
+    # CUDA tensors.
+    raw = torch.load(directory / "state.pt", weights_only=True, map_location="cpu")
     state = TrainState(
         step=int(raw["step"]),
         images_seen=int(raw["images_seen"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from flowmodel import FlowConfig
+from flowmodel import FlowConfig, Precision
 from flowmodel.typed import from_dict, to_dict
 from pipeline.storage import StorageConfig
 
@@ -105,6 +105,12 @@ class TrainConfig:
     init_images: int = 512  # images for the data-dependent ActNorm initialisation
     max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
     sample_temperature: float = 0.7
+    # "bf16": the coupling conditioners run under bfloat16 autocast (log-dets, priors, the logit
+    # and the loss stay float32); evaluation, checkpoints and shipped models are float32 always.
+    precision: Precision = "fp32"
+    # torch.compile the training step's forward and backward; if compiling fails the run says so
+    # in one line and goes on eager. Off by default: compiling costs minutes at start.
+    compile: bool = False
     fail_at_step: int | None = None  # test-only fault injection: the last worker dies once here
     # Test-only: after the checkpoint of this step, every worker waits until
     # <run.storage_path>/<run.name>/release-hold exists (lets a test kill a node at a known step).

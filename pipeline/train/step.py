@@ -19,8 +19,10 @@ from pipeline.model.likelihood import keyed_bits_per_dim
 from pipeline.train.config import OptimSettings
 
 __all__ = [
+    "LossFunction",
     "StepMetrics",
     "batch_bits_per_dim",
+    "flow_bits_per_dim",
     "evaluate_bits_per_dim",
     "make_optimizer",
     "set_learning_rate",
@@ -62,15 +64,33 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, optim: OptimSettings, st
     return lr
 
 
+# (model, y) -> per-image bits/dim [B]: `flow_bits_per_dim`, or its torch.compile'd form.
+LossFunction = Callable[[nn.Module, Tensor], Tensor]
+
+
+def flow_bits_per_dim(model: nn.Module, y: Tensor) -> Tensor:
+    """Per-image bits/dim of dequantized images y through `model(y)`, so that a DDP wrapper sees
+    the forward pass: [B], float32 (the log-dets and priors are float32 at any precision)."""
+    z, logdet = model(y, check=False)  # y is dequantize's output: in range, no device sync
+    return bits_per_dim_from_log_prob(standard_normal_log_prob(z) + logdet, unwrap(model).config)
+
+
 def batch_bits_per_dim(
-    model: nn.Module, images: Tensor, generator: torch.Generator | None = None
+    model: nn.Module,
+    images: Tensor,
+    generator: torch.Generator | None = None,
+    loss: LossFunction = flow_bits_per_dim,
 ) -> Tensor:
-    """Per-image bits/dim through `model(y)`, so that a DDP wrapper sees the forward pass."""
+    """Per-image bits/dim of uint8 images under fresh dequantization noise from `generator`.
+
+    The images move to the model's device first (a no-op when the loader put them there); the
+    noise is drawn on the generator's device and copied to the images' (see `dequantize`).
+    """
     flow = unwrap(model)
     flow._check_images(images)
+    images = images.to(flow._device(), non_blocking=True)
     y = dequantize(images, flow.config.n_bits, generator, dtype=flow._dtype())
-    z, logdet = model(y)
-    return bits_per_dim_from_log_prob(standard_normal_log_prob(z) + logdet, flow.config)
+    return loss(model, y)
 
 
 def train_step(
@@ -81,6 +101,7 @@ def train_step(
     max_grad_norm: float | None = 100.0,
     generator: torch.Generator | None = None,
     all_finite: Callable[[bool], bool] = bool,
+    loss: LossFunction = flow_bits_per_dim,
 ) -> StepMetrics:
     """One maximum-likelihood step on a batch of uint8 images [B, C, H, W].
 
@@ -93,17 +114,17 @@ def train_step(
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = batch_bits_per_dim(model, images, generator).mean()
-    if not all_finite(bool(torch.isfinite(loss))):
-        return StepMetrics(bits_per_dim=float(loss.detach()), grad_norm=math.nan, skipped=True)
-    loss.backward()
+    mean = batch_bits_per_dim(model, images, generator, loss).mean()
+    if not all_finite(bool(torch.isfinite(mean))):
+        return StepMetrics(bits_per_dim=float(mean.detach()), grad_norm=math.nan, skipped=True)
+    mean.backward()
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
-        return StepMetrics(bits_per_dim=float(loss.detach()), grad_norm=float(norm), skipped=True)
+        return StepMetrics(bits_per_dim=float(mean.detach()), grad_norm=float(norm), skipped=True)
     optimizer.step()
-    return StepMetrics(bits_per_dim=float(loss.detach()), grad_norm=float(norm), skipped=False)
+    return StepMetrics(bits_per_dim=float(mean.detach()), grad_norm=float(norm), skipped=False)
 
 
 @torch.no_grad()

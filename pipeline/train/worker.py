@@ -1,8 +1,10 @@
-"""The Ray Train worker loop: wires data shards, DDP, checkpoints and MLflow around `train_step`.
+"""The Ray Train worker loop: wires data shards, DDP, checkpoints and MLflow around the training
+core (`pipeline.train.core`: the placed flow, its EMA, optimizer and one step).
 
 Each worker runs `train_loop_per_worker(loop_config)`, which reads as its phases:
 
-    restore or initialise   the flow, its EMA and the optimizer, from the latest checkpoint or fresh
+    restore or initialise   the flow on `ray.train.torch.get_device()`, its EMA and optimizer
+                            there, from the latest checkpoint (written on any device) or fresh
     the step loop           epochs over this worker's data shard, one `train_step` per batch;
                             after each step: progress, evaluation and checkpoint when they fall due
     evaluate (rank 0)       validation bits/dim of the EMA weights, a sample grid
@@ -10,8 +12,9 @@ Each worker runs `train_loop_per_worker(loop_config)`, which reads as its phases
                             barrier in Ray Train V2); rank 0 attaches the checkpoint
 
 Rank 0 alone evaluates, logs to MLflow, draws sample grids and writes checkpoints. The counting
-lives in `pipeline.train.loop_state`, the EMA in `pipeline.train.ema`, the optimizer, warmup and
-step in `pipeline.train.step`: plain PyTorch, tested without Ray.
+lives in `pipeline.train.loop_state`, the collectives in `pipeline.train.distributed`, the step,
+EMA and placement in `pipeline.train.core`: plain PyTorch, tested without Ray (and on a GPU by
+`pipeline.bench.gpu`); what is left here is Ray's wiring.
 """
 
 from __future__ import annotations
@@ -28,22 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from flowmodel import Flow, build_flow
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
-from pipeline.train.ema import EMA
+from pipeline.train.core import Training, run_step, start_training
+from pipeline.train.distributed import all_agree, check_identical_start
 from pipeline.train.loop_state import LoopState, eta_seconds, record_step
 from pipeline.train.reporting import RunLogger, format_eta, sample_grid, say
-from pipeline.train.step import (
-    StepMetrics,
-    evaluate_bits_per_dim,
-    make_optimizer,
-    set_learning_rate,
-    train_step,
-    unwrap,
-)
+from pipeline.train.step import StepMetrics, evaluate_bits_per_dim
 
 __all__ = ["train_loop_per_worker"]
 
@@ -68,47 +64,12 @@ class _Worker:
 
 
 @dataclass
-class _Training:
-    """What the steps act on. `model` is the flow, wrapped by DDP when there are several workers."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    ema: EMA[Flow]
-    generator: torch.Generator  # this worker's dequantization noise (CPU)
-    device: torch.device
-
-
-@dataclass
 class _Clock:
     """Wall time since the step loop started, and the steps and start of the logging window."""
 
     started: float = field(default_factory=time.monotonic)
     window_start: float = field(default_factory=time.monotonic)
     window_steps: int = 0
-
-
-def _all_agree(flag: bool, op: Any) -> bool:
-    """Combine a boolean over all workers (MIN = all true, MAX = any true)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(tensor, op=op)
-    return bool(tensor.item())
-
-
-def _check_identical_start(flow: Flow) -> list[float]:
-    """All-gather each worker's parameter checksum after initialisation; they must be equal."""
-    checksum = float(
-        sum(p.detach().double().sum() for p in flow.state_dict().values() if p.is_floating_point())
-    )
-    if not (dist.is_available() and dist.is_initialized()):
-        return [checksum]
-    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, torch.tensor([checksum], dtype=torch.float64))
-    sums = [float(t.item()) for t in gathered]
-    if max(sums) - min(sums) > 1e-9 * max(1.0, abs(sums[0])):
-        raise RuntimeError(f"workers start from different parameters (checksums {sums})")
-    return sums
 
 
 # ----------------------------------------------------------------------------- data
@@ -224,34 +185,38 @@ def _load_or_build(worker: _Worker, checkpoint: Any) -> tuple[Flow, tuple[Flow, 
     return flow, (ema_flow, saved)
 
 
-def _restore_or_init(worker: _Worker, checkpoint: Any) -> tuple[_Training, LoopState]:
-    """Phase 1: the model (DDP-wrapped for several workers), EMA, optimizer and counters, at the
-    latest checkpoint or fresh; every worker's start is checked to be identical."""
+def _restore_or_init(worker: _Worker, checkpoint: Any) -> tuple[Training, LoopState]:
+    """Phase 1: the model on this worker's device (DDP-wrapped for several workers), its EMA,
+    optimizer and counters, at the latest checkpoint or fresh; every worker's start is checked to
+    be identical before DDP would make it so by broadcasting rank 0's weights."""
     import ray.train.torch
 
-    config = worker.config
+    device = ray.train.torch.get_device()
     flow, restored = _load_or_build(worker, checkpoint)
-    checksums = _check_identical_start(flow)
-    model = ray.train.torch.prepare_model(flow) if worker.world > 1 else flow
-    # Made after prepare_model has put the flow on its device, so that the average lives there too.
-    ema = EMA(flow, config.optim.ema_decay)
-    optimizer = make_optimizer(model.parameters(), config.optim)
+    flow = flow.to(device)  # with one worker too: prepare_model only moves (and wraps) for several
+    checksums = check_identical_start(flow, device)
+    training = start_training(
+        flow,
+        worker.config,
+        device,
+        rank=worker.rank,
+        wrap=ray.train.torch.prepare_model,
+        restored=restored,
+        say=say,
+    )
     state = LoopState()
     if restored is not None:
-        ema_flow, saved = restored
-        ema.load_state_dict({"model": ema_flow.state_dict(), "updates": saved.ema_updates})
-        optimizer.load_state_dict(saved.optimizer)
+        saved = restored[1]
         state = LoopState.resumed(saved)
         torch.set_rng_state(saved.rng)
     elif worker.is_chief:
         worker.logger.metrics({f"init_checksum_rank{r}": c for r, c in enumerate(checksums)}, 0)
-    # Each worker draws its own dequantization noise.
-    generator = torch.Generator().manual_seed(config.seed * 1000 + worker.rank + state.step)
-    device = next(model.parameters()).device
-    return _Training(model, optimizer, ema, generator, device), state
+    if worker.is_chief:
+        say(f"device {device}, precision {worker.config.precision}; {training.loss.note}")
+    return training, state
 
 
-def _step_loop(worker: _Worker, training: _Training, state: LoopState) -> None:
+def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
     """Phase 2: epochs over this worker's shard until max_steps or max_minutes."""
     import ray.train
 
@@ -265,7 +230,9 @@ def _step_loop(worker: _Worker, training: _Training, state: LoopState) -> None:
             batch_size=config.batch_size,
             drop_last=True,
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-            device=str(training.device),
+            device=training.device,
+            # Pinned host batches: the copy to the GPU is asynchronous.
+            pin_memory=training.device.type == "cuda",
         ):
             done = _step_and_duties(worker, training, state, clock, batch["image"])
             epoch_steps += 1
@@ -279,30 +246,23 @@ def _step_loop(worker: _Worker, training: _Training, state: LoopState) -> None:
 
 
 def _step_and_duties(
-    worker: _Worker, training: _Training, state: LoopState, clock: _Clock, images: torch.Tensor
+    worker: _Worker, training: Training, state: LoopState, clock: _Clock, images: torch.Tensor
 ) -> bool:
     """One training step, then whatever falls due: progress, evaluation, checkpoint. Returns
     whether the run is done (every worker agrees, so all of them stop at the same step)."""
     config = worker.config
     _maybe_inject_fault(config, state.step, worker.rank, worker.world)
-    lr = set_learning_rate(training.optimizer, config.optim, state.step)
-    metrics = train_step(
-        training.model,
-        images,
-        training.optimizer,
-        max_grad_norm=config.optim.max_grad_norm,
-        generator=training.generator if training.device.type == "cpu" else None,
-        all_finite=lambda ok: _all_agree(ok, dist.ReduceOp.MIN),
-    )
+    metrics = run_step(training, config, images, state.step)
+    lr = training.optimizer.param_groups[0]["lr"]
     global_batch = config.batch_size * worker.world
     record_step(state, metrics, global_batch=global_batch, max_skipped=config.max_nonfinite_steps)
-    if not metrics.skipped:
-        training.ema.update(unwrap(training.model))
     clock.window_steps += 1
 
     elapsed = time.monotonic() - clock.started
     out_of_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes
-    done = state.step >= config.max_steps or _all_agree(out_of_time, dist.ReduceOp.MAX)
+    done = state.step >= config.max_steps or all_agree(
+        out_of_time, dist.ReduceOp.MAX, training.device
+    )
     if state.step % config.log_every == 0 or done:
         _log_progress(worker, state, clock, metrics, lr, elapsed)
     if worker.is_chief and (state.step % config.eval_every == 0 or done):
@@ -347,7 +307,7 @@ def _log_progress(
     clock.window_start, clock.window_steps = time.monotonic(), 0
 
 
-def _evaluate(worker: _Worker, training: _Training, state: LoopState) -> None:
+def _evaluate(worker: _Worker, training: Training, state: LoopState) -> None:
     """Phase 3 (rank 0): validation bits/dim of the EMA weights, logged with a sample grid."""
     config, step, flow = worker.config, state.step, training.ema.model
     mean, count = evaluate_bits_per_dim(flow, _validation_batches(config), seed=config.eval_seed)
@@ -360,7 +320,7 @@ def _evaluate(worker: _Worker, training: _Training, state: LoopState) -> None:
     say(f"step {step}: validation {mean:.4f} bits/dim on {count} images")
 
 
-def _checkpoint_and_report(worker: _Worker, training: _Training, state: LoopState) -> None:
+def _checkpoint_and_report(worker: _Worker, training: Training, state: LoopState) -> None:
     """Phase 4: every worker reports; rank 0 attaches the checkpoint of this step."""
     import ray.train
 
@@ -373,7 +333,5 @@ def _checkpoint_and_report(worker: _Worker, training: _Training, state: LoopStat
         training.optimizer.state_dict(), torch.get_rng_state(), training.ema.updates
     )
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(
-            Path(tmp), unwrap(training.model), training.ema.model, saved, worker.config_dict
-        )
+        save_checkpoint(Path(tmp), training.flow, training.ema.model, saved, worker.config_dict)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -87,8 +87,7 @@ def test_two_workers_survive_a_dead_worker_register_and_resume(
     model = mlflow.pyfunc.load_model("models:/tiny-flow@candidate")
     rows = list(iter_split(f"{shards}/test"))[:300]
     frame = model.predict(
-        {"image": np.stack([r["image"] for r in rows]), "key": [r["key"] for r in rows]},
-        params={"seed": 0},
+        np.stack([r["image"] for r in rows]), params={"seed": 0, "keys": [r["key"] for r in rows]}
     )
     assert float(frame["bits_per_dim"].mean()) == pytest.approx(first.val_bits_per_dim, abs=1e-4)
 

@@ -1,0 +1,166 @@
+"""The training core, Ray-free: a flow placed on its device with its EMA, optimizer and noise
+generator, and one step of it. The Ray Train worker loop (`pipeline.train.worker`) and the GPU
+bench (`pipeline.bench.gpu`) both run exactly this; the worker adds data shards, DDP and reporting.
+
+Device discipline: everything a step touches lives on `Training.device`. The flow is moved there
+first (with one worker as with many), the EMA is copied from the placed flow, the optimizer is
+made for (and a restored optimizer state is loaded onto) the placed parameters, the noise
+generator lives there, and the collectives build their tensors there (`pipeline.train.distributed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from flowmodel import Flow
+from pipeline.train.checkpoint import TrainState
+from pipeline.train.config import TrainConfig
+from pipeline.train.distributed import all_agree
+from pipeline.train.ema import EMA
+from pipeline.train.step import (
+    LossFunction,
+    StepMetrics,
+    flow_bits_per_dim,
+    make_optimizer,
+    set_learning_rate,
+    train_step,
+    unwrap,
+)
+
+__all__ = ["StepLoss", "Training", "noise_generator", "run_step", "start_training"]
+
+
+def noise_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """This worker's dequantization-noise generator, on `device` when torch has generators there
+    (CPU, CUDA), so that the noise is drawn beside the images; else on the CPU, from which
+    `dequantize` copies it. On the CPU the numbers are those of `torch.Generator().manual_seed`."""
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:  # a device type without generators
+        return torch.Generator().manual_seed(seed)
+
+
+class StepLoss:
+    """The training step's loss function: `flow_bits_per_dim`, torch.compile'd when asked.
+
+    Compiling happens at the first call, so a failure shows there; `run_step` then falls back to
+    eager for the rest of the run and says so in one line (`say`). `note` tells which one runs.
+    """
+
+    def __init__(
+        self,
+        compile: bool,
+        backend: str | Callable[..., Any] = "inductor",
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.eager: LossFunction = flow_bits_per_dim
+        self.compiled: LossFunction | None = None
+        self.proven = False  # the compiled step has run once: later errors are real errors
+        self.say = say
+        self.note = "training step: eager (compile: false)"
+        if compile:
+            try:
+                self.compiled = torch.compile(flow_bits_per_dim, backend=backend)
+                self.note = "training step: torch.compile (compiles at the first step)"
+            except Exception as err:  # no compiler support on this platform or Python
+                self.fall_back(err)
+
+    def fall_back(self, err: BaseException) -> None:
+        self.compiled = None
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        self.note = (
+            f"training step: eager (torch.compile failed: {type(err).__name__}: {first_line})"
+        )
+        self.say(self.note)
+
+
+@dataclass
+class Training:
+    """What the steps act on, all on `device`."""
+
+    model: nn.Module  # the flow, wrapped (DDP) when there are several workers
+    optimizer: torch.optim.Optimizer
+    ema: EMA[Flow]  # the Polyak average: evaluated, checkpointed and shipped, in float32
+    generator: torch.Generator  # this worker's training dequantization noise
+    device: torch.device
+    loss: StepLoss
+
+    @property
+    def flow(self) -> Flow:
+        return unwrap(self.model)
+
+
+def start_training(
+    flow: Flow,
+    config: TrainConfig,
+    device: torch.device | str,
+    *,
+    rank: int = 0,
+    wrap: Callable[[Flow], nn.Module] | None = None,
+    restored: tuple[Flow, TrainState] | None = None,
+    say: Callable[[str], None] = print,
+) -> Training:
+    """Place `flow` on `device` at `config.precision`, wrap it (`wrap`: DDP for several workers),
+    and make its EMA, optimizer and noise generator there; `restored` (a checkpoint's EMA flow and
+    state, on any device) continues a run. The flow must be initialised (or restored) already."""
+    device = torch.device(device)
+    flow = flow.to(device).set_precision(config.precision)
+    model = wrap(flow) if wrap is not None else flow
+    # After placement, so that the average is a copy on the device; evaluated in float32.
+    ema = EMA(flow, config.optim.ema_decay)
+    ema.model.set_precision("fp32")
+    optimizer = make_optimizer(model.parameters(), config.optim)
+    step = 0
+    if restored is not None:
+        ema_flow, saved = restored
+        ema.load_state_dict({"model": ema_flow.state_dict(), "updates": saved.ema_updates})
+        # Optimizer.load_state_dict casts each state tensor to its parameter's device and dtype.
+        optimizer.load_state_dict(saved.optimizer)
+        step = saved.step
+    # Each worker draws its own noise; a resumed run does not replay the noise it already used.
+    generator = noise_generator(device, config.seed * 1000 + rank + step)
+    loss = StepLoss(config.compile, say=say)
+    return Training(model, optimizer, ema, generator, device, loss)
+
+
+def run_step(training: Training, config: TrainConfig, images: Tensor, step: int) -> StepMetrics:
+    """Step `step` (0-based) of training: warmup learning rate, one `train_step` on `images` (any
+    device: they move to the model's), then the EMA update unless the step was skipped. Every
+    worker agrees on skipping (an all-reduce on the device)."""
+    set_learning_rate(training.optimizer, config.optim, step)
+    metrics = _step(training, config, images)
+    if not metrics.skipped:
+        training.ema.update(training.flow)
+    return metrics
+
+
+def _step(training: Training, config: TrainConfig, images: Tensor) -> StepMetrics:
+    def step(loss: LossFunction) -> StepMetrics:
+        return train_step(
+            training.model,
+            images,
+            training.optimizer,
+            max_grad_norm=config.optim.max_grad_norm,
+            generator=training.generator,
+            all_finite=lambda ok: all_agree(ok, dist.ReduceOp.MIN, training.device),
+            loss=loss,
+        )
+
+    loss = training.loss
+    if loss.compiled is None:
+        return step(loss.eager)
+    if loss.proven:
+        return step(loss.compiled)
+    try:
+        metrics = step(loss.compiled)
+    except Exception as err:  # compiling (forward or backward) failed: this step runs eager
+        loss.fall_back(err)
+        return step(loss.eager)
+    loss.proven = True
+    return metrics
