@@ -138,6 +138,7 @@ def serve(args: argparse.Namespace) -> int:
         )
     if not on_cluster:
         check_port_free(config.host, config.port)
+    stopped = _stop_on_signals()  # before starting: a Ctrl-C during start-up still stops cleanly
     _connect(args.address)
     info = start(config)
     print(
@@ -149,7 +150,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.detach:
         print(f"detached: the application {config.app_name!r} keeps running on the cluster")
         return 0
-    _wait_for_stop()
+    while not stopped.wait(1.0):  # a bounded wait keeps the main thread responsive to signals
+        pass
     print("stopping", flush=True)
     stop(config, shutdown=not on_cluster)
     return 0
@@ -168,13 +170,12 @@ def _connect(address: str | None) -> None:
         ray.init(address="local", include_dashboard=False, **quiet)
 
 
-def _wait_for_stop() -> None:
-    """Block until SIGINT or SIGTERM."""
+def _stop_on_signals() -> threading.Event:
+    """An event that SIGINT or SIGTERM sets (instead of raising KeyboardInterrupt mid-call)."""
     stopped = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda *_: stopped.set())
-    while not stopped.wait(1.0):  # a bounded wait keeps the main thread responsive to signals
-        pass
+    return stopped
 
 
 if __name__ == "__main__":
