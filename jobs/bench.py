@@ -26,7 +26,7 @@ from typing import Any
 
 __all__ = ["SUITES", "build_parser", "main"]
 
-SUITES = ("quality", "training", "scoring", "scaling", "io", "gpu")
+SUITES = ("quality", "training", "scoring", "scaling", "io", "serving", "gpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--minutes", type=float, default=10.0, help="quality: training budget per model"
     )
     parser.add_argument(
-        "--seconds", type=float, default=60.0, help="training: seconds of training per run"
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="training: seconds of training per run; serving: most seconds per level",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="training, io, scoring: runs per measurement"
@@ -55,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--scaling-sizes",
         default="10000,30000,100000",
         help="scaling: comma-separated image counts (1000000 takes ~15 min more on 2 cores)",
+    )
+    parser.add_argument(
+        "--serving-requests",
+        type=int,
+        default=1000,
+        help="serving: most requests per level of concurrency (1, 8, 64 clients)",
     )
     parser.add_argument("--config", default="fashion-mnist", help="training preset (or YAML)")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON and .md")
@@ -160,6 +169,15 @@ def _io(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return bench_io.run(repeats=args.repeats)
 
 
+def _serving(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from pipeline.bench import serving as bench_serving
+
+    model = _preset(args).model
+    if args.smoke:
+        return bench_serving.run(model, requests=48, seconds=10, images=64)
+    return bench_serving.run(model, requests=args.serving_requests, seconds=args.seconds)
+
+
 def _gpu(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import torch
 
@@ -176,6 +194,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "scoring": _scoring,
     "scaling": _scaling,
     "io": _io,
+    "serving": _serving,
     "gpu": _gpu,
 }
 
