@@ -85,6 +85,11 @@ class SampleConfig:
         chunk_size: images per chunk, the unit of seeding and of one Ray task.
         tasks: chunks generated at once; 0 = one per CPU of the cluster.
         cpus_per_task: Ray CPUs (and torch threads) per task.
+        gpus_per_task: Ray GPUs per task (> 0: the flow samples on CUDA; raise chunk_size to
+            thousands so that a chunk fills the GPU). z comes from the same CPU generator on any
+            device, but GPU arithmetic rounds differently: the bytes are reproducible for one
+            device kind, and a GPU run is a different output from a CPU run (its fingerprint
+            records the device).
         shard_samples: images per output shard.
         grid_temperatures: one grid panel per temperature.
         grid_images: images per grid panel.
@@ -102,6 +107,7 @@ class SampleConfig:
     chunk_size: int = 64
     tasks: int = 0
     cpus_per_task: int = 1
+    gpus_per_task: float = 0.0
     shard_samples: int = 10_000
     grid_temperatures: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0)
     grid_images: int = 36
@@ -119,6 +125,8 @@ class SampleConfig:
                 raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
         if self.tasks < 0:
             raise ValueError(f"tasks: expected >= 0 (0 = auto), found {self.tasks}")
+        if self.gpus_per_task < 0:
+            raise ValueError(f"gpus_per_task: expected >= 0, found {self.gpus_per_task}")
         if self.temperature < 0 or any(t < 0 for t in self.grid_temperatures):
             raise ValueError("temperature and grid_temperatures: expected >= 0")
 
@@ -155,18 +163,26 @@ def chunk_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-_FLOWS: dict[str, Flow] = {}  # per worker process: weights digest -> flow, loaded once
+_FLOWS: dict[str, Flow] = {}  # per worker process: weights digest + device -> flow, loaded once
 
 
 def _sample_chunk(
-    payload: FlowPayload, seed: int, index: int, count: int, temperature: float, threads: int
+    payload: FlowPayload,
+    seed: int,
+    index: int,
+    count: int,
+    temperature: float,
+    threads: int,
+    device: str = "cpu",
 ) -> list[bytes]:
     """Chunk `index`: `count` images as PNG bytes (a Ray task, also called in-process)."""
     torch.set_num_threads(threads)  # same thread count, same float reductions, same bytes
-    key = payload.digest()
+    key = f"{payload.digest()}@{device}"
     if key not in _FLOWS:
         _FLOWS.clear()
-        _FLOWS[key] = payload.load("cpu")
+        _FLOWS[key] = payload.load(device)
+    # z is drawn on the CPU whatever the device (Flow.sample copies it), and comes back as CPU
+    # uint8 before PNG coding.
     generator = torch.Generator().manual_seed(chunk_seed(seed, index))
     images = _FLOWS[key].sample(count, temperature, generator)  # (count, C, H, W) uint8
     return [encode_png(image) for image in images.numpy()]
@@ -263,6 +279,8 @@ def _fingerprint(config: SampleConfig, payload: FlowPayload) -> str:
         "threads": config.cpus_per_task,
         "shard_samples": config.shard_samples,
     }
+    if config.gpus_per_task > 0:  # CPU runs keep the fingerprints they always had
+        fields["device"] = "cuda"
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -274,10 +292,14 @@ def _draw(config: SampleConfig, payload: FlowPayload) -> list[ShardInfo]:
         (i, min(config.chunk_size, config.n - i * config.chunk_size))
         for i in range(math.ceil(config.n / config.chunk_size))
     ]
-    window = config.tasks or max(
-        1, int(ray.cluster_resources().get("CPU", 1) // config.cpus_per_task)
+    on_gpu = config.gpus_per_task > 0
+    resources = ray.cluster_resources()
+    per_task = config.gpus_per_task if on_gpu else config.cpus_per_task
+    window = config.tasks or max(1, int(resources.get("GPU" if on_gpu else "CPU", 1) // per_task))
+    task = ray.remote(num_cpus=config.cpus_per_task, num_gpus=config.gpus_per_task, max_retries=2)(
+        _sample_chunk
     )
-    task = ray.remote(num_cpus=config.cpus_per_task, max_retries=2)(_sample_chunk)
+    device = "cuda" if on_gpu else "cpu"
     payload_ref = ray.put(payload)
     writer = SampleShardWriter(config.output, config.storage, SPLIT, config.shard_samples)
     queue, in_flight = list(chunks), []
@@ -287,7 +309,7 @@ def _draw(config: SampleConfig, payload: FlowPayload) -> list[ShardInfo]:
             while queue and len(in_flight) < window:
                 index, count = queue.pop(0)
                 args = (payload_ref, config.seed, index, count, config.temperature)
-                in_flight.append(task.remote(*args, config.cpus_per_task))
+                in_flight.append(task.remote(*args, config.cpus_per_task, device))
             for png in ray.get(in_flight.pop(0)):
                 writer.write(png)
         writer.close()

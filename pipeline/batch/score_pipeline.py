@@ -1,12 +1,16 @@
 """The Ray Data side of scoring: read the pending shards, score them on an actor pool.
 
     read_split (read tasks: tar -> decoded uint8 images)
+      [-> map_batches(add_png_complexity)   GPU actors only: fused into the read tasks]
       -> map_batches(Scorer, compute=ActorPoolStrategy(size))   one flow per actor, loaded once
       -> rows without images: key, shard, label, log_likelihood, bits_per_dim, png_bits_per_dim,
          ood_score, and `png` for the few least likely images of each batch
 
 The OOD score's complexity term L(x) is the PNG of the decoded image at maximum compression (see
-pipeline.batch.scoring); it is computed here, in the actors, beside the flow's forward pass.
+pipeline.batch.scoring). CPU actors compute it beside the flow's forward pass; for GPU actors the
+read tasks compute it (CPU work, many tasks at once), so that a GPU never waits on PNG coding, and
+GPU actors take batches large enough to fill the GPU (`actor_batch_size`), copied from pinned
+memory (pipeline.model.likelihood).
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ from pipeline.batch.score_config import ScoreConfig
 from pipeline.data.reader import SkipTally, read_split
 from pipeline.data.shards import Manifest
 from pipeline.model.artifact import FlowPayload
-from pipeline.model.likelihood import predict_frame
+from pipeline.model.likelihood import CHUNK_DIMS, predict_frame
 
-__all__ = ["Scorer", "build_pipeline", "max_png_bytes", "pool_size"]
+__all__ = [
+    "Scorer",
+    "actor_batch_size",
+    "add_png_complexity",
+    "build_pipeline",
+    "max_png_bytes",
+    "pool_size",
+]
 
 
 def max_png_bytes(image: np.ndarray) -> bytes:
@@ -40,23 +51,45 @@ def max_png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def add_png_complexity(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Reader rows plus `png` (max-compression PNG bytes) and `png_bits_per_dim` (its size in
+    bits per dimension): the OOD score's complexity term, computed on a CPU (a read task)."""
+    images = batch["image"]  # (B, C, H, W) uint8
+    pngs = [max_png_bytes(image) for image in images]
+    dims = int(np.prod(images.shape[1:]))
+    return {
+        **batch,
+        "png": np.array(pngs, dtype=object),
+        "png_bits_per_dim": np.array([8.0 * len(p) / dims for p in pngs]),
+    }
+
+
 class Scorer:
     """Ray Data callable class: loads the flow once per actor, scores batches of reader rows.
 
-    Input batch (numpy): key, shard, image uint8 [B, C, H, W], label, nbytes. Output: the
-    OUTPUT_COLUMNS of pipeline.batch.score_output plus `png`, the max-compression PNG of this
+    Input batch (numpy): key, shard, image uint8 [B, C, H, W], label, nbytes; and `png`,
+    `png_bits_per_dim` when `add_png_complexity` ran before (else they are computed here). Output:
+    the OUTPUT_COLUMNS of pipeline.batch.score_output plus `png`, the max-compression PNG of this
     batch's `keep_png` least likely images (b"" for the others), so the driver can draw the least
-    likely images without images flowing through the pipeline.
+    likely images without images flowing through the pipeline. `precision` "bf16" runs the
+    conditioners under bfloat16 autocast (faster on GPUs; bits/dim then differ in the 3rd-4th
+    decimal, see the README's GPU section).
     """
 
     def __init__(
-        self, payload: Any, seed: int, draws: int, device: str = "cpu", keep_png: int = 0
+        self,
+        payload: Any,
+        seed: int,
+        draws: int,
+        device: str = "cpu",
+        keep_png: int = 0,
+        precision: str = "fp32",
     ) -> None:
         import ray
 
         if isinstance(payload, ray.ObjectRef):
             payload = ray.get(payload)
-        self.flow = payload.load(device)
+        self.flow = payload.load(device).set_precision(precision)
         self.seed, self.draws, self.keep_png = seed, draws, keep_png
         self.dims = self.flow.config.dims
 
@@ -65,8 +98,9 @@ class Scorer:
         images = np.require(batch["image"], requirements=["C", "W"])  # (B, C, H, W) uint8
         keys = [str(key) for key in batch["key"]]
         frame = predict_frame(self.flow, images, keys, self.seed, self.draws)
-        pngs = [max_png_bytes(image) for image in images]
-        png_bits = np.array([8.0 * len(p) / self.dims for p in pngs])
+        if "png" not in batch:
+            batch = add_png_complexity(batch)
+        pngs, png_bits = batch["png"], np.asarray(batch["png_bits_per_dim"], dtype=np.float64)
         bits = frame["bits_per_dim"].to_numpy()
         kept = np.full(len(keys), b"", dtype=object)
         for i in np.argsort(-bits, kind="stable")[: self.keep_png]:
@@ -81,6 +115,15 @@ class Scorer:
             "ood_score": bits - png_bits,
             "png": kept,
         }
+
+
+def actor_batch_size(config: ScoreConfig, dims: int) -> int:
+    """Images per actor batch: `config.batch_size` on CPUs; on GPUs at least the images that fill
+    one chunk of pipeline.model.likelihood (CHUNK_DIMS values: 5,461 images of 3x32x32), since a
+    GPU forward pass of a few hundred small images leaves it mostly idle."""
+    if config.gpus_per_actor > 0:
+        return max(config.batch_size, CHUNK_DIMS // dims)
+    return config.batch_size
 
 
 def pool_size(config: ScoreConfig) -> int:
@@ -110,6 +153,8 @@ def build_pipeline(
     import ray
     import ray.data
 
+    on_gpu = config.gpus_per_actor > 0
+    batch_size = actor_batch_size(config, int(np.prod(manifest.shape)))
     dataset = read_split(
         config.input,
         config.storage,
@@ -117,20 +162,22 @@ def build_pipeline(
         on_error=config.on_error,
         tally=tally,
         manifest=manifest,
-        rows_per_block=config.batch_size,
+        rows_per_block=batch_size,
         concurrency=config.read_concurrency,
     )
+    if on_gpu:  # a task-based map right after the read: Ray Data fuses it into the read tasks
+        dataset = dataset.map_batches(add_png_complexity, batch_format="numpy")
     return dataset.map_batches(
         Scorer,
         fn_constructor_kwargs={
             "payload": ray.put(payload),
             "seed": config.seed,
             "draws": config.draws,
-            "device": "cuda" if config.gpus_per_actor > 0 else "cpu",
+            "device": "cuda" if on_gpu else "cpu",
             "keep_png": config.least_likely,
         },
         compute=ray.data.ActorPoolStrategy(size=pool_size(config)),
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor or None,

@@ -73,11 +73,21 @@ class StepLoss:
 
     def fall_back(self, err: BaseException) -> None:
         self.compiled = None
-        first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        self.note = (
-            f"training step: eager (torch.compile failed: {type(err).__name__}: {first_line})"
-        )
+        self.note = f"training step: eager (torch.compile failed: {_cause(err)})"
         self.say(self.note)
+
+
+def _cause(err: BaseException) -> str:
+    """`Type: first line`, and the root cause's when it is another error (dynamo wraps the
+    backend's own error in BackendCompilerFailed, whose first line says only who raised)."""
+
+    def line(e: BaseException) -> str:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+
+    root = getattr(err, "inner_exception", None) or err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return line(err) if root is err else f"{line(err)} <- {line(root)}"
 
 
 @dataclass
