@@ -8,8 +8,10 @@ The embedded default is `sqlite:///<workdir>/mlflow.db` with artifacts in `<work
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ __all__ = [
     "default_tracking_uri",
     "ensure_experiment",
     "log_config_params",
+    "quiet_mlflow",
     "resolve_tracking_uri",
 ]
 
@@ -56,15 +59,35 @@ def resolve_tracking_uri(configured: str | None, workdir: str | Path = DEFAULT_W
     return uri
 
 
+@contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """MLflow's INFO lines and artifact progress bars off for the block: "Creating initial MLflow
+    database tables...", "Validating input example against model signature", a download bar for
+    a model's two artifacts: lines a job's user can do nothing with. Warnings still show."""
+    logger = logging.getLogger("mlflow")
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    logger.setLevel(logging.WARNING)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Set the tracking URI and return the experiment id of `name`, creating it if needed.
 
     For a SQLite store the artifact root is `<db folder>/mlartifacts` (absolute), never ./mlruns.
     """
     mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
     try:
-        experiment = client.get_experiment_by_name(name)
+        with quiet_mlflow():  # a new SQLite store logs its table creation
+            client = MlflowClient(tracking_uri)
+            experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
         artifact_location = None

@@ -27,6 +27,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from flowmodel import Flow
 from pipeline.model.artifact import save_flow
+from pipeline.tracking.connection import quiet_mlflow
 
 __all__ = [
     "EXAMPLE_IMAGES",
@@ -80,7 +81,7 @@ def log_flow_model(
             f"input_example: expected uint8 [B, {', '.join(map(str, shape))}], found "
             f"{example.dtype} {list(example.shape)}"
         )
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
         model_dir = save_flow(flow, Path(tmp) / "flow")
         return mlflow.pyfunc.log_model(
             name=name,

@@ -11,6 +11,8 @@ Logging the model itself is pipeline.tracking.logged_model (re-exported here).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -24,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from flowmodel import Flow
 from pipeline.errors import FlowrayError
 from pipeline.model.artifact import load_flow
-from pipeline.tracking.logged_model import SHIPPED_PIPELINE, log_flow_model
+from pipeline.tracking.logged_model import SHIPPED_PIPELINE, log_flow_model, quiet_mlflow
 
 __all__ = [
     "CANDIDATE",
@@ -172,7 +174,12 @@ def register_flow(
         )
     shape = _image_shape(model_uri)  # first: a model that is not a flow gets no version
     tags = {VAL_TAG: f"{float(val_bits_per_dim):.6f}", SHAPE_TAG: shape}
-    version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+    # register_model prints "Successfully registered model ..." / "Created version ..." to
+    # stderr; the jobs print the decision instead (Promotion.reason).
+    printed = io.StringIO()
+    with quiet_mlflow(), contextlib.redirect_stderr(printed):
+        version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+    log.debug("mlflow.register_model: %s", printed.getvalue().strip())
     MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
     return promote(name, version, force=False)
 
@@ -183,7 +190,8 @@ def _finite(value: object) -> bool:
 
 def _image_shape(model_uri: str) -> str:
     """The logged flow's (C, H, W) as "1x28x28", from the metadata `log_flow_model` writes."""
-    metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+    with quiet_mlflow():  # it downloads MLmodel, with a progress bar
+        metadata = mlflow.models.get_model_info(model_uri).metadata or {}
     if "flow_config" not in metadata:
         raise ValueError(
             f"{model_uri}: expected a flow logged by log_flow_model (metadata flow_config), "
