@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from pipeline.serve.config import ServeConfig
-    from pipeline.serve.runner import check_port_free, start, stop
+    from pipeline.serve.runner import check_model, check_port_free, start, stop
     from pipeline.tracking.connection import resolve_tracking_uri
 
     flags = {field: getattr(args, option) for option, field in FIELDS.items()}
@@ -138,9 +138,10 @@ def serve(args: argparse.Namespace) -> int:
         )
     if not on_cluster:
         check_port_free(config.host, config.port)
+    check_model(config)  # before Ray starts: a wrong reference fails in seconds
     stopped = _stop_on_signals()  # before starting: a Ctrl-C during start-up still stops cleanly
     _connect(args.address)
-    info = start(config)
+    info = start(config, model_checked=True)
     print(
         f"serving {info.reference} ({info.name} v{info.version}, images {'x'.join(map(str, info.image_shape))})\n"
         f"  score:  curl -s -H 'Content-Type: image/png' --data-binary @image.png {info.url}/score\n"

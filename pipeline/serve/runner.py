@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pipeline.errors import FlowrayError
 from pipeline.serve.config import ServeConfig
 
-__all__ = ["PortInUse", "ServingInfo", "check_port_free", "start", "stop"]
+__all__ = ["PortInUse", "ServingInfo", "check_model", "check_port_free", "start", "stop"]
 
 
 class PortInUse(FlowrayError, ValueError):
@@ -46,17 +46,27 @@ def check_port_free(host: str, port: int) -> None:
             ) from err
 
 
-def start(config: ServeConfig) -> ServingInfo:
-    """Deploy `config`'s model as the Serve application `config.app_name`; returns once a
-    replica answers. `config.tracking_uri` must be resolved (replicas read it as given)."""
+def check_model(config: ServeConfig) -> None:
+    """Resolve `config.model` here (needs no Ray): ModelNotFound, with the registry's aliases
+    listed, in seconds instead of from a replica that Ray Serve retries."""
     import mlflow
-    from ray import serve
 
     from pipeline.batch.resolve import resolve_batch_model
-    from pipeline.serve.deployment import build_app
 
     mlflow.set_tracking_uri(config.tracking_uri)
-    resolve_batch_model(config.model)  # ModelNotFound here, not in a retried replica
+    resolve_batch_model(config.model)
+
+
+def start(config: ServeConfig, model_checked: bool = False) -> ServingInfo:
+    """Deploy `config`'s model as the Serve application `config.app_name`; returns once a
+    replica answers. `config.tracking_uri` must be resolved (replicas read it as given). The
+    model is checked first (`check_model`) unless the caller did."""
+    from ray import serve
+
+    from pipeline.serve.deployment import build_app
+
+    if not model_checked:
+        check_model(config)
     serve.start(http_options={"host": config.host, "port": config.port})
     handle = serve.run(
         build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False

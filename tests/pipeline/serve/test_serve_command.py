@@ -107,3 +107,16 @@ def test_a_port_in_use_is_a_usage_error_before_ray_starts(
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}: expected a free port, found it in use" in err
     assert "hint: pass another --port" in err
+
+
+def test_an_unknown_alias_fails_in_seconds_listing_the_aliases(
+    trained_model: TrainedModel, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    started = time.monotonic()
+    argv = ["--model", "models:/fmnist-test@best", "--port", str(free_port())]
+    assert serve_job.main([*argv, "--tracking-uri", trained_model.tracking_uri]) == 2
+    assert time.monotonic() - started < 60  # no Ray, no Serve retries of a failing replica
+    err = capsys.readouterr().err
+    assert "model 'models:/fmnist-test@best' not found: 'fmnist-test' has aliases" in err
+    assert "hint: check the name and alias with `flowray models list`" in err
