@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +87,49 @@ class LocalStack:
         return result.stdout
 
     def up(self, *services: str) -> LocalStack:
-        """Start the given services (default: all) unless they run; collect their env."""
+        """Start the given services (default: all) unless they run; collect their env. The
+        cluster counts as up once its job server takes jobs (see wait_for_job_agent)."""
         for service in services or SERVICES:
             extra = self.cluster_settings if service == "cluster" else None
             self.exports[service] = parse_exports(self.run_script(f"{service}-up", extra_env=extra))
+            if service == "cluster":
+                self.wait_for_job_agent()
         return self
+
+    def wait_for_job_agent(self) -> None:
+        """Wait until the head node's job agent takes a job. cluster-up.sh returns once both
+        nodes are up, but the dashboard agent that runs jobs may register seconds later (more on
+        a loaded machine), and the job server answers "No available agent to submit job" to any
+        submission before that (after waiting only 10 s itself). So: submit a no-op job until it
+        is accepted, then wait for it to end."""
+        code = f"""
+            import sys, time
+            from ray.job_submission import JobStatus, JobSubmissionClient
+            client = JobSubmissionClient({self.dashboard_url!r})
+            deadline = time.monotonic() + {SCRIPT_TIMEOUT_S}
+            while True:
+                try:
+                    job = client.submit_job(entrypoint="true")
+                    break
+                except RuntimeError as err:
+                    if "No available agent" not in str(err) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+            while client.get_job_status(job) not in {{JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                     JobStatus.STOPPED}}:
+                assert time.monotonic() < deadline, "the no-op job did not end"
+                time.sleep(0.5)
+            print(client.get_job_status(job))
+            """
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env=self.environ(),
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT_S + 60,
+        )
+        if result.returncode != 0 or "SUCCEEDED" not in result.stdout:
+            pytest.fail(f"the cluster's job server takes no job:\n{result.stderr[-4000:]}")
 
     def use_cluster_settings(self, **settings: str) -> None:
         """cluster-up.sh settings (RAY_HEAD_CPUS="3", ...) for the cluster from now on; none means

@@ -282,8 +282,10 @@ def test_training_puts_one_worker_on_each_node_and_registers_a_champion(pipeline
     )
     assert_succeeded(done)
     assert "done: 20 steps" in done.out
+    # jobs/train.py: "model: registered <name> v<n> (alias candidate), now champion (...)"
     version = re.search(
-        rf"model: models:/{pipeline.model}/(\d+) \(alias candidate, champion", done.out
+        rf"model: registered {re.escape(pipeline.model)} v(\d+) \(alias candidate\), now champion",
+        done.out,
     )
     assert version, done.out[-3000:]
 
