@@ -29,6 +29,7 @@ class ServeConfig:
         reload_interval_s: how often a replica asks the registry where the alias points
             (0: never; only models:/<name>@<alias> references reload).
         replicas, cpus_per_replica: Ray Serve replicas of the deployment and their CPUs.
+        access_log: one log line per request in the replicas' logs (Ray Serve's access log).
     """
 
     model: str
@@ -45,6 +46,7 @@ class ServeConfig:
     reload_interval_s: float = 30.0
     replicas: int = 1
     cpus_per_replica: float = 1.0
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -79,4 +79,5 @@ def build_app(config: ServeConfig) -> Any:
         num_replicas=config.replicas,
         max_ongoing_requests=config.ongoing_requests,
         ray_actor_options={"num_cpus": config.cpus_per_replica},
+        logging_config={"enable_access_log": config.access_log},
     ).bind(config)
