@@ -5,7 +5,9 @@
     model       the served model: resolved by reference, scored with the batch scorer, and
                 reloaded when its registry alias moves
     deployment  the Ray Serve deployment (FastAPI ingress, @serve.batch) and the application
-    bench       no: the throughput suite is pipeline.bench.serving
+    runner      start (model checked first) and stop the application on Ray Serve
+
+The throughput suite is pipeline.bench.serving; the command is jobs/serve.py.
 
 An answer is the score job's row for the same image: bits/dim, log-likelihood and the OOD score
 come from pipeline.batch.score_pipeline.Scorer, so the two never drift apart.
