@@ -344,19 +344,6 @@ def test_sampling_writes_images_from_the_champion(pipeline):
 HOLD_STEP = 10
 
 
-def _needs_hold_hook() -> None:
-    import dataclasses
-
-    from pipeline.train.config import TrainConfig
-
-    if "hold_at_step" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        pytest.skip(
-            "needs the training loop's test-only hold_at_step hook (TrainConfig.hold_at_step; "
-            "every worker waits at that step until <run.storage_path>/<run.name>/release-hold "
-            "exists, the chief printing 'holding at step N')"
-        )
-
-
 def latest_checkpoint_step(pipeline: Pipeline, run_url: str) -> int | None:
     """The step of the checkpoint Ray Train has registered as latest for a run (from its
     checkpoint manager snapshot in storage), or None before the first."""
@@ -389,7 +376,6 @@ def test_losing_the_worker_node_during_training_resumes_from_the_checkpoint(pipe
     until the test writes the release marker, so training cannot pass that step before the node
     is killed; and the node is killed only once Ray Train has registered the step-10 checkpoint.
     The marker is written before the node comes back, so the resumed run does not hold again."""
-    _needs_hold_hook()
     run = "node-loss"
     # A model name of its own: this run must not move the champion the other tests score with.
     args = pipeline.train_args(
