@@ -45,6 +45,7 @@ from pipeline.bench.gpu_training import (
     Report,
     Settings,
     base_config,
+    precision_race,
     smooth_images,
     timed,
     train_phase,
@@ -243,11 +244,13 @@ def phases(settings: Settings, report: Report) -> Iterator[str]:
     }
     print(f"GPU bench: {machine(settings.device)}; {config.model}", flush=True)
     started = time.perf_counter()
+    if settings.train_only:  # the CPU precision comparison
+        precision_race(data, settings, report)
+        yield "race"
+        return
     training = train_phase(data, settings, report)
     assert training is not None
     yield "train"
-    if settings.train_only:
-        return
     score_phase(training.ema.model, settings, report)
     yield "score"
     sample_phase(training.ema.model, settings, report)
@@ -291,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size")
     parser.add_argument("--config", default="rgb32", help="preset name or YAML (model, optim)")
-    parser.add_argument("--train-only", action="store_true", help="the training rows only")
+    parser.add_argument(
+        "--train-only", action="store_true", help="only fp32 vs bf16, steps interleaved"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
     return parser

@@ -26,6 +26,7 @@ __all__ = [
     "Settings",
     "base_config",
     "batches",
+    "precision_race",
     "smooth_images",
     "timed",
     "train_phase",
@@ -52,7 +53,7 @@ class Settings:
     small: bool = False  # a shrunken model (the smoke run)
     compile_after_seconds: float = 200.0  # the compiled run is skipped when started later
     preset: str = "rgb32"  # a jobs/configs name or a YAML path: the model and optimizer
-    train_only: bool = False  # the training rows only (the CPU precision comparison)
+    train_only: bool = False  # only fp32 vs bf16, interleaved (the CPU precision comparison)
 
     @classmethod
     def toy(cls, device: torch.device) -> Settings:
@@ -192,3 +193,34 @@ def train_phase(
         report.figures.update({f"{name}: {key}": value for key, value in figures.items()})
         first = first or training
     return first
+
+
+def precision_race(data: dict[str, np.ndarray], settings: Settings, report: Report) -> None:
+    """fp32 and bf16 from the same start on the same batches, their steps interleaved so that
+    both see the same load (a shared machine drifts between sequential runs): the median step
+    time of each (after `timed_from` steps), and held-out EMA bits/dim after `steps` steps."""
+    base, device = base_config(settings), settings.device
+    configs = {"fp32": base, "bf16": replace(base, precision="bf16")}
+    trainings = {
+        name: start_training(fresh_flow(config, data["train"]), config, device)
+        for name, config in configs.items()
+    }
+    pool, order = torch.from_numpy(data["train"]).to(device), torch.Generator().manual_seed(1)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for step in range(settings.steps):
+        batch = pool[torch.randint(0, len(pool), (base.batch_size,), generator=order).to(device)]
+        for name, training in trainings.items():
+            seconds, _ = timed(device, partial(run_step, training, configs[name], batch, step))
+            times[name].append(seconds)
+    rates, bits = {}, {}
+    for name, training in trainings.items():
+        rates[name] = base.batch_size / float(np.median(times[name][settings.timed_from :]))
+        bits[name], _ = evaluate_bits_per_dim(training.ema.model, batches(data["eval"], 500, "e"))
+    for name in configs:
+        note = f"{settings.steps} interleaved steps of batch {base.batch_size}, median step time"
+        if name == "bf16":
+            note = f"x{rates['bf16'] / rates['fp32']:.2f} of fp32; {bits['bf16'] - bits['fp32']:+.5f} bits/dim"
+        report.add(f"race {name}", rates[name], bits[name], note)
+        report.figures.update(
+            {f"race {name} images/s": rates[name], f"race {name} bits": bits[name]}
+        )

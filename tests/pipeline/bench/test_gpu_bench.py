@@ -43,7 +43,7 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
     rows = {}
     for line in markdown.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 4:
+        if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("what", "---"):
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -81,3 +81,15 @@ def test_without_a_gpu_it_says_so_and_exits_zero() -> None:
         "no CUDA device on this machine: the GPU bench did not run "
         "(--device cpu --small runs its CPU smoke)"
     )
+
+
+@pytest.mark.timeout(330)
+def test_precision_race_reports_both_precisions_from_interleaved_steps(tmp_path: Path) -> None:
+    out = tmp_path / "race.md"
+    result = run_bench("--device", "cpu", "--small", "--train-only", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table_rows(out.read_text())
+    assert list(rows) == ["race fp32", "race bf16"]
+    for rate, bits, _ in rows.values():
+        assert number(rate) > 0 and 0 < number(bits) < 9
+    assert re.match(r"x\d+\.\d\d of fp32; [+-]\d\.\d{5} bits/dim", rows["race bf16"][2])
