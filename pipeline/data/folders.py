@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.images import BadImage, ImageLimits, fit_image, open_image
+from pipeline.data.images import BadImage, ImageLimits, decode_fitted
 from pipeline.data.source_base import SourceError, SourceImage, check_target
 from pipeline.data.streams import RetryPolicy, with_retries
 from pipeline.storage import StorageConfig, fsspec_filesystem
@@ -116,16 +116,7 @@ class FolderSource:
     def _read_one(self, fs: Any, path: str, listed_size: int) -> np.ndarray:
         """One file as uint8 [C, H, W]; BadImage for bad inputs. Storage faults are retried and,
         when they last, raised (TransientReadError): they say nothing about the image."""
-        from PIL import ImageOps
-
         self.limits.check_bytes(listed_size)  # before downloading it
         data = with_retries(lambda: fs.cat_file(path), self.retry, path)
         channels, *size = self._shape
-        with open_image(data, self.limits) as image:
-            try:
-                image.load()
-                upright = ImageOps.exif_transpose(image)
-                return fit_image(upright, channels, tuple(size))
-            except (OSError, ValueError, SyntaxError) as err:
-                # Pillow raises these for truncated or corrupt image data.
-                raise BadImage(f"cannot decode image: {err}") from err
+        return decode_fitted(data, channels, tuple(size), self.limits).pixels

@@ -4,6 +4,7 @@
     image = open_image(data, limits)          # header read and checked, nothing decoded yet
     pixels = decode_image(data, (1, 28, 28))  # a shard member: checked against the split's shape
     pixels = fit_image(image, 3, (64, 64))    # any photo to the target channels and size
+    fitted = decode_fitted(data, 3, (64, 64), limits)  # bytes -> checked, upright, fitted
 
 Bad inputs are refused before any pixel is decoded: a file larger than `max_bytes`, or a header
 that declares more than `max_pixels` pixels (a decompression bomb: a 15000x15000 PNG of a few
@@ -31,7 +32,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BadImage",
+    "FittedImage",
     "ImageLimits",
+    "decode_fitted",
     "decode_image",
     "encode_png",
     "fit_array",
@@ -188,6 +191,40 @@ def fit_array(hwc: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarr
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[have]
     pixels = hwc[:, :, 0] if have == 1 else hwc
     return fit_image(Image.fromarray(np.ascontiguousarray(pixels), mode), channels, size)
+
+
+@dataclass(frozen=True)
+class FittedImage:
+    """An encoded image decoded and fitted: `pixels` uint8 [C, H, W]; `width` x `height` is its
+    size before fitting (upright, after the EXIF orientation)."""
+
+    pixels: np.ndarray
+    width: int
+    height: int
+
+
+def decode_fitted(
+    data: bytes, channels: int, size: tuple[int, int], limits: ImageLimits | None = None
+) -> FittedImage:
+    """Encoded bytes (JPEG, PNG, WebP, ...) as a `FittedImage`: limits checked from the header
+    before decoding, turned upright by its EXIF orientation, then `fit_image`. The one path of
+    every encoded input (folder files, foreign shard members), so the same bytes give the same
+    pixels whichever way they are read.
+
+    Raises:
+        BadImage: over the limits, not an image, or truncated/corrupt image data.
+    """
+    from PIL import ImageOps
+
+    with open_image(data, limits) as image:
+        try:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            width, height = upright.size
+            return FittedImage(fit_image(upright, channels, size), width, height)
+        except (OSError, ValueError, SyntaxError) as err:
+            # Pillow raises these for truncated or corrupt image data.
+            raise BadImage(f"cannot decode image: {err}") from err
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -1,11 +1,15 @@
-"""The Ray Data side of `pipeline.data.reader.read_split`: a datasource of shard-reading tasks.
+"""The Ray Data side of the readers: a datasource of shard-reading tasks.
 
-Imported only inside `read_split`, so the plain iterator never imports Ray.
+`shard_datasource` reads a prepared split (`pipeline.data.reader.read_split`); `tasks_datasource`
+is the general form that `pipeline.data.input_reader.read_input` uses for any input. Imported
+only where a Ray dataset is built, so the plain iterators never import Ray.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,85 +17,117 @@ import numpy as np
 from pipeline.data.reader import _read_shards, _Spec
 from pipeline.storage import join_url
 
-__all__ = ["shard_datasource"]
+__all__ = ["TaskPlan", "shard_datasource", "tasks_datasource"]
+
+# (shard ids of one task, seed, shuffle) -> the rows of those shards, in order.
+ReadShards = Callable[[list[str], "int | None", bool], Iterator[dict]]
 
 
 def _rows_to_block(rows: list[dict]) -> Any:
+    """Rows (dicts of the same keys) as one Ray block: images stacked, strings as objects."""
     from ray.data.block import BlockAccessor
 
-    batch = {
-        "key": np.array([r["key"] for r in rows], dtype=object),
-        "shard": np.array([r["shard"] for r in rows], dtype=object),
-        "image": np.stack([r["image"] for r in rows]),  # (n, C, H, W)
-        "label": np.array([r["label"] for r in rows], dtype=np.int64),
-        "nbytes": np.array([r["nbytes"] for r in rows], dtype=np.int64),
-    }
+    batch = {}
+    for column, first in rows[0].items():
+        values = [r[column] for r in rows]
+        if isinstance(first, np.ndarray):
+            batch[column] = np.stack(values)  # (n, C, H, W)
+        elif isinstance(first, str):
+            batch[column] = np.array(values, dtype=object)
+        else:
+            batch[column] = np.array(values, dtype=np.int64)
     return BlockAccessor.batch_to_block(batch)
 
 
-def _read_task(spec: _Spec, names: list[str], seed: int | None, shuffle: bool, rows_per_block: int):
+def _read_task(read: ReadShards, ids: list[str], seed: int | None, shuffle: bool, per_block: int):
     rows: list[dict] = []
-    for row in _read_shards(spec, names, seed, shuffle):
+    for row in read(ids, seed, shuffle):
         rows.append(row)
-        if len(rows) == rows_per_block:
+        if len(rows) == per_block:
             yield _rows_to_block(rows)
             rows = []
     if rows:
         yield _rows_to_block(rows)
 
 
-def shard_datasource(
-    spec: _Spec, names: list[str], shuffle: bool, seed: int | None, rows_per_block: int
-) -> Any:
-    """A Ray Data Datasource reading `names` of the split in `spec`."""
+@dataclass(frozen=True)
+class TaskPlan:
+    """What the read tasks read: shard ids (passed to `read`), their URLs, and size estimates."""
+
+    name: str  # the datasource's name in Ray's progress and stats
+    ids: Sequence[str]
+    urls: Sequence[str]
+    rows: Sequence[int | None]  # rows per shard, None when unknown (foreign shards)
+    bytes_per_row: int  # in memory
+    read: ReadShards
+
+
+def _groups(order: list[int], parallelism: int) -> list[list[int]]:
+    count = max(1, min(parallelism, len(order)))
+    return [[int(i) for i in g] for g in np.array_split(np.array(order), count) if len(g)]
+
+
+def tasks_datasource(plan: TaskPlan, shuffle: bool, seed: int | None, rows_per_block: int) -> Any:
+    """A Ray Data Datasource: one read task per group of shards; with `shuffle`, the shard
+    order is drawn again at every execution (epoch), reproducibly when a seed is given."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    image_bytes = int(np.prod(spec.manifest.shape))
+    known = all(r is not None for r in plan.rows)
 
-    class ShardDatasource(Datasource):
-        """One read task per group of shards; shard order reshuffled at every execution."""
-
+    class ShardTasks(Datasource):
         def __init__(self) -> None:
             super().__init__()
             self._executions = 0
 
         def get_name(self) -> str:
-            return "FlowrayShards"
+            return plan.name
 
-        def estimate_inmemory_data_size(self) -> int:
-            return sum(spec.manifest.shard(n).count for n in names) * (image_bytes + 64)
+        def estimate_inmemory_data_size(self) -> int | None:
+            return sum(plan.rows) * (plan.bytes_per_row + 64) if known else None  # type: ignore[arg-type]
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-            order = list(names)
+            order = list(range(len(plan.ids)))
             task_seed = None
             if shuffle:
-                # A new permutation per execution (epoch); reproducible when a seed is given.
                 task_seed = None if seed is None else seed + self._executions
                 np.random.default_rng(task_seed).shuffle(order)
             self._executions += 1
-            groups = [
-                g
-                for g in np.array_split(
-                    np.array(order, dtype=object), max(1, min(parallelism, len(order)))
-                )
-                if len(g)
-            ]
             tasks = []
-            for i, group in enumerate(groups):
-                group_names = [str(n) for n in group]
-                count = sum(spec.manifest.shard(n).count for n in group_names)
+            for i, group in enumerate(_groups(order, parallelism)):
+                rows = [plan.rows[j] for j in group]
+                count = sum(rows) if all(r is not None for r in rows) else None  # type: ignore[arg-type]
                 metadata = BlockMetadata(
                     num_rows=count,
-                    size_bytes=count * (image_bytes + 64),
-                    input_files=[join_url(spec.split_url, n) for n in group_names],
+                    size_bytes=None if count is None else count * (plan.bytes_per_row + 64),
+                    input_files=[plan.urls[j] for j in group],
                     exec_stats=None,
                 )
                 group_seed = None if task_seed is None else task_seed * 100_003 + i
+                ids = [plan.ids[j] for j in group]
                 read = functools.partial(
-                    _read_task, spec, group_names, group_seed, shuffle, rows_per_block
+                    _read_task, plan.read, ids, group_seed, shuffle, rows_per_block
                 )
                 tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
             return tasks
 
-    return ShardDatasource()
+    return ShardTasks()
+
+
+def _prepared_reader(spec: _Spec, ids: list[str], seed: int | None, shuffle: bool):
+    return _read_shards(spec, ids, seed, shuffle)
+
+
+def shard_datasource(
+    spec: _Spec, names: list[str], shuffle: bool, seed: int | None, rows_per_block: int
+) -> Any:
+    """A Ray Data Datasource reading `names` of the prepared split in `spec`."""
+    plan = TaskPlan(
+        name="FlowrayShards",
+        ids=list(names),
+        urls=[join_url(spec.split_url, n) for n in names],
+        rows=[spec.manifest.shard(n).count for n in names],
+        bytes_per_row=int(np.prod(spec.manifest.shape)),
+        read=functools.partial(_prepared_reader, spec),
+    )
+    return tasks_datasource(plan, shuffle, seed, rows_per_block)

@@ -73,7 +73,7 @@ import numpy as np
 
 from pipeline.data.images import ImageLimits, decode_image
 from pipeline.data.manifest import Manifest, ManifestError, compare_shards, load_manifest
-from pipeline.data.shard_reader import WHOLE_SHARD, iter_shard, refused_shard
+from pipeline.data.shard_reader import WHOLE_SHARD, Report, iter_shard, refused_shard
 from pipeline.data.streams import RetryPolicy, TransientReadError
 from pipeline.data.tally import ShardOutcome, Skipped, SkipTally
 from pipeline.errors import FlowrayError
@@ -164,14 +164,21 @@ def _size_reason(found: int, expected: int) -> str:
 
 
 def _check_shards_present(
-    split_url: str, manifest: Manifest, names: list[str], spec: _Spec, storage: StorageConfig | None
+    split_url: str,
+    manifest: Manifest,
+    names: list[str],
+    spec: _Spec,
+    storage: StorageConfig | None,
+    files: dict[str, int] | None = None,
+    report: Report | None = None,
 ) -> list[str]:
     """`names` less the shards that are missing or have another size than the manifest's.
 
     Under "fail" such a shard, or a shard file the manifest does not list, raises before any
-    work; under "skip" the bad shards are reported to the tally as left out.
+    work; under "skip" the bad shards are reported (`report`, default: the tally) as left out.
+    `files` ({name: size}) is a listing the caller made already; None lists the split.
     """
-    diff = compare_shards(manifest, list_files(split_url, storage))
+    diff = compare_shards(manifest, list_files(split_url, storage) if files is None else files)
     where = join_url(split_url, "manifest.json")
     if spec.on_error == "fail":
         if diff.extra:
@@ -201,7 +208,7 @@ def _check_shards_present(
         if name not in refused:
             keep.append(name)
             continue
-        spec.tally.add_outcome(*refused_shard(manifest.shard(name), refused[name]))  # type: ignore[union-attr]
+        (report or spec.tally.add_outcome)(*refused_shard(manifest.shard(name), refused[name]))  # type: ignore[union-attr]
     return keep
 
 

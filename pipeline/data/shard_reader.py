@@ -13,7 +13,7 @@ import logging
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pipeline.data.images import BadImage, ImageLimits, decode_image
 from pipeline.data.manifest import Manifest, ShardInfo
@@ -21,7 +21,15 @@ from pipeline.data.streams import ResumingReader, RetryPolicy, TransientReadErro
 from pipeline.data.tally import ShardOutcome, Skipped
 from pipeline.storage import StorageConfig, fsspec_filesystem
 
-__all__ = ["WHOLE_SHARD", "Report", "iter_shard", "refused_shard"]
+__all__ = [
+    "WHOLE_SHARD",
+    "Report",
+    "TarSample",
+    "hold_last_row",
+    "iter_shard",
+    "refused_shard",
+    "tar_samples",
+]
 
 # The reader's logger: one place to configure what readers say.
 logger = logging.getLogger("pipeline.data.reader")
@@ -83,25 +91,46 @@ class _Hashing:
             pass
 
 
-def _tar_samples(stream: Any, max_bytes: int) -> Iterator[tuple[str, dict[str, bytes], str]]:
-    """(key, {extension: bytes}, oversized) per sample of a WebDataset tar stream, in order.
+class TarSample(NamedTuple):
+    """One WebDataset sample: its key, the members read ({extension: bytes}), the extensions
+    present but not read (not wanted), and why it is oversized ("" when it is not)."""
 
-    WebDataset groups consecutive members by the name up to the first dot of the base name. A
-    member larger than `max_bytes` (from its tar header) is not read; `oversized` says so.
-    Raises tarfile.TarError / EOFError on a truncated or unreadable archive.
+    key: str
+    members: dict[str, bytes]
+    unread: tuple[str, ...]
+    oversized: str
+
+
+def tar_samples(
+    stream: Any, max_bytes: int, wanted: Callable[[str], bool] | None = None
+) -> Iterator[TarSample]:
+    """The samples of a WebDataset tar stream, in order.
+
+    WebDataset groups consecutive members by key: the member's path up to the first dot of its
+    base name ("a/b/x.seg.png" -> key "a/b/x", extension "seg.png"; extensions lower-cased).
+    Members whose extension `wanted` refuses are skipped unread (their bytes stream past); a
+    wanted member larger than `max_bytes` (from its tar header) is not read and makes the sample
+    `oversized`. Raises tarfile.TarError / EOFError on a truncated or unreadable archive.
     """
-    key, members, oversized = None, {}, ""
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    unread: list[str] = []
+    oversized = ""
     with tarfile.open(fileobj=stream, mode="r|") as archive:
         for member in archive:
             if not member.isfile():
                 continue
             folder, _, base = member.name.rpartition("/")
             stem, _, extension = base.partition(".")
+            extension = extension.lower()
             member_key = f"{folder}/{stem}" if folder else stem
             if member_key != key:
                 if key is not None:
-                    yield key, members, oversized
-                key, members, oversized = member_key, {}, ""
+                    yield TarSample(key, members, tuple(unread), oversized)
+                key, members, unread, oversized = member_key, {}, [], ""
+            if wanted is not None and not wanted(extension):
+                unread.append(extension)
+                continue
             if member.size > max_bytes:
                 oversized = (
                     f"member {base} of {member.size:,} bytes is larger than the limit of "
@@ -109,9 +138,15 @@ def _tar_samples(stream: Any, max_bytes: int) -> Iterator[tuple[str, dict[str, b
                 )
                 continue
             extracted = archive.extractfile(member)
-            members[extension.lower()] = extracted.read() if extracted else b""
+            members[extension] = extracted.read() if extracted else b""
     if key is not None:
-        yield key, members, oversized
+        yield TarSample(key, members, tuple(unread), oversized)
+
+
+def _tar_samples(stream: Any, max_bytes: int) -> Iterator[tuple[str, dict[str, bytes], str]]:
+    """(key, {extension: bytes}, oversized) per sample (prepared shards: every member read)."""
+    for sample in tar_samples(stream, max_bytes):
+        yield sample.key, sample.members, sample.oversized
 
 
 @dataclass
@@ -264,21 +299,43 @@ def iter_shard(
     limits: ImageLimits | None = None,
     retry: RetryPolicy | None = None,
     report: Report | None = None,
+    mark_last: bool = False,
 ) -> Iterator[dict]:
     """Rows of one shard (the shared decode path of both readers; see the module docstring).
 
     Under "skip", problems are logged, appended to `problems`, and `report(outcome, records)` is
     called once the shard has been read to its end, before its last row is handed on; under
     "fail" the first problem raises CorruptDataError (TransientReadError for storage failures).
+    `mark_last` adds `shard_rows` to every row (see `hold_last_row`).
     """
     state = _ShardState(info, on_error)
     rows = _shard_rows(
         shard_url, manifest, storage, state, limits or ImageLimits(), retry or RetryPolicy()
     )
+    yield from hold_last_row(rows, state, problems, report, mark_last)
+
+
+def hold_last_row(
+    rows: Iterator[dict],
+    state: Any,
+    problems: list[Skipped] | None,
+    report: Report | None,
+    mark_last: bool = False,
+) -> Iterator[dict]:
+    """`rows` of one shard, the last held back until the shard's outcome is reported.
+
+    `state` is what reading found (`.rows`, `.reason`, `.outcome(handed)`); the last row is
+    handed on only when the shard is complete, so a consumer holding all of a shard's rows knows
+    it was read whole. With `mark_last`, every row carries `shard_rows`: -1, except the last of a
+    complete shard, where it is the number of rows the shard handed on (an in-band end marker
+    for consumers that cannot ask the tally, such as a Ray Data pipeline).
+    """
     held = None
     for row in rows:
         if held is not None:
             yield held
+        if mark_last:
+            row["shard_rows"] = -1
         held = row
     complete = not state.reason
     handed = state.rows - (1 if held is not None and not complete else 0)
@@ -288,6 +345,8 @@ def iter_shard(
     if report is not None:
         report(outcome, records)
     if held is not None and complete:
+        if mark_last:
+            held["shard_rows"] = handed
         yield held
 
 

@@ -1,4 +1,5 @@
-"""Image sources for `flowray prepare`: IDX files, image folder trees and .npy arrays, local or S3.
+"""Image sources for `flowray prepare`: IDX files, image folder trees, .npy arrays and foreign
+WebDataset shards (`pipeline.data.webdataset_source`), local or S3.
 
 A source is a small picklable description (URLs, target shape, a file list): it is sent to the Ray
 tasks that write shards, and each task reads only the images of its own shards. Nothing reads a
@@ -410,10 +411,12 @@ def open_source(
     seed: int = 0,
     limits: ImageLimits | None = None,
 ) -> ImageSource:
-    """A source from a spec: `idx:<folder>`, `folder:<url>` or `npy:<images.npy>[,<labels.npy>]`.
+    """A source from a spec: `idx:<folder>`, `folder:<url>`, `npy:<images.npy>[,<labels.npy>]`
+    or `webdataset:<brace pattern | prefix | list file | .tar>` (foreign WebDataset shards).
 
     `idx:` alone means `default_idx_dir()`. Local paths and s3:// URLs both work. `limits` bound
-    the image files of folder sources (IDX and .npy hold raw pixels of a declared shape).
+    the image files of folder and webdataset sources (IDX and .npy hold raw pixels of a declared
+    shape).
     """
     kind, _, location = spec.partition(":")
     if kind == "idx":
@@ -427,13 +430,18 @@ def open_source(
         source: ImageSource = IdxSource(location, storage, channels, size)
     elif kind == "folder" and location:
         source = FolderSource(location, storage, channels, size, limits=limits)
+    elif kind == "webdataset" and location:
+        from pipeline.data.webdataset_source import WebDatasetSource
+
+        source = WebDatasetSource(location, storage, channels, size, limits=limits)
     elif kind == "npy" and location:
         images, _, labels = location.partition(",")
         source = NpySource(images, labels or None, storage, channels, size)
     else:
         raise SourceError(
             f"unknown source {spec!r}",
-            hint="use idx:<folder>, folder:<url> or npy:<images.npy>[,<labels.npy>]",
+            hint="use idx:<folder>, folder:<url>, npy:<images.npy>[,<labels.npy>] or "
+            "webdataset:<shard pattern, prefix or list>",
         )
     if val_fraction:
         source = FractionSplit(source, val_fraction, seed)

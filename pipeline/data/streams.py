@@ -145,7 +145,7 @@ def with_retries(call: Callable[[], T], policy: RetryPolicy, what: str) -> T:
 class ResumingReader:
     """A read-only binary stream of one object that rides out transient faults.
 
-    Opens `path` on `fs` (fsspec), learns its size, and serves `read(n)`; a transient error or a
+    Opens `path` on `fs` (fsspec), learns its size (and `info`), and serves `read(n)`; a transient error or a
     stream that ends before `size` closes the file, waits, reopens it and seeks to the position
     reached. `retries` counts the retries made.
     """
@@ -158,7 +158,10 @@ class ResumingReader:
         self._file: Any = None
         self._position = 0
         self.retries = 0
-        self.size: int = with_retries(lambda: int(fs.info(path)["size"]), policy, what)
+        # The info at open (size, and ETag or mtime): what this reader reads, whatever a
+        # listing said before.
+        self.info: dict[str, Any] = with_retries(lambda: dict(fs.info(path)), policy, what)
+        self.size: int = int(self.info["size"])
 
     def _open(self) -> Any:
         file = self._fs.open(self._path, "rb", block_size=self._block_size)

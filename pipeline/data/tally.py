@@ -52,13 +52,14 @@ class ShardOutcome:
     """How reading one shard ended (see the module docstring)."""
 
     shard: str
-    expected: int  # samples the manifest lists
+    expected: int  # samples the manifest lists (foreign shards: the samples met in the tar)
     rows: int  # rows handed on
     complete: bool
     reason: str = ""  # why it is incomplete; "" when complete
     skipped_keys: tuple[str, ...] = ()  # bad images (their rows were not handed on)
     retries: int = 0  # transient storage faults ridden out
     transient: bool = False  # incomplete because storage kept failing: a rerun may read it
+    version: str = ""  # foreign shards: the version read ("etag:..."/"mtime:..."; see inputs.py)
 
     @property
     def lost(self) -> int:
