@@ -4,19 +4,35 @@
 
 Runs locally (Ray started in-process) or on a cluster (`--address`, or under `ray job submit`).
 A rerun scores only shards without output; see pipeline/batch/scoring.py for the layout.
+
+Exit codes: 0 every shard scored; 3 (EXIT_PARTIAL) finished, but shards that could not be read
+whole were left out (each printed with its reason; a rerun retries them); 1 (EXIT_FAILURE) no
+shard of the split could be scored; 2 a usage or configuration error, nothing done.
+
+The model is --model (or --set model=...), else $FLOWRAY_SCORE_MODEL, else the --config file's
+(command line over environment over file, as the AWS CLI does): scheduled jobs
+(infra/k8s/raycronjob-score.yaml) take it from their ConfigMap, pinned there to a version or to
+an alias the release process owns, instead of following whatever @champion anyone sets.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from typing import TYPE_CHECKING
 
 from jobs._batch import add_common_arguments, check_tracking_server, connect_ray, default_of
 from jobs.config import HelpFormatter, add_config_arguments, load_config
-from jobs.errors import run_main
+from jobs.errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, run_main
+
+if TYPE_CHECKING:
+    from pipeline.batch.score_config import ScoreResult
 
 PROG = "flowray score"
+MODEL_VARIABLE = "FLOWRAY_SCORE_MODEL"
+EXIT_CODES = {"complete": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILURE}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<run>/<path> or a local "
-        "model directory (required unless in --config)",
+        f"model directory (default: ${MODEL_VARIABLE}, else the --config file's; required)",
     )
     p.add_argument(
         "--input",
@@ -76,6 +92,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_option(args: argparse.Namespace) -> str | None:
+    """--model, else $FLOWRAY_SCORE_MODEL unless --set gives the model (module docstring)."""
+    if args.model or any(item.split("=", 1)[0].strip() == "model" for item in args.overrides):
+        return args.model
+    return os.environ.get(MODEL_VARIABLE) or None
+
+
+def print_result(result: ScoreResult) -> int:
+    """The job's closing lines, and its exit code by `result.status` (module docstring)."""
+    print(result.line())
+    for line in result.left_out_lines():
+        print(f"  {line}")
+    if result.summary_url:
+        print(f"summary: {result.summary_url}  mlflow run: {result.mlflow_run_id}")
+    if result.status == "partial":
+        print(
+            f"{len(result.shards_left_out)} shard(s) left out; a rerun with the same options "
+            "tries them again",
+            file=sys.stderr,
+        )
+    elif result.status == "failed":
+        print(f"no shard of {result.shards_total} could be scored", file=sys.stderr)
+    return EXIT_CODES[result.status]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -93,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config,
             args.overrides,
             {
-                "model": args.model,
+                "model": model_option(args),
                 "input": args.input,
                 "output": args.output,
                 "batch_size": args.batch_size,
@@ -109,11 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         check_tracking_server(resolve_tracking_uri(config.tracking_uri))
         connect_ray(args.address)
-        result = score(config)
-        print(result.line())
-        if result.summary_url:
-            print(f"summary: {result.summary_url}  mlflow run: {result.mlflow_run_id}")
-        return 0
+        return print_result(score(config))
 
     return run_main(PROG, body)
 

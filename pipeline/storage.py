@@ -61,12 +61,16 @@ __all__ = [
     "put_file_atomic",
     "read_bytes",
     "redact",
+    "redact_url",
     "replace_with",
     "sweep_temp_files",
     "write_bytes_atomic",
 ]
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+# `user:password@` (or `user@`) right after a scheme: credentials inside a URL, e.g. an MLflow
+# tracking URI with basic auth. No "/" before the "@", so "s3://bucket/key@v2" is left alone.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
 class StorageError(FlowrayError, RuntimeError):
@@ -128,8 +132,19 @@ class StorageConfig:
         return f"endpoint={self.endpoint_url or 'aws'} region={self.region}"
 
 
+def redact_url(text: str) -> str:
+    """`text` (a URL, or any text holding URLs) with the `user:password@` of every URL removed:
+    what is logged, saved (MLflow params, summaries) or printed never carries it.
+
+        redact_url("https://bob:pw@mlflow.example:5000/x")  ->  "https://mlflow.example:5000/x"
+    """
+    return _URL_USERINFO.sub(r"\g<scheme>", text)
+
+
 def redact(text: str) -> str:
-    """`text` with the values of AWS credential variables in the environment replaced by ***."""
+    """`text` with the values of AWS credential variables in the environment replaced by ***,
+    and credentials inside URLs removed (`redact_url`)."""
+    text = redact_url(text)
     for name in _SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:

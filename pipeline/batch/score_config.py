@@ -88,7 +88,7 @@ class ScoreResult:
     shards_already_done: int
     shards_written: tuple[str, ...]
     images_scored: int
-    images_skipped: int
+    images_skipped: int  # bad images left out of the shards written (in their Parquet metadata)
     mean_bits_per_dim: float
     median_bits_per_dim: float
     p99_bits_per_dim: float
@@ -96,18 +96,40 @@ class ScoreResult:
     seconds: float
     summary_url: str | None
     mlflow_run_id: str | None
+    # (shard, reason) of the shards that could not be read whole: no file, a rerun retries them.
+    shards_left_out: tuple[tuple[str, str], ...] = ()
+    images_left_out: int = 0  # images of those shards, by their manifest
+
+    @property
+    def status(self) -> Literal["complete", "partial", "failed"]:
+        """complete: every shard has its file; partial: some shards were left out; failed:
+        shards were left out and no shard of the split has a file (nothing could be scored)."""
+        if not self.shards_left_out:
+            return "complete"
+        if self.shards_written or self.shards_already_done:
+            return "partial"
+        return "failed"
 
     def line(self) -> str:
         """The one-line report a job prints at the end."""
-        if not self.shards_written and not self.images_scored:
+        if self.shards_already_done == self.shards_total:
             return (
                 f"nothing to score: all {self.shards_already_done}/{self.shards_total} shards of "
                 f"model={self.model_name} version={self.model_version} already at {self.output}"
             )
+        left_out = ""
+        if self.shards_left_out:
+            left_out = (
+                f", {len(self.shards_left_out)} shards ({self.images_left_out:,} images) left out"
+            )
         return (
             f"scored {self.images_scored:,} images ({len(self.shards_written)} shards written, "
-            f"{self.shards_already_done} already done, {self.images_skipped} images skipped) "
-            f"with {self.model_name} v{self.model_version} at {self.images_per_second:,.0f} "
-            f"images/s; bits/dim mean {self.mean_bits_per_dim:.4f} median "
-            f"{self.median_bits_per_dim:.4f} p99 {self.p99_bits_per_dim:.4f} -> {self.output}"
+            f"{self.shards_already_done} already done{left_out}, {self.images_skipped} images "
+            f"skipped) with {self.model_name} v{self.model_version} at "
+            f"{self.images_per_second:,.0f} images/s; bits/dim mean {self.mean_bits_per_dim:.4f} "
+            f"median {self.median_bits_per_dim:.4f} p99 {self.p99_bits_per_dim:.4f} -> {self.output}"
         )
+
+    def left_out_lines(self) -> list[str]:
+        """One line per shard left out: `left out <shard>: <reason>`."""
+        return [f"left out {shard}: {reason}" for shard, reason in self.shards_left_out]

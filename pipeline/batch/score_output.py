@@ -1,42 +1,51 @@
 """Scoring's output: one Parquet file per shard, written once the shard is complete, so every key
-lands exactly once across crashes, retries and reruns.
+lands exactly once across crashes, retries, reruns and concurrent jobs.
 
-    <output>/model=<name>/version=<v>/_scoring.json          seed, draws, split: what the files mean
+    <output>/model=<name>/version=<v>/_scoring.json          what the files mean (see below)
     <output>/model=<name>/version=<v>/shard-000000.parquet    the rows of shard-000000.tar
 
-`ShardCollector` receives the score rows as the pipeline streams them, groups them by shard (the
-first copy of each key wins, in case a task is retried) and writes a shard's file as soon as all
-its manifest count has arrived; when the stream ends, the shards left are written with what they
-got (their other images were skipped). Each file is written atomically (local: temp name in the
-same folder, then rename; S3: one PUT, visible only when complete), so a file present means its
-shard is done, and a rerun scores only the shards without one. Memory stays bounded: the driver
-holds the small score rows of the shards being read, never images or the whole dataset.
+`ShardCollector` receives the score rows as the pipeline streams them and groups them by shard (the
+first copy of each key wins, in case a task is retried). A shard whose manifest count has arrived is
+written at once: the reader hands on a shard's last row only after the whole shard was verified
+(size, sha256, sample count; see `pipeline.data.reader`), so all rows in means a whole shard. When
+the stream ends, each shard left is judged by its reader's `ShardOutcome`: it is written only if
+the outcome is complete and exactly the rows the reader handed on have arrived (its other images
+were bad images, skipped); otherwise it gets no file and is reported as left out, with why. Rows
+that arrive for a shard already written are duplicates from a retried read task: they are dropped
+and counted, never written.
+
+Each file is created only if absent (`write_once`: a hard link locally, a conditional PUT on S3), so
+a file present is final: neither a late retry nor a concurrent job on the same prefix rewrites it,
+and a rerun scores only the shards without one. Its Parquet metadata records the images skipped in
+it (`flowray.skipped_count`, `flowray.skipped_keys`). Memory stays bounded: the driver holds the
+small score rows of the shards being read, never images or the whole dataset.
+
+`_scoring.json` holds the split, its source, the dequantization seed and draws and the sha256 of the
+model's weights: everything that decides the numbers in the files. It is created only if absent; a
+run whose settings differ from the recorded ones is refused with both named (so two jobs with other
+seeds, or a re-created model reusing a version number, never mix files under one prefix).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from pipeline.batch.score_config import ScoreError
-from pipeline.storage import (
-    StorageConfig,
-    join_url,
-    list_names,
-    make_temp_file,
-    read_bytes,
-    replace_with,
-    write_bytes_atomic,
-)
+from pipeline.batch.write_once import write_once
+from pipeline.data.tally import ShardOutcome
+from pipeline.storage import StorageConfig, join_url, read_bytes
 
 __all__ = [
     "OUTPUT_COLUMNS",
     "SETTINGS_FILE",
+    "SKIPPED_COUNT_KEY",
+    "SKIPPED_KEYS_KEY",
     "ShardCollector",
     "check_settings",
     "output_prefix",
@@ -55,6 +64,9 @@ OUTPUT_COLUMNS = (
     "ood_score",
 )
 SETTINGS_FILE = "_scoring.json"
+# Parquet file metadata (schema metadata) of every shard file: the bad images left out of it.
+SKIPPED_COUNT_KEY = "flowray.skipped_count"
+SKIPPED_KEYS_KEY = "flowray.skipped_keys"
 
 
 def output_prefix(output: str, name: str, version: str) -> str:
@@ -67,35 +79,90 @@ def parquet_name(shard: str) -> str:
     return shard.rsplit(".", 1)[0] + ".parquet"
 
 
+def _shown(value: Any) -> str:
+    return "not recorded" if value is None else repr(value)
+
+
 def check_settings(prefix: str, settings: dict[str, Any], storage: StorageConfig) -> None:
-    """Record what the files under `prefix` mean, or refuse to mix results of other settings."""
+    """Record what the files under `prefix` mean, or refuse to mix results of other settings.
+
+    The settings file is created only if absent, so of two jobs started together one records its
+    settings and the other compares with them (no check-then-write window).
+    """
     url = join_url(prefix, SETTINGS_FILE)
-    if SETTINGS_FILE in list_names(prefix, storage):
-        found = json.loads(read_bytes(url, storage))
-        if found != settings:
-            differ = sorted(k for k in settings if found.get(k) != settings[k])
-            raise ScoreError(
-                f"{prefix} holds scores made with other settings ({', '.join(differ)}: "
-                f"{', '.join(f'{found.get(k)!r}' for k in differ)}; this run: "
-                f"{', '.join(f'{settings[k]!r}' for k in differ)})",
-                hint="write to another --output, or rerun with the settings used before",
-            )
+    if write_once(url, json.dumps(settings, indent=1, sort_keys=True).encode(), storage):
         return
-    write_bytes_atomic(url, json.dumps(settings, indent=1).encode(), storage)
+    found = json.loads(read_bytes(url, storage))
+    differ = sorted(k for k in set(settings) | set(found) if found.get(k) != settings.get(k))
+    if not differ:
+        return
+    hint = "write to another --output, or rerun with the settings used before"
+    if all(k not in found for k in differ):
+        # Recorded by an earlier flowray, before these settings were kept.
+        hint = (
+            f"{SETTINGS_FILE} predates these settings: if its files were scored with this very "
+            f"model, add {', '.join(f'{k!r}: {settings[k]!r}' for k in differ)} to it; else "
+            "write to another --output"
+        )
+    raise ScoreError(
+        f"{prefix} holds scores made with other settings ({', '.join(differ)}: "
+        f"{', '.join(_shown(found.get(k)) for k in differ)}; this run: "
+        f"{', '.join(_shown(settings.get(k)) for k in differ)})",
+        hint=hint,
+    )
 
 
-def _write_shard(prefix: str, shard: str, frame: pd.DataFrame, storage: StorageConfig) -> str:
-    """Write one shard's rows as Parquet, atomically (temp file, then rename or a single upload)."""
+def _table(frame: pd.DataFrame, skipped_keys: Sequence[str]) -> Any:
+    """The shard's rows as an Arrow table with fixed column types and the skip metadata."""
+    import pyarrow as pa
+
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("shard", pa.string()),
+            ("label", pa.int64()),
+            ("log_likelihood", pa.float64()),
+            ("bits_per_dim", pa.float64()),
+            ("png_bits_per_dim", pa.float64()),
+            ("ood_score", pa.float64()),
+        ],
+        metadata={
+            SKIPPED_COUNT_KEY: str(len(skipped_keys)),
+            SKIPPED_KEYS_KEY: json.dumps(sorted(skipped_keys)),
+        },
+    )
+    frame = frame.sort_values("key", kind="stable").reset_index(drop=True)
+    return pa.Table.from_pandas(frame[list(OUTPUT_COLUMNS)], schema=schema, preserve_index=False)
+
+
+def _write_shard(
+    prefix: str,
+    shard: str,
+    frame: pd.DataFrame,
+    skipped_keys: Sequence[str],
+    storage: StorageConfig,
+) -> bool:
+    """Write one shard's rows as Parquet, once (see the module docstring); False when a file was
+    there already (another job on this prefix wrote it first)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    url = join_url(prefix, parquet_name(shard))
-    frame = frame.sort_values("key", kind="stable").reset_index(drop=True)
-    table = pa.Table.from_pandas(frame[list(OUTPUT_COLUMNS)], preserve_index=False)
-    temp = make_temp_file(url)  # ".<name>.tmp-<pid>-<id>": readers skip dot-files
-    pq.write_table(table, temp)
-    replace_with(temp, url, storage)
-    return url
+    sink = pa.BufferOutputStream()
+    pq.write_table(_table(frame, skipped_keys), sink)
+    return write_once(join_url(prefix, parquet_name(shard)), sink.getvalue().to_pybytes(), storage)
+
+
+def _left_out_reason(outcome: ShardOutcome | None, received: int) -> str:
+    """Why a shard must get no file, or "" when it is complete as received."""
+    if outcome is None:
+        return f"its reader reported no outcome ({received} rows arrived)"
+    if not outcome.complete:
+        if outcome.transient:
+            return f"{outcome.reason} (storage kept failing: a rerun retries it)"
+        return outcome.reason
+    if received != outcome.rows:
+        return f"{received} rows arrived, its reader handed on {outcome.rows}"
+    return ""
 
 
 @dataclass
@@ -114,6 +181,11 @@ class ShardCollector:
         expected: images per pending shard, from the manifest.
         storage: where `prefix` lives.
         on_written: called with a shard's name after its file is in place.
+        on_rows: called with a shard's rows (as received, `png` included) when its file is
+            written: statistics cover exactly the rows written, never those of a shard left out.
+
+    After `close`: `written` (shards whose file is in place, in order), `left_out`
+    ({shard: reason}) and `late_rows` (duplicate rows dropped for shards already written).
     """
 
     def __init__(
@@ -122,43 +194,69 @@ class ShardCollector:
         expected: dict[str, int],
         storage: StorageConfig,
         on_written: Callable[[str], None] | None = None,
+        on_rows: Callable[[pd.DataFrame], None] | None = None,
     ) -> None:
         self.prefix, self.expected, self.storage = prefix, expected, storage
-        self.on_written = on_written
+        self.on_written, self.on_rows = on_written, on_rows
         self.written: list[str] = []
+        self.left_out: dict[str, str] = {}
+        self.late_rows = 0
         self._partial: dict[str, _Partial] = {}
+        self._finished: set[str] = set()
 
-    def add(self, batch: pd.DataFrame) -> list[pd.DataFrame]:
-        """Take a batch of score rows; returns the rows not seen before, one frame per shard.
-        A shard whose rows are all in is written before this returns."""
-        fresh_frames = []
-        for shard, rows in batch.groupby("shard", sort=False):
-            state = self._partial.setdefault(str(shard), _Partial())
+    def add(self, batch: pd.DataFrame) -> None:
+        """Take a batch of score rows. A shard whose rows are all in is written before this
+        returns."""
+        for name, rows in batch.groupby("shard", sort=False):
+            shard = str(name)
+            if shard in self._finished:
+                # A retried read task sends a written shard's rows again: duplicates, dropped.
+                self.late_rows += len(rows)
+                continue
+            state = self._partial.setdefault(shard, _Partial())
             # A retried read task may send rows again: keep the first copy of each key.
             fresh = rows[~rows["key"].isin(state.keys)].drop_duplicates("key")
             if fresh.empty:
                 continue
             state.keys.update(fresh["key"])
-            state.frames.append(fresh.drop(columns="png"))
-            fresh_frames.append(fresh)
-            if len(state.keys) == self.expected[str(shard)]:
-                self._finish(str(shard))
-        return fresh_frames
+            state.frames.append(fresh)
+            if len(state.keys) == self.expected[shard]:
+                self._finish(shard, ())
 
-    def close(self, skipped: dict[str, int]) -> None:
-        """The stream has ended: every shard left holds all it will get (`skipped`: images per
-        shard the readers skipped). Writes them, and warns about shards that got no row."""
+    def close(self, outcomes: Mapping[str, ShardOutcome] | None) -> None:
+        """The stream has ended: settle every shard not written yet.
+
+        `outcomes` are the readers' (`SkipTally.outcomes()`, under on_error="skip"): a shard is
+        written only if its outcome is complete and the rows its reader handed on have all
+        arrived; else it is left out (no file: a rerun reads it again). None (on_error="fail",
+        where any problem stops the job): the shards left are written with what they got.
+        """
+        if self.late_rows:
+            logger.info("dropped %d late duplicate rows of shards already written", self.late_rows)
+        if outcomes is None:
+            self._close_without_outcomes()
+            return
+        for shard in sorted(set(self.expected) - self._finished):
+            state = self._partial.get(shard, _Partial())
+            outcome = outcomes.get(shard)
+            reason = _left_out_reason(outcome, len(state.keys))
+            if reason:
+                self._partial.pop(shard, None)
+                self.left_out[shard] = reason
+                continue
+            self._partial.setdefault(shard, state)
+            self._finish(shard, outcome.skipped_keys if outcome else ())
+        for shard, reason in sorted(self.left_out.items()):
+            logger.warning("left out shard %s (no file written): %s", shard, reason)
+
+    def _close_without_outcomes(self) -> None:
         for shard in sorted(self._partial):
-            got, lost = len(self._partial[shard].keys), skipped.get(shard, 0)
-            if got + lost != self.expected[shard]:
+            got = len(self._partial[shard].keys)
+            if got != self.expected[shard]:
                 logger.warning(
-                    "shard %s: %d images scored + %d skipped, manifest says %d",
-                    shard,
-                    got,
-                    lost,
-                    self.expected[shard],
+                    "shard %s: %d images scored, manifest says %d", shard, got, self.expected[shard]
                 )
-            self._finish(shard)
+            self._finish(shard, ())
         missing = sorted(set(self.expected) - set(self.written))
         if missing:
             logger.warning(
@@ -167,9 +265,18 @@ class ShardCollector:
                 ", ".join(missing[:5]),
             )
 
-    def _finish(self, shard: str) -> None:
+    def _finish(self, shard: str, skipped_keys: Sequence[str]) -> None:
         rows = self._partial.pop(shard)
-        _write_shard(self.prefix, shard, pd.concat(rows.frames, ignore_index=True), self.storage)
+        frame = (
+            pd.concat(rows.frames, ignore_index=True)
+            if rows.frames
+            else pd.DataFrame({name: [] for name in (*OUTPUT_COLUMNS, "png")})
+        )
+        if not _write_shard(self.prefix, shard, frame, skipped_keys, self.storage):
+            logger.info("shard %s: its file was already written (another job): kept", shard)
+        self._finished.add(shard)
         self.written.append(shard)
+        if self.on_rows is not None:
+            self.on_rows(frame)
         if self.on_written is not None:
             self.on_written(shard)

@@ -1,7 +1,8 @@
 """What a scoring run reports: streaming statistics of the scored rows, the summary files beside
 the outputs, and the MLflow summary run.
 
-    <prefix>/_summary/<UTC time>/summary.json                 metrics, least likely keys, skips
+    <prefix>/_summary/<UTC time>/summary.json                 metrics, least likely keys, skips,
+                                                              shards left out (shard + reason)
     <prefix>/_summary/<UTC time>/bits_per_dim_histogram.png
     <prefix>/_summary/<UTC time>/least_likely.png             the least likely images, captioned
 """
@@ -21,11 +22,13 @@ import pandas as pd
 
 from pipeline.batch.score_config import ScoreConfig, ScoreResult
 from pipeline.data.reader import SkipTally
-from pipeline.storage import join_url, write_bytes_atomic
+from pipeline.storage import join_url, redact_url, write_bytes_atomic
 
 __all__ = ["SUMMARY_DIR", "ScoreStats", "report"]
 
 SUMMARY_DIR = "_summary"
+LEFT_OUT_TAG = "flowray.left_out"  # MLflow tag of a summary run: "<shard>: <reason>" per line
+_MAX_TAG = 5000  # MLflow's limit on a tag value (the full list is in summary.json)
 # Histogram for the summary: fine bins give median and p99 to 1e-3 bits/dim in bounded memory.
 _FINE_BIN, _FINE_MAX = 1e-3, 64.0
 
@@ -98,16 +101,18 @@ def report(
     metrics = _metrics(result)
     files = _pictures(result, stats, shape)
     summary = {
-        "model": config.model,
+        "model": redact_url(config.model),
         "model_name": result.model_name,
         "model_version": result.model_version,
-        "input": config.input,
-        "output": result.output,
+        "input": redact_url(config.input),
+        "output": redact_url(result.output),
         "finished": stamp,
+        "status": result.status,
         "metrics": metrics,
         "least_likely": [
             {"key": key, "bits_per_dim": bits} for bits, key, _ in stats.least_likely()
         ],
+        "left_out": [{"shard": s, "reason": r} for s, r in result.shards_left_out],
         "skipped": [dataclasses.asdict(s) for s in tally.records()[:100]] if tally else [],
     }
     files["summary.json"] = json.dumps(summary, indent=1, default=str).encode()
@@ -124,6 +129,8 @@ def _metrics(result: ScoreResult) -> dict[str, float]:
         "images_scored": result.images_scored,
         "images_skipped": result.images_skipped,
         "shards_written": len(result.shards_written),
+        "shards_left_out": len(result.shards_left_out),
+        "images_left_out": result.images_left_out,
         "shards_already_done": result.shards_already_done,
         "mean_bits_per_dim": result.mean_bits_per_dim,
         "median_bits_per_dim": result.median_bits_per_dim,
@@ -176,12 +183,16 @@ def _log_run(
     experiment_id = ensure_experiment(tracking_uri, config.experiment)
     tags = {
         "flowray.job": "score",
+        "flowray.status": result.status,
         "model_name": result.model_name,
         "model_version": result.model_version,
     }
+    if result.shards_left_out:
+        listed = "\n".join(f"{shard}: {reason}" for shard, reason in result.shards_left_out)
+        tags[LEFT_OUT_TAG] = listed if len(listed) <= _MAX_TAG else listed[: _MAX_TAG - 3] + "..."
     run_name = f"score {result.model_name} v{result.model_version} {stamp}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-        log_config_params(run.info.run_id, config)
+        log_config_params(run.info.run_id, _redacted(config))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not _nan(v)})
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
@@ -189,6 +200,23 @@ def _log_run(
                     file.write(data)
             mlflow.log_artifacts(tmp, artifact_path="summary")
         return run.info.run_id
+
+
+def _redacted(config: ScoreConfig) -> ScoreConfig:
+    """The config as it may be saved: no `user:password@` in any URL."""
+    return dataclasses.replace(
+        config,
+        model=redact_url(config.model),
+        input=redact_url(config.input),
+        output=redact_url(config.output),
+        tracking_uri=redact_url(config.tracking_uri) if config.tracking_uri else None,
+        storage=dataclasses.replace(
+            config.storage,
+            endpoint_url=redact_url(config.storage.endpoint_url)
+            if config.storage.endpoint_url
+            else None,
+        ),
+    )
 
 
 def _nan(value: float) -> bool:

@@ -20,7 +20,8 @@ so re-encoding makes the score a property of the image and the model only. It co
 
 Output layout:
 
-    <output>/model=<name>/version=<v>/_scoring.json          seed, draws, split: what the files mean
+    <output>/model=<name>/version=<v>/_scoring.json          split, seed, draws, weights: what the
+                                                              files mean (created once, compared after)
     <output>/model=<name>/version=<v>/shard-000000.parquet    the rows of shard-000000.tar
     <output>/model=<name>/version=<v>/_summary/<UTC time>/    summary.json, histogram, least likely
 
@@ -30,19 +31,28 @@ of the weights as the version.
 
 A run goes through four phases, one module each:
 
-    plan       check access, manifest, model and image shape; list the shards without a file
+    plan       check access, manifest, model and image shape; sweep this host's dead temps; list
+               the shards without a file
     pipeline   pipeline.batch.score_pipeline: read_split -> map_batches(Scorer) on an actor pool
     collect    pipeline.batch.score_output: rows grouped by shard, each shard's file written
-               atomically once complete, so every key appears exactly once across crashes,
-               retried tasks and reruns (a rerun scores only the shards without a file)
+               once, when complete, so every key appears exactly once across crashes, retried
+               tasks, reruns and concurrent jobs (a rerun scores only the shards without a file)
     report     pipeline.batch.score_report: summary files beside the outputs, MLflow summary run
 
-Skipped images (undecodable, under on_error="skip") are logged with shard and key by the reader
-and counted in the summary; a shard that yields no row at all gets no file, so it is retried.
+Under on_error="skip", bad images (a member read whole that does not decode or breaks the image
+limits) are logged with shard and key by the reader, left out of their shard's file and recorded
+in its Parquet metadata; a shard that cannot be read whole (missing, truncated, another size or
+sha256 than its manifest's, more or fewer samples, storage failing past the retries) gets no file
+and is listed, with its reason, in the result, the summary and the MLflow run: every other shard
+is scored, and a rerun tries the listed ones again. `ScoreResult.status` tells "complete" from
+"partial" (shards left out) and "failed" (nothing of the split could be scored), which
+`flowray score` turns into its exit code (0, 3, 1). Under on_error="fail" the job stops before
+any work when the manifest disagrees with the shards present, and at the first problem.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -61,7 +71,7 @@ from pipeline.batch.score_pipeline import build_pipeline
 from pipeline.batch.score_report import ScoreStats, report
 from pipeline.data.reader import SkipTally
 from pipeline.data.shards import Manifest, ShardInfo, load_manifest
-from pipeline.storage import check_access, list_names
+from pipeline.storage import check_access, list_names, sweep_temp_files
 
 __all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "score"]
 
@@ -77,7 +87,7 @@ class _Plan:
     prefix: str  # <output>/model=<name>/version=<v>
     pending: tuple[ShardInfo, ...]  # shards without a Parquet file yet
     present: bool  # the prefix holds files already
-    settings: dict[str, Any]  # what the files mean: split, source, seed, draws
+    settings: dict[str, Any]  # what the files mean: split, source, seed, draws, weights
     tracking_uri: str
 
     @property
@@ -89,7 +99,9 @@ class _Plan:
 class _Collected:
     written: tuple[str, ...]
     stats: ScoreStats
-    images_skipped: int
+    images_skipped: int  # bad images left out of the shards written
+    left_out: tuple[tuple[str, str], ...]  # (shard, reason): shards that got no file
+    images_left_out: int  # images of those shards, by their manifest
     seconds: float
 
 
@@ -112,7 +124,7 @@ def score(
     if not plan.pending:
         if plan.present:
             check_settings(plan.prefix, plan.settings, config.storage)
-        nothing = _Collected(written=(), stats=ScoreStats(keep=0), images_skipped=0, seconds=0.0)
+        nothing = _Collected((), ScoreStats(keep=0), 0, (), 0, 0.0)
         result = _result(plan, nothing)
         logger.info(result.line())
         return result
@@ -143,7 +155,9 @@ def _plan(config: ScoreConfig) -> _Plan:
     storage = config.storage
     check_access(config.input, storage)
     check_access(config.output, storage)
-    manifest = load_manifest(config.input, storage)
+    # Under "skip" the readers compare each shard with the manifest and leave out the bad ones;
+    # only "fail" refuses the whole split up front when a shard is missing or has another size.
+    manifest = load_manifest(config.input, storage, check_shards=config.on_error == "fail")
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     model = resolve_batch_model(config.model)
@@ -155,6 +169,9 @@ def _plan(config: ScoreConfig) -> _Plan:
             "--channels/--size matching the model",
         )
     prefix = output_prefix(config.output, model.name, model.version)
+    swept = sweep_temp_files(prefix, storage)  # temps of killed runs on this host
+    if swept:
+        logger.info("removed %d temp file(s) of earlier runs under %s", len(swept), prefix)
     present = set(list_names(prefix, storage))
     return _Plan(
         model=model,
@@ -167,6 +184,8 @@ def _plan(config: ScoreConfig) -> _Plan:
             "source": manifest.source,
             "seed": config.seed,
             "draws": config.draws,
+            # A re-created model can reuse a version number: the weights say what was scored.
+            "weights_sha256": hashlib.sha256(model.payload.weights).hexdigest(),
         },
         tracking_uri=tracking_uri,
     )
@@ -181,18 +200,22 @@ def _collect(
 ) -> _Collected:
     """Stream the score rows into the shard files and the statistics until the pipeline ends."""
     expected = {info.name: info.count for info in plan.pending}
-    collector = ShardCollector(plan.prefix, expected, config.storage, on_shard_written)
     stats = ScoreStats(config.least_likely)
+    collector = ShardCollector(plan.prefix, expected, config.storage, on_shard_written, stats.add)
     started = time.perf_counter()
     for batch in rows.iter_batches(batch_size=None, batch_format="pandas"):
-        for fresh in collector.add(batch):
-            stats.add(fresh)
-    skipped = tally.by_shard() if tally is not None else {}
-    collector.close(skipped)
+        collector.add(batch)
+    outcomes = tally.outcomes() if tally is not None else None
+    collector.close(outcomes)
+    written = set(collector.written)
     return _Collected(
         written=tuple(collector.written),
         stats=stats,
-        images_skipped=sum(skipped.values()),
+        images_skipped=sum(
+            len(o.skipped_keys) for name, o in (outcomes or {}).items() if name in written
+        ),
+        left_out=tuple(sorted(collector.left_out.items())),
+        images_left_out=sum(expected[name] for name in collector.left_out),
         seconds=time.perf_counter() - started,
     )
 
@@ -209,6 +232,8 @@ def _result(plan: _Plan, collected: _Collected) -> ScoreResult:
         shards_written=collected.written,
         images_scored=stats.count,
         images_skipped=collected.images_skipped,
+        shards_left_out=collected.left_out,
+        images_left_out=collected.images_left_out,
         mean_bits_per_dim=stats.mean,
         median_bits_per_dim=stats.quantile(0.5),
         p99_bits_per_dim=stats.quantile(0.99),

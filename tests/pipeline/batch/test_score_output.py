@@ -1,6 +1,7 @@
 """Scoring's output without Ray: the collector writes each shard's Parquet file once, when all its
-rows are in (or the stream ends), keeps the first copy of a repeated key, and the settings file
-refuses to mix scores made with other settings."""
+rows are in (or, at the end, when its reader's outcome says it was read whole), keeps the first
+copy of a repeated key, drops late duplicates, leaves out shards not read whole; the settings file
+is created once and refuses to mix scores made with other settings or weights."""
 
 from __future__ import annotations
 
@@ -9,17 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.batch.score_config import ScoreError
 from pipeline.batch.score_output import (
     OUTPUT_COLUMNS,
     SETTINGS_FILE,
+    SKIPPED_COUNT_KEY,
+    SKIPPED_KEYS_KEY,
     ShardCollector,
     check_settings,
     parquet_name,
 )
-from pipeline.storage import StorageConfig
+from pipeline.batch.write_once import write_once
+from pipeline.data.tally import ShardOutcome
+from pipeline.storage import StorageConfig, read_bytes
 
 STORAGE = StorageConfig()
 
@@ -43,46 +49,147 @@ def rows(shard: str, keys: list[str], bits: float) -> pd.DataFrame:
 
 def test_a_shard_is_written_once_complete_with_repeated_keys_kept_once(tmp_path: Path) -> None:
     written: list[str] = []
-    collector = ShardCollector(str(tmp_path), {"a.tar": 3, "b.tar": 2}, STORAGE, written.append)
-    fresh = collector.add(pd.concat([rows("a.tar", ["a2", "a0"], 3.0), rows("b.tar", ["b0"], 4.0)]))
-    assert [list(f["key"]) for f in fresh] == [["a2", "a0"], ["b0"]]
-    assert written == [] and not list(tmp_path.glob("*.parquet"))
+    received: list[list[str]] = []
+    collector = ShardCollector(
+        str(tmp_path),
+        {"a.tar": 3, "b.tar": 2},
+        STORAGE,
+        written.append,
+        lambda frame: received.append(list(frame["key"])),
+    )
+    collector.add(pd.concat([rows("a.tar", ["a2", "a0"], 3.0), rows("b.tar", ["b0"], 4.0)]))
+    assert written == [] == received and not list(tmp_path.glob("*.parquet"))
     # A retried task sends a0 again (other values): the first copy stays, and a is complete.
-    fresh = collector.add(rows("a.tar", ["a0", "a1"], 9.0))
-    assert [list(f["key"]) for f in fresh] == [["a1"]]
+    collector.add(rows("a.tar", ["a0", "a1"], 9.0))
     assert written == ["a.tar"] == collector.written
+    assert received == [["a2", "a0", "a1"]]  # the rows written, for the statistics
     frame = pd.read_parquet(tmp_path / "a.parquet")
     assert list(frame.columns) == list(OUTPUT_COLUMNS)
     assert list(frame["key"]) == ["a0", "a1", "a2"]  # sorted by key
     assert list(frame["bits_per_dim"]) == [3.0, 9.0, 3.0]
 
 
-def test_at_the_end_shards_with_skipped_images_are_written_and_empty_ones_are_not(
+def outcome(shard: str, expected: int, rows: int, skipped=(), **kwargs) -> ShardOutcome:
+    return ShardOutcome(
+        shard=shard,
+        expected=expected,
+        rows=rows,
+        complete=kwargs.pop("complete", True),
+        skipped_keys=tuple(skipped),
+        **kwargs,
+    )
+
+
+def test_late_rows_of_a_written_shard_are_dropped_and_never_rewrite_its_file(
+    tmp_path: Path,
+) -> None:
+    collector = ShardCollector(str(tmp_path), {"a.tar": 2, "b.tar": 1}, STORAGE)
+    collector.add(rows("a.tar", ["a0", "a1"], 3.0))
+    written = tmp_path / "a.parquet"
+    before = (written.read_bytes(), written.stat().st_mtime_ns)
+    # A retried read task sends a.tar's rows again, with other values: duplicates.
+    collector.add(pd.concat([rows("a.tar", ["a1", "a0"], 9.0), rows("b.tar", ["b0"], 4.0)]))
+    collector.add(rows("a.tar", ["a0"], 7.0))
+    collector.close({"a.tar": outcome("a.tar", 2, 2), "b.tar": outcome("b.tar", 1, 1)})
+    assert (written.read_bytes(), written.stat().st_mtime_ns) == before
+    assert list(pd.read_parquet(written)["bits_per_dim"]) == [3.0, 3.0]
+    assert collector.late_rows == 3 and collector.written == ["a.tar", "b.tar"]
+
+
+def test_at_the_end_only_shards_read_whole_are_written_and_the_others_left_out_with_why(
+    tmp_path: Path,
+) -> None:
+    expected = {"a.tar": 3, "b.tar": 2, "c.tar": 2, "d.tar": 2, "e.tar": 1, "f.tar": 2}
+    collector = ShardCollector(str(tmp_path), expected, STORAGE)
+    collector.add(rows("a.tar", ["a0", "a2"], 3.0))  # a1 was a bad image
+    collector.add(rows("b.tar", ["b0"], 3.0))  # then the shard's sha256 did not match
+    collector.add(rows("c.tar", ["c0"], 3.0))  # its reader handed on 2 rows: one went missing
+    collector.add(rows("f.tar", ["f0"], 3.0))  # no outcome reported at all
+    truncated = "unreadable tar after 1 samples (unexpected end of data)"
+    collector.close(
+        {
+            "a.tar": outcome("a.tar", 3, 2, skipped=["a1"]),
+            "b.tar": outcome("b.tar", 2, 1, complete=False, reason="sha256 differs"),
+            "c.tar": outcome("c.tar", 2, 2),
+            "d.tar": outcome("d.tar", 2, 0, complete=False, reason=truncated, transient=True),
+            "e.tar": outcome("e.tar", 1, 0, skipped=["e0"]),  # its one image was bad
+        }
+    )
+    assert collector.written == ["a.tar", "e.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "e.parquet"]
+    assert collector.left_out == {
+        "b.tar": "sha256 differs",
+        "c.tar": "1 rows arrived, its reader handed on 2",
+        "d.tar": f"{truncated} (storage kept failing: a rerun retries it)",
+        "f.tar": "its reader reported no outcome (1 rows arrived)",
+    }
+    # The bad images of a shard written short are in its Parquet metadata.
+    a_meta = pq.read_schema(tmp_path / "a.parquet").metadata
+    assert a_meta[SKIPPED_COUNT_KEY.encode()] == b"1"
+    assert json.loads(a_meta[SKIPPED_KEYS_KEY.encode()]) == ["a1"]
+    assert list(pd.read_parquet(tmp_path / "a.parquet")["key"]) == ["a0", "a2"]
+    empty = pq.read_table(tmp_path / "e.parquet")
+    assert empty.num_rows == 0 and empty.column_names == list(OUTPUT_COLUMNS)
+    assert json.loads(empty.schema.metadata[SKIPPED_KEYS_KEY.encode()]) == ["e0"]
+
+
+def test_without_outcomes_on_error_fail_writes_what_arrived(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    expected = {"a.tar": 3, "b.tar": 2, "c.tar": 1}
-    collector = ShardCollector(str(tmp_path), expected, STORAGE)
+    collector = ShardCollector(str(tmp_path), {"a.tar": 3, "b.tar": 1}, STORAGE)
     collector.add(rows("a.tar", ["a0", "a1"], 3.0))
-    collector.add(rows("b.tar", ["b0"], 3.0))
-    collector.close(skipped={"a.tar": 1, "c.tar": 1})
-    assert sorted(collector.written) == ["a.tar", "b.tar"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet"]
-    assert len(pd.read_parquet(tmp_path / "b.parquet")) == 1
+    collector.close(None)
+    assert collector.written == ["a.tar"] and collector.left_out == {}
+    meta = pq.read_schema(tmp_path / "a.parquet").metadata
+    assert meta[SKIPPED_COUNT_KEY.encode()] == b"0"
     messages = [r.getMessage() for r in caplog.records]
-    # b lost an image nobody counted; c yielded nothing, so it has no file and a rerun retries it.
-    assert any("shard b.tar: 1 images scored + 0 skipped, manifest says 2" in m for m in messages)
-    assert not any("shard a.tar" in m for m in messages)
-    assert any("no image of 1 shard(s) could be read (c.tar)" in m for m in messages)
+    assert any("no image of 1 shard(s) could be read (b.tar)" in m for m in messages)
+
+
+def test_a_file_another_job_wrote_first_is_kept(tmp_path: Path) -> None:
+    first = ShardCollector(str(tmp_path), {"a.tar": 1}, STORAGE)
+    first.add(rows("a.tar", ["a0"], 3.0))
+    second = ShardCollector(str(tmp_path), {"a.tar": 1}, STORAGE)
+    second.add(rows("a.tar", ["a0"], 5.0))
+    assert second.written == ["a.tar"]
+    assert list(pd.read_parquet(tmp_path / "a.parquet")["bits_per_dim"]) == [3.0]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+SETTINGS = {"split": "test", "source": "idx:x", "seed": 0, "draws": 1, "weights_sha256": "aa11"}
 
 
 def test_settings_are_recorded_then_other_settings_refused(tmp_path: Path) -> None:
-    settings = {"split": "test", "source": "idx:x", "seed": 0, "draws": 1}
-    check_settings(str(tmp_path), settings, STORAGE)
-    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == settings
-    check_settings(str(tmp_path), dict(settings), STORAGE)  # same settings: fine
+    check_settings(str(tmp_path), SETTINGS, STORAGE)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == SETTINGS
+    check_settings(str(tmp_path), dict(SETTINGS), STORAGE)  # same settings: fine
     with pytest.raises(ScoreError) as error:
-        check_settings(str(tmp_path), {**settings, "draws": 4}, STORAGE)
+        check_settings(str(tmp_path), {**SETTINGS, "draws": 4}, STORAGE)
     assert "other settings (draws: 1; this run: 4)" in str(error.value)
+    # Another model under a reused name and version: both digests named.
+    with pytest.raises(ScoreError) as error:
+        check_settings(str(tmp_path), {**SETTINGS, "seed": 3, "weights_sha256": "bb22"}, STORAGE)
+    assert "(seed, weights_sha256: 0, 'aa11'; this run: 3, 'bb22')" in str(error.value)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == SETTINGS  # never rewritten
+
+
+def test_settings_of_an_earlier_version_without_the_weights_digest_are_refused_with_a_hint(
+    tmp_path: Path,
+) -> None:
+    old = {k: v for k, v in SETTINGS.items() if k != "weights_sha256"}
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(old))
+    with pytest.raises(ScoreError) as error:
+        check_settings(str(tmp_path), SETTINGS, STORAGE)
+    assert "(weights_sha256: not recorded; this run: 'aa11')" in str(error.value)
+    assert "add 'weights_sha256': 'aa11' to it" in error.value.hint
+
+
+def test_write_once_creates_a_file_once_locally_and_on_s3(tmp_path: Path, s3) -> None:
+    for url, storage in ((str(tmp_path / "x.json"), STORAGE), (f"{s3.url}/p/x.json", s3.storage)):
+        assert write_once(url, b"first", storage) is True
+        assert write_once(url, b"second", storage) is False
+        assert read_bytes(url, storage) == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]  # no temp left behind
 
 
 def test_parquet_name_follows_the_shard() -> None:

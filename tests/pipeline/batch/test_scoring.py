@@ -3,6 +3,8 @@ agreement with training's validation, the OOD score, skips, the registry, S3."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 import tarfile
@@ -10,10 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.batch.score_output import OUTPUT_COLUMNS
+from pipeline.batch.score_output import (
+    OUTPUT_COLUMNS,
+    SETTINGS_FILE,
+    SKIPPED_COUNT_KEY,
+    SKIPPED_KEYS_KEY,
+)
 from pipeline.batch.score_pipeline import max_png_bytes
 from pipeline.batch.scoring import ScoreConfig, ScoreError, score
 from tests.pipeline.flow_fixtures import (
@@ -169,6 +177,29 @@ def test_interrupted_run_then_rerun_scores_every_key_exactly_once(
     assert len(frame) == IMAGES and frame["key"].nunique() == IMAGES
 
 
+def reseal(split: Path, shard: str) -> None:
+    """Give `shard` the size and sha256 its bytes have now in the manifest, as the tool that
+    wrote a shard with a bad image in it would have."""
+    path = split / "manifest.json"
+    manifest = json.loads(path.read_text())
+    data = (split / shard).read_bytes()
+    for entry in manifest["shards"]:
+        if entry["name"] == shard:
+            entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    path.write_text(json.dumps(manifest))
+
+
+def break_png(shard: Path, index: int) -> str:
+    """Overwrite 16 bytes in the middle of the shard's `index`-th PNG (same size: its CRC
+    breaks); returns its key."""
+    with tarfile.open(shard) as archive:
+        member = [m for m in archive.getmembers() if m.name.endswith(".png")][index]
+    with open(shard, "r+b") as file:
+        file.seek(member.offset_data + member.size // 2)
+        file.write(b"\x00" * 16)
+    return member.name.split(".")[0]
+
+
 def test_unreadable_image_is_skipped_counted_and_left_out(
     trained_model: TrainedModel,  # noqa: F811
     fmnist_split: str,
@@ -176,20 +207,118 @@ def test_unreadable_image_is_skipped_counted_and_left_out(
 ) -> None:
     split = tmp_path / "test"
     shutil.copytree(fmnist_split, split)
-    shard = split / "shard-000001.tar"
-    with tarfile.open(shard) as archive:
-        member = [m for m in archive.getmembers() if m.name.endswith(".png")][5]
-    bad_key = member.name.split(".")[0]
-    with open(shard, "r+b") as file:  # same size, so the manifest still matches: break the CRC
-        file.seek(member.offset_data + member.size // 2)
-        file.write(b"\x00" * 16)
+    bad_key = break_png(split / "shard-000001.tar", 5)
+    reseal(split, "shard-000001.tar")  # a whole shard that holds a bad image
 
     result = score(config(trained_model, str(split), tmp_path / "out", on_error="skip"))
     assert result.images_skipped == 1 and result.images_scored == IMAGES - 1
+    assert result.status == "complete" and result.shards_left_out == ()
     frame = pd.read_parquet(result.output)
     assert len(frame) == IMAGES - 1 == frame["key"].nunique()
     assert bad_key not in set(frame["key"])
     assert len(parquet_files(result.output)) == 3
+    # The shard written short says which image it lacks, in its Parquet metadata.
+    metadata = pq.read_schema(Path(result.output) / "shard-000001.parquet").metadata
+    assert metadata[SKIPPED_COUNT_KEY.encode()] == b"1"
+    assert json.loads(metadata[SKIPPED_KEYS_KEY.encode()]) == [bad_key]
+
+
+def test_shards_not_read_whole_get_no_file_and_are_listed_everywhere_and_rerun(
+    trained_model: TrainedModel,  # noqa: F811
+    fmnist_split: str,
+    tmp_path: Path,
+) -> None:
+    split = tmp_path / "test"
+    shutil.copytree(fmnist_split, split)
+    original = (split / "shard-000000.tar").read_bytes()
+    (split / "shard-000000.tar").write_bytes(original[: -20 * 1024])  # an interrupted copy
+    break_png(split / "shard-000002.tar", 7)  # one byte changed: its sha256 differs
+
+    cfg = config(trained_model, str(split), tmp_path / "out", on_error="skip")
+    result = score(cfg)
+    assert result.status == "partial" and result.shards_written == ("shard-000001.tar",)
+    assert sorted(parquet_files(result.output)) == ["shard-000001.parquet"]
+    assert len(pd.read_parquet(result.output)) == PER_SHARD == result.images_scored
+    reasons = dict(result.shards_left_out)
+    assert sorted(reasons) == ["shard-000000.tar", "shard-000002.tar"]
+    assert "bytes, manifest says" in reasons["shard-000000.tar"]
+    assert "sha256" in reasons["shard-000002.tar"]
+    assert result.images_left_out == 2 * PER_SHARD and result.images_skipped == 0
+    assert "2 shards (400 images) left out" in result.line()
+    summary = json.loads((Path(result.summary_url) / "summary.json").read_text())
+    assert summary["status"] == "partial"
+    assert summary["left_out"] == [
+        {"shard": name, "reason": reasons[name]} for name in sorted(reasons)
+    ]
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(cfg.tracking_uri).get_run(result.mlflow_run_id)
+    assert run.data.metrics["shards_left_out"] == 2
+    assert run.data.tags["flowray.status"] == "partial"
+    assert run.data.tags["flowray.left_out"].splitlines() == [
+        f"{name}: {reasons[name]}" for name in sorted(reasons)
+    ]
+
+    # Repaired, a rerun scores exactly the shards left out.
+    (split / "shard-000000.tar").write_bytes(original)
+    again = score(cfg)
+    assert again.shards_written == ("shard-000000.tar",) and again.status == "partial"
+    assert list(dict(again.shards_left_out)) == ["shard-000002.tar"]
+    frame = pd.read_parquet(again.output)
+    assert len(frame) == 2 * PER_SHARD == frame["key"].nunique()
+
+
+def test_a_split_with_no_readable_shard_fails(
+    trained_model: TrainedModel,  # noqa: F811
+    fmnist_split: str,
+    tmp_path: Path,
+) -> None:
+    split = tmp_path / "test"
+    shutil.copytree(fmnist_split, split)
+    for shard in sorted(split.glob("shard-*.tar")):
+        break_png(shard, 0)
+    result = score(config(trained_model, str(split), tmp_path / "out", on_error="skip"))
+    assert result.status == "failed" and result.shards_written == ()
+    assert [s for s, _ in result.shards_left_out] == [f"shard-00000{i}.tar" for i in range(3)]
+    assert not parquet_files(result.output) and result.images_scored == 0
+    assert not result.line().startswith("nothing to score")
+
+
+def test_a_recreated_model_reusing_its_version_number_is_refused(
+    trained_model: TrainedModel,  # noqa: F811
+    fmnist_split: str,
+    tmp_path: Path,
+) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.model.artifact import load_flow
+    from pipeline.tracking.connection import ensure_experiment
+    from pipeline.tracking.logged_model import log_flow_model
+    from pipeline.tracking.registry import register_flow
+
+    name, client = "fmnist-recreated", MlflowClient(trained_model.tracking_uri)
+    mlflow.set_tracking_uri(trained_model.tracking_uri)
+    register_flow(f"models:/{MODEL_NAME}/1", name, 4.0)
+    cfg = config(trained_model, fmnist_split, tmp_path / "out", model=f"models:/{name}/1")
+    first = score(cfg)
+    recorded = json.loads((Path(first.output) / SETTINGS_FILE).read_text())
+    weights = (trained_model.directory / "model.safetensors").read_bytes()
+    assert recorded["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+
+    # The name deleted and registered again with other weights: version 1 again, same folder.
+    client.delete_registered_model(name)
+    flow = load_flow(trained_model.directory)
+    with torch.no_grad():
+        next(flow.parameters()).add_(0.01)
+    with mlflow.start_run(experiment_id=ensure_experiment(trained_model.tracking_uri, "tests")):
+        register_flow(log_flow_model(flow).model_uri, name, 4.0)
+    (Path(first.output) / "shard-000000.parquet").unlink()  # one shard still to do
+    with pytest.raises(ScoreError) as error:
+        score(cfg)
+    message = str(error.value)
+    assert f"other settings (weights_sha256: '{recorded['weights_sha256']}'; this run: '" in message
+    assert not (Path(first.output) / "shard-000000.parquet").exists()
 
 
 def test_shape_mismatch_stops_before_any_work(
