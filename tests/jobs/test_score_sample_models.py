@@ -62,6 +62,41 @@ def test_score_command_scores_then_skips_on_rerun(
     one_line_error(capsys.readouterr().err)
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_score_exit_code_says_complete_partial_or_nothing_scored(
+    trained_model: TrainedModel,  # noqa: F811
+    split: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    data = tmp_path / "test"
+    shutil.copytree(split, data)
+    cut = data / "shard-000003.tar"
+    cut.write_bytes(cut.read_bytes()[:-20_000])  # an interrupted copy
+    # No --model: the scheduled jobs' way, from the environment.
+    monkeypatch.setenv(score_job.MODEL_VARIABLE, f"models:/{MODEL_NAME}/1")
+    args = [
+        "--input", str(data), "--output", str(tmp_path / "scores"),
+        "--tracking-uri", trained_model.tracking_uri, "--actors", "1",
+    ]  # fmt: skip
+    assert score_job.main(args) == 3
+    captured = capsys.readouterr()
+    assert "5 shards written, 0 already done, 1 shards (100 images) left out" in captured.out
+    assert "  left out shard-000003.tar: shard has " in captured.out
+    assert "1 shard(s) left out; a rerun with the same options tries them again" in captured.err
+    # The rerun meets the same broken shard: still partial, nothing rewritten.
+    assert score_job.main(args) == 3
+    assert "5 already done, 1 shards (100 images) left out" in capsys.readouterr().out
+    # Nothing of a split readable: a failure, not a green run.
+    for shard in data.glob("shard-*.tar"):
+        shard.write_bytes(shard.read_bytes()[:1000])
+    assert score_job.main([*args[:3], str(tmp_path / "other"), *args[4:]]) == 1
+    assert "no shard of 6 could be scored" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # two Ray start-ups in subprocesses: ~1.5 min on 2 cores
 def test_score_command_killed_mid_run_then_rerun_scores_each_key_once(
     trained_model: TrainedModel,  # noqa: F811
