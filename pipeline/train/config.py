@@ -115,6 +115,8 @@ class TrainConfig:
     # Test-only: after the checkpoint of this step, every worker waits until
     # <run.storage_path>/<run.name>/release-hold exists (lets a test kill a node at a known step).
     hold_at_step: int | None = None
+    # Ray Train's own log line per report ("Reporting training result ..."): off unless verbose.
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "log_every"):

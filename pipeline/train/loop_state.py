@@ -56,13 +56,12 @@ class LoopState:
         )
 
     def report_metrics(self) -> dict[str, float]:
-        """What `ray.train.report` carries: validation bits/dim only when evaluated at this step."""
-        fresh = self.last_eval_step == self.step
-        return {
-            "step": self.step,
-            "val_bits_per_dim": self.val_bits_per_dim if fresh else math.nan,
-            "skipped_steps": self.skipped_steps,
-        }
+        """What `ray.train.report` carries: validation bits/dim only when evaluated at this step
+        (the key is left out otherwise, rather than reported as NaN)."""
+        metrics: dict[str, float] = {"step": self.step, "skipped_steps": self.skipped_steps}
+        if self.last_eval_step == self.step:
+            metrics["val_bits_per_dim"] = self.val_bits_per_dim
+        return metrics
 
 
 def record_step(

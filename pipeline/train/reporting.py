@@ -4,6 +4,7 @@ progress messages to the driver, and the sample grid drawn at each evaluation.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import tempfile
@@ -14,7 +15,7 @@ import torch
 
 from flowmodel import Flow
 
-__all__ = ["RunLogger", "format_eta", "sample_grid", "say"]
+__all__ = ["RunLogger", "format_eta", "quiet_ray_train_reports", "sample_grid", "say"]
 
 
 class RunLogger:
@@ -56,6 +57,19 @@ def sample_grid(flow: Flow, temperature: float, step: int) -> bytes:
 
     images = flow.sample(64, temperature=temperature, generator=torch.Generator().manual_seed(step))
     return png_bytes(image_grid(images.numpy(), columns=8), scale=3)
+
+
+def quiet_ray_train_reports(verbose: bool) -> None:
+    """Ray Train V2 logs one INFO line per `ray.train.report` on every worker ("Reporting training
+    result ... 'val_bits_per_dim': ..."), next to our own progress lines; unless `verbose`, its
+    context logger (named after its file, so found through the module) shows warnings only."""
+    if verbose:
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its chatter stays, nothing breaks
+        return
+    context.logger.setLevel(logging.WARNING)
 
 
 def say(message: str) -> None:

@@ -38,7 +38,13 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.core import Training, run_step, start_training
 from pipeline.train.distributed import all_agree, check_identical_start
 from pipeline.train.loop_state import LoopState, eta_seconds, record_step
-from pipeline.train.reporting import RunLogger, format_eta, sample_grid, say
+from pipeline.train.reporting import (
+    RunLogger,
+    format_eta,
+    quiet_ray_train_reports,
+    sample_grid,
+    say,
+)
 from pipeline.train.step import StepMetrics, evaluate_bits_per_dim
 
 __all__ = ["train_loop_per_worker"]
@@ -163,6 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), rank == 0
         ),
     )
+    quiet_ray_train_reports(worker.config.verbose)
     torch.manual_seed(worker.config.seed)
     training, state = _restore_or_init(worker, ray.train.get_checkpoint())
     _step_loop(worker, training, state)
