@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from typing import Any, Literal
 
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from pipeline.errors import FlowrayError
-from pipeline.storage import StorageConfig, fsspec_filesystem, is_s3, join_url
+from pipeline.storage import StorageConfig, _translated, fsspec_filesystem, is_s3, join_url
 
 __all__ = [
     "InputError",
@@ -55,7 +54,6 @@ __all__ = [
 ]
 
 InputKind = Literal["prepared", "foreign"]
-_BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 
 
 class InputError(FlowrayError, ValueError):
@@ -142,10 +140,11 @@ def _listing(url: str, storage: StorageConfig | None, recursive: bool) -> dict[s
     """{full URL: fsspec info} of the files under the prefix `url` ({} when there is none)."""
     fs, path = fsspec_filesystem(url, storage)
     try:
-        if recursive:
-            entries = fs.find(path, detail=True)
-        else:
-            entries = {e["name"]: e for e in fs.ls(path, detail=True)}
+        with _translated(url, storage):  # no endpoint, credentials, bucket: a StorageError
+            if recursive:
+                entries = fs.find(path, detail=True)
+            else:
+                entries = {e["name"]: e for e in fs.ls(path, detail=True)}
     except FileNotFoundError:
         return {}
     s3 = is_s3(url)
@@ -245,7 +244,12 @@ def _pattern_root(pattern: str) -> str:
 
 def _read_list(spec: str, storage: StorageConfig | None) -> list[str]:
     fs, path = fsspec_filesystem(spec, storage)
-    text = fs.cat_file(path).decode("utf-8")
+    with _translated(spec, storage):
+        data = fs.cat_file(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{spec}: a list file is text, one shard URL per line ({err})") from err
     folder = posixpath.dirname(_normal(spec))
     urls = []
     for line in text.splitlines():
@@ -323,14 +327,11 @@ def resolve_input(spec: str, storage: StorageConfig | None = None) -> InputPlan:
         ManifestError: a prepared split's manifest is invalid.
         StorageError: the storage cannot be reached.
     """
-    from pipeline.storage import _translated
-
     spec = spec.strip()
     if not spec:
         raise InputError(
             "an input is required: a prepared split, a shard pattern, a prefix or a list"
         )
-    with _translated(spec, storage):
-        if _BRACE.search(spec) or "::" in spec:
-            return _resolve_urls(spec, _expand(spec), storage, _pattern_root(spec))
-        return _from_prefix(spec, storage)
+    if "{" in spec or "}" in spec or "::" in spec:
+        return _resolve_urls(spec, _expand(spec), storage, _pattern_root(spec))
+    return _from_prefix(spec, storage)

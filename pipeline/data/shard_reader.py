@@ -101,6 +101,23 @@ class TarSample(NamedTuple):
     oversized: str
 
 
+class _EndAware(tarfile.TarInfo):
+    """Headers that note how the archive ended: tarfile stops quietly at a header that is
+    missing, cut short or garbage, just as at the end-of-archive zero blocks; only the latter
+    means the tar was read to its end."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            archive.flowray_end = ""  # type: ignore[attr-defined]
+            raise
+        except tarfile.HeaderError as err:
+            archive.flowray_end = f"{type(err).__name__}: {err or 'no header'}"  # type: ignore[attr-defined]
+            raise
+
+
 def tar_samples(
     stream: Any, max_bytes: int, wanted: Callable[[str], bool] | None = None
 ) -> Iterator[TarSample]:
@@ -110,13 +127,16 @@ def tar_samples(
     base name ("a/b/x.seg.png" -> key "a/b/x", extension "seg.png"; extensions lower-cased).
     Members whose extension `wanted` refuses are skipped unread (their bytes stream past); a
     wanted member larger than `max_bytes` (from its tar header) is not read and makes the sample
-    `oversized`. Raises tarfile.TarError / EOFError on a truncated or unreadable archive.
+    `oversized`. Raises tarfile.TarError / EOFError on a truncated or unreadable archive,
+    also one that stops at a bad or missing header instead of its end-of-archive blocks (the
+    samples before it are yielded first).
     """
     key: str | None = None
     members: dict[str, bytes] = {}
     unread: list[str] = []
     oversized = ""
-    with tarfile.open(fileobj=stream, mode="r|") as archive:
+    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAware) as archive:
+        archive.flowray_end = "no end"  # type: ignore[attr-defined]
         for member in archive:
             if not member.isfile():
                 continue
@@ -139,6 +159,10 @@ def tar_samples(
                 continue
             extracted = archive.extractfile(member)
             members[extension] = extracted.read() if extracted else b""
+        end = archive.flowray_end  # type: ignore[attr-defined]
+    if end:
+        # The sample in progress may lack members that were cut off: it is not yielded.
+        raise tarfile.ReadError(f"archive ends without its end-of-archive blocks ({end})")
     if key is not None:
         yield TarSample(key, members, tuple(unread), oversized)
 
