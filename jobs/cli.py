@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "online scoring over HTTP on Ray Serve, reloading when the alias moves",
     ),
     "models": ("jobs.models", "list registered models, versions and aliases; promote a version"),
+    "scores": ("jobs.scores", "query scoring outputs: the least likely or most OOD images"),
     "submit": ("jobs.submit", "submit train|score|sample to a Ray cluster and follow its logs"),
     "demo": (
         "jobs.demo",

@@ -36,18 +36,24 @@ from __future__ import annotations
 
 import logging
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.data.images import BadImage, ImageLimits, decode_fitted
+from pipeline.data.images import BadImage, FittedImage, ImageLimits, decode_fitted
 from pipeline.data.inputs import ShardRef, version_of
 from pipeline.data.shard_reader import WHOLE_SHARD, Report, hold_last_row, tar_samples
 from pipeline.data.streams import ResumingReader, RetryPolicy, TransientReadError
 from pipeline.data.tally import ShardOutcome, Skipped
 from pipeline.storage import StorageConfig, fsspec_filesystem
 
-__all__ = ["FOREIGN_COLUMNS", "IMAGE_MEMBERS", "ForeignRead", "iter_foreign_shard"]
+__all__ = [
+    "FOREIGN_COLUMNS",
+    "IMAGE_MEMBERS",
+    "ForeignRead",
+    "fetch_images",
+    "iter_foreign_shard",
+]
 
 logger = logging.getLogger("pipeline.data.reader")
 
@@ -286,3 +292,42 @@ def iter_foreign_shard(
     """
     state = _ForeignState(ref.url, read.on_error)
     yield from hold_last_row(_shard_rows(ref, read, state), state, problems, report, True)
+
+
+def fetch_images(
+    url: str,
+    keys: Iterable[str],
+    shape: tuple[int, int, int],
+    storage: StorageConfig | None = None,
+    *,
+    limits: ImageLimits | None = None,
+    retry: RetryPolicy | None = None,
+    image_members: Sequence[str] = IMAGE_MEMBERS,
+) -> dict[str, FittedImage]:
+    """The images of `keys` in the shard at `url` (prepared or foreign), fitted to `shape`.
+
+    For looking at a few images (a grid of the least likely), not for reading splits: the tar
+    is streamed until every key is found, only those images are decoded, and a key that is
+    absent or does not decode is left out of the result (and logged).
+    """
+    wanted, found = set(keys), {}
+    members = tuple(image_members)
+    limits = limits or ImageLimits()
+    fs, path = fsspec_filesystem(url, storage)
+    with ResumingReader(fs, path, retry or RetryPolicy(), what=url) as stream:
+        for sample in tar_samples(stream, limits.max_bytes, lambda ext: ext in members):
+            if sample.key not in wanted:
+                continue
+            chosen = next((m for m in members if m in sample.members), None)
+            try:
+                if chosen is None:
+                    raise BadImage(f"no image member (found {sorted(sample.unread)})")
+                data = sample.members[chosen]
+                found[sample.key] = decode_fitted(data, shape[0], shape[1:], limits)
+            except BadImage as err:
+                logger.warning("%s: key %s: %s", url, sample.key, err)
+            if len(found) == len(wanted):
+                break
+    for key in sorted(wanted - set(found))[:5]:
+        logger.warning("%s: key %s not found or not decodable", url, key)
+    return found

@@ -1,0 +1,115 @@
+"""`flowray scores`: questions about scoring outputs, answered from the Parquet files alone.
+
+    flowray scores top --output s3://scores/photos --model photo-flow --n 100
+    flowray scores top --output scores --model fashion-flow/3 --by ood_score --grid ood.png
+
+`top` prints the least likely (highest bits/dim) or most out-of-distribution (highest ood_score)
+images of one model version, with their keys and shard URLs, reading the files with pyarrow in
+bounded memory (pipeline.batch.top); `--grid` draws them, fetched from their shards. No Ray, no
+MLflow: only storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from jobs.config import HelpFormatter
+from jobs.errors import EXIT_USAGE, run_main
+
+PROG = "flowray scores"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Query scoring outputs (the Parquet files `flowray score` writes).",
+        formatter_class=HelpFormatter,
+    )
+    commands = p.add_subparsers(dest="command", metavar="{top}")
+    top = commands.add_parser(
+        "top",
+        help="the least likely (or most OOD) images of a model version, with their shard URLs",
+        formatter_class=HelpFormatter,
+    )
+    top.add_argument("--output", required=True, help="the --output given to `flowray score`")
+    top.add_argument(
+        "--model",
+        required=True,
+        help="<name>[/<version>]; without a version, the newest version scored under --output",
+    )
+    top.add_argument("--n", type=_positive, default=100, help="how many images")
+    top.add_argument(
+        "--by",
+        choices=("bits_per_dim", "ood_score"),
+        default="bits_per_dim",
+        help="rank by bits/dim (least likely) or by OOD score (most out-of-distribution)",
+    )
+    top.add_argument(
+        "--grid", default=None, help="also draw the images into this PNG file (default: none)"
+    )
+    top.add_argument(
+        "--tile", type=_positive, default=64, help="height and width of each image in the grid"
+    )
+    top.add_argument(
+        "--input",
+        default=None,
+        help="the scored input, for outputs that name shards without their URL (default: the "
+        "input the newest summary recorded)",
+    )
+    top.add_argument(
+        "--endpoint-url",
+        default=None,
+        help="S3-compatible endpoint for s3:// URLs (default: $AWS_ENDPOINT_URL, else AWS)",
+    )
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
+    return p
+
+
+def _top(args: argparse.Namespace) -> int:
+    from pipeline.batch.top import draw_top, top_scores
+    from pipeline.storage import StorageConfig
+
+    storage = StorageConfig(endpoint_url=args.endpoint_url)
+    result = top_scores(
+        args.output, args.model, storage, n=args.n, by=args.by, input_url=args.input
+    )
+    what = "least likely" if args.by == "bits_per_dim" else "most out-of-distribution"
+    print(
+        f"model={result.model_name} version={result.version}: {len(result.rows)} {what} of "
+        f"{result.rows_read:,} images (by {args.by}) in {result.files_read} files, "
+        f"read in {result.seconds:.2f} s"
+        + (f"; {result.nan_scores} NaN scores left out" if result.nan_scores else "")
+    )
+    print(result.table())
+    if args.grid:
+        png = draw_top(result, storage, shape=(3, args.tile, args.tile))
+        Path(args.grid).write_bytes(png)
+        print(f"grid: {args.grid}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        p.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return run_main(PROG, lambda: _top(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

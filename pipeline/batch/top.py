@@ -1,0 +1,256 @@
+"""The least likely (or most out-of-distribution) images of a scoring output, in bounded memory.
+
+    result = top_scores("s3://scores/photos", "photo-flow/3", storage, n=100, by="bits_per_dim")
+    for row in result.rows: print(row.rank, row.score, row.key, row.shard_url)
+    png = draw_top(result, storage, shape=(3, 64, 64))      # the images, fetched from the shards
+
+Reads `<output>/model=<name>/version=<v>/*.parquet` (pipeline.batch.score_output) with pyarrow,
+file by file and batch by batch (`batch_rows` rows of the few columns needed), keeping a running
+top n: memory is O(n + batch_rows), whatever the dataset's size. Higher is worse for both
+scores: bits_per_dim (least likely) and ood_score (Serra et al. 2020: most out-of-distribution).
+Ties are broken by shard, then key, so the answer does not depend on file order; NaN scores are
+counted and left out.
+
+Without a version, the newest version folder under `model=<name>` is read (numeric versions by
+number, others by name). Each row's `shard` is a URL when scoring wrote one (foreign inputs);
+a bare shard name (a prepared split scored before shard URLs were written) is joined to the
+input: `input_url`, else the `input` of the newest `_summary/*/summary.json` of that version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from pipeline.batch.score_config import ScoreError
+from pipeline.storage import StorageConfig, arrow_filesystem, join_url, list_files, read_bytes
+
+__all__ = ["BY", "TopResult", "TopRow", "draw_top", "model_prefix", "top_scores"]
+
+logger = logging.getLogger(__name__)
+
+By = Literal["bits_per_dim", "ood_score"]
+BY: tuple[str, ...] = ("bits_per_dim", "ood_score")
+_SUMMARY_DIR = "_summary"
+
+
+@dataclass(frozen=True)
+class TopRow:
+    rank: int
+    score: float  # the ranking column's value
+    key: str
+    shard: str  # as the output file has it
+    shard_url: str  # where the image is ("" when it cannot be told)
+    bits_per_dim: float
+    ood_score: float
+    label: int
+
+
+@dataclass(frozen=True)
+class TopResult:
+    prefix: str  # <output>/model=<name>/version=<v>
+    model_name: str
+    version: str
+    by: str
+    rows: tuple[TopRow, ...]
+    files_read: int
+    rows_read: int
+    nan_scores: int
+    seconds: float
+
+    def table(self) -> str:
+        """The rows as the command prints them."""
+        lines = [f"{'rank':>5}  {self.by:>12}  {'bits/dim':>9}  {'ood':>8}  key  shard"]
+        for r in self.rows:
+            lines.append(
+                f"{r.rank:>5}  {r.score:>12.4f}  {r.bits_per_dim:>9.4f}  {r.ood_score:>8.4f}  "
+                f"{r.key}  {r.shard_url or r.shard}"
+            )
+        return "\n".join(lines)
+
+
+def _version_order(version: str) -> tuple[int, int, str]:
+    """Registry versions by number (newest last), after any named ones ("local", "run-...")."""
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
+
+
+def model_prefix(output: str, model: str, storage: StorageConfig | None) -> tuple[str, str, str]:
+    """(prefix, name, version) of `model` ("name" or "name/version") under `output`."""
+    from pipeline.data.inputs import _listing  # one recursive listing beats a walk
+
+    name, _, version = model.partition("/")
+    if not name:
+        raise ScoreError(f"--model: expected <name>[/<version>], found {model!r}")
+    base = join_url(output, f"model={name}")
+    if not version:
+        prefix_text = base.rstrip("/") + "/version="
+        found = {
+            url[len(prefix_text) :].split("/", 1)[0]
+            for url in _listing(base, storage, recursive=True)
+            if url.startswith(prefix_text) and url.endswith(".parquet")
+        }
+        if not found:
+            raise ScoreError(
+                f"no scores of model {name} under {output} (expected {base}/version=<v>/*.parquet)",
+                hint="check --output and --model; `flowray score` writes there",
+            )
+        version = max(found, key=_version_order)
+        if len(found) > 1:
+            logger.warning(
+                "model %s: reading version %s (newest of %s)",
+                name,
+                version,
+                sorted(found, key=_version_order),
+            )
+    return join_url(base, f"version={version}"), name, version
+
+
+class _Running:
+    """The n highest scores seen so far, ties broken by (shard, key); O(n) memory."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.best: list[tuple[float, str, str, float, float, int]] = []
+        self.rows = self.nan = 0
+
+    def add(self, score, key, shard, bits, ood, label) -> None:  # numpy columns of one batch
+        self.rows += len(score)
+        finite = ~np.isnan(score)
+        self.nan += int((~finite).sum())
+        index = np.flatnonzero(finite)
+        if len(index) > self.n:
+            # Everything at or above the batch's n-th highest score (ties included).
+            threshold = np.partition(score[index], len(index) - self.n)[len(index) - self.n]
+            index = index[score[index] >= threshold]
+        if len(self.best) == self.n and len(index):
+            index = index[score[index] >= self.best[-1][0]]
+        for i in index:
+            entry = (float(score[i]), str(shard[i]), str(key[i]), float(bits[i]), float(ood[i]))
+            self.best.append((*entry, int(label[i])))
+        self.best.sort(key=lambda e: (-e[0], e[1], e[2]))
+        del self.best[self.n :]
+
+
+def _batches(url: str, storage: StorageConfig | None, by: str, batch_rows: int):
+    import pyarrow.parquet as pq
+
+    fs, path = arrow_filesystem(url, storage)
+    with fs.open_input_file(path) as file:
+        parquet = pq.ParquetFile(file)
+        names = set(parquet.schema_arrow.names)
+        wanted = ["key", "shard", "bits_per_dim", "ood_score", "label"]
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise ScoreError(f"{url}: not a scores file (no column {', '.join(missing)})")
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+            columns = {name: batch.column(name) for name in wanted}
+            yield (
+                columns[by].to_numpy(zero_copy_only=False).astype(np.float64),
+                columns["key"].to_numpy(zero_copy_only=False),
+                columns["shard"].to_numpy(zero_copy_only=False),
+                columns["bits_per_dim"].to_numpy(zero_copy_only=False),
+                columns["ood_score"].to_numpy(zero_copy_only=False),
+                columns["label"].to_numpy(zero_copy_only=False),
+            )
+
+
+def _input_of(prefix: str, storage: StorageConfig | None) -> str | None:
+    """The `input` the newest summary of this output recorded (None without a summary)."""
+    from pipeline.data.inputs import _listing
+
+    summaries = sorted(
+        url
+        for url in _listing(join_url(prefix, _SUMMARY_DIR), storage, recursive=True)
+        if url.endswith("/summary.json")
+    )
+    if not summaries:
+        return None
+    return json.loads(read_bytes(summaries[-1], storage)).get("input")
+
+
+def _shard_url(shard: str, input_url: str | None) -> str:
+    if "://" in shard or shard.startswith("/"):
+        return shard
+    return join_url(input_url, shard) if input_url else ""
+
+
+def top_scores(
+    output: str,
+    model: str,
+    storage: StorageConfig | None = None,
+    *,
+    n: int = 100,
+    by: By = "bits_per_dim",
+    input_url: str | None = None,
+    batch_rows: int = 65_536,
+) -> TopResult:
+    """The `n` highest-`by` rows of a model version's scores (see the module docstring).
+
+    Raises:
+        ScoreError: no scores of that model under `output`, an unknown `by`, a file that is
+            not a scores file.
+    """
+    if by not in BY:
+        raise ScoreError(f"--by: expected one of {', '.join(BY)}, found {by!r}")
+    if n < 1:
+        raise ScoreError(f"--n: expected at least 1, found {n}")
+    started = time.perf_counter()
+    prefix, name, version = model_prefix(output, model, storage)
+    files = sorted(
+        f for f in list_files(prefix, storage) if f.endswith(".parquet") and f[0] not in "._"
+    )
+    if not files:
+        raise ScoreError(f"no scores files (*.parquet) in {prefix}")
+    running = _Running(n)
+    for file in files:
+        for columns in _batches(join_url(prefix, file), storage, by, batch_rows):
+            running.add(*columns)
+    needs_input = any(_shard_url(e[1], None) == "" for e in running.best)
+    if needs_input and input_url is None:
+        input_url = _input_of(prefix, storage)
+    rows = tuple(
+        TopRow(rank, score, key, shard, _shard_url(shard, input_url), bits, ood, label)
+        for rank, (score, shard, key, bits, ood, label) in enumerate(running.best, start=1)
+    )
+    seconds = time.perf_counter() - started
+    return TopResult(
+        prefix, name, version, by, rows, len(files), running.rows, running.nan, seconds
+    )
+
+
+def draw_top(
+    result: TopResult,
+    storage: StorageConfig | None = None,
+    shape: tuple[int, int, int] = (3, 64, 64),
+    columns: int = 10,
+) -> bytes:
+    """The rows' images in a captioned grid (PNG bytes), fetched from their shards and fitted to
+    `shape` with prepare's rules; an image that cannot be fetched is a grey tile."""
+    from pipeline.data.foreign import fetch_images
+    from pipeline.plots import captioned_images_png
+
+    unknown = [r.key for r in result.rows if not r.shard_url]
+    if unknown:
+        raise ScoreError(
+            f"cannot tell where {len(unknown)} image(s) are ({unknown[0]}, ...): their shard is "
+            "a bare name and no input was recorded",
+            hint="pass --input <the prepared split that was scored>",
+        )
+    by_shard: dict[str, list[str]] = {}
+    for row in result.rows:
+        by_shard.setdefault(row.shard_url, []).append(row.key)
+    found = {
+        (url, key): image.pixels
+        for url, keys in by_shard.items()
+        for key, image in fetch_images(url, keys, shape, storage).items()
+    }
+    blank = np.full(shape, 128, dtype=np.uint8)
+    images = np.stack([found.get((r.shard_url, r.key), blank) for r in result.rows])
+    captions = [f"#{r.rank} {r.key}\n{r.score:.3f}" for r in result.rows]
+    title = f"{len(result.rows)} highest {result.by} under {result.model_name} v{result.version}"
+    return captioned_images_png(images, captions, title, columns=min(columns, len(images)))
