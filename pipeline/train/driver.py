@@ -53,8 +53,6 @@ class TrainResult:
 
 def preflight(config: TrainConfig, local_ray: bool) -> dict[str, Any]:
     """Check data and resources before Ray starts. Returns the two manifests."""
-    from pipeline.data.shards import load_manifest
-
     # Resources first: they fail without touching storage.
     cores = os.cpu_count() or 1
     if local_ray and config.scaling.num_workers * config.scaling.cpus_per_worker > cores:
@@ -69,23 +67,51 @@ def preflight(config: TrainConfig, local_ray: bool) -> dict[str, Any]:
         if not torch.cuda.is_available():
             raise PreflightError("scaling.use_gpu is true but this machine has no CUDA device")
 
-    manifests = {}
-    for role, url in (("train", config.data.train), ("validation", config.data.validation)):
-        manifest = load_manifest(url, config.storage)
-        if tuple(manifest.shape) != tuple(config.model.image_shape):
-            raise PreflightError(
-                f"data.{role}: images are {list(manifest.shape)} (C, H, W) but model.image_shape is "
-                f"{list(config.model.image_shape)}",
-                hint="set model.image_shape to the data's shape, or prepare the data at the model's size",
-            )
-        manifests[role] = manifest
+    manifests = {
+        "train": _checked_manifest(config, "train", config.data.train),
+        "validation": _checked_manifest(config, "validation", config.data.validation),
+    }
     needed = config.batch_size * config.scaling.num_workers
     if manifests["train"].count < needed:
         raise PreflightError(
             f"data.train has {manifests['train'].count} images, fewer than one global batch "
             f"({config.batch_size} x {config.scaling.num_workers} workers = {needed})"
         )
+    # Registration refuses a NaN validation figure: find out now, not after the whole run.
+    usable = _readable_images(config.data.validation, manifests["validation"], config.storage)
+    if usable == 0:
+        raise PreflightError(
+            f"data.validation ({config.data.validation}): expected at least one image, found "
+            f"{manifests['validation'].count} in the manifest and {usable} in shards that can "
+            "be read whole",
+            hint="prepare the validation split again, or point data.validation at another split",
+        )
     return manifests
+
+
+def _checked_manifest(config: TrainConfig, role: str, url: str) -> Any:
+    """The split's manifest, its image shape checked against the model's. Under skip a shard that
+    disagrees with the manifest is left out by the reader, so only fail checks the shards here."""
+    from pipeline.data.shards import load_manifest
+
+    manifest = load_manifest(url, config.storage, check_shards=config.data.on_error == "fail")
+    if tuple(manifest.shape) != tuple(config.model.image_shape):
+        raise PreflightError(
+            f"data.{role}: images are {list(manifest.shape)} (C, H, W) but model.image_shape is "
+            f"{list(config.model.image_shape)}",
+            hint="set model.image_shape to the data's shape, or prepare the data at the model's size",
+        )
+    return manifest
+
+
+def _readable_images(url: str, manifest: Any, storage: Any) -> int:
+    """Images in the shards that are present with the manifest's size (the others are skipped)."""
+    from pipeline.data.manifest import compare_shards
+    from pipeline.storage import list_files
+
+    diff = compare_shards(manifest, list_files(url, storage))
+    bad = set(diff.missing) | {name for name, _, _ in diff.wrong_size}
+    return sum(info.count for info in manifest.shards if info.name not in bad)
 
 
 def _mlflow_run(config: TrainConfig, tracking_uri: str, manifests: dict[str, Any]) -> str:

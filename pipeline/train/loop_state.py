@@ -55,6 +55,10 @@ class LoopState:
             ema_updates=ema_updates,
         )
 
+    def evaluated_at_step(self) -> bool:
+        """Whether the history holds a validation figure for the current step."""
+        return any(int(step) == self.step for step, _ in self.history["validation"])
+
     def report_metrics(self) -> dict[str, float]:
         """What `ray.train.report` carries: validation bits/dim only when evaluated at this step
         (the key is left out otherwise, rather than reported as NaN)."""

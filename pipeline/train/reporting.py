@@ -7,15 +7,27 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 
 from flowmodel import Flow
 
-__all__ = ["RunLogger", "format_eta", "quiet_ray_train_reports", "sample_grid", "say"]
+__all__ = [
+    "RunLogger",
+    "format_eta",
+    "quiet_ray_train_reports",
+    "sample_grid",
+    "say",
+    "start_system_metrics",
+    "stop_system_metrics",
+]
+
+
+GRID_SCALE = 3  # 28 x 28 samples are too small to see at 1:1 in MLflow's UI
 
 
 class RunLogger:
@@ -41,22 +53,61 @@ class RunLogger:
         ]
         self.client.log_batch(self.run_id, metrics=batch)
 
-    def artifact_bytes(self, data: bytes, path: str) -> None:
-        """`data` as the run's artifact at `path` ("samples/step-0000100.png")."""
+    def image(self, image: np.ndarray, key: str, step: int) -> None:
+        """An RGB uint8 image under `key` at `step`: MLflow's UI shows the steps on a slider."""
         if self.client is None:
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / Path(path).name
-            local.write_bytes(data)
-            self.client.log_artifact(self.run_id, str(local), str(Path(path).parent))
+        self.client.log_image(self.run_id, image, key=key, step=step)
 
 
-def sample_grid(flow: Flow, temperature: float, step: int) -> bytes:
-    """PNG of 64 samples in an 8 x 8 grid, seeded by `step` so that a rerun draws the same grid."""
-    from pipeline.plots import image_grid, png_bytes
+def sample_grid(flow: Flow, temperature: float, step: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of 64 samples in an 8 x 8 grid, upscaled x3, seeded by `step` so that a
+    rerun draws the same grid."""
+    from pipeline.plots import image_grid
 
     images = flow.sample(64, temperature=temperature, generator=torch.Generator().manual_seed(step))
-    return png_bytes(image_grid(images.numpy(), columns=8), scale=3)
+    grid = image_grid(images.numpy(), columns=8)  # (H, W, 3)
+    return grid.repeat(GRID_SCALE, axis=0).repeat(GRID_SCALE, axis=1)  # nearest-neighbour
+
+
+def start_system_metrics(
+    tracking_uri: str | None,
+    run_id: str | None,
+    sampling_interval: float = 10.0,
+    note: Callable[[str], None] | None = None,
+) -> Any | None:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU when pynvml sees one) for the run,
+    sampled on this machine by MLflow's own thread until `stop_system_metrics`. Returns None,
+    after one line through `note`, when MLflow has no monitor or it cannot start: training goes on
+    without these metrics."""
+    if not (tracking_uri and run_id):
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # resume_logging: a resumed run continues the system metrics' steps after the last one.
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=sampling_interval,
+            resume_logging=True,
+            tracking_uri=tracking_uri,
+        )
+        monitor.start()
+    except Exception as error:  # ImportError, a missing psutil, an MLflow that does not answer
+        (note or say)(f"MLflow system metrics off: {type(error).__name__}: {error}")
+        return None
+    return monitor
+
+
+def stop_system_metrics(monitor: Any | None, note: Callable[[str], None] | None = None) -> None:
+    """Stops the monitor's thread and flushes what it sampled; a failure is one line, not an error
+    (the run's own results are already reported)."""
+    if monitor is None:
+        return
+    try:
+        monitor.finish()
+    except Exception as error:
+        (note or say)(f"MLflow system metrics not flushed: {type(error).__name__}: {error}")
 
 
 def quiet_ray_train_reports(verbose: bool) -> None:

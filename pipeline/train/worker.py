@@ -44,6 +44,8 @@ from pipeline.train.reporting import (
     quiet_ray_train_reports,
     sample_grid,
     say,
+    start_system_metrics,
+    stop_system_metrics,
 )
 from pipeline.train.step import StepMetrics, evaluate_bits_per_dim
 
@@ -170,9 +172,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ),
     )
     quiet_ray_train_reports(worker.config.verbose)
-    torch.manual_seed(worker.config.seed)
-    training, state = _restore_or_init(worker, ray.train.get_checkpoint())
-    _step_loop(worker, training, state)
+    # Rank 0's machine is where training runs (the driver may be a laptop submitting a job).
+    monitor = (
+        start_system_metrics(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"))
+        if worker.is_chief
+        else None
+    )
+    try:
+        torch.manual_seed(worker.config.seed)
+        training, state = _restore_or_init(worker, ray.train.get_checkpoint())
+        _step_loop(worker, training, state)
+    finally:
+        stop_system_metrics(monitor)
 
 
 def _load_or_build(worker: _Worker, checkpoint: Any) -> tuple[Flow, tuple[Flow, TrainState] | None]:
@@ -231,6 +242,12 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
     shard = ray.train.get_dataset_shard("train")
     clock = _Clock()
     done = state.step >= config.max_steps
+    if done and not state.evaluated_at_step():
+        # Resumed at the end from a checkpoint taken between evaluations: the run's last step
+        # still gets its validation figure (registration refuses a run without one).
+        if worker.is_chief:
+            _evaluate(worker, training, state, final=True)
+        _checkpoint_and_report(worker, training, state)
     while not done:
         epoch_steps = 0
         for batch in shard.iter_torch_batches(
@@ -273,7 +290,7 @@ def _step_and_duties(
     if state.step % config.log_every == 0 or done:
         _log_progress(worker, state, clock, metrics, lr, elapsed)
     if worker.is_chief and (state.step % config.eval_every == 0 or done):
-        _evaluate(worker, training, state)
+        _evaluate(worker, training, state, final=done)
     if state.step % config.checkpoint_every == 0 or done:
         _checkpoint_and_report(worker, training, state)
     _maybe_hold(config, state.step, worker.is_chief)
@@ -314,16 +331,20 @@ def _log_progress(
     clock.window_start, clock.window_steps = time.monotonic(), 0
 
 
-def _evaluate(worker: _Worker, training: Training, state: LoopState) -> None:
-    """Phase 3 (rank 0): validation bits/dim of the EMA weights, logged with a sample grid."""
+def _evaluate(worker: _Worker, training: Training, state: LoopState, final: bool) -> None:
+    """Phase 3 (rank 0): validation bits/dim of the EMA weights, logged with a sample grid. The
+    final evaluation must see images: its figure is what the model is registered with."""
     config, step, flow = worker.config, state.step, training.ema.model
     mean, count = evaluate_bits_per_dim(flow, _validation_batches(config), seed=config.eval_seed)
+    if count == 0 and final:
+        raise ValueError(
+            f"data.validation ({config.data.validation}): expected at least one image for the "
+            f"final evaluation at step {step}, found none that could be read"
+        )
     state.history["validation"].append([step, mean])
     state.val_bits_per_dim, state.last_eval_step = mean, step
     worker.logger.metrics({"val_bits_per_dim": mean, "val_images": count}, step)
-    worker.logger.artifact_bytes(
-        sample_grid(flow, config.sample_temperature, step), f"samples/step-{step:07d}.png"
-    )
+    worker.logger.image(sample_grid(flow, config.sample_temperature, step), "samples", step)
     say(f"step {step}: validation {mean:.4f} bits/dim on {count} images")
 
 

@@ -1,16 +1,28 @@
 """Rank 0's reporting helpers without a Ray cluster: Ray Train's per-report chatter is silenced
-unless verbose."""
+unless verbose, and
+sample grids become MLflow images with their step."""
 
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
 from ray.train.v2._internal.execution import context
 
 from pipeline.train.config import TrainConfig
-from pipeline.train.reporting import quiet_ray_train_reports
+from pipeline.train.reporting import (
+    RunLogger,
+    quiet_ray_train_reports,
+    start_system_metrics,
+    stop_system_metrics,
+)
 
 
 @pytest.fixture
@@ -34,3 +46,45 @@ def test_ray_train_report_lines_are_hidden_unless_verbose(
 def test_verbose_is_off_by_default_and_settable() -> None:
     assert TrainConfig().verbose is False
     assert TrainConfig.from_dict({"verbose": True}).verbose is True
+
+
+def test_sample_grids_are_mlflow_images_with_their_step(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("grids")).info.run_id
+    grid = np.zeros((30, 48, 3), dtype=np.uint8)
+    grid[:, :24] = 200
+    RunLogger(uri, run_id, active=True).image(grid, "samples", step=7)
+    RunLogger(uri, run_id, active=False).image(grid, "samples", step=8)  # other ranks: nothing
+    paths = [a.path for a in client.list_artifacts(run_id, "images")]
+    png = [p for p in paths if p.endswith(".png")]
+    assert len(png) == 1 and png[0].startswith("images/samples+step+7+")
+    logged = np.asarray(Image.open(client.download_artifacts(run_id, png[0], str(tmp_path))))
+    np.testing.assert_array_equal(logged[..., :3], grid)
+
+
+def test_system_metrics_are_sampled_into_the_run_until_stopped(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("system")).info.run_id
+    monitor = start_system_metrics(uri, run_id, sampling_interval=0.05)
+    assert monitor is not None
+    deadline = time.monotonic() + 60
+    # MLflow's monitor counts the samples it has published in _logging_step.
+    while monitor._logging_step < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop_system_metrics(monitor)
+    metrics = client.get_run(run_id).data.metrics
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_without_mlflow_system_metrics_training_goes_on_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "mlflow.system_metrics.system_metrics_monitor", None)
+    lines: list[str] = []
+    assert start_system_metrics(f"sqlite:///{tmp_path}/m.db", "run", note=lines.append) is None
+    assert len(lines) == 1 and lines[0].startswith("MLflow system metrics off: ModuleNotFoundError")
+    stop_system_metrics(None, note=lines.append)
+    assert len(lines) == 1
