@@ -16,7 +16,9 @@ Output, a split that `flowray score --input` and `pipeline.data.reader` read lik
 Shards are written by the driver in image order from the chunks the tasks return (a window of
 `tasks` chunks in flight, so memory stays bounded); each shard goes to a temp file, then is renamed
 or uploaded whole (atomic). A rerun of a finished job (same manifest fingerprint) does nothing; an
-output written with other settings is refused, never overwritten.
+output written with other settings is refused, never overwritten. A run killed before its manifest
+leaves whole shards and, locally, hidden `.tmp` temps: the rerun removes the temps of dead writers
+on this host (`sweep_temp_files`) and writes every shard again, byte for byte the same.
 
 The model is named as in scoring (pipeline.batch.resolve): registry name and version, "run-<run
 id>" for runs:/ models, "local" for a directory, with a hash of the weights as the version.
@@ -57,6 +59,8 @@ from pipeline.storage import (
     exists,
     join_url,
     read_bytes,
+    redact_url,
+    sweep_temp_files,
     write_bytes_atomic,
 )
 
@@ -153,7 +157,8 @@ class SampleResult:
             )
         return (
             f"generated {self.images:,} images from {self.model_name} v{self.model_version} in "
-            f"{self.shards} shard(s) at {self.images_per_second:,.0f} images/s -> {self.output}"
+            f"{self.shards} shard(s) at {self.images_per_second:,.0f} images/s -> "
+            f"{redact_url(self.output)}"
         )
 
 
@@ -252,6 +257,9 @@ def _plan(config: SampleConfig) -> _Plan:
     from pipeline.tracking.connection import resolve_tracking_uri
 
     check_access(config.output, config.storage)
+    swept = sweep_temp_files(config.output, config.storage)  # temps of killed runs on this host
+    if swept:
+        logger.info("removed %d temp file(s) of earlier runs in %s", len(swept), config.output)
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     model = resolve_batch_model(config.model)
@@ -337,7 +345,7 @@ def _grid_png(flow: Flow, config: SampleConfig, label: str) -> bytes:
 def _write_manifest(config: SampleConfig, plan: _Plan, shards: list[ShardInfo]) -> None:
     """Last, and atomically: a manifest present means every shard it lists is complete."""
     source = (
-        f"samples:{config.model} ({plan.model.label}) "
+        f"samples:{redact_url(config.model)} ({plan.model.label}) "
         f"temperature={config.temperature:g} seed={config.seed}"
     )
     manifest = Manifest(
@@ -371,7 +379,13 @@ def _log_run(config: SampleConfig, result: SampleResult, grid: bytes, tracking_u
         run_name=f"sample {result.model_name} v{result.model_version}",
         tags=tags,
     ) as run:
-        log_config_params(run.info.run_id, config, exclude=("storage",))
+        saved = dataclasses.replace(  # no user:password@ of any URL in the params
+            config,
+            model=redact_url(config.model),
+            output=redact_url(config.output),
+            tracking_uri=redact_url(config.tracking_uri) if config.tracking_uri else None,
+        )
+        log_config_params(run.info.run_id, saved, exclude=("storage",))
         mlflow.log_metrics(
             {
                 "images": result.images,
