@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         default=f"idx:{default_idx_dir()}",
         help="idx:<folder with the 4 IDX files> | folder:<url of JPEG/PNG tree, class sub-folders "
-        "become labels> | npy:<images.npy>[,<labels.npy>]; local paths or s3:// URLs",
+        "become labels> | npy:<images.npy>[,<labels.npy>] | webdataset:<shard pattern "
+        "{000000..000099}.tar, prefix or list file of WebDataset shards>; local or s3://",
     )
     parser.add_argument(
         "--out", required=True, help="output URL (required): a local path or s3://bucket/prefix"
