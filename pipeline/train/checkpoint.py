@@ -3,7 +3,7 @@
 model.safetensors / flow_config.json   the flow being trained (pipeline.model.artifact layout)
 ema/model.safetensors, ema/...         the Polyak average (the model that is evaluated and shipped)
 state.pt                               optimizer state, step, counters (the EMA's update count
-                                       among them), RNG state: tensors and plain Python only,
+                                       and the epoch among them), RNG state: tensors and plain Python only,
                                        loaded with weights_only=True
 train_config.json                      the resolved TrainConfig
 
@@ -49,6 +49,7 @@ class TrainState:
     rng: torch.Tensor
     history: dict[str, list[list[float]]]  # "train"/"validation" -> [[step, bits/dim], ...]
     ema_updates: int  # `EMA.updates`: steps that updated the average (skipped steps do not)
+    epoch: int = 0  # passes over the training split finished; the shard order is seed + epoch
 
 
 def save_checkpoint(
@@ -67,6 +68,7 @@ def save_checkpoint(
             "rng": state.rng.cpu(),
             "history": state.history,
             "ema_updates": state.ema_updates,
+            "epoch": state.epoch,
         },
         directory / "state.pt",
     )
@@ -90,5 +92,6 @@ def load_checkpoint(directory: Path) -> tuple[Flow, Flow, TrainState]:
         # Checkpoints written before the count was stored: their runs restarted the average's
         # warm-up at the step number.
         ema_updates=int(raw.get("ema_updates", raw["step"])),
+        epoch=int(raw.get("epoch", 0)),  # checkpoints from before it was stored: epoch 0
     )
     return flow, ema, state

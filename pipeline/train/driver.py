@@ -28,9 +28,13 @@ if TYPE_CHECKING:
     from pipeline.data.reader import SkipTally
     from pipeline.train.checkpoint import TrainState
 
-__all__ = ["PreflightError", "TrainResult", "preflight", "train"]
+__all__ = ["PreflightError", "TrainResult", "TrainingStopped", "preflight", "train"]
 
 RUN_TAG = "flowray.run_name"
+
+
+class TrainingStopped(FlowrayError, RuntimeError):
+    """The run stopped for a reason a retry cannot fix (too many non-finite steps)."""
 
 
 class PreflightError(FlowrayError, ValueError):
@@ -230,11 +234,12 @@ def train(config: TrainConfig) -> TrainResult:
     config = absolute_paths(config)
     local = not (config.run.address or os.environ.get("RAY_ADDRESS"))
     manifests = preflight(config, local_ray=local)
+    epoch = _resume_epoch(config)
     tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir)
     run_id = _mlflow_run(config, tracking_uri, manifests)
     _init_ray(config)
     tally = SkipTally.shared() if config.data.on_error == "skip" else None
-    trainer = _trainer(config, manifests, tally, tracking_uri, run_id)
+    trainer = _trainer(config, manifests, tally, tracking_uri, run_id, epoch)
     print(
         f"training {config.run.name}: {config.scaling.num_workers} workers x batch {config.batch_size}, "
         f"up to {config.max_steps} steps"
@@ -242,8 +247,28 @@ def train(config: TrainConfig) -> TrainResult:
         + f"; {manifests['train'].count} training images, checkpoints in {config.run.storage_path}/{config.run.name}",
         flush=True,
     )
-    result = _fit(trainer, tracking_uri, run_id, config.run.name)
-    return _finish(config, result, tally, tracking_uri, run_id)
+    try:
+        result = _fit(trainer, config)
+        return _finish(config, result, tally, tracking_uri, run_id)
+    except BaseException as error:  # Ctrl-C too: the run must not stay RUNNING
+        _mark_failed(
+            tracking_uri, run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        )
+        raise
+
+
+def _resume_epoch(config: TrainConfig) -> int:
+    """For a rerun with checkpoints: its config checked against the latest checkpoint's (a model
+    or data change is refused, naming the keys), and the epoch it had reached; 0 for a new run."""
+    from pipeline.storage import join_url
+    from pipeline.train.resume import check_resume, latest_saved_run
+
+    saved = latest_saved_run(join_url(config.run.storage_path, config.run.name), config.storage)
+    if saved is None:
+        return 0
+    check_resume(saved, config.to_dict())
+    print(f"resuming {config.run.name} at step {saved.step}, epoch {saved.epoch}", flush=True)
+    return saved.epoch
 
 
 def _trainer(
@@ -252,6 +277,7 @@ def _trainer(
     tally: SkipTally | None,
     tracking_uri: str,
     run_id: str,
+    epoch: int = 0,
 ) -> TorchTrainer:
     """The TorchTrainer: the shuffled training split as a Ray Data stream, the workers, and where
     checkpoints go (the same name and storage path resume the run)."""
@@ -266,7 +292,9 @@ def _trainer(
         on_error=config.data.on_error,
         tally=tally,
         shuffle=True,
-        seed=config.seed,
+        # The shard order of epoch e is drawn with seed + e (pipeline.data.ray_source counts
+        # executions from this seed): a resume at epoch e continues the sequence.
+        seed=config.seed + epoch,
         manifest=manifests["train"],
     ).select_columns(["image"])
     storage_path, storage_filesystem = _storage_args(config)
@@ -297,18 +325,36 @@ def _trainer(
     )
 
 
-def _fit(trainer: TorchTrainer, tracking_uri: str, run_id: str, name: str) -> Result:
-    """`trainer.fit()`; the MLflow run is marked FAILED when it raises."""
+def _fit(trainer: TorchTrainer, config: TrainConfig) -> Result:
+    """`trainer.fit()`, with a non-finite stop left by rank 0 raised here as final (a stale one
+    from an earlier attempt is removed first: the rerun with a lower lr must go on)."""
+    from pipeline.storage import exists, fsspec_filesystem, join_url, read_bytes
+    from pipeline.train.loop_state import NONFINITE_STOP
+
+    marker = join_url(config.run.storage_path, config.run.name, NONFINITE_STOP)
+    if exists(marker, config.storage):
+        fs, path = fsspec_filesystem(marker, config.storage)
+        fs.rm(path)
+    result = trainer.fit()
+    if exists(marker, config.storage):
+        stop = read_bytes(marker, config.storage).decode()
+        raise TrainingStopped(f"training {config.run.name} stopped: {stop}")
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {config.run.name} finished without a checkpoint")
+    return result
+
+
+def _mark_failed(tracking_uri: str, run_id: str, status: str) -> None:
+    """The MLflow run ends FAILED (KILLED on Ctrl-C); an MLflow that does not answer costs one
+    line, never the error that is on its way up."""
     from mlflow.tracking import MlflowClient
 
     try:
-        result = trainer.fit()
-    except Exception:
-        MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED")
-        raise
-    if result.checkpoint is None:
-        raise RuntimeError(f"training {name} finished without a checkpoint")
-    return result
+        MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+    except Exception as error:
+        print(
+            f"MLflow run {run_id} not marked {status}: {type(error).__name__}: {error}", flush=True
+        )
 
 
 def _finish(

@@ -14,7 +14,18 @@ import torch
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.step import StepMetrics
 
-__all__ = ["LoopState", "eta_seconds", "record_step"]
+__all__ = ["NONFINITE_STOP", "LoopState", "NonFiniteLoss", "eta_seconds", "record_step"]
+
+NONFINITE_STOP = "nonfinite_stop"  # the report key that carries a non-finite stop to the driver
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Too many consecutive non-finite steps: final, never retried from the last checkpoint
+    (the same weights and data would diverge the same way)."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -30,6 +41,7 @@ class LoopState:
     )
     consecutive_skipped: int = 0
     last_checkpoint_step: int = 0
+    epoch: int = 0  # passes over the training split finished
     last_eval_step: int = -1
     val_bits_per_dim: float = math.nan  # of the last evaluation (rank 0 only)
 
@@ -41,6 +53,7 @@ class LoopState:
             skipped_steps=saved.skipped_steps,
             history=saved.history,
             last_checkpoint_step=saved.step,
+            epoch=saved.epoch,
         )
 
     def saved(self, optimizer: dict[str, Any], rng: torch.Tensor, ema_updates: int) -> TrainState:
@@ -53,6 +66,7 @@ class LoopState:
             rng=rng,
             history=self.history,
             ema_updates=ema_updates,
+            epoch=self.epoch,
         )
 
     def evaluated_at_step(self) -> bool:
@@ -72,17 +86,18 @@ def record_step(
     state: LoopState, metrics: StepMetrics, *, global_batch: int, max_skipped: int
 ) -> None:
     """Count one finished step. A skipped (non-finite) step adds no images; `max_skipped` of them
-    in a row stop the run with FloatingPointError, naming the last good checkpoint."""
+    in a row stop the run with NonFiniteLoss, naming the last good checkpoint."""
     state.step += 1
     if metrics.skipped:
         state.skipped_steps += 1
         state.consecutive_skipped += 1
         if state.consecutive_skipped >= max_skipped:
-            raise FloatingPointError(
+            raise NonFiniteLoss(
                 f"{state.consecutive_skipped} consecutive non-finite training steps (last at step "
                 f"{state.step}); stopping. The last good checkpoint (step "
                 f"{state.last_checkpoint_step}) is intact: lower optim.lr or optim.max_grad_norm "
-                "and rerun to resume from it."
+                "and rerun to resume from it.",
+                step=state.step,
             )
     else:
         state.consecutive_skipped = 0

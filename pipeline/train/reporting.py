@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,12 +31,30 @@ __all__ = [
 GRID_SCALE = 3  # 28 x 28 samples are too small to see at 1:1 in MLflow's UI
 
 
-class RunLogger:
-    """Rank 0's MLflow writes, batched; a no-op on other ranks and without a run."""
+MAX_BUFFERED_METRICS = 100_000  # about 20 MB; the oldest go first when MLflow stays away longer
+LOG_BATCH_LIMIT = 1000  # MLflow's log_batch takes at most 1000 metrics per call
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None, active: bool) -> None:
-        self.client = None
+
+class RunLogger:
+    """Rank 0's MLflow writes, batched; a no-op on other ranks and without a run.
+
+    Best effort: training must not die because the tracking server does. Metrics that MLflow
+    refuses (a connection error, a 5xx) wait in a bounded buffer and go out with the next write
+    that succeeds; images are dropped instead. One line says MLflow went away, one that it is back.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        run_id: str | None,
+        active: bool,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client: Any = None
         self.run_id = run_id
+        self.pending: deque[Any] = deque(maxlen=MAX_BUFFERED_METRICS)
+        self.failing = False
+        self.note = note or say
         if active and tracking_uri and run_id:
             from mlflow.tracking import MlflowClient
 
@@ -48,16 +67,42 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [
+        self.pending.extend(
             Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))
-        ]
-        self.client.log_batch(self.run_id, metrics=batch)
+        )
+        self.flush()
+
+    def flush(self) -> None:
+        """Sends the buffered metrics, oldest first, in log_batch-sized chunks."""
+        while self.pending:
+            chunk = [self.pending[i] for i in range(min(LOG_BATCH_LIMIT, len(self.pending)))]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as error:
+                self._went_away(error)
+                return
+            for _ in chunk:
+                self.pending.popleft()
+        if self.failing:
+            self.failing = False
+            self.note("MLflow answers again: buffered metrics sent")
+
+    def _went_away(self, error: Exception) -> None:
+        if not self.failing:
+            self.failing = True
+            self.note(
+                f"MLflow not answering ({type(error).__name__}: {str(error)[:200]}); training goes "
+                f"on, metrics buffered (up to {MAX_BUFFERED_METRICS}) until it answers"
+            )
 
     def image(self, image: np.ndarray, key: str, step: int) -> None:
         """An RGB uint8 image under `key` at `step`: MLflow's UI shows the steps on a slider."""
         if self.client is None:
             return
-        self.client.log_image(self.run_id, image, key=key, step=step)
+        try:
+            self.client.log_image(self.run_id, image, key=key, step=step)
+        except Exception as error:  # an image is not worth a buffer: this one is lost
+            self._went_away(error)
 
 
 def sample_grid(flow: Flow, temperature: float, step: int) -> np.ndarray:

@@ -37,7 +37,13 @@ from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoi
 from pipeline.train.config import TrainConfig
 from pipeline.train.core import Training, run_step, start_training
 from pipeline.train.distributed import all_agree, check_identical_start
-from pipeline.train.loop_state import LoopState, eta_seconds, record_step
+from pipeline.train.loop_state import (
+    NONFINITE_STOP,
+    LoopState,
+    NonFiniteLoss,
+    eta_seconds,
+    record_step,
+)
 from pipeline.train.reporting import (
     RunLogger,
     format_eta,
@@ -182,8 +188,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.manual_seed(worker.config.seed)
         training, state = _restore_or_init(worker, ray.train.get_checkpoint())
         _step_loop(worker, training, state)
+    except NonFiniteLoss as stop:
+        _report_stop(worker, stop)
     finally:
         stop_system_metrics(monitor)
+
+
+def _report_stop(worker: _Worker, stop: NonFiniteLoss) -> None:
+    """Ray Train's FailureConfig retries every raised error like a lost node, and a retry would
+    resume from the last checkpoint into the same divergence. So the workers (they all stop at
+    the same step: the skip is all-reduced) return normally, and rank 0 leaves the reason where
+    the driver looks after `fit()` (Ray's Result keeps only checkpointed reports' metrics); the
+    driver raises it as final."""
+    from pipeline.storage import join_url, write_bytes_atomic
+
+    config = worker.config
+    if worker.is_chief:
+        say(f"stopped: {stop}")
+        marker = join_url(config.run.storage_path, config.run.name, NONFINITE_STOP)
+        write_bytes_atomic(marker, str(stop).encode(), config.storage)
 
 
 def _load_or_build(worker: _Worker, checkpoint: Any) -> tuple[Flow, tuple[Flow, TrainState] | None]:
@@ -262,6 +285,10 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
             epoch_steps += 1
             if done:
                 break
+        else:
+            # A finished pass: a resume from a later checkpoint continues with the next epoch's
+            # shard order (the driver seeds the split with seed + epoch).
+            state.epoch += 1
         if epoch_steps == 0:
             raise ValueError(
                 f"the training split {config.data.train} gives no full batch of {config.batch_size} "

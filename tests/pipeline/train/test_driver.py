@@ -19,7 +19,7 @@ from pipeline.data.sources import open_source
 from pipeline.storage import fsspec_filesystem
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.config import TrainConfig
-from pipeline.train.driver import PreflightError, train
+from pipeline.train.driver import PreflightError, TrainingStopped, train
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,27 @@ def test_preflight_rejects_more_workers_than_cores(shards: Path, tmp_path: Path)
     config = tiny_config(tmp_path, str(shards), str(tmp_path / "runs"), scaling={"num_workers": 64})
     with pytest.raises(PreflightError, match="64 workers x 1.0 CPUs need more than this machine's"):
         train(config)
+
+
+def test_a_diverged_run_stops_without_retries_and_is_marked_failed(
+    ray_local: None, shards: Path, tmp_path: Path
+) -> None:
+    # lr 1e10 wrecks the weights in one step; every later loss is non-finite. max_failures=2
+    # would replay the divergence twice if the stop were a raised worker error.
+    config = tiny_config(
+        tmp_path,
+        str(shards),
+        str(tmp_path / "runs"),
+        optim={"lr": 1e10, "warmup_steps": 1},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 2},
+        max_nonfinite_steps=3,
+    )
+    with pytest.raises(TrainingStopped, match=r"3 consecutive non-finite training steps"):
+        train(config)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("flowray").experiment_id])
+    assert run.info.status == "FAILED"
+    # One attempt only: a retry would have restored the step-0 start and written a second
+    # init checksum history entry; the run logged its start once.
+    history = client.get_metric_history(run.info.run_id, "init_checksum_rank0")
+    assert len(history) == 1

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline.train.loop_state import LoopState, eta_seconds, record_step
+from pipeline.train.loop_state import LoopState, NonFiniteLoss, eta_seconds, record_step
 from pipeline.train.reporting import format_eta
 from pipeline.train.step import StepMetrics
 
@@ -35,7 +35,7 @@ def test_too_many_consecutive_skipped_steps_stop_naming_the_last_checkpoint() ->
     record_step(state, good(4.0), global_batch=8, max_skipped=3)
     record_step(state, bad(), global_batch=8, max_skipped=3)
     record_step(state, bad(), global_batch=8, max_skipped=3)
-    with pytest.raises(FloatingPointError, match=r"3 consecutive .* step 44\).* \(step 40\)"):
+    with pytest.raises(NonFiniteLoss, match=r"3 consecutive .* step 44\).* \(step 40\)"):
         record_step(state, bad(), global_batch=8, max_skipped=3)
     assert state.skipped_steps == 3
 
@@ -53,6 +53,7 @@ def test_checkpoint_state_round_trip() -> None:
     for metrics in (good(6.0), bad(), good(5.5)):
         record_step(state, metrics, global_batch=32, max_skipped=5)
     state.history["validation"].append([3, 5.8])
+    state.epoch = 4
     rng = torch.get_rng_state()
     saved = state.saved({"state": {}, "param_groups": []}, rng, ema_updates=2)
     assert (saved.step, saved.images_seen, saved.skipped_steps, saved.ema_updates) == (3, 64, 1, 2)
@@ -63,7 +64,8 @@ def test_checkpoint_state_round_trip() -> None:
         "train": [[1, 6.0], [2, math.inf], [3, 5.5]],
         "validation": [[3, 5.8]],
     }
-    assert resumed.last_checkpoint_step == 3
+    assert resumed.last_checkpoint_step == 3 and resumed.epoch == 4
+    assert resumed.evaluated_at_step()
     assert resumed.last_eval_step == -1 and resumed.consecutive_skipped == 0
 
 

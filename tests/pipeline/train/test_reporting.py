@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,3 +89,51 @@ def test_without_mlflow_system_metrics_training_goes_on_with_one_line(
     assert len(lines) == 1 and lines[0].startswith("MLflow system metrics off: ModuleNotFoundError")
     stop_system_metrics(None, note=lines.append)
     assert len(lines) == 1
+
+
+class FlakyClient:
+    """A real MLflow client whose writes fail while `down` is set, as a lost server's would."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.client = client
+        self.down = False
+
+    def log_batch(self, run_id: str, metrics: list[Any]) -> None:
+        if self.down:
+            raise ConnectionError("Connection refused")
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def log_image(self, run_id: str, image: np.ndarray, key: str, step: int) -> None:
+        if self.down:
+            raise ConnectionError("Connection refused")
+        self.client.log_image(run_id, image, key=key, step=step)
+
+
+def test_metrics_survive_an_mlflow_outage_and_are_sent_when_it_answers(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    lines: list[str] = []
+    logger = RunLogger(uri, run_id, active=True, note=lines.append)
+    flaky = FlakyClient(client)
+    logger.client = flaky
+    logger.metrics({"loss": 5.0}, step=1)
+    flaky.down = True
+    for step in range(2, 6):
+        logger.metrics({"loss": 6.0 - step / 10}, step=step)
+    logger.image(np.zeros((4, 4, 3), dtype=np.uint8), "samples", step=5)
+    assert len(lines) == 1 and lines[0].startswith("MLflow not answering (ConnectionError")
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1]
+    flaky.down = False
+    logger.metrics({"loss": 5.3}, step=6)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [
+        (1, 5.0),
+        (2, 5.8),
+        (3, 5.7),
+        (4, 5.6),
+        (5, 5.5),
+        (6, 5.3),
+    ]
+    assert lines[1:] == ["MLflow answers again: buffered metrics sent"]
+    assert not logger.pending

@@ -1,0 +1,118 @@
+"""What a rerun resumes from, read on the driver before Ray starts: the latest checkpoint's
+config (a changed model or data config is refused, naming the keys) and its epoch (so that the
+shard order continues the epoch sequence instead of replaying epoch 0's).
+
+Restored on resume: weights, EMA weights and update count, optimizer, step, image and skip
+counters, history, RNG, and the epoch number (the training split's shard order is drawn with
+seed + epoch, as the uninterrupted run would draw it). Not restored: the position inside the
+epoch (the resumed epoch starts at its first batch, so its batches before the kill are seen
+again) and the contents of Ray Data's local shuffle buffer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import FlowrayError
+from pipeline.storage import StorageConfig, fsspec_filesystem
+
+__all__ = [
+    "ResumeConfigError",
+    "SavedRun",
+    "check_resume",
+    "config_differences",
+    "latest_saved_run",
+]
+
+# Keys that may change between a run and its resume: budgets, cadences, where things are logged
+# or stored, and test hooks. Everything else (model, data, optim, batch, seeds, ...) must match.
+MAY_CHANGE = (
+    "max_minutes",
+    "max_steps",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "verbose",
+    "hold_at_step",
+    "fail_at_step",
+    "storage.",
+    "mlflow.",
+    "run.address",
+    "scaling.max_failures",
+    "scaling.placement_strategy",
+)
+
+
+class ResumeConfigError(FlowrayError, ValueError):
+    """The rerun's config differs from its checkpoint's in keys that cannot change."""
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _may_change(key: str) -> bool:
+    return any(key.startswith(m) if m.endswith(".") else key == m for m in MAY_CHANGE)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ (or exist on one side only), the keys in MAY_CHANGE left
+    out."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return [k for k in changed if not _may_change(k)]
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """The latest checkpoint of a run: where it is, its config and how far it got."""
+
+    path: str
+    config: dict[str, Any]
+    step: int
+    epoch: int
+
+
+def latest_saved_run(run_url: str, storage: StorageConfig | None = None) -> SavedRun | None:
+    """The newest `checkpoint_<timestamp>` under `run_url` (Ray Train's names sort by time), or
+    None for a run that has none yet."""
+    import io
+
+    import torch
+
+    fs, path = fsspec_filesystem(run_url, storage)
+    configs = sorted(fs.glob(f"{path.rstrip('/')}/checkpoint_*/train_config.json"))
+    if not configs:
+        return None
+    directory = configs[-1].rsplit("/", 1)[0]
+    raw = torch.load(
+        io.BytesIO(fs.cat_file(f"{directory}/state.pt")), weights_only=True, map_location="cpu"
+    )
+    return SavedRun(
+        path=directory,
+        config=json.loads(fs.cat_file(configs[-1])),
+        step=int(raw["step"]),
+        epoch=int(raw.get("epoch", 0)),  # checkpoints from before the epoch was saved: 0
+    )
+
+
+def check_resume(saved: SavedRun, current: dict[str, Any]) -> None:
+    """Refuses a rerun whose config differs from the checkpoint's in keys that cannot change."""
+    differences = config_differences(saved.config, current)
+    if differences:
+        old, new = _flatten(saved.config), _flatten(current)
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differences[:10])
+        raise ResumeConfigError(
+            f"the checkpoint at step {saved.step} ({saved.path}) was trained with another config: "
+            f"{shown}",
+            hint="rerun with the checkpoint's values for these keys, or start a new run (another "
+            "run.name)",
+        )
