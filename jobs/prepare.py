@@ -20,6 +20,7 @@ import time
 
 from jobs.config import HelpFormatter
 from jobs.errors import JobExit, user_errors
+from pipeline.data.images import ImageLimits
 from pipeline.data.shards import PrepareResult, ShardEvent, prepare
 from pipeline.data.sources import default_idx_dir, open_source
 from pipeline.storage import StorageConfig, check_access, is_s3, join_url
@@ -123,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="fail",
         help="an undecodable source image stops prepare, or is logged, counted and left out",
     )
+    limits = ImageLimits()
+    parser.add_argument(
+        "--max-image-pixels",
+        type=_positive,
+        default=limits.max_pixels,
+        help="an image file whose header declares more pixels (width x height) is a bad input, "
+        "refused before decoding (a decompression bomb); --on-error decides what happens to it",
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=_bytes,
+        default=f"{limits.max_bytes >> 20}MiB",
+        help="an image file larger than this is a bad input, refused before it is read whole",
+    )
     parser.add_argument(
         "--endpoint-url",
         default=None,
@@ -201,6 +216,7 @@ def _run(args: argparse.Namespace) -> None:
         size=args.size,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        limits=ImageLimits(max_pixels=args.max_image_pixels, max_bytes=args.max_image_bytes),
     )
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     counts = source.splits()

@@ -146,3 +146,64 @@ def test_bad_option_values_are_usage_errors(value, message, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["--out", "x", value])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _bomb_png(side: int = 15000) -> bytes:
+    """A real side x side greyscale PNG of a few hundred KB (all zeros compress ~1000:1)."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return len(body).to_bytes(4, "big") + kind + body + crc.to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit greyscale
+    packer = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte + zeros
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def folder_with_a_bomb(tmp_path):
+    """20 good PNGs (ten 32x32, ten 48x48) and one 15000x15000 PNG of a few hundred KB, in one
+    class folder."""
+    from PIL import Image
+
+    folder = tmp_path / "photos" / "things"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        side = 32 if i < 10 else 48
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"good-{i:02d}.png")
+    (folder / "bomb.png").write_bytes(_bomb_png())
+    return tmp_path / "photos"
+
+
+def test_a_decompression_bomb_is_skipped_and_counted_under_skip(
+    folder_with_a_bomb, tmp_path, capsys
+):
+    argv = ["--source", f"folder:{folder_with_a_bomb}", "--out", str(tmp_path / "data")]
+    code, out, err = _run(capsys, [*argv, "--size", "32x32", "--on-error", "skip"])
+    assert code == 0, err
+    assert "train: 20 images [3, 32, 32]" in out and "1 bad inputs skipped" in out
+    assert load_manifest(str(tmp_path / "data" / "train")).skipped_inputs == 1
+    assert "Traceback" not in err
+
+
+def test_image_limits_are_options_checked_before_decoding(folder_with_a_bomb, tmp_path, capsys):
+    base = ["--source", f"folder:{folder_with_a_bomb}", "--size", "32x32"]
+    # Between 32x32 (1,024 pixels) and 48x48 (2,304): the ten 48x48 images are refused too.
+    code, out, err = _run(
+        capsys,
+        [*base, "--out", str(tmp_path / "a"), "--on-error", "skip", "--max-image-pixels", "2000"],
+    )
+    assert code == 0, err
+    assert "train: 10 images [3, 32, 32]" in out and "11 bad inputs skipped" in out
+    # A byte limit below the bomb's few hundred KB refuses it by its size, under fail: one line.
+    code, _, err = _run(capsys, [*base, "--out", str(tmp_path / "b"), "--max-image-bytes", "100KB"])
+    assert code == 2
+    _assert_user_error(err, "bomb.png", "")
+    assert "larger than the limit of 100,000 bytes" in err
