@@ -25,6 +25,7 @@ from pathlib import Path
 
 from jobs.config import HelpFormatter
 from jobs.errors import run_main
+from pipeline.storage import redact_url
 from pipeline.submission import (
     JOB_COMMANDS,
     JobSpec,
@@ -66,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="Submit `python -m jobs.<job> [job args]` to a Ray cluster's job server with "
         "this checkout as working_dir and MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL, "
-        "AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION and the AWS/MLflow credentials of this "
-        "shell as the job's environment (credentials are never printed). Follows the job's logs "
-        "and exits 0 when it SUCCEEDED, 1 when it FAILED or was STOPPED, 2 when it could not be "
-        "submitted. Options go before the job name; everything after it goes to the job.",
+        "AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION of this shell as the job's environment. "
+        "Credentials are not forwarded unless --forward-credentials is given (the cluster's "
+        "nodes use their own), and are never printed. Follows the job's logs and exits 0 when it "
+        "SUCCEEDED, 1 when it FAILED or was STOPPED, 2 when it could not be submitted. Options "
+        "go before the job name; everything after it goes to the job.",
         epilog="Equivalent by hand: ray job submit --address $RAY_API_SERVER_ADDRESS "
         "--working-dir . --runtime-env-json '{\"env_vars\": {...}}' -- python -m jobs.<job> ...",
     )
@@ -99,11 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="one more environment variable for the job; repeatable (default: none)",
     )
     parser.add_argument(
-        "--no-credentials",
+        "--forward-credentials",
         action="store_true",
-        help="do not forward AWS_* / MLFLOW_TRACKING_* credentials: the cluster's nodes have "
-        "their own identity (default: forward them)",
+        help="forward this shell's AWS_* / MLFLOW_TRACKING_* credentials (and user:password@ in "
+        "forwarded URLs) into the job's environment, where the Ray dashboard shows them to "
+        "anyone who can read it (default: off: the cluster's nodes use their own identity)",
     )
+    # The old opt-out, now the default; still accepted.
+    parser.add_argument("--no-credentials", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--submission-id",
         default=None,
@@ -144,7 +149,9 @@ def build_spec(args: argparse.Namespace, environ: Mapping[str, str]) -> JobSpec:
                 hint="pass --working-dir <flowray checkout>, or --no-working-dir when the "
                 "cluster's image has flowray installed",
             )
-    env = job_environment(environ, dict(args.env), credentials=not args.no_credentials)
+    if args.forward_credentials and args.no_credentials:
+        raise SubmitError("--forward-credentials and --no-credentials contradict each other")
+    env = job_environment(environ, dict(args.env), credentials=args.forward_credentials)
     return JobSpec(
         command=args.job,
         args=job_args,
@@ -161,21 +168,25 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return 0
     url = dashboard_url(args.address, environ)
     print(describe(spec, url), file=sys.stderr, flush=True)
+    shown = redact_url(url)
     client = connect(url)
     job_id = submit(client, spec)
     if args.no_wait:
         print(job_id)
         print(
-            f"follow: ray job logs -f --address {url} {job_id}\n"
-            f"status: ray job status --address {url} {job_id}\n"
-            f"stop:   ray job stop --address {url} {job_id}",
+            f"follow: ray job logs -f --address {shown} {job_id}\n"
+            f"status: ray job status --address {shown} {job_id}\n"
+            f"stop:   ray job stop --address {shown} {job_id}",
             file=sys.stderr,
         )
         return 0
     print(
         f"job {job_id} submitted; following its logs (Ctrl-C stops it)", file=sys.stderr, flush=True
     )
-    masked = secret_values(spec.runtime_env.get("env_vars", {}))
+    # This shell's credentials are masked in the job's output even when not forwarded: the
+    # cluster may hold the same ones.
+    own = job_environment(environ, dict(args.env), credentials=True)
+    masked = secret_values({**own, **spec.runtime_env.get("env_vars", {})})
     started = time.monotonic()
     try:
         status = follow(client, job_id, sys.stdout, secrets=masked)

@@ -8,17 +8,24 @@
     status = follow(client, job_id, sys.stdout, secrets=secret_values(env))
 
 The job runs `python -m jobs.<command> <args>` on the cluster's head node, in a copy of the flowray
-checkout (Ray's `working_dir`), with the tracking URI, the S3 endpoint, the region and the
-credentials of the submitting shell as environment variables. It is what this does by hand:
+checkout (Ray's `working_dir`), with the tracking URI, the S3 endpoint and the region of the
+submitting shell as environment variables. It is what this does by hand:
 
     ray job submit --address "$RAY_API_SERVER_ADDRESS" --working-dir . \\
         --runtime-env-json '{"excludes": [".venv", ".stack", ...], "env_vars": {...}}' \\
         -- python -m jobs.train --config fashion-mnist
 
-Credentials travel in the runtime_env's env_vars, which the cluster keeps with the job (anyone who
-can read the dashboard can read them): on a shared cluster, give the nodes an identity of their own
-(instance profile, IRSA) and submit with credentials=False. Nothing printed here shows them:
-`redacted` masks them in the summary and `follow` masks their values in the job's logs.
+Credentials are not forwarded unless asked (`credentials=True`, `flowray submit
+--forward-credentials`): the runtime_env's env_vars are kept by the cluster with the job, and
+anyone who can read the dashboard can read them. The cluster's nodes should have an identity of
+their own (instance profile, IRSA, a Kubernetes Secret). Without forwarding, a forwarded URL also
+loses its `user:password@` (`redact_url`): a tracking URI with basic auth is a credential too.
+Nothing printed here shows a credential: `describe` says which were forwarded and masks their
+values, and `follow` masks them, and strips `user:password@` from URLs, in the job's logs.
+
+A fresh cluster's job server answers "No available agent to submit job" until the head node's
+job agent has registered (seconds, more on a loaded machine): `submit` retries that answer with
+bounded backoff.
 
 Ray's client reads RAY_API_SERVER_ADDRESS / RAY_ADDRESS and lets them override the address it is
 given; `connect` hides them while it builds the client, so an explicit address wins. Token auth
@@ -31,18 +38,28 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import secrets
 import shlex
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from pipeline.errors import FlowrayError
+from pipeline.storage import redact_url
+from pipeline.submission_env import (
+    CREDENTIAL_VARIABLES,
+    FORWARDED_VARIABLES,
+    credentials_line,
+    is_secret,
+    job_environment,
+    mask,
+    redacted,
+    secret_values,
+)
 
 __all__ = [
     "CREDENTIAL_VARIABLES",
@@ -54,6 +71,7 @@ __all__ = [
     "JobSpec",
     "SubmitError",
     "connect",
+    "credentials_line",
     "dashboard_url",
     "describe",
     "entrypoint",
@@ -73,23 +91,6 @@ __all__ = [
 ]
 
 JOB_COMMANDS = ("train", "score", "sample", "prepare")
-# Where the job finds the tracking server and object storage: copied from the submitting shell.
-FORWARDED_VARIABLES = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-)
-# Copied too unless credentials=False; never printed.
-CREDENTIAL_VARIABLES = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
 # Never uploaded with the sources: environments, local state, outputs (Ray also honours .gitignore).
 WORKING_DIR_EXCLUDES = (
     ".venv",
@@ -104,11 +105,6 @@ WORKING_DIR_EXCLUDES = (
     ".ruff_cache",
     "*.egg-info",
 )
-# Variable names whose values are secrets, besides CREDENTIAL_VARIABLES (for --env KEY=VALUE).
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY")
-# user:password@ in a URL (a tracking URI with basic auth, say).
-_URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
-MASK = "***"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")  # JobStatus values after which nothing changes
 _CONNECT_TIMEOUT_S = 5.0
 
@@ -167,52 +163,6 @@ def new_submission_id(command: str) -> str:
     return f"flowray-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-# -- environment ------------------------------------------------------------------------------------
-def job_environment(
-    environ: Mapping[str, str],
-    extra: Mapping[str, str] | None = None,
-    credentials: bool = True,
-) -> dict[str, str]:
-    """The env_vars a job gets: FORWARDED_VARIABLES (and CREDENTIAL_VARIABLES when `credentials`)
-    that are set in `environ`, then `extra`. A region set under one of AWS_REGION /
-    AWS_DEFAULT_REGION is set under both (boto3 reads one, other AWS SDKs the other)."""
-    names = FORWARDED_VARIABLES + (CREDENTIAL_VARIABLES if credentials else ())
-    env = {name: environ[name] for name in names if environ.get(name)}
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    if region:
-        env.setdefault("AWS_REGION", region)
-        env.setdefault("AWS_DEFAULT_REGION", region)
-    env.update(extra or {})
-    return env
-
-
-def is_secret(name: str) -> bool:
-    return name in CREDENTIAL_VARIABLES or bool(_SECRET_NAME.search(name.upper()))
-
-
-def secret_values(env: Mapping[str, str]) -> list[str]:
-    """Values to mask wherever they appear: secret variables' values and passwords in URLs.
-    Values shorter than 4 characters are not masked (they would mask half the log)."""
-    values = {value for name, value in env.items() if is_secret(name)}
-    values |= {match.group(2) for value in env.values() for match in _URL_PASSWORD.finditer(value)}
-    return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
-
-
-def redacted(env: Mapping[str, str]) -> dict[str, str]:
-    """env for printing: secret variables' values and passwords in URLs replaced by ***."""
-    return {
-        name: MASK if is_secret(name) else _URL_PASSWORD.sub(rf"\1:{MASK}@", value)
-        for name, value in env.items()
-    }
-
-
-def mask(text: str, secrets_: Sequence[str]) -> str:
-    """text with each of `secrets_` (longest first, as secret_values orders them) replaced by ***."""
-    for value in secrets_:
-        text = text.replace(value, MASK)
-    return text
-
-
 # -- runtime_env ------------------------------------------------------------------------------------
 def repo_root() -> Path | None:
     """The flowray checkout this module runs from (pyproject.toml and jobs/ beside pipeline/), or
@@ -243,9 +193,9 @@ def runtime_env(working_dir: Path | None, env_vars: Mapping[str, str]) -> dict[s
 def describe(spec: JobSpec, url: str) -> str:
     """What is about to be submitted, secrets masked: printed before submitting."""
     lines = [
-        f"submitting {spec.command} to {url}"
+        f"submitting {spec.command} to {redact_url(url)}"
         + (f" as {spec.submission_id}" if spec.submission_id else ""),
-        f"  entrypoint: {spec.entrypoint}",
+        f"  entrypoint: {redact_url(spec.entrypoint)}",
     ]
     working_dir = spec.runtime_env.get("working_dir")
     lines.append(
@@ -253,10 +203,12 @@ def describe(spec: JobSpec, url: str) -> str:
         if working_dir
         else "  working_dir: none (flowray must be installed on the cluster)"
     )
-    env = redacted(spec.runtime_env.get("env_vars", {}))
+    env_vars = spec.runtime_env.get("env_vars", {})
+    env = redacted(env_vars)
     lines.append(
         "  env: " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) if env else "none")
     )
+    lines.append(credentials_line(env_vars))
     return "\n".join(lines)
 
 
@@ -365,8 +317,37 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def submit(client: JobClient, spec: JobSpec) -> str:
-    """Submit the job; returns its id (spec.submission_id when given)."""
+def submit(
+    client: JobClient,
+    spec: JobSpec,
+    agent_wait_s: float = 120.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """Submit the job; returns its id (spec.submission_id when given).
+
+    "No available agent" (a fresh cluster whose job agent has not registered yet) is retried with
+    backoff (1, 2, 4, ... 8 s) for up to `agent_wait_s`; other refusals are a SubmitError at once.
+    """
+    waited, delay = 0.0, 1.0
+    while True:
+        try:
+            return _submit_once(client, spec)
+        except _NoAgentYet as err:
+            if waited >= agent_wait_s:
+                raise SubmitError(
+                    f"the Ray job server has no job agent after {waited:.0f} s: {err}",
+                    hint="the head node's dashboard agent did not start: see dashboard_agent.log "
+                    "on the head node, or restart the cluster",
+                ) from None
+            sleep(delay)
+            waited, delay = waited + delay, min(delay * 2, 8.0)
+
+
+class _NoAgentYet(Exception):
+    """The job server has no agent to run jobs yet."""
+
+
+def _submit_once(client: JobClient, spec: JobSpec) -> str:
     try:
         return client.submit_job(
             entrypoint=spec.entrypoint,
@@ -375,6 +356,8 @@ def submit(client: JobClient, spec: JobSpec) -> str:
             metadata={"flowray_command": spec.command},
         )
     except Exception as err:
+        if "No available agent" in str(err):
+            raise _NoAgentYet(_first_line(err)) from None
         if _is_auth_error(err):
             raise SubmitError(
                 f"the Ray job server refused the job: {_first_line(err)}", hint=_AUTH_HINT

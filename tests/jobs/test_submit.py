@@ -98,8 +98,8 @@ def test_unknown_job_in_a_spec_names_the_choices():
 
 
 # -- what travels with it ---------------------------------------------------------------------------
-def test_job_environment_carries_tracking_s3_region_and_credentials_only(stack_env):
-    env = job_environment(stack_env)
+def test_job_environment_carries_tracking_s3_region_and_credentials_only_when_asked(stack_env):
+    env = job_environment(stack_env, credentials=True)
     assert env == {
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
         "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
@@ -113,10 +113,18 @@ def test_job_environment_carries_tracking_s3_region_and_credentials_only(stack_e
     assert not any(name.startswith("RAY_") for name in env)
 
 
-def test_no_credentials_leaves_them_out_and_extra_variables_are_added(stack_env):
-    env = job_environment(stack_env, extra={"FLOWRAY_X": "1"}, credentials=False)
-    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
-    assert env["FLOWRAY_X"] == "1" and env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+def test_by_default_no_credential_is_forwarded_not_even_inside_a_url(stack_env):
+    environ = stack_env | {"MLFLOW_TRACKING_URI": "https://alice:pa55word@mlflow.example.com:5000"}
+    environ |= {"MLFLOW_TRACKING_PASSWORD": "pa55word", "AWS_SESSION_TOKEN": "tok-123456"}
+    env = job_environment(environ, extra={"FLOWRAY_X": "1"})
+    assert env == {
+        "MLFLOW_TRACKING_URI": "https://mlflow.example.com:5000",
+        "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_REGION": "eu-west-1",
+        "FLOWRAY_X": "1",
+    }
 
 
 def test_runtime_env_ships_the_checkout_without_local_state():
@@ -147,7 +155,7 @@ def test_redaction_masks_secret_variables_and_url_passwords():
     shown = redacted(env)
     assert shown["AWS_SECRET_ACCESS_KEY"] == shown["AWS_SESSION_TOKEN"] == "***"
     assert shown["MY_API_KEY"] == "***"
-    assert shown["MLFLOW_TRACKING_URI"] == "https://alice:***@mlflow.example.com"
+    assert shown["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com"  # user:password@ gone
     assert shown["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
     assert set(secret_values(env)) == {
         SECRET,
@@ -157,20 +165,31 @@ def test_redaction_masks_secret_variables_and_url_passwords():
     }
 
 
-def test_dry_run_prints_the_job_with_credentials_masked(stack_env, capsys):
-    code = main(["--dry-run", "--env", "MY_TOKEN=tok-123456", "train", "--set", "max_steps=5"])
+def test_dry_run_says_no_credentials_are_forwarded_by_default(stack_env, capsys):
+    code = main(["--dry-run", "train", "--set", "max_steps=5"])
     out = capsys.readouterr().out
     assert code == 0
     assert "entrypoint: python -m jobs.train --set max_steps=5" in out
+    assert "credentials: none forwarded (the cluster's nodes use their own; " in out
+    assert "AWS_SECRET_ACCESS_KEY" not in out and "AWS_ACCESS_KEY_ID" not in out
+
+
+def test_dry_run_with_forwarded_credentials_names_them_and_masks_them(stack_env, capsys):
+    argv = ["--dry-run", "--forward-credentials", "--env", "MY_TOKEN=tok-123456", "train"]
+    code = main([*argv, "--set", "mlflow.tracking_uri=https://bob:hunter22@mlflow.example.com"])
+    out = capsys.readouterr().out
+    assert code == 0
     assert "to http://127.0.0.1:8265" in out
     assert "AWS_SECRET_ACCESS_KEY=***" in out and "MY_TOKEN=***" in out
     assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in out
-    for secret in (SECRET, "tok-123456", "AKIAEXAMPLEKEY", "ray-token-never-forwarded"):
+    assert "credentials: forwarded AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MY_TOKEN (" in out
+    assert "mlflow.tracking_uri=https://mlflow.example.com" in out  # the entrypoint, as printed
+    for secret in (SECRET, "tok-123456", "AKIAEXAMPLEKEY", "ray-token-never-forwarded", "hunter22"):
         assert secret not in out
 
 
 def test_build_spec_honours_no_working_dir_and_gives_a_readable_job_id(stack_env):
-    args = build_parser().parse_args(["--no-working-dir", "--no-credentials", "score"])
+    args = build_parser().parse_args(["--no-working-dir", "score"])
     spec = build_spec(args, stack_env)
     assert "working_dir" not in spec.runtime_env
     assert "AWS_SECRET_ACCESS_KEY" not in spec.runtime_env["env_vars"]
@@ -334,8 +353,58 @@ def test_exit_code_follows_the_job_status(stack_env, monkeypatch, capsys, status
         assert last.endswith(": exit code 1; ***")  # the server's reason, first line, masked
     assert SECRET not in captured.out + captured.err
     assert client.submitted["entrypoint"] == "python -m jobs.train --x"
-    assert client.submitted["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == SECRET
+    assert not set(client.submitted["runtime_env"]["env_vars"]) & set(STACK_ENV) - {
+        "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"
+    }  # fmt: skip
     assert client.submitted["metadata"] == {"flowray_command": "train"}
+
+
+def test_forward_credentials_puts_them_in_the_runtime_env(stack_env, monkeypatch, capsys):
+    client = FakeClient([], ["SUCCEEDED"])
+    argv = ["--forward-credentials", "--submission-id", "j-4", "score"]
+    assert _run_with(monkeypatch, client, argv) == 0
+    assert client.submitted["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == SECRET
+    assert SECRET not in "".join(capsys.readouterr())
+
+
+def test_logs_lose_url_passwords_too(capsys):
+    import sys
+
+    client = FakeClient(
+        ["tracking at https://bob:hunter22@mlflow.example.com/api\n"], ["SUCCEEDED"]
+    )
+    assert follow(client, "job-1", sys.stdout) == "SUCCEEDED"
+    assert capsys.readouterr().out == "tracking at https://mlflow.example.com/api\n"
+
+
+class NoAgentYet(FakeClient):
+    """A fresh cluster: "No available agent" to the first `refusals` submissions."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__([], ["SUCCEEDED"])
+        self.refusals = refusals
+
+    def submit_job(self, **kwargs):
+        if self.refusals:
+            self.refusals -= 1
+            raise RuntimeError(
+                "Request failed with status code 503: No available agent to submit job, please "
+                "try again later."
+            )
+        return super().submit_job(**kwargs)
+
+
+def test_submit_retries_until_the_job_agent_is_up_then_gives_up_with_a_hint():
+    from pipeline.submission import submit
+
+    waits: list[float] = []
+    spec = JobSpec("score", [], submission_id="j-5")
+    assert submit(NoAgentYet(refusals=3), spec, sleep=waits.append) == "j-5"
+    assert waits == [1.0, 2.0, 4.0]
+    waits.clear()
+    with pytest.raises(SubmitError, match="no job agent after 31 s") as error:
+        submit(NoAgentYet(refusals=100), spec, agent_wait_s=30, sleep=waits.append)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0] and "dashboard_agent.log" in error.value.hint
 
 
 def test_no_wait_prints_the_job_id_and_returns(stack_env, monkeypatch, capsys):
