@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["PreflightError", "TrainResult", "TrainingStopped", "preflight", "train"]
 
 RUN_TAG = "flowray.run_name"
+READ_PLANS_PER_EPOCH = 2  # get_read_tasks calls per pass of Ray Train's streaming split
 
 
 class TrainingStopped(FlowrayError, RuntimeError):
@@ -292,9 +293,11 @@ def _trainer(
         on_error=config.data.on_error,
         tally=tally,
         shuffle=True,
-        # The shard order of epoch e is drawn with seed + e (pipeline.data.ray_source counts
-        # executions from this seed): a resume at epoch e continues the sequence.
-        seed=config.seed + epoch,
+        # pipeline.data.ray_source draws each shard order with seed + (its count of read
+        # plans), and Ray Data (2.x, streaming_split) plans the read twice per epoch: starting
+        # the count at 2 x epoch makes a resume at epoch e continue the uninterrupted sequence
+        # (tests/pipeline/train/test_resume.py checks this against Ray).
+        seed=config.seed + READ_PLANS_PER_EPOCH * epoch,
         manifest=manifests["train"],
     ).select_columns(["image"])
     storage_path, storage_filesystem = _storage_args(config)

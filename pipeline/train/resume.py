@@ -3,10 +3,11 @@ config (a changed model or data config is refused, naming the keys) and its epoc
 shard order continues the epoch sequence instead of replaying epoch 0's).
 
 Restored on resume: weights, EMA weights and update count, optimizer, step, image and skip
-counters, history, RNG, and the epoch number (the training split's shard order is drawn with
-seed + epoch, as the uninterrupted run would draw it). Not restored: the position inside the
+counters, history, RNG, and the epoch number (the driver seeds the training split so that its
+shard order is the one the uninterrupted run would draw for that epoch). Not restored: the position inside the
 epoch (the resumed epoch starts at its first batch, so its batches before the kill are seen
-again) and the contents of Ray Data's local shuffle buffer.
+again), the order of rows mixed by Ray Data's local shuffle buffer (unseeded), and, after
+Ray Train replaces a worker inside one `fit()`, nothing changes: the dataset keeps counting.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch
 from flowmodel import FlowConfig, build_flow
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
-from pipeline.train.driver import _resume_epoch, absolute_paths
+from pipeline.train.driver import READ_PLANS_PER_EPOCH, _resume_epoch, absolute_paths
 from pipeline.train.resume import ResumeConfigError, config_differences, latest_saved_run
 
 
@@ -83,3 +83,42 @@ def test_a_checkpoint_from_before_the_epoch_was_saved_resumes_at_epoch_zero(
     _, _, state = load_checkpoint(tmp_path / "checkpoint_1")
     assert state.epoch == 0 and not math.isnan(state.step)
     shutil.rmtree(tmp_path / "checkpoint_1")
+
+
+@pytest.fixture(scope="module")
+def small_split(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -> str:
+    from pipeline.data.shards import prepare
+    from pipeline.data.sources import open_source
+
+    out = tmp_path_factory.mktemp("shards")
+    prepare(open_source(f"idx:{fashion_mnist_dir}"), str(out), shard_samples=50, limit=300)
+    return f"{out}/train"
+
+
+def epoch_orders(split: str, seed: int, epochs: int) -> list[list[str]]:
+    """Keys in the order one training worker's shard yields them, epoch after epoch (the
+    driver's read_split, split by streaming_split as Ray Train does)."""
+    from pipeline.data.reader import read_split
+
+    dataset = read_split(split, shuffle=True, seed=seed).select_columns(["key"])
+    (shard,) = dataset.streaming_split(1)
+    return [
+        [k for b in shard.iter_batches(batch_size=None) for k in b["key"]] for _ in range(epochs)
+    ]
+
+
+def test_the_shard_order_after_a_resume_at_epoch_e_is_epoch_e_of_the_uninterrupted_run(
+    ray_local: None, small_split: str
+) -> None:
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    preserve, options.preserve_order = options.preserve_order, True  # blocks in plan order
+    try:
+        uninterrupted = epoch_orders(small_split, seed=7, epochs=3)
+        # The seed the driver gives the split when it resumes at epoch 1.
+        resumed = epoch_orders(small_split, seed=7 + READ_PLANS_PER_EPOCH * 1, epochs=2)
+    finally:
+        options.preserve_order = preserve
+    assert uninterrupted[1] != uninterrupted[0]
+    assert resumed == uninterrupted[1:]
