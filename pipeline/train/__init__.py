@@ -2,7 +2,8 @@
 warmup (step), the EMA of the weights (ema), the device-placed training core that the worker and
 the GPU bench share (core) and its collectives (distributed), the loop's counting (loop_state), the
 Ray Train worker loop (worker) and what it reports (reporting), the driver behind `flowray train`
-(driver), and checkpoints (checkpoint, written and read on the CPU).
+(driver), what a rerun resumes from and whether its config may resume it (resume), and
+checkpoints (checkpoint, written and read on the CPU).
 
 May import: flowmodel, pipeline.{model,data,tracking}, pipeline.{errors,storage,plots}.
 """
