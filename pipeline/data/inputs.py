@@ -101,6 +101,13 @@ class InputPlan:
     def by_url(self) -> dict[str, ShardRef]:
         return {ref.url: ref for ref in self.shards}
 
+    def digest(self) -> str:
+        """12 hex digits over every shard's URL, size and version: equal digests, same data."""
+        import hashlib
+
+        listing = "\n".join(f"{r.url} {r.size} {r.version}" for r in self.shards)
+        return hashlib.sha256(listing.encode()).hexdigest()[:12]
+
     def describe(self) -> str:
         """One line for logs: what the spec resolved to and how long listing took."""
         total = sum(ref.size for ref in self.shards)

@@ -24,7 +24,6 @@ than mixed with shards written from the old ones.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -126,9 +125,7 @@ class WebDatasetSource:
 
     @property
     def description(self) -> str:
-        listing = "\n".join(f"{r.url} {r.size} {r.version}" for r in self.plan.shards)
-        digest = hashlib.sha256(listing.encode()).hexdigest()[:12]
-        return f"webdataset:{self.spec}#{digest}"
+        return f"webdataset:{self.spec}#{self.plan.digest()}"
 
     @property
     def shape(self) -> tuple[int, int, int]:

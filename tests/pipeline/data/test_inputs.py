@@ -120,6 +120,8 @@ def test_a_rewritten_shard_gets_another_version(tmp_path, request, where):
     after = resolve_input(prefix, storage)
     changed = [a.name for a, b in zip(after.shards, before.shards) if a.version != b.version]
     assert changed == ["000001.tar"]
+    assert after.digest() != before.digest() == before.digest()
+    assert resolve_input(prefix, storage).digest() == after.digest()
 
 
 def test_a_prepared_split_resolves_to_its_manifest_and_listing(tmp_path):
