@@ -37,6 +37,8 @@ READ_PLANS_PER_EPOCH = 2  # get_read_tasks calls per pass of Ray Train's streami
 class TrainingStopped(FlowrayError, RuntimeError):
     """The run stopped for a reason a retry cannot fix (too many non-finite steps)."""
 
+    exit_code = 1  # a runtime failure (jobs.errors.EXIT_FAILURE), not a usage error
+
 
 class PreflightError(FlowrayError, ValueError):
     """The job cannot start; the message names what was expected and what was found."""

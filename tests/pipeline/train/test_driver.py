@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.config import apply_overrides
+from jobs.errors import exit_code_of
 from pipeline.data.reader import iter_split
 from pipeline.data.shards import prepare
 from pipeline.data.sources import open_source
@@ -165,8 +166,9 @@ def test_a_diverged_run_stops_without_retries_and_is_marked_failed(
         scaling={"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 2},
         max_nonfinite_steps=3,
     )
-    with pytest.raises(TrainingStopped, match=r"3 consecutive non-finite training steps"):
+    with pytest.raises(TrainingStopped, match=r"3 consecutive non-finite training steps") as stop:
         train(config)
+    assert exit_code_of(stop.value) == 1  # a runtime failure, not a usage error
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("flowray").experiment_id])
     assert run.info.status == "FAILED"
