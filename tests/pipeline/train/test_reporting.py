@@ -52,7 +52,9 @@ def test_verbose_is_off_by_default_and_settable() -> None:
 def test_sample_grids_are_mlflow_images_with_their_step(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("grids")).info.run_id
+    run_id = client.create_run(
+        client.create_experiment("grids", artifact_location=(tmp_path / "artifacts").as_uri())
+    ).info.run_id
     grid = np.zeros((30, 48, 3), dtype=np.uint8)
     grid[:, :24] = 200
     RunLogger(uri, run_id, active=True).image(grid, "samples", step=7)
@@ -67,7 +69,9 @@ def test_sample_grids_are_mlflow_images_with_their_step(tmp_path: Path) -> None:
 def test_system_metrics_are_sampled_into_the_run_until_stopped(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("system")).info.run_id
+    run_id = client.create_run(
+        client.create_experiment("system", artifact_location=(tmp_path / "artifacts").as_uri())
+    ).info.run_id
     monitor = start_system_metrics(uri, run_id, sampling_interval=0.05)
     assert monitor is not None
     deadline = time.monotonic() + 60
@@ -112,7 +116,9 @@ class FlakyClient:
 def test_metrics_survive_an_mlflow_outage_and_are_sent_when_it_answers(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    run_id = client.create_run(
+        client.create_experiment("outage", artifact_location=(tmp_path / "artifacts").as_uri())
+    ).info.run_id
     lines: list[str] = []
     logger = RunLogger(uri, run_id, active=True, note=lines.append)
     flaky = FlakyClient(client)
