@@ -149,5 +149,31 @@ PY
 }
 wait_until "Ray cluster at $DASHBOARD_URL with 2 nodes" "" nodes_ready
 
+# Ready for jobs means: the head node's job agent runs one. It registers seconds after the nodes are
+# up (more on a loaded machine), and until then the job server answers "No available agent to submit
+# job" to every submission. So submit a no-op job until one is taken, and wait for it to succeed.
+job_agent_ready() {
+    "$PYTHON" - "$DASHBOARD_URL" 2>>"$(log_file ray-job-agent-check)" <<'PY'
+import sys
+import time
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+client = JobSubmissionClient(sys.argv[1])
+try:
+    job = client.submit_job(entrypoint="true", metadata={"flowray_command": "cluster-up check"})
+except RuntimeError as err:
+    if "No available agent" in str(err):
+        sys.exit(1)
+    raise
+ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+deadline = time.monotonic() + 120
+while (status := client.get_job_status(job)) not in ended and time.monotonic() < deadline:
+    time.sleep(0.5)
+sys.exit(0 if status == JobStatus.SUCCEEDED else 1)
+PY
+}
+wait_until "job agent of the head node at $DASHBOARD_URL (see $HEAD_TEMP/session_latest/logs/dashboard_agent.log)" "" job_agent_ready
+
 write_cluster_env
-log "up: 2 nodes; submit with: ray job submit --working-dir . -- python -m jobs.<name> ..."
+log "up: 2 nodes, job agent ready; submit with: ray job submit --working-dir . -- python -m jobs.<name> ..."

@@ -157,25 +157,28 @@ http_ok() {
     curl -fsS -o /dev/null --max-time 3 "$1"
 }
 
-# port_free PORT: true when nothing listens on STACK_HOST:PORT (binds it, as the server will).
+# port_free PORT: true when nothing listens on PORT on any address of this machine. Binding the
+# wildcard address fails when any address holds the port: Ray binds some of its ports (the dashboard
+# agent's, 52365) on the machine's interface address, not on STACK_HOST, so a check of STACK_HOST
+# alone let a second Ray here start with a job agent that could not serve ("No available agent").
 port_free() {
-    "$PYTHON" - "$STACK_HOST" "$1" <<'EOF'
+    "$PYTHON" - "$1" <<'EOF'
 import socket, sys
 with socket.socket() as s:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        s.bind((sys.argv[1], int(sys.argv[2])))
+        s.bind(("0.0.0.0", int(sys.argv[1])))
     except OSError:
         sys.exit(1)
 EOF
 }
 
-# any_free_port: a port the kernel says is free now on STACK_HOST.
+# any_free_port: a port the kernel says is free now on every address.
 any_free_port() {
-    "$PYTHON" -c 'import socket, sys
+    "$PYTHON" -c 'import socket
 with socket.socket() as s:
-    s.bind((sys.argv[1], 0))
-    print(s.getsockname()[1])' "$STACK_HOST"
+    s.bind(("0.0.0.0", 0))
+    print(s.getsockname()[1])'
 }
 
 # choose_port VAR DEFAULT: prints the port for VAR. An explicit VAR must be free (else fail: the user
