@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from typing import Literal
 
 import numpy as np
 
-from flowmodel.typed import from_dict, to_dict
+from flowmodel.typed import to_dict
 from pipeline.data.images import ImageLimits, encode_png
 from pipeline.data.manifest import (
     FORMAT,
@@ -55,17 +54,22 @@ from pipeline.data.manifest import (
     shard_key,
     shard_name,
 )
-from pipeline.data.sources import ImageSource, SourceError
-from pipeline.errors import FlowrayError
+from pipeline.data.shard_writer import (
+    PARTS_DIR,
+    TAR_BLOCK,
+    TAR_END,
+    PrepareError,
+    ShardJob,
+    ShardResult,
+    run_in_process,
+    run_with_ray,
+)
+from pipeline.data.sources import ImageSource
 from pipeline.storage import (
     StorageConfig,
-    StorageError,
     exists,
-    fsspec_filesystem,
     join_url,
-    make_temp_file,
     read_bytes,
-    replace_with,
     sweep_temp_files,
     write_bytes_atomic,
 )
@@ -89,14 +93,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PARTS_DIR = "_parts"
-_TAR_BLOCK = 512
-_TAR_END = 1024  # two zero blocks close an archive
-
-
-class PrepareError(FlowrayError, RuntimeError):
-    """prepare cannot go on: bad input under on_error="fail", or an output made differently."""
 
 
 # ----------------------------------------------------------------------------- writing
@@ -141,116 +137,6 @@ class PrepareResult:
         return sum(r.shards_skipped for r in self.splits.values())
 
 
-@dataclass(frozen=True)
-class _Job:
-    """What a shard-writing task needs; picklable (the source is a description, not data)."""
-
-    source: ImageSource
-    split: str
-    split_url: str
-    storage: StorageConfig | None
-    fingerprint: str
-    on_error: Literal["skip", "fail"]
-
-
-@dataclass(frozen=True)
-class _ShardResult:
-    info: ShardInfo
-    written: bool
-    skipped_inputs: int
-
-
-def _sha256_of(url: str, storage: StorageConfig | None) -> str:
-    fs, path = fsspec_filesystem(url, storage)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as file:
-        while chunk := file.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_local(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _complete_shard(job: _Job, name: str, start: int) -> _ShardResult | None:
-    """The shard's record if it is already complete and verified, else None.
-
-    Raises PrepareError when its marker comes from a prepare with other settings.
-    """
-    marker_url = join_url(job.split_url, PARTS_DIR, name.replace(".tar", ".json"))
-    if not exists(marker_url, job.storage):
-        return None
-    marker = json.loads(read_bytes(marker_url, job.storage))
-    if marker.get("fingerprint") != job.fingerprint:
-        raise PrepareError(
-            f"{job.split_url} already holds shards prepared with other settings "
-            f"({name} has fingerprint {str(marker.get('fingerprint'))[:12]}, this run "
-            f"{job.fingerprint[:12]})",
-            hint="write to a new --out, or rerun with the options used before",
-        )
-    info = from_dict(ShardInfo, marker["shard"])
-    shard_url = join_url(job.split_url, name)
-    fs, path = fsspec_filesystem(shard_url, job.storage)
-    if info.start != start or not fs.exists(path) or fs.size(path) != info.bytes:
-        return None
-    if _sha256_of(shard_url, job.storage) != info.sha256:
-        logger.warning("%s: sha256 differs from its marker; rewriting it", shard_url)
-        return None
-    return _ShardResult(info, written=False, skipped_inputs=int(marker.get("skipped_inputs", 0)))
-
-
-def _write_shard(job: _Job, index: int, start: int, stop: int) -> _ShardResult:
-    """Write shard `index` holding split images [start, stop), unless it is already complete."""
-    import webdataset as wds
-
-    name = shard_name(index)
-    done = _complete_shard(job, name, start)
-    if done is not None:
-        return done
-    shard_url = join_url(job.split_url, name)
-    temp = make_temp_file(shard_url, ".tar")
-    count = skipped = 0
-    try:
-        # We own the file: TarWriter does not close streams it did not open, and s3fs would only
-        # upload on close; so write locally, then rename or upload the finished file.
-        with open(temp, "wb") as stream:
-            writer = wds.TarWriter(stream, encoder=False, mtime=0, user="flowray", group="flowray")
-            try:
-                for offset, item in enumerate(job.source.read(job.split, range(start, stop))):
-                    key = shard_key(job.split, start + offset)
-                    if item.error is not None or item.image is None:
-                        if job.on_error == "fail":
-                            raise PrepareError(
-                                f"{job.source.description}: {item.key} (would be {key}): "
-                                f"{item.error}",
-                                hint="fix or remove the file, or pass --on-error skip",
-                            )
-                        logger.warning("skipped input %s (%s): %s", item.key, key, item.error)
-                        skipped += 1
-                        continue
-                    sample = {"__key__": key, "png": encode_png(item.image)}
-                    if item.label is not None:
-                        sample["cls"] = str(item.label).encode("ascii")
-                    writer.write(sample)
-                    count += 1
-            finally:
-                writer.close()  # before the stream closes, also on error (the temp is dropped)
-        info = ShardInfo(name, count, _sha256_local(temp), os.path.getsize(temp), start)
-        replace_with(temp, shard_url, job.storage)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-    marker = {"fingerprint": job.fingerprint, "shard": to_dict(info), "skipped_inputs": skipped}
-    marker_url = join_url(job.split_url, PARTS_DIR, name.replace(".tar", ".json"))
-    write_bytes_atomic(marker_url, json.dumps(marker, indent=1).encode(), job.storage)
-    return _ShardResult(info, written=True, skipped_inputs=skipped)
-
-
 def _samples_per_shard(
     source: ImageSource, split: str, count: int, shard_samples: int, shard_bytes: int | None
 ) -> int:
@@ -265,52 +151,15 @@ def _samples_per_shard(
     if not probe:
         return max(1, min(shard_samples, count))
     per_member = [
-        _TAR_BLOCK + math.ceil(len(encode_png(i.image)) / _TAR_BLOCK) * _TAR_BLOCK for i in probe
+        TAR_BLOCK + math.ceil(len(encode_png(i.image)) / TAR_BLOCK) * TAR_BLOCK for i in probe
     ]
-    per_sample = float(np.mean(per_member)) + (2 * _TAR_BLOCK if source.has_labels else 0)
-    by_bytes = int((shard_bytes - _TAR_END) // per_sample)
+    per_sample = float(np.mean(per_member)) + (2 * TAR_BLOCK if source.has_labels else 0)
+    by_bytes = int((shard_bytes - TAR_END) // per_sample)
     return max(1, min(shard_samples, by_bytes, count))
 
 
 def _fingerprint(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
-def _run_in_process(
-    job: _Job, plans: list[tuple[int, int, int]], report: Callable[[_ShardResult], None]
-) -> None:
-    for index, start, stop in plans:
-        report(_write_shard(job, index, start, stop))
-
-
-def _run_with_ray(
-    job: _Job,
-    plans: list[tuple[int, int, int]],
-    report: Callable[[_ShardResult], None],
-    workers: int,
-) -> None:
-    import ray
-
-    task = ray.remote(num_cpus=1, max_retries=1)(_write_shard)
-    job_ref = ray.put(job)
-    queue = list(plans)
-    pending: list = []
-    try:
-        while queue or pending:
-            while queue and len(pending) < workers:
-                pending.append(task.remote(job_ref, *queue.pop(0)))
-            ready, pending = ray.wait(pending, num_returns=1)
-            try:
-                report(ray.get(ready[0]))
-            except ray.exceptions.RayTaskError as err:
-                # Show the task's own error (a PrepareError names the input), not Ray's wrapper.
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, (PrepareError, SourceError, StorageError)):
-                    raise cause from None
-                raise
-    finally:
-        for ref in pending:
-            ray.cancel(ref)
 
 
 def prepare(
@@ -348,8 +197,8 @@ def prepare(
     """
     if shard_samples < 1:
         raise ValueError(f"shard_samples: expected at least 1, found {shard_samples}")
-    if shard_bytes is not None and shard_bytes < 4 * _TAR_BLOCK:
-        raise ValueError(f"shard_bytes: expected at least {4 * _TAR_BLOCK}, found {shard_bytes}")
+    if shard_bytes is not None and shard_bytes < 4 * TAR_BLOCK:
+        raise ValueError(f"shard_bytes: expected at least {4 * TAR_BLOCK}, found {shard_bytes}")
     available = source.splits()
     chosen = list(splits) if splits else list(available)
     unknown = [s for s in chosen if s not in available]
@@ -387,8 +236,53 @@ def _prepare_split(
     on_error: Literal["skip", "fail"],
     progress: Callable[[ShardEvent], None] | None,
 ) -> SplitResult:
+    """Plan the shards, check a previous run's manifest, write what is missing, then the manifest."""
     started = time.perf_counter()
-    # A prepare killed before left its temps here; they are ours to remove (not a live writer's).
+    _sweep_leftovers(split_url, storage)
+    per_shard = _samples_per_shard(source, split, count, shard_samples, shard_bytes)
+    plans = [
+        (i, start, min(start + per_shard, count))
+        for i, start in enumerate(range(0, count, per_shard))
+    ]
+    fingerprint = _split_fingerprint(source, split, count, per_shard)
+    manifest_url = join_url(split_url, MANIFEST_NAME)
+    previous = _previous_manifest(manifest_url, fingerprint, split_url, storage)
+    job = ShardJob(source, split, split_url, storage, fingerprint, on_error)
+    tracker = _SplitProgress(split, len(plans), started, progress)
+    if workers > 0 and len(plans) > 1:
+        run_with_ray(job, plans, tracker.report, workers)
+    else:
+        run_in_process(job, plans, tracker.report)
+
+    finished = tracker.finished
+    shards = tuple(finished[i].info for i, _, _ in plans)
+    manifest = Manifest(
+        split=split,
+        count=sum(info.count for info in shards),
+        shape=tuple(source.shape),  # type: ignore[arg-type]
+        shards=shards,
+        source=source.description,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        fingerprint=fingerprint,
+        has_labels=source.has_labels,
+        classes=tuple(source.classes) if source.classes else None,
+        skipped_inputs=sum(r.skipped_inputs for r in finished.values()),
+    )
+    manifest, manifest_written = _commit_manifest(manifest, previous, manifest_url, storage)
+    written = [r for r in finished.values() if r.written]
+    return SplitResult(
+        manifest=manifest,
+        shards_written=len(written),
+        shards_skipped=len(finished) - len(written),
+        images_written=sum(r.info.count for r in written),
+        seconds=time.perf_counter() - started,
+        manifest_written=manifest_written,
+    )
+
+
+def _sweep_leftovers(split_url: str, storage: StorageConfig | None) -> None:
+    """A prepare killed before left its temps here; they are ours to remove (not a live
+    writer's, see storage.sweep_temp_files)."""
     for folder in (split_url, join_url(split_url, PARTS_DIR)):
         removed = sweep_temp_files(folder, storage)
         if removed:
@@ -398,11 +292,10 @@ def _prepare_split(
                 len(removed),
                 ", ".join(removed[:3]),
             )
-    per_shard = _samples_per_shard(source, split, count, shard_samples, shard_bytes)
-    plans = [
-        (i, start, min(start + per_shard, count))
-        for i, start in enumerate(range(0, count, per_shard))
-    ]
+
+
+def _split_fingerprint(source: ImageSource, split: str, count: int, per_shard: int) -> str:
+    """What the split's content depends on; a rerun with another fingerprint is refused."""
     fields = {
         "format": FORMAT,
         "source": source.description,
@@ -418,70 +311,66 @@ def _prepare_split(
         # Other limits skip other images: other shards. Default limits leave the fingerprint of
         # splits prepared before limits existed unchanged.
         fields["limits"] = to_dict(limits)
-    fingerprint = _fingerprint(fields)
-    manifest_url = join_url(split_url, MANIFEST_NAME)
-    previous = None
-    if exists(manifest_url, storage):
-        previous = parse_manifest(read_bytes(manifest_url, storage), manifest_url)
-        if previous.fingerprint != fingerprint:
-            raise PrepareError(
-                f"{split_url} already holds a split prepared with other settings "
-                f"(source {previous.source}, {previous.count} images of shape {list(previous.shape)})",
-                hint="write to a new --out, or rerun with the options used before",
+    return _fingerprint(fields)
+
+
+def _previous_manifest(
+    manifest_url: str, fingerprint: str, split_url: str, storage: StorageConfig | None
+) -> Manifest | None:
+    """The manifest of an earlier run with the same settings, None when there is none; an
+    earlier run with other settings is refused (its shards would mix with ours)."""
+    if not exists(manifest_url, storage):
+        return None
+    previous = parse_manifest(read_bytes(manifest_url, storage), manifest_url)
+    if previous.fingerprint != fingerprint:
+        raise PrepareError(
+            f"{split_url} already holds a split prepared with other settings "
+            f"(source {previous.source}, {previous.count} images of shape {list(previous.shape)})",
+            hint="write to a new --out, or rerun with the options used before",
+        )
+    return previous
+
+
+class _SplitProgress:
+    """Collects finished shards (by index) and tells `progress` about each."""
+
+    def __init__(
+        self,
+        split: str,
+        total: int,
+        started: float,
+        progress: Callable[[ShardEvent], None] | None,
+    ) -> None:
+        self.split, self.total, self.started, self.progress = split, total, started, progress
+        self.finished: dict[int, ShardResult] = {}
+
+    def report(self, result: ShardResult) -> None:
+        self.finished[int(result.info.name[6:12])] = result
+        if self.progress is None:
+            return
+        self.progress(
+            ShardEvent(
+                split=self.split,
+                name=result.info.name,
+                count=result.info.count,
+                bytes=result.info.bytes,
+                written=result.written,
+                done=len(self.finished),
+                total=self.total,
+                images_done=sum(r.info.count for r in self.finished.values()),
+                elapsed=time.perf_counter() - self.started,
             )
-    job = _Job(source, split, split_url, storage, fingerprint, on_error)
-    finished: dict[int, _ShardResult] = {}
+        )
 
-    def report(result: _ShardResult) -> None:
-        finished[int(result.info.name[6:12])] = result
-        if progress is not None:
-            progress(
-                ShardEvent(
-                    split=split,
-                    name=result.info.name,
-                    count=result.info.count,
-                    bytes=result.info.bytes,
-                    written=result.written,
-                    done=len(finished),
-                    total=len(plans),
-                    images_done=sum(r.info.count for r in finished.values()),
-                    elapsed=time.perf_counter() - started,
-                )
-            )
 
-    if workers > 0 and len(plans) > 1:
-        _run_with_ray(job, plans, report, workers)
-    else:
-        _run_in_process(job, plans, report)
-
-    shards = tuple(finished[i].info for i, _, _ in plans)
-    manifest = Manifest(
-        split=split,
-        count=sum(info.count for info in shards),
-        shape=tuple(source.shape),  # type: ignore[arg-type]
-        shards=shards,
-        source=source.description,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        fingerprint=fingerprint,
-        has_labels=source.has_labels,
-        classes=tuple(source.classes) if source.classes else None,
-        skipped_inputs=sum(r.skipped_inputs for r in finished.values()),
-    )
-    manifest_written = (
-        previous is None or dataclasses.replace(manifest, created=previous.created) != previous
-    )
-    if manifest_written:
-        # Last, and atomically: a manifest present means every shard it lists is complete.
-        data = json.dumps(to_dict(manifest), indent=1).encode()
-        write_bytes_atomic(manifest_url, data, storage)
-    else:
-        manifest = previous
-    written = [r for r in finished.values() if r.written]
-    return SplitResult(
-        manifest=manifest,
-        shards_written=len(written),
-        shards_skipped=len(finished) - len(written),
-        images_written=sum(r.info.count for r in written),
-        seconds=time.perf_counter() - started,
-        manifest_written=manifest_written,
-    )
+def _commit_manifest(
+    manifest: Manifest, previous: Manifest | None, manifest_url: str, storage: StorageConfig | None
+) -> tuple[Manifest, bool]:
+    """Write the manifest unless an identical one (creation time aside) is there already.
+    Returns the manifest in force and whether it was written."""
+    if previous is not None and dataclasses.replace(manifest, created=previous.created) == previous:
+        return previous, False
+    # Last, and atomically: a manifest present means every shard it lists is complete.
+    data = json.dumps(to_dict(manifest), indent=1).encode()
+    write_bytes_atomic(manifest_url, data, storage)
+    return manifest, True
