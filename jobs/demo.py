@@ -15,10 +15,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobs.config import HelpFormatter, load_config
 from jobs.errors import user_errors
 from jobs.prepare import ShardProgress, summary_lines
+
+if TYPE_CHECKING:  # the pipeline is imported when a step runs, so --help stays fast
+    from pipeline.batch.sampling import SampleResult
+    from pipeline.batch.score_config import ScoreResult
+    from pipeline.train.driver import TrainResult
 
 PRESET = "fashion-mnist"
 
@@ -70,32 +76,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
-    from pipeline.batch.sampling import SampleConfig, generate
-    from pipeline.batch.scoring import ScoreConfig, score
-    from pipeline.data.shards import prepare
-    from pipeline.data.sources import open_source
+    """The four steps, each printed as it starts, then what they left behind."""
     from pipeline.tracking.connection import default_tracking_uri
-    from pipeline.train.config import TrainConfig
-    from pipeline.train.driver import train
 
     workdir = Path(args.workdir).resolve()
-    data, pictures = workdir / "data", workdir / "pictures"
     tracking_uri = default_tracking_uri(workdir)
     source = args.source or f"idx:{os.environ.get('FASHION_MNIST_DIR', '')}"
+    started = _step(f"1/4 prepare shards from {source} -> {workdir / 'data'}")
+    _prepare(source, workdir / "data", args.limit)
+    trained = _train(args, workdir, tracking_uri)
+    model_uri = f"models:/{trained.model_name}/{trained.model_version}"
+    _step(f"3/4 score the test split with {model_uri}")
+    scored = _score(model_uri, workdir, tracking_uri)
+    _step(f"4/4 sample {args.samples} images from {model_uri}")
+    sampled = _sample(model_uri, trained.model_version, args.samples, workdir, tracking_uri)
+    minutes = (time.monotonic() - started) / 60
+    print(_summary(args, minutes, trained, scored, sampled, model_uri, workdir, tracking_uri))
+    return 0
 
-    started = _step(f"1/4 prepare shards from {source} -> {data}")
+
+def _prepare(source: str, data: Path, limit: int | None) -> None:
+    from pipeline.data.shards import prepare
+    from pipeline.data.sources import open_source
+
     prepared = prepare(
-        open_source(source),
-        str(data),
-        shard_samples=10_000,
-        limit=args.limit,
-        progress=ShardProgress(),
+        open_source(source), str(data), shard_samples=10_000, limit=limit, progress=ShardProgress()
     )
     for line in summary_lines(prepared):
         print(f"  {line}")
 
+
+def _train(args: argparse.Namespace, workdir: Path, tracking_uri: str) -> TrainResult:
+    """Local Ray sized for the Train workers plus Ray Data's readers, then the preset's run."""
+    import ray
+
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.driver import train
+
+    data = workdir / "data"
     config = load_config(
         TrainConfig,
         PRESET,
@@ -118,34 +136,50 @@ def run(args: argparse.Namespace) -> int:
     _step(
         f"2/4 train {config.run.name} with {args.workers} Ray Train workers for up to {args.minutes:g} minutes"
     )
-    trained = train(config)
-    model_uri = f"models:/{trained.model_name}/{trained.model_version}"
+    return train(config)
 
-    _step(f"3/4 score the test split with {model_uri}")
+
+def _score(model_uri: str, workdir: Path, tracking_uri: str) -> ScoreResult:
+    from pipeline.batch.scoring import ScoreConfig, score
+
     scored = score(
         ScoreConfig(
             model=model_uri,
-            input=str(data / "test"),
+            input=str(workdir / "data" / "test"),
             output=str(workdir / "scores"),
             tracking_uri=tracking_uri,
         )
     )
     print(f"  {scored.line()}")
+    return scored
 
-    _step(f"4/4 sample {args.samples} images from {model_uri}")
+
+def _sample(model_uri: str, version: str, n: int, workdir: Path, tracking_uri: str) -> SampleResult:
+    from pipeline.batch.sampling import SampleConfig, generate
+
     sampled = generate(
         SampleConfig(
             model=model_uri,
-            output=str(workdir / "samples" / f"version={trained.model_version}"),
-            n=args.samples,
+            output=str(workdir / "samples" / f"version={version}"),
+            n=n,
             tracking_uri=tracking_uri,
         )
     )
     print(f"  {sampled.line()}")
+    return sampled
 
-    minutes = (time.monotonic() - started) / 60
-    print(
-        f"""
+
+def _summary(
+    args: argparse.Namespace,
+    minutes: float,
+    trained: TrainResult,
+    scored: ScoreResult,
+    sampled: SampleResult,
+    model_uri: str,
+    workdir: Path,
+    tracking_uri: str,
+) -> str:
+    return f"""
 == flowray demo done in {minutes:.1f} minutes
   test bits/dim      {scored.mean_bits_per_dim:.4f} (all {scored.images_scored + scored.images_skipped:,} test images scored; validation during training {trained.val_bits_per_dim:.4f})
   training           {trained.steps} steps, {trained.images_per_second:.0f} images/s (median, {args.workers} workers)
@@ -153,11 +187,9 @@ def run(args: argparse.Namespace) -> int:
   scores (Parquet)   {scored.output}
   pictures           {scored.summary_url or scored.output}  (bits/dim histogram, least likely images)
                      {sampled.output}  (sample grids)
-                     {pictures}  (training curves)
+                     {workdir / "pictures"}  (training curves)
   MLflow UI          {Path(sys.executable).parent / "mlflow"} ui --backend-store-uri {tracking_uri} --port 5000
 """
-    )
-    return 0
 
 
 if __name__ == "__main__":
