@@ -6,6 +6,7 @@ key) and sample generation, resolving the model the same way for both.
       score_config     ScoreConfig, ScoreResult, ScoreError
       score_pipeline   Ray Data: read_split -> Scorer actors
       score_output     per-shard Parquet, written once complete; the settings file
+      write_once       create a file only if absent (hard link locally, If-None-Match on S3)
       score_report     statistics, summary files, MLflow summary run
     sampling         generate(): Ray tasks draw chunks; the MLflow run
       sample_shards    PNG samples into tar shards, atomically
