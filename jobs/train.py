@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)",
     )
     parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=None,
+        help="also show Ray Train's own line per report (verbose: true in the config)",
+    )
+    parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
     return parser
@@ -49,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.train.config import TrainConfig
         from pipeline.train.driver import train
 
-        flags = {"run.address": args.address, "mlflow.tracking_uri": args.tracking_uri}
+        flags = {
+            "run.address": args.address,
+            "mlflow.tracking_uri": args.tracking_uri,
+            "verbose": args.verbose,
+        }
         config = load_config(TrainConfig, args.config, args.overrides, flags)
         if args.print_config:
             import yaml

@@ -113,3 +113,10 @@ def test_prepare_still_takes_ray_address_as_a_hidden_alias() -> None:
     assert parser.parse_args(["--out", "x", "--ray-address", "auto"]).ray_address == "auto"
     assert parser.parse_args(["--out", "x", "--address", "auto"]).ray_address == "auto"
     assert "--ray-address" not in parser.format_help()
+
+
+def test_train_verbose_flag_turns_on_ray_trains_report_lines(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["train", "--print-config"]) == 0
+    assert "\nverbose: false\n" in capsys.readouterr().out
+    assert cli.main(["train", "--print-config", "-v"]) == 0
+    assert "\nverbose: true\n" in capsys.readouterr().out
