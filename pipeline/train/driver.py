@@ -285,23 +285,18 @@ def _trainer(
     """The TorchTrainer: the shuffled training split as a Ray Data stream, the workers, and where
     checkpoints go (the same name and storage path resume the run)."""
     import ray.train
+    from ray.data import DataContext
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data.reader import read_split
-
-    dataset = read_split(
-        config.data.train,
-        config.storage,
-        on_error=config.data.on_error,
-        tally=tally,
-        shuffle=True,
-        # pipeline.data.ray_source draws each shard order with seed + (its count of read
-        # plans), and Ray Data (2.x, streaming_split) plans the read twice per epoch: starting
-        # the count at 2 x epoch makes a resume at epoch e continue the uninterrupted sequence
-        # (tests/pipeline/train/test_resume.py checks this against Ray).
-        seed=config.seed + READ_PLANS_PER_EPOCH * epoch,
-        manifest=manifests["train"],
-    ).select_columns(["image"])
+    # The training split is read again every epoch; Ray Data's progress bars for it (drawn by
+    # its SplitCoordinator, one set per epoch) would bury the workers' own progress lines. A
+    # dataset keeps the DataContext it was created under, so they are off for this one alone.
+    context = DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, config.verbose
+    try:
+        dataset = _training_dataset(config, manifests, tally, epoch)
+    finally:
+        context.enable_progress_bars = bars
     storage_path, storage_filesystem = _storage_args(config)
     return TorchTrainer(
         _loop,
@@ -328,6 +323,27 @@ def _trainer(
         ),
         datasets={"train": dataset},
     )
+
+
+def _training_dataset(
+    config: TrainConfig, manifests: dict[str, Any], tally: SkipTally | None, epoch: int
+) -> Any:
+    """The shuffled training split as a Ray Data stream of images."""
+    from pipeline.data.reader import read_split
+
+    return read_split(
+        config.data.train,
+        config.storage,
+        on_error=config.data.on_error,
+        tally=tally,
+        shuffle=True,
+        # pipeline.data.ray_source draws each shard order with seed + (its count of read
+        # plans), and Ray Data (2.x, streaming_split) plans the read twice per epoch: starting
+        # the count at 2 x epoch makes a resume at epoch e continue the uninterrupted sequence
+        # (tests/pipeline/train/test_resume.py checks this against Ray).
+        seed=config.seed + READ_PLANS_PER_EPOCH * epoch,
+        manifest=manifests["train"],
+    ).select_columns(["image"])
 
 
 def _fit(trainer: TorchTrainer, config: TrainConfig) -> Result:
