@@ -146,7 +146,9 @@ class Submitted:
 
 
 def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.cli", "submit", *args]
+    # The worker nodes start without credentials: the jobs take this shell's, as a user of a
+    # cluster without instance roles would.
+    return [sys.executable, "-m", "jobs.cli", "submit", "--forward-credentials", *args]
 
 
 def submit(pipeline: Pipeline, *args: str, timeout: int = JOB_TIMEOUT_S) -> Submitted:
@@ -432,7 +434,8 @@ def test_s3_restart_during_scoring_then_a_rerun_scores_every_key_once(pipeline):
         time.sleep(0.2)
     pipeline.stack.restart_s3()
     first = job.finish()
-    assert first.code in (0, 1), first.out[-6000:]
+    # 0: rode it out; 1: the job failed; 3: finished with shards left out (the rerun reads them).
+    assert first.code in (0, 1, 3), first.out[-6000:]
     # Shown with -rP: which way the outage went this time.
     print("first scoring job:", first.out.strip().splitlines()[-1])
 
