@@ -12,6 +12,7 @@ import urllib.request
 from typing import Any
 
 from jobs.errors import EXIT_FAILURE, UserError
+from pipeline.storage import redact_url
 
 __all__ = [
     "add_common_arguments",
@@ -83,7 +84,7 @@ def check_tracking_server(uri: str, timeout: float = 3.0) -> None:
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise UserError(
-            f"MLflow tracking server at {uri} is not reachable ({reason})",
+            f"MLflow tracking server at {redact_url(uri)} is not reachable ({reason})",
             hint="start it (`make mlflow-up`), pass --tracking-uri, or unset MLFLOW_TRACKING_URI "
             "to use the embedded SQLite store",
             exit_code=EXIT_FAILURE,  # a service down: a runtime failure, not a usage error

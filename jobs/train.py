@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             import yaml
 
-            print(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            from pipeline.storage import redact_url
+
+            print(redact_url(yaml.safe_dump(config.to_dict(), sort_keys=False)))
             return 0
         check_tracking_server(resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir))
         result = train(config)

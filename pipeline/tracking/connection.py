@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from flowmodel.typed import flatten, to_dict
 from pipeline.errors import FlowrayError
+from pipeline.storage import redact_url
 
 __all__ = [
     "TrackingError",
@@ -97,12 +98,12 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException as err:
         raise TrackingError(
-            f"MLflow tracking at {tracking_uri} failed: {err.message.splitlines()[0]}",
+            f"MLflow tracking at {redact_url(tracking_uri)} failed: {err.message.splitlines()[0]}",
             hint="check MLFLOW_TRACKING_URI / --tracking-uri; `make mlflow-up` starts a local server",
         ) from err
     except Exception as err:  # connection errors surface as requests/urllib3 exceptions
         raise TrackingError(
-            f"MLflow tracking server at {tracking_uri} is not reachable ({type(err).__name__})",
+            f"MLflow tracking server at {redact_url(tracking_uri)} is not reachable ({type(err).__name__})",
             hint="start it (`make mlflow-up`) or unset MLFLOW_TRACKING_URI to use the embedded SQLite store",
         ) from err
 
@@ -114,14 +115,17 @@ MAX_PARAM_LENGTH = 6000
 def log_config_params(run_id: str, config: Any, *, exclude: Iterable[str] = ()) -> None:
     """Log a typed config as the run's params: one param per dotted key (`optim.lr`).
 
-    Strings are logged as they are, everything else as JSON (`null`, `[28, 28]`), cut to MLflow's
+    Strings are logged as they are (less any `user:password@` in a URL), everything else as JSON (`null`, `[28, 28]`), cut to MLflow's
     length limit. `exclude` drops top-level sections (e.g. `storage`, which holds no results).
     `MlflowClient.log_batch` splits the params into batches the server accepts.
     """
     skip = set(exclude)
     values = {k: v for k, v in to_dict(config).items() if k not in skip}
     params = [
-        Param(key, (value if isinstance(value, str) else json.dumps(value))[:MAX_PARAM_LENGTH])
+        Param(
+            key,
+            redact_url(value if isinstance(value, str) else json.dumps(value))[:MAX_PARAM_LENGTH],
+        )
         for key, value in flatten(values).items()
     ]
     MlflowClient().log_batch(run_id, params=params)

@@ -23,6 +23,7 @@ import torch
 
 from flowmodel import Flow
 from pipeline.model.artifact import load_flow, save_flow
+from pipeline.storage import redact_url
 
 __all__ = ["TrainState", "load_checkpoint", "save_checkpoint"]
 
@@ -72,7 +73,8 @@ def save_checkpoint(
         },
         directory / "state.pt",
     )
-    (directory / "train_config.json").write_text(json.dumps(config, indent=2))
+    # No `user:password@` of a tracking URL in a checkpoint (it is stored next to the data).
+    (directory / "train_config.json").write_text(redact_url(json.dumps(config, indent=2)))
     return directory
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import FlowrayError
+from pipeline.storage import redact_url
 from pipeline.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -147,7 +148,9 @@ def _mlflow_run(config: TrainConfig, tracking_uri: str, manifests: dict[str, Any
     log_config_params(run_id, config)
     with mlflow.start_run(run_id=run_id):
         _log_lineage(config, manifests)
-        mlflow.log_text(json.dumps(config.to_dict(), indent=2), "config/train_config.json")
+        mlflow.log_text(
+            redact_url(json.dumps(config.to_dict(), indent=2)), "config/train_config.json"
+        )
     client.update_run(run_id, status="RUNNING")
     return run_id
 
