@@ -1,5 +1,6 @@
 """`flowray submit`: run train, score, sample or prepare as a job on a Ray cluster, follow its logs
-and exit with its status (0 SUCCEEDED, 1 FAILED or STOPPED, 2 when it could not be submitted).
+and exit with its status (0 SUCCEEDED; 1 FAILED or STOPPED, or the cluster unreachable or refusing;
+2 a usage error: no or a malformed address, an unknown job).
 
     source .stack/env.sh                   # local stack: RAY_ADDRESS, MLFLOW_TRACKING_URI, AWS_*
     flowray submit train --config fashion-mnist --set data.train=s3://flowray/fmnist/train ...
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from jobs.config import HelpFormatter
-from jobs.errors import run_main
+from jobs.errors import EXIT_USAGE, run_main
 from pipeline.storage import redact_url
 from pipeline.submission import (
     JOB_COMMANDS,
@@ -47,7 +48,7 @@ from pipeline.submission import (
 __all__ = ["build_parser", "main"]
 
 PROG = "flowray submit"
-EXIT_FAILED = 1  # the job FAILED or was STOPPED; EXIT_USAGE (2): it could not be submitted
+EXIT_FAILED = 1  # the job FAILED or was STOPPED (a cluster that refuses it: SubmitError, also 1)
 EXIT_INTERRUPTED = 130
 
 
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION of this shell as the job's environment. "
         "Credentials are not forwarded unless --forward-credentials is given (the cluster's "
         "nodes use their own), and are never printed. Follows the job's logs and exits 0 when it "
-        "SUCCEEDED, 1 when it FAILED or was STOPPED, 2 when it could not be submitted. Options "
+        "SUCCEEDED, 1 when it FAILED or was STOPPED or the cluster could not be reached or refused "
+        "it, 2 on a usage error (no or a malformed address, an unknown job). Options "
         "go before the job name; everything after it goes to the job.",
         epilog="Equivalent by hand: ray job submit --address $RAY_API_SERVER_ADDRESS "
         "--working-dir . --runtime-env-json '{\"env_vars\": {...}}' -- python -m jobs.<job> ...",
@@ -148,9 +150,13 @@ def build_spec(args: argparse.Namespace, environ: Mapping[str, str]) -> JobSpec:
                 "flowray is installed, not run from a checkout: there are no sources to ship",
                 hint="pass --working-dir <flowray checkout>, or --no-working-dir when the "
                 "cluster's image has flowray installed",
+                exit_code=EXIT_USAGE,
             )
     if args.forward_credentials and args.no_credentials:
-        raise SubmitError("--forward-credentials and --no-credentials contradict each other")
+        raise SubmitError(
+            "--forward-credentials and --no-credentials contradict each other",
+            exit_code=EXIT_USAGE,
+        )
     env = job_environment(environ, dict(args.env), credentials=args.forward_credentials)
     return JobSpec(
         command=args.job,

@@ -73,11 +73,23 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
-class StorageError(FlowrayError, RuntimeError):
-    """A storage URL cannot be used; the message says what and `hint` says what to try."""
+# Exit codes (jobs.errors, which pipeline does not import): a storage that is down or refusing is
+# a runtime failure; a URL or setting the user got wrong is a usage/configuration error.
+_RUNTIME_FAILURE = 1
+_USAGE = 2
 
-    def __init__(self, message: str, hint: str = "") -> None:
+
+class StorageError(FlowrayError, RuntimeError):
+    """A storage URL cannot be used; the message says what and `hint` says what to try.
+
+    `exit_code` is 1 (runtime failure: an endpoint down, a refused or failed request) unless the
+    raiser says the user's own URL or setup is wrong (2: a malformed URL, no credentials, a bucket
+    that does not exist).
+    """
+
+    def __init__(self, message: str, hint: str = "", exit_code: int = _RUNTIME_FAILURE) -> None:
         super().__init__(redact(message), redact(hint))
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,7 @@ def _local_path(url: str) -> str:
         raise StorageError(
             f"unsupported storage URL {url!r}: scheme {scheme}:// is not handled",
             hint="use a local path, file:///path or s3://bucket/prefix",
+            exit_code=_USAGE,
         )
     return os.path.abspath(os.path.expanduser(url))
 
@@ -171,7 +184,9 @@ def _local_path(url: str) -> str:
 def _s3_path(url: str) -> str:
     path = url.split("://", 1)[1].strip("/")
     if not path:
-        raise StorageError(f"{url!r} names no bucket", hint="write s3://bucket/prefix")
+        raise StorageError(
+            f"{url!r} names no bucket", hint="write s3://bucket/prefix", exit_code=_USAGE
+        )
     return path
 
 
@@ -261,6 +276,7 @@ def _storage_error(url: str, storage: StorageConfig | None, err: BaseException) 
             f"no AWS credentials found for {url}",
             hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
             "or use anonymous access for public buckets",
+            exit_code=_USAGE,
         )
     if any(
         s in text
@@ -281,6 +297,7 @@ def _storage_error(url: str, storage: StorageConfig | None, err: BaseException) 
         return StorageError(
             f"bucket {bucket!r} does not exist at {storage.describe()}",
             hint="create it first, or check the URL",
+            exit_code=_USAGE,
         )
     if isinstance(err, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text:
         return StorageError(
@@ -306,6 +323,7 @@ def check_access(url: str, storage: StorageConfig | None = None) -> None:
             raise StorageError(
                 f"bucket {bucket!r} does not exist at {(storage or StorageConfig()).describe()}",
                 hint="create it first, or check the URL",
+                exit_code=_USAGE,
             ) from err
 
 

@@ -119,8 +119,22 @@ _AUTH_HINT = (
 )
 
 
+# Exit codes (jobs.errors, which pipeline does not import).
+_RUNTIME_FAILURE = 1
+_USAGE = 2
+
+
 class SubmitError(FlowrayError, RuntimeError):
-    """A submission that cannot go ahead; printed as one line plus `hint`."""
+    """A submission that cannot go ahead; printed as one line plus `hint`.
+
+    `exit_code` is 1 (runtime failure: the cluster unreachable, refusing or without a job agent)
+    unless the raiser says the user's own input is wrong (2: no or a malformed address, an unknown
+    job, a working dir that is no checkout).
+    """
+
+    def __init__(self, message: str, hint: str = "", exit_code: int = _RUNTIME_FAILURE) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code
 
 
 class JobClient(Protocol):
@@ -145,7 +159,8 @@ class JobSpec:
     def __post_init__(self) -> None:
         if self.command not in JOB_COMMANDS:
             raise SubmitError(
-                f"unknown job {self.command!r}: expected one of {', '.join(JOB_COMMANDS)}"
+                f"unknown job {self.command!r}: expected one of {', '.join(JOB_COMMANDS)}",
+                exit_code=_USAGE,
             )
 
     @property
@@ -182,6 +197,7 @@ def runtime_env(working_dir: Path | None, env_vars: Mapping[str, str]) -> dict[s
                 f"working dir {working_dir}: expected a flowray checkout (with jobs/), found none",
                 hint="pass --working-dir <your flowray checkout>, or --no-working-dir when the "
                 "cluster's image has flowray installed",
+                exit_code=_USAGE,
             )
         env["working_dir"] = str(working_dir)
         env["excludes"] = list(WORKING_DIR_EXCLUDES)
@@ -223,18 +239,21 @@ def dashboard_url(address: str | None, environ: Mapping[str, str]) -> str:
         address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS") or ""
     ).strip()
     if not address:
-        raise SubmitError("no Ray cluster address", hint=_ADDRESS_HINT)
+        raise SubmitError("no Ray cluster address", hint=_ADDRESS_HINT, exit_code=_USAGE)
     if address.startswith(("http://", "https://")):
         return address.rstrip("/")
     if "://" in address or address in ("auto", "local"):
         raise SubmitError(
             f"address {address!r}: expected http(s)://<head>:<dashboard port> or <head>:<GCS port>",
             hint=_ADDRESS_HINT,
+            exit_code=_USAGE,
         )
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise SubmitError(
-            f"address {address!r}: expected <host>:<port> or an http(s):// URL", hint=_ADDRESS_HINT
+            f"address {address!r}: expected <host>:<port> or an http(s):// URL",
+            hint=_ADDRESS_HINT,
+            exit_code=_USAGE,
         )
     _check_reachable(host, int(port), f"the Ray GCS at {address}")
     return _lookup_dashboard(address)

@@ -104,7 +104,12 @@ COLUMNS = ("key", "shard", "image", "label", "nbytes")
 
 
 class CorruptDataError(FlowrayError, RuntimeError):
-    """A sample or shard cannot be read (on_error="fail"); names the shard and the key."""
+    """A sample or shard cannot be read (on_error="fail"); names the shard and the key.
+
+    Broken data found mid-run is a runtime failure (exit 1), not a usage error.
+    """
+
+    exit_code = 1  # jobs.errors.EXIT_FAILURE
 
     hint = (
         "pass --on-error skip (score) or --set data.on_error=skip (train) to leave unreadable "

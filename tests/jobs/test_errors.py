@@ -20,7 +20,10 @@ from jobs.errors import (
     user_errors,
 )
 from pipeline.data.reader import CorruptDataError
+from pipeline.data.streams import TransientReadError
 from pipeline.errors import FlowrayError
+from pipeline.storage import StorageError, fsspec_filesystem
+from pipeline.submission import SubmitError
 from pipeline.tracking.connection import TrackingError
 from pipeline.tracking.registry import ModelNotFound, RegistrationError
 
@@ -51,7 +54,7 @@ def test_an_error_wrapped_by_ray_is_reported_as_the_user_error_inside(
         except CorruptDataError as err:  # as Ray Train's TrainingFailedError wraps a worker's
             raise RuntimeError("training failed") from err
 
-    assert run_main("flowray train", body) == EXIT_USAGE
+    assert run_main("flowray train", body) == EXIT_FAILURE  # broken data mid-run: runtime
     error, hint = stderr_lines(capsys)
     assert error == "flowray train: error: shard shard-000001.tar, key img-7: image size 0x0"
     assert hint.startswith("hint: pass --on-error skip (score) or --set data.on_error=skip")
@@ -129,12 +132,39 @@ def test_a_service_that_is_down_is_a_runtime_failure_not_a_usage_error(
         (UserError("promotion failed", exit_code=EXIT_FAILURE), EXIT_FAILURE),
         (TrackingError("down"), EXIT_FAILURE),
         (RegistrationError("val bits/dim nan"), EXIT_FAILURE),
+        # Storage: down or refusing is runtime; the user's own URL or setup is usage.
+        (StorageError("S3 endpoint http://x:9 is unreachable"), EXIT_FAILURE),
+        (TransientReadError("storage kept failing"), EXIT_FAILURE),
+        (StorageError("'s3://' names no bucket", exit_code=EXIT_USAGE), EXIT_USAGE),
+        (CorruptDataError("shard-000001.tar", "img-7", "truncated"), EXIT_FAILURE),
+        (SubmitError("cannot reach the Ray GCS"), EXIT_FAILURE),
+        (SubmitError("no Ray cluster address", exit_code=EXIT_USAGE), EXIT_USAGE),
         (FileNotFoundError("/nowhere"), EXIT_USAGE),
         (FlowrayError("anything a user can fix"), EXIT_USAGE),
     ],
 )
 def test_each_error_kind_has_its_exit_code(error: BaseException, code: int) -> None:
     assert exit_code_of(error) == code
+
+
+@pytest.mark.parametrize(("url", "code"), [("gs://bucket/x", EXIT_USAGE), ("s3://", EXIT_USAGE)])
+def test_a_malformed_storage_url_is_a_usage_error(url: str, code: int) -> None:
+    with pytest.raises(StorageError) as info:
+        fsspec_filesystem(url)
+    assert exit_code_of(info.value) == code
+
+
+def test_storage_and_corrupt_data_errors_keep_their_exit_code_through_pickling() -> None:
+    import pickle
+
+    for error in (
+        StorageError("unreachable"),
+        StorageError("no bucket", exit_code=EXIT_USAGE),
+        TransientReadError("kept failing", "rerun"),
+        CorruptDataError("s.tar", "k", "bad"),
+    ):
+        copy = pickle.loads(pickle.dumps(error))  # as Ray ships a task's error
+        assert exit_code_of(copy) == exit_code_of(error)
 
 
 def test_a_runtime_failure_wrapped_by_ray_keeps_its_exit_code(

@@ -216,26 +216,28 @@ def test_a_gcs_address_is_looked_up_in_the_gcs(monkeypatch, listening_port):
 def test_no_address_at_all_says_where_to_get_one():
     with pytest.raises(SubmitError, match="no Ray cluster address") as error:
         dashboard_url(None, {})
+    assert error.value.exit_code == 2  # a usage error: nothing was tried
     assert "RAY_API_SERVER_ADDRESS" in error.value.hint and "make cluster-up" in error.value.hint
 
 
 @pytest.mark.parametrize("address", ["ray://head:10001", "auto", "head", "head:port"])
 def test_addresses_of_other_kinds_are_refused(address):
-    with pytest.raises(SubmitError, match="expected"):
+    with pytest.raises(SubmitError, match="expected") as error:
         dashboard_url(address, {})
+    assert error.value.exit_code == 2
 
 
 def test_an_unreachable_cluster_is_one_line_and_a_hint(stack_env, capsys):
     code = main(["--address", f"127.0.0.1:{closed_port()}", "train"])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1  # a cluster that is down: a runtime failure, not a usage error
     lines = err.strip().splitlines()
     assert lines[0].startswith("flowray submit: error: cannot reach the Ray GCS at 127.0.0.1:")
     assert lines[1].startswith("hint: ") and "--address" in lines[1]
     assert "Traceback" not in err
 
     code = main(["--address", f"http://127.0.0.1:{closed_port()}", "train"])
-    assert code == 2
+    assert code == 1
     assert "cannot reach the Ray job server at http://127.0.0.1:" in capsys.readouterr().err
 
 
@@ -282,7 +284,7 @@ def test_a_refused_token_gets_the_auth_hint(stack_env, monkeypatch, listening_po
     )
     code = main(["--address", f"http://127.0.0.1:{listening_port}", "sample"])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1  # the cluster refuses: a runtime failure
     assert "refused the request: Authentication required" in err
     assert "hint: " in err and "RAY_AUTH_MODE=token" in err and "ray get-auth-token" in err
 
