@@ -21,7 +21,9 @@ one); an S3 object is atomic already (a PUT or a completed multipart upload).
 Local temp files are named `.<final name>.<host>-<pid>-<random>.tmp`: hidden, and ending in
 `.tmp` whatever the final name, so no listing or glob for `*.tar`, `*.parquet` or a manifest
 ever matches one. A writer killed mid-write leaves its temp behind; `sweep_temp_files` removes
-the temps in a folder whose writer (same host, that pid) no longer runs.
+the temps in a folder whose writer (same host, that pid) no longer runs. Files bound for S3 are
+staged under the same names in one local folder, `<system temp>/flowray-staging/` (then uploaded
+in one atomic PUT), and a sweep of any s3:// URL sweeps that folder.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ __all__ = [
     "redact",
     "redact_url",
     "replace_with",
+    "staging_dir",
     "sweep_temp_files",
     "write_bytes_atomic",
 ]
@@ -393,14 +396,13 @@ def sweep_temp_files(url: str, storage: StorageConfig | None = None) -> list[str
     A temp is removed when it was made on this host by a process that no longer runs (or by an
     earlier version of this module, whose names carry the pid only). Temps of live processes,
     of other hosts (a shared filesystem) and every other file are left alone. On S3, temps never
-    reach the bucket (they are local files until one atomic upload): nothing to do.
+    reach the bucket (they are local files until one atomic upload): for an s3:// `url` the local
+    staging folder (`staging_dir`) is swept instead, whatever the bucket its temps were bound for.
 
     Returns:
         The names removed, sorted.
     """
-    if is_s3(url):
-        return []
-    folder = _local_path(url)
+    folder = staging_dir() if is_s3(url) else _local_path(url)
     try:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
@@ -482,20 +484,28 @@ def local_temp_dir_for(url: str) -> str | None:
     return folder
 
 
+def staging_dir() -> str:
+    """The local folder where files bound for S3 are written before their upload (created)."""
+    folder = os.path.join(tempfile.gettempdir(), "flowray-staging")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
 def make_temp_file(url: str, suffix: str = "") -> str:
     """A new empty local temp file suited to end up at `url` (see `local_temp_dir_for`).
 
-    Next to a local `url` it is named as the module docstring says (`suffix` is not used there:
-    a temp must never end like a final file); elsewhere (for S3) it is a system temp file ending
-    in `suffix`.
+    It is named as the module docstring says: next to a local `url`, or in `staging_dir()` for an
+    S3 `url`, so that `sweep_temp_files` finds it if its writer is killed. `suffix` is not used: a
+    temp must never end like a final file (kept for callers that pass one).
     """
+    del suffix
     folder = local_temp_dir_for(url)
     if folder is None:
-        handle, name = tempfile.mkstemp(prefix="flowray-", suffix=suffix)
-        os.close(handle)
-        return name
+        final_name = url.rstrip("/").rsplit("/", 1)[-1] or "object"
+        name = _local_temp_name(os.path.join(staging_dir(), final_name))
+    else:
+        name = _local_temp_name(_local_path(url))
     # Not mkstemp: its 0600 mode would survive the rename; open() applies the umask instead.
-    name = _local_temp_name(_local_path(url))
     with open(name, "xb"):
         pass
     return name

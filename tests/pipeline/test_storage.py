@@ -224,4 +224,24 @@ def test_sweep_removes_only_temps_of_writers_that_are_gone(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(
         [live, other_host, "a.parquet", ".hidden-but-not-a-temp"]
     )
-    assert sweep_temp_files("s3://bucket/prefix") == []
+
+
+def test_temps_bound_for_s3_are_staged_where_a_sweep_finds_them(tmp_path, monkeypatch):
+    """A killed `flowray prepare --out s3://...` leaves its staged shard in the local staging
+    folder; the next run's sweep (of its s3:// output) removes it, and only it."""
+    import subprocess
+    import tempfile
+
+    from pipeline.storage import make_temp_file, staging_dir, sweep_temp_files
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    live = make_temp_file("s3://bucket/fmnist/train/shard-000003.tar", ".tar")
+    assert os.path.dirname(live) == staging_dir() == str(tmp_path / "flowray-staging")
+    name = os.path.basename(live)
+    assert name.startswith(".shard-000003.tar.") and name.endswith(".tmp")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = name.replace(f"-{os.getpid()}-", f"-{gone.pid}-")
+    (tmp_path / "flowray-staging" / dead).write_bytes(b"half a shard")
+    assert sweep_temp_files("s3://bucket/prefix") == [dead]
+    assert os.listdir(staging_dir()) == [name]
