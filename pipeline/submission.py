@@ -269,10 +269,13 @@ def _check_reachable(host: str, port: int, what: str) -> None:
 
 
 def _lookup_dashboard(gcs_address: str) -> str:
-    from ray.dashboard.utils import ray_address_to_api_server_url
+    # Ray's public client resolves a GCS address itself (it asks the GCS where the dashboard
+    # listens, as `ray job submit` does); get_address() is the job server URL it settled on.
+    from ray.job_submission import JobSubmissionClient
 
     try:
-        return ray_address_to_api_server_url(gcs_address).rstrip("/")
+        with _without_address_variables():
+            return JobSubmissionClient(gcs_address).get_address().rstrip("/")
     except Exception as err:  # Ray raises ValueError, ConnectionError or its own auth errors
         if _is_auth_error(err):
             raise SubmitError(

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import Tensor
 
@@ -50,6 +51,8 @@ def finite_positive(value: Any) -> bool:
 
 
 def _cpu_model() -> str:
+    # psutil has no CPU model name, and platform.processor() is "" or "x86_64" on Linux: the
+    # model is read from /proc/cpuinfo where it exists.
     try:
         with open("/proc/cpuinfo") as file:
             for line in file:
@@ -164,48 +167,28 @@ def start_s3(stack: ExitStack) -> StorageConfig:
 # ----------------------------------------------------------------------------- memory
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as file:
-                # The name (field 2) may hold spaces; the parent pid follows its closing paren.
-                parent = int(file.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    return children
-
-
-def _tree(root: int) -> list[int]:
-    children, pids, stack = _children_map(), [], [root]
-    while stack:
-        pid = stack.pop()
-        pids.append(pid)
-        stack.extend(children.get(pid, []))
-    return pids
-
-
-def _memory_kb(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of one process in kB; PSS counts shared pages (Ray's object store) once overall."""
-    rss = pss = 0
+def _tree(root: int) -> list[psutil.Process]:
+    """`root` and all its descendants alive now; [] when `root` is gone."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as file:
-            for line in file:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, pss
+        process = psutil.Process(root)
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _memory_kb(process: psutil.Process) -> tuple[int, int]:
+    """(RSS, PSS) of one process in kB; PSS counts shared pages (Ray's object store) once overall.
+    (0, 0) for a process that is gone or not ours to read."""
+    try:
+        info = process.memory_full_info()  # reads /proc/<pid>/smaps_rollup on Linux
+    except psutil.Error:
+        return 0, 0
+    return info.rss // 1024, getattr(info, "pss", 0) // 1024
 
 
 class RssSampler:
     """Peak memory of this process and all its descendants (the Ray processes a local
-    `ray.init()` starts: GCS, raylet, workers), sampled from /proc every `interval` seconds.
+    `ray.init()` starts: GCS, raylet, workers), sampled with psutil every `interval` seconds.
 
     peak_rss_mb sums each process's RSS (shared pages counted in every process that maps them);
     peak_pss_mb sums PSS (shared pages split between them), the closer measure of what the job uses.
@@ -222,14 +205,14 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def sample(self) -> None:
-        if not os.path.isdir("/proc"):
+        if not psutil.LINUX:  # PSS is Linux-only; RSS alone would not be comparable
             return
-        pids = _tree(self.root)
+        processes = _tree(self.root)
         rss = pss = 0
-        for pid in pids:
-            r, p = _memory_kb(pid)
+        for process in processes:
+            r, p = _memory_kb(process)
             rss, pss = rss + r, pss + p
-        self.processes = max(self.processes, len(pids))
+        self.processes = max(self.processes, len(processes))
         self.peak_rss_mb = max(rss / 1024, 0 if math.isnan(self.peak_rss_mb) else self.peak_rss_mb)
         self.peak_pss_mb = max(pss / 1024, 0 if math.isnan(self.peak_pss_mb) else self.peak_pss_mb)
 

@@ -213,6 +213,46 @@ def test_a_gcs_address_is_looked_up_in_the_gcs(monkeypatch, listening_port):
     assert seen == [address]
 
 
+def test_a_gcs_address_is_resolved_by_rays_public_client(stack_env, monkeypatch):
+    """The lookup goes through ray.job_submission.JobSubmissionClient (no ray.dashboard import),
+    which is given the GCS address itself, with RAY_ADDRESS / RAY_API_SERVER_ADDRESS hidden (it
+    would prefer them over its argument)."""
+    import os
+
+    import ray.job_submission
+
+    built = []
+
+    class Client:
+        def __init__(self, address: str) -> None:
+            built.append((address, os.environ.get("RAY_ADDRESS")))
+
+        def get_address(self) -> str:
+            return "http://10.0.0.7:8265/"
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    assert submission._lookup_dashboard("10.0.0.7:6379") == "http://10.0.0.7:8265"
+    assert built == [("10.0.0.7:6379", None)]
+    assert os.environ["RAY_ADDRESS"] == "127.0.0.1:6379"  # back afterwards
+    from pathlib import Path
+
+    assert "ray.dashboard" not in Path(submission.__file__).read_text()
+
+
+@pytest.mark.slow  # a real Ray head with its dashboard takes ~15 s to start on 2 loaded cores
+def test_a_gcs_address_of_a_real_cluster_finds_its_dashboard(monkeypatch):
+    import ray
+
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    context = ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1")
+    try:
+        gcs = context.address_info["gcs_address"]
+        assert dashboard_url(gcs, {}) == f"http://{context.dashboard_url}"
+    finally:
+        ray.shutdown()
+
+
 def test_no_address_at_all_says_where_to_get_one():
     with pytest.raises(SubmitError, match="no Ray cluster address") as error:
         dashboard_url(None, {})

@@ -1,0 +1,49 @@
+"""pipeline.bench.common's memory sampler: psutil over this process and its descendants."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from pipeline.bench.common import RssSampler, machine
+
+pytestmark = pytest.mark.skipif(not psutil.LINUX, reason="PSS is Linux-only")
+
+_CHILD = "import sys; block = bytearray(64 * 2**20); block[::4096] = b'x' * len(block[::4096]); "
+_CHILD += "print('ready', flush=True); sys.stdin.read()"
+
+
+def test_the_sampler_counts_a_child_process_and_its_memory() -> None:
+    alone = RssSampler()
+    alone.sample()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        with RssSampler(interval=0.05) as sampler:
+            time.sleep(0.2)  # a few samples while the child holds its 64 MiB
+    finally:
+        child.communicate("")
+    assert sampler.processes == alone.processes + 1
+    # The child touched 64 MiB of its own: both sums grow by at least that much.
+    assert sampler.peak_rss_mb - alone.peak_rss_mb >= 60
+    assert sampler.peak_pss_mb - alone.peak_pss_mb >= 60
+    assert 0 < sampler.peak_pss_mb <= sampler.peak_rss_mb
+
+
+def test_a_gone_root_samples_nothing() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    sampler = RssSampler(root=gone.pid)
+    sampler.sample()
+    assert sampler.processes == 0 and sampler.peak_rss_mb == 0 and sampler.peak_pss_mb == 0
+
+
+def test_the_machine_names_its_cpu() -> None:
+    info = machine()
+    assert info["cpu"] not in ("", "unknown") and info["cores"] >= 1
