@@ -18,7 +18,12 @@ from flowmodel import Flow, build_flow, dequantize
 from pipeline.bench.common import median
 from pipeline.train.config import TrainConfig
 from pipeline.train.ema import EMA
-from pipeline.train.step import StepMetrics, make_optimizer, set_learning_rate
+from pipeline.train.step import (
+    StepMetrics,
+    budget_progress,
+    make_optimizer,
+    set_learning_rate,
+)
 
 __all__ = [
     "Contender",
@@ -183,6 +188,12 @@ class TimedTrainer:
         self._window, self.rates = 0.0, []
 
     @property
+    def progress(self) -> float:
+        """The budget spent, in [0, 1]: step time against `seconds`, or steps against
+        `max_steps` when that binds first (what the learning-rate schedule decays by)."""
+        return budget_progress(self.steps, self.max_steps, self.elapsed, self.seconds / 60)
+
+    @property
     def done(self) -> bool:
         return self.elapsed >= self.seconds or (
             self.max_steps is not None and self.steps >= self.max_steps
@@ -246,12 +257,14 @@ def make_contender(
 ) -> Contender:
     """`model` trained by `step(model, batch, optimizer, generator)` with flowray's recipe, as the
     Ray Train loop runs it: the preset's optimizer and warmup, an EMA updated after every step
-    that was not skipped, seeded dequantization noise and batch order."""
+    that was not skipped, seeded dequantization noise and batch order; the learning rate decays
+    by the trainer's `progress` (its step time against `seconds`), as the Ray Train loop decays
+    by elapsed time against max_minutes."""
     optimizer = make_optimizer(model.parameters(), config.optim)
     generator = torch.Generator().manual_seed(config.seed)  # dequantization noise
 
     def one(batch: Tensor, index: int) -> float:
-        set_learning_rate(optimizer, config.optim, index)
+        set_learning_rate(optimizer, config.optim, index, trainer.progress)
         metrics = step(model, batch, optimizer, generator)
         if metrics.skipped:
             racer.skipped += 1

@@ -2,8 +2,8 @@
 
 model.safetensors / flow_config.json   the flow being trained (pipeline.model.artifact layout)
 ema/model.safetensors, ema/...         the Polyak average (the model that is evaluated and shipped)
-state.pt                               optimizer state, step, counters (the EMA's update count
-                                       and the epoch among them), RNG state: tensors and plain Python only,
+state.pt                               optimizer state, step, counters (the EMA's update count,
+                                       the epoch and the elapsed training time among them), RNG state: tensors and plain Python only,
                                        loaded with weights_only=True
 train_config.json                      the resolved TrainConfig
 
@@ -51,6 +51,9 @@ class TrainState:
     history: dict[str, list[list[float]]]  # "train"/"validation" -> [[step, bits/dim], ...]
     ema_updates: int  # `EMA.updates`: steps that updated the average (skipped steps do not)
     epoch: int = 0  # passes over the training split finished; the shard order is seed + epoch
+    # The step loop's wall time so far, over all resumes: max_minutes and the learning-rate
+    # schedule count it, so a resumed run continues its budget instead of starting a new one.
+    elapsed_seconds: float = 0.0
 
 
 def save_checkpoint(
@@ -70,6 +73,7 @@ def save_checkpoint(
             "history": state.history,
             "ema_updates": state.ema_updates,
             "epoch": state.epoch,
+            "elapsed_seconds": state.elapsed_seconds,
         },
         directory / "state.pt",
     )
@@ -95,5 +99,6 @@ def load_checkpoint(directory: Path) -> tuple[Flow, Flow, TrainState]:
         # warm-up at the step number.
         ema_updates=int(raw.get("ema_updates", raw["step"])),
         epoch=int(raw.get("epoch", 0)),  # checkpoints from before it was stored: epoch 0
+        elapsed_seconds=float(raw.get("elapsed_seconds", 0.0)),  # likewise: from 0
     )
     return flow, ema, state

@@ -37,6 +37,11 @@ class OptimSettings:
     optimizer: Literal["adam", "adamax"] = "adam"
     lr: float = 1e-3
     warmup_steps: int = 200  # linear warmup from 0 to lr
+    # After warm-up: "constant" keeps lr; "cosine" and "linear" decay it to min_lr_ratio * lr at
+    # the end of the budget (max_steps, or max_minutes of elapsed training time if that binds
+    # first): pipeline.train.step.learning_rate.
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
     max_grad_norm: float = 50.0
     weight_decay: float = 0.0
     ema_decay: float = 0.999  # Polyak average used for evaluation and the final model; 0 = off
@@ -44,6 +49,8 @@ class OptimSettings:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr: expected > 0, found {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: expected in [0, 1], found {self.min_lr_ratio}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay: expected in [0, 1), found {self.ema_decay}")
 

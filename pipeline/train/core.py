@@ -139,11 +139,14 @@ def start_training(
     return Training(model, optimizer, ema, generator, device, loss)
 
 
-def run_step(training: Training, config: TrainConfig, images: Tensor, step: int) -> StepMetrics:
-    """Step `step` (0-based) of training: warmup learning rate, one `train_step` on `images` (any
-    device: they move to the model's), then the EMA update unless the step was skipped. Every
-    worker agrees on skipping (an all-reduce on the device)."""
-    set_learning_rate(training.optimizer, config.optim, step)
+def run_step(
+    training: Training, config: TrainConfig, images: Tensor, step: int, progress: float = 0.0
+) -> StepMetrics:
+    """Step `step` (0-based) of training: the scheduled learning rate at `progress` (the budget
+    spent, `pipeline.train.step.budget_progress`; it must be equal on all workers), one
+    `train_step` on `images` (any device: they move to the model's), then the EMA update unless
+    the step was skipped. Every worker agrees on skipping (an all-reduce on the device)."""
+    set_learning_rate(training.optimizer, config.optim, step, progress)
     metrics = _step(training, config, images)
     if not metrics.skipped:
         training.ema.update(training.flow)

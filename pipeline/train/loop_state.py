@@ -44,6 +44,7 @@ class LoopState:
     epoch: int = 0  # passes over the training split finished
     last_eval_step: int = -1
     val_bits_per_dim: float = math.nan  # of the last evaluation (rank 0 only)
+    elapsed_seconds: float = 0.0  # the step loop's wall time over all resumes (all workers agree)
 
     @classmethod
     def resumed(cls, saved: TrainState) -> LoopState:
@@ -54,6 +55,7 @@ class LoopState:
             history=saved.history,
             last_checkpoint_step=saved.step,
             epoch=saved.epoch,
+            elapsed_seconds=saved.elapsed_seconds,
         )
 
     def saved(self, optimizer: dict[str, Any], rng: torch.Tensor, ema_updates: int) -> TrainState:
@@ -67,6 +69,7 @@ class LoopState:
             history=self.history,
             ema_updates=ema_updates,
             epoch=self.epoch,
+            elapsed_seconds=self.elapsed_seconds,
         )
 
     def evaluated_at_step(self) -> bool:

@@ -66,9 +66,17 @@ def _may_change(key: str) -> bool:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ (or exist on one side only), the keys in MAY_CHANGE left
-    out."""
+    out. A key on one side only counts at its default: a checkpoint written before a setting
+    existed (optim.schedule, say) resumes under that setting's default."""
+    from pipeline.train.config import TrainConfig
+
+    defaults = _flatten(TrainConfig().to_dict())
     old, new = _flatten(saved), _flatten(current)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    changed = sorted(
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))
+    )
     return [k for k in changed if not _may_change(k)]
 
 

@@ -1,4 +1,5 @@
-"""Pure training and evaluation steps, the optimizer and its warmup: no Ray, no MLflow, no I/O.
+"""Pure training and evaluation steps, the optimizer and its learning-rate schedule: no Ray, no
+MLflow, no I/O.
 Tested in-process.
 
 The Ray Train worker loop (`pipeline.train.worker`) and the in-process benchmarks both call these,
@@ -22,7 +23,9 @@ __all__ = [
     "LossFunction",
     "StepMetrics",
     "batch_bits_per_dim",
+    "budget_progress",
     "flow_bits_per_dim",
+    "learning_rate",
     "evaluate_bits_per_dim",
     "make_optimizer",
     "set_learning_rate",
@@ -50,15 +53,54 @@ def unwrap(model: nn.Module) -> Flow:
 
 
 def make_optimizer(params: Iterable[nn.Parameter], optim: OptimSettings) -> torch.optim.Optimizer:
-    """Adam or Adamax, as `optim` says, at its peak learning rate (`set_learning_rate` warms up)."""
+    """Adam or Adamax, as `optim` says, at its peak learning rate (`set_learning_rate` warms up
+    and decays it)."""
     kind = torch.optim.Adamax if optim.optimizer == "adamax" else torch.optim.Adam
     return kind(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, optim: OptimSettings, step: int) -> float:
-    """Linear warmup: lr * min(1, (step + 1) / warmup_steps) for 0-based `step`; returns it."""
+def budget_progress(
+    step: int, max_steps: int | None, elapsed_seconds: float, max_minutes: float | None
+) -> float:
+    """How much of the run's budget is spent, in [0, 1]: the larger of steps / max_steps and
+    elapsed / (60 * max_minutes), so the schedule follows whichever budget binds first. A budget
+    that is None does not count; with neither, 0 (the schedule then never decays)."""
+    fractions = [0.0]
+    if max_steps:
+        fractions.append(step / max_steps)
+    if max_minutes:
+        fractions.append(elapsed_seconds / (60 * max_minutes))
+    return min(1.0, max(fractions))
+
+
+def learning_rate(optim: OptimSettings, step: int, progress: float = 0.0) -> float:
+    """The learning rate of 0-based `step` at `progress` (the budget spent, `budget_progress`):
+
+        lr_t = lr * min(1, (t + 1) / warmup_steps) * decay(p)
+        decay(p) = 1                                   "constant"
+                   r + (1 - r) * (1 + cos(pi p)) / 2   "cosine"  (Loshchilov & Hutter 2017)
+                   r + (1 - r) * (1 - p)               "linear"
+    with r = min_lr_ratio, p clipped to [0, 1]. The two factors multiply rather than switch at the
+    end of warm-up, so the rate depends on (step, progress) alone: no state to restore on resume,
+    and the same value on every worker given the same progress. Warm-up is short against the
+    budget (200 of thousands of steps), so decay(p) is still ~1 when it ends.
+    """
     warmup = optim.warmup_steps
-    lr = optim.lr * min(1.0, (step + 1) / warmup) if warmup else optim.lr
+    rate = optim.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    p = min(1.0, max(0.0, progress))
+    ratio = optim.min_lr_ratio
+    if optim.schedule == "cosine":
+        rate *= ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    elif optim.schedule == "linear":
+        rate *= ratio + (1 - ratio) * (1 - p)
+    return rate
+
+
+def set_learning_rate(
+    optimizer: torch.optim.Optimizer, optim: OptimSettings, step: int, progress: float = 0.0
+) -> float:
+    """Sets every parameter group to `learning_rate(optim, step, progress)`; returns it."""
+    lr = learning_rate(optim, step, progress)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr

@@ -36,7 +36,7 @@ from flowmodel import Flow, build_flow
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.core import Training, run_step, start_training
-from pipeline.train.distributed import all_agree, check_identical_start
+from pipeline.train.distributed import check_identical_start
 from pipeline.train.loop_state import (
     NONFINITE_STOP,
     LoopState,
@@ -53,7 +53,7 @@ from pipeline.train.reporting import (
     start_system_metrics,
     stop_system_metrics,
 )
-from pipeline.train.step import StepMetrics, evaluate_bits_per_dim
+from pipeline.train.step import StepMetrics, budget_progress, evaluate_bits_per_dim
 
 __all__ = ["train_loop_per_worker"]
 
@@ -79,8 +79,10 @@ class _Worker:
 
 @dataclass
 class _Clock:
-    """Wall time since the step loop started, and the steps and start of the logging window."""
+    """Wall time since the step loop started (after `base` seconds of earlier attempts of this
+    run, restored from the checkpoint), and the steps and start of the logging window."""
 
+    base: float = 0.0
     started: float = field(default_factory=time.monotonic)
     window_start: float = field(default_factory=time.monotonic)
     window_steps: int = 0
@@ -263,7 +265,7 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
 
     config = worker.config
     shard = ray.train.get_dataset_shard("train")
-    clock = _Clock()
+    clock = _Clock(base=state.elapsed_seconds)
     done = state.step >= config.max_steps
     if done and not state.evaluated_at_step():
         # Resumed at the end from a checkpoint taken between evaluations: the run's last step
@@ -303,17 +305,26 @@ def _step_and_duties(
     whether the run is done (every worker agrees, so all of them stop at the same step)."""
     config = worker.config
     _maybe_inject_fault(config, state.step, worker.rank, worker.world)
-    metrics = run_step(training, config, images, state.step)
+    # From the agreed elapsed time after the previous step: the same learning rate everywhere.
+    progress = budget_progress(
+        state.step, config.max_steps, state.elapsed_seconds, config.max_minutes
+    )
+    metrics = run_step(training, config, images, state.step, progress)
     lr = training.optimizer.param_groups[0]["lr"]
     global_batch = config.batch_size * worker.world
     record_step(state, metrics, global_batch=global_batch, max_skipped=config.max_nonfinite_steps)
     clock.window_steps += 1
 
-    elapsed = time.monotonic() - clock.started
-    out_of_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes
-    done = state.step >= config.max_steps or all_agree(
-        out_of_time, dist.ReduceOp.MAX, training.device
-    )
+    # Elapsed time counts from this run's first attempt (clock.base), so that a resume continues
+    # the budget rather than restarting it. Before another step, one all-reduce (it replaces the
+    # "out of time?" flag's) gives every worker the slowest clock: the same schedule, the same
+    # last step. After the last step nothing depends on it.
+    elapsed = clock.base + time.monotonic() - clock.started
+    done = state.step >= config.max_steps
+    if not done:
+        elapsed = _slowest(elapsed, training.device)
+        done = config.max_minutes is not None and elapsed > 60 * config.max_minutes
+    state.elapsed_seconds = elapsed
     if state.step % config.log_every == 0 or done:
         _log_progress(worker, state, clock, metrics, lr, elapsed)
     if worker.is_chief and (state.step % config.eval_every == 0 or done):
@@ -322,6 +333,15 @@ def _step_and_duties(
         _checkpoint_and_report(worker, training, state)
     _maybe_hold(config, state.step, worker.is_chief)
     return done
+
+
+def _slowest(seconds: float, device: torch.device) -> float:
+    """The largest of the workers' `seconds` (this worker's own without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return seconds
+    tensor = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def _log_progress(
