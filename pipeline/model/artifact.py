@@ -4,7 +4,11 @@ No pickled modules, ever.
 On disk (checkpoints, the MLflow pyfunc model, local model directories):
 
     <dir>/model.safetensors   the flow's state_dict (parameters and buffers)
-    <dir>/flow_config.json    FlowConfig.to_dict()
+    <dir>/flow_config.json    FlowConfig.to_dict() and "noise_scheme" (pipeline.model.noise)
+
+The noise scheme is part of the model (scores depend on it). A directory or payload without one
+is a model saved before schemes were recorded: it loads as "mt19937-v1" and scores as it always
+did. A flowray too old to know the key refuses the config instead of scoring with other noise.
 
 In memory, `FlowPayload` holds the same two parts as bytes and a dict. Batch jobs resolve a model
 once on the driver (registry lookup, artifact download), then hand the payload to every actor
@@ -26,11 +30,13 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_tensors
 
 from flowmodel import Flow, FlowConfig, build_flow
+from pipeline.model.noise import MT19937_V1, noise_scheme_of, with_noise_scheme
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "FlowPayload", "load_flow", "save_flow"]
+__all__ = ["CONFIG_FILE", "SCHEME_KEY", "WEIGHTS_FILE", "FlowPayload", "load_flow", "save_flow"]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "flow_config.json"
+SCHEME_KEY = "noise_scheme"  # in flow_config.json, beside the FlowConfig keys
 
 
 def _state_dict(flow: Flow) -> dict[str, torch.Tensor]:
@@ -39,11 +45,14 @@ def _state_dict(flow: Flow) -> dict[str, torch.Tensor]:
 
 
 def _build(
-    config: dict[str, Any], state: dict[str, torch.Tensor], device: str | torch.device
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    device: str | torch.device,
+    noise_scheme: str,
 ) -> Flow:
     flow = build_flow(FlowConfig.from_dict(config))
     flow.load_state_dict(state)
-    return flow.to(device).eval()
+    return with_noise_scheme(flow.to(device).eval(), noise_scheme)
 
 
 def save_flow(flow: Flow, directory: str | Path) -> Path:
@@ -51,7 +60,8 @@ def save_flow(flow: Flow, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(_state_dict(flow), str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps(flow.config.to_dict(), indent=2))
+    config = {**flow.config.to_dict(), SCHEME_KEY: noise_scheme_of(flow)}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return directory
 
 
@@ -65,23 +75,30 @@ def load_flow(directory: str | Path, device: str | torch.device = "cpu") -> Flow
             f"{CONFIG_FILE}, missing {', '.join(missing)})"
         )
     config = json.loads((directory / CONFIG_FILE).read_text())
-    return _build(config, load_file(str(directory / WEIGHTS_FILE)), device)
+    scheme = config.pop(SCHEME_KEY, MT19937_V1)
+    return _build(config, load_file(str(directory / WEIGHTS_FILE)), device, scheme)
 
 
 @dataclass(frozen=True)
 class FlowPayload:
-    """A flow as picklable bytes: the artifact's config dict and safetensors weights."""
+    """A flow as picklable bytes: the artifact's config dict, safetensors weights and the
+    flow's noise scheme (pipeline.model.noise)."""
 
-    config: dict[str, Any]
+    config: dict[str, Any]  # FlowConfig.to_dict()
     weights: bytes  # safetensors bytes of the state_dict
+    noise_scheme: str = MT19937_V1  # a payload made without one is an old model's
 
     @classmethod
     def from_flow(cls, flow: Flow) -> FlowPayload:
-        return cls(config=flow.config.to_dict(), weights=save_tensors(_state_dict(flow)))
+        return cls(
+            config=flow.config.to_dict(),
+            weights=save_tensors(_state_dict(flow)),
+            noise_scheme=noise_scheme_of(flow),
+        )
 
     def load(self, device: str | torch.device = "cpu") -> Flow:
-        """The flow in eval mode on `device`."""
-        return _build(self.config, load_tensors(self.weights), device)
+        """The flow in eval mode on `device`, drawing its noise with `noise_scheme`."""
+        return _build(self.config, load_tensors(self.weights), device, self.noise_scheme)
 
     def digest(self) -> str:
         """A short hash of the weights: the version of a model that has no registry version."""

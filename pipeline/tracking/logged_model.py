@@ -27,6 +27,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from flowmodel import Flow
 from pipeline.model.artifact import save_flow
+from pipeline.model.noise import noise_scheme_of
 from pipeline.tracking.connection import quiet_mlflow
 
 __all__ = [
@@ -99,7 +100,12 @@ def log_flow_model(
                 "pandas",
                 f"mlflow=={mlflow.__version__}",
             ],
-            metadata={"flow_config": json.dumps(flow.config.to_dict())},
+            # The noise scheme is part of the model (scores depend on it); also in the artifact's
+            # flow_config.json, from which the model loads it.
+            metadata={
+                "flow_config": json.dumps(flow.config.to_dict()),
+                "noise_scheme": noise_scheme_of(flow),
+            },
         )
 
 

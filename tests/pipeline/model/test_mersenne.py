@@ -8,6 +8,7 @@ import torch
 
 from pipeline.model.likelihood import key_seeds, keyed_noise
 from pipeline.model.mersenne import uniform_float64
+from pipeline.model.noise import MT19937_V1
 from tests.pipeline.device_audit import AUDIT_DEVICE, AuditDevice, AuditTensor
 
 SEEDS = [0, 1, 5489, 2**32 + 7, 2**63 - 1, 123_456_789_012_345, *key_seeds(["a", "b"], 3)]
@@ -28,8 +29,8 @@ def test_uniform_float64_is_the_cpu_generators_rand(count: int) -> None:
 
 def test_keyed_noise_on_another_device_is_the_cpu_noise() -> None:
     keys = [f"shard-3/img-{i}" for i in range(9)]
-    on_cpu = keyed_noise(keys, (3, 4, 4), seed=7)
+    on_cpu = keyed_noise(keys, (3, 4, 4), seed=7, scheme=MT19937_V1)
     with AuditDevice():
-        on_device = keyed_noise(keys, (3, 4, 4), seed=7, device=AUDIT_DEVICE)
+        on_device = keyed_noise(keys, (3, 4, 4), 7, AUDIT_DEVICE, MT19937_V1)
     assert isinstance(on_device, AuditTensor) and on_device.shape == (9, 3, 4, 4)
     assert torch.equal(on_device.cpu(), on_cpu)

@@ -241,6 +241,7 @@ def test_a_logged_flow_has_a_uint8_tensor_signature_and_an_input_example_that_se
         "draws": 1,
     }
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri))
+    assert info.metadata["noise_scheme"] == "splitmix64-v2"  # scores depend on it
     serving = json.loads((model_dir / "serving_input_example.json").read_text())
     example = np.asarray(serving["inputs"])
     assert example.shape == (2, *SHAPE)
