@@ -23,7 +23,8 @@ class ScoreConfig:
     Attributes:
         model: models:/<name>@<alias>, models:/<name>/<version>, runs:/<id>/<path> or a local
             model directory.
-        input: a prepared split, `<data>/<split>` (local path or s3://).
+        input: a prepared split, `<data>/<split>`, or WebDataset shards scored in place: a brace
+            pattern, a prefix of *.tar or a list file (local or s3://; pipeline.data.inputs).
         output: a prefix (local or s3://); files go under model=<name>/version=<v>/.
         storage: S3 endpoint and region for input and output.
         batch_size: images per forward pass in an actor.
@@ -98,7 +99,11 @@ class ScoreResult:
     mlflow_run_id: str | None
     # (shard, reason) of the shards that could not be read whole: no file, a rerun retries them.
     shards_left_out: tuple[tuple[str, str], ...] = ()
-    images_left_out: int = 0  # images of those shards, by their manifest
+    images_left_out: int = 0  # images of those shards, by their manifest (foreign: samples met)
+    input_kind: str = "prepared"  # "prepared" or "foreign" (pipeline.data.inputs)
+    listing_seconds: float = 0.0  # the one listing of the input
+    shards_new: int = 0  # shards with no file before this run
+    shards_changed: int = 0  # foreign shards rewritten in place since their file was written
 
     @property
     def status(self) -> Literal["complete", "partial", "failed"]:
@@ -112,10 +117,12 @@ class ScoreResult:
 
     def line(self) -> str:
         """The one-line report a job prints at the end."""
+        listed = f" (listed in {self.listing_seconds:.2f} s)"
         if self.shards_already_done == self.shards_total:
             return (
                 f"nothing to score: all {self.shards_already_done}/{self.shards_total} shards of "
                 f"model={self.model_name} version={self.model_version} already at {self.output}"
+                f"{listed}"
             )
         left_out = ""
         if self.shards_left_out:
@@ -123,8 +130,9 @@ class ScoreResult:
                 f", {len(self.shards_left_out)} shards ({self.images_left_out:,} images) left out"
             )
         return (
-            f"scored {self.images_scored:,} images ({len(self.shards_written)} shards written, "
-            f"{self.shards_already_done} already done{left_out}, {self.images_skipped} images "
+            f"scored {self.images_scored:,} images ({len(self.shards_written)} shards written: "
+            f"{self.shards_new} new, {self.shards_changed} changed; "
+            f"{self.shards_already_done} already done{left_out}{listed}, {self.images_skipped} images "
             f"skipped) with {self.model_name} v{self.model_version} at "
             f"{self.images_per_second:,.0f} images/s; bits/dim mean {self.mean_bits_per_dim:.4f} "
             f"median {self.median_bits_per_dim:.4f} p99 {self.p99_bits_per_dim:.4f} -> {self.output}"

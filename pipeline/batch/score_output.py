@@ -28,6 +28,7 @@ seeds, or a re-created model reusing a version number, never mix files under one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -44,12 +45,17 @@ from pipeline.storage import StorageConfig, join_url, read_bytes
 __all__ = [
     "OUTPUT_COLUMNS",
     "SETTINGS_FILE",
+    "SHARD_SIZE_KEY",
+    "SHARD_URL_KEY",
+    "SHARD_VERSION_KEY",
     "SKIPPED_COUNT_KEY",
     "SKIPPED_KEYS_KEY",
     "ShardCollector",
+    "ShardTarget",
     "check_settings",
     "output_prefix",
     "parquet_name",
+    "remove_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,11 +68,20 @@ OUTPUT_COLUMNS = (
     "bits_per_dim",
     "png_bits_per_dim",
     "ood_score",
+    "orig_width",
+    "orig_height",
 )
 SETTINGS_FILE = "_scoring.json"
 # Parquet file metadata (schema metadata) of every shard file: the bad images left out of it.
 SKIPPED_COUNT_KEY = "flowray.skipped_count"
 SKIPPED_KEYS_KEY = "flowray.skipped_keys"
+# ...and of a foreign shard's file: which shard, at which version (see pipeline.batch.scoring).
+SHARD_URL_KEY = "flowray.shard_url"
+SHARD_VERSION_KEY = "flowray.shard_version"
+SHARD_SIZE_KEY = "flowray.shard_size"
+# Settings an earlier flowray did not record, as they were then: files made before the noise
+# scheme was recorded used the first one.
+LEGACY_SETTINGS = {"noise_scheme": "mt19937-v1"}
 
 
 def output_prefix(output: str, name: str, version: str) -> str:
@@ -93,6 +108,9 @@ def check_settings(prefix: str, settings: dict[str, Any], storage: StorageConfig
     if write_once(url, json.dumps(settings, indent=1, sort_keys=True).encode(), storage):
         return
     found = json.loads(read_bytes(url, storage))
+    for key, value in LEGACY_SETTINGS.items():
+        if key in settings:
+            found.setdefault(key, value)
     differ = sorted(k for k in set(settings) | set(found) if found.get(k) != settings.get(k))
     if not differ:
         return
@@ -112,7 +130,7 @@ def check_settings(prefix: str, settings: dict[str, Any], storage: StorageConfig
     )
 
 
-def _table(frame: pd.DataFrame, skipped_keys: Sequence[str]) -> Any:
+def _table(frame: pd.DataFrame, target: ShardTarget, skipped_keys: Sequence[str]) -> Any:
     """The shard's rows as an Arrow table with fixed column types and the skip metadata."""
     import pyarrow as pa
 
@@ -125,19 +143,26 @@ def _table(frame: pd.DataFrame, skipped_keys: Sequence[str]) -> Any:
             ("bits_per_dim", pa.float64()),
             ("png_bits_per_dim", pa.float64()),
             ("ood_score", pa.float64()),
+            ("orig_width", pa.int64()),
+            ("orig_height", pa.int64()),
         ],
         metadata={
+            **target.metadata,
             SKIPPED_COUNT_KEY: str(len(skipped_keys)),
             SKIPPED_KEYS_KEY: json.dumps(sorted(skipped_keys)),
         },
     )
     frame = frame.sort_values("key", kind="stable").reset_index(drop=True)
+    frame = frame.assign(shard=target.label)
+    for name in ("orig_width", "orig_height"):  # rows of readers that do not know them
+        if name not in frame:
+            frame[name] = -1
     return pa.Table.from_pandas(frame[list(OUTPUT_COLUMNS)], schema=schema, preserve_index=False)
 
 
 def _write_shard(
     prefix: str,
-    shard: str,
+    target: ShardTarget,
     frame: pd.DataFrame,
     skipped_keys: Sequence[str],
     storage: StorageConfig,
@@ -148,8 +173,21 @@ def _write_shard(
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(_table(frame, skipped_keys), sink)
-    return write_once(join_url(prefix, parquet_name(shard)), sink.getvalue().to_pybytes(), storage)
+    pq.write_table(_table(frame, target, skipped_keys), sink)
+    return write_once(join_url(prefix, target.file), sink.getvalue().to_pybytes(), storage)
+
+
+def remove_files(prefix: str, names: Sequence[str], storage: StorageConfig) -> None:
+    """Delete the files of older versions of a shard whose current file is in place (a reader
+    never sees the shard without a file; a crash in between leaves both, and the next run,
+    finding the current one, deletes the stale one then)."""
+    from pipeline.storage import fsspec_filesystem
+
+    for name in names:
+        url = join_url(prefix, name)
+        fs, path = fsspec_filesystem(url, storage)
+        with contextlib.suppress(FileNotFoundError):  # a concurrent run removed it first
+            fs.rm_file(path)
 
 
 def _left_out_reason(outcome: ShardOutcome | None, received: int) -> str:
@@ -165,12 +203,32 @@ def _left_out_reason(outcome: ShardOutcome | None, received: int) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where one input shard's rows go and what its file says about it.
+
+    Attributes:
+        file: the Parquet file's name under the prefix.
+        label: the `shard` column's value (the shard's URL; a prepared split's shard name).
+        expected: images the manifest lists (prepared splits), None when unknown (foreign).
+        metadata: extra Parquet metadata (a foreign shard's URL, version and size).
+        stale: files of older versions of this shard, deleted once `file` is in place.
+    """
+
+    file: str
+    label: str
+    expected: int | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    stale: tuple[str, ...] = ()
+
+
 @dataclass
 class _Partial:
     """Rows received for one shard so far."""
 
     frames: list[pd.DataFrame] = field(default_factory=list)
     keys: set[str] = field(default_factory=set)
+    total: int | None = None  # rows the shard handed on, once its end marker has arrived
 
 
 class ShardCollector:
@@ -178,26 +236,37 @@ class ShardCollector:
 
     Args:
         prefix: the model version's output folder (see output_prefix).
-        expected: images per pending shard, from the manifest.
+        targets: per pending shard (the rows' `shard` value): a ShardTarget, or the manifest's
+            image count (file `parquet_name(shard)`, labelled `shard`).
         storage: where `prefix` lives.
-        on_written: called with a shard's name after its file is in place.
+        on_written: called with a shard's label after its file is in place.
         on_rows: called with a shard's rows (as received, `png` included) when its file is
             written: statistics cover exactly the rows written, never those of a shard left out.
+        outcome_of: the reader's outcome of one shard (`SkipTally.outcome`), asked when a shard's
+            end marker says it is complete, for the bad images its file records.
 
-    After `close`: `written` (shards whose file is in place, in order), `left_out`
-    ({shard: reason}) and `late_rows` (duplicate rows dropped for shards already written).
+    A shard is complete when its rows `shard_rows` (the reader's end marker, carried on its last
+    row) have all arrived, or, without markers, its manifest count. Only the rows of shards in
+    flight are held. After `close`: `written` (labels of shards whose file is in place, in
+    order), `left_out` ({label: reason}) and `late_rows` (duplicate rows dropped for shards
+    already written).
     """
 
     def __init__(
         self,
         prefix: str,
-        expected: dict[str, int],
+        targets: Mapping[str, ShardTarget | int],
         storage: StorageConfig,
         on_written: Callable[[str], None] | None = None,
         on_rows: Callable[[pd.DataFrame], None] | None = None,
+        outcome_of: Callable[[str], ShardOutcome | None] | None = None,
     ) -> None:
-        self.prefix, self.expected, self.storage = prefix, expected, storage
-        self.on_written, self.on_rows = on_written, on_rows
+        self.prefix, self.storage = prefix, storage
+        self.targets = {
+            shard: t if isinstance(t, ShardTarget) else ShardTarget(parquet_name(shard), shard, t)
+            for shard, t in targets.items()
+        }
+        self.on_written, self.on_rows, self.outcome_of = on_written, on_rows, outcome_of
         self.written: list[str] = []
         self.left_out: dict[str, str] = {}
         self.late_rows = 0
@@ -214,21 +283,35 @@ class ShardCollector:
                 self.late_rows += len(rows)
                 continue
             state = self._partial.setdefault(shard, _Partial())
+            if "shard_rows" in rows:
+                marked = rows["shard_rows"].to_numpy()
+                if (marked >= 0).any():
+                    state.total = int(marked.max())
+                rows = rows.drop(columns="shard_rows")
             # A retried read task may send rows again: keep the first copy of each key.
             fresh = rows[~rows["key"].isin(state.keys)].drop_duplicates("key")
-            if fresh.empty:
-                continue
-            state.keys.update(fresh["key"])
-            state.frames.append(fresh)
-            if len(state.keys) == self.expected[shard]:
-                self._finish(shard, ())
+            if not fresh.empty:
+                state.keys.update(fresh["key"])
+                state.frames.append(fresh)
+            if len(state.keys) == state.total:
+                self._finish(shard, self._skipped_keys(shard))
+            elif state.total is None and len(state.keys) == self.targets[shard].expected:
+                self._finish(shard, ())  # every image the manifest lists: none was skipped
+
+    def _skipped_keys(self, shard: str) -> Sequence[str]:
+        expected = self.targets[shard].expected
+        if expected is not None and len(self._partial[shard].keys) == expected:
+            return ()
+        outcome = self.outcome_of(shard) if self.outcome_of is not None else None
+        return outcome.skipped_keys if outcome is not None else ()
 
     def close(self, outcomes: Mapping[str, ShardOutcome] | None) -> None:
         """The stream has ended: settle every shard not written yet.
 
-        `outcomes` are the readers' (`SkipTally.outcomes()`, under on_error="skip"): a shard is
-        written only if its outcome is complete and the rows its reader handed on have all
-        arrived; else it is left out (no file: a rerun reads it again). None (on_error="fail",
+        `outcomes` are the readers' (`SkipTally.outcomes()`): a shard is written only if its
+        outcome is complete and the rows its reader handed on have all arrived (a shard whose
+        every image was bad, or that holds none, gets an empty file, so it is not read again);
+        else it is left out (no file: a rerun reads it again). None (no tally: on_error="fail",
         where any problem stops the job): the shards left are written with what they got.
         """
         if self.late_rows:
@@ -236,47 +319,48 @@ class ShardCollector:
         if outcomes is None:
             self._close_without_outcomes()
             return
-        for shard in sorted(set(self.expected) - self._finished):
+        for shard in sorted(set(self.targets) - self._finished):
             state = self._partial.get(shard, _Partial())
             outcome = outcomes.get(shard)
             reason = _left_out_reason(outcome, len(state.keys))
+            label = self.targets[shard].label
             if reason:
                 self._partial.pop(shard, None)
-                self.left_out[shard] = reason
+                self.left_out[label] = reason
                 continue
             self._partial.setdefault(shard, state)
             self._finish(shard, outcome.skipped_keys if outcome else ())
-        for shard, reason in sorted(self.left_out.items()):
-            logger.warning("left out shard %s (no file written): %s", shard, reason)
+        for label, reason in sorted(self.left_out.items()):
+            logger.warning("left out shard %s (no file written): %s", label, reason)
 
     def _close_without_outcomes(self) -> None:
         for shard in sorted(self._partial):
-            got = len(self._partial[shard].keys)
-            if got != self.expected[shard]:
-                logger.warning(
-                    "shard %s: %d images scored, manifest says %d", shard, got, self.expected[shard]
-                )
+            got, expected = len(self._partial[shard].keys), self.targets[shard].expected
+            if expected is not None and got != expected:
+                logger.warning("shard %s: %d images scored, manifest says %d", shard, got, expected)
             self._finish(shard, ())
-        missing = sorted(set(self.expected) - set(self.written))
+        missing = sorted(set(self.targets) - self._finished)
         if missing:
             logger.warning(
                 "no image of %d shard(s) could be read (%s): no file written, a rerun retries them",
                 len(missing),
-                ", ".join(missing[:5]),
+                ", ".join(self.targets[s].label for s in missing[:5]),
             )
 
     def _finish(self, shard: str, skipped_keys: Sequence[str]) -> None:
-        rows = self._partial.pop(shard)
+        rows, target = self._partial.pop(shard), self.targets[shard]
         frame = (
             pd.concat(rows.frames, ignore_index=True)
             if rows.frames
             else pd.DataFrame({name: [] for name in (*OUTPUT_COLUMNS, "png")})
         )
-        if not _write_shard(self.prefix, shard, frame, skipped_keys, self.storage):
-            logger.info("shard %s: its file was already written (another job): kept", shard)
+        if not _write_shard(self.prefix, target, frame, skipped_keys, self.storage):
+            logger.info("shard %s: its file was already written (another job): kept", target.label)
+        if target.stale:
+            remove_files(self.prefix, target.stale, self.storage)
         self._finished.add(shard)
-        self.written.append(shard)
+        self.written.append(target.label)
         if self.on_rows is not None:
             self.on_rows(frame)
         if self.on_written is not None:
-            self.on_written(shard)
+            self.on_written(target.label)

@@ -1,10 +1,12 @@
 """The Ray Data side of scoring: read the pending shards, score them on an actor pool.
 
-    read_split (read tasks: tar -> decoded uint8 images)
+    read_input (read tasks: tar -> decoded uint8 images at the model's shape; a prepared split
+                or foreign WebDataset shards, decoded and fitted in place)
       [-> map_batches(add_png_complexity)   GPU actors only: fused into the read tasks]
       -> map_batches(Scorer, compute=ActorPoolStrategy(size))   one flow per actor, loaded once
-      -> rows without images: key, shard, label, log_likelihood, bits_per_dim, png_bits_per_dim,
-         ood_score, and `png` for the few least likely images of each batch
+      -> rows without images: key, shard (URL), label, log_likelihood, bits_per_dim,
+         png_bits_per_dim, ood_score, orig_width, orig_height, shard_rows (the reader's end
+         marker), and `png` for the few least likely images of each batch
 
 The OOD score's complexity term L(x) is the PNG of the decoded image at maximum compression (see
 pipeline.batch.scoring). CPU actors compute it beside the flow's forward pass; for GPU actors the
@@ -21,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.batch.score_config import ScoreConfig
-from pipeline.data.reader import SkipTally, read_split
-from pipeline.data.shards import Manifest
+from pipeline.data.inputs import InputPlan
+from pipeline.data.tally import SkipTally
 from pipeline.model.artifact import FlowPayload
 from pipeline.model.likelihood import CHUNK_DIMS, predict_frame
 
@@ -67,7 +69,8 @@ def add_png_complexity(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class Scorer:
     """Ray Data callable class: loads the flow once per actor, scores batches of reader rows.
 
-    Input batch (numpy): key, shard, image uint8 [B, C, H, W], label, nbytes; and `png`,
+    Input batch (numpy): read_input's rows (key, shard, image uint8 [B, C, H, W], label, nbytes,
+    orig_width, orig_height, shard_rows); and `png`,
     `png_bits_per_dim` when `add_png_complexity` ran before (else they are computed here). Output:
     the OUTPUT_COLUMNS of pipeline.batch.score_output plus `png`, the max-compression PNG of this
     batch's `keep_png` least likely images (b"" for the others), so the driver can draw the least
@@ -113,8 +116,19 @@ class Scorer:
             "bits_per_dim": bits,
             "png_bits_per_dim": png_bits,
             "ood_score": bits - png_bits,
+            **{name: _passed(batch, name, len(keys)) for name in PASSED_THROUGH},
             "png": kept,
         }
+
+
+PASSED_THROUGH = ("orig_width", "orig_height", "shard_rows")
+
+
+def _passed(batch: dict[str, np.ndarray], name: str, count: int) -> np.ndarray:
+    """A reader column the actor hands on unchanged; -1 where the caller (serving) has none."""
+    if name in batch:
+        return np.asarray(batch[name], dtype=np.int64)
+    return np.full(count, -1, dtype=np.int64)
 
 
 def actor_batch_size(config: ScoreConfig, dims: int) -> int:
@@ -142,26 +156,30 @@ def pool_size(config: ScoreConfig) -> int:
 def build_pipeline(
     config: ScoreConfig,
     payload: FlowPayload,
-    manifest: Manifest,
+    plan: InputPlan,
     shards: list[str],
     tally: SkipTally | None,
+    shape: tuple[int, int, int],
 ) -> Any:
-    """The lazy Ray Dataset of the score rows of `shards`, files of the split `manifest` describes.
+    """The lazy Ray Dataset of the score rows of `shards` (URLs of the plan's shards), read at
+    the model's image `shape` (C, H, W).
 
-    `tally` counts the images the readers skip (None under on_error="fail": nothing is skipped).
+    `tally` receives each shard's outcome and the images the readers skip.
     """
     import ray
     import ray.data
 
+    from pipeline.data.input_reader import read_input
+
     on_gpu = config.gpus_per_actor > 0
-    batch_size = actor_batch_size(config, int(np.prod(manifest.shape)))
-    dataset = read_split(
-        config.input,
+    batch_size = actor_batch_size(config, int(np.prod(shape)))
+    dataset = read_input(
+        plan,
         config.storage,
+        shape=shape,
         shards=shards,
         on_error=config.on_error,
         tally=tally,
-        manifest=manifest,
         rows_per_block=batch_size,
         concurrency=config.read_concurrency,
     )

@@ -1,12 +1,17 @@
-"""Bulk likelihood scoring: a prepared split -> Parquet, one file per shard, exactly once per key.
+"""Bulk likelihood scoring: any input -> Parquet, one file per shard, exactly once per key.
 
     config = ScoreConfig(model="models:/fashion-flow@champion", input="s3://data/fmnist/test",
                          output="s3://scores/fmnist-test")
     result = score(config)          # Ray must be initialised (or Ray Data starts a local one)
 
-Per image (one row): key, shard, label (-1 when none), log_likelihood (nats, of the discrete
-image: the dequantization bound, K draws averaged in probability space), bits_per_dim,
-png_bits_per_dim and ood_score.
+The input is anything `pipeline.data.inputs.resolve_input` accepts: a prepared split, or the
+user's own WebDataset shards (a brace pattern, a prefix of *.tar, a list file; local or s3://),
+decoded and fitted to the model's shape in the read tasks.
+
+Per image (one row): key (the tar's `__key__`), shard (the shard's URL; a prepared split's shard
+name), label (-1 when none), log_likelihood (nats, of the discrete image: the dequantization
+bound, K draws averaged in probability space), bits_per_dim, png_bits_per_dim, ood_score, and
+orig_width / orig_height (the image's size before fitting; -1 for prepared splits).
 
 OOD score (Serra et al. 2020, "Input complexity and out-of-distribution detection with
 likelihood-based generative models", eq. 2): S(x) = -log2 p(x) - L(x), with L(x) the length in bits
@@ -20,10 +25,21 @@ so re-encoding makes the score a property of the image and the model only. It co
 
 Output layout:
 
-    <output>/model=<name>/version=<v>/_scoring.json          split, seed, draws, weights: what the
-                                                              files mean (created once, compared after)
-    <output>/model=<name>/version=<v>/shard-000000.parquet    the rows of shard-000000.tar
+    <output>/model=<name>/version=<v>/_scoring.json          input, seed, draws, weights, noise
+                                                              scheme: what the files mean (created
+                                                              once, compared after)
+    <output>/model=<name>/version=<v>/shard-000000.parquet    the rows of shard-000000.tar (prepared)
+    <output>/model=<name>/version=<v>/<stem>@<v12>.parquet    the rows of foreign shard <stem>.tar
+                                                              at version <v12> (below)
     <output>/model=<name>/version=<v>/_summary/<UTC time>/    summary.json, histogram, least likely
+
+Growing inputs (foreign shards): the input is listed once per run (its time is logged and kept in
+the result), each shard with its size and version (ETag on S3, mtime locally). A shard's file is
+`<ShardRef.stem>@<first 12 hex of sha256(version)>.parquet`, with the shard's URL, version and
+size in its Parquet metadata (flowray.shard_url / shard_version / shard_size). A run scores the
+shards with no file for their current version: new shards, and shards rewritten in place, whose
+file of the old version is deleted once the new one is in place. So the nightly job over a
+growing prefix reads only what arrived (or changed) since the last night.
 
 `name`/`v` come from pipeline.batch.resolve: the registry name and version; "run-<run id>" for a
 runs:/ model and "local" for a local model directory, with the first 12 hex digits of the sha256
@@ -31,9 +47,9 @@ of the weights as the version.
 
 A run goes through four phases, one module each:
 
-    plan       check access, manifest, model and image shape; sweep this host's dead temps; list
-               the shards without a file
-    pipeline   pipeline.batch.score_pipeline: read_split -> map_batches(Scorer) on an actor pool
+    plan       check access, list the input once, model and image shape; sweep this host's dead
+               temps; list the shards without a file for their version
+    pipeline   pipeline.batch.score_pipeline: read_input -> map_batches(Scorer) on an actor pool
     collect    pipeline.batch.score_output: rows grouped by shard, each shard's file written
                once, when complete, so every key appears exactly once across crashes, retried
                tasks, reruns and concurrent jobs (a rerun scores only the shards without a file)
@@ -62,20 +78,45 @@ from typing import Any
 from pipeline.batch.resolve import BatchModel, resolve_batch_model
 from pipeline.batch.score_config import ScoreConfig, ScoreError, ScoreResult
 from pipeline.batch.score_output import (
+    LEGACY_SETTINGS,
+    SHARD_SIZE_KEY,
+    SHARD_URL_KEY,
+    SHARD_VERSION_KEY,
     ShardCollector,
+    ShardTarget,
     check_settings,
     output_prefix,
     parquet_name,
+    remove_files,
 )
 from pipeline.batch.score_pipeline import build_pipeline
 from pipeline.batch.score_report import ScoreStats, report
-from pipeline.data.reader import SkipTally
-from pipeline.data.shards import Manifest, ShardInfo, load_manifest
-from pipeline.storage import check_access, list_names, sweep_temp_files
+from pipeline.data.inputs import InputPlan, ShardRef, resolve_input
+from pipeline.data.tally import SkipTally
+from pipeline.storage import check_access, list_names, redact_url, sweep_temp_files
 
-__all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "score"]
+__all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "score", "versioned_name"]
 
 logger = logging.getLogger(__name__)
+
+# Payloads saved before the noise scheme was recorded draw their noise with this one.
+LEGACY_NOISE_SCHEME = LEGACY_SETTINGS["noise_scheme"]
+
+
+def versioned_name(ref: ShardRef) -> str:
+    """The output file of a foreign shard at its listed version: `<stem>@<v12>.parquet`, v12 the
+    first 12 hex digits of sha256(version) (a rewritten shard gets another name)."""
+    digest = hashlib.sha256(ref.version.encode()).hexdigest()[:12]
+    return f"{ref.stem}@{digest}.parquet"
+
+
+def _versions_present(names: list[str]) -> dict[str, set[str]]:
+    """{stem: {file names}} of the versioned shard files among `names`."""
+    present: dict[str, set[str]] = {}
+    for name in names:
+        if name.endswith(".parquet") and "@" in name:
+            present.setdefault(name[: -len(".parquet")].rsplit("@", 1)[0], set()).add(name)
+    return present
 
 
 @dataclass(frozen=True)
@@ -83,16 +124,21 @@ class _Plan:
     """What a run will do, settled before any work starts."""
 
     model: BatchModel
-    manifest: Manifest
+    input: InputPlan
     prefix: str  # <output>/model=<name>/version=<v>
-    pending: tuple[ShardInfo, ...]  # shards without a Parquet file yet
+    targets: dict[str, ShardTarget]  # shards to score, by URL: where their rows go
     present: bool  # the prefix holds files already
-    settings: dict[str, Any]  # what the files mean: split, source, seed, draws, weights
+    settings: dict[str, Any]  # what the files mean: input, seed, draws, weights, noise scheme
     tracking_uri: str
+    changed: int = 0  # foreign shards rewritten since their file was written
 
     @property
     def already_done(self) -> int:
-        return len(self.manifest.shards) - len(self.pending)
+        return len(self.input.shards) - len(self.targets)
+
+    @property
+    def new(self) -> int:
+        return len(self.targets) - self.changed
 
 
 @dataclass(frozen=True)
@@ -101,7 +147,7 @@ class _Collected:
     stats: ScoreStats
     images_skipped: int  # bad images left out of the shards written
     left_out: tuple[tuple[str, str], ...]  # (shard, reason): shards that got no file
-    images_left_out: int  # images of those shards, by their manifest
+    images_left_out: int  # images of those shards, by their manifest (foreign: samples met)
     seconds: float
 
 
@@ -112,16 +158,16 @@ def score(
 
     Args:
         config: the job.
-        on_shard_written: called with each shard's name after its file is in place (progress,
-            tests that interrupt a run).
+        on_shard_written: called with each shard's label (URL; a prepared shard's name) after
+            its file is in place (progress, tests that interrupt a run).
 
     Raises:
         ScoreError: image shape differs from the model's; output made with other settings.
-        ModelNotFound, ManifestError, StorageError, TrackingError: from the layers below.
+        ModelNotFound, InputError, ManifestError, StorageError, TrackingError: from below.
         CorruptDataError: an unreadable image under on_error="fail".
     """
     plan = _plan(config)
-    if not plan.pending:
+    if not plan.targets:
         if plan.present:
             check_settings(plan.prefix, plan.settings, config.storage)
         nothing = _Collected((), ScoreStats(keep=0), 0, (), 0, 0.0)
@@ -130,38 +176,52 @@ def score(
         return result
     check_settings(plan.prefix, plan.settings, config.storage)
     logger.info(
-        "scoring %d of %d shards (%d images) of %s with %s -> %s",
-        len(plan.pending),
-        len(plan.manifest.shards),
-        sum(info.count for info in plan.pending),
-        config.input,
+        "scoring %d of %d shards of %s with %s -> %s",
+        len(plan.targets),
+        len(plan.input.shards),
+        redact_url(config.input),
         plan.model.label,
         plan.prefix,
     )
-    tally = SkipTally.shared() if config.on_error == "skip" else None
-    shards = [info.name for info in plan.pending]
-    rows = build_pipeline(config, plan.model.payload, plan.manifest, shards, tally)
+    # A tally under "fail" too: the outcomes tell a shard read whole with no image in it (an
+    # empty file, so it is not read again) from one never read.
+    tally = SkipTally.shared()
+    shards = list(plan.targets)
+    shape = plan.model.image_shape
+    rows = build_pipeline(config, plan.model.payload, plan.input, shards, tally, shape)
     collected = _collect(config, plan, rows, tally, on_shard_written)
     result = _result(plan, collected)
-    return report(config, result, collected.stats, tally, plan.tracking_uri, plan.manifest.shape)
+    return report(config, result, collected.stats, tally, plan.tracking_uri, shape)
 
 
 def _plan(config: ScoreConfig) -> _Plan:
-    """Check access, read the manifest, resolve the model, list the shards still to score."""
+    """Check access, list the input once, resolve the model, settle the shards still to score."""
     import mlflow
 
+    from pipeline.data.manifest import load_manifest
     from pipeline.tracking.connection import resolve_tracking_uri
 
     storage = config.storage
     check_access(config.input, storage)
     check_access(config.output, storage)
-    # Under "skip" the readers compare each shard with the manifest and leave out the bad ones;
-    # only "fail" refuses the whole split up front when a shard is missing or has another size.
-    manifest = load_manifest(config.input, storage, check_shards=config.on_error == "fail")
+    source = resolve_input(config.input, storage)
+    logger.info("input %s", redact_url(source.describe()))
+    if source.missing:
+        logger.warning(
+            "%d shard(s) named by %s do not exist (first: %s); scoring the others",
+            len(source.missing),
+            redact_url(config.input),
+            redact_url(source.missing[0]),
+        )
+    if source.is_prepared and config.on_error == "fail":
+        # Under "fail" the whole split is refused up front when a shard is missing or resized;
+        # under "skip" the readers leave out the bad ones.
+        load_manifest(source.root, storage, check_shards=True)
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     model = resolve_batch_model(config.model)
-    if tuple(manifest.shape) != model.image_shape:
+    manifest = source.manifest
+    if manifest is not None and tuple(manifest.shape) != model.image_shape:
         raise ScoreError(
             f"{config.input} holds images of shape {list(manifest.shape)} (C, H, W), but model "
             f"{config.model} ({model.label}) expects {list(model.image_shape)}",
@@ -172,50 +232,114 @@ def _plan(config: ScoreConfig) -> _Plan:
     swept = sweep_temp_files(prefix, storage)  # temps of killed runs on this host
     if swept:
         logger.info("removed %d temp file(s) of earlier runs under %s", len(swept), prefix)
-    present = set(list_names(prefix, storage))
-    return _Plan(
+    names = list_names(prefix, storage)
+    settings = {
+        "seed": config.seed,
+        "draws": config.draws,
+        # A re-created model can reuse a version number: the weights say what was scored.
+        "weights_sha256": hashlib.sha256(model.payload.weights).hexdigest(),
+        # The dequantization noise function: another one gives other numbers.
+        "noise_scheme": getattr(model.payload, "noise_scheme", LEGACY_NOISE_SCHEME),
+    }
+    if manifest is not None:
+        targets = _prepared_targets(source, set(names))
+        settings |= {"split": manifest.split, "source": manifest.source}
+        changed = 0
+    else:
+        targets, changed = _foreign_targets(source, names, prefix, storage)
+        settings["input"] = redact_url(source.root)
+    plan = _Plan(
         model=model,
-        manifest=manifest,
+        input=source,
         prefix=prefix,
-        pending=tuple(i for i in manifest.shards if parquet_name(i.name) not in present),
-        present=bool(present),
-        settings={
-            "split": manifest.split,
-            "source": manifest.source,
-            "seed": config.seed,
-            "draws": config.draws,
-            # A re-created model can reuse a version number: the weights say what was scored.
-            "weights_sha256": hashlib.sha256(model.payload.weights).hexdigest(),
-        },
+        targets=targets,
+        present=bool(names),
+        settings=settings,
         tracking_uri=tracking_uri,
+        changed=changed,
     )
+    logger.info(
+        "listed %d shards in %.2f s: %d new, %d changed, %d already done",
+        len(source.shards),
+        source.listing_seconds,
+        plan.new,
+        plan.changed,
+        plan.already_done,
+    )
+    return plan
+
+
+def _prepared_targets(source: InputPlan, present: set[str]) -> dict[str, ShardTarget]:
+    """A prepared split's shards without a file, as today: shard-000000.parquet, by name."""
+    assert source.manifest is not None
+    counts = {info.name: info.count for info in source.manifest.shards}
+    return {
+        ref.url: ShardTarget(parquet_name(ref.name), ref.name, counts[ref.name])
+        for ref in source.shards
+        if parquet_name(ref.name) not in present
+    }
+
+
+def _foreign_targets(
+    source: InputPlan, names: list[str], prefix: str, storage: Any
+) -> tuple[dict[str, ShardTarget], int]:
+    """Foreign shards without a file for their current version, and how many of them had one
+    for an older version (rewritten in place). Files of older versions of shards already done
+    (a run that stopped between writing the new file and deleting the old) are deleted here."""
+    present = _versions_present(names)
+    targets: dict[str, ShardTarget] = {}
+    changed, leftovers = 0, []
+    for ref in source.shards:
+        current = versioned_name(ref)
+        stale = tuple(sorted(present.get(ref.stem, set()) - {current}))
+        if current in present.get(ref.stem, set()):
+            leftovers.extend(stale)
+            continue
+        changed += bool(stale)
+        metadata = {
+            SHARD_URL_KEY: redact_url(ref.url),
+            SHARD_VERSION_KEY: ref.version,
+            SHARD_SIZE_KEY: str(ref.size),
+        }
+        targets[ref.url] = ShardTarget(current, ref.url, None, metadata, stale)
+    if leftovers:
+        logger.info("removing %d file(s) of older shard versions", len(leftovers))
+        remove_files(prefix, leftovers, storage)
+    return targets, changed
 
 
 def _collect(
     config: ScoreConfig,
     plan: _Plan,
     rows: Any,
-    tally: SkipTally | None,
+    tally: SkipTally,
     on_shard_written: Callable[[str], None] | None,
 ) -> _Collected:
     """Stream the score rows into the shard files and the statistics until the pipeline ends."""
-    expected = {info.name: info.count for info in plan.pending}
     stats = ScoreStats(config.least_likely)
-    collector = ShardCollector(plan.prefix, expected, config.storage, on_shard_written, stats.add)
+    collector = ShardCollector(
+        plan.prefix, plan.targets, config.storage, on_shard_written, stats.add, tally.outcome
+    )
     started = time.perf_counter()
     for batch in rows.iter_batches(batch_size=None, batch_format="pandas"):
         collector.add(batch)
-    outcomes = tally.outcomes() if tally is not None else None
+    outcomes = tally.outcomes()
     collector.close(outcomes)
-    written = set(collector.written)
+    by_label = {target.label: url for url, target in plan.targets.items()}
+    written = {by_label[label] for label in collector.written}
+    left_out = [by_label[label] for label in collector.left_out]
+
+    def images_of(url: str) -> int:  # the manifest's count, else the samples the reader met
+        expected = plan.targets[url].expected
+        outcome = outcomes.get(url)
+        return expected if expected is not None else (outcome.expected if outcome else 0)
+
     return _Collected(
         written=tuple(collector.written),
         stats=stats,
-        images_skipped=sum(
-            len(o.skipped_keys) for name, o in (outcomes or {}).items() if name in written
-        ),
+        images_skipped=sum(len(o.skipped_keys) for url, o in outcomes.items() if url in written),
         left_out=tuple(sorted(collector.left_out.items())),
-        images_left_out=sum(expected[name] for name in collector.left_out),
+        images_left_out=sum(images_of(url) for url in left_out),
         seconds=time.perf_counter() - started,
     )
 
@@ -227,7 +351,7 @@ def _result(plan: _Plan, collected: _Collected) -> ScoreResult:
         model_name=plan.model.name,
         model_version=plan.model.version,
         output=plan.prefix,
-        shards_total=len(plan.manifest.shards),
+        shards_total=len(plan.input.shards),
         shards_already_done=plan.already_done,
         shards_written=collected.written,
         images_scored=stats.count,
@@ -241,4 +365,8 @@ def _result(plan: _Plan, collected: _Collected) -> ScoreResult:
         seconds=seconds,
         summary_url=None,
         mlflow_run_id=None,
+        input_kind=plan.input.kind,
+        listing_seconds=plan.input.listing_seconds,
+        shards_new=plan.new,
+        shards_changed=plan.changed,
     )

@@ -90,6 +90,9 @@ class _Counts:
         room = _MAX_RECORDS - len(self.records)
         self.records.extend(records[: max(room, 0)])
 
+    def outcome(self, shard: str) -> ShardOutcome | None:
+        return self.outcomes.get(shard)
+
     def state(self) -> tuple[list[Skipped], dict[str, int], dict[str, ShardOutcome]]:
         per_shard = dict(self.loose)
         for name, outcome in self.outcomes.items():
@@ -162,6 +165,11 @@ class SkipTally:
     def records(self) -> list[Skipped]:
         """The first 1000 skip records, in report order."""
         return self._state()[0]
+
+    def outcome(self, shard: str) -> ShardOutcome | None:
+        """The outcome of one shard, or None before it has been read (one small call: a
+        consumer asking per shard does not copy every outcome each time)."""
+        return self._call("outcome", shard)
 
     def outcomes(self) -> dict[str, ShardOutcome]:
         """{shard: outcome} of every shard read (or refused) so far."""
