@@ -1,9 +1,14 @@
-"""`flowray score`: bulk log-likelihood scoring of a prepared split with a registered model.
+"""`flowray score`: bulk log-likelihood scoring of any input with a registered model.
 
     flowray score --model models:/fashion-flow@champion --input data/fmnist/test --output scores
+    flowray score --model models:/fashion-flow@champion --input s3://bucket/incoming/ --output ...
+
+The input is a prepared split or the user's own WebDataset shards read in place: a brace pattern
+(`s3://b/photos/{000000..004999}.tar`), a prefix of *.tar, or a text file listing shard URLs.
 
 Runs locally (Ray started in-process) or on a cluster (`--address`, or under `ray job submit`).
-A rerun scores only shards without output; see pipeline/batch/scoring.py for the layout.
+A rerun scores only shards without output (for foreign shards: without output for their current
+version, so a growing prefix costs only what arrived); see pipeline/batch/scoring.py.
 
 Exit codes: 0 every shard scored; 3 (EXIT_PARTIAL) finished, but shards that could not be read
 whole were left out (each printed with its reason; a rerun retries them); 1 (EXIT_FAILURE) no
@@ -44,9 +49,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=HelpFormatter,
-        description="Score every image of a prepared split: log-likelihood (nats), bits/dim and "
-        "a complexity-corrected OOD score, as Parquet per shard under "
-        "<output>/model=<name>/version=<v>/. Shards already scored are skipped.",
+        description="Score every image of an input (a prepared split, or WebDataset shards read "
+        "in place): log-likelihood (nats), bits/dim and a complexity-corrected OOD score, as "
+        "Parquet per shard under <output>/model=<name>/version=<v>/. Shards already scored (at "
+        "their current version) are skipped.",
     )
     p.add_argument(
         "--model",
@@ -55,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--input",
-        help="prepared split, <data>/<split>, local or s3:// (required unless in --config)",
+        help="a prepared split <data>/<split>, or WebDataset shards: a brace pattern "
+        "('s3://b/photos/{000000..000099}.tar'), a prefix of *.tar or a list file; local or "
+        "s3:// (required unless in --config)",
     )
     p.add_argument("--output", help="output prefix, local or s3:// (required unless in --config)")
     p.add_argument(

@@ -234,6 +234,9 @@ def test_nightly_scoring_is_a_raycronjob_with_a_valid_schedule_and_rayjob_templa
     template = cron["spec"]["jobTemplate"]
     _check_ray_job_spec(template, "raycronjob-score.yaml")
     assert SCORE_ARGS.fullmatch(" ".join(template["entrypoint"].split()))
+    # The growing prefix users drop shards into: each night scores what arrived since the last.
+    assert "--input s3://${FLOWRAY_BUCKET}/incoming/ " in template["entrypoint"]
+    assert "--model" not in template["entrypoint"]  # the ConfigMap's FLOWRAY_SCORE_MODEL
     assert template["activeDeadlineSeconds"] < 24 * 3600, "a run must end before the next night"
 
 
