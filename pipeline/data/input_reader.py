@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -264,9 +264,11 @@ def read_input(
     limits: ImageLimits | None = None,
     retry: RetryPolicy | None = None,
     image_members: Sequence[str] = IMAGE_MEMBERS,
+    epoch_of: Callable[[], int] | None = None,
 ) -> ray.data.Dataset:
     """A lazy Ray Data dataset of an input's rows (see the module docstring); the arguments
-    are `iter_input`'s and `read_split`'s. Decoding and fitting happen in the read tasks."""
+    are `iter_input`'s and `read_split`'s. Decoding and fitting happen in the read tasks.
+    `epoch_of`: where a shuffled read gets its epoch (`ray_source.tasks_datasource`)."""
     import ray.data
 
     from pipeline.data.ray_source import TaskPlan, tasks_datasource
@@ -287,7 +289,7 @@ def read_input(
         read=functools.partial(_read_urls, spec),
     )
     return ray.data.read_datasource(
-        tasks_datasource(plan, shuffle, seed, rows_per_block),
+        tasks_datasource(plan, shuffle, seed, rows_per_block, epoch_of),
         concurrency=concurrency,
         ray_remote_args=ray_remote_args or {},
     )

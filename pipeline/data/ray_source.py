@@ -67,9 +67,23 @@ def _groups(order: list[int], parallelism: int) -> list[list[int]]:
     return [[int(i) for i in g] for g in np.array_split(np.array(order), count) if len(g)]
 
 
-def tasks_datasource(plan: TaskPlan, shuffle: bool, seed: int | None, rows_per_block: int) -> Any:
+def tasks_datasource(
+    plan: TaskPlan,
+    shuffle: bool,
+    seed: int | None,
+    rows_per_block: int,
+    epoch_of: Callable[[], int] | None = None,
+) -> Any:
     """A Ray Data Datasource: one read task per group of shards; with `shuffle`, the shard
-    order is drawn again at every execution (epoch), reproducibly when a seed is given."""
+    order is drawn again at every execution (epoch), reproducibly when a seed is given.
+
+    The order of an execution is drawn with `seed + epoch`. With `epoch_of` (a picklable
+    callable, asked when Ray plans the read) the epoch is whatever it answers, so the order is a
+    function of (seed, epoch) alone: training passes one that reads the epoch its workers are
+    about to start (pipeline.train.data_order). Without it, the epoch is this datasource's own
+    count of read plans, which depends on how often Ray plans a read per pass (twice per epoch
+    for a streaming split in Ray 2.x).
+    """
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -90,7 +104,8 @@ def tasks_datasource(plan: TaskPlan, shuffle: bool, seed: int | None, rows_per_b
             order = list(range(len(plan.ids)))
             task_seed = None
             if shuffle:
-                task_seed = None if seed is None else seed + self._executions
+                epoch = self._executions if epoch_of is None else epoch_of()
+                task_seed = None if seed is None else seed + epoch
                 np.random.default_rng(task_seed).shuffle(order)
             self._executions += 1
             tasks = []

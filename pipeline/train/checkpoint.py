@@ -3,7 +3,8 @@
 model.safetensors / flow_config.json   the flow being trained (pipeline.model.artifact layout)
 ema/model.safetensors, ema/...         the Polyak average (the model that is evaluated and shipped)
 state.pt                               optimizer state, step, counters (the EMA's update count,
-                                       the epoch and the elapsed training time among them), RNG state: tensors and plain Python only,
+                                       the epoch, the batches of it consumed and the elapsed
+                                       training time among them), RNG state: tensors and plain Python only,
                                        loaded with weights_only=True
 train_config.json                      the resolved TrainConfig
 
@@ -54,6 +55,9 @@ class TrainState:
     # The step loop's wall time so far, over all resumes: max_minutes and the learning-rate
     # schedule count it, so a resumed run continues its budget instead of starting a new one.
     elapsed_seconds: float = 0.0
+    # Batches of the current epoch this worker had consumed (trained or skipped as non-finite):
+    # a resume skips that many of the epoch's stream (pipeline.train.data_order).
+    epoch_step: int = 0
 
 
 def save_checkpoint(
@@ -74,6 +78,7 @@ def save_checkpoint(
             "ema_updates": state.ema_updates,
             "epoch": state.epoch,
             "elapsed_seconds": state.elapsed_seconds,
+            "epoch_step": state.epoch_step,
         },
         directory / "state.pt",
     )
@@ -100,5 +105,6 @@ def load_checkpoint(directory: Path) -> tuple[Flow, Flow, TrainState]:
         ema_updates=int(raw.get("ema_updates", raw["step"])),
         epoch=int(raw.get("epoch", 0)),  # checkpoints from before it was stored: epoch 0
         elapsed_seconds=float(raw.get("elapsed_seconds", 0.0)),  # likewise: from 0
+        epoch_step=int(raw.get("epoch_step", 0)),  # likewise: the epoch from its start
     )
     return flow, ema, state

@@ -122,6 +122,9 @@ class TrainConfig:
     # Test-only: after the checkpoint of this step, every worker waits until
     # <run.storage_path>/<run.name>/release-hold exists (lets a test kill a node at a known step).
     hold_at_step: int | None = None
+    # Test-only: each worker appends "<step> <epoch> <batch of epoch> <digest of the batch>" per
+    # step to <run>/batches-rank<r>.log (local run storage), to check the data order on resume.
+    record_batches: bool = False
     # Ray Train's own log line per report ("Reporting training result ..."): off unless verbose.
     verbose: bool = False
 

@@ -26,13 +26,20 @@ if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
     from flowmodel import Flow
+    from pipeline.data.inputs import InputPlan
     from pipeline.data.reader import SkipTally
     from pipeline.train.checkpoint import TrainState
 
-__all__ = ["PreflightError", "TrainResult", "TrainingStopped", "preflight", "train"]
+__all__ = [
+    "PreflightError",
+    "TrainResult",
+    "TrainingStopped",
+    "image_count",
+    "preflight",
+    "train",
+]
 
 RUN_TAG = "flowray.run_name"
-READ_PLANS_PER_EPOCH = 2  # get_read_tasks calls per pass of Ray Train's streaming split
 
 
 class TrainingStopped(FlowrayError, RuntimeError):
@@ -59,8 +66,10 @@ class TrainResult:
     images_per_second: float
 
 
-def preflight(config: TrainConfig, local_ray: bool) -> dict[str, Any]:
-    """Check data and resources before Ray starts. Returns the two manifests."""
+def preflight(config: TrainConfig, local_ray: bool) -> dict[str, InputPlan]:
+    """Check data and resources before Ray starts. Returns the two inputs, each listed once:
+    a prepared split (its manifest checked) or foreign WebDataset shards (any input spec
+    `pipeline.data.inputs.resolve_input` accepts)."""
     # Resources first: they fail without touching storage.
     cores = os.cpu_count() or 1
     if local_ray and config.scaling.num_workers * config.scaling.cpus_per_worker > cores:
@@ -75,33 +84,63 @@ def preflight(config: TrainConfig, local_ray: bool) -> dict[str, Any]:
         if not torch.cuda.is_available():
             raise PreflightError("scaling.use_gpu is true but this machine has no CUDA device")
 
-    manifests = {
-        "train": _checked_manifest(config, "train", config.data.train),
-        "validation": _checked_manifest(config, "validation", config.data.validation),
+    plans = {
+        "train": _checked_input(config, "train", config.data.train),
+        "validation": _checked_input(config, "validation", config.data.validation),
     }
     needed = config.batch_size * config.scaling.num_workers
-    if manifests["train"].count < needed:
+    train_count = image_count(plans["train"])
+    if train_count is not None and train_count < needed:
         raise PreflightError(
-            f"data.train has {manifests['train'].count} images, fewer than one global batch "
+            f"data.train has {train_count} images, fewer than one global batch "
             f"({config.batch_size} x {config.scaling.num_workers} workers = {needed})"
         )
     # Registration refuses a NaN validation figure: find out now, not after the whole run.
-    usable = _readable_images(config.data.validation, manifests["validation"], config.storage)
+    validation = plans["validation"]
+    if validation.manifest is not None:
+        usable = _readable_images(config.data.validation, validation.manifest, config.storage)
+        found = f"{validation.manifest.count} in the manifest and {usable} in shards that can be read whole"
+    else:  # foreign shards: counts are found by reading; one decodable image is enough here
+        usable = _first_images(config, validation, 1)
+        found = f"none that decodes in {len(validation.shards)} shard(s)"
     if usable == 0:
         raise PreflightError(
             f"data.validation ({config.data.validation}): expected at least one image, found "
-            f"{manifests['validation'].count} in the manifest and {usable} in shards that can "
-            "be read whole",
-            hint="prepare the validation split again, or point data.validation at another split",
+            f"{found}",
+            hint="prepare the validation split again, or point data.validation at another input",
         )
-    return manifests
+    return plans
 
 
-def _checked_manifest(config: TrainConfig, role: str, url: str) -> Any:
-    """The split's manifest, its image shape checked against the model's. Under skip a shard that
-    disagrees with the manifest is left out by the reader, so only fail checks the shards here."""
+def image_count(plan: InputPlan) -> int | None:
+    """The images of a prepared split; None for foreign shards (counted while reading)."""
+    return plan.manifest.count if plan.manifest is not None else None
+
+
+def _checked_input(config: TrainConfig, role: str, url: str) -> InputPlan:
+    """`url` resolved (one listing) into a prepared split or foreign shards. A prepared split's
+    image shape must be the model's (foreign images are fitted to it while reading). Under skip
+    a shard that disagrees with the manifest is left out by the reader, so only fail checks the
+    shards here."""
+    from pipeline.data.inputs import InputError, resolve_input
     from pipeline.data.shards import load_manifest
 
+    try:
+        plan = resolve_input(url, config.storage)
+    except InputError as error:
+        raise PreflightError(
+            f"data.{role}: expected a prepared split (<data>/<split> with manifest.json) or "
+            f"WebDataset shards (a brace pattern, a prefix of .tar files or a list file); {error}",
+            hint=error.hint,
+        ) from None
+    if plan.manifest is None:
+        if plan.missing and config.data.on_error == "fail":
+            raise PreflightError(
+                f"data.{role} ({url}): {len(plan.missing)} shard(s) of the pattern or list do "
+                f"not exist, e.g. {plan.missing[0]}",
+                hint="fix the pattern, or set data.on_error=skip to leave them out",
+            )
+        return plan
     manifest = load_manifest(url, config.storage, check_shards=config.data.on_error == "fail")
     if tuple(manifest.shape) != tuple(config.model.image_shape):
         raise PreflightError(
@@ -109,7 +148,24 @@ def _checked_manifest(config: TrainConfig, role: str, url: str) -> Any:
             f"{list(config.model.image_shape)}",
             hint="set model.image_shape to the data's shape, or prepare the data at the model's size",
         )
-    return manifest
+    return plan
+
+
+def _first_images(config: TrainConfig, plan: InputPlan, wanted: int) -> int:
+    """How many of the first `wanted` images of `plan` decode (at most `wanted`)."""
+    import itertools
+
+    from pipeline.data.input_reader import iter_input
+    from pipeline.data.reader import SkipTally
+
+    rows = iter_input(
+        plan,
+        config.storage,
+        shape=tuple(config.model.image_shape),
+        on_error="skip",
+        tally=SkipTally(),
+    )
+    return sum(1 for _ in itertools.islice(rows, wanted))
 
 
 def _readable_images(url: str, manifest: Any, storage: Any) -> int:
@@ -122,7 +178,7 @@ def _readable_images(url: str, manifest: Any, storage: Any) -> int:
     return sum(info.count for info in manifest.shards if info.name not in bad)
 
 
-def _mlflow_run(config: TrainConfig, tracking_uri: str, manifests: dict[str, Any]) -> str:
+def _mlflow_run(config: TrainConfig, tracking_uri: str, plans: dict[str, InputPlan]) -> str:
     """The MLflow run for this training run: created once, found again on resume."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -147,7 +203,7 @@ def _mlflow_run(config: TrainConfig, tracking_uri: str, manifests: dict[str, Any
     run_id = run.info.run_id
     log_config_params(run_id, config)
     with mlflow.start_run(run_id=run_id):
-        _log_lineage(config, manifests)
+        _log_lineage(config, plans)
         mlflow.log_text(
             redact_url(json.dumps(config.to_dict(), indent=2)), "config/train_config.json"
         )
@@ -155,8 +211,10 @@ def _mlflow_run(config: TrainConfig, tracking_uri: str, manifests: dict[str, Any
     return run_id
 
 
-def _log_lineage(config: TrainConfig, manifests: dict[str, Any]) -> None:
-    """Record each split as an MLflow dataset input: URL, manifest digest and counts."""
+def _log_lineage(config: TrainConfig, plans: dict[str, InputPlan]) -> None:
+    """Record each input as an MLflow dataset input: URL, digest and counts (a prepared split's
+    digest is over its manifest's shard hashes; foreign shards' over their URLs, sizes and
+    versions as listed)."""
     import hashlib
 
     import mlflow
@@ -165,9 +223,13 @@ def _log_lineage(config: TrainConfig, manifests: dict[str, Any]) -> None:
     from mlflow.data.meta_dataset import MetaDataset
 
     for role, url in (("train", config.data.train), ("validation", config.data.validation)):
-        manifest = manifests[role]
-        digest = hashlib.sha256("".join(s.sha256 for s in manifest.shards).encode()).hexdigest()
-        source_uri = url if "://" in url else Path(url).resolve().as_uri()
+        plan, manifest = plans[role], plans[role].manifest
+        if manifest is not None:
+            digest = hashlib.sha256("".join(s.sha256 for s in manifest.shards).encode()).hexdigest()
+            name, images, tags = manifest.split, str(manifest.count), {"manifest_sha256": digest}
+        else:
+            digest, name, images, tags = plan.digest(), "webdataset", "unknown", {}
+        source_uri = url if "://" in url or "{" in url else Path(url).resolve().as_uri()
         try:
             with warnings.catch_warnings():
                 # MLflow registers the local artifact source twice and warns that it is ambiguous.
@@ -175,16 +237,11 @@ def _log_lineage(config: TrainConfig, manifests: dict[str, Any]) -> None:
                 source = resolve_dataset_source(source_uri)
         except Exception:  # a scheme MLflow has no source for: the URL stays in the tags below
             source = CodeDatasetSource(tags={"url": url})
-        dataset = MetaDataset(source=source, name=f"{role}:{manifest.split}", digest=digest[:16])
+        dataset = MetaDataset(source=source, name=f"{role}:{name}", digest=digest[:16])
         mlflow.log_input(
             dataset,
             context="training" if role == "train" else "validation",
-            tags={
-                "url": url,
-                "images": str(manifest.count),
-                "shards": str(len(manifest.shards)),
-                "manifest_sha256": digest,
-            },
+            tags={"url": url, "images": images, "shards": str(len(plan.shards)), **tags},
         )
 
 
@@ -239,18 +296,18 @@ def train(config: TrainConfig) -> TrainResult:
 
     config = absolute_paths(config)
     local = not (config.run.address or os.environ.get("RAY_ADDRESS"))
-    manifests = preflight(config, local_ray=local)
+    plans = preflight(config, local_ray=local)
     epoch = _resume_epoch(config)
     tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir)
-    run_id = _mlflow_run(config, tracking_uri, manifests)
+    run_id = _mlflow_run(config, tracking_uri, plans)
     _init_ray(config)
     tally = SkipTally.shared() if config.data.on_error == "skip" else None
-    trainer = _trainer(config, manifests, tally, tracking_uri, run_id, epoch)
+    trainer = _trainer(config, plans, tally, tracking_uri, run_id, epoch)
     print(
         f"training {config.run.name}: {config.scaling.num_workers} workers x batch {config.batch_size}, "
         f"up to {config.max_steps} steps"
         + (f" or {config.max_minutes:g} minutes" if config.max_minutes else "")
-        + f"; {manifests['train'].count} training images, checkpoints in {config.run.storage_path}/{config.run.name}",
+        + f"; {_describe_count(plans['train'])}, checkpoints in {config.run.storage_path}/{config.run.name}",
         flush=True,
     )
     try:
@@ -279,7 +336,7 @@ def _resume_epoch(config: TrainConfig) -> int:
 
 def _trainer(
     config: TrainConfig,
-    manifests: dict[str, Any],
+    plans: dict[str, InputPlan],
     tally: SkipTally | None,
     tracking_uri: str,
     run_id: str,
@@ -297,7 +354,7 @@ def _trainer(
     context = DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, config.verbose
     try:
-        dataset = _training_dataset(config, manifests, tally, epoch)
+        dataset = _training_dataset(config, plans["train"], tally, epoch)
     finally:
         context.enable_progress_bars = bars
     storage_path, storage_filesystem = _storage_args(config)
@@ -329,24 +386,42 @@ def _trainer(
 
 
 def _training_dataset(
-    config: TrainConfig, manifests: dict[str, Any], tally: SkipTally | None, epoch: int
+    config: TrainConfig, plan: InputPlan, tally: SkipTally | None, epoch: int
 ) -> Any:
-    """The shuffled training split as a Ray Data stream of images."""
-    from pipeline.data.reader import read_split
+    """The shuffled training input as a Ray Data stream of images at the model's shape.
 
-    return read_split(
-        config.data.train,
-        config.storage,
-        on_error=config.data.on_error,
-        tally=tally,
-        shuffle=True,
-        # pipeline.data.ray_source draws each shard order with seed + (its count of read
-        # plans), and Ray Data (2.x, streaming_split) plans the read twice per epoch: starting
-        # the count at 2 x epoch makes a resume at epoch e continue the uninterrupted sequence
-        # (tests/pipeline/train/test_resume.py checks this against Ray).
-        seed=config.seed + READ_PLANS_PER_EPOCH * epoch,
-        manifest=manifests["train"],
-    ).select_columns(["image"])
+    Its order is a function of (seed, epoch) (pipeline.train.data_order): the shard order is drawn
+    with seed + the epoch the workers announce, and the blocks keep that order (preserve_order:
+    a resume inside an epoch skips exactly the batches consumed before it). A dataset keeps the
+    DataContext it was created under, so this setting is for this dataset alone.
+    """
+    from ray.data import DataContext
+
+    from pipeline.data.input_reader import read_input
+    from pipeline.train.data_order import epoch_board
+
+    options = DataContext.get_current().execution_options
+    preserve, options.preserve_order = options.preserve_order, True
+    try:
+        return read_input(
+            plan,
+            config.storage,
+            shape=tuple(config.model.image_shape),
+            on_error=config.data.on_error,
+            tally=tally,
+            shuffle=True,
+            seed=config.seed,
+            epoch_of=epoch_board(config, default=epoch),
+        ).select_columns(["image"])
+    finally:
+        options.preserve_order = preserve
+
+
+def _describe_count(plan: InputPlan) -> str:
+    count = image_count(plan)
+    if count is None:
+        return f"{len(plan.shards)} training shard(s) of WebDataset images"
+    return f"{count} training images"
 
 
 def _fit(trainer: TorchTrainer, config: TrainConfig) -> Result:

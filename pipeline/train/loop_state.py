@@ -45,6 +45,7 @@ class LoopState:
     last_eval_step: int = -1
     val_bits_per_dim: float = math.nan  # of the last evaluation (rank 0 only)
     elapsed_seconds: float = 0.0  # the step loop's wall time over all resumes (all workers agree)
+    epoch_step: int = 0  # batches of the current epoch consumed (a resume skips as many)
 
     @classmethod
     def resumed(cls, saved: TrainState) -> LoopState:
@@ -56,6 +57,7 @@ class LoopState:
             last_checkpoint_step=saved.step,
             epoch=saved.epoch,
             elapsed_seconds=saved.elapsed_seconds,
+            epoch_step=saved.epoch_step,
         )
 
     def saved(self, optimizer: dict[str, Any], rng: torch.Tensor, ema_updates: int) -> TrainState:
@@ -70,6 +72,7 @@ class LoopState:
             ema_updates=ema_updates,
             epoch=self.epoch,
             elapsed_seconds=self.elapsed_seconds,
+            epoch_step=self.epoch_step,
         )
 
     def evaluated_at_step(self) -> bool:

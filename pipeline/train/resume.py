@@ -1,13 +1,14 @@
 """What a rerun resumes from, read on the driver before Ray starts: the latest checkpoint's
-config (a changed model or data config is refused, naming the keys) and its epoch (so that the
-shard order continues the epoch sequence instead of replaying epoch 0's).
+config (a changed model or data config is refused, naming the keys) and its epoch.
 
 Restored on resume: weights, EMA weights and update count, optimizer, step, image and skip
-counters, history, RNG, and the epoch number (the driver seeds the training split so that its
-shard order is the one the uninterrupted run would draw for that epoch). Not restored: the position inside the
-epoch (the resumed epoch starts at its first batch, so its batches before the kill are seen
-again), the order of rows mixed by Ray Data's local shuffle buffer (unseeded), and, after
-Ray Train replaces a worker inside one `fit()`, nothing changes: the dataset keeps counting.
+counters, history, RNG, the epoch and the position inside it (`epoch_step`, the batches of the
+epoch consumed). The data order is a function of (seed, epoch) (pipeline.train.data_order): the
+resumed epoch's stream is the one the uninterrupted run read, and each worker skips the batches
+of it consumed before. With one worker that is exactly the uninterrupted run's batches; with
+several, which rows go to which worker is Ray's streaming split's choice, so the skipped rows are
+the right number but not necessarily the same rows. The dequantization noise generator restarts
+from seed, rank and step.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MAY_CHANGE = (
     "log_every",
     "verbose",
     "hold_at_step",
+    "record_batches",
     "fail_at_step",
     "storage.",
     "mlflow.",

@@ -36,6 +36,7 @@ from flowmodel import Flow, build_flow
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.core import Training, run_step, start_training
+from pipeline.train.data_order import epoch_board, record_batch
 from pipeline.train.distributed import check_identical_start
 from pipeline.train.loop_state import (
     NONFINITE_STOP,
@@ -92,10 +93,16 @@ class _Clock:
 
 
 def _validation_batches(config: TrainConfig) -> Iterator[tuple[list[str], torch.Tensor]]:
-    from pipeline.data.reader import SkipTally, iter_split
+    from pipeline.data.input_reader import iter_input
+    from pipeline.data.reader import SkipTally
 
-    rows = iter_split(
-        config.data.validation, config.storage, on_error=config.data.on_error, tally=SkipTally()
+    # Any input (a prepared split or foreign shards), fitted to the model's shape.
+    rows = iter_input(
+        config.data.validation,
+        config.storage,
+        shape=tuple(config.model.image_shape),
+        on_error=config.data.on_error,
+        tally=SkipTally(),
     )
     keys: list[str] = []
     images: list[np.ndarray] = []
@@ -110,12 +117,17 @@ def _validation_batches(config: TrainConfig) -> Iterator[tuple[list[str], torch.
 
 
 def _init_batch(config: TrainConfig) -> torch.Tensor:
-    """The first `init_images` training images in manifest order: the same on every worker."""
-    from pipeline.data.reader import SkipTally, iter_split
+    """The first `init_images` training images in input order: the same on every worker."""
+    from pipeline.data.input_reader import iter_input
+    from pipeline.data.reader import SkipTally
 
     images = []
-    for row in iter_split(
-        config.data.train, config.storage, on_error=config.data.on_error, tally=SkipTally()
+    for row in iter_input(
+        config.data.train,
+        config.storage,
+        shape=tuple(config.model.image_shape),
+        on_error=config.data.on_error,
+        tally=SkipTally(),
     ):
         images.append(row["image"])
         if len(images) == config.init_images:
@@ -273,25 +285,34 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
         if worker.is_chief:
             _evaluate(worker, training, state, final=True)
         _checkpoint_and_report(worker, training, state)
+    board = epoch_board(config)
     while not done:
-        epoch_steps = 0
+        if worker.is_chief:  # before asking for the epoch's first batch: see data_order
+            board.announce(state.epoch)
+        # A resume inside an epoch skips the batches of it consumed before (same order).
+        resume_at, epoch_batches = state.epoch_step, 0
         for batch in shard.iter_torch_batches(
             batch_size=config.batch_size,
             drop_last=True,
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=config.seed + state.epoch,
             device=training.device,
             # Pinned host batches: the copy to the GPU is asynchronous.
             pin_memory=training.device.type == "cuda",
         ):
+            epoch_batches += 1
+            if epoch_batches <= resume_at:
+                continue
+            if config.record_batches:
+                record_batch(config, worker.rank, state, batch["image"])
+            state.epoch_step += 1  # consumed, whatever the step does with it
             done = _step_and_duties(worker, training, state, clock, batch["image"])
-            epoch_steps += 1
             if done:
                 break
         else:
-            # A finished pass: a resume from a later checkpoint continues with the next epoch's
-            # shard order (the driver seeds the split with seed + epoch).
-            state.epoch += 1
-        if epoch_steps == 0:
+            # A finished pass: the next epoch's order is drawn with seed + epoch.
+            state.epoch, state.epoch_step = state.epoch + 1, 0
+        if epoch_batches == 0:
             raise ValueError(
                 f"the training split {config.data.train} gives no full batch of {config.batch_size} "
                 f"images per worker ({worker.world} workers): use more images or a smaller batch_size"

@@ -4,18 +4,21 @@ the epoch reached comes back from the checkpoint (on disk through the real save/
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from flowmodel import FlowConfig, build_flow
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
-from pipeline.train.driver import READ_PLANS_PER_EPOCH, _resume_epoch, absolute_paths
+from pipeline.train.data_order import EpochBoard
+from pipeline.train.driver import _resume_epoch, absolute_paths
 from pipeline.train.resume import ResumeConfigError, config_differences, latest_saved_run
 
 
@@ -95,30 +98,53 @@ def small_split(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Pat
     return f"{out}/train"
 
 
-def epoch_orders(split: str, seed: int, epochs: int) -> list[list[str]]:
-    """Keys in the order one training worker's shard yields them, epoch after epoch (the
-    driver's read_split, split by streaming_split as Ray Train does)."""
-    from pipeline.data.reader import read_split
+def epoch_orders(
+    split: str, board: EpochBoard, epochs: list[int], plans: int = 1
+) -> list[list[str]]:
+    """Keys in the order one training worker's shard yields them, for each epoch in `epochs`
+    (announced on `board` first, as rank 0 does), through the driver's own dataset
+    (`_training_dataset`: read_input with the board, blocks in order), split by streaming_split
+    as Ray Train does. `plans`: passes over each epoch (each one a fresh plan of the read)."""
+    from pipeline.data.inputs import resolve_input
+    from pipeline.train.driver import _training_dataset
 
-    dataset = read_split(split, shuffle=True, seed=seed).select_columns(["key"])
-    (shard,) = dataset.streaming_split(1)
-    return [
-        [k for b in shard.iter_batches(batch_size=None) for k in b["key"]] for _ in range(epochs)
-    ]
+    config = TrainConfig.from_dict(
+        {
+            "model": {"image_shape": [1, 28, 28]},
+            "data": {"on_error": "fail"},
+            "run": {
+                "name": Path(board.run_url).name,
+                "storage_path": str(Path(board.run_url).parent),
+            },
+            "seed": 7,
+        }
+    )
+    plan = resolve_input(split)
+    (shard,) = _training_dataset(config, plan, None, board.default).streaming_split(1)
+    orders = []
+    for epoch in epochs:
+        board.announce(epoch)
+        for _ in range(plans):
+            batches = shard.iter_batches(batch_size=None)
+            orders.append([_key(image) for batch in batches for image in batch["image"]])
+    return orders
 
 
-def test_the_shard_order_after_a_resume_at_epoch_e_is_epoch_e_of_the_uninterrupted_run(
-    ray_local: None, small_split: str
+def _key(image: np.ndarray) -> str:
+    """An image's identity (the training stream carries images only)."""
+    return hashlib.sha1(image.tobytes()).hexdigest()[:12]
+
+
+def test_the_order_after_a_resume_at_epoch_e_is_epoch_e_of_the_uninterrupted_run(
+    ray_local: None, small_split: str, tmp_path: Path
 ) -> None:
-    from ray.data import DataContext
-
-    options = DataContext.get_current().execution_options
-    preserve, options.preserve_order = options.preserve_order, True  # blocks in plan order
-    try:
-        uninterrupted = epoch_orders(small_split, seed=7, epochs=3)
-        # The seed the driver gives the split when it resumes at epoch 1.
-        resumed = epoch_orders(small_split, seed=7 + READ_PLANS_PER_EPOCH * 1, epochs=2)
-    finally:
-        options.preserve_order = preserve
-    assert uninterrupted[1] != uninterrupted[0]
+    """The order is a function of (seed, epoch): the same whatever Ray's count of read plans
+    (an epoch read twice gives the same order twice) and after a resume at epoch 1 (a new
+    dataset whose first plan asks the board)."""
+    uninterrupted = epoch_orders(small_split, EpochBoard(str(tmp_path / "a")), [0, 1, 2])
+    resumed = epoch_orders(small_split, EpochBoard(str(tmp_path / "b"), default=1), [1, 2])
+    twice = epoch_orders(small_split, EpochBoard(str(tmp_path / "c")), [1], plans=2)
+    assert len(uninterrupted[0]) == 300 and sorted(uninterrupted[0]) == sorted(uninterrupted[1])
+    assert uninterrupted[0] != uninterrupted[1] != uninterrupted[2]
     assert resumed == uninterrupted[1:]
+    assert twice == [uninterrupted[1], uninterrupted[1]]
