@@ -5,11 +5,14 @@
     flowray bench --suite quality --minutes 10      # flowray vs normflows test bits/dim at 10 min each
     flowray bench --suite training --repeats 3      # images/s: in-process, Ray Train 1 and 2 workers, normflows
     flowray bench --smoke                           # every suite in seconds (the test suite runs this)
+    flowray bench --suite ablation --minutes 10 --parallel 7 --threads 2   # one row per lever
 
 Suites: quality (pipeline.bench.quality), training (pipeline.bench.training), scoring
 (pipeline.bench.scoring), scaling (pipeline.bench.scaling), io (pipeline.bench.shard_io), gpu
 (pipeline.bench.gpu: training, scoring, sampling and checkpoints on one CUDA device; skipped
-without one, and --smoke runs it at toy sizes). Only ratios and side-by-side figures from one run
+without one, and --smoke runs it at toy sizes). Not in `all`: ablation (pipeline.bench.ablation:
+the preset with one training or model lever changed per row, each trained for --minutes in a
+subprocess; runs without Ray or MLflow installed). Only ratios and side-by-side figures from one run
 mean anything on a shared machine; every report carries the machine and its load average.
 """
 
@@ -27,7 +30,9 @@ from typing import Any
 
 __all__ = ["SUITES", "build_parser", "main"]
 
-SUITES = ("quality", "training", "scoring", "scaling", "io", "serving", "gpu")
+SUITES = ("quality", "training", "scoring", "sampling", "scaling", "io", "serving", "gpu")
+# Selectable by name, not run by `all` (an hour and more at full size).
+EXTRA_SUITES = ("ablation",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,12 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
         "scoring throughput, scaling and shard I/O. Writes <out>/<suite>.json and .md.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--suite", choices=[*SUITES, *EXTRA_SUITES, "all"], default="all")
     parser.add_argument(
         "--smoke", action="store_true", help="seconds-long version of every suite (tiny sizes)"
     )
     parser.add_argument(
-        "--minutes", type=float, default=10.0, help="quality: training budget per model"
+        "--minutes",
+        type=float,
+        default=10.0,
+        help="quality: training budget per model; ablation: per lever",
+    )
+    parser.add_argument(
+        "--levers",
+        default=None,
+        help="ablation: comma-separated levers (default: all; --smoke: baseline,cosine)",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="ablation: levers trained side by side"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="ablation: torch threads per lever (default: cores / --parallel)",
     )
     parser.add_argument(
         "--seconds",
@@ -144,6 +166,14 @@ def _scoring(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return bench_scoring.run(repeats=args.repeats, workdir=str(workdir / "scoring"))
 
 
+def _sampling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from pipeline.bench import sampling as bench_sampling
+
+    if args.smoke:
+        return bench_sampling.run(images=64, repeats=1)
+    return bench_sampling.run(repeats=args.repeats, workdir=str(workdir / "sampling"))
+
+
 def _scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from pipeline.bench import scaling as bench_scaling
 
@@ -179,6 +209,28 @@ def _serving(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return bench_serving.run(model, requests=args.serving_requests, seconds=args.seconds)
 
 
+def _ablation(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from pipeline.bench import ablation as bench_ablation
+
+    levers = args.levers.split(",") if args.levers else None
+    common: dict[str, Any] = {
+        "parallel": args.parallel,
+        "threads": args.threads,
+        "preset": args.config,
+        "out": Path(args.out),
+    }
+    if args.smoke:
+        return bench_ablation.run(
+            levers or ["baseline", "cosine"],
+            minutes=0.05,
+            train_images=1024,
+            test_images=256,
+            max_steps=3,
+            **common,
+        )
+    return bench_ablation.run(levers, minutes=args.minutes, **common)
+
+
 def _gpu(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import torch
 
@@ -199,10 +251,12 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "quality": _quality,
     "training": _training,
     "scoring": _scoring,
+    "sampling": _sampling,
     "scaling": _scaling,
     "io": _io,
     "serving": _serving,
     "gpu": _gpu,
+    "ablation": _ablation,
 }
 
 

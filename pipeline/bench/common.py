@@ -64,9 +64,14 @@ def _cpu_model() -> str:
 
 
 def machine() -> dict[str, Any]:
-    """What the figures were measured on. The load average shows how busy the shared machine was."""
-    import ray
+    """What the figures were measured on. The load average shows how busy the shared machine was.
+    Ray's version is None where Ray is not installed (the ablation suite runs without it)."""
+    try:
+        import ray
 
+        ray_version: str | None = ray.__version__
+    except ImportError:
+        ray_version = None
     try:
         from importlib.metadata import version
 
@@ -78,7 +83,7 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count() or 1,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "ray": ray.__version__,
+        "ray": ray_version,
         "normflows": normflows_version,
         "python": platform.python_version(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -105,20 +110,44 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 # ----------------------------------------------------------------------------- data
 
 
-def fashion_mnist(split: str, limit: int | None = None) -> tuple[list[str], Tensor]:
-    """Keys and uint8 images [N, 1, 28, 28] of a Fashion-MNIST split (FASHION_MNIST_DIR).
+_IDX_PREFIXES = {"train": "train", "test": "t10k"}
 
-    Keys are the ones `prepare` writes into shards ("test-00000042"), so keyed dequantization
-    noise here equals the scoring job's for the same image.
+
+def fashion_mnist(
+    split: str, limit: int | None = None, folder: str | None = None
+) -> tuple[list[str], Tensor]:
+    """Keys and uint8 images [N, 1, 28, 28] of a Fashion-MNIST split, from the IDX files
+    (`<prefix>-images-idx3-ubyte[.gz]`) in `folder` (default: FASHION_MNIST_DIR, else Debian's).
+
+    Read with gzip and numpy only, not through `pipeline.data.sources` (fsspec): the benchmark
+    suites run where only torch, numpy and pandas are installed. Keys are the ones `prepare`
+    writes into shards ("test-00000042"), so keyed dequantization noise here equals the scoring
+    job's for the same image.
     """
-    from pipeline.data.shards import shard_key
-    from pipeline.data.sources import open_source
+    import gzip
+    from pathlib import Path
 
-    source = open_source("idx:")
-    count = source.splits()[split] if limit is None else min(limit, source.splits()[split])
-    images = [item.image for item in source.read(split, range(count))]
+    from pipeline.data.manifest import shard_key
+    from pipeline.data.sources import default_idx_dir
+
+    directory = Path(folder or default_idx_dir())
+    stem = f"{_IDX_PREFIXES[split]}-images-idx3-ubyte"
+    paths = [directory / f"{stem}.gz", directory / stem]
+    path = next((p for p in paths if p.exists()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST {split} images: expected {paths[0]} or {paths[1]}; set "
+            "FASHION_MNIST_DIR to the folder holding the four IDX files"
+        )
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if data[:4] != b"\x00\x00\x08\x03":
+        raise ValueError(f"{path}: expected IDX magic 00000803 (3-d uint8), found {data[:4].hex()}")
+    count, height, width = (int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
+    count = count if limit is None else min(limit, count)
+    pixels = np.frombuffer(data, np.uint8, count * height * width, offset=16)
+    images = pixels.reshape(count, 1, height, width)  # (N, 1, H, W)
     keys = [shard_key(split, index) for index in range(count)]
-    return keys, torch.from_numpy(np.stack(images))  # (N, 1, 28, 28)
+    return keys, torch.from_numpy(images.copy())
 
 
 # ----------------------------------------------------------------------------- S3 on loopback

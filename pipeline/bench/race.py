@@ -27,6 +27,7 @@ from pipeline.train.step import (
 
 __all__ = [
     "Contender",
+    "initialized_flow",
     "make_contender",
     "normflows_bits_per_dim",
     "normflows_glow",
@@ -75,13 +76,20 @@ def normflows_glow(levels: int, steps: int, hidden: int, image_shape: Sequence[i
     return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
 
 
+def initialized_flow(config: TrainConfig, init_batch: Tensor) -> Flow:
+    """flowray's model for `config`, seeded and given its data-dependent initialisation on
+    `init_batch` (uint8 images), as the Ray Train job builds it."""
+    torch.manual_seed(config.seed)
+    flow = build_flow(config.model)
+    flow.initialize(init_batch, generator=torch.Generator().manual_seed(config.seed))
+    return flow
+
+
 def paired_models(config: TrainConfig, init_batch: Tensor) -> tuple[Flow, nn.Module]:
     """flowray's preset model and normflows' Glow at the same levels, steps and width, both given
     their data-dependent initialisation on `init_batch` (uint8 images), as the Ray Train job does
     for flowray: normflows' ActNorms initialise on their first batch, so they get the same one."""
-    torch.manual_seed(config.seed)
-    flow = build_flow(config.model)
-    flow.initialize(init_batch, generator=torch.Generator().manual_seed(config.seed))
+    flow = initialized_flow(config, init_batch)
     model = config.model
     glow = normflows_glow(
         model.levels, model.steps_per_level, model.hidden_channels, model.image_shape
