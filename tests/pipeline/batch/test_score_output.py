@@ -17,9 +17,11 @@ from pipeline.batch.score_config import ScoreError
 from pipeline.batch.score_output import (
     OUTPUT_COLUMNS,
     SETTINGS_FILE,
+    SHARD_URL_KEY,
     SKIPPED_COUNT_KEY,
     SKIPPED_KEYS_KEY,
     ShardCollector,
+    ShardTarget,
     check_settings,
     parquet_name,
 )
@@ -194,3 +196,47 @@ def test_write_once_creates_a_file_once_locally_and_on_s3(tmp_path: Path, s3) ->
 
 def test_parquet_name_follows_the_shard() -> None:
     assert parquet_name("shard-000012.tar") == "shard-000012.parquet"
+
+
+def test_settings_without_a_noise_scheme_were_made_with_the_first_one(tmp_path: Path) -> None:
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(SETTINGS))  # before the scheme was kept
+    check_settings(str(tmp_path), {**SETTINGS, "noise_scheme": "mt19937-v1"}, STORAGE)
+    with pytest.raises(ScoreError) as error:
+        check_settings(str(tmp_path), {**SETTINGS, "noise_scheme": "counter-v2"}, STORAGE)
+    assert "(noise_scheme: 'mt19937-v1'; this run: 'counter-v2')" in str(error.value)
+
+
+def marked(frame: pd.DataFrame, total: int) -> pd.DataFrame:
+    """`frame` as a reader hands it on: the last row carries the shard's end marker."""
+    return frame.assign(shard_rows=[-1] * (len(frame) - 1) + [total])
+
+
+def test_the_end_marker_completes_a_shard_of_unknown_count_and_its_stale_file_goes(
+    tmp_path: Path,
+) -> None:
+    url = "s3://b/photos/000001.tar"
+    (tmp_path / "000001@0123456789ab.parquet").write_bytes(b"the old version's rows")
+    target = ShardTarget(
+        "000001@ba9876543210.parquet",
+        url,
+        metadata={SHARD_URL_KEY: url},
+        stale=("000001@0123456789ab.parquet",),
+    )
+    asked: list[str] = []
+
+    def outcome_of(shard: str) -> ShardOutcome:
+        asked.append(shard)
+        return outcome(shard, 3, 2, skipped=["k1"])
+
+    collector = ShardCollector(str(tmp_path), {url: target}, STORAGE, outcome_of=outcome_of)
+    first = rows(url, ["k0"], 3.0).assign(shard_rows=-1)
+    collector.add(first)
+    assert collector.written == [] and asked == []
+    collector.add(marked(rows(url, ["k0", "k2"], 3.0), 2))  # k0 again (a retried task), then k2
+    assert collector.written == [url] and asked == [url]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000001@ba9876543210.parquet"]
+    table = pq.read_table(tmp_path / "000001@ba9876543210.parquet")
+    assert table.column("key").to_pylist() == ["k0", "k2"]
+    assert table.column("orig_width").to_pylist() == [-1, -1]  # rows that did not carry it
+    assert table.schema.metadata[SHARD_URL_KEY.encode()] == url.encode()
+    assert json.loads(table.schema.metadata[SKIPPED_KEYS_KEY.encode()]) == ["k1"]
