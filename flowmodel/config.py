@@ -33,6 +33,14 @@ class FlowConfig:
             either is part of log_prob.
         logit_alpha: alpha of the logit preprocessing, in [0, 0.5).
         scale_clamp: affine log-scales are soft-clamped to (-scale_clamp, scale_clamp) with tanh.
+        conditioner: the coupling networks: "conv" (3x3 conv, 1x1 convs, zero 3x3 conv; ReLU) or
+            "gated_resnet" (3x3 conv, `coupling_depth` gated residual blocks, zero 3x3 conv; Flow++,
+            Ho et al. 2019, section 3.3). The default builds the same parameters as before the
+            field existed, so every saved model loads.
+        dequantization: "uniform" (y = (x + eps) / 2**n_bits, eps ~ U[0, 1)) or "variational":
+            the flow's first layer reshapes eps inside each integer cell with a learned monotone
+            map conditioned on x (Flow++, section 3.1), see flowmodel.dequantization. The
+            reported bits/dim stay an upper bound on -log2 P(x) / D either way.
     """
 
     image_shape: tuple[int, int, int] = (1, 28, 28)
@@ -46,6 +54,8 @@ class FlowConfig:
     preprocess: Literal["logit", "shift"] = "logit"
     logit_alpha: float = 0.05
     scale_clamp: float = 2.0
+    conditioner: Literal["conv", "gated_resnet"] = "conv"
+    dequantization: Literal["uniform", "variational"] = "uniform"
 
     def __post_init__(self) -> None:
         channels, height, width = self.image_shape
@@ -66,6 +76,15 @@ class FlowConfig:
             raise ValueError(f"n_bits: expected 1..8, found {self.n_bits}")
         if not 0.0 <= self.logit_alpha < 0.5:
             raise ValueError(f"logit_alpha: expected in [0, 0.5), found {self.logit_alpha}")
+        # Checked here too, not only by from_dict: a typo must not silently build the default.
+        for name, choices in (
+            ("conditioner", ("conv", "gated_resnet")),
+            ("dequantization", ("uniform", "variational")),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name}: expected one of {list(choices)}, found {getattr(self, name)!r}"
+                )
         if self.scale_clamp <= 0:
             raise ValueError(f"scale_clamp: expected > 0, found {self.scale_clamp}")
 

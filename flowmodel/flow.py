@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmodel.config import FlowConfig
+from flowmodel.dequantization import VariationalDequantization
 from flowmodel.layers import (
     ActNorm,
     Bijection,
@@ -96,6 +97,7 @@ class FlowStep(Bijection):
             parity=parity,
             affine=config.coupling == "affine",
             clamp=config.scale_clamp,
+            conditioner=config.conditioner,
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,6 +134,9 @@ class Flow(nn.Module):
         super().__init__()
         self.config = config
         channels, height, width = config.image_shape
+        # Only present when variational, so a default config's parameter names stay as they were.
+        if config.dequantization == "variational":
+            self.dequantizer = VariationalDequantization(channels, config.n_bits)
         self.preprocess: Bijection = (
             Logit(config.logit_alpha) if config.preprocess == "logit" else Shift()
         )
@@ -161,7 +166,12 @@ class Flow(nn.Module):
         [0, 1], which reads values back from the device (a sync, and a graph break under
         torch.compile): for callers whose y comes from `dequantize`, in range by construction."""
         self._check_y(y, values=check)
-        x, logdet = self.preprocess(y)
+        logdet = y.new_zeros(y.shape[0])
+        if self.config.dequantization == "variational":
+            # Before the preprocessing: it reshapes the noise inside each integer cell of y.
+            y, logdet = self.dequantizer(y)
+        x, ld = self.preprocess(y)
+        logdet = logdet + ld
         latents = []
         for level, steps in enumerate(self.steps):
             x, _ = self.squeeze(x)
@@ -196,7 +206,11 @@ class Flow(nn.Module):
                 logdet = logdet + ld
             x, _ = self.squeeze.inverse(x)
         y, ld = self.preprocess.inverse(x)
-        return y, logdet + ld
+        logdet = logdet + ld
+        if self.config.dequantization == "variational":
+            y, ld = self.dequantizer.inverse(y)
+            logdet = logdet + ld
+        return y, logdet
 
     # -- densities -----------------------------------------------------------------------------
     def log_prob(self, y: Tensor, *, check: bool = True) -> Tensor:

@@ -21,6 +21,7 @@ __all__ = [
     "ActNorm",
     "Bijection",
     "Coupling",
+    "GatedResidualBlock",
     "GaussianSplit",
     "InvConv1x1",
     "LearnedPrior",
@@ -190,6 +191,48 @@ def conditioner(in_channels: int, out_channels: int, hidden: int, depth: int) ->
     return nn.Sequential(*layers)
 
 
+class GatedResidualBlock(nn.Module):
+    """h + gate(h): ELU -> 3x3 conv (width -> bottleneck) -> ELU -> 1x1 conv (-> 2 width) -> a * sigmoid(b).
+
+    Flow++'s gated residual convolution (Ho et al. 2019, section 3.3; the gated resnet of
+    PixelCNN++, Salimans et al. 2017) with a bottleneck on the 3x3 conv: a full width x width 3x3
+    conv costs 9 width^2 MACs per pixel, several times today's whole 3-layer conditioner, and the
+    14x14 level dominates the step on CPU. No normalisation layer: batch statistics would make an
+    image's score depend on its batch, and ActNorm already precedes each coupling. The gated
+    output is added to the residual stream, so a block's output at init is not zero (the
+    conditioner's zero-initialised last conv keeps the coupling the identity instead).
+    """
+
+    def __init__(self, width: int, bottleneck: int) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(width, bottleneck, 3, padding=1)
+        self.conv_out = nn.Conv2d(bottleneck, 2 * width, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        # Not in place: the residual stream h is read again by the addition below.
+        a, b = self.conv_out(F.elu(self.conv_in(F.elu(h)))).chunk(2, dim=1)
+        return h + a * torch.sigmoid(b)
+
+
+def gated_resnet_conditioner(
+    in_channels: int, out_channels: int, hidden: int, depth: int
+) -> nn.Sequential:
+    """3x3 conv -> depth x GatedResidualBlock -> ELU -> zero-initialised 3x3 conv.
+
+    Each block's 3x3 conv runs at max(hidden // 4, 8) channels (see GatedResidualBlock for why).
+    """
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1)]
+    layers += [GatedResidualBlock(hidden, max(hidden // 4, 8)) for _ in range(depth)]
+    last = nn.Conv2d(hidden, out_channels, 3, padding=1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    layers += [nn.ELU(), last]
+    return nn.Sequential(*layers)
+
+
+CONDITIONERS = {"conv": conditioner, "gated_resnet": gated_resnet_conditioner}
+
+
 class Coupling(Bijection):
     """Affine or additive coupling with a channel or checkerboard mask.
 
@@ -199,11 +242,13 @@ class Coupling(Bijection):
 
     Args:
         channels: C of the input.
-        hidden: conditioner width; depth: conditioner hidden layers.
+        hidden: conditioner width; depth: conditioner hidden layers (gated residual blocks for
+            conditioner="gated_resnet").
         mask: "channel" (first/second half of channels) or "checkerboard" (spatial parity).
         parity: which half (or which squares) is conditioned on; alternate it between steps.
         affine: False gives additive coupling (log_s = 0).
         clamp: bound of the log-scale.
+        conditioner: "conv" (`conditioner`) or "gated_resnet" (`gated_resnet_conditioner`).
     """
 
     def __init__(
@@ -215,8 +260,13 @@ class Coupling(Bijection):
         parity: int = 0,
         affine: bool = True,
         clamp: float = 2.0,
+        conditioner: str = "conv",
     ) -> None:
         super().__init__()
+        if conditioner not in CONDITIONERS:
+            raise ValueError(
+                f"conditioner: expected one of {list(CONDITIONERS)}, found {conditioner!r}"
+            )
         if mask not in ("channel", "checkerboard"):
             raise ValueError(f"mask: expected 'channel' or 'checkerboard', found {mask!r}")
         if mask == "channel" and channels < 2:
@@ -230,7 +280,7 @@ class Coupling(Bijection):
             n_in, n_out = self.n_cond, channels - self.n_cond
         else:
             n_in, n_out = channels, channels
-        self.net = conditioner(n_in, n_out * (2 if affine else 1), hidden, depth)
+        self.net = CONDITIONERS[conditioner](n_in, n_out * (2 if affine else 1), hidden, depth)
         # Mixed precision: the dtype the conditioner runs in under autocast (None: as its input).
         # Set through `Flow.set_precision`; an attribute, not state, so checkpoints never hold it.
         self.autocast_dtype: torch.dtype | None = None

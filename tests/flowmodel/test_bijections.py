@@ -23,6 +23,7 @@ from flowmodel import (
     Squeeze,
     build_flow,
 )
+from flowmodel.dequantization import VariationalDequantization
 
 SHAPE = (4, 4, 4)  # (C, H, W) of the inputs each layer gets
 
@@ -47,6 +48,13 @@ LAYERS: dict[str, Callable[[], Bijection]] = {
     "coupling-checker-affine-0": lambda: Coupling(SHAPE[0], 8, 2, "checkerboard", 0, True),
     "coupling-checker-affine-1": lambda: Coupling(SHAPE[0], 8, 1, "checkerboard", 1, True),
     "coupling-checker-additive": lambda: Coupling(SHAPE[0], 8, 1, "checkerboard", 1, False),
+    "coupling-gated-resnet-channel": lambda: Coupling(
+        SHAPE[0], 8, 2, "channel", 0, True, conditioner="gated_resnet"
+    ),
+    "coupling-gated-resnet-checker": lambda: Coupling(
+        SHAPE[0], 8, 1, "checkerboard", 1, True, conditioner="gated_resnet"
+    ),
+    "variational-dequantization": lambda: VariationalDequantization(SHAPE[0], n_bits=3, bins=4),
     "gaussian-split": lambda: GaussianSplit(SHAPE[0]),
     "learned-prior": lambda: LearnedPrior(SHAPE),
     "flow-step": lambda: FlowStep(
@@ -57,7 +65,7 @@ LAYERS: dict[str, Callable[[], Bijection]] = {
 
 def layer_input(name: str, batch: int = 3, seed: int = 1) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
-    if name == "logit":  # its domain is (0, 1)
+    if name in ("logit", "variational-dequantization"):  # their domain is (0, 1)
         return torch.rand(batch, *SHAPE, generator=generator, dtype=torch.float64) * 0.9 + 0.05
     return torch.randn(batch, *SHAPE, generator=generator, dtype=torch.float64)
 
@@ -111,6 +119,8 @@ def test_layers_are_not_trivial_after_perturbation() -> None:
         "invconv",
         "coupling-channel-affine-0",
         "coupling-checker-affine-0",
+        "coupling-gated-resnet-channel",
+        "variational-dequantization",
         "gaussian-split",
     ):
         layer, x = make_layer(name), layer_input(name)
@@ -133,6 +143,22 @@ TINY_FLOWS = {
     "shift-checker-affine": FlowConfig((2, 4, 4), 2, 2, 8, 1, "affine", "checkerboard", 8, "shift"),
     "logit-channel-additive-5bit": FlowConfig(
         (2, 4, 4), 2, 2, 8, 1, "additive", "channel", 5, "logit"
+    ),
+    "gated-resnet-checker": FlowConfig(
+        (2, 4, 4), 2, 2, 8, 2, mask="checkerboard", conditioner="gated_resnet"
+    ),
+    "variational-logit-5bit": FlowConfig(
+        (2, 4, 4), 2, 2, 8, 1, n_bits=5, dequantization="variational"
+    ),
+    "variational-gated-shift": FlowConfig(
+        (2, 4, 4),
+        2,
+        2,
+        8,
+        1,
+        preprocess="shift",
+        conditioner="gated_resnet",
+        dequantization="variational",
     ),
 }
 
