@@ -272,6 +272,9 @@ def _init_ray(config: TrainConfig) -> None:
     if address:
         ray.init(address=address)
         return
+    from pipeline.train.reporting import quiet_local_ray
+
+    quiet_local_ray(config.verbose)  # Ray's lines a user cannot act on: off unless verbose
     # Ray Data excludes Train's CPUs from its own budget: give it logical CPUs of its own, or the
     # readers and the workers deadlock on a 2-core machine.
     workers_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
@@ -348,6 +351,8 @@ def _trainer(
     from ray.data import DataContext
     from ray.train.torch import TorchTrainer
 
+    from pipeline.train.reporting import ray_train_log_level
+
     # The training split is read again every epoch; Ray Data's progress bars for it (drawn by
     # its SplitCoordinator, one set per epoch) would bury the workers' own progress lines. A
     # dataset keeps the DataContext it was created under, so they are off for this one alone.
@@ -380,6 +385,7 @@ def _trainer(
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level=ray_train_log_level(config.verbose)),
         ),
         datasets={"train": dataset},
     )
