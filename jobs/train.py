@@ -18,9 +18,12 @@ DEFAULT_CONFIG = "fashion-mnist"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowray train",
-        description="Train a multiscale flow with Ray Train (DDP) on prepared shards; log metrics, "
-        "samples and the model to MLflow and register it (alias candidate; champion when better). "
-        "Rerunning with the same run.name and run.storage_path resumes from the latest checkpoint.",
+        description="Train a multiscale flow with Ray Train (DDP) on prepared shards or on "
+        "WebDataset shards in place (data.train / data.validation: a prepared split, a brace "
+        "pattern, a prefix of .tar files or a list file; local or s3://); log metrics, samples "
+        "and the model to MLflow and register it (alias candidate; champion when better). "
+        "Rerunning with the same run.name and run.storage_path resumes from the latest checkpoint, "
+        "at the epoch and batch where it stopped.",
         formatter_class=HelpFormatter,
     )
     add_config_arguments(parser, DEFAULT_CONFIG)
@@ -40,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose",
         action="store_true",
         default=None,
-        help="also show Ray Train's own line per report (verbose: true in the config)",
+        help="also show Ray's own lines: Ray Train's per-report and worker-group lines, Ray "
+        "Data's per-epoch execution plans, the token-auth notice (verbose: true in the config)",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
