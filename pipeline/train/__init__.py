@@ -2,8 +2,9 @@
 warmup (step), the EMA of the weights (ema), the device-placed training core that the worker and
 the GPU bench share (core) and its collectives (distributed), the loop's counting (loop_state), the
 Ray Train worker loop (worker) and what it reports (reporting), the driver behind `flowray train`
-(driver), what a rerun resumes from and whether its config may resume it (resume), and
-checkpoints (checkpoint, written and read on the CPU).
+(driver), what a rerun resumes from and whether its config may resume it (resume), the
+training data's order as a function of (seed, epoch) and the epoch each plan is for (data_order),
+and checkpoints (checkpoint, written and read on the CPU).
 
 May import: flowmodel, pipeline.{model,data,tracking}, pipeline.{errors,storage,plots}.
 """
