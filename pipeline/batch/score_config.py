@@ -130,12 +130,13 @@ class ScoreResult:
                 f", {len(self.shards_left_out)} shards ({self.images_left_out:,} images) left out"
             )
         return (
-            f"scored {self.images_scored:,} images ({len(self.shards_written)} shards written: "
-            f"{self.shards_new} new, {self.shards_changed} changed; "
-            f"{self.shards_already_done} already done{left_out}{listed}, {self.images_skipped} images "
+            f"scored {self.images_scored:,} images ({len(self.shards_written)} shards written, "
+            f"{self.shards_already_done} already done{left_out}, {self.images_skipped} images "
             f"skipped) with {self.model_name} v{self.model_version} at "
             f"{self.images_per_second:,.0f} images/s; bits/dim mean {self.mean_bits_per_dim:.4f} "
             f"median {self.median_bits_per_dim:.4f} p99 {self.p99_bits_per_dim:.4f} -> {self.output}"
+            f"; {self.shards_new} new and {self.shards_changed} rewritten shards were due"
+            f"{listed}"
         )
 
     def left_out_lines(self) -> list[str]:
