@@ -1,10 +1,11 @@
 """flowmodel: a multiscale coupling flow (RealNVP / Glow family) in pure PyTorch.
 
 Public API: FlowConfig, build_flow, Flow (initialize, forward, inverse, log_prob, bits_per_dim,
-sample), the layers, dequantize and the bits/dim helpers.
+sample), the layers, dequantize, VariationalDequantization and the bits/dim helpers.
 """
 
 from flowmodel.config import FlowConfig
+from flowmodel.dequantization import VariationalDequantization
 from flowmodel.flow import (
     PRECISIONS,
     Flow,
@@ -20,6 +21,7 @@ from flowmodel.layers import (
     ActNorm,
     Bijection,
     Coupling,
+    GatedResidualBlock,
     GaussianSplit,
     InvConv1x1,
     LearnedPrior,
@@ -38,6 +40,7 @@ __all__ = [
     "Flow",
     "FlowConfig",
     "FlowStep",
+    "GatedResidualBlock",
     "GaussianSplit",
     "InvConv1x1",
     "LearnedPrior",
@@ -45,6 +48,7 @@ __all__ = [
     "Precision",
     "Shift",
     "Squeeze",
+    "VariationalDequantization",
     "bits_per_dim_from_log_prob",
     "build_flow",
     "dequantize",

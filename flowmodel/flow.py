@@ -4,6 +4,7 @@ References:
     Dinh et al. 2017, "Density estimation using Real NVP", section 3.6 (multiscale architecture).
     Kingma & Dhariwal 2018, "Glow", figure 2 (flow step and multiscale split).
     Theis et al. 2016, "A note on the evaluation of generative models" (dequantization bound).
+    Ho et al. 2019, "Flow++", sections 3.1 and 3.3 (variational dequantization, gated conditioner).
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ class FlowStep(Bijection):
 
 class Flow(nn.Module):
     """A multiscale coupling flow on images; see FlowConfig for the architecture.
+
+    With dequantization="variational" the first layer is a learned cell-preserving bijection of y
+    (flowmodel.dequantization), so the formulas below, and the bound they give, hold unchanged.
 
     `forward(y) -> (z, logdet)` maps dequantized images y in [0, 1), shape [B, C, H, W], to a flat
     latent z of shape [B, D] that is N(0, I) under the model (the learned priors are affine
