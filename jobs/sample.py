@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tasks",
         type=int,
-        help=f"Ray tasks at once; 0 = one per CPU (default: {d('tasks')})",
+        help=f"chunks in flight at once; 0 = two per CPU (default: {d('tasks')})",
     )
     p.add_argument(
         "--experiment", help=f"MLflow experiment of the run (default: {d('experiment')})"

@@ -87,7 +87,8 @@ class SampleConfig:
         temperature: z ~ N(0, temperature^2 I) for the shards (below 1: smoother, more typical).
         seed: every chunk's generator derives from it (see module docstring).
         chunk_size: images per chunk, the unit of seeding and of one Ray task.
-        tasks: chunks generated at once; 0 = one per CPU of the cluster.
+        tasks: chunks in flight at once; 0 = two per CPU of the cluster (Ray runs one per CPU,
+            the other waits ready, so no CPU idles while the driver writes shards).
         cpus_per_task: Ray CPUs (and torch threads) per task.
         gpus_per_task: Ray GPUs per task (> 0: the flow samples on CUDA; raise chunk_size to
             thousands so that a chunk fills the GPU). z comes from the same CPU generator on any
@@ -303,7 +304,11 @@ def _draw(config: SampleConfig, payload: FlowPayload) -> list[ShardInfo]:
     on_gpu = config.gpus_per_task > 0
     resources = ray.cluster_resources()
     per_task = config.gpus_per_task if on_gpu else config.cpus_per_task
-    window = config.tasks or max(1, int(resources.get("GPU" if on_gpu else "CPU", 1) // per_task))
+    slots = max(1, int(resources.get("GPU" if on_gpu else "CPU", 1) // per_task))
+    # Auto: two chunks per slot in flight, so a slot whose chunk is done starts its next one
+    # while the driver still waits on an earlier chunk (consumption is in order); with one per
+    # slot it idled until the driver caught up. Ray's CPU accounting keeps `slots` running.
+    window = config.tasks or 2 * slots
     task = ray.remote(num_cpus=config.cpus_per_task, num_gpus=config.gpus_per_task, max_retries=2)(
         _sample_chunk
     )

@@ -1,21 +1,28 @@
 """The io suite's foreign-shard half (run by `pipeline.bench.shard_io`): JPEG shards read in place
 with decode + fit to 3x64x64, next to the same images prepared as 64x64 PNG shards; and the time
 `resolve_input` takes to list many shards. See shard_io's docstring for what is measured.
+
+The listing alone, at a driver's scale (the "Scaling out" section of the README):
+
+    python -m pipeline.bench.foreign_io --local-shards 100000 --s3-shards 10000
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import statistics
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.bench.common import BENCH_BUCKET
+from pipeline.bench.common import BENCH_BUCKET, fake_s3_credentials, machine, start_s3
 from pipeline.data.input_reader import iter_input, read_input
 from pipeline.data.inputs import resolve_input
 from pipeline.data.shards import prepare
@@ -204,3 +211,34 @@ def foreign_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {names[backend]} | {f['prefix_s']:.2f} | {f['pattern_s']:.2f} |")
         lines += ["", f"resolve_input over {listing['shards']:,} tiny shards: one listing each."]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The listing figures alone: local disk and S3 (moto) shard counts set separately."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.bench.foreign_io",
+        description="Seconds resolve_input takes to list many tiny shards (local disk, S3/moto).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--local-shards", type=int, default=100_000, help="0 skips local disk")
+    parser.add_argument("--s3-shards", type=int, default=10_000, help="0 skips S3 (moto)")
+    args = parser.parse_args(argv)
+    load = machine()["load_average"]
+    with ExitStack() as stack:
+        base = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        lines = []
+        if args.local_shards:
+            local = listing_figures(base, {"local": (str(base), None)}, args.local_shards)
+            lines.append(foreign_markdown({"listing": local}))
+        if args.s3_shards:
+            fake_s3_credentials(stack)
+            storage = start_s3(stack)
+            root = f"s3://{BENCH_BUCKET}/listing"
+            s3 = listing_figures(base, {"s3": (root, storage)}, args.s3_shards)
+            lines.append(foreign_markdown({"listing": s3}))
+    print("\n".join(lines) + f"\n\nload average at start {load}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
