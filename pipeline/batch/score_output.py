@@ -3,25 +3,35 @@ lands exactly once across crashes, retries, reruns and concurrent jobs.
 
     <output>/model=<name>/version=<v>/_scoring.json          what the files mean (see below)
     <output>/model=<name>/version=<v>/shard-000000.parquet    the rows of shard-000000.tar
+    <output>/model=<name>/version=<v>/<stem>@<v12>.parquet    a foreign shard at one version
+                                                              (see pipeline.batch.scoring)
 
 `ShardCollector` receives the score rows as the pipeline streams them and groups them by shard (the
-first copy of each key wins, in case a task is retried). A shard whose manifest count has arrived is
-written at once: the reader hands on a shard's last row only after the whole shard was verified
-(size, sha256, sample count; see `pipeline.data.reader`), so all rows in means a whole shard. When
+first copy of each key wins, in case a task is retried). The reader hands on a shard's last row
+only after the whole shard was read (prepared: size, sha256, sample count checked; foreign: the
+tar read to its end; see `pipeline.data.input_reader`), and marks it with the rows the shard
+handed on (`shard_rows`), so a shard is written as soon as that many rows are in, for foreign
+shards whose count nothing knows in advance too; the bad images it lacks come from the reader's
+outcome (`SkipTally.outcome`). When
 the stream ends, each shard left is judged by its reader's `ShardOutcome`: it is written only if
 the outcome is complete and exactly the rows the reader handed on have arrived (its other images
-were bad images, skipped); otherwise it gets no file and is reported as left out, with why. Rows
+were bad images, skipped; a shard with no image at all gets an empty file, so it is not read
+again); otherwise it gets no file and is reported as left out, with why. Rows
 that arrive for a shard already written are duplicates from a retried read task: they are dropped
 and counted, never written.
 
 Each file is created only if absent (`write_once`: a hard link locally, a conditional PUT on S3), so
 a file present is final: neither a late retry nor a concurrent job on the same prefix rewrites it,
 and a rerun scores only the shards without one. Its Parquet metadata records the images skipped in
-it (`flowray.skipped_count`, `flowray.skipped_keys`). Memory stays bounded: the driver holds the
-small score rows of the shards being read, never images or the whole dataset.
+it (`flowray.skipped_count`, `flowray.skipped_keys`); a foreign shard's file also records which
+shard and version it scored (`flowray.shard_url`, `flowray.shard_version`, `flowray.shard_size`).
+A file of an older version of a shard (`ShardTarget.stale`) is deleted once the new one is in
+place. Memory stays bounded: the driver holds the small score rows of the shards being read,
+never images or the whole dataset.
 
-`_scoring.json` holds the split, its source, the dequantization seed and draws and the sha256 of the
-model's weights: everything that decides the numbers in the files. It is created only if absent; a
+`_scoring.json` holds the input (a prepared split and its source, or the foreign shards' root),
+the dequantization seed, draws and noise scheme, and the sha256 of the model's weights:
+everything that decides the numbers in the files. It is created only if absent; a
 run whose settings differ from the recorded ones is refused with both named (so two jobs with other
 seeds, or a re-created model reusing a version number, never mix files under one prefix).
 """
