@@ -64,7 +64,7 @@ def trained_batches(run: Path) -> dict[int, tuple[str, str, str]]:
 
 
 def history_steps(run: Path) -> list[int]:
-    latest = sorted(run.glob("checkpoint_*"))[-1]
+    latest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
     _, _, state = load_checkpoint(latest)
     assert state.step == STEPS
     return [int(step) for step, _ in state.history["train"]]
