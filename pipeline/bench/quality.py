@@ -4,11 +4,11 @@
     print(report["markdown"])
 
 Both models are trained in this process by the same plain torch loop
-(`pipeline.bench.common.make_contender` on a `TimedTrainer`): the same cores and threads, the same
+(`pipeline.bench.race.make_contender` on a `TimedTrainer`): the same cores and threads, the same
 batch size and data order (one seeded permutation of the training split per epoch), the same recipe
-(the preset's optimizer, learning-rate warmup, gradient clipping and EMA, from `pipeline.train` as
-the Ray Train loop uses them), the same data-dependent ActNorm initialisation batch. Only the model
-differs:
+(the preset's optimizer, learning-rate warmup and schedule, gradient clipping and EMA, from
+`pipeline.train` as the Ray Train loop uses them), the same data-dependent ActNorm initialisation
+batch. Only the model differs:
 
 - flowray: `build_flow(config.model)` trained with `pipeline.train.step.train_step`, the step
   the Ray Train job runs.
@@ -131,6 +131,8 @@ def run(
             "optimizer": config.optim.optimizer,
             "lr": config.optim.lr,
             "warmup_steps": config.optim.warmup_steps,
+            "schedule": config.optim.schedule,
+            "min_lr_ratio": config.optim.min_lr_ratio,
             "max_grad_norm": config.optim.max_grad_norm,
             "ema_decay": config.optim.ema_decay,
             "train_images": len(train),
@@ -267,7 +269,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"(load average {settings['load_average_during'][0]} before, "
         f"{settings['load_average_during'][1]} after), batch {settings['batch_size']}, "
         f"{settings['threads']} torch threads, {settings['optimizer']} lr {settings['lr']:g} "
-        f"(warmup {settings['warmup_steps']}, clip {settings['max_grad_norm']:g}, EMA "
+        f"(warmup {settings['warmup_steps']}, {settings['schedule']} schedule, clip {settings['max_grad_norm']:g}, EMA "
         f"{settings['ema_decay']:g} evaluated); test bits/dim on {settings['test_images']:,} test "
         f"images (keyed dequantization noise, seed {settings['eval_seed']}), "
         f"{settings['train_images']:,} training images.",
