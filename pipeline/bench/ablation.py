@@ -221,6 +221,8 @@ def _child(
             command += [f"--{option.replace('_', '-')}", str(value)]
     # Each BLAS/OpenMP pool sized like torch's, so that N children share the cores evenly.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if env.get("FASHION_MNIST_DIR"):
+        env["FASHION_MNIST_DIR"] = str(Path(env["FASHION_MNIST_DIR"]).resolve())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     log(f"{name}: started ({' '.join(resolved.overrides) or 'no overrides'})")
     with log_path.open("w") as output:
@@ -264,7 +266,7 @@ def run(
         raise ValueError(f"unknown levers {unknown}: expected some of {list(known)}")
     parallel = max(1, parallel)
     threads = threads or max(1, (os.cpu_count() or 1) // parallel)
-    folder = out / "ablation"
+    folder = (out / "ablation").resolve()  # absolute: the children run in the repository
     folder.mkdir(parents=True, exist_ok=True)
     resolved = [resolve(known[name], preset) for name in names]
     sizes = {"train_images": train_images, "test_images": test_images, "max_steps": max_steps}
