@@ -39,6 +39,7 @@ from pipeline.bench.common import fashion_mnist, machine, markdown_table
 from pipeline.bench.race import (
     Contender,
     TimedTrainer,
+    global_batch,
     make_contender,
     normflows_bits_per_dim,
     normflows_step,
@@ -126,7 +127,7 @@ def run(
         "machine": machine(),
         "settings": {
             "minutes": minutes,
-            "batch_size": config.batch_size,
+            "batch_size": global_batch(config),
             "threads": threads,
             "optimizer": config.optim.optimizer,
             "lr": config.optim.lr,
@@ -179,7 +180,7 @@ def _contenders(
             step,
             train,
             config,
-            batch_size=config.batch_size,
+            batch_size=global_batch(config),
             seconds=seconds,
             max_steps=max_steps,
         )
@@ -222,7 +223,7 @@ def _test_figures(
         "architecture": f"{model.levels} levels x {model.steps_per_level} steps, "
         f"{model.hidden_channels} hidden, {model.coupling} {model.mask} "
         f"coupling, {model.preprocess} preprocessing",
-        **_figures(contenders["flowray"], config.batch_size),
+        **_figures(contenders["flowray"], global_batch(config)),
         "test_bits_per_dim": bits,
         "test_images": count,
         "eval_seconds": time.perf_counter() - started,
@@ -235,7 +236,7 @@ def _test_figures(
         "architecture": f"{model.levels} levels x {model.steps_per_level} "
         f"GlowBlocks, {model.hidden_channels} hidden, affine channel coupling (sigmoid "
         "scale), DiagGaussian bases, no logit",
-        **_figures(contenders["normflows"], config.batch_size),
+        **_figures(contenders["normflows"], global_batch(config)),
         "test_bits_per_dim": bits,
         "test_images": len(test),
         "eval_seconds": time.perf_counter() - started,

@@ -27,6 +27,7 @@ from pipeline.train.step import (
 
 __all__ = [
     "Contender",
+    "global_batch",
     "initialized_flow",
     "make_contender",
     "normflows_bits_per_dim",
@@ -111,6 +112,13 @@ def normflows_bits_per_dim(model: nn.Module, y: Tensor, n_bits: int = 8) -> Tens
     """
     dims = y[0].numel()
     return -model.log_prob(y, None) / (dims * LN2) + n_bits
+
+
+def global_batch(config: TrainConfig) -> int:
+    """The batch one optimizer step of the Ray Train job sees: `batch_size` per worker times the
+    workers (DDP averages their gradients). The in-process benches train at this batch, so their
+    recipe is the job's: same updates per image, same learning rate per update."""
+    return config.batch_size * config.scaling.num_workers
 
 
 def parameter_count(model: nn.Module) -> int:
