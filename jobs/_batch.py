@@ -56,8 +56,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, ray: bool = True) -
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
 
 
-def connect_ray(address: str | None) -> None:
-    """Join `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a local Ray here."""
+def connect_ray(address: str | None, verbose: bool = False) -> None:
+    """Join `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a local Ray here
+    (with Ray's lines a user cannot act on off unless `verbose`, as `flowray train` does)."""
     import ray
 
     if ray.is_initialized():
@@ -66,6 +67,9 @@ def connect_ray(address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **quiet)
         return
+    from pipeline.train.reporting import quiet_local_ray
+
+    quiet_local_ray(verbose)
     # One logical CPU per core plus one: the batch jobs size their actor pools as "CPUs less one
     # for Ray Data's read tasks", and reading (PNG decode) is light next to the flow's forward
     # pass, so every core runs a model actor and the reader shares them.

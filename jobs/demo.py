@@ -11,6 +11,7 @@ scores and samples with it. `make clean-demo` removes the workdir and nothing el
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -112,6 +113,7 @@ def _train(args: argparse.Namespace, workdir: Path, tracking_uri: str) -> TrainR
 
     from pipeline.train.config import TrainConfig
     from pipeline.train.driver import train
+    from pipeline.train.reporting import quiet_local_ray
 
     data = workdir / "data"
     config = load_config(
@@ -128,10 +130,13 @@ def _train(args: argparse.Namespace, workdir: Path, tracking_uri: str) -> TrainR
             *args.overrides,
         ],
     )
+    # Ray's lines a user cannot act on stay off unless --set verbose=true (as `flowray train`).
+    quiet_local_ray(config.verbose)
     ray.init(
         address="local",
         num_cpus=int(args.workers * config.scaling.cpus_per_worker) + 2,
         log_to_driver=True,
+        logging_level=logging.INFO if config.verbose else logging.WARNING,
     )
     _step(
         f"2/4 train {config.run.name} with {args.workers} Ray Train workers for up to {args.minutes:g} minutes"

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         check_tracking_server(resolve_tracking_uri(config.tracking_uri))
-        connect_ray(args.address)
+        connect_ray(args.address, args.verbose)
         result = generate(config)
         print(result.line())
         return 0

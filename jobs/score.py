@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         check_tracking_server(resolve_tracking_uri(config.tracking_uri))
-        connect_ray(args.address)
+        connect_ray(args.address, args.verbose)
         return print_result(score(config))
 
     return run_main(PROG, body)
