@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from flowmodel.typed import flatten
 from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, fsspec_filesystem
 
@@ -52,16 +53,6 @@ class ResumeConfigError(FlowrayError, ValueError):
     """The rerun's config differs from its checkpoint's in keys that cannot change."""
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _may_change(key: str) -> bool:
     return any(key.startswith(m) if m.endswith(".") else key == m for m in MAY_CHANGE)
 
@@ -72,8 +63,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     existed (optim.schedule, say) resumes under that setting's default."""
     from pipeline.train.config import TrainConfig
 
-    defaults = _flatten(TrainConfig().to_dict())
-    old, new = _flatten(saved), _flatten(current)
+    defaults = flatten(TrainConfig().to_dict())
+    old, new = flatten(saved), flatten(current)
     changed = sorted(
         k
         for k in old.keys() | new.keys()
@@ -119,7 +110,7 @@ def check_resume(saved: SavedRun, current: dict[str, Any]) -> None:
     """Refuses a rerun whose config differs from the checkpoint's in keys that cannot change."""
     differences = config_differences(saved.config, current)
     if differences:
-        old, new = _flatten(saved.config), _flatten(current)
+        old, new = flatten(saved.config), flatten(current)
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differences[:10])
         raise ResumeConfigError(
             f"the checkpoint at step {saved.step} ({saved.path}) was trained with another config: "

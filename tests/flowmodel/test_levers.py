@@ -18,6 +18,18 @@ from flowmodel.dequantization import VariationalDequantization
 from tests.flowmodel.test_bijections import perturb
 
 
+def tiny_variational(conditioner: str) -> FlowConfig:
+    """A 1x8x8 two-level flow with variational dequantization and the given conditioner."""
+    return FlowConfig(
+        image_shape=(1, 8, 8),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=8,
+        conditioner=conditioner,
+        dequantization="variational",
+    )
+
+
 def skewed_dequantizer(n_bits: int = 8, bins: int = 8) -> VariationalDequantization:
     """A dequantizer whose last bin takes almost all of u: g(eps) runs close to 1 early, where
     float32 rounding of x + u would leave the cell."""
@@ -107,14 +119,7 @@ def test_g_maps_each_cell_onto_itself_and_its_slope_integrates_to_one() -> None:
 @pytest.mark.parametrize("conditioner", ["conv", "gated_resnet"])
 def test_variational_flow_samples_in_range_and_scores_its_samples(conditioner: str) -> None:
     torch.manual_seed(0)
-    config = FlowConfig(
-        image_shape=(1, 8, 8),
-        levels=2,
-        steps_per_level=2,
-        hidden_channels=8,
-        conditioner=conditioner,
-        dequantization="variational",
-    )
+    config = tiny_variational(conditioner)
     flow = build_flow(config)
     perturb(flow, scale=0.05)
     samples = flow.sample(8, temperature=0.7, generator=torch.Generator().manual_seed(0))
@@ -185,14 +190,7 @@ def test_every_parameter_of_the_new_options_gets_a_gradient(conditioner: str) ->
     design, so take one optimiser step first; then every parameter, the dequantizer's included,
     must get a non-zero gradient from the bits/dim."""
     torch.manual_seed(0)
-    config = FlowConfig(
-        image_shape=(1, 8, 8),
-        levels=2,
-        steps_per_level=2,
-        hidden_channels=8,
-        conditioner=conditioner,
-        dequantization="variational",
-    )
+    config = tiny_variational(conditioner)
     flow = build_flow(config)
     images = torch.randint(0, 256, (16, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     images = images.to(torch.uint8)
