@@ -81,12 +81,15 @@ class _Worker:
 @dataclass
 class _Clock:
     """Wall time since the step loop started (after `base` seconds of earlier attempts of this
-    run, restored from the checkpoint), and the steps and start of the logging window."""
+    run, restored from the checkpoint), and the steps, start and data wait of the logging window:
+    `window_wait` is the time this worker spent blocked on its data iterator for the next batch,
+    the one share of a step that is not compute, collectives or the loop's own duties."""
 
     base: float = 0.0
     started: float = field(default_factory=time.monotonic)
     window_start: float = field(default_factory=time.monotonic)
     window_steps: int = 0
+    window_wait: float = 0.0
 
 
 # ----------------------------------------------------------------------------- data
@@ -240,6 +243,19 @@ def _load_or_build(worker: _Worker, checkpoint: Any) -> tuple[Flow, tuple[Flow, 
     return flow, (ema_flow, saved)
 
 
+def _ddp(flow: Flow) -> torch.nn.Module:
+    """The flow wrapped for data-parallel training (unwrapped for one worker). Buffers are not
+    re-broadcast before every forward pass (DDP's default): the flow's buffers (ActNorm's
+    `initialized` flag, the 1x1 convolutions' fixed permutation and masks) never change after
+    the identical start that `check_identical_start` verifies, and each broadcast is one more
+    point per step where the workers wait for each other."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(
+        flow, parallel_strategy_kwargs={"broadcast_buffers": False}
+    )
+
+
 def _restore_or_init(worker: _Worker, checkpoint: Any) -> tuple[Training, LoopState]:
     """Phase 1: the model on this worker's device (DDP-wrapped for several workers), its EMA,
     optimizer and counters, at the latest checkpoint or fresh; every worker's start is checked to
@@ -255,7 +271,7 @@ def _restore_or_init(worker: _Worker, checkpoint: Any) -> tuple[Training, LoopSt
         worker.config,
         device,
         rank=worker.rank,
-        wrap=ray.train.torch.prepare_model,
+        wrap=_ddp,
         restored=restored,
         say=say,
     )
@@ -291,6 +307,7 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
             board.announce(state.epoch)
         # A resume inside an epoch skips the batches of it consumed before (same order).
         resume_at, epoch_batches = state.epoch_step, 0
+        asked = time.monotonic()
         for batch in shard.iter_torch_batches(
             batch_size=config.batch_size,
             drop_last=True,
@@ -300,8 +317,10 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
             # Pinned host batches: the copy to the GPU is asynchronous.
             pin_memory=training.device.type == "cuda",
         ):
+            clock.window_wait += time.monotonic() - asked
             epoch_batches += 1
             if epoch_batches <= resume_at:
+                asked = time.monotonic()
                 continue
             if config.record_batches:
                 record_batch(config, worker.rank, state, batch["image"])
@@ -309,6 +328,7 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
             done = _step_and_duties(worker, training, state, clock, batch["image"])
             if done:
                 break
+            asked = time.monotonic()
         else:
             # A finished pass: the next epoch's order is drawn with seed + epoch.
             state.epoch, state.epoch_step = state.epoch + 1, 0
@@ -378,6 +398,7 @@ def _log_progress(
     window = time.monotonic() - clock.window_start
     rate = clock.window_steps * config.batch_size * worker.world / max(window, 1e-9)
     pace = window / max(clock.window_steps, 1)
+    wait = clock.window_wait / max(window, 1e-9)
     eta = eta_seconds(config.max_steps - state.step, pace, elapsed, config.max_minutes)
     worker.logger.metrics(
         {
@@ -386,17 +407,18 @@ def _log_progress(
             "learning_rate": lr,
             "grad_norm": metrics.grad_norm,
             "skipped_steps": state.skipped_steps,
+            "data_wait_fraction": wait,
         },
         state.step,
     )
     if worker.is_chief:
         say(
             f"step {state.step}/{config.max_steps} | {metrics.bits_per_dim:.3f} bits/dim | "
-            f"{rate:.0f} img/s | lr {lr:.2e} | skipped {state.skipped_steps} | "
-            f"ETA {format_eta(eta)}"
+            f"{rate:.0f} img/s | data wait {wait:.0%} | lr {lr:.2e} | "
+            f"skipped {state.skipped_steps} | ETA {format_eta(eta)}"
         )
     # After the MLflow write, so that its time counts in neither window.
-    clock.window_start, clock.window_steps = time.monotonic(), 0
+    clock.window_start, clock.window_steps, clock.window_wait = time.monotonic(), 0, 0.0
 
 
 def _evaluate(worker: _Worker, training: Training, state: LoopState, final: bool) -> None:

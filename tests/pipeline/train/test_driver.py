@@ -72,6 +72,9 @@ def test_two_workers_survive_a_dead_worker_register_and_resume(
     assert run.data.params["batch_size"] == "32"
     # Both workers started from identical parameters (checked in the loop, recorded here).
     assert run.data.metrics["init_checksum_rank0"] == run.data.metrics["init_checksum_rank1"]
+    # Each progress window logs the share of it spent waiting for the next batch.
+    waits = [m.value for m in client.get_metric_history(first.mlflow_run_id, "data_wait_fraction")]
+    assert waits and all(0.0 <= w <= 1.0 for w in waits)
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["train:train", "validation:test"]
     # Sample grids are MLflow images under the key "samples", one per evaluation step.
     images = [a.path for a in client.list_artifacts(first.mlflow_run_id, "images")]
