@@ -205,6 +205,25 @@ def _tree(root: int) -> list[psutil.Process]:
         return []
 
 
+def process_role(process: psutil.Process, root: int) -> str:
+    """What a process is, for a memory breakdown: "driver" (`root`), a Ray actor's class or a
+    task worker from its process title ("ray::Scorer.__call__" -> "ray::Scorer", "ray::IDLE"),
+    else the executable's name ("gcs_server", "raylet", "python3" for Ray's helper scripts)."""
+    if process.pid == root:
+        return "driver"
+    try:
+        title = " ".join(process.cmdline()) or process.name()
+    except psutil.Error:
+        return "gone"
+    if title.startswith("ray::"):
+        return title.split()[0].split(".")[0]
+    executable = title.split()[0].rsplit("/", 1)[-1]
+    if executable.startswith("python"):  # Ray's helper scripts: dashboard, log monitor, agents
+        script = next((a for a in title.split()[1:] if a.endswith(".py")), executable)
+        return script.rsplit("/", 1)[-1]
+    return executable
+
+
 def _memory_kb(process: psutil.Process) -> tuple[int, int]:
     """(RSS, PSS) of one process in kB; PSS counts shared pages (Ray's object store) once overall.
     (0, 0) for a process that is gone or not ours to read."""
@@ -221,7 +240,9 @@ class RssSampler:
 
     peak_rss_mb sums each process's RSS (shared pages counted in every process that maps them);
     peak_pss_mb sums PSS (shared pages split between them), the closer measure of what the job uses.
-    Linux only; elsewhere both stay NaN.
+    peak_pss_by_role_mb splits the peak sample's PSS by role (`process_role`: the driver, gcs,
+    raylet, each Ray actor class, idle or task workers), so a growth can be traced to its holder.
+    Linux only; elsewhere all stay NaN (empty).
     """
 
     def __init__(self, interval: float = 0.5, root: int | None = None) -> None:
@@ -230,6 +251,7 @@ class RssSampler:
         self.peak_rss_mb = math.nan
         self.peak_pss_mb = math.nan
         self.processes = 0
+        self.peak_pss_by_role_mb: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -238,12 +260,17 @@ class RssSampler:
             return
         processes = _tree(self.root)
         rss = pss = 0
+        roles: dict[str, float] = {}
         for process in processes:
             r, p = _memory_kb(process)
             rss, pss = rss + r, pss + p
+            role = process_role(process, self.root)
+            roles[role] = roles.get(role, 0.0) + p / 1024
         self.processes = max(self.processes, len(processes))
         self.peak_rss_mb = max(rss / 1024, 0 if math.isnan(self.peak_rss_mb) else self.peak_rss_mb)
-        self.peak_pss_mb = max(pss / 1024, 0 if math.isnan(self.peak_pss_mb) else self.peak_pss_mb)
+        if math.isnan(self.peak_pss_mb) or pss / 1024 >= self.peak_pss_mb:
+            self.peak_pss_mb = pss / 1024
+            self.peak_pss_by_role_mb = dict(sorted(roles.items(), key=lambda kv: -kv[1]))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -189,6 +189,7 @@ def _score_size(
         "peak_pss_mb": memory.peak_pss_mb,
         "peak_rss_mb": memory.peak_rss_mb,
         "processes": memory.processes,
+        "peak_pss_by_role_mb": memory.peak_pss_by_role_mb,
     }
 
 
@@ -230,6 +231,7 @@ def markdown(report: dict[str, Any]) -> str:
         rows,
     )
     settings, targets = report["settings"], report["targets"]
+    roles = _role_table(report["rows"])
     verdict = "met" if targets["memory_met"] else "missed"
     machine_info = report["machine"]
     return "\n".join(
@@ -247,5 +249,27 @@ def markdown(report: dict[str, Any]) -> str:
             f"{report['memory_growth']:.2f}x the smallest size's).",
             f"Machine: {machine_info['cpu']}, {machine_info['cores']} cores, Ray "
             f"{machine_info['ray']}, load average at start {machine_info['load_average'][0]}.",
+            "",
+            "Where the peak PSS sat (MB, by process role, at each size's peak sample):",
+            "",
+            roles,
         ]
     )
+
+
+def _role_table(rows: list[dict[str, Any]], top: int = 8) -> str:
+    """PSS by process role at each size's peak: the `top` roles by their share at the largest
+    size, the rest summed as "other"."""
+    largest = rows[-1].get("peak_pss_by_role_mb", {})
+    names = sorted(largest, key=lambda name: -largest[name])[:top]
+    body = []
+    for name in [*names, "other"]:
+        values = []
+        for row in rows:
+            by_role = row.get("peak_pss_by_role_mb", {})
+            if name == "other":
+                values.append(sum(v for k, v in by_role.items() if k not in names))
+            else:
+                values.append(by_role.get(name, 0.0))
+        body.append([name, *values])
+    return markdown_table(["role", *(f"{row['images']:,} images" for row in rows)], body)

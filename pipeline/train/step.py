@@ -64,7 +64,9 @@ def make_optimizer(params: Iterable[nn.Parameter], optim: OptimSettings) -> torc
     params = list(params)
     fast = _fast_kernels(params) or None  # None: torch's own choice on other devices
     if optim.optimizer == "adamax":
-        return torch.optim.Adamax(params, lr=optim.lr, weight_decay=optim.weight_decay, foreach=fast)
+        return torch.optim.Adamax(
+            params, lr=optim.lr, weight_decay=optim.weight_decay, foreach=fast
+        )
     return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=fast)
 
 

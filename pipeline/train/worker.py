@@ -244,16 +244,19 @@ def _load_or_build(worker: _Worker, checkpoint: Any) -> tuple[Flow, tuple[Flow, 
 
 
 def _ddp(flow: Flow) -> torch.nn.Module:
-    """The flow wrapped for data-parallel training (unwrapped for one worker). Buffers are not
-    re-broadcast before every forward pass (DDP's default): the flow's buffers (ActNorm's
-    `initialized` flag, the 1x1 convolutions' fixed permutation and masks) never change after
-    the identical start that `check_identical_start` verifies, and each broadcast is one more
+    """The flow wrapped for data-parallel training (unwrapped for one worker). Buffers are synced
+    once at wrapping but not before every forward pass (DDP's default): the flow's buffers
+    (ActNorm's `initialized` flag, the 1x1 convolutions' fixed permutation and masks) never change
+    after the identical start that `check_identical_start` verifies, and each sync is one more
     point per step where the workers wait for each other."""
+    import inspect
+
     import ray.train.torch
 
-    return ray.train.torch.prepare_model(
-        flow, parallel_strategy_kwargs={"broadcast_buffers": False}
-    )
+    ddp_options = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    # Newer torch calls it forward_sync_buffers and warns on broadcast_buffers; older has only that.
+    key = "forward_sync_buffers" if "forward_sync_buffers" in ddp_options else "broadcast_buffers"
+    return ray.train.torch.prepare_model(flow, parallel_strategy_kwargs={key: False})
 
 
 def _restore_or_init(worker: _Worker, checkpoint: Any) -> tuple[Training, LoopState]:

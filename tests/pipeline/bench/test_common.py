@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -34,6 +35,10 @@ def test_the_sampler_counts_a_child_process_and_its_memory() -> None:
     assert sampler.peak_rss_mb - alone.peak_rss_mb >= 60
     assert sampler.peak_pss_mb - alone.peak_pss_mb >= 60
     assert 0 < sampler.peak_pss_mb <= sampler.peak_rss_mb
+    # The peak's breakdown names the holder: the child (by its executable) and this "driver".
+    by_role = sampler.peak_pss_by_role_mb
+    assert by_role[Path(sys.executable).name] >= 60 and by_role["driver"] > 0
+    assert sum(by_role.values()) == pytest.approx(sampler.peak_pss_mb)
 
 
 def test_a_gone_root_samples_nothing() -> None:
