@@ -4,8 +4,8 @@ in-process loop of the same model, versus normflows' Glow at a matched parameter
     report = run(config, seconds=60, repeats=3)     # config: the `fashion-mnist` preset
     print(report["markdown"])
 
-All runs use the same global batch: the preset's per-worker batch times its worker count (64 x 2 =
-128), split evenly over the Ray workers. Per repeat, in this order:
+All runs use the same global batch: the preset's per-worker batch times its worker count (32 x 2 =
+64), split evenly over the Ray workers. Per repeat, in this order:
 
 - in-process: flowray (`pipeline.train.step.train_step` + warmup + EMA, the Ray loop's work
   without Ray) and normflows (the same step, `pipeline.bench.race.normflows_step`), alternating
