@@ -1,0 +1,28 @@
+"""pipeline.bench.step_phases: the phases of a step add up, and plain DDP trains on 2 processes."""
+
+from __future__ import annotations
+
+import math
+
+from jobs.config import load_config
+from pipeline.bench.step_phases import PHASES, ddp_rate, run
+from pipeline.train.config import TrainConfig
+
+SMALL = ["model.steps_per_level=1", "model.hidden_channels=8", "init_images=64"]
+
+
+def test_the_phases_add_up_to_the_step() -> None:
+    config = load_config(TrainConfig, "fashion-mnist", SMALL)
+    report = run(config, threads=1, batch=8, steps=10, ddp_seconds=0)
+    ms = report["phases_ms"]
+    assert all(ms[name] > 0 for name in PHASES)
+    # Medians of the parts need not add up exactly to the median whole, but nearly.
+    assert math.isclose(sum(ms[name] for name in PHASES), ms["total"], rel_tol=0.25)
+    assert "ddp" not in report and "| step |" in report["markdown"]
+
+
+def test_plain_ddp_runs_the_production_step_on_two_processes() -> None:
+    config = load_config(TrainConfig, "fashion-mnist", SMALL)
+    figures = ddp_rate(config, workers=2, batch=8, seconds=0.5, sync=True)
+    assert figures["steps"] >= 2 and figures["ms_per_step"] > 0
+    assert math.isclose(figures["images_per_second"], 16 / (figures["ms_per_step"] / 1000))
