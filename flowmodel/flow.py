@@ -157,7 +157,7 @@ class Flow(nn.Module):
                 )
             )
             if level < config.levels - 1:
-                self.splits.append(GaussianSplit(channels))
+                self.splits.append(GaussianSplit(channels, clamp=config.split_clamp))
                 n_keep = channels // 2
                 self.latent_shapes.append((channels - n_keep, height, width))
                 channels = n_keep

@@ -348,17 +348,25 @@ class GaussianSplit(Bijection):
     x = (x1, x2) by channel halves; (mu, log_sigma) = ZeroConv3x3(x1); the output is
     (x1, eps) with eps = (x2 - mu) * exp(-log_sigma), so N(eps; 0, I) times exp(logdet) is exactly
     the prior N(x2; mu, sigma). The flow then factors eps out. Starts as N(0, I).
+
+    `clamp` soft-clamps log_sigma to (-clamp, clamp) with tanh, as the couplings' log-scales: the
+    conv extrapolates freely on inputs unlike its training data, and an unbounded log_sigma of
+    -90 already overflows exp(-log_sigma) in float32 (inf bits/dim, or NaN where x2 == mu).
+    None: unbounded (models trained before the clamp existed).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, clamp: float | None = None) -> None:
         super().__init__()
         self.n_keep = channels // 2
+        self.clamp = clamp
         self.prior = nn.Conv2d(self.n_keep, 2 * (channels - self.n_keep), 3, padding=1)
         nn.init.zeros_(self.prior.weight)
         nn.init.zeros_(self.prior.bias)
 
     def _prior(self, x1: Tensor) -> tuple[Tensor, Tensor]:
         mu, log_sigma = self.prior(x1).chunk(2, dim=1)
+        if self.clamp is not None:
+            log_sigma = self.clamp * torch.tanh(log_sigma / self.clamp)
         return mu, log_sigma
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

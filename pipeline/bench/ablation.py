@@ -75,6 +75,7 @@ LEVERS: tuple[Lever, ...] = (
         "variational dequantization (Flow++)",
         ("model.dequantization=variational",),
     ),
+    Lever("split-clamp8", "split priors' log-sigma clamped to +-8", ("model.split_clamp=8",)),
 )
 
 

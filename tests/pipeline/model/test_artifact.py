@@ -3,6 +3,7 @@ so it gives the same log-likelihoods to the last bit; loading it needs neither R
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -99,3 +100,18 @@ def test_artifact_and_likelihood_import_neither_ray_nor_mlflow() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert found.stdout.strip() == "[]"
+
+
+def test_a_clamped_split_prior_survives_the_round_trip_and_old_files_load_unbounded(
+    tmp_path: Path, fashion_mnist: torch.Tensor
+) -> None:
+    clamped = build_flow(FlowConfig(**{**CONFIG.to_dict(), "split_clamp": 8.0}))
+    clamped.initialize(fashion_mnist[:64])
+    saved = save_flow(clamped, tmp_path / "model")
+    assert json.loads((saved / "flow_config.json").read_text())["split_clamp"] == 8.0
+    assert [split.clamp for split in load_flow(saved).splits] == [8.0] * len(clamped.splits)
+    # The same file as flowray wrote it before the field existed: no split_clamp key.
+    config = json.loads((saved / "flow_config.json").read_text())
+    del config["split_clamp"]
+    (saved / "flow_config.json").write_text(json.dumps(config))
+    assert all(split.clamp is None for split in load_flow(saved).splits)
