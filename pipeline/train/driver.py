@@ -10,6 +10,7 @@ restores it through `get_checkpoint()`) and continues the same MLflow run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -280,7 +281,13 @@ def _init_ray(config: TrainConfig) -> None:
     workers_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
     # The dashboard stays on: Ray Train's placement-group cleaner asks its state API whether the
     # controller lives, and warns every few seconds when it cannot.
-    ray.init(address="local", num_cpus=int(math.ceil(workers_cpus)) + 2, log_to_driver=True)
+    ray.init(
+        address="local",
+        num_cpus=int(math.ceil(workers_cpus)) + 2,
+        log_to_driver=True,
+        # WARNING hides "Started a local Ray instance. View the dashboard at ...", as in the demo.
+        logging_level=logging.INFO if config.verbose else logging.WARNING,
+    )
 
 
 def _storage_args(config: TrainConfig) -> tuple[str, Any]:
