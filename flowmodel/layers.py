@@ -352,7 +352,7 @@ class GaussianSplit(Bijection):
     `clamp` soft-clamps log_sigma to (-clamp, clamp) with tanh, as the couplings' log-scales: the
     conv extrapolates freely on inputs unlike its training data, and an unbounded log_sigma of
     -90 already overflows exp(-log_sigma) in float32 (inf bits/dim, or NaN where x2 == mu).
-    None: unbounded (models trained before the clamp existed).
+    None (the default, `FlowConfig.split_clamp`): unbounded.
     """
 
     def __init__(self, channels: int, clamp: float | None = None) -> None:

@@ -71,8 +71,8 @@ def make_optimizer(params: Iterable[nn.Parameter], optim: OptimSettings) -> torc
 
 
 def _fast_kernels(params: Sequence[Tensor]) -> bool:
-    """Whether torch's fused and multi-tensor kernels take these tensors: floating point, all on
-    one CPU or CUDA device (the devices flowray trains on; torch checks only when it runs them)."""
+    """Whether torch's fused and multi-tensor kernels take these tensors: floating point, and all
+    on CPU or all on CUDA (the devices flowray trains on; torch checks only when it runs them)."""
     devices = {p.device.type for p in params}
     return devices in ({"cpu"}, {"cuda"}) and all(p.is_floating_point() for p in params)
 
