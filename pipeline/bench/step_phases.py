@@ -59,7 +59,7 @@ def phases(config: TrainConfig, images: torch.Tensor, batch: int, steps: int) ->
         marks.append(time.perf_counter())
         loss.backward()
         marks.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(list(flow.parameters()), 100.0, foreach=True)
+        torch.nn.utils.clip_grad_norm_(list(flow.parameters()), 100.0)
         marks.append(time.perf_counter())
         optimizer.step()
         marks.append(time.perf_counter())
