@@ -23,10 +23,10 @@ import itertools
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -57,6 +57,8 @@ from pipeline.train.reporting import (
 from pipeline.train.step import StepMetrics, budget_progress, evaluate_bits_per_dim
 
 __all__ = ["train_loop_per_worker"]
+
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- this worker
@@ -310,8 +312,7 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
             board.announce(state.epoch)
         # A resume inside an epoch skips the batches of it consumed before (same order).
         resume_at, epoch_batches = state.epoch_step, 0
-        asked = time.monotonic()
-        for batch in shard.iter_torch_batches(
+        batches = shard.iter_torch_batches(
             batch_size=config.batch_size,
             drop_last=True,
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,
@@ -319,11 +320,10 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
             device=training.device,
             # Pinned host batches: the copy to the GPU is asynchronous.
             pin_memory=training.device.type == "cuda",
-        ):
-            clock.window_wait += time.monotonic() - asked
+        )
+        for batch in _timing_waits(batches, clock):
             epoch_batches += 1
             if epoch_batches <= resume_at:
-                asked = time.monotonic()
                 continue
             if config.record_batches:
                 record_batch(config, worker.rank, state, batch["image"])
@@ -331,7 +331,6 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
             done = _step_and_duties(worker, training, state, clock, batch["image"])
             if done:
                 break
-            asked = time.monotonic()
         else:
             # A finished pass: the next epoch's order is drawn with seed + epoch.
             state.epoch, state.epoch_step = state.epoch + 1, 0
@@ -340,6 +339,20 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
                 f"the training split {config.data.train} gives no full batch of {config.batch_size} "
                 f"images per worker ({worker.world} workers): use more images or a smaller batch_size"
             )
+
+
+def _timing_waits(batches: Iterable[T], clock: _Clock) -> Iterator[T]:
+    """`batches`, adding the time spent waiting for each one to the clock's logging window (the
+    time between yields is the consumer's, and does not count)."""
+    iterator = iter(batches)
+    while True:
+        asked = time.monotonic()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        clock.window_wait += time.monotonic() - asked
+        yield batch
 
 
 def _step_and_duties(
