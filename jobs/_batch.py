@@ -70,11 +70,9 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
     from pipeline.train.reporting import quiet_local_ray
 
     quiet_local_ray(verbose)
-    # One logical CPU per core plus one: the batch jobs size their actor pools as "CPUs less one
-    # for Ray Data's read tasks", and reading (PNG decode) is light next to the flow's forward
-    # pass, so every core runs a model actor and the reader shares them.
-    cores = os.cpu_count() or 2
-    ray.init(address="local", num_cpus=cores + 1, include_dashboard=False, **quiet)
+    from pipeline.batch.score_pipeline import local_cpus
+
+    ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, **quiet)
 
 
 def check_tracking_server(uri: str, timeout: float = 3.0) -> None:

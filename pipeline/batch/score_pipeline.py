@@ -18,6 +18,7 @@ memory (pipeline.model.likelihood).
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
 
 import numpy as np
@@ -32,10 +33,20 @@ __all__ = [
     "Scorer",
     "actor_batch_size",
     "add_png_complexity",
+    "buffer_limit",
     "build_pipeline",
+    "local_cpus",
     "max_png_bytes",
     "pool_size",
 ]
+
+# Bound on what the pipeline keeps in Ray's object store between the readers and the actors.
+# Unbounded, Ray Data lets the readers run ahead of the actors up to half the object store (itself
+# 30% of RAM by default): reading is ~5x faster than scoring on a CPU, so a 1M-image run buffered
+# most of its input and peak memory grew with the input (issue 14). Eight batches per actor keep
+# every actor fed (it holds two in flight) with room for a read task's next blocks.
+BUFFERED_BATCHES_PER_ACTOR = 8
+MIN_BUFFER_BYTES = 64 << 20
 
 
 def max_png_bytes(image: np.ndarray) -> bytes:
@@ -140,6 +151,15 @@ def actor_batch_size(config: ScoreConfig, dims: int) -> int:
     return config.batch_size
 
 
+def local_cpus() -> int:
+    """Logical CPUs of a local Ray started for the batch jobs: one per core plus one. The pool
+    is "CPUs less one for the read tasks" (`pool_size`), and reading (PNG decode, ~0.1 ms per
+    28x28 image) is light next to the flow's forward pass, so every core runs a model actor and
+    the reader shares them. (Read tasks holding no CPU instead would exceed Ray's soft limit of
+    one worker process per CPU, and Ray then starts a fresh worker for each read task.)"""
+    return (os.cpu_count() or 2) + 1
+
+
 def pool_size(config: ScoreConfig) -> int:
     """Actors in the pool: `config.actors`, else as many as the cluster's resources allow."""
     if config.actors:
@@ -151,6 +171,13 @@ def pool_size(config: ScoreConfig) -> int:
         return max(1, int(resources.get("GPU", 0) // config.gpus_per_actor))
     # Leave one CPU for the read tasks, or actors would starve them.
     return max(1, int((resources.get("CPU", 1) - 1) // config.cpus_per_actor))
+
+
+def buffer_limit(actors: int, batch_size: int, shape: tuple[int, int, int]) -> int:
+    """Bytes of object store the scoring pipeline may fill: BUFFERED_BATCHES_PER_ACTOR batches of
+    uint8 images per actor, at least MIN_BUFFER_BYTES (a read task's blocks for small images)."""
+    batch_bytes = batch_size * int(np.prod(shape))
+    return max(MIN_BUFFER_BYTES, BUFFERED_BATCHES_PER_ACTOR * actors * batch_bytes)
 
 
 def build_pipeline(
@@ -173,6 +200,7 @@ def build_pipeline(
 
     on_gpu = config.gpus_per_actor > 0
     batch_size = actor_batch_size(config, int(np.prod(shape)))
+    actors = pool_size(config)
     dataset = read_input(
         plan,
         config.storage,
@@ -182,6 +210,12 @@ def build_pipeline(
         tally=tally,
         rows_per_block=batch_size,
         concurrency=config.read_concurrency,
+    )
+    # The dataset's context is its own copy (read_datasource copies the current one): the bound
+    # applies to this job only.
+    options = dataset.context.execution_options
+    options.resource_limits = options.resource_limits.copy(
+        object_store_memory=buffer_limit(actors, batch_size, shape)
     )
     if on_gpu:  # a task-based map right after the read: Ray Data fuses it into the read tasks
         dataset = dataset.map_batches(add_png_complexity, batch_format="numpy")
@@ -194,7 +228,7 @@ def build_pipeline(
             "device": "cuda" if on_gpu else "cpu",
             "keep_png": config.least_likely,
         },
-        compute=ray.data.ActorPoolStrategy(size=pool_size(config)),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=config.cpus_per_actor,

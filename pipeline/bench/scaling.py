@@ -10,8 +10,8 @@ again by the next run (prepare skips finished work), so only the first run at 1M
 Scoring: `pipeline.batch.scoring.score` (the `flowray score` job: Ray Data read -> actor pool ->
 Parquet per shard) with the preset's architecture at its ActNorm-initialised weights (throughput
 does not depend on training), into a fresh output prefix per run. With `fresh_ray`, each size runs
-on its own local Ray, started as `flowray score` starts it (one logical CPU per core), so that its
-memory is the job's alone. Memory: `pipeline.bench.common.RssSampler` over this process and all its
+on its own local Ray, started as `flowray score` starts it (one logical CPU per core plus one), so
+that its memory is the job's alone. Memory: `pipeline.bench.common.RssSampler` over this process and all its
 descendants (GCS, raylet, workers, actors), peak summed PSS (shared object-store pages counted
 once) and RSS.
 
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from flowmodel import FlowConfig, build_flow
+from pipeline.batch.score_pipeline import local_cpus
 from pipeline.bench.common import RssSampler, fashion_mnist, machine, markdown_table
 
 __all__ = ["DEFAULT_SIZES", "MEMORY_TOLERANCE", "markdown", "run"]
@@ -72,7 +73,7 @@ def _start_ray() -> None:
 
     ray.init(
         address="local",  # never join another engineer's cluster on this machine
-        num_cpus=os.cpu_count() or 2,
+        num_cpus=local_cpus(),  # as `flowray score` starts it
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=True,

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.batch.score_pipeline import local_cpus
 from pipeline.bench.common import (
     BENCH_BUCKET,
     RssSampler,
@@ -148,14 +149,15 @@ def run(
 
 
 def _local_ray(stack: ExitStack) -> None:
-    """A local Ray (one logical CPU per core) until `stack` closes, unless one is running."""
+    """A local Ray, started as `flowray score` starts it (`local_cpus`), until `stack` closes;
+    a Ray already running is used as it is."""
     import ray
     from ray.data import DataContext
 
     if not ray.is_initialized():
         ray.init(
             address="local",
-            num_cpus=os.cpu_count() or 2,
+            num_cpus=local_cpus(),  # as `flowray score` starts it
             include_dashboard=False,
             logging_level=logging.WARNING,
         )

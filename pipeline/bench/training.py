@@ -104,11 +104,14 @@ def _ray_run(
     seconds: float,
     max_steps: int | None,
     log_every: int,
-) -> float:
-    """One `pipeline.train.driver.train` run; median of its logged images/s, first window left out."""
+) -> tuple[float, str]:
+    """One `pipeline.train.driver.train` run: the median of its logged images/s (first window left
+    out), and why it stopped early ("" when it ran its time). A run that the non-finite guard
+    stops still measured throughput until then: its windows are in MLflow, so the figure is
+    kept and the reason reported beside it rather than losing the whole suite."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.driver import train
+    from pipeline.train.driver import TrainingStopped, train
 
     cores = os.cpu_count() or 1
     run_config = replace(
@@ -132,12 +135,34 @@ def _ray_run(
         ),
         workdir=str(workdir),
     )
-    result = train(run_config)
+    stopped = ""
+    try:
+        run_id = train(run_config).mlflow_run_id
+    except TrainingStopped as error:
+        stopped = str(error)
+        run_id = _run_id(run_config.mlflow.tracking_uri, run_config.mlflow.experiment, name)
     history = MlflowClient(run_config.mlflow.tracking_uri).get_metric_history(
-        result.mlflow_run_id, "images_per_second"
+        run_id, "images_per_second"
     )
     rates = [m.value for m in sorted(history, key=lambda m: m.step)]
-    return median(rates[1:] if len(rates) > 1 else rates)
+    if not rates:
+        raise RuntimeError(f"{name} logged no images/s window before it stopped: {stopped}")
+    return median(rates[1:] if len(rates) > 1 else rates), stopped
+
+
+def _run_id(tracking_uri: str, experiment: str, run_name: str) -> str:
+    """The MLflow run of a Ray Train run that raised before returning its result."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        filter_string=f"attributes.run_name = '{run_name}'",
+        max_results=1,
+    )
+    if not found:
+        raise RuntimeError(f"no MLflow run named {run_name} in experiment {experiment}")
+    return found[0].info.run_id
 
 
 def _prepare_data(workdir: Path, limit: int | None) -> Path:
@@ -187,7 +212,7 @@ def run(
     report: dict[str, Any] = {"machine": machine()}
     with _local_ray(cores):
         threads = {"ray_1_worker": _thread_probe(cores), "ray_2_workers": _thread_probe(cores // 2)}
-        samples, params = _measure(
+        samples, params, stopped = _measure(
             config,
             images,
             workdir,
@@ -212,6 +237,7 @@ def run(
         "params": params,
     }
     report["samples"] = samples
+    report["stopped_early"] = stopped
     report["images_per_second"] = {key: median(values) for key, values in samples.items()}
     report["ratios"] = _ratios(samples)
     report["targets"] = {
@@ -255,9 +281,10 @@ def _measure(
     max_steps: int | None,
     log_every: int,
     log: Callable[[str], None],
-) -> tuple[dict[str, list[float]], dict[str, int]]:
+) -> tuple[dict[str, list[float]], dict[str, int], list[str]]:
     """Per repeat: the in-process pair, then Ray Train with 1 and 2 workers. Returns images/s per
-    run kind and repeat, and the two models' parameter counts."""
+    run kind and repeat, the two models' parameter counts, and a line per Ray run that stopped
+    early (its images/s until then are among the samples)."""
     samples: dict[str, list[float]] = {
         "flowray_in_process": [],
         "normflows_in_process": [],
@@ -265,6 +292,7 @@ def _measure(
         "ray_2_workers": [],
     }
     params: dict[str, int] = {}
+    stopped: list[str] = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for repeat in range(repeats):
         log(f"repeat {repeat + 1}/{repeats}: in-process flowray and normflows")
@@ -274,7 +302,7 @@ def _measure(
         params = {"flowray": figures["flowray_params"], "normflows": figures["normflows_params"]}
         for key, workers in (("ray_1_worker", 1), ("ray_2_workers", 2)):
             log(f"repeat {repeat + 1}/{repeats}: Ray Train, {workers} worker(s)")
-            rate = _ray_run(
+            rate, reason = _ray_run(
                 config,
                 workdir,
                 f"bench-{stamp}-{key}-{repeat}",
@@ -285,7 +313,10 @@ def _measure(
                 log_every,
             )
             samples[key].append(rate)
-    return samples, params
+            if reason:
+                log(f"repeat {repeat + 1}/{repeats}, {key}: {reason}")
+                stopped.append(f"{key}, repeat {repeat + 1}: {reason}")
+    return samples, params, stopped
 
 
 def _ratios(samples: dict[str, list[float]]) -> dict[str, float]:
@@ -318,6 +349,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
 
     machine_info = report["machine"]
+    stopped = report.get("stopped_early", [])
     return "\n".join(
         [
             table,
@@ -334,6 +366,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"Machine: {machine_info['cpu']}, {machine_info['cores']} cores, torch "
             f"{machine_info['torch']}, Ray {machine_info['ray']}, load average at start "
             f"{machine_info['load_average'][0]}.",
+            *(
+                [f"Stopped early (images/s measured until then): {'; '.join(stopped)}."]
+                if stopped
+                else []
+            ),
         ]
     )
 

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs.config import apply_overrides
 from jobs.errors import exit_code_of
+from pipeline.bench.training import _run_id
 from pipeline.data.reader import iter_split
 from pipeline.data.shards import prepare
 from pipeline.data.sources import open_source
@@ -179,3 +180,5 @@ def test_a_diverged_run_stops_without_retries_and_is_marked_failed(
     # init checksum history entry; the run logged its start once.
     history = client.get_metric_history(run.info.run_id, "init_checksum_rank0")
     assert len(history) == 1
+    # The training bench finds a stopped run's logged windows by its name.
+    assert _run_id(f"sqlite:///{tmp_path}/mlflow.db", "flowray", "tiny") == run.info.run_id
