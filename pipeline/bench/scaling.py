@@ -35,13 +35,13 @@ from flowmodel import FlowConfig, build_flow
 from pipeline.batch.score_pipeline import local_cpus
 from pipeline.bench.common import RssSampler, fashion_mnist, machine, markdown_table
 
-__all__ = ["DEFAULT_SIZES", "MEMORY_TOLERANCE", "markdown", "run"]
+__all__ = ["DEFAULT_SIZES", "MEMORY_TOLERANCE", "markdown", "replicated_split", "run"]
 
 DEFAULT_SIZES = (10_000, 30_000, 100_000)  # 1M: pass sizes (about 15 min to score on 2 cores)
 MEMORY_TOLERANCE = 0.2  # peak memory may grow at most 20% from the smallest size
 
 
-def _prepared(workdir: Path, images: np.ndarray, size: int, shard_samples: int) -> str:
+def replicated_split(workdir: Path, images: np.ndarray, size: int, shard_samples: int) -> str:
     """The split of `size` images (the base images repeated), prepared once under workdir."""
     from pipeline.data.shards import ManifestError, load_manifest, prepare
     from pipeline.data.sources import NpySource
@@ -123,7 +123,7 @@ def run(
         splits = {}
         for size in sorted(sizes):
             log(f"scaling: preparing {size:,} images")
-            splits[size] = _prepared(workdir, base.numpy(), size, shard_samples)
+            splits[size] = replicated_split(workdir, base.numpy(), size, shard_samples)
         for size in sorted(sizes):
             if fresh_ray:  # so that the memory measured is this size's job alone
                 ray.shutdown()

@@ -257,12 +257,14 @@ def run(
 @contextmanager
 def _local_ray(cores: int) -> Iterator[None]:
     """A local Ray for the runs, started as pipeline.train.driver starts it (the workers' CPUs plus
-    2 logical CPUs for Ray Data) and shut down after; a Ray already running is used as it is."""
+    2 logical CPUs for Ray Data, the dashboard on) and shut down after; a Ray already running is
+    used as it is. Without the dashboard, Ray Train's placement-group cleaner cannot reach the
+    state API and warns every few seconds (123 lines in one 5-minute suite)."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=cores + 2, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=cores + 2, log_to_driver=True)
     try:
         yield
     finally:

@@ -20,12 +20,14 @@ from pipeline.model.likelihood import keyed_bits_per_dim
 from pipeline.train.config import OptimSettings
 
 __all__ = [
+    "Evaluation",
     "LossFunction",
     "StepMetrics",
     "batch_bits_per_dim",
     "budget_progress",
     "flow_bits_per_dim",
     "learning_rate",
+    "evaluate",
     "evaluate_bits_per_dim",
     "make_optimizer",
     "set_learning_rate",
@@ -171,20 +173,59 @@ def train_step(
     return StepMetrics(bits_per_dim=float(mean.detach()), grad_norm=float(norm), skipped=False)
 
 
-@torch.no_grad()
-def evaluate_bits_per_dim(
-    model: nn.Module, batches: Iterable[tuple[Sequence[str], Tensor]], seed: int = 0
-) -> tuple[float, int]:
-    """Mean per-image bits/dim over (keys, images) batches, with keyed dequantization noise.
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-image bits/dim over a validation set, summed up.
 
-    Returns (mean, count). Independent of batching and order, so it matches scoring to rounding.
+    `mean` is over every image, so one image the model gives (numerically) zero density makes it
+    inf: the honest figure. `nonfinite` counts those images and `finite_mean` is the mean over the
+    others, so that a user can tell one pathological image from a model that is bad everywhere.
     """
+
+    total: float = 0.0  # sum of every image's bits/dim
+    count: int = 0
+    finite_total: float = 0.0  # sum over the finite ones
+    nonfinite: int = 0
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+    @property
+    def finite_mean(self) -> float:
+        finite = self.count - self.nonfinite
+        return self.finite_total / finite if finite else math.nan
+
+    def add(self, bits: Tensor) -> Evaluation:
+        """This evaluation with a batch's per-image bits/dim (float64) added."""
+        finite = torch.isfinite(bits)
+        return Evaluation(
+            total=self.total + float(bits.sum()),
+            count=self.count + bits.numel(),
+            finite_total=self.finite_total + float(bits[finite].sum()),
+            nonfinite=self.nonfinite + int((~finite).sum()),
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[Sequence[str], Tensor]], seed: int = 0
+) -> Evaluation:
+    """Per-image bits/dim over (keys, images) batches, with keyed dequantization noise, summed
+    up. Independent of batching and order, so it matches scoring to rounding."""
     flow = unwrap(model)
     was_training = flow.training
     flow.eval()
-    total, count = 0.0, 0
+    result = Evaluation()
     for keys, images in batches:
-        total += float(keyed_bits_per_dim(flow, keys, images, seed).double().sum())
-        count += images.shape[0]
+        result = result.add(keyed_bits_per_dim(flow, keys, images, seed).double())
     flow.train(was_training)
-    return (total / count if count else math.nan), count
+    return result
+
+
+def evaluate_bits_per_dim(
+    model: nn.Module, batches: Iterable[tuple[Sequence[str], Tensor]], seed: int = 0
+) -> tuple[float, int]:
+    """(mean bits/dim over every image, image count) of `evaluate`."""
+    result = evaluate(model, batches, seed)
+    return result.mean, result.count

@@ -54,7 +54,7 @@ from pipeline.train.reporting import (
     start_system_metrics,
     stop_system_metrics,
 )
-from pipeline.train.step import StepMetrics, budget_progress, evaluate_bits_per_dim
+from pipeline.train.step import StepMetrics, budget_progress, evaluate
 
 __all__ = ["train_loop_per_worker"]
 
@@ -441,7 +441,8 @@ def _evaluate(worker: _Worker, training: Training, state: LoopState, final: bool
     """Phase 3 (rank 0): validation bits/dim of the EMA weights, logged with a sample grid. The
     final evaluation must see images: its figure is what the model is registered with."""
     config, step, flow = worker.config, state.step, training.ema.model
-    mean, count = evaluate_bits_per_dim(flow, _validation_batches(config), seed=config.eval_seed)
+    result = evaluate(flow, _validation_batches(config), seed=config.eval_seed)
+    mean, count = result.mean, result.count
     if count == 0 and final:
         raise ValueError(
             f"data.validation ({config.data.validation}): expected at least one image for the "
@@ -449,9 +450,22 @@ def _evaluate(worker: _Worker, training: Training, state: LoopState, final: bool
         )
     state.history["validation"].append([step, mean])
     state.val_bits_per_dim, state.last_eval_step = mean, step
-    worker.logger.metrics({"val_bits_per_dim": mean, "val_images": count}, step)
+    metrics = {
+        "val_bits_per_dim": mean,
+        "val_images": count,
+        "val_nonfinite_images": result.nonfinite,
+    }
+    if result.nonfinite:  # the mean is then inf, which MLflow cannot hold (the logger drops it)
+        metrics["val_bits_per_dim_finite"] = result.finite_mean
+    worker.logger.metrics(metrics, step)
     worker.logger.image(sample_grid(flow, config.sample_temperature, step), "samples", step)
-    say(f"step {step}: validation {mean:.4f} bits/dim on {count} images")
+    line = f"step {step}: validation {mean:.4f} bits/dim on {count} images"
+    if result.nonfinite:
+        line += (
+            f" ({result.nonfinite} with non-finite bits/dim; {result.finite_mean:.4f} over the "
+            "others: see README, where the model can overflow)"
+        )
+    say(line)
 
 
 def _checkpoint_and_report(worker: _Worker, training: Training, state: LoopState) -> None:

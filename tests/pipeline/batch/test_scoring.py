@@ -3,6 +3,7 @@ agreement with training's validation, the OOD score, skips, the registry, S3."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -395,3 +396,32 @@ def test_s3_input_and_output(
     again = score(cfg)
     assert again.shards_written == () and again.shards_already_done == 2
     assert {e["name"]: e["ETag"] for e in fs.ls(path, detail=True) if e["type"] == "file"} == etags
+
+
+def test_the_pipeline_bounds_its_object_store_buffer_for_this_job_only(
+    trained_model: TrainedModel,  # noqa: F811
+    fmnist_split: str,
+    tmp_path: Path,
+) -> None:
+    # Unbounded, Ray Data let the readers run ahead of the actors until half the object store was
+    # full: a 1M-image run buffered most of its input (README, Scaling).
+    from ray.data import DataContext
+
+    from pipeline.batch.resolve import resolve_batch_model
+    from pipeline.batch.score_pipeline import MIN_BUFFER_BYTES, buffer_limit, build_pipeline
+    from pipeline.data.inputs import resolve_input
+    from pipeline.data.tally import SkipTally
+
+    cfg = dataclasses.replace(config(trained_model, fmnist_split, tmp_path), actors=2)
+    plan = resolve_input(fmnist_split)
+    payload = resolve_batch_model(cfg.model).payload
+    shards = [ref.url for ref in plan.shards]
+    dataset = build_pipeline(cfg, payload, plan, shards, SkipTally.shared(), (1, 28, 28))
+    # 8 batches x 2 actors x 128 images x 784 bytes is 1.6 MB: the 64 MB floor holds.
+    assert dataset.context.execution_options.resource_limits.object_store_memory == MIN_BUFFER_BYTES
+    # GPU-sized batches of 3x32x32 (5,461 images, 16.8 MB) on 4 actors: 8 batches each.
+    assert buffer_limit(4, 5461, (3, 32, 32)) == 8 * 4 * 5461 * 3072
+    # The bound is the dataset's own: the process's DataContext stays unbounded.
+    assert (
+        DataContext.get_current().execution_options.resource_limits.object_store_memory == math.inf
+    )

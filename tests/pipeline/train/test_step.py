@@ -98,3 +98,18 @@ def test_optimizer_follows_the_settings() -> None:
     assert isinstance(adamax, torch.optim.Adamax)
     assert adamax.defaults["lr"] == 5e-4 and adamax.defaults["weight_decay"] == 0.1
     assert type(make_optimizer(params, OptimSettings())) is torch.optim.Adam
+
+
+def test_an_evaluation_counts_non_finite_images_and_keeps_the_mean_honest() -> None:
+    # One image at zero density (as the hour-long run's test image 6573, README "The model") makes
+    # the mean inf; the count and the mean over the others say how the rest of the set scored.
+    from pipeline.train.step import Evaluation
+
+    result = Evaluation().add(torch.tensor([3.0, math.inf], dtype=torch.float64))
+    result = result.add(torch.tensor([4.0, 5.0], dtype=torch.float64))
+    assert (result.count, result.nonfinite) == (4, 1)
+    assert result.mean == math.inf
+    assert result.finite_mean == 4.0
+    clean = Evaluation().add(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    assert (clean.mean, clean.finite_mean, clean.nonfinite) == (3.5, 3.5, 0)
+    assert math.isnan(Evaluation().mean) and math.isnan(Evaluation().finite_mean)
