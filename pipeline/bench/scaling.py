@@ -11,9 +11,9 @@ Scoring: `pipeline.batch.scoring.score` (the `flowray score` job: Ray Data read 
 Parquet per shard) with the preset's architecture at its ActNorm-initialised weights (throughput
 does not depend on training), into a fresh output prefix per run. With `fresh_ray`, each size runs
 on its own local Ray, started as `flowray score` starts it (one logical CPU per core plus one), so
-that its memory is the job's alone. Memory: `pipeline.bench.common.RssSampler` over this process and all its
-descendants (GCS, raylet, workers, actors), peak summed PSS (shared object-store pages counted
-once) and RSS.
+that its memory is the job's alone. Memory: `pipeline.bench.common.RssSampler` over this process
+and all its descendants (GCS, raylet, workers, actors), peak summed PSS (shared object-store pages
+counted once) and RSS.
 
 Linearity: seconds per image at each size over that of the smallest (1.0 = linear); memory
 flatness: peak PSS over the smallest size's (target: within 1.2).

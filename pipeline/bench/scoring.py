@@ -75,7 +75,9 @@ def _prepare(count: int, out: str, storage: Any = None) -> str:
     from pipeline.data.sources import open_source
 
     source = open_source("idx:")
-    if count > source.splits()["test"] and storage is None:
+    if count > source.splits()["test"]:
+        if storage is not None:
+            raise ValueError(f"S3 inputs: at most the test split's 10,000 images, asked {count}")
         from pipeline.bench.common import fashion_mnist
         from pipeline.bench.scaling import replicated_split
 
