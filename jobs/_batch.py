@@ -16,6 +16,7 @@ from pipeline.storage import redact_url
 
 __all__ = [
     "add_common_arguments",
+    "check_local_gpus",
     "check_tracking_server",
     "connect_ray",
     "default_of",
@@ -46,7 +47,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, ray: bool = True) -
             "--address",
             default=None,
             help="Ray cluster address, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, "
-            "else a local Ray started in this process with one CPU per core)",
+            "else a local Ray started in this process with one logical CPU per core plus one)",
         )
         parser.add_argument(
             "--endpoint-url",
@@ -73,6 +74,24 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
     from pipeline.batch.score_pipeline import local_cpus
 
     ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, **quiet)
+
+
+def check_local_gpus(option: str, requested: float, address: str | None) -> None:
+    """A local Ray gets this machine's GPUs: asking for more fails here, naming the fix, instead
+    of leaving the job's actors or tasks waiting for ever on a GPU that is not there. A cluster
+    joined by address is not checked: its autoscaler may add GPU nodes on demand."""
+    if requested <= 0 or address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    found = torch.cuda.device_count()
+    if found < requested:
+        raise UserError(
+            f"{option} {requested:g}: expected a CUDA GPU for a local Ray, found {found} on this "
+            "machine",
+            hint=f"leave out {option} to run on CPUs, or pass --address of a Ray cluster with "
+            "GPU nodes",
+        )
 
 
 def check_tracking_server(uri: str, timeout: float = 3.0) -> None:

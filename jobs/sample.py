@@ -12,7 +12,13 @@ import argparse
 import logging
 import sys
 
-from jobs._batch import add_common_arguments, check_tracking_server, connect_ray, default_of
+from jobs._batch import (
+    add_common_arguments,
+    check_local_gpus,
+    check_tracking_server,
+    connect_ray,
+    default_of,
+)
 from jobs.config import HelpFormatter, add_config_arguments, load_config
 from jobs.errors import run_main
 
@@ -49,6 +55,16 @@ def parser() -> argparse.ArgumentParser:
         help=f"chunks in flight at once; 0 = two per CPU (default: {d('tasks')})",
     )
     p.add_argument(
+        "--chunk-size",
+        type=int,
+        help=f"images per task and per seed; raise it on GPUs (default: {d('chunk_size')})",
+    )
+    p.add_argument(
+        "--gpus-per-task",
+        type=float,
+        help=f"GPUs per task; > 0 samples on CUDA (default: {d('gpus_per_task')})",
+    )
+    p.add_argument(
         "--experiment", help=f"MLflow experiment of the run (default: {d('experiment')})"
     )
     add_config_arguments(p, None)
@@ -78,12 +94,15 @@ def main(argv: list[str] | None = None) -> int:
                 "temperature": args.temperature,
                 "seed": args.seed,
                 "tasks": args.tasks,
+                "chunk_size": args.chunk_size,
+                "gpus_per_task": args.gpus_per_task,
                 "experiment": args.experiment,
                 "tracking_uri": args.tracking_uri,
                 "storage.endpoint_url": args.endpoint_url,
             },
         )
         check_tracking_server(resolve_tracking_uri(config.tracking_uri))
+        check_local_gpus("--gpus-per-task", config.gpus_per_task, args.address)
         connect_ray(args.address, args.verbose)
         result = generate(config)
         print(result.line())

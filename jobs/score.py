@@ -28,7 +28,13 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from jobs._batch import add_common_arguments, check_tracking_server, connect_ray, default_of
+from jobs._batch import (
+    add_common_arguments,
+    check_local_gpus,
+    check_tracking_server,
+    connect_ray,
+    default_of,
+)
 from jobs.config import HelpFormatter, add_config_arguments, load_config
 from jobs.errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, run_main
 
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         check_tracking_server(resolve_tracking_uri(config.tracking_uri))
+        check_local_gpus("--gpus-per-actor", config.gpus_per_actor, args.address)
         connect_ray(args.address, args.verbose)
         return print_result(score(config))
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,31 @@ def test_train_verbose_flag_turns_on_ray_trains_report_lines(capsys: pytest.Capt
     assert "\nverbose: false\n" in capsys.readouterr().out
     assert cli.main(["train", "--print-config", "-v"]) == 0
     assert "\nverbose: true\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["sample", "--gpus-per-task", "1", "--n", "8"], "--gpus-per-task"),
+        (["score", "--gpus-per-actor", "1", "--input", "unused"], "--gpus-per-actor"),
+    ],
+)
+def test_a_gpu_job_without_a_gpu_fails_at_once_with_the_fix(
+    command: list[str],
+    option: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    # Without the check, a local Ray with no GPU left the job's tasks or actors waiting for ever.
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the local Ray would use it")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = [*command, "--model", str(tmp_path), "--output", str(tmp_path / "out")]
+    args += ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{option} 1: expected a CUDA GPU for a local Ray, found 0 on this machine" in err
+    assert f"leave out {option} to run on CPUs" in err
