@@ -7,7 +7,8 @@ Figures (medians over repeats), as a Markdown table and as `run(...)`'s dict (fo
 - raw forward: `predict_frame` (keyed dequantization, the scorer's math) on images already decoded
   in memory, in this process, with torch using every core.
 - in-process, the same work: the raw forward plus the OOD score's complexity term (each image's
-  maximum-compression PNG, `score_pipeline.max_png_bytes`), which a Scorer actor also computes.
+  maximum-compression PNG, `score_pipeline.max_png_bytes`, coded on one thread as in an actor),
+  which a Scorer actor also computes.
   The baseline the Ray Data figures are divided by (issue 14: at least 0.85 at 100,000 images).
 - Ray Data scoring, input on local disk and on S3 (moto on loopback): `pipeline.batch.scoring.score`
   end to end (read, PNG decode, forward, PNG complexity, Parquet per shard). Its images/s counts

@@ -56,9 +56,10 @@ def unwrap(model: nn.Module) -> Flow:
 
 def make_optimizer(params: Iterable[nn.Parameter], optim: OptimSettings) -> torch.optim.Optimizer:
     """Adam or Adamax, as `optim` says, at its peak learning rate (`set_learning_rate` warms up
-    and decays it), on torch's default kernels. Fused Adam and multi-tensor clipping ran faster on
-    CPU, but every run with them at lr 2e-3 went unstable and none before them had (README
-    "Training throughput"): they wait for a side-by-side stability check."""
+    and decays it), on torch's default kernels. Fused Adam and multi-tensor clipping were tried
+    and reverted after runs with them at lr 2e-3 went unstable; a later run on these kernels
+    skipped a step at the same place, so they were probably not the cause, but their measured gain
+    was within run-to-run noise (README "Training throughput")."""
     kind = torch.optim.Adamax if optim.optimizer == "adamax" else torch.optim.Adam
     return kind(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
