@@ -3,6 +3,7 @@ brute-force Jacobian, forward/inverse log-dets cancelling. A new layer is one en
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -39,6 +40,7 @@ def perturb(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
 LAYERS: dict[str, Callable[[], Bijection]] = {
     "shift": Shift,
     "logit": lambda: Logit(0.05),
+    "logit-1e-6": lambda: Logit(1e-6),
     "squeeze": Squeeze,
     "actnorm": lambda: ActNorm(SHAPE[0]),
     "invconv": lambda: InvConv1x1(SHAPE[0]),
@@ -66,7 +68,7 @@ LAYERS: dict[str, Callable[[], Bijection]] = {
 
 def layer_input(name: str, batch: int = 3, seed: int = 1) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
-    if name in ("logit", "variational-dequantization"):  # their domain is (0, 1)
+    if name in ("logit", "logit-1e-6", "variational-dequantization"):  # their domain is (0, 1)
         return torch.rand(batch, *SHAPE, generator=generator, dtype=torch.float64) * 0.9 + 0.05
     return torch.randn(batch, *SHAPE, generator=generator, dtype=torch.float64)
 
@@ -225,3 +227,22 @@ def test_the_clamped_split_prior_stays_finite_where_the_unbounded_one_overflows(
     # Pinned near -8 (8 tanh(-218) = -8 to float32): the log-det is +8 per transformed element.
     transformed = (SHAPE[0] - SHAPE[0] // 2) * SHAPE[1] * SHAPE[2]
     assert torch.allclose(logdet, torch.full((2,), 8.0 * transformed))
+
+
+def test_logit_with_a_small_alpha_is_exact_in_float32_in_the_top_cell() -> None:
+    """With MAF's alpha 1e-6, 1 - p in the top cell is as small as 1e-6: computed as 1 - p in float32
+    it was off by up to a few percent there. Against float64 on the same float32 inputs."""
+    u = torch.tensor([0.0, 0.5, 0.99, 0.999, 0.9999, 0.99999], dtype=torch.float32)
+    y = ((255 + u) / 256).view(1, 1, 1, -1)  # the top cell, as dequantize computes it
+    alpha = 1e-6
+    z, ldj = Logit(alpha)(y)
+    y64 = y.double()
+    p, q = alpha + (1 - 2 * alpha) * y64, alpha + (1 - 2 * alpha) * (1 - y64)
+    expected_z = torch.log(p) - torch.log(q)
+    expected_ldj = (math.log(1 - 2 * alpha) - torch.log(p) - torch.log(q)).sum()
+    assert torch.allclose(z.double(), expected_z, rtol=1e-6, atol=0)
+    assert float(ldj) == pytest.approx(float(expected_ldj), rel=1e-6)
+    # The old formula's error at the last point, so this test can tell them apart.
+    p32 = alpha + (1 - 2 * alpha) * y
+    old_ldj = float((math.log(1 - 2 * alpha) - torch.log(p32) - torch.log1p(-p32)).sum())
+    assert abs(old_ldj - float(expected_ldj)) > 1e-3
