@@ -213,6 +213,9 @@ def _test_figures(
 ) -> dict[str, Any]:
     """Each model's training figures and the test bits/dim of its EMA weights (keyed noise)."""
     model = config.model
+    preprocess = (
+        f"logit (alpha {model.logit_alpha:g})" if model.preprocess == "logit" else model.preprocess
+    )
     started = time.perf_counter()
     chunks = [
         (keys[i : i + config.eval_batch_size], test[i : i + config.eval_batch_size])
@@ -222,7 +225,7 @@ def _test_figures(
     flowray = {
         "architecture": f"{model.levels} levels x {model.steps_per_level} steps, "
         f"{model.hidden_channels} hidden, {model.coupling} {model.mask} "
-        f"coupling, {model.preprocess} preprocessing",
+        f"coupling, {preprocess} preprocessing",
         **_figures(contenders["flowray"], global_batch(config)),
         "test_bits_per_dim": bits,
         "test_images": count,
