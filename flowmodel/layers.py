@@ -62,9 +62,9 @@ class Logit(Bijection):
     log|dz/dy| = log(1 - 2 alpha) - log p - log(1 - p) with p = alpha + (1 - 2 alpha) y, summed over
     every dimension: this term belongs to the density of y and is never dropped.
 
-    1 - p is computed as alpha + (1 - 2 alpha)(1 - y), not as 1 - p: with a small alpha (MAF's 1e-6)
-    p lies within 1e-6 of 1 in the top cell, where float32 rounds p to a few percent of 1 - p, while
-    1 - y is exact in float32 for y >= 0.5 (Sterbenz).
+    1 - p is computed as alpha + (1 - 2 alpha)(1 - y), not by subtracting p from 1: with a small
+    alpha (MAF's 1e-6) p lies within 1e-6 of 1 in the top cell, where p's float32 rounding error is
+    a few percent of 1 - p, while 1 - y is exact in float32 for y >= 0.5 (Sterbenz).
     """
 
     def __init__(self, alpha: float) -> None:

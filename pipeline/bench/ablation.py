@@ -54,7 +54,8 @@ class Lever:
 
 LEVERS: tuple[Lever, ...] = (
     Lever("baseline", "the preset as it is"),
-    # The preset before this ablation (the demo's recipe until then): peak lr 1e-3, global batch 128.
+    # The preset before issue 16 (the demo's recipe until then): peak lr 1e-3, global batch 128,
+    # logit alpha 0.05.
     Lever(
         "old-preset",
         "lr 1e-3, global batch 128, logit alpha 0.05",
