@@ -344,7 +344,7 @@ def markdown(report: dict[str, Any]) -> str:
                     row["lever"],
                     row["change"],
                     row["steps"],
-                    row["images_per_second"],
+                    f"{row['images_per_second']:,.0f}",  # a rate, not a count: no decimals
                     f"{row['test_bits_per_dim']:.4f}",
                     delta(row),
                 ]
