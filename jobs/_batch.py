@@ -71,7 +71,7 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
     from pipeline.train.reporting import quiet_local_ray
 
     quiet_local_ray(verbose)
-    from pipeline.batch.score_pipeline import local_cpus
+    from pipeline.batch.scoring.actors import local_cpus
 
     ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, **quiet)
 

@@ -24,7 +24,7 @@ from jobs.prepare import ShardProgress, summary_lines
 
 if TYPE_CHECKING:  # the pipeline is imported when a step runs, so --help stays fast
     from pipeline.batch.sampling import SampleResult
-    from pipeline.batch.score_config import ScoreResult
+    from pipeline.batch.scoring.config import ScoreResult
     from pipeline.train.driver import TrainResult
 
 PRESET = "fashion-mnist"
@@ -145,7 +145,7 @@ def _train(args: argparse.Namespace, workdir: Path, tracking_uri: str) -> TrainR
 
 
 def _score(model_uri: str, workdir: Path, tracking_uri: str) -> ScoreResult:
-    from pipeline.batch.scoring import ScoreConfig, score
+    from pipeline.batch.scoring.job import ScoreConfig, score
 
     scored = score(
         ScoreConfig(

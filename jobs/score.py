@@ -8,7 +8,7 @@ The input is a prepared split or the user's own WebDataset shards read in place:
 
 Runs locally (Ray started in-process) or on a cluster (`--address`, or under `ray job submit`).
 A rerun scores only shards without output (for foreign shards: without output for their current
-version, so a growing prefix costs only what arrived); see pipeline/batch/scoring.py.
+version, so a growing prefix costs only what arrived); see pipeline/batch/scoring/job.py.
 
 Exit codes: 0 every shard scored; 3 (EXIT_PARTIAL) finished, but shards that could not be read
 whole were left out (each printed with its reason; a rerun retries them); 1 (EXIT_FAILURE) no
@@ -39,7 +39,7 @@ from jobs.config import HelpFormatter, add_config_arguments, load_config
 from jobs.errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, run_main
 
 if TYPE_CHECKING:
-    from pipeline.batch.score_config import ScoreResult
+    from pipeline.batch.scoring.config import ScoreResult
 
 PROG = "flowray score"
 MODEL_VARIABLE = "FLOWRAY_SCORE_MODEL"
@@ -47,7 +47,7 @@ EXIT_CODES = {"complete": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILU
 
 
 def parser() -> argparse.ArgumentParser:
-    from pipeline.batch.score_config import ScoreConfig
+    from pipeline.batch.scoring.config import ScoreConfig
 
     def d(name: str) -> object:
         return default_of(ScoreConfig, name)
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def body() -> int:
-        from pipeline.batch.score_config import ScoreConfig
-        from pipeline.batch.scoring import score
+        from pipeline.batch.scoring.config import ScoreConfig
+        from pipeline.batch.scoring.job import score
         from pipeline.tracking.connection import resolve_tracking_uri
 
         config = load_config(

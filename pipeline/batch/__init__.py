@@ -2,12 +2,9 @@
 key) and sample generation, resolving the model the same way for both.
 
     resolve          model reference -> flow, payload for actors, name and version (both jobs)
-    scoring          score(): plan -> pipeline -> collect -> report, over
-      score_config     ScoreConfig, ScoreResult, ScoreError
-      score_pipeline   Ray Data: read_split -> Scorer actors
-      score_output     per-shard Parquet, written once complete; the settings file
-      write_once       create a file only if absent (hard link locally, If-None-Match on S3)
-      score_report     statistics, summary files, MLflow summary run
+    scoring/         score(): plan -> actors -> collect -> report (its __init__ lists the modules)
+    write_once       create a file only if absent (hard link locally, If-None-Match on S3)
+    top              the least likely images of an output, in bounded memory
     sampling         generate(): Ray tasks draw chunks; the MLflow run
       sample_shards    PNG samples into tar shards, atomically
 

@@ -4,7 +4,7 @@
     for row in result.rows: print(row.rank, row.score, row.key, row.shard_url)
     png = draw_top(result, storage, shape=(3, 64, 64))      # the images, fetched from the shards
 
-Reads `<output>/model=<name>/version=<v>/*.parquet` (pipeline.batch.score_output) with pyarrow,
+Reads `<output>/model=<name>/version=<v>/*.parquet` (pipeline.batch.scoring.output) with pyarrow,
 file by file and batch by batch (`batch_rows` rows of the few columns needed), keeping a running
 top n: memory is O(n + batch_rows), whatever the dataset's size. Higher is worse for both
 scores: bits_per_dim (least likely) and ood_score (Serra et al. 2020: most out-of-distribution).
@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.batch.score_config import ScoreError
+from pipeline.batch.scoring.config import ScoreError
 from pipeline.storage import StorageConfig, arrow_filesystem, join_url, list_files, read_bytes
 
 __all__ = ["BY", "TopResult", "TopRow", "draw_top", "model_prefix", "top_scores"]

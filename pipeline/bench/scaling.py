@@ -7,7 +7,7 @@ prepared into shards by `pipeline.data.shards.prepare` (Ray tasks), so every ima
 ("train-00123456"; NpySource's one split is "train"). A prepared size is kept in `workdir` and found
 again by the next run (prepare skips finished work), so only the first run at 1M pays for it.
 
-Scoring: `pipeline.batch.scoring.score` (the `flowray score` job: Ray Data read -> actor pool ->
+Scoring: `pipeline.batch.scoring.job.score` (the `flowray score` job: Ray Data read -> actor pool ->
 Parquet per shard) with the preset's architecture at its ActNorm-initialised weights (throughput
 does not depend on training), into a fresh output prefix per run. With `fresh_ray`, each size runs
 on its own local Ray, started as `flowray score` starts it (one logical CPU per core plus one), so
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from flowmodel import FlowConfig, build_flow
-from pipeline.batch.score_pipeline import local_cpus
+from pipeline.batch.scoring.actors import local_cpus
 from pipeline.bench.common import RssSampler, fashion_mnist, machine, markdown_table
 
 __all__ = ["DEFAULT_SIZES", "MEMORY_TOLERANCE", "markdown", "replicated_split", "run"]
@@ -164,7 +164,7 @@ def _score_size(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """One `flowray score` run over `split`: wall time, images/s and peak memory of the job."""
-    from pipeline.batch.scoring import ScoreConfig, score
+    from pipeline.batch.scoring.job import ScoreConfig, score
 
     output = workdir / f"scores-{time.strftime('%Y%m%d-%H%M%S')}-{size}"
     config = ScoreConfig(
@@ -239,7 +239,7 @@ def markdown(report: dict[str, Any]) -> str:
         [
             table,
             "",
-            f"`pipeline.batch.scoring.score` on the Fashion-MNIST test split replicated "
+            f"`pipeline.batch.scoring.job.score` on the Fashion-MNIST test split replicated "
             f"({settings['base_images']:,} distinct images, unique keys), "
             f"{settings['shard_samples']:,} images per shard, batch {settings['batch_size']}, "
             f"{'a fresh local Ray per size' if settings['fresh_ray'] else 'one shared Ray'}; "

@@ -7,10 +7,10 @@ Figures (medians over repeats), as a Markdown table and as `run(...)`'s dict (fo
 - raw forward: `predict_frame` (keyed dequantization, the scorer's math) on images already decoded
   in memory, in this process, with torch using every core.
 - in-process, the same work: the raw forward plus the OOD score's complexity term (each image's
-  maximum-compression PNG, `score_pipeline.max_png_bytes`, coded on one thread as in an actor),
+  maximum-compression PNG, `scoring.actors.max_png_bytes`, coded on one thread as in an actor),
   which a Scorer actor also computes.
   The baseline the Ray Data figures are divided by (issue 14: at least 0.85 at 100,000 images).
-- Ray Data scoring, input on local disk and on S3 (moto on loopback): `pipeline.batch.scoring.score`
+- Ray Data scoring, input on local disk and on S3 (moto on loopback): `pipeline.batch.scoring.job.score`
   end to end (read, PNG decode, forward, PNG complexity, Parquet per shard). Its images/s counts
   from the start of execution, actor start-up included, so small inputs understate it.
 - the first job on the fresh Ray (N local images) runs before the timed ones, apart: it also
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.batch.score_pipeline import local_cpus
+from pipeline.batch.scoring.actors import local_cpus
 from pipeline.bench.common import (
     BENCH_BUCKET,
     RssSampler,
@@ -92,7 +92,7 @@ def _in_process(model_dir: str, split: str, batch_size: int) -> tuple[float, flo
     """Images/s over decoded in-memory images, all cores, this process: of predict_frame alone
     (the raw forward), and of predict_frame plus each image's maximum-compression PNG (the
     scoring actors' work)."""
-    from pipeline.batch.score_pipeline import max_png_bytes
+    from pipeline.batch.scoring.actors import max_png_bytes
     from pipeline.data.reader import iter_split
     from pipeline.model.artifact import load_flow
     from pipeline.model.likelihood import predict_frame
@@ -233,7 +233,7 @@ class _Bench:
 
     def score(self, split: str, tag: str) -> _Scored:
         """`flowray score` on `split` into a fresh prefix: images/s, wall time, peak PSS."""
-        from pipeline.batch.scoring import ScoreConfig, score
+        from pipeline.batch.scoring.job import ScoreConfig, score
 
         config = ScoreConfig(
             model=self.model,

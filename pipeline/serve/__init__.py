@@ -10,7 +10,7 @@
 The throughput suite is pipeline.bench.serving; the command is jobs/serve.py.
 
 An answer is the score job's row for the same image: bits/dim, log-likelihood and the OOD score
-come from pipeline.batch.score_pipeline.Scorer, so the two never drift apart.
+come from pipeline.batch.scoring.actors.Scorer, so the two never drift apart.
 
 May import: flowmodel, pipeline.model, pipeline.data (image decoding), pipeline.tracking,
 pipeline.batch (the scorer and the model resolver), pipeline.errors.

@@ -30,7 +30,7 @@ class ServedModel:
     name: str
     version: str
     image_shape: tuple[int, int, int]
-    scorer: Any  # pipeline.batch.score_pipeline.Scorer
+    scorer: Any  # pipeline.batch.scoring.actors.Scorer
 
     def score(self, items: list[ScoreItem]) -> list[dict[str, Any]]:
         """One forward pass over `items`: per item the score job's columns, plus the model
@@ -59,7 +59,7 @@ class ServedModel:
 def load_served_model(reference: str, seed: int, draws: int) -> ServedModel:
     """Resolve `reference` (the batch jobs' resolver) and build its scorer on the CPU."""
     from pipeline.batch.resolve import resolve_batch_model
-    from pipeline.batch.score_pipeline import Scorer
+    from pipeline.batch.scoring.actors import Scorer
 
     model = resolve_batch_model(reference)
     scorer = Scorer(model.payload, seed=seed, draws=draws)

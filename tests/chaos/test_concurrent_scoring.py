@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.batch.score_output import SETTINGS_FILE
+from pipeline.batch.scoring.output import SETTINGS_FILE
 from tests.chaos.jobs import start_job
 from tests.chaos.test_score_chaos import read_scores
 from tests.pipeline.flow_fixtures import (
@@ -87,7 +87,7 @@ def test_two_jobs_with_other_seeds_one_is_refused_and_the_files_are_the_winners(
     frame = read_scores(str(prefix), None)
     assert len(frame) == IMAGES == frame["key"].nunique()
     # Every row is the winner's: scoring again with the winner's seed elsewhere gives the same.
-    from pipeline.batch.scoring import ScoreConfig, score
+    from pipeline.batch.scoring.job import ScoreConfig, score
 
     again = score(
         ScoreConfig(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.batch.score_output import OUTPUT_COLUMNS, SETTINGS_FILE
+from pipeline.batch.scoring.output import OUTPUT_COLUMNS, SETTINGS_FILE
 from tests.chaos.jobs import run_job, start_job
 from tests.faults.s3_proxy import FaultPlan
 from tests.pipeline.flow_fixtures import (
@@ -72,7 +72,7 @@ def s3_names(bucket, prefix: str) -> list[str]:
 
 
 def chaos_score(case: Case, faulty_s3, trained: TrainedModel, fmnist: Path, tmp_path: Path):
-    from pipeline.batch.scoring import ScoreConfig, score
+    from pipeline.batch.scoring.job import ScoreConfig, score
 
     direct, through = faulty_s3.direct, faulty_s3.bucket
     split = prepare_train_images(fmnist, f"{direct.url}/data", case, direct.storage)

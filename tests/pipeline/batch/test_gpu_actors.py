@@ -10,8 +10,8 @@ import torch
 
 from flowmodel import FlowConfig, build_flow
 from pipeline.batch.sampling import _sample_chunk
-from pipeline.batch.score_config import ScoreConfig
-from pipeline.batch.score_pipeline import Scorer, actor_batch_size, add_png_complexity
+from pipeline.batch.scoring.actors import Scorer, actor_batch_size, add_png_complexity
+from pipeline.batch.scoring.config import ScoreConfig
 from pipeline.model.artifact import FlowPayload
 from tests.pipeline.device_audit import AUDIT_DEVICE, AuditDevice
 

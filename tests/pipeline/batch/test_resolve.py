@@ -79,7 +79,7 @@ def test_scoring_and_sampling_name_the_model_alike(
     kind: str,
 ) -> None:
     from pipeline.batch.sampling import SampleConfig, generate
-    from pipeline.batch.scoring import ScoreConfig, score
+    from pipeline.batch.scoring.job import ScoreConfig, score
 
     reference, name, version = references[kind]
     split = prepare_fmnist(fashion_mnist_dir, str(tmp_path / "data"), 32, 32)

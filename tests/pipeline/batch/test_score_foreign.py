@@ -17,7 +17,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.batch.score_output import (
+from pipeline.batch.scoring.job import ScoreConfig, score
+from pipeline.batch.scoring.output import (
     OUTPUT_COLUMNS,
     SETTINGS_FILE,
     SHARD_SIZE_KEY,
@@ -25,7 +26,6 @@ from pipeline.batch.score_output import (
     SHARD_VERSION_KEY,
     SKIPPED_KEYS_KEY,
 )
-from pipeline.batch.scoring import ScoreConfig, score
 from pipeline.data.inputs import resolve_input
 from tests.pipeline.data.foreign_shards import Photo, make_photos, upload, write_shards
 from tests.pipeline.flow_fixtures import (

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.batch.score_output import ShardCollector, ShardTarget
-from pipeline.batch.score_report import ScoreStats
+from pipeline.batch.scoring.output import ShardCollector, ShardTarget
+from pipeline.batch.scoring.report import ScoreStats
 from pipeline.storage import StorageConfig
 
 ROWS_PER_SHARD = 500

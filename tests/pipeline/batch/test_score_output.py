@@ -13,8 +13,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.batch.score_config import ScoreError
-from pipeline.batch.score_output import (
+from pipeline.batch.scoring.config import ScoreError
+from pipeline.batch.scoring.output import (
     OUTPUT_COLUMNS,
     SETTINGS_FILE,
     SHARD_URL_KEY,

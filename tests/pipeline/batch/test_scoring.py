@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.batch.score_output import (
+from pipeline.batch.scoring.actors import max_png_bytes
+from pipeline.batch.scoring.job import ScoreConfig, ScoreError, score
+from pipeline.batch.scoring.output import (
     OUTPUT_COLUMNS,
     SETTINGS_FILE,
     SKIPPED_COUNT_KEY,
     SKIPPED_KEYS_KEY,
 )
-from pipeline.batch.score_pipeline import max_png_bytes
-from pipeline.batch.scoring import ScoreConfig, ScoreError, score
 from tests.pipeline.flow_fixtures import (
     MODEL_NAME,
     TrainedModel,
@@ -295,8 +295,7 @@ def test_a_recreated_model_reusing_its_version_number_is_refused(
 
     from pipeline.model.artifact import load_flow
     from pipeline.tracking.connection import ensure_experiment
-    from pipeline.tracking.logged_model import log_flow_model
-    from pipeline.tracking.registry import register_flow
+    from pipeline.tracking.registry import log_flow_model, register_flow
 
     name, client = "fmnist-recreated", MlflowClient(trained_model.tracking_uri)
     mlflow.set_tracking_uri(trained_model.tracking_uri)
@@ -408,7 +407,7 @@ def test_the_pipeline_bounds_its_object_store_buffer_for_this_job_only(
     from ray.data import DataContext
 
     from pipeline.batch.resolve import resolve_batch_model
-    from pipeline.batch.score_pipeline import MIN_BUFFER_BYTES, buffer_limit, build_pipeline
+    from pipeline.batch.scoring.actors import MIN_BUFFER_BYTES, buffer_limit, build_pipeline
     from pipeline.data.inputs import resolve_input
     from pipeline.data.tally import SkipTally
 

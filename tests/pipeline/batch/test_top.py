@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main as flowray
-from pipeline.batch.score_config import ScoreError
-from pipeline.batch.score_output import OUTPUT_COLUMNS
+from pipeline.batch.scoring.config import ScoreError
+from pipeline.batch.scoring.output import OUTPUT_COLUMNS
 from pipeline.batch.top import draw_top, top_scores
 from pipeline.data.images import decode_fitted
 from pipeline.data.input_reader import iter_input

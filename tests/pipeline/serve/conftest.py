@@ -2,7 +2,7 @@
 (the reference every server must reproduce), and a free loopback port.
 
 scored_images   8 held-out Fashion-MNIST test images in one shard, scored by
-                pipeline.batch.scoring.score with the registered test model
+                pipeline.batch.scoring.job.score with the registered test model
                 (models:/fmnist-test@champion): keys, pixels, PNG bytes and the Parquet rows.
 free_port       a TCP port on 127.0.0.1 nobody listens on.
 """
@@ -49,7 +49,7 @@ def scored_images(
     fashion_mnist_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> ScoredImages:
-    from pipeline.batch.scoring import ScoreConfig, score
+    from pipeline.batch.scoring.job import ScoreConfig, score
     from pipeline.data.images import encode_png
     from pipeline.data.reader import iter_split
 

@@ -27,12 +27,12 @@ from pipeline.model.artifact import save_flow
 from pipeline.model.likelihood import keyed_bits_per_dim
 from pipeline.model.pyfunc import as_uint8_images, content_key
 from pipeline.tracking.connection import ensure_experiment
-from pipeline.tracking.logged_model import example_images
 from pipeline.tracking.registry import (
     SHIPPED_PIPELINE,
     ModelNotFound,
     Promotion,
     RegistrationError,
+    example_images,
     log_flow_model,
     promote,
     register_flow,

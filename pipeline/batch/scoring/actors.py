@@ -9,7 +9,7 @@
          marker), and `png` for the few least likely images of each batch
 
 The OOD score's complexity term L(x) is the PNG of the decoded image at maximum compression (see
-pipeline.batch.scoring). CPU actors compute it beside the flow's forward pass; for GPU actors the
+pipeline.batch.scoring.job). CPU actors compute it beside the flow's forward pass; for GPU actors the
 read tasks compute it (CPU work, many tasks at once), so that a GPU never waits on PNG coding, and
 GPU actors take batches large enough to fill the GPU (`actor_batch_size`), copied from pinned
 memory (pipeline.model.likelihood).
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.batch.score_config import ScoreConfig
+from pipeline.batch.scoring.config import ScoreConfig
 from pipeline.data.inputs import InputPlan
 from pipeline.data.tally import SkipTally
 from pipeline.model.artifact import FlowPayload
@@ -83,7 +83,7 @@ class Scorer:
     Input batch (numpy): read_input's rows (key, shard, image uint8 [B, C, H, W], label, nbytes,
     orig_width, orig_height, shard_rows); and `png`,
     `png_bits_per_dim` when `add_png_complexity` ran before (else they are computed here). Output:
-    the OUTPUT_COLUMNS of pipeline.batch.score_output plus `png`, the max-compression PNG of this
+    the OUTPUT_COLUMNS of pipeline.batch.scoring.output plus `png`, the max-compression PNG of this
     batch's `keep_png` least likely images (b"" for the others), so the driver can draw the least
     likely images without images flowing through the pipeline. `precision` "bf16" runs the
     conditioners under bfloat16 autocast (faster on GPUs; bits/dim then differ in the 3rd-4th

@@ -1,5 +1,5 @@
 """What a scoring job is asked (ScoreConfig), what it did (ScoreResult), and how it refuses
-(ScoreError). `pipeline.batch.scoring` runs it."""
+(ScoreError). `pipeline.batch.scoring.job` runs it."""
 
 from __future__ import annotations
 

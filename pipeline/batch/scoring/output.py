@@ -4,7 +4,7 @@ lands exactly once across crashes, retries, reruns and concurrent jobs.
     <output>/model=<name>/version=<v>/_scoring.json          what the files mean (see below)
     <output>/model=<name>/version=<v>/shard-000000.parquet    the rows of shard-000000.tar
     <output>/model=<name>/version=<v>/<stem>@<v12>.parquet    a foreign shard at one version
-                                                              (see pipeline.batch.scoring)
+                                                              (see pipeline.batch.scoring.job)
 
 `ShardCollector` receives the score rows as the pipeline streams them and groups them by shard (the
 first copy of each key wins, in case a task is retried). The reader hands on a shard's last row
@@ -47,7 +47,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.batch.score_config import ScoreError
+from pipeline.batch.scoring.config import ScoreError
 from pipeline.batch.write_once import write_once
 from pipeline.data.tally import ShardOutcome
 from pipeline.storage import StorageConfig, join_url, read_bytes
@@ -85,7 +85,7 @@ SETTINGS_FILE = "_scoring.json"
 # Parquet file metadata (schema metadata) of every shard file: the bad images left out of it.
 SKIPPED_COUNT_KEY = "flowray.skipped_count"
 SKIPPED_KEYS_KEY = "flowray.skipped_keys"
-# ...and of a foreign shard's file: which shard, at which version (see pipeline.batch.scoring).
+# ...and of a foreign shard's file: which shard, at which version (see pipeline.batch.scoring.job).
 SHARD_URL_KEY = "flowray.shard_url"
 SHARD_VERSION_KEY = "flowray.shard_version"
 SHARD_SIZE_KEY = "flowray.shard_size"

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from pipeline.batch.score_config import ScoreConfig, ScoreResult
+from pipeline.batch.scoring.config import ScoreConfig, ScoreResult
 from pipeline.data.reader import SkipTally
 from pipeline.storage import join_url, redact_url, write_bytes_atomic
 

@@ -49,11 +49,11 @@ A run goes through four phases, one module each:
 
     plan       check access, list the input once, model and image shape; sweep this host's dead
                temps; list the shards without a file for their version
-    pipeline   pipeline.batch.score_pipeline: read_input -> map_batches(Scorer) on an actor pool
-    collect    pipeline.batch.score_output: rows grouped by shard, each shard's file written
+    pipeline   pipeline.batch.scoring.actors: read_input -> map_batches(Scorer) on an actor pool
+    collect    pipeline.batch.scoring.output: rows grouped by shard, each shard's file written
                once, when complete, so every key appears exactly once across crashes, retried
                tasks, reruns and concurrent jobs (a rerun scores only the shards without a file)
-    report     pipeline.batch.score_report: summary files beside the outputs, MLflow summary run
+    report     pipeline.batch.scoring.report: summary files beside the outputs, MLflow summary run
 
 Under on_error="skip", bad images (a member read whole that does not decode or breaks the image
 limits) are logged with shard and key by the reader, left out of their shard's file and recorded
@@ -76,8 +76,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.batch.resolve import BatchModel, resolve_batch_model
-from pipeline.batch.score_config import ScoreConfig, ScoreError, ScoreResult
-from pipeline.batch.score_output import (
+from pipeline.batch.scoring.actors import build_pipeline
+from pipeline.batch.scoring.config import ScoreConfig, ScoreError, ScoreResult
+from pipeline.batch.scoring.output import (
     LEGACY_SETTINGS,
     SHARD_SIZE_KEY,
     SHARD_URL_KEY,
@@ -89,8 +90,7 @@ from pipeline.batch.score_output import (
     parquet_name,
     remove_files,
 )
-from pipeline.batch.score_pipeline import build_pipeline
-from pipeline.batch.score_report import ScoreStats, report
+from pipeline.batch.scoring.report import ScoreStats, report
 from pipeline.data.inputs import InputPlan, ShardRef, resolve_input
 from pipeline.data.tally import SkipTally
 from pipeline.storage import check_access, list_names, redact_url, sweep_temp_files
