@@ -261,7 +261,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
 
 
 def _preset(args: argparse.Namespace) -> Any:
-    from jobs.config import load_config
+    from pipeline.config import load_config
     from pipeline.train.config import TrainConfig
 
     return load_config(TrainConfig, args.config, [])

@@ -7,7 +7,8 @@
     batch/     scoring and sampling jobs
     bench/     benchmark suites, out of the production path
 
-Shared at the top: errors (FlowrayError), storage (URLs -> filesystems, atomic writes), plots,
+Shared at the top: errors (FlowrayError), config (YAML presets + overrides -> typed configs),
+storage (URLs -> filesystems, atomic writes), plots,
 submission (Ray Jobs API). Imports point one way: jobs -> batch, train, bench -> model, data,
 tracking -> flowmodel. Submodules are imported by name; this package imports nothing itself, so
 `import pipeline` stays cheap and free of Ray.

@@ -115,7 +115,7 @@ class ResolvedLever:
 
 
 def _load(preset: str, overrides: Sequence[str]) -> Any:
-    from jobs.config import load_config
+    from pipeline.config import load_config
     from pipeline.train.config import TrainConfig
 
     return load_config(TrainConfig, preset, list(overrides))

@@ -201,7 +201,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.config import load_config
+    from pipeline.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="fashion-mnist", help="training preset (or YAML)")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from flowmodel.typed import ConfigError
-from jobs.config import PRESETS, load_config
 from pipeline.batch.sampling import SampleConfig
+from pipeline.config import PRESETS, load_config
 from pipeline.train.config import TrainConfig
 
 

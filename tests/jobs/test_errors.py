@@ -9,7 +9,6 @@ import pytest
 
 from flowmodel import FlowConfig
 from jobs import cli
-from jobs.config import load_config
 from jobs.errors import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -19,6 +18,7 @@ from jobs.errors import (
     run_main,
     user_errors,
 )
+from pipeline.config import load_config
 from pipeline.data.reader import CorruptDataError
 from pipeline.data.streams import TransientReadError
 from pipeline.errors import FlowrayError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from jobs.config import load_config
 from pipeline.bench.step_phases import PHASES, ddp_rate, run
+from pipeline.config import load_config
 from pipeline.train.config import TrainConfig
 
 SMALL = ["model.steps_per_level=1", "model.hidden_channels=8", "init_images=64"]

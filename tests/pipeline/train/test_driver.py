@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from jobs.config import apply_overrides
 from jobs.errors import exit_code_of
 from pipeline.bench.training import _run_id
+from pipeline.config import apply_overrides
 from pipeline.data.reader import iter_split
 from pipeline.data.shards import prepare
 from pipeline.data.sources import open_source
