@@ -13,10 +13,12 @@ MLflow params or pickled into Ray tasks without leaking a secret; `StorageError`
 through `redact` as a second guard.
 
 The small helpers (`join_url`, `exists`, `list_names`, `read_bytes`, `write_bytes_atomic`,
-`put_file_atomic`) are what the shard writer, checkpoints and scoring reuse. Writes are atomic:
-a local file appears under its final name only when complete (temp name in the same folder,
-fsync, `os.replace`, fsync of the folder, so a power cut leaves the old file or the whole new
-one); an S3 object is atomic already (a PUT or a completed multipart upload).
+`put_file_atomic`, `write_once`) are what the shard writer, checkpoints and scoring reuse. Writes
+are atomic: a local file appears under its final name only when complete (temp name in the same
+folder, fsync, `os.replace`, fsync of the folder, so a power cut leaves the old file or the whole
+new one); an S3 object is atomic already (a PUT or a completed multipart upload). `write_once`
+creates a file only if it is absent: the same temp and fsyncs, then a hard link instead of a
+rename locally (link(2) refuses an existing name), and a conditional PUT on S3.
 
 Local temp files are named `.<final name>.<host>-<pid>-<random>.tmp`: hidden, and ending in
 `.tmp` whatever the final name, so no listing or glob for `*.tar`, `*.parquet` or a manifest
@@ -29,6 +31,7 @@ in one atomic PUT), and a sweep of any s3:// URL sweeps that folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -68,6 +71,7 @@ __all__ = [
     "staging_dir",
     "sweep_temp_files",
     "write_bytes_atomic",
+    "write_once",
 ]
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
@@ -453,6 +457,85 @@ def write_bytes_atomic(url: str, data: bytes, storage: StorageConfig | None = No
         return
     with _translated(url, storage):
         fs.pipe_file(path, data)
+
+
+def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> bool:
+    """Create `url` holding `data` unless it exists: the first writer wins, and nobody ever
+    rewrites the file. Scoring uses it for its settings file (of two jobs started together on one
+    prefix, one records its settings and the other finds and compares them) and for each shard's
+    Parquet file (a file present is final: no late retry or concurrent job replaces it).
+
+    Local: `data` goes to a temp file in the same folder and reaches the disk, then the temp is
+    hard-linked to the final name. link(2) fails with EEXIST when the name exists, so the check
+    and the creation are one atomic step and the file appears whole. On filesystems without hard
+    links the file is created with O_EXCL and then written (exclusive too, but a reader may see it
+    half-written meanwhile).
+
+    S3: one PUT with `If-None-Match: *` (S3's conditional write; moto's server honours it): S3
+    answers 412 PreconditionFailed when the key exists, which s3fs raises as FileExistsError. A
+    PUT that succeeded but whose answer was lost and retried also gets a 412: callers that care
+    read the object back and compare, which tells "ours, answered twice" from "someone else's".
+
+    Returns:
+        True when this call created the file; False when it was there already.
+
+    Raises:
+        StorageError: S3 refused the write for another reason.
+    """
+    if is_s3(url):
+        fs, key = fsspec_filesystem(url, storage)
+        try:
+            fs.pipe_file(key, data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError as err:
+            raise StorageError(f"cannot create {url}: {err}") from err
+        return True
+    path = _local_path(url)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = _local_temp_name(path)
+    try:
+        with open(temp, "wb") as file:
+            file.write(data)
+        try:
+            return _link_durably(temp, path)
+        except OSError as err:
+            if err.errno not in _NO_HARD_LINKS:
+                raise
+            return _create_exclusive(path, data)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+
+
+# What link(2) answers on a filesystem that has no hard links (or not across this pair).
+_NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV)
+
+
+def _link_durably(temp: str, path: str) -> bool:
+    """Hard-link a complete temp to `path` unless `path` exists (then False), durably as
+    `_replace_durably` renames: the data reaches the disk before the link, the link before we
+    return."""
+    _fsync_path(temp)
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        return False
+    _fsync_path(os.path.dirname(path) or ".")
+    return True
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    """`write_once` where hard links fail: O_EXCL creation, then the data, then fsync."""
+    try:
+        file = open(path, "xb")  # noqa: SIM115 (closed below)
+    except FileExistsError:
+        return False
+    with file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    return True
 
 
 def put_file_atomic(local_file: str, url: str, storage: StorageConfig | None = None) -> None:

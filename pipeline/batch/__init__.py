@@ -3,7 +3,6 @@ key) and sample generation, resolving the model the same way for both.
 
     resolve          model reference -> flow, payload for actors, name and version (both jobs)
     scoring/         score(): plan -> actors -> collect -> report (its __init__ lists the modules)
-    write_once       create a file only if absent (hard link locally, If-None-Match on S3)
     top              the least likely images of an output, in bounded memory
     sampling         generate(): Ray tasks draw chunks; the MLflow run
       sample_shards    PNG samples into tar shards, atomically

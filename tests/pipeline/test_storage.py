@@ -22,6 +22,7 @@ from pipeline.storage import (
     put_file_atomic,
     read_bytes,
     write_bytes_atomic,
+    write_once,
 )
 
 
@@ -108,6 +109,44 @@ def test_local_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
     assert list_names(str(tmp_path / "nothing-here")) == []
 
 
+def test_write_once_creates_a_file_once_locally_and_on_s3(tmp_path, s3):
+    local = (str(tmp_path / "new" / "x.json"), StorageConfig())
+    for url, storage in (local, (join_url(s3.url, "p", "x.json"), s3.storage)):
+        assert write_once(url, b"first", storage) is True
+        assert write_once(url, b"second", storage) is False
+        assert read_bytes(url, storage) == b"first"
+    assert os.listdir(tmp_path / "new") == ["x.json"]  # no temp left behind
+
+
+def test_write_once_without_hard_links_creates_exclusively(tmp_path, monkeypatch):
+    """A filesystem without hard links (link(2) answers EPERM): the file is created with O_EXCL,
+    still once, and no temp stays behind."""
+    import errno
+
+    def no_link(source, destination) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    url = str(tmp_path / "x.json")
+    assert write_once(url, b"first") is True
+    assert write_once(url, b"second") is False
+    assert read_bytes(url) == b"first"
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_write_once_passes_on_other_link_errors(tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(source, destination) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", full_disk)
+    with pytest.raises(OSError) as info:
+        write_once(str(tmp_path / "x.json"), b"first")
+    assert info.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+
+
 def test_s3_through_fsspec_and_pyarrow_share_one_endpoint(s3, tmp_path):
     url = join_url(s3.url, "prefix", "blob.bin")
     write_bytes_atomic(url, b"0123456789", s3.storage)
@@ -158,13 +197,12 @@ def test_check_access_reports_missing_credentials(s3, monkeypatch):
 
 
 def test_local_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
-    """fsync of the temp, then the rename, then fsync of the folder: after a power cut the
-    file is the old one or the whole new one. Before issue 12 `replace_with` (shards, Parquet)
-    and `put_file_atomic` renamed unsynced temps, and no folder was synced."""
+    """fsync of the temp, then the rename (or for `write_once` the link), then fsync of the
+    folder: after a power cut the file is the old one (or none) or the whole new one."""
     from pipeline.storage import make_temp_file, replace_with
 
     events: list[tuple[str, ...]] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
     def fsync(descriptor: int) -> None:  # records, then does the real thing
         events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
@@ -175,7 +213,13 @@ def test_local_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypa
         real_replace(source, destination)
 
     monkeypatch.setattr(os, "fsync", fsync)
+
+    def link(source, destination) -> None:
+        events.append(("link", str(source), str(destination)))
+        real_link(source, destination)
+
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     target = tmp_path / "out" / "shard-000000.tar"
     source = tmp_path / "finished.bin"
     source.write_bytes(b"payload")
@@ -190,14 +234,18 @@ def test_local_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypa
         "write_bytes_atomic": lambda: write_bytes_atomic(str(target), b"payload"),
         "put_file_atomic": lambda: put_file_atomic(str(source), str(target)),
         "replace_with": via_temp,
+        "write_once": lambda: write_once(str(target), b"payload"),
     }
     for name, write in writers.items():
+        if name == "write_once":
+            target.unlink()
         events.clear()
         write()
         assert target.read_bytes() == b"payload"
         assert len(events) == 3, (name, events)
         synced, renamed, folder = events
-        assert renamed[0] == "replace" and renamed[2] == str(target), (name, events)
+        operation = "link" if name == "write_once" else "replace"
+        assert renamed[0] == operation and renamed[2] == str(target), (name, events)
         assert synced == ("fsync", renamed[1]), (name, events)  # the temp, before its rename
         assert folder == ("fsync", str(target.parent)), (name, events)
         temp_name = os.path.basename(renamed[1])

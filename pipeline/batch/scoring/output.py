@@ -48,9 +48,8 @@ from typing import Any
 import pandas as pd
 
 from pipeline.batch.scoring.config import ScoreError
-from pipeline.batch.write_once import write_once
 from pipeline.data.tally import ShardOutcome
-from pipeline.storage import StorageConfig, join_url, read_bytes
+from pipeline.storage import StorageConfig, join_url, read_bytes, write_once
 
 __all__ = [
     "OUTPUT_COLUMNS",

@@ -25,9 +25,8 @@ from pipeline.batch.scoring.output import (
     check_settings,
     parquet_name,
 )
-from pipeline.batch.write_once import write_once
 from pipeline.data.tally import ShardOutcome
-from pipeline.storage import StorageConfig, read_bytes
+from pipeline.storage import StorageConfig
 
 STORAGE = StorageConfig()
 
@@ -184,14 +183,6 @@ def test_settings_of_an_earlier_version_without_the_weights_digest_are_refused_w
         check_settings(str(tmp_path), SETTINGS, STORAGE)
     assert "(weights_sha256: not recorded; this run: 'aa11')" in str(error.value)
     assert "add 'weights_sha256': 'aa11' to it" in error.value.hint
-
-
-def test_write_once_creates_a_file_once_locally_and_on_s3(tmp_path: Path, s3) -> None:
-    for url, storage in ((str(tmp_path / "x.json"), STORAGE), (f"{s3.url}/p/x.json", s3.storage)):
-        assert write_once(url, b"first", storage) is True
-        assert write_once(url, b"second", storage) is False
-        assert read_bytes(url, storage) == b"first"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]  # no temp left behind
 
 
 def test_parquet_name_follows_the_shard() -> None:
