@@ -68,7 +68,7 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **quiet)
         return
-    from pipeline.train.reporting import quiet_local_ray
+    from pipeline.local_ray import quiet_local_ray
 
     quiet_local_ray(verbose)
     from pipeline.batch.scoring.actors import local_cpus

@@ -111,9 +111,9 @@ def _train(args: argparse.Namespace, workdir: Path, tracking_uri: str) -> TrainR
     """Local Ray sized for the Train workers plus Ray Data's readers, then the preset's run."""
     import ray
 
+    from pipeline.local_ray import quiet_local_ray
     from pipeline.train.config import TrainConfig
     from pipeline.train.driver import train
-    from pipeline.train.reporting import quiet_local_ray
 
     data = workdir / "data"
     config = load_config(

@@ -273,7 +273,7 @@ def _init_ray(config: TrainConfig) -> None:
     if address:
         ray.init(address=address)
         return
-    from pipeline.train.reporting import quiet_local_ray
+    from pipeline.local_ray import quiet_local_ray
 
     quiet_local_ray(config.verbose)  # Ray's lines a user cannot act on: off unless verbose
     # Ray Data excludes Train's CPUs from its own budget: give it logical CPUs of its own, or the

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.reporting import quiet_local_ray, ray_train_log_level
+from pipeline.local_ray import quiet_local_ray
+from pipeline.train.reporting import ray_train_log_level
 
 TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 
