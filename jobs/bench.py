@@ -1,296 +1,225 @@
-"""`flowray bench`: benchmarks side by side; each suite prints a Markdown table and writes
-<out>/<suite>.json and <out>/<suite>.md.
+"""`flowray bench <suite>`: benchmarks side by side; each suite prints its tables and writes
+<output>/<suite>.json and <output>/<suite>.md.
 
-    flowray bench                                   # every suite, full size (about an hour on 2 cores)
-    flowray bench --suite quality --minutes 10      # flowray vs normflows test bits/dim at 10 min each
-    flowray bench --suite training --repeats 3      # images/s: in-process, Ray Train 1 and 2 workers, normflows
-    flowray bench --smoke                           # every suite in seconds (the test suite runs this)
-    flowray bench --suite ablation --minutes 10 --parallel 7 --threads 2   # one row per lever
+    flowray bench all --smoke                           # every suite in seconds (the tests run this)
+    flowray bench all                                   # every suite, full size (about an hour on 2 cores)
+    flowray bench quality --set minutes=10              # flowray vs normflows test bits/dim
+    flowray bench training --set repeats=3 --set seconds=60
+    flowray bench ablation --set minutes=10 --set parallel=7 --set threads=2
 
-Suites: quality (pipeline.bench.quality), training (pipeline.bench.training), scoring
-(pipeline.bench.scoring), scaling (pipeline.bench.scaling), io (pipeline.bench.shard_io), gpu
-(pipeline.bench.gpu: training, scoring, sampling and checkpoints on one CUDA device; skipped
-without one, and --smoke runs it at toy sizes). Not in `all`: ablation (pipeline.bench.ablation:
-the preset with one training or model lever changed per row, each trained for --minutes in a
-subprocess; runs without Ray or MLflow installed). Only ratios and side-by-side figures from one run
-mean anything on a shared machine; every report carries the machine and its load average.
+The suites and what each measures are `pipeline.bench.SUITES`; each suite's settings (what
+`--set key=value` changes, with their defaults) are its `Settings` dataclass, listed by
+`flowray bench <suite> --list-settings`. With several suites, a key applies to every selected
+suite that has it. Only ratios and side-by-side figures from one run mean anything on a shared
+machine; every report carries the machine and its load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
+import logging
 import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SUITES", "build_parser", "main"]
+from flowmodel.typed import from_dict, to_dict
+from jobs.config import HelpFormatter
+from pipeline.bench import SUITES
+from pipeline.config import ConfigError, apply_overrides
 
-SUITES = ("quality", "training", "scoring", "sampling", "scaling", "io", "serving", "gpu")
-# Selectable by name, not run by `all` (an hour and more at full size).
-EXTRA_SUITES = ("ablation",)
+__all__ = ["build_parser", "main", "settings_for"]
 
-
-def build_parser() -> argparse.ArgumentParser:
-    from jobs.config import HelpFormatter
-
-    parser = argparse.ArgumentParser(
-        prog="flowray bench",
-        description="Benchmarks side by side: model quality against normflows, training and "
-        "scoring throughput, scaling and shard I/O. Writes <out>/<suite>.json and .md.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--suite", choices=[*SUITES, *EXTRA_SUITES, "all"], default="all")
-    parser.add_argument(
-        "--smoke", action="store_true", help="seconds-long version of every suite (tiny sizes)"
-    )
-    parser.add_argument(
-        "--minutes",
-        type=float,
-        default=10.0,
-        help="quality: training budget per model; ablation: per lever",
-    )
-    parser.add_argument(
-        "--levers",
-        default=None,
-        help="ablation: comma-separated levers (default: all; --smoke: baseline,cosine)",
-    )
-    parser.add_argument(
-        "--parallel", type=int, default=1, help="ablation: levers trained side by side"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="ablation: torch threads per lever (default: cores / --parallel)",
-    )
-    parser.add_argument(
-        "--seconds",
-        type=float,
-        default=60.0,
-        help="training: seconds of training per run; serving: most seconds per level",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="training, io, scoring: runs per measurement"
-    )
-    parser.add_argument(
-        "--scaling-sizes",
-        default="10000,30000,100000",
-        help="scaling: comma-separated image counts (1000000 takes ~15 min more on 2 cores)",
-    )
-    parser.add_argument(
-        "--serving-requests",
-        type=int,
-        default=1000,
-        help="serving: most requests per level of concurrency (1, 8, 64 clients)",
-    )
-    parser.add_argument("--config", default="fashion-mnist", help="training preset (or YAML)")
-    parser.add_argument("--out", default="bench-results", help="folder for the JSON and .md")
-    parser.add_argument(
-        "--workdir",
-        default=None,
-        help="prepared shards, runs and stores the suites keep between runs (default: <out>/work)",
-    )
-    return parser
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
-
-
-def _finite_json(value: Any) -> Any:
-    """NaN and inf as null: strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    return value
-
-
-def _write(out: Path, suite: str, report: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report}
-    text = json.dumps(_finite_json(report), indent=2, default=_json_default)
-    (out / f"{suite}.json").write_text(text + "\n")
-    (out / f"{suite}.md").write_text(f"## {suite}\n\n{report.get('markdown', '')}\n")
-
-
-def _quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline.bench import quality as bench_quality
-
-    config = _preset(args)
-    if args.smoke:
-        return bench_quality.run(
-            config, minutes=0.05, train_images=1024, test_images=256, max_steps=3
-        )
-    return bench_quality.run(config, minutes=args.minutes)
-
-
-def _training(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from dataclasses import replace
-
-    from pipeline.bench import training as bench_training
-
-    config = _preset(args)
-    if args.smoke:
-        config = replace(config, init_images=64, eval_batch_size=64)
-        return bench_training.run(
-            config,
-            seconds=2,
-            repeats=1,
-            workdir=workdir / "training",
-            train_images=512,
-            max_steps=3,
-            log_every=1,
-        )
-    return bench_training.run(
-        config, seconds=args.seconds, repeats=args.repeats, workdir=workdir / "training"
-    )
-
-
-def _scoring(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline.bench import scoring as bench_scoring
-
-    if args.smoke:
-        return bench_scoring.run(images=128, repeats=1, growth=2, sample_images=16)
-    return bench_scoring.run(repeats=args.repeats, workdir=str(workdir / "scoring"))
-
-
-def _sampling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline.bench import sampling as bench_sampling
-
-    if args.smoke:
-        return bench_sampling.run(images=64, repeats=1)
-    return bench_sampling.run(repeats=args.repeats, workdir=str(workdir / "sampling"))
-
-
-def _scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline.bench import scaling as bench_scaling
-
-    config = _preset(args)
-    if args.smoke:
-        return bench_scaling.run(
-            [256, 512],
-            workdir=workdir / "scaling-smoke",
-            model_config=config.model,
-            base_images=256,
-            shard_samples=128,
-            batch_size=128,
-            fresh_ray=False,
-        )
-    sizes = [int(s) for s in args.scaling_sizes.split(",") if s.strip()]
-    return bench_scaling.run(sizes, workdir=workdir / "scaling", model_config=config.model)
-
-
-def _io(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline.bench import shard_io as bench_io
-
-    if args.smoke:
-        return bench_io.run(n_images=200, repeats=1, shard_samples=100)
-    return bench_io.run(repeats=args.repeats)
-
-
-def _serving(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline.bench import serving as bench_serving
-
-    model = _preset(args).model
-    if args.smoke:
-        return bench_serving.run(model, requests=48, seconds=10, images=64)
-    return bench_serving.run(model, requests=args.serving_requests, seconds=args.seconds)
-
-
-def _ablation(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from pipeline.bench import ablation as bench_ablation
-
-    levers = args.levers.split(",") if args.levers else None
-    common: dict[str, Any] = {
-        "parallel": args.parallel,
-        "threads": args.threads,
-        "preset": args.config,
-        "out": Path(args.out),
-    }
-    if args.smoke:
-        return bench_ablation.run(
-            levers or ["baseline", "cosine"],
-            minutes=0.05,
-            train_images=1024,
-            test_images=256,
-            max_steps=3,
-            **common,
-        )
-    return bench_ablation.run(levers, minutes=args.minutes, **common)
-
-
-def _gpu(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    import torch
-
-    if not torch.cuda.is_available():
-        reason = (
-            "no CUDA device on this machine: GPU suite skipped "
-            "(python -m pipeline.bench.gpu --device cpu --small runs its CPU smoke)"
-        )
-        return {"skipped": reason, "markdown": reason}
-    from pipeline.bench import gpu as bench_gpu
-
-    device = torch.device("cuda")
-    settings = bench_gpu.Settings.toy(device) if args.smoke else bench_gpu.Settings(device)
-    return bench_gpu.run(settings)
-
-
-RUNNERS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
-    "quality": _quality,
-    "training": _training,
-    "scoring": _scoring,
-    "sampling": _sampling,
-    "scaling": _scaling,
-    "io": _io,
-    "serving": _serving,
-    "gpu": _gpu,
-    "ablation": _ablation,
+USAGE_ERROR = 2
+# Options of the earlier CLI, kept working as shorthands for `--set <key>=<value>`.
+SHORTHANDS = {
+    "--minutes": "minutes",
+    "--seconds": "seconds",
+    "--repeats": "repeats",
+    "--levers": "levers",
+    "--parallel": "parallel",
+    "--threads": "threads",
+    "--scaling-sizes": "sizes",
+    "--serving-requests": "requests",
 }
 
 
-def _preset(args: argparse.Namespace) -> Any:
-    from pipeline.config import load_config
-    from pipeline.train.config import TrainConfig
+def build_parser() -> argparse.ArgumentParser:
+    choices = [*SUITES, "all"]
+    parser = argparse.ArgumentParser(
+        prog="flowray bench",
+        description="Benchmarks side by side. Suites: "
+        + "; ".join(f"{name}: {suite.about}" for name, suite in SUITES.items())
+        + ". `all` runs every suite but "
+        + ", ".join(name for name, suite in SUITES.items() if not suite.in_all)
+        + ".",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("suite", nargs="?", choices=choices, help="the suite to run (default: all)")
+    parser.add_argument("--suite", dest="suite_option", choices=choices, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="seconds-long sizes of each suite")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a suite setting, e.g. --set minutes=10 (repeatable; see --list-settings)",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="training preset or YAML for the suites that train or "
+        "build the preset model (default: each suite's own, fashion-mnist; gpu: rgb32)",
+    )
+    parser.add_argument("--output", default="bench-results", help="folder for the JSON and .md")
+    parser.add_argument(  # the earlier name
+        "--out", dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="shards, models and stores kept between runs (default: <output>/work)",
+    )
+    parser.add_argument(
+        "--list-settings", action="store_true", help="print each suite's settings and exit"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging")
+    for option, key in SHORTHANDS.items():
+        parser.add_argument(option, dest=f"shorthand_{key}", help=argparse.SUPPRESS)
+    return parser
 
-    return load_config(TrainConfig, args.config, [])
+
+def _module(name: str) -> Any:
+    return importlib.import_module(SUITES[name].module)
+
+
+def settings_for(name: str, smoke: bool, overrides: list[str]) -> Any:
+    """A suite's typed settings: its defaults, then SMOKE's sizes, then the overrides."""
+    module = _module(name)
+    data = to_dict(module.Settings())
+    if smoke:
+        data.update(module.SMOKE)
+    return from_dict(module.Settings, apply_overrides(data, overrides))
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.config:
+        overrides.insert(0, f"preset={args.config}")
+    for key in SHORTHANDS.values():
+        value = getattr(args, f"shorthand_{key}")
+        if value is not None:
+            if key in ("levers", "sizes"):  # comma-separated lists
+                value = "[" + value + "]"
+            overrides.append(f"{key}={value}")
+    return overrides
+
+
+def _resolve(
+    parser: argparse.ArgumentParser, suites: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Each suite's settings; an override no selected suite knows is a usage error."""
+    overrides = _overrides(args)
+    fields = {name: {f.name for f in dataclasses.fields(_module(name).Settings)} for name in suites}
+    unknown = [o for o in overrides if not any(o.split("=")[0] in f for f in fields.values())]
+    if unknown:
+        known = sorted(set().union(*fields.values()))
+        parser.error(f"--set {unknown[0]}: no selected suite has it (settings: {', '.join(known)})")
+    resolved = {}
+    for name in suites:
+        mine = [o for o in overrides if o.split("=")[0] in fields[name]]
+        try:
+            resolved[name] = settings_for(name, args.smoke, mine)
+        except ConfigError as err:
+            parser.error(f"{name}: {err}")
+    return resolved
+
+
+def _finite_json(value: Any) -> Any:
+    """NaN and inf as null (strict JSON); numpy and torch scalars as numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    if hasattr(value, "item"):
+        return _finite_json(value.item())
+    return value
+
+
+def _write(output: Path, suite: str, report: dict[str, Any]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_finite_json(report), indent=2, default=str)
+    (output / f"{suite}.json").write_text(text + "\n")
+    (output / f"{suite}.md").write_text(f"## {suite}\n\n{report['markdown']}\n")
+
+
+def _run(suite: str, settings: Any, output: Path, workdir: Path, smoke: bool) -> dict[str, Any]:
+    from pipeline.bench.harness import Run, describe, machine
+
+    info = machine()
+    started = time.perf_counter()
+    folder = workdir / (f"{suite}-smoke" if smoke else suite)
+    result = _module(suite).measure(settings, Run(folder.resolve(), output.resolve()))
+    report = {
+        "suite": suite,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": info,
+        "inputs": dataclasses.asdict(settings),
+        **result.report(),
+        "seconds": time.perf_counter() - started,
+    }
+    report["markdown"] += "\n\n" + describe(info)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.suite and args.suite_option and args.suite != args.suite_option:
+        parser.error(f"two suites given: {args.suite} and --suite {args.suite_option}")
+    chosen = args.suite or args.suite_option or "all"
+    suites = [n for n, s in SUITES.items() if s.in_all] if chosen == "all" else [chosen]
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.list_settings:
+        for name in suites:
+            module = _module(name)
+            print(
+                f"{name}: " + ", ".join(f"{k}={v}" for k, v in to_dict(module.Settings()).items())
+            )
+            print(f"  --smoke: {module.SMOKE}")
+        return 0
+    resolved = _resolve(parser, suites, args)
     # Progress must reach a log file (nohup ... > log) as it happens, not at exit.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     # normflows calls torch.lu, deprecated in torch 2.x: one warning per step otherwise.
     warnings.filterwarnings("ignore", message=r"torch\.lu is deprecated")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"normflows")
-    out = Path(args.out)
-    workdir = Path(args.workdir) if args.workdir else out / "work"
-    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    output = Path(args.output)
+    workdir = Path(args.workdir) if args.workdir else output / "work"
     failed = []
-    for suite in suites:
+    for suite, settings in resolved.items():
         print(f"\n## {suite}\n", flush=True)
-        started = time.perf_counter()
         try:
-            report = RUNNERS[suite](args, workdir)
+            report = _run(suite, settings, output, workdir, args.smoke)
         except Exception as err:  # one suite failing should not lose the others' results
             failed.append(suite)
+            logging.getLogger("flowray.bench").debug("%s failed", suite, exc_info=True)
             print(f"{suite}: failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             continue
-        report["seconds"] = time.perf_counter() - started
-        _write(out, suite, report)
-        print(report.get("markdown") or report.get("skipped", ""), flush=True)
-        print(f"\n({suite}: {report['seconds']:.0f} s; {out / suite}.json)", flush=True)
+        _write(output, suite, report)
+        print(report["markdown"], flush=True)
+        print(f"\n({suite}: {report['seconds']:.0f} s; {output / suite}.json)", flush=True)
     if failed:
         print(f"failed suites: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -1,30 +1,20 @@
-"""`flowray bench --suite ablation`: one training lever at a time against the preset, at an equal
-budget, on the full Fashion-MNIST test split.
+"""One training lever at a time against the preset, at an equal budget of step time, on the
+Fashion-MNIST test split (`flowray bench ablation`).
 
-    report = run(["baseline", "cosine"], minutes=10, parallel=1, threads=2, out=Path("bench"))
-    print(report["markdown"])
+Each lever is the preset with a few config overrides (`LEVERS`: each a change from the preset),
+trained in a subprocess of its own (`python -m pipeline.bench.ablation <spec.json>`) for `minutes`
+of step time by the quality suite's in-process loop (`race.make_contender`: the Ray Train job's
+step, optimizer, schedule, clipping and EMA, at the job's global batch, one seeded permutation of
+the training split per epoch). Its EMA weights are then evaluated on the test split with keyed
+dequantization noise (`evaluate_bits_per_dim`, the figure the demo and scoring report). The parent
+runs `parallel` children at a time with `threads` torch threads each and assembles one table.
 
-Each lever is the preset (`jobs/configs/fashion-mnist.yaml`) with a few config overrides
-(`LEVERS`: each a change from the preset, which is the winning combination), trained in a
-subprocess of its own (`python -m pipeline.bench.ablation --lever ...`) for `minutes` of step time
-by the in-process machinery of the quality suite (`pipeline.bench.race`):
-`pipeline.train.step.train_step`, the preset's optimizer, learning-rate schedule, clipping and EMA
-as the Ray Train job runs them, at the job's global batch (`race.global_batch`), one seeded permutation of the training
-split per epoch, the same ActNorm initialisation batch. Then its EMA weights are evaluated on the
-whole 10,000-image test split with keyed dequantization noise (`evaluate_bits_per_dim`, the
-figure the demo and scoring report). Each subprocess writes its figures as JSON; the parent runs
-`parallel` of them at a time with `threads` torch threads each and assembles one table.
-
-A lever whose config key does not exist in this build (a model option not landed yet) is shown as
-skipped with the reason; a combination drops such keys and says which.
-
-Imports torch, numpy, pandas and PyYAML only (no Ray, MLflow, fsspec or normflows): it runs on a
-machine with nothing else installed, reading the IDX files in FASHION_MNIST_DIR.
+A lever whose config key this build lacks is shown as skipped with the reason; a combination drops
+such keys and says which. Imports torch, numpy and PyYAML only (no Ray, MLflow or normflows).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -33,11 +23,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LEVERS", "Lever", "ResolvedLever", "markdown", "resolve", "run", "train_lever"]
+from pipeline.bench.harness import Result, Run, Table
+
+__all__ = ["LEVERS", "SMOKE", "Lever", "ResolvedLever", "Settings", "measure", "resolve", "table"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,8 +46,7 @@ class Lever:
 
 LEVERS: tuple[Lever, ...] = (
     Lever("baseline", "the preset as it is"),
-    # The preset before issue 16 (the demo's recipe until then): peak lr 1e-3, global batch 128,
-    # logit alpha 0.05.
+    # Three changes that went into the preset together, undone together.
     Lever(
         "old-preset",
         "lr 1e-3, global batch 128, logit alpha 0.05",
@@ -83,7 +74,7 @@ LEVERS: tuple[Lever, ...] = (
     Lever("split-clamp8", "split priors' log-sigma clamped to +-8", ("model.split_clamp=8",)),
     # Preprocessing: the preset takes MAF's logit alpha for MNIST, 1e-6 (Papamakarios et al. 2017
     # used 1e-6 on MNIST, 0.05 on CIFAR-10 as RealNVP). Glow shifts instead of the logit.
-    Lever("alpha0.05", "logit alpha 0.05 (the preset until round 2)", ("model.logit_alpha=0.05",)),
+    Lever("alpha0.05", "logit alpha 0.05 (RealNVP's)", ("model.logit_alpha=0.05",)),
     Lever("shift", "y - 0.5 instead of the logit (Glow)", ("model.preprocess=shift",)),
     # Capacity against steps at the same wall clock: the 1x1 conv's cost grows with width squared.
     Lever("width48", "conditioner width 48 (from 64)", ("model.hidden_channels=48",)),
@@ -92,6 +83,38 @@ LEVERS: tuple[Lever, ...] = (
         "checkerboard", "checkerboard masks instead of channel halves", ("model.mask=checkerboard",)
     ),
 )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Attributes:
+    preset: the training preset the levers change.
+    levers: the levers to run (None: all of LEVERS).
+    minutes: step time per lever.
+    parallel: levers trained side by side.
+    threads: torch threads per lever (None: the cores shared evenly).
+    train_images: the first N training images (None: all).
+    test_images: the first N test images (None: all).
+    max_steps: also stop each lever after this many steps.
+    """
+
+    preset: str = "fashion-mnist"
+    levers: tuple[str, ...] | None = None
+    minutes: float = 10.0
+    parallel: int = 1
+    threads: int | None = None
+    train_images: int | None = None
+    test_images: int | None = None
+    max_steps: int | None = None
+
+
+SMOKE = {
+    "levers": ["baseline", "cosine"],
+    "minutes": 0.05,
+    "train_images": 1024,
+    "test_images": 256,
+    "max_steps": 3,
+}
 
 
 @dataclass(frozen=True)
@@ -137,175 +160,146 @@ def resolve(lever: Lever, preset: str) -> ResolvedLever:
     return ResolvedLever(lever, tuple(kept), dropped)
 
 
-# ----------------------------------------------------------------------------- one lever
+@dataclass(frozen=True)
+class _Child:
+    """What one subprocess trains: a lever's name and overrides on the preset, its budget, its
+    threads and sizes, and where it writes its figures (JSON)."""
+
+    lever: str
+    preset: str
+    overrides: tuple[str, ...]
+    minutes: float
+    threads: int
+    train_images: int | None
+    test_images: int | None
+    max_steps: int | None
+    result: str
 
 
-def train_lever(
-    config: Any,
-    minutes: float,
-    *,
-    threads: int,
-    train_images: int | None = None,
-    test_images: int | None = None,
-    max_steps: int | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Train `config`'s model in this process for `minutes` of step time and evaluate its EMA
+def train_lever(child: _Child, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the lever's model in this process for `minutes` of step time and evaluate its EMA
     weights on the test split. Returns the figures of one table row."""
-    import torch
-
-    from pipeline.bench.common import fashion_mnist
-    from pipeline.bench.race import global_batch, initialized_flow, make_contender, parameter_count
+    from pipeline.bench.harness import fashion_mnist, preset_flow, torch_threads
+    from pipeline.bench.race import global_batch, make_contender, parameter_count
     from pipeline.train.step import evaluate_bits_per_dim, train_step
 
-    torch.set_num_threads(threads)
-    _, train = fashion_mnist("train", train_images)
-    keys, test = fashion_mnist("test", test_images)
-    flow = initialized_flow(config, train[: config.init_images])
-    clip = config.optim.max_grad_norm
-    contender = make_contender(
-        flow,
-        lambda m, b, o, g: train_step(m, b, o, max_grad_norm=clip, generator=g),
-        train,
-        config,
-        batch_size=global_batch(config),
-        seconds=60 * minutes,
-        max_steps=max_steps,
-    )
-    trainer = contender.trainer
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    while not trainer.done:
-        trainer.advance()
-        if trainer.steps % 500 == 0:
-            log(f"step {trainer.steps}, {trainer.elapsed:.0f} s, train {trainer.loss:.3f} bits/dim")
-    wall = time.perf_counter() - started
-    load_after = os.getloadavg()[0]
-    evaluated = time.perf_counter()
-    size = config.eval_batch_size
-    chunks = [(keys[i : i + size], test[i : i + size]) for i in range(0, len(test), size)]
-    bits, count = evaluate_bits_per_dim(contender.ema.model, chunks, config.eval_seed)
+    config = _load(child.preset, child.overrides)
+    batch = global_batch(config)
+    with torch_threads(child.threads):
+        _, train = fashion_mnist("train", child.train_images)
+        keys, test = fashion_mnist("test", child.test_images)
+        flow = preset_flow(config.model, train[: config.init_images], config.seed)
+        clip = config.optim.max_grad_norm
+        contender = make_contender(
+            flow,
+            lambda m, b, o, g: train_step(m, b, o, max_grad_norm=clip, generator=g),
+            train,
+            config,
+            batch_size=batch,
+            seconds=60 * child.minutes,
+            max_steps=child.max_steps,
+        )
+        trainer = contender.trainer
+        load_before = os.getloadavg()[0]
+        started = time.perf_counter()
+        while not trainer.done:
+            trainer.advance()
+            if trainer.steps % 500 == 0:
+                log(
+                    f"step {trainer.steps}, {trainer.elapsed:.0f} s, train {trainer.loss:.3f} bits/dim"
+                )
+        wall = time.perf_counter() - started
+        load_after = os.getloadavg()[0]
+        evaluated = time.perf_counter()
+        size = config.eval_batch_size
+        chunks = [(keys[i : i + size], test[i : i + size]) for i in range(0, len(test), size)]
+        bits, count = evaluate_bits_per_dim(contender.ema.model, chunks, config.eval_seed)
     result = trainer.result()
     return {
         "params": parameter_count(flow),
         "steps": result.steps,
-        "batch_size": global_batch(config),
+        "batch_size": batch,
         "train_seconds": result.seconds,
         "train_wall_seconds": wall,
-        "images_seen": result.steps * global_batch(config),
+        "images_seen": result.steps * batch,
         "images_per_second": result.images_per_second,
         "last_train_bits_per_dim": result.last_loss,
         "skipped_steps": contender.skipped,
         "test_bits_per_dim": bits,
         "test_images": count,
         "eval_seconds": time.perf_counter() - evaluated,
-        "threads": threads,
+        "threads": child.threads,
         "load_average": [round(load_before, 2), round(load_after, 2)],
     }
 
 
-# ----------------------------------------------------------------------------- the suite
-
-
-def _child(
-    resolved: ResolvedLever,
-    preset: str,
-    minutes: float,
-    threads: int,
-    folder: Path,
-    sizes: dict[str, int | None],
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    """One lever in a subprocess with `threads` threads; its JSON result (or why it failed)."""
-    name = resolved.lever.name
-    result_path, log_path = folder / f"{name}.json", folder / f"{name}.log"
-    result_path.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pipeline.bench.ablation", "--lever", name]
-    command += ["--config", preset, "--minutes", str(minutes), "--threads", str(threads)]
-    command += ["--result", str(result_path)]
-    for override in resolved.overrides:
-        command += ["--set", override]
-    for option, value in sizes.items():
-        if value is not None:
-            command += [f"--{option.replace('_', '-')}", str(value)]
+def _spawn(child: _Child, folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """One lever in a subprocess; its JSON result (or why it failed)."""
+    spec, log_path = folder / f"{child.lever}.spec.json", folder / f"{child.lever}.log"
+    result = Path(child.result)
+    result.unlink(missing_ok=True)
+    spec.write_text(json.dumps(asdict(child)))
     # Each BLAS/OpenMP pool sized like torch's, so that N children share the cores evenly.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    threads = str(child.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if env.get("FASHION_MNIST_DIR"):
         env["FASHION_MNIST_DIR"] = str(Path(env["FASHION_MNIST_DIR"]).resolve())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    log(f"{name}: started ({' '.join(resolved.overrides) or 'no overrides'})")
+    log(f"{child.lever}: started ({' '.join(child.overrides) or 'no overrides'})")
+    command = [sys.executable, "-m", "pipeline.bench.ablation", str(spec)]
     with log_path.open("w") as output:
-        code = subprocess.run(
-            command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT
-        ).returncode
-    if code != 0 or not result_path.exists():
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+    if code.returncode != 0 or not result.exists():
         tail = log_path.read_text().strip().splitlines()[-1:] or [""]
-        log(f"{name}: failed (exit {code}): {tail[0]}; log: {log_path}")
-        return {"error": f"exit {code}: {tail[0]}", "log": str(log_path)}
-    figures = json.loads(result_path.read_text())
+        log(f"{child.lever}: failed (exit {code.returncode}): {tail[0]}; log: {log_path}")
+        return {"error": f"exit {code.returncode}: {tail[0]}", "log": str(log_path)}
+    figures = json.loads(result.read_text())
     log(
-        f"{name}: {figures['steps']} steps, {figures['images_per_second']:.0f} images/s, "
+        f"{child.lever}: {figures['steps']} steps, {figures['images_per_second']:.0f} images/s, "
         f"test {figures['test_bits_per_dim']:.4f} bits/dim"
     )
     return figures
 
 
-def run(
-    levers: Sequence[str] | None = None,
-    minutes: float = 10.0,
-    *,
-    parallel: int = 1,
-    threads: int | None = None,
-    preset: str = "fashion-mnist",
-    out: Path = Path("bench-results"),
-    train_images: int | None = None,
-    test_images: int | None = None,
-    max_steps: int | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Each lever (default: all of `LEVERS`) trained for `minutes` of step time, `parallel` at a
-    time with `threads` torch threads each (default: the cores shared evenly); results under
-    <out>/ablation/<lever>.json and .log. Returns {"machine", "settings", "levers", "markdown"}."""
-    from pipeline.bench.common import machine
-
+def measure(settings: Settings, run: Run) -> Result:
+    """Each lever trained in a subprocess, `parallel` at a time; results under
+    <output>/ablation/<lever>.json and .log."""
     known = {lever.name: lever for lever in LEVERS}
-    names = list(levers or known)
+    names = list(settings.levers or known)
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(f"unknown levers {unknown}: expected some of {list(known)}")
-    parallel = max(1, parallel)
-    threads = threads or max(1, (os.cpu_count() or 1) // parallel)
-    folder = (out / "ablation").resolve()  # absolute: the children run in the repository
+    parallel = max(1, settings.parallel)
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // parallel)
+    folder = run.output / "ablation"
     folder.mkdir(parents=True, exist_ok=True)
-    resolved = [resolve(known[name], preset) for name in names]
-    sizes = {"train_images": train_images, "test_images": test_images, "max_steps": max_steps}
-    report: dict[str, Any] = {
-        "machine": machine(),
-        "settings": {
-            "preset": preset,
-            "minutes": minutes,
-            "parallel": parallel,
-            "threads": threads,
-            **sizes,
-        },
-    }
+    resolved = [resolve(known[name], settings.preset) for name in names]
     runnable = [r for r in resolved if r.runnable]
     for r in resolved:
         if not r.runnable:
-            log(f"{r.lever.name}: skipped ({'; '.join(r.dropped.values())})")
-    log(
-        f"{len(runnable)} levers, {minutes:g} min of step time each, {parallel} at a time with "
-        f"{threads} threads each"
+            run.log(f"{r.lever.name}: skipped ({'; '.join(r.dropped.values())})")
+    run.log(
+        f"{len(runnable)} levers, {settings.minutes:g} min of step time each, {parallel} at a "
+        f"time with {threads} threads each"
     )
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        figures = list(
-            pool.map(
-                lambda r: _child(r, preset, minutes, threads, folder, sizes, log),
-                runnable,
-            )
+    children = [
+        _Child(
+            r.lever.name,
+            settings.preset,
+            r.overrides,
+            settings.minutes,
+            threads,
+            settings.train_images,
+            settings.test_images,
+            settings.max_steps,
+            str(folder / f"{r.lever.name}.json"),
         )
-    by_name = {r.lever.name: f for r, f in zip(runnable, figures, strict=True)}
-    report["levers"] = [
+        for r in runnable
+    ]
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        figures = list(pool.map(lambda child: _spawn(child, folder, run.log), children))
+    by_name = {child.lever: f for child, f in zip(children, figures, strict=True)}
+    rows = [
         {
             "lever": r.lever.name,
             "change": r.change,
@@ -318,15 +312,16 @@ def run(
         }
         for r in resolved
     ]
+    report = {
+        "settings": {**asdict(settings), "parallel": parallel, "threads": threads},
+        "levers": rows,
+    }
     report["settings"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    report["markdown"] = markdown(report)
-    return report
+    return Result(report, [table(report)])
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """The table: lever, what changed, steps, images/s, test bits/dim, delta against baseline."""
-    from pipeline.bench.common import markdown_table
-
+def table(report: dict[str, Any]) -> Table:
+    """Lever, what changed, steps, images/s, test bits/dim, and the delta against the baseline."""
     rows = report["levers"]
     base = next((r.get("test_bits_per_dim") for r in rows if r["lever"] == "baseline"), None)
 
@@ -336,69 +331,41 @@ def markdown(report: dict[str, Any]) -> str:
             return "n/a"
         return f"{bits - base:+.3f}"
 
-    table = []
+    cells = []
     for row in rows:
         if "test_bits_per_dim" in row:
-            table.append(
-                [
-                    row["lever"],
-                    row["change"],
-                    row["steps"],
-                    f"{row['images_per_second']:,.0f}",  # a rate, not a count: no decimals
-                    f"{row['test_bits_per_dim']:.4f}",
-                    delta(row),
-                ]
-            )
+            rate = f"{row['images_per_second']:,.0f}"  # a rate, not a count: no decimals
+            bits = f"{row['test_bits_per_dim']:.4f}"
+            cells.append([row["lever"], row["change"], row["steps"], rate, bits, delta(row)])
         else:
             why = row.get("skipped") or row.get("error", "")
             status = "skipped" if "skipped" in row else "failed"
-            table.append([row["lever"], f"{row['change']}: {status} ({why})", "", "", "", ""])
-    headers = ["lever", "what changed", "steps", "images/s", "test bits/dim (EMA)", "vs baseline"]
-    settings, info = report["settings"], report["machine"]
-    test_counts = {r["test_images"] for r in rows if "test_images" in r}
-    lines = [
-        markdown_table(headers, table),
-        "",
-        f"Preset {settings['preset']}; {settings['minutes']:g} min of step time per lever, "
-        f"{settings['parallel']} lever(s) side by side with {settings['threads']} torch "
-        f"thread(s) each; test bits/dim of the EMA weights on "
-        f"{', '.join(f'{c:,}' for c in sorted(test_counts)) or 'no'} test images (keyed "
-        "dequantization noise); images/s is the median over 20-step windows of step time.",
-        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average "
-        f"{info['load_average'][0]} at start, {settings['load_average_after'][0]} at the end.",
-    ]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- subprocess
+            cells.append([row["lever"], f"{row['change']}: {status} ({why})", "", "", "", ""])
+    settings = report["settings"]
+    tests = {r["test_images"] for r in rows if "test_images" in r}
+    return Table(
+        ["lever", "what changed", "steps", "images/s", "test bits/dim (EMA)", "vs baseline"],
+        cells,
+        [
+            f"Preset {settings['preset']}; {settings['minutes']:g} min of step time per lever, "
+            f"{settings['parallel']} lever(s) side by side with {settings['threads']} torch "
+            f"thread(s) each; test bits/dim of the EMA weights on "
+            f"{', '.join(f'{c:,}' for c in sorted(tests)) or 'no'} test images (keyed "
+            "dequantization noise); images/s is the median over 20-step windows of step time; "
+            f"load average {settings['load_average_after'][0]} at the end."
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One lever in this process (what `run` starts per lever): writes its figures to --result."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.ablation")
-    parser.add_argument("--lever", required=True)
-    parser.add_argument("--config", default="fashion-mnist")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--minutes", type=float, required=True)
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--result", required=True, help="JSON file for the figures")
-    parser.add_argument("--train-images", type=int, default=None)
-    parser.add_argument("--test-images", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None)
-    args = parser.parse_args(argv)
+    """One lever in this process, from the spec file `run` wrote: its figures to spec.result."""
+    (path,) = sys.argv[1:] if argv is None else argv
+    data = json.loads(Path(path).read_text())
+    child = _Child(**{**data, "overrides": tuple(data["overrides"])})
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    config = _load(args.config, args.overrides)
-    figures = train_lever(
-        config,
-        args.minutes,
-        threads=args.threads,
-        train_images=args.train_images,
-        test_images=args.test_images,
-        max_steps=args.max_steps,
-        log=lambda line: print(f"[{args.lever}] {line}"),
-    )
-    figures = {"lever": args.lever, "overrides": args.overrides, **figures}
-    result = Path(args.result)
+    figures = train_lever(child, log=lambda line: print(f"[{child.lever}] {line}"))
+    figures = {"lever": child.lever, "overrides": list(child.overrides), **figures}
+    result = Path(child.result)
     partial = result.with_suffix(".tmp")
     partial.write_text(json.dumps(figures, indent=2) + "\n")
     partial.replace(result)  # whole or absent: the parent reads only complete results

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flowmodel import Flow, build_flow, dequantize
-from pipeline.bench.common import median
+from flowmodel import Flow, dequantize
+from pipeline.bench.harness import median, preset_flow
 from pipeline.train.config import TrainConfig
 from pipeline.train.ema import EMA
 from pipeline.train.step import (
@@ -28,7 +28,6 @@ from pipeline.train.step import (
 __all__ = [
     "Contender",
     "global_batch",
-    "initialized_flow",
     "make_contender",
     "normflows_bits_per_dim",
     "normflows_glow",
@@ -41,9 +40,6 @@ __all__ = [
 ]
 
 LN2 = math.log(2)
-
-
-# ----------------------------------------------------------------------------- normflows
 
 
 def normflows_glow(levels: int, steps: int, hidden: int, image_shape: Sequence[int]) -> nn.Module:
@@ -77,20 +73,11 @@ def normflows_glow(levels: int, steps: int, hidden: int, image_shape: Sequence[i
     return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
 
 
-def initialized_flow(config: TrainConfig, init_batch: Tensor) -> Flow:
-    """flowray's model for `config`, seeded and given its data-dependent initialisation on
-    `init_batch` (uint8 images), as the Ray Train job builds it."""
-    torch.manual_seed(config.seed)
-    flow = build_flow(config.model)
-    flow.initialize(init_batch, generator=torch.Generator().manual_seed(config.seed))
-    return flow
-
-
 def paired_models(config: TrainConfig, init_batch: Tensor) -> tuple[Flow, nn.Module]:
     """flowray's preset model and normflows' Glow at the same levels, steps and width, both given
     their data-dependent initialisation on `init_batch` (uint8 images), as the Ray Train job does
     for flowray: normflows' ActNorms initialise on their first batch, so they get the same one."""
-    flow = initialized_flow(config, init_batch)
+    flow = preset_flow(config.model, init_batch, config.seed)
     model = config.model
     glow = normflows_glow(
         model.levels, model.steps_per_level, model.hidden_channels, model.image_shape
@@ -149,9 +136,6 @@ def normflows_step(
         return StepMetrics(float(loss.detach()), float(norm), skipped=True)
     optimizer.step()
     return StepMetrics(float(loss.detach()), float(norm), skipped=False)
-
-
-# ----------------------------------------------------------------------------- timing
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`flowray bench --suite ablation`: lever resolution against this build, the table, a smoke run
-end to end with Ray, MLflow, fsspec, webdataset and normflows unimportable (as on a machine that
-has only torch, numpy, pandas, pillow, pyyaml and pyarrow)."""
+end to end with Ray, MLflow, s3fs, webdataset, normflows and psutil unimportable (as on a machine that
+has only torch and the project's light dependencies)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench.ablation import Lever, markdown, resolve
+from pipeline.bench.ablation import Lever, resolve, table
 
 REPO = Path(__file__).resolve().parents[3]
 
 # Put first on PYTHONPATH, Python imports it at start-up in this process and every child.
 BLOCKER = """
 import importlib.abc, sys
-BLOCK = {"ray", "mlflow", "fsspec", "s3fs", "webdataset", "braceexpand", "normflows", "boto3"}
+BLOCK = {"ray", "mlflow", "s3fs", "webdataset", "braceexpand", "normflows", "boto3", "psutil"}
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in BLOCK:
@@ -31,7 +31,7 @@ sys.meta_path.insert(0, _Block())
 
 def test_importing_the_suite_loads_neither_ray_nor_mlflow() -> None:
     code = (
-        "import sys, pipeline.bench.ablation, pipeline.bench.race, pipeline.bench.common, "
+        "import sys, pipeline.bench.ablation, pipeline.bench.race, pipeline.bench.harness, "
         "pipeline.train.step, jobs.config, jobs.bench; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'fsspec'}))"
     )
@@ -64,7 +64,6 @@ def test_table_gives_each_lever_its_delta_to_the_baseline() -> None:
             "threads": 2,
             "load_average_after": [1.0],
         },
-        "machine": {"cpu": "cpu", "cores": 16, "torch": "2", "load_average": [0.5]},
         "levers": [
             {"lever": "baseline", "change": "as is", **figures, "test_bits_per_dim": 3.30},
             # A slow lever's rate (the gated conditioner ran at 99.591 images/s) prints rounded.
@@ -78,11 +77,11 @@ def test_table_gives_each_lever_its_delta_to_the_baseline() -> None:
             {"lever": "gated", "change": "gated", "skipped": "model.conditioner: unknown"},
         ],
     }
-    table = markdown(report)
-    assert "| baseline | as is | 100 | 850 | 3.3000 | +0.000 |" in table
-    assert "| cosine | decay | 100 | 100 | 3.2100 | -0.090 |" in table
-    assert "| gated | gated: skipped (model.conditioner: unknown) |" in table
-    assert "10,000 test images" in table and "7 lever(s) side by side" in table
+    text = table(report).markdown()
+    assert "| baseline | as is | 100 | 850 | 3.3000 | +0.000 |" in text
+    assert "| cosine | decay | 100 | 100 | 3.2100 | -0.090 |" in text
+    assert "| gated | gated: skipped (model.conditioner: unknown) |" in text
+    assert "10,000 test images" in text and "7 lever(s) side by side" in text
 
 
 @pytest.mark.timeout(600)
@@ -97,8 +96,8 @@ def test_smoke_run_without_ray_or_mlflow_writes_a_table_of_finite_figures(
         "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), str(REPO)]),
     }
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "jobs.bench", "--suite", "ablation", "--smoke"]
-    command += ["--levers", "baseline,cosine", "--out", str(out)]
+    command = [sys.executable, "-m", "jobs.bench", "ablation", "--smoke"]
+    command += ["--set", "levers=[baseline,cosine]", "--output", str(out)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=580)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "ablation.json").read_text())

@@ -1,0 +1,423 @@
+"""What every benchmark suite shares: the machine, timing and medians, torch threads, the preset
+model, Fashion-MNIST (in memory and prepared as shards), a local Ray, S3 on loopback, the memory of
+a process tree, and one table type rendered to Markdown and JSON.
+
+Numbers from a shared machine are only meaningful side by side, so suites report medians and
+ratios, and every report carries `machine()`: CPU, cores, versions, threads and the load average.
+
+Imports torch, numpy and pipeline modules that need nothing else at import time; Ray, moto,
+boto3 and psutil are imported inside the functions that use them, so the GPU and ablation suites
+run where only torch and the project's light dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowmodel import Flow, FlowConfig, build_flow
+from pipeline.storage import StorageConfig
+
+__all__ = [
+    "BENCH_BUCKET",
+    "FAKE_S3_CREDENTIALS",
+    "Result",
+    "RssSampler",
+    "Run",
+    "Table",
+    "fashion_mnist",
+    "local_ray",
+    "loopback_s3",
+    "machine",
+    "median",
+    "prepared_fashion_mnist",
+    "preset_flow",
+    "saved_preset_model",
+    "timed",
+    "torch_threads",
+]
+
+T = TypeVar("T")
+BENCH_BUCKET = "flowray-bench"
+# moto accepts any credentials; these stand in for them while a suite runs, so that no real
+# credentials are sent even to loopback (moto refuses anonymous reads).
+FAKE_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of the finite values; NaN when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def timed(work: Callable[[], T], device: torch.device | None = None) -> tuple[float, T]:
+    """(seconds, result) of `work()`; on a CUDA device its queue is drained before and after."""
+    drain = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
+    if drain:
+        drain()
+    started = time.perf_counter()
+    result = work()
+    if drain:
+        drain()
+    return time.perf_counter() - started, result
+
+
+def rate(work: Callable[[], int]) -> float:
+    """Items per second of `work`, which returns how many items it handled."""
+    seconds, count = timed(work)
+    return count / seconds
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[int]:
+    """torch's intra-op threads set to `count` (None: one per core) until the block ends."""
+    before = torch.get_num_threads()
+    count = count or os.cpu_count() or 1
+    torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cpu_model() -> str:
+    # platform.processor() is "" or "x86_64" on Linux: the model name is in /proc/cpuinfo.
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on; Ray's and normflows' versions are None where they
+    cannot be imported or are not installed (the ablation and GPU suites run without them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        import ray
+
+        ray_version: str | None = ray.__version__
+    except ImportError:
+        ray_version = None
+    try:
+        normflows_version: str | None = version("normflows")
+    except PackageNotFoundError:
+        normflows_version = None
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count() or 1,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "ray": ray_version,
+        "normflows": normflows_version,
+        "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line for a table's notes: the machine and its load when the suite started."""
+    return (
+        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, Ray {info['ray']}, "
+        f"load average at start {info['load_average'][0]}."
+    )
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "n/a"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+@dataclass
+class Table:
+    """A table of figures: floats get three decimals below 100 and none above, integers a
+    thousands separator, strings are shown as they are; `notes` follow it as paragraphs."""
+
+    headers: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    title: str = ""
+
+    def markdown(self) -> str:
+        lines = [self.title, ""] if self.title else []
+        lines += ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines + [text for note in self.notes for text in ("", note)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "headers": self.headers,
+            "rows": self.rows,
+            "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class Run:
+    """Where a suite runs: `workdir` holds what it keeps between runs (prepared shards, models,
+    stores), `output` the reports; `log` takes its progress lines."""
+
+    workdir: Path
+    output: Path
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Result:
+    """What a suite's `measure()` returns: its figures (the JSON report's keys) and its tables."""
+
+    figures: dict[str, Any]
+    tables: list[Table]
+
+    def markdown(self) -> str:
+        return "\n\n".join(table.markdown() for table in self.tables)
+
+    def report(self) -> dict[str, Any]:
+        tables = [table.to_dict() for table in self.tables]
+        return {**self.figures, "tables": tables, "markdown": self.markdown()}
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def fashion_mnist(split: str, limit: int | None = None) -> tuple[list[str], Tensor]:
+    """Keys and uint8 images [N, 1, 28, 28] of a Fashion-MNIST split, read by the production
+    `IdxSource` from FASHION_MNIST_DIR (else Debian's folder). The keys are those `prepare`
+    writes ("test-00000042"), so keyed dequantization noise here equals the scoring job's."""
+    from pipeline.data.shards import shard_key
+    from pipeline.data.sources import IdxSource, default_idx_dir
+
+    source = IdxSource(default_idx_dir())
+    count = source.splits()[split] if limit is None else min(limit, source.splits()[split])
+    images = np.stack([item.image for item in source.read(split, range(count))])  # (N, C, H, W)
+    return [shard_key(split, index) for index in range(count)], torch.from_numpy(images)
+
+
+def preset_flow(model: FlowConfig, init_images: Tensor, seed: int = 0) -> Flow:
+    """The flow of `model`, seeded and given its data-dependent (ActNorm) initialisation on
+    `init_images` (uint8), as the training job builds it; throughput suites use it untrained."""
+    torch.manual_seed(seed)
+    flow = build_flow(model)
+    flow.initialize(init_images, generator=torch.Generator().manual_seed(seed))
+    return flow
+
+
+def saved_preset_model(folder: Path, model: FlowConfig) -> str:
+    """`preset_flow` on 512 Fashion-MNIST test images, saved as a model directory in `folder`."""
+    from pipeline.model.artifact import save_flow
+
+    _, images = fashion_mnist("test", 512)
+    return str(save_flow(preset_flow(model, images).eval(), folder / "model"))
+
+
+def prepared_fashion_mnist(
+    out: str,
+    images: int | None = None,
+    *,
+    split: str = "test",
+    storage: StorageConfig | None = None,
+    shard_samples: int = 500,
+    workers: int = 0,
+) -> str:
+    """The first `images` of a Fashion-MNIST split as prepared shards under `out`; the split's URL.
+    Past the split's size, its images repeated with unique keys (a .npy through `NpySource`,
+    whose one split is "train"; local only). A finished split is found again, not rewritten."""
+    from pipeline.data.shards import ManifestError, load_manifest, prepare
+    from pipeline.data.sources import NpySource, open_source
+
+    source = open_source("idx:")
+    if images is None or images <= source.splits()[split]:
+        prepare(source, out, storage, splits=[split], limit=images, shard_samples=shard_samples)
+        return f"{out}/{split}"
+    if storage is not None:
+        raise ValueError(f"S3 inputs: at most the {split} split's images, asked for {images}")
+    folder = Path(out)
+    try:
+        if load_manifest(str(folder / "train")).count == images:
+            return str(folder / "train")
+    except ManifestError:
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    npy = folder / "images.npy"
+    _, base = fashion_mnist(split)
+    np.save(npy, np.resize(base.numpy(), (images, *base.shape[1:])))  # repeats the base images
+    prepare(NpySource(str(npy)), out, shard_samples=shard_samples, workers=workers)
+    npy.unlink()  # the shards hold the images now
+    return str(folder / "train")
+
+
+# ----------------------------------------------------------------------------- Ray and S3
+
+
+@contextmanager
+def local_ray(cpus: int | None = None, *, dashboard: bool = False) -> Iterator[bool]:
+    """A local Ray until the block ends, never another engineer's cluster on this machine; a Ray
+    already running is used as it is. Yields whether it started one.
+
+    Args:
+        cpus: logical CPUs (default: `local_cpus()`, as `flowray score` starts Ray).
+        dashboard: Ray Train's placement-group cleaner needs the state API behind it.
+    """
+    import ray
+    from ray.data import DataContext
+
+    from pipeline.batch.scoring.actors import local_cpus
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address="local",
+            num_cpus=cpus or local_cpus(),
+            include_dashboard=dashboard,
+            logging_level=logging.WARNING,
+        )
+    DataContext.get_current().enable_progress_bars = False
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextmanager
+def loopback_s3() -> Iterator[StorageConfig]:
+    """moto's S3 server on 127.0.0.1 with BENCH_BUCKET, and FAKE_S3_CREDENTIALS in the
+    environment (a Ray started inside the block gives them to its workers); both undone after."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    saved = {name: os.environ.get(name) for name in [*FAKE_S3_CREDENTIALS, "AWS_SESSION_TOKEN"]}
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.update(FAKE_S3_CREDENTIALS)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+            Bucket=BENCH_BUCKET
+        )
+        yield StorageConfig(endpoint_url=endpoint, region="us-east-1")
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def process_role(process: Any, root: int) -> str:
+    """What a process is, for a memory breakdown: "driver" (`root`), a Ray actor's class or a
+    task worker from its process title ("ray::Scorer.__call__" -> "ray::Scorer", "ray::IDLE"),
+    else the executable's or helper script's name ("gcs_server", "raylet", "dashboard.py")."""
+    import psutil
+
+    if process.pid == root:
+        return "driver"
+    try:
+        title = " ".join(process.cmdline()) or process.name()
+    except psutil.Error:
+        return "gone"
+    if title.startswith("ray::"):
+        return title.split()[0].split(".")[0]
+    executable = title.split()[0].rsplit("/", 1)[-1]
+    if executable.startswith("python"):  # Ray's helper scripts: dashboard, log monitor, agents
+        script = next((a for a in title.split()[1:] if a.endswith(".py")), executable)
+        return script.rsplit("/", 1)[-1]
+    return executable
+
+
+class RssSampler:
+    """Peak memory of this process and all its descendants (the Ray processes a local
+    `ray.init()` starts), sampled with psutil every `interval` seconds while the block runs.
+
+    peak_rss_mb sums each process's RSS (shared pages counted in every process that maps them);
+    peak_pss_mb sums PSS (shared pages split between them, so Ray's object store counts once);
+    peak_pss_by_role_mb splits the peak sample's PSS by `process_role`. Linux only; elsewhere
+    all stay NaN (empty).
+    """
+
+    def __init__(self, interval: float = 0.5, root: int | None = None) -> None:
+        self.interval = interval
+        self.root = root or os.getpid()
+        self.peak_rss_mb = math.nan
+        self.peak_pss_mb = math.nan
+        self.processes = 0
+        self.peak_pss_by_role_mb: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        if not psutil.LINUX:  # PSS is Linux-only; RSS alone would not be comparable
+            return
+        try:
+            process = psutil.Process(self.root)
+            processes = [process, *process.children(recursive=True)]
+        except psutil.Error:
+            processes = []
+        rss = pss = 0
+        roles: dict[str, float] = {}
+        for process in processes:
+            try:
+                info = process.memory_full_info()  # /proc/<pid>/smaps_rollup on Linux
+            except psutil.Error:
+                continue
+            rss, pss = rss + info.rss // 1024, pss + getattr(info, "pss", 0) // 1024
+            role = process_role(process, self.root)
+            roles[role] = roles.get(role, 0.0) + getattr(info, "pss", 0) / 2**20
+        self.processes = max(self.processes, len(processes))
+        self.peak_rss_mb = max(rss / 1024, 0 if math.isnan(self.peak_rss_mb) else self.peak_rss_mb)
+        if math.isnan(self.peak_pss_mb) or pss / 1024 >= self.peak_pss_mb:
+            self.peak_pss_mb = pss / 1024
+            self.peak_pss_by_role_mb = dict(sorted(roles.items(), key=lambda kv: -kv[1]))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> RssSampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
