@@ -2,6 +2,12 @@
 
 Public API: FlowConfig, build_flow, Flow (initialize, forward, inverse, log_prob, bits_per_dim,
 sample), the layers, dequantize, VariationalDequantization and the bits/dim helpers.
+
+Pure PyTorch, so a model can be built, trained or loaded anywhere torch runs: no Ray, MLflow,
+fsspec, file I/O or logging set-up.
+
+May import: flowmodel.
+Third-party imports: torch, numpy.
 """
 
 from flowmodel.config import FlowConfig

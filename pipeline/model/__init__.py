@@ -2,10 +2,13 @@
 in memory (bytes for Ray actors), per-image likelihood with keyed dequantization, and the MLflow
 pyfunc flavour with its models-from-code entry.
 
-This subpackage is what a logged model ships (with flowmodel and pipeline.errors), so it may
-import only flowmodel and pipeline.errors. Nothing here imports Ray, and only `pyfunc` (the MLflow
-adapter) and `pyfunc_entry` (its models-from-code file, which flowray never imports) import
-MLflow: MLflow loads them itself. A scoring actor loads flows through `artifact` and `likelihood`.
+This subpackage is what a logged model ships (with flowmodel and pipeline.errors), so it imports
+nothing else of flowray, and no Ray. Only `pyfunc` (the MLflow adapter) and `pyfunc_entry` (its
+models-from-code file, which flowray never imports) import MLflow: MLflow loads them itself. A
+scoring actor loads flows through `artifact` and `likelihood`.
+
+May import: flowmodel, pipeline.errors.
+Third-party imports: torch, numpy, pandas, safetensors, mlflow.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ The throughput suite is pipeline.bench.serving; the command is jobs/serve.py.
 An answer is the score job's row for the same image: bits/dim, log-likelihood and the OOD score
 come from pipeline.batch.scoring.actors.Scorer, so the two never drift apart.
 
-May import: flowmodel, pipeline.model, pipeline.data (image decoding), pipeline.tracking,
-pipeline.batch (the scorer and the model resolver), pipeline.errors.
+May import: flowmodel, pipeline.batch (the scorer and the model resolver),
+pipeline.{model,data,tracking}, pipeline.{errors,config,storage,plots,submission,local_ray}.
 """
 
 from __future__ import annotations

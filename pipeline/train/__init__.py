@@ -6,7 +6,8 @@ Ray Train worker loop (worker) and what it reports (reporting), the driver behin
 training data's order as a function of (seed, epoch) and the epoch each plan is for (data_order),
 and checkpoints (checkpoint, written and read on the CPU).
 
-May import: flowmodel, pipeline.{model,data,tracking}, pipeline.{errors,storage,plots}.
+May import: flowmodel, pipeline.{model,data,tracking},
+pipeline.{errors,config,storage,plots,submission,local_ray}.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@
 
 Submodules are imported by name (`from pipeline.batch.scoring.job import score`); this package
 imports nothing itself.
+
+May import: flowmodel, pipeline.batch (the model resolver), pipeline.{model,data,tracking},
+pipeline.{errors,config,storage,plots,submission,local_ray}.
 """
 
 from __future__ import annotations
