@@ -5,6 +5,12 @@ the outputs, and the MLflow summary run.
                                                               shards left out (shard + reason)
     <prefix>/_summary/<UTC time>/bits_per_dim_histogram.png
     <prefix>/_summary/<UTC time>/least_likely.png             the least likely images, captioned
+
+A bits/dim that is not finite (+inf when the flow's density underflows to zero on an image far
+from the data, NaN when it breaks) stays so in the Parquet files. Here such images are counted
+apart (`images_non_finite`, in summary.json and the MLflow run) and ranked as the least likely;
+mean, median, p99 and the histogram are over the finite values. summary.json is strict JSON: a
+non-finite number is written as the string "Infinity", "-Infinity" or "NaN" (`json_number`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import json
+import logging
 import math
 import os
 import tempfile
@@ -21,10 +28,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.batch.scoring.config import ScoreConfig, ScoreResult
-from pipeline.data.reader import SkipTally
+from pipeline.data.tally import SkipTally
 from pipeline.storage import join_url, redact_url, write_bytes_atomic
 
-__all__ = ["SUMMARY_DIR", "ScoreStats", "report"]
+__all__ = ["SUMMARY_DIR", "ScoreStats", "json_number", "report"]
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_DIR = "_summary"
 LEFT_OUT_TAG = "flowray.left_out"  # MLflow tag of a summary run: "<shard>: <reason>" per line
@@ -33,54 +42,98 @@ _MAX_TAG = 5000  # MLflow's limit on a tag value (the full list is in summary.js
 _FINE_BIN, _FINE_MAX = 1e-3, 64.0
 
 
+def json_number(value: float) -> float | str:
+    """`value` as strict JSON can hold it: a finite float as itself, inf / -inf / NaN as the
+    strings "Infinity" / "-Infinity" / "NaN", which Python's float() and JavaScript's Number()
+    both read back."""
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _rank(value: float) -> float:
+    """Higher is less likely; a non-finite bits/dim (+inf, -inf, NaN) ranks above every finite
+    one: the density computation broke down on that image, which is unusual either way."""
+    return value if math.isfinite(value) else math.inf
+
+
+def _nonfinite_order(value: float) -> int:
+    """Among non-finite values: +inf first, then NaN, then -inf."""
+    return 0 if value == math.inf else (1 if math.isnan(value) else 2)
+
+
 class ScoreStats:
-    """Count, mean, fine histogram (for median / p99) and the least likely images, streaming."""
+    """Count, mean, fine histogram (for median / p99) and the least likely images, streaming.
+
+    Images with a non-finite bits/dim (an underflowing density gives +inf, a broken one NaN) are
+    counted in `non_finite` and ranked as the least likely; the mean, quantiles and histogram are
+    over the finite values, as training's validation reports `finite_mean`.
+    """
 
     def __init__(self, keep: int) -> None:
-        self.count, self.total = 0, 0.0
+        self.count, self.non_finite, self.total = 0, 0, 0.0
         self.fine = np.zeros(int(_FINE_MAX / _FINE_BIN) + 1, dtype=np.int64)
-        self.low, self.high = math.inf, -math.inf
+        self.low, self.high = math.inf, -math.inf  # over the finite values
         self.keep = keep
-        self._heap: list[tuple[float, str, bytes]] = []  # min-heap on bits/dim
+        # min-heap on (rank, order among non-finite, ...): the least likely stay.
+        self._heap: list[tuple[float, int, float, str, bytes]] = []
+
+    @property
+    def finite(self) -> int:
+        return self.count - self.non_finite
 
     def add(self, rows: pd.DataFrame) -> None:
         """Take score rows: bits_per_dim, key, and png (b"" for images not kept by the actor)."""
-        bits = rows["bits_per_dim"].to_numpy()
+        bits = rows["bits_per_dim"].to_numpy(dtype=np.float64)
         if not len(bits):
             return
+        finite = np.isfinite(bits)
+        values = bits[finite]
         self.count += len(bits)
-        self.total += float(bits.sum())
-        self.low, self.high = min(self.low, float(bits.min())), max(self.high, float(bits.max()))
-        bins = np.clip((bits / _FINE_BIN).astype(np.int64), 0, len(self.fine) - 1)
-        np.add.at(self.fine, bins, 1)
+        self.non_finite += int(len(bits) - len(values))
+        if len(values):
+            self.total += float(values.sum())
+            self.low = min(self.low, float(values.min()))
+            self.high = max(self.high, float(values.max()))
+            # Clipped as floats: a cast first would turn values past int64 into INT64_MIN.
+            fine = np.clip(values / _FINE_BIN, 0, len(self.fine) - 1).astype(np.int64)
+            np.add.at(self.fine, fine, 1)
         for value, key, png in zip(bits, rows["key"].to_numpy(), rows["png"].to_numpy()):
             if not png:
                 continue
-            item = (float(value), str(key), bytes(png))
+            value = float(value)
+            item = (_rank(value), -_nonfinite_order(value), value, str(key), bytes(png))
             if len(self._heap) < self.keep:
                 heapq.heappush(self._heap, item)
-            elif item[0] > self._heap[0][0]:
+            elif item[:2] > self._heap[0][:2]:
                 heapq.heapreplace(self._heap, item)
 
     def least_likely(self) -> list[tuple[float, str, bytes]]:
         """(bits/dim, key, PNG) of the least likely images kept, least likely first."""
-        return sorted(self._heap, reverse=True)
+        ordered = sorted(self._heap, key=lambda item: (-item[0], -item[1], item[3]))
+        return [(value, key, png) for _, _, value, key, png in ordered]
 
     @property
     def mean(self) -> float:
-        return self.total / self.count if self.count else math.nan
+        """Over the finite values (NaN without any)."""
+        return self.total / self.finite if self.finite else math.nan
 
     def quantile(self, q: float) -> float:
-        if not self.count:
+        """Over the finite values (NaN without any); exact to _FINE_BIN / 2 up to _FINE_MAX."""
+        if not self.finite:
             return math.nan
-        rank = int(np.searchsorted(np.cumsum(self.fine), q * self.count, side="left"))
-        return (rank + 0.5) * _FINE_BIN  # centre of the bin; exact to _FINE_BIN / 2
+        rank = int(np.searchsorted(np.cumsum(self.fine), q * self.finite, side="left"))
+        return (rank + 0.5) * _FINE_BIN  # centre of the bin
 
     def histogram(self, bins: int = 60) -> tuple[np.ndarray, np.ndarray]:
-        """Counts over `bins` equal bins from the lowest to the highest value seen."""
-        low = math.floor(self.low / _FINE_BIN)
+        """Counts over `bins` equal bins from the lowest to the highest finite value seen (values
+        past _FINE_MAX fall in the last bin); empty arrays without finite values."""
+        if not self.finite:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        low = min(max(math.floor(self.low / _FINE_BIN), 0), len(self.fine) - 1)
         high = min(math.ceil(self.high / _FINE_BIN) + 1, len(self.fine))
-        chunks = np.array_split(self.fine[low:high], bins)
+        chunks = np.array_split(self.fine[low:high], min(bins, high - low))
         counts = np.array([c.sum() for c in chunks])
         starts = np.cumsum([0] + [len(c) for c in chunks])
         return counts, (low + starts) * _FINE_BIN
@@ -98,7 +151,15 @@ def report(
     `result` with where they went."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     summary_url = join_url(result.output, SUMMARY_DIR, stamp)
-    metrics = _metrics(result)
+    metrics = _metrics(result, stats)
+    if stats.non_finite:
+        logger.warning(
+            "%d of %d images have a non-finite bits/dim (kept as such in the files, ranked least "
+            "likely); mean, median and p99 are over the other %d",
+            stats.non_finite,
+            stats.count,
+            stats.finite,
+        )
     files = _pictures(result, stats, shape)
     summary = {
         "model": redact_url(config.model),
@@ -108,14 +169,15 @@ def report(
         "output": redact_url(result.output),
         "finished": stamp,
         "status": result.status,
-        "metrics": metrics,
+        "metrics": {name: json_number(value) for name, value in metrics.items()},
         "least_likely": [
-            {"key": key, "bits_per_dim": bits} for bits, key, _ in stats.least_likely()
+            {"key": key, "bits_per_dim": json_number(bits)} for bits, key, _ in stats.least_likely()
         ],
         "left_out": [{"shard": s, "reason": r} for s, r in result.shards_left_out],
         "skipped": [dataclasses.asdict(s) for s in tally.records()[:100]] if tally else [],
     }
-    files["summary.json"] = json.dumps(summary, indent=1, default=str).encode()
+    text = json.dumps(summary, indent=1, default=str, allow_nan=False)
+    files["summary.json"] = text.encode()
     for name, data in files.items():
         write_bytes_atomic(join_url(summary_url, name), data, config.storage)
     run_id = None
@@ -124,9 +186,12 @@ def report(
     return dataclasses.replace(result, summary_url=summary_url, mlflow_run_id=run_id)
 
 
-def _metrics(result: ScoreResult) -> dict[str, float]:
+def _metrics(result: ScoreResult, stats: ScoreStats) -> dict[str, float]:
+    """The run's figures; bits/dim statistics are over the finite values, `images_non_finite`
+    counts the others."""
     return {
         "images_scored": result.images_scored,
+        "images_non_finite": stats.non_finite,
         "images_skipped": result.images_skipped,
         "shards_written": len(result.shards_written),
         "shards_left_out": len(result.shards_left_out),
@@ -147,23 +212,24 @@ def _pictures(
     result: ScoreResult, stats: ScoreStats, shape: tuple[int, int, int]
 ) -> dict[str, bytes]:
     """The bits/dim histogram and the grid of the least likely images, as PNG files by name."""
-    from pipeline.data.reader import decode_image
+    from pipeline.data.images import decode_image
     from pipeline.plots import bits_per_dim_histogram, captioned_images_png
 
     label = f"{result.model_name} v{result.model_version}"
     files: dict[str, bytes] = {}
-    if stats.count:
+    if stats.finite:
         counts, edges = stats.histogram()
+        apart = f" ({stats.non_finite:,} non-finite left out)" if stats.non_finite else ""
         files["bits_per_dim_histogram.png"] = bits_per_dim_histogram(
             counts,
             edges,
-            f"bits/dim of {stats.count:,} images under {label}",
+            f"bits/dim of {stats.finite:,} images under {label}{apart}",
             markers={"mean": stats.mean, "p99": stats.quantile(0.99)},
         )
     worst = stats.least_likely()
     if worst:
         images = np.stack([decode_image(png, shape) for _, _, png in worst])
-        captions = [f"{key}\n{bits:.3f} bits/dim" for bits, key, _ in worst]
+        captions = [f"{key}\n{bits:.3f} bits/dim" for bits, key, _ in worst]  # inf: "inf"
         files["least_likely.png"] = captioned_images_png(
             images, captions, f"{len(worst)} least likely images under {label}"
         )
@@ -196,7 +262,7 @@ def _log_run(
     run_name = f"score {result.model_name} v{result.model_version} {stamp}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         log_config_params(run.info.run_id, _redacted(config))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not _nan(v)})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(v)})
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
                 with open(os.path.join(tmp, name), "wb") as file:
@@ -220,7 +286,3 @@ def _redacted(config: ScoreConfig) -> ScoreConfig:
             else None,
         ),
     )
-
-
-def _nan(value: float) -> bool:
-    return isinstance(value, float) and math.isnan(value)
