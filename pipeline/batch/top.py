@@ -8,8 +8,10 @@ Reads `<output>/model=<name>/version=<v>/*.parquet` (pipeline.batch.scoring.outp
 file by file and batch by batch (`batch_rows` rows of the few columns needed), keeping a running
 top n: memory is O(n + batch_rows), whatever the dataset's size. Higher is worse for both
 scores: bits_per_dim (least likely) and ood_score (Serra et al. 2020: most out-of-distribution).
-Ties are broken by shard, then key, so the answer does not depend on file order; NaN scores are
-counted and left out.
+A non-finite score (+inf: a density that underflowed; NaN; -inf) ranks above every finite one,
++inf first, then NaN, then -inf: the flow's density broke down on that image, which makes it
+unusual either way; `non_finite_scores` counts them. Ties are broken by shard, then key, so the
+answer does not depend on file order.
 
 Without a version, the newest version folder under `model=<name>` is read (numeric versions by
 number, others by name). Each row's `shard` is a URL when scoring wrote one (foreign inputs);
@@ -60,7 +62,7 @@ class TopResult:
     rows: tuple[TopRow, ...]
     files_read: int
     rows_read: int
-    nan_scores: int
+    non_finite_scores: int  # rows whose ranking score is +inf, -inf or NaN (ranked first)
     seconds: float
 
     def table(self) -> str:
@@ -110,29 +112,41 @@ def model_prefix(output: str, model: str, storage: StorageConfig | None) -> tupl
     return join_url(base, f"version={version}"), name, version
 
 
+def _rank_keys(score: np.ndarray) -> np.ndarray:
+    """Higher ranks first: a finite score is itself; +inf, NaN and -inf map to inf, the largest
+    float and the one below it, so they sit above all finite values in that order (module
+    docstring; a finite score of 1.8e308 would tie with them, none comes near)."""
+    top = np.finfo(np.float64).max
+    non_finite = np.where(
+        score == np.inf, np.inf, np.where(np.isnan(score), top, np.nextafter(top, 0))
+    )
+    return np.where(np.isfinite(score), score, non_finite)
+
+
 class _Running:
     """The n highest scores seen so far, ties broken by (shard, key); O(n) memory."""
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.best: list[tuple[float, str, str, float, float, int]] = []
-        self.rows = self.nan = 0
+        # (rank key, score, shard, key, bits/dim, ood score, label)
+        self.best: list[tuple[float, float, str, str, float, float, int]] = []
+        self.rows = self.non_finite = 0
 
     def add(self, score, key, shard, bits, ood, label) -> None:  # numpy columns of one batch
         self.rows += len(score)
-        finite = ~np.isnan(score)
-        self.nan += int((~finite).sum())
-        index = np.flatnonzero(finite)
+        self.non_finite += int((~np.isfinite(score)).sum())
+        ranks = _rank_keys(score)
+        index = np.arange(len(score))
         if len(index) > self.n:
-            # Everything at or above the batch's n-th highest score (ties included).
-            threshold = np.partition(score[index], len(index) - self.n)[len(index) - self.n]
-            index = index[score[index] >= threshold]
+            # Everything at or above the batch's n-th highest rank (ties included).
+            threshold = np.partition(ranks, len(index) - self.n)[len(index) - self.n]
+            index = index[ranks >= threshold]
         if len(self.best) == self.n and len(index):
-            index = index[score[index] >= self.best[-1][0]]
+            index = index[ranks[index] >= self.best[-1][0]]
         for i in index:
-            entry = (float(score[i]), str(shard[i]), str(key[i]), float(bits[i]), float(ood[i]))
-            self.best.append((*entry, int(label[i])))
-        self.best.sort(key=lambda e: (-e[0], e[1], e[2]))
+            entry = (float(ranks[i]), float(score[i]), str(shard[i]), str(key[i]))
+            self.best.append((*entry, float(bits[i]), float(ood[i]), int(label[i])))
+        self.best.sort(key=lambda e: (-e[0], e[2], e[3]))
         del self.best[self.n :]
 
 
@@ -210,16 +224,16 @@ def top_scores(
     for file in files:
         for columns in _batches(join_url(prefix, file), storage, by, batch_rows):
             running.add(*columns)
-    needs_input = any(_shard_url(e[1], None) == "" for e in running.best)
+    needs_input = any(_shard_url(e[2], None) == "" for e in running.best)
     if needs_input and input_url is None:
         input_url = _input_of(prefix, storage)
     rows = tuple(
         TopRow(rank, score, key, shard, _shard_url(shard, input_url), bits, ood, label)
-        for rank, (score, shard, key, bits, ood, label) in enumerate(running.best, start=1)
+        for rank, (_, score, shard, key, bits, ood, label) in enumerate(running.best, start=1)
     )
     seconds = time.perf_counter() - started
     return TopResult(
-        prefix, name, version, by, rows, len(files), running.rows, running.nan, seconds
+        prefix, name, version, by, rows, len(files), running.rows, running.non_finite, seconds
     )
 
 
@@ -231,7 +245,7 @@ def draw_top(
 ) -> bytes:
     """The rows' images in a captioned grid (PNG bytes), fetched from their shards and fitted to
     `shape` with prepare's rules; an image that cannot be fetched is a grey tile."""
-    from pipeline.data.foreign import fetch_images
+    from pipeline.data.reader import fetch_images
     from pipeline.plots import captioned_images_png
 
     unknown = [r.key for r in result.rows if not r.shard_url]

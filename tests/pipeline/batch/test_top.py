@@ -17,7 +17,7 @@ from pipeline.batch.scoring.config import ScoreError
 from pipeline.batch.scoring.output import OUTPUT_COLUMNS
 from pipeline.batch.top import draw_top, top_scores
 from pipeline.data.images import decode_fitted
-from pipeline.data.input_reader import iter_input
+from pipeline.data.reader import iter_input
 from pipeline.data.shards import prepare
 from pipeline.data.sources import open_source
 from pipeline.storage import fsspec_filesystem, join_url
@@ -69,23 +69,45 @@ def test_top_n_across_files_and_batches_equals_a_full_sort(tmp_path):
         _write_scores(prefix, f"{f:06d}.parquet", frame)
         frames.append(frame)
     _write_scores(str(tmp_path / "out" / "model=flow" / "version=1"), "x.parquet", frames[0])
-    everything = pd.concat(frames).dropna(subset=["bits_per_dim"])
+    everything = pd.concat(frames)
+    finite = everything.dropna(subset=["bits_per_dim"])
+    unusual = everything[everything["bits_per_dim"].isna()].sort_values(["shard", "key"])
 
     result = top_scores(str(tmp_path / "out"), "flow", n=25, batch_rows=100)
     assert (result.version, result.files_read, result.rows_read) == ("2", 5, 5 * 997)
-    assert result.nan_scores == 15
-    expected = everything.sort_values(
+    assert result.non_finite_scores == 15
+    expected = finite.sort_values(
         ["bits_per_dim", "shard", "key"], ascending=[False, True, True]
-    ).head(25)
-    assert [r.key for r in result.rows] == list(expected["key"])
+    ).head(10)
+    # The 15 NaN scores rank first (by shard and key), then the highest finite ones.
+    assert [r.key for r in result.rows] == list(unusual["key"]) + list(expected["key"])
     assert [r.rank for r in result.rows] == list(range(1, 26))
-    assert result.rows[0].shard_url == expected["shard"].iloc[0]
+    assert result.rows[15].shard_url == expected["shard"].iloc[0]
 
-    by_ood = top_scores(str(tmp_path / "out"), "flow/2", n=7, by="ood_score", batch_rows=64)
-    lowest = everything.sort_values(["bits_per_dim", "shard", "key"]).head(7)
-    assert {r.key for r in by_ood.rows} == set(lowest["key"])
+    by_ood = top_scores(str(tmp_path / "out"), "flow/2", n=20, by="ood_score", batch_rows=64)
+    lowest = finite.sort_values(["bits_per_dim", "shard", "key"]).head(5)
+    assert [r.key for r in by_ood.rows[:15]] == list(unusual["key"])
+    assert {r.key for r in by_ood.rows[15:]} == set(lowest["key"])
     with pytest.raises(ScoreError, match="no scores of model other"):
         top_scores(str(tmp_path / "out"), "other")
+
+
+def test_non_finite_scores_rank_as_the_most_unusual(tmp_path, capsys):
+    inf, nan = float("inf"), float("nan")
+    prefix = str(tmp_path / "out" / "model=flow" / "version=1")
+    bits = [3.0, inf, 9.0, nan, -inf, 4.0]
+    ood = [1.0, inf, 2.0, nan, -inf, 8.0]
+    keys = [f"k{i}" for i in range(6)]
+    _write_scores(prefix, "a.parquet", _frame(keys, ["s3://b/x.tar"] * 6, bits, ood=ood))
+
+    by_bits = top_scores(str(tmp_path / "out"), "flow", n=4, batch_rows=2)
+    assert [r.key for r in by_bits.rows] == ["k1", "k3", "k4", "k2"]  # +inf, NaN, -inf, 9.0
+    assert by_bits.non_finite_scores == 3
+    by_ood = top_scores(str(tmp_path / "out"), "flow", n=5, by="ood_score")
+    assert [r.key for r in by_ood.rows] == ["k1", "k3", "k4", "k5", "k2"]
+    assert flowray(["scores", "top", "--output", str(tmp_path / "out"), "--model", "flow"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split()[:4] == ["1", "inf", "inf", "inf"]
 
 
 def test_the_grid_shows_the_images_from_foreign_shards_on_s3(tmp_path, s3):
@@ -104,7 +126,7 @@ def test_the_grid_shows_the_images_from_foreign_shards_on_s3(tmp_path, s3):
     assert [r.shard_url for r in result.rows] == [urls[2], urls[1], urls[1]]
     png = draw_top(result, s3.storage, shape=(3, 16, 16))
     assert Image.open(io.BytesIO(png)).size[0] > 100
-    from pipeline.data.foreign import fetch_images
+    from pipeline.data.reader import fetch_images
 
     fetched = fetch_images(urls[1], [photos[7].key, "absent"], (3, 16, 16), s3.storage)
     assert set(fetched) == {photos[7].key}
@@ -126,7 +148,7 @@ def test_the_cli_prints_the_top_and_draws_prepared_shards_named_without_urls(tmp
     summary.write_text(json.dumps({"input": split}))
     grid = tmp_path / "least_likely.png"
     code = flowray(
-        ["scores", "top", "--output", str(tmp_path / "scores"), "--model", "flow", "--n", "2"]
+        ["scores", "top", "--output", str(tmp_path / "scores"), "--model", "flow", "-n", "2"]
         + ["--grid", str(grid), "--tile", "12"]
     )
     out = capsys.readouterr().out
