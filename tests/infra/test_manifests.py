@@ -22,6 +22,7 @@ from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
+KUBERNETES_DOC = ROOT / "docs" / "kubernetes.md"  # placeholders, Secrets, the nightly model
 K8S = INFRA / "k8s"
 LAUNCHER = INFRA / "cluster-launcher" / "aws.yaml"
 LOCAL = INFRA / "local"
@@ -287,7 +288,7 @@ def test_mlflow_server_takes_its_database_from_a_secret_and_proxies_artifacts_to
 
 def test_config_and_secret_references_resolve():
     config_maps = {c["metadata"]["name"]: c for c in _by_kind("ConfigMap")}
-    readme = (INFRA / "README.md").read_text()
+    readme = KUBERNETES_DOC.read_text()
     for path, doc in _k8s_objects():
         for node in _walk(doc):
             if "configMapRef" in node:
@@ -298,7 +299,7 @@ def test_config_and_secret_references_resolve():
             secret = node.get("secretRef") or node.get("secretKeyRef")
             if secret:
                 # Secrets are created by the operator of the deployment (never committed): the
-                # README must say how to create each one.
+                # Kubernetes guide must say how to create each one.
                 assert f"kubectl create secret generic {secret['name']}" in readme, secret
     # flowray-s3 is optional everywhere: pods may use their cloud identity instead of keys.
     for _, doc in _k8s_objects():
@@ -334,9 +335,9 @@ def test_placeholders_are_rendered_by_the_documented_envsubst_line(path):
     # Comments show the usage; the placeholders that matter are in the YAML itself.
     used = set(PLACEHOLDER.findall(yaml.safe_dump(_documents(path))))
     assert used == _envsubst_vars(text), f"{path.name}: envsubst line and placeholders differ"
-    readme = (INFRA / "README.md").read_text()
+    readme = KUBERNETES_DOC.read_text()
     for var in used:
-        assert f"`{var}`" in readme, f"{var} is not documented in infra/README.md"
+        assert f"`{var}`" in readme, f"{var} is not documented in docs/kubernetes.md"
     rendered = string.Template(text).safe_substitute({var: "x-" + var.lower() for var in used})
     assert not PLACEHOLDER.search(rendered)
     assert [doc["kind"] for doc in yaml.safe_load_all(rendered) if doc] == [

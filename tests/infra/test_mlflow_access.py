@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.infra.test_manifests import INFRA, _by_kind, _one
+from tests.infra.test_manifests import KUBERNETES_DOC, _by_kind, _one
 
 CLIENT_LABEL = ("flowray.io/mlflow-client", "true")
 
@@ -67,7 +67,7 @@ def test_the_nightly_job_scores_the_model_pinned_in_the_configmap():
     assert config["FLOWRAY_SCORE_MODEL"] == "${FLOWRAY_SCORE_MODEL}"
     head = cron["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"configMapRef": {"name": "flowray-config"}} in head["envFrom"]
-    readme = (INFRA / "README.md").read_text()
+    readme = KUBERNETES_DOC.read_text()
     assert "`FLOWRAY_SCORE_MODEL`" in readme and "NetworkPolicy" in readme
 
 
