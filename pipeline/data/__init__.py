@@ -1,17 +1,19 @@
-"""Image data on storage: sources (IDX, image folders, .npy, foreign WebDataset shards), prepared
-WebDataset shards with their manifest, and the readers (a streaming Ray Data datasource and a
-plain iterator) of prepared splits and of foreign shards read in place.
+"""Image data on storage: one reader for every WebDataset tar (prepared splits, whose manifest
+entries it checks, and anyone else's shards, fitted in place), and what `prepare` reads and writes.
 
-    sources.py (+ source_base.py, folders.py,   what prepare reads; images.py: pixels and limits
-      webdataset_source.py)
-    shards.py (+ manifest.py)                   prepare's writer; the manifest and its checks
-    reader.py (+ shard_reader.py, ray_source.py) the readers of prepared splits; tally.py: what
-                                                readers report
-    inputs.py                                   what a split argument names (prepared split,
-                                                brace pattern, prefix, list file), listed once
-    input_reader.py (+ foreign.py)              read_input/iter_input: either kind, one schema;
-                                                foreign shards decoded and fitted in place
-    streams.py                                  storage faults retried, never taken for bad data
+    tally.py       what readers report (ShardOutcome, SkipTally) and the error of bad data
+                   (CorruptDataError, OnError, WHOLE_SHARD); imports nothing else of this package
+    streams.py     storage faults retried and resumed (ResumingReader), never taken for bad data
+    images.py      pixels: limits checked before decoding, decode, fit to a shape, encode PNG
+    shards.py      the prepared-split format (Manifest, ShardInfo, names, checks) and `prepare`
+    inputs.py      what an input names, listed once: a prepared split or foreign shards
+                   (pattern, prefix, list file); decides which, and gives each ShardRef its
+                   manifest entry
+    reader.py      iter_shard (one shard), iter_input / read_input (any input), fetch_images
+    ray_source.py  a generic Ray Data datasource of read tasks; knows no format
+    sources.py     what prepare reads: IDX, .npy, image folders, foreign WebDataset shards
+
+Imports point one way: tally, streams, images -> shards -> inputs -> reader -> sources.
 
 May import: flowmodel, pipeline.errors, pipeline.storage. Ray is imported lazily, inside the
 functions that build Ray Data datasets or run Ray tasks.

@@ -40,7 +40,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.data.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from pipeline.data.shards import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    compare_shards,
+    is_shard_file,
+    parse_manifest,
+)
 from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, _translated, fsspec_filesystem, is_s3, join_url
 
@@ -62,12 +70,13 @@ class InputError(FlowrayError, ValueError):
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One shard of an input, as the listing saw it."""
+    """One shard of an input, as the listing saw it, with its manifest entry when it has one."""
 
     url: str  # full URL: s3://bucket/key or an absolute local path
     name: str  # path under the plan's root; unique in the plan
-    size: int  # bytes, from the listing
+    size: int  # bytes, from the listing; -1 when a manifest lists it and the listing does not
     version: str  # "etag:<hex>" (S3) or "mtime:<seconds>" (local), from the listing
+    expect: ShardInfo | None = None  # a prepared split's manifest entry: what the reader checks
 
     @property
     def stem(self) -> str:
@@ -100,6 +109,21 @@ class InputPlan:
 
     def by_url(self) -> dict[str, ShardRef]:
         return {ref.url: ref for ref in self.shards}
+
+    def check_shards(self) -> None:
+        """Raise ManifestError when a prepared split's shard files, as listed, disagree with its
+        manifest (a listed shard missing or of another size, a shard file it does not list);
+        foreign inputs have nothing to disagree with."""
+        if self.manifest is None:
+            return
+        files = {r.name: r.size for r in self.shards if r.size >= 0} | dict.fromkeys(self.extra, 0)
+        diff = compare_shards(self.manifest, files)
+        if diff:
+            raise ManifestError(
+                f"{join_url(self.root, MANIFEST_NAME)} disagrees with the shards present: "
+                f"{diff.describe()}",
+                hint="rerun `flowray prepare` with the same options to repair missing shards",
+            )
 
     def digest(self) -> str:
         """12 hex digits over every shard's URL, size and version: equal digests, same data."""
@@ -271,7 +295,6 @@ def _read_list(spec: str, storage: StorageConfig | None) -> list[str]:
 
 
 def _prepared(spec: str, root: str, found: dict[str, dict], seconds: float, storage) -> InputPlan:
-    from pipeline.data.manifest import _is_shard_file
     from pipeline.storage import read_bytes
 
     where = join_url(root, MANIFEST_NAME)
@@ -286,10 +309,11 @@ def _prepared(spec: str, root: str, found: dict[str, dict], seconds: float, stor
             info.name,
             int(present[info.name].get("size") or 0) if info.name in present else -1,
             version_of(present[info.name]) if info.name in present else "",
+            info,
         )
         for info in manifest.shards
     )
-    extra = tuple(sorted(n for n in present if _is_shard_file(n) and n not in listed))
+    extra = tuple(sorted(n for n in present if is_shard_file(n) and n not in listed))
     return InputPlan(spec, "prepared", root, refs, seconds, manifest=manifest, extra=extra)
 
 

@@ -1,8 +1,6 @@
-"""The Ray Data side of the readers: a datasource of shard-reading tasks.
-
-`shard_datasource` reads a prepared split (`pipeline.data.reader.read_split`); `tasks_datasource`
-is the general form that `pipeline.data.input_reader.read_input` uses for any input. Imported
-only where a Ray dataset is built, so the plain iterators never import Ray.
+"""A Ray Data datasource of read tasks: each task reads a group of shards through a given
+function and emits blocks of rows. It knows nothing of formats; `pipeline.data.reader.read_input`
+gives it the shards and the function. Imported only where a Ray dataset is built.
 """
 
 from __future__ import annotations
@@ -14,12 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.reader import _read_shards, _Spec
-from pipeline.storage import join_url
+__all__ = ["TaskPlan", "tasks_datasource"]
 
-__all__ = ["TaskPlan", "shard_datasource", "tasks_datasource"]
-
-# (shard ids of one task, seed, shuffle) -> the rows of those shards, in order.
+# (shard URLs of one task, seed, shuffle) -> the rows of those shards, in order.
 ReadShards = Callable[[list[str], "int | None", bool], Iterator[dict]]
 
 
@@ -39,9 +34,9 @@ def _rows_to_block(rows: list[dict]) -> Any:
     return BlockAccessor.batch_to_block(batch)
 
 
-def _read_task(read: ReadShards, ids: list[str], seed: int | None, shuffle: bool, per_block: int):
+def _read_task(read: ReadShards, urls: list[str], seed: int | None, shuffle: bool, per_block: int):
     rows: list[dict] = []
-    for row in read(ids, seed, shuffle):
+    for row in read(urls, seed, shuffle):
         rows.append(row)
         if len(rows) == per_block:
             yield _rows_to_block(rows)
@@ -52,12 +47,11 @@ def _read_task(read: ReadShards, ids: list[str], seed: int | None, shuffle: bool
 
 @dataclass(frozen=True)
 class TaskPlan:
-    """What the read tasks read: shard ids (passed to `read`), their URLs, and size estimates."""
+    """What the read tasks read: shard URLs (passed to `read`) and size estimates."""
 
     name: str  # the datasource's name in Ray's progress and stats
-    ids: Sequence[str]
     urls: Sequence[str]
-    rows: Sequence[int | None]  # rows per shard, None when unknown (foreign shards)
+    rows: Sequence[int | None]  # rows per shard, None when unknown until read
     bytes_per_row: int  # in memory
     read: ReadShards
 
@@ -101,7 +95,7 @@ def tasks_datasource(
             return sum(plan.rows) * (plan.bytes_per_row + 64) if known else None  # type: ignore[arg-type]
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-            order = list(range(len(plan.ids)))
+            order = list(range(len(plan.urls)))
             task_seed = None
             if shuffle:
                 epoch = self._executions if epoch_of is None else epoch_of()
@@ -119,30 +113,11 @@ def tasks_datasource(
                     exec_stats=None,
                 )
                 group_seed = None if task_seed is None else task_seed * 100_003 + i
-                ids = [plan.ids[j] for j in group]
+                urls = [plan.urls[j] for j in group]
                 read = functools.partial(
-                    _read_task, plan.read, ids, group_seed, shuffle, rows_per_block
+                    _read_task, plan.read, urls, group_seed, shuffle, rows_per_block
                 )
                 tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
             return tasks
 
     return ShardTasks()
-
-
-def _prepared_reader(spec: _Spec, ids: list[str], seed: int | None, shuffle: bool):
-    return _read_shards(spec, ids, seed, shuffle)
-
-
-def shard_datasource(
-    spec: _Spec, names: list[str], shuffle: bool, seed: int | None, rows_per_block: int
-) -> Any:
-    """A Ray Data Datasource reading `names` of the prepared split in `spec`."""
-    plan = TaskPlan(
-        name="FlowrayShards",
-        ids=list(names),
-        urls=[join_url(spec.split_url, n) for n in names],
-        rows=[spec.manifest.shard(n).count for n in names],
-        bytes_per_row=int(np.prod(spec.manifest.shape)),
-        read=functools.partial(_prepared_reader, spec),
-    )
-    return tasks_datasource(plan, shuffle, seed, rows_per_block)

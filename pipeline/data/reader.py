@@ -1,322 +1,726 @@
-"""Read a prepared split as rows: a streaming Ray Data dataset, or a plain iterator; one decode path.
+"""Reading WebDataset shards as image rows: one shard reader for every tar, one iterator and one
+Ray Data dataset over any input.
 
-    from pipeline.data.reader import SkipTally, iter_split, read_split
+    plan = resolve_input("s3://bucket/photos/{000000..004999}.tar", storage)  # pipeline.data.inputs
+    ds = read_input(plan, storage, shape=(3, 64, 64), on_error="skip", tally=SkipTally.shared())
+    for row in iter_input(plan, storage, shape=(3, 64, 64)): ...              # same rows, no Ray
+    for row in iter_shard(plan.shards[0], ReadOptions(shape=(3, 64, 64))): ...
 
-    ds = read_split("s3://data/fmnist/train", storage)            # ray.data.Dataset, lazy
-    for batch in ds.iter_batches(batch_size=256): ...
+Samples follow the WebDataset conventions (webdataset 1.0.2, Ray Data's read_webdataset): a sample
+is the run of consecutive members sharing a key, the member's path up to the first dot of its base
+name; the extension is the rest, lower-cased. The image is the member whose extension is the first
+of `image_members` present (default jpg, jpeg, png, webp); `cls` holds the label in decimal (-1
+without one); every other member (`json`, `txt`, `seg.png`, ...) is tolerated and not read.
 
-    tally = SkipTally.shared()                                     # a Ray actor; see tally.py
-    ds = read_split(url, storage, on_error="skip", tally=tally)
-    ...consume ds (here, or in Ray Train workers)...
-    tally.left_out()          # [ShardOutcome(shard, complete=False, reason=...)] shards not read whole
-    tally.outcomes()          # {shard: ShardOutcome}: rows, skipped_keys, retries
-    print(tally.total(), tally.by_shard(), tally.records()[:5])
+Two kinds of shard, one reader. A shard with a manifest entry (`ShardRef.expect`: a prepared
+split, decided by `pipeline.data.inputs`) must be exactly what the entry says: its size, sha256
+and sample count, and every image already of `shape` (mode and size checked from the header).
+Any other shard is fitted: each image is decoded, turned upright and fitted to `shape` by
+`images.decode_fitted`, the rules `prepare` uses, so a prepared and an in-place read of the same
+bytes give the same pixels; a shard whose size or version at open differs from the listing's
+changed after it was listed and is left out as `transient` (a rerun, listing again, reads it).
 
-    for row in iter_split(url, storage): ...                       # same rows, no Ray
+Rows (COLUMNS, the same for both kinds and both functions):
+    key: str            the sample's key (`__key__`; prepared: "<split>-<index:08d>")
+    shard: str          the shard's URL
+    image: uint8 ndarray [C, H, W] = `shape`
+    label: int          `cls`, -1 without
+    nbytes: int         length of the encoded image member
+    orig_width, orig_height: int   the image's size before fitting; -1 for a shard with a
+                        manifest entry (prepare fitted it, and the manifest does not keep sizes)
+    shard_rows: int     -1, except on the last row of a complete shard: the rows that shard
+                        handed on. A consumer that holds that many rows of a shard holds all of
+                        them, whatever order a pipeline delivered them in.
 
-Rows (one per image; the same from both readers):
-    key: str            "<split>-<index:08d>", stable across reruns of prepare
-    shard: str          the shard's file name, e.g. "shard-000003.tar"
-    image: uint8 ndarray [C, H, W], C, H and W as the manifest says
-    label: int          the `cls` label, -1 when the split has none
-    nbytes: int         length of the encoded PNG in the shard
-
-Streaming: each Ray read task reads whole shards one after another, through a tar stream, and
-emits blocks of `rows_per_block` rows, so the dataset is never materialised; a subset of shards is
-read with `shards=[names]` (scoring goes shard by shard and skips finished ones).
-
-Shuffling (training): `shuffle=True` permutes the shard order every time the dataset executes
-(every epoch: Ray Data plans the read again, with seed + epoch when a seed is given), and permutes
-the rows within each shard (a shard is at most `shard_samples` images, so that buffer is bounded).
-For mixing across shards, add Ray Data's `local_shuffle_buffer_size=...` in
-`iter_batches`/`iter_torch_batches`.
-
-Storage faults are not bad data. Bytes come through `streams.ResumingReader`: a 5xx, a SlowDown, a
-reset, a timeout or a transfer cut short is retried with bounded backoff and the read resumes at
-the byte it reached, so nothing above sees it. When storage keeps failing past `retry`, the shard
-is left out as `transient` under "skip" (a rerun reads it) and `TransientReadError` (a
-StorageError) is raised under "fail"; it is never counted as a bad image.
+Storage faults are not bad data. Bytes come through `streams.ResumingReader`: a 5xx, a SlowDown,
+a reset, a timeout or a transfer cut short is retried with bounded backoff and the read resumes at
+the byte it reached. When storage keeps failing past `retry`, the shard is left out as `transient`
+under "skip" and `TransientReadError` (a StorageError) is raised under "fail"; never bad data.
 
 Bad data, under `on_error`:
-    a bad image: a member read whole that does not decode, has the wrong mode or size, breaks the
-    `limits` (checked from its tar header and its image header, before decoding), or a sample
-    without a PNG or with a bad `cls`                                         -> that sample
-    a shard that cannot be read whole: missing; another size or sha256 than the manifest's; a tar
-    that ends early or is unreadable; fewer or more samples than the manifest lists -> the shard
-"fail" raises `CorruptDataError` naming the shard and key ("*" for a whole shard); through Ray it
-arrives as RayTaskError(CorruptDataError), an instance of both, so `except CorruptDataError` works
-in the driver. "skip" logs a warning with shard and key (logger `pipeline.data.reader`), reports
-to the tally (a bad image: its key in the shard's `skipped_keys`; a shard: `complete=False` with
-its reason) and goes on. A tally is required with on_error="skip".
+    a bad image: a member that does not decode, breaks the `limits` (checked from its tar header
+    and its image header, before decoding) or, with a manifest entry, has another mode or size;
+    a sample without an image member, with a bad `cls`, or whose key was met before -> the sample
+    a shard that cannot be read whole: missing; a tar that ends early or is unreadable; with a
+    manifest entry, another size or sha256, or fewer or more samples         -> the whole shard
+"fail" raises `CorruptDataError` naming the shard URL and key (WHOLE_SHARD, "*", for a whole
+shard). "skip" logs a warning with shard and key (logger `pipeline.data.reader`), reports to the
+tally and goes on; a tally is required with on_error="skip". Outcomes (`ShardOutcome`) and skip
+records are keyed by shard URL.
 
 Whole shards: a shard's outcome is reported before its last row is handed on, and that row only
-if the shard is complete; so once a consumer holds every row the manifest lists for a shard, that
-shard was read whole and verified (size, sha256, sample count). Rows of a shard that turns out
-incomplete may have been handed on before the problem showed: consumers that need whole shards
-(scoring) drop a shard whose outcome says `complete=False`.
+if the shard is complete, so a consumer holding every row of a shard knows it was read whole.
+Rows of a shard that turns out incomplete may have been handed on before the problem showed:
+consumers that need whole shards (scoring) drop a shard whose outcome says `complete=False`.
 
-Before any work, the manifest is compared with the shards present. Under "fail": a shard file it
-does not list is a `ManifestError`, and a listed shard that is missing or has another size is a
-`CorruptDataError` naming it. Under "skip": unlisted files are
-logged and ignored, and listed shards that are missing or have another size are reported as left
-out and not read; every other shard is read.
+Before any work, the plan's listing is checked: a prepared split's shard files that its manifest
+does not list are a ManifestError under "fail" (logged and ignored under "skip"); a listed shard
+that is missing or has another size, and a pattern's or list's missing shard, raise
+CorruptDataError under "fail" and are reported as left out under "skip". `shards=[urls]` reads a
+subset of the plan (a scoring run reads only the shards without output).
+
+Shuffling (training): `shuffle=True` permutes the shard order every time the dataset executes
+(every epoch, drawn with seed + epoch: `ray_source.tasks_datasource`) and the rows within each
+shard (one shard's decoded rows are buffered). For mixing across shards, add Ray Data's
+`local_shuffle_buffer_size=...` in `iter_batches`/`iter_torch_batches`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from pipeline.data.images import ImageLimits, decode_image
-from pipeline.data.manifest import Manifest, ManifestError, compare_shards, load_manifest
-from pipeline.data.shard_reader import WHOLE_SHARD, Report, iter_shard, refused_shard
-from pipeline.data.streams import RetryPolicy, TransientReadError
-from pipeline.data.tally import ShardOutcome, Skipped, SkipTally
-from pipeline.errors import FlowrayError
-from pipeline.storage import StorageConfig, join_url, list_files
+from pipeline.data.images import BadImage, FittedImage, ImageLimits, decode_fitted, decode_image
+from pipeline.data.inputs import InputError, InputPlan, ShardRef, resolve_input, version_of
+from pipeline.data.shards import MANIFEST_NAME, ManifestError, ShardInfo
+from pipeline.data.streams import ResumingReader, RetryPolicy, TransientReadError
+from pipeline.data.tally import WHOLE_SHARD, CorruptDataError, OnError, ShardOutcome, Skipped
+from pipeline.storage import StorageConfig, fsspec_filesystem, join_url
 
 if TYPE_CHECKING:
     import ray.data
 
+    from pipeline.data.tally import SkipTally
+
 __all__ = [
     "COLUMNS",
-    "CorruptDataError",
-    "ImageLimits",
-    "RetryPolicy",
-    "ShardOutcome",
-    "SkipTally",
-    "Skipped",
-    "TransientReadError",
-    "decode_image",
+    "IMAGE_MEMBERS",
+    "BadSample",
+    "ReadOptions",
+    "Report",
+    "ShardChanged",
+    "TarSample",
+    "fetch_images",
+    "iter_input",
     "iter_shard",
-    "iter_split",
-    "read_split",
+    "open_shard",
+    "read_input",
+    "sample_row",
+    "tar_samples",
 ]
 
 logger = logging.getLogger(__name__)
 
-OnError = Literal["skip", "fail"]
-COLUMNS = ("key", "shard", "image", "label", "nbytes")
-
-
-class CorruptDataError(FlowrayError, RuntimeError):
-    """A sample or shard cannot be read (on_error="fail"); names the shard and the key.
-
-    Broken data found mid-run is a runtime failure (exit 1), not a usage error.
-    """
-
-    exit_code = 1  # jobs.errors.EXIT_FAILURE
-
-    hint = (
-        "pass --on-error skip (score) or --set data.on_error=skip (train) to leave unreadable "
-        "images out (they are counted)"
-    )
-
-    def __init__(self, shard: str, key: str, reason: str) -> None:
-        super().__init__(f"shard {shard}, key {key}: {reason}")
-        self.shard, self.key, self.reason = shard, key, reason
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Ray pickles task errors; keep the three fields, not the formatted message.
-        return (type(self), (self.shard, self.key, self.reason))
-
-
-# ----------------------------------------------------------------------------- splits
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+COLUMNS = ("key", "shard", "image", "label", "nbytes", "orig_width", "orig_height", "shard_rows")
+Report = Callable[[ShardOutcome, Sequence[Skipped]], None]
 
 
 @dataclass(frozen=True)
-class _Spec:
-    """Everything a read task needs (picklable; the storage config holds no credentials)."""
+class ReadOptions:
+    """How to read shards (picklable: sent to Ray read tasks).
 
-    split_url: str
-    storage: StorageConfig | None
-    manifest: Manifest
-    on_error: OnError
-    tally: SkipTally | None
+    Attributes:
+        shape: (C, H, W) of every row's image; C is 1 or 3.
+        on_error: "fail" raises at the first bad image or shard, "skip" reports it and goes on.
+        limits: bounds on each image, checked before decoding.
+        retry: how storage faults are retried.
+        image_members: extensions taken as the image, in order of preference.
+    """
+
+    shape: tuple[int, int, int]
+    storage: StorageConfig | None = None
+    on_error: OnError = "fail"
     limits: ImageLimits = ImageLimits()
     retry: RetryPolicy = RetryPolicy()
+    image_members: tuple[str, ...] = IMAGE_MEMBERS
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(n) for n in self.shape)
+        if len(shape) != 3 or shape[0] not in (1, 3) or min(shape[1:]) < 1:
+            raise ValueError(f"shape: expected (C, H, W) with C in 1, 3, found {self.shape}")
+        if not self.image_members:
+            raise ValueError("image_members: expected at least one extension, found none")
+        if self.on_error not in ("skip", "fail"):
+            raise ValueError(f"on_error: expected 'skip' or 'fail', found {self.on_error!r}")
+        members = tuple(m.lower().lstrip(".") for m in self.image_members)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "image_members", members)
+
+    def wanted(self, extension: str) -> bool:
+        """Whether a member is read: the image candidates and the label."""
+        return extension in self.image_members or extension == "cls"
 
 
-def _read_shards(
-    spec: _Spec, names: Sequence[str], seed: int | None, shuffle: bool
-) -> Iterator[dict]:
-    rng = np.random.default_rng(seed) if shuffle else None
-    report = spec.tally.add_outcome if spec.tally is not None else None
-    for name in names:
-        rows = iter_shard(
-            join_url(spec.split_url, name),
-            spec.manifest.shard(name),
-            spec.manifest,
-            spec.storage,
-            on_error=spec.on_error,
-            limits=spec.limits,
-            retry=spec.retry,
-            report=report,
+# ----------------------------------------------------------------------------- samples
+
+
+class TarSample(NamedTuple):
+    """One WebDataset sample: its key, the members read ({extension: bytes}), the extensions
+    present but not read (not wanted), and why it is oversized ("" when it is not)."""
+
+    key: str
+    members: dict[str, bytes]
+    unread: tuple[str, ...]
+    oversized: str
+
+
+class _EndAware(tarfile.TarInfo):
+    """Headers that note how the archive ended: tarfile stops quietly at a header that is
+    missing, cut short or garbage, just as at the end-of-archive zero blocks; only the latter
+    means the tar was read to its end."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            archive.flowray_end = ""  # type: ignore[attr-defined]
+            raise
+        except tarfile.HeaderError as err:
+            archive.flowray_end = f"{type(err).__name__}: {err or 'no header'}"  # type: ignore[attr-defined]
+            raise
+
+
+def tar_samples(
+    stream: Any, max_bytes: int, wanted: Callable[[str], bool] | None = None
+) -> Iterator[TarSample]:
+    """The samples of a WebDataset tar stream, in order (see the module docstring).
+
+    Members whose extension `wanted` refuses are skipped unread (their bytes stream past); a
+    wanted member larger than `max_bytes` (from its tar header) is not read and makes the sample
+    `oversized`. Raises tarfile.TarError / EOFError on a truncated or unreadable archive, also
+    one that stops at a bad or missing header instead of its end-of-archive blocks (the samples
+    before it are yielded first).
+    """
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    unread: list[str] = []
+    oversized = ""
+    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAware) as archive:
+        archive.flowray_end = "no end"  # type: ignore[attr-defined]
+        for member in archive:
+            if not member.isfile():
+                continue
+            folder, _, base = member.name.rpartition("/")
+            stem, _, extension = base.partition(".")
+            extension = extension.lower()
+            member_key = f"{folder}/{stem}" if folder else stem
+            if member_key != key:
+                if key is not None:
+                    yield TarSample(key, members, tuple(unread), oversized)
+                key, members, unread, oversized = member_key, {}, [], ""
+            if wanted is not None and not wanted(extension):
+                unread.append(extension)
+                continue
+            if member.size > max_bytes:
+                oversized = (
+                    f"member {base} of {member.size:,} bytes is larger than the limit of "
+                    f"{max_bytes:,} bytes (max_bytes)"
+                )
+                continue
+            extracted = archive.extractfile(member)
+            members[extension] = extracted.read() if extracted else b""
+        end = archive.flowray_end  # type: ignore[attr-defined]
+    if end:
+        # The sample in progress may lack members that were cut off: it is not yielded.
+        raise tarfile.ReadError(f"archive ends without its end-of-archive blocks ({end})")
+    if key is not None:
+        yield TarSample(key, members, tuple(unread), oversized)
+
+
+class BadSample(Exception):
+    """One sample cannot be used; the message says why."""
+
+
+def _image_member(sample: TarSample, options: ReadOptions) -> str:
+    if sample.oversized:
+        raise BadSample(sample.oversized)
+    chosen = next((e for e in options.image_members if e in sample.members), None)
+    if chosen is None:
+        found = sorted([*sample.members, *sample.unread]) or ["nothing"]
+        raise BadSample(
+            f"no image member: expected one of {', '.join(options.image_members)}, found "
+            f"{', '.join(found)}"
         )
-        if rng is not None:
-            buffered = list(rows)  # one shard: bounded by prepare's shard size
-            yield from (buffered[i] for i in rng.permutation(len(buffered)))
+    return chosen
+
+
+def sample_row(sample: TarSample, shard: str, options: ReadOptions, exact: bool = False) -> dict:
+    """The row of one sample (COLUMNS; `shard_rows` -1). `exact`: the image must already be of
+    `options.shape` (a shard with a manifest entry); otherwise it is fitted to it.
+
+    Raises:
+        BadSample: no image member, an oversized, undecodable or (exact) misshapen image, or a
+            bad `cls`.
+    """
+    chosen = _image_member(sample, options)
+    data = sample.members[chosen]
+    try:
+        if exact:
+            image, width, height = decode_image(data, options.shape, options.limits), -1, -1
         else:
-            yield from rows
+            fitted = decode_fitted(data, options.shape[0], options.shape[1:], options.limits)
+            image, width, height = fitted.pixels, fitted.width, fitted.height
+    except BadImage as err:
+        raise BadSample(f"{chosen}: {err}") from err
+    label = -1
+    if "cls" in sample.members:
+        try:
+            label = int(sample.members["cls"].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as err:
+            raise BadSample(f"bad cls {sample.members['cls'][:20]!r}") from err
+    return {
+        "key": sample.key,
+        "shard": shard,
+        "image": image,
+        "label": label,
+        "nbytes": len(data),
+        "orig_width": width,
+        "orig_height": height,
+        "shard_rows": -1,
+    }
+
+
+# ----------------------------------------------------------------------------- one shard
+
+
+class _Hashing:
+    """A stream that hashes every byte read through it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+
+@dataclass
+class _ShardState:
+    """What reading one shard has found so far; raises under on_error="fail"."""
+
+    url: str
+    on_error: OnError
+    expect: ShardInfo | None
+    rows: int = 0  # rows produced (the last one may still be held back)
+    seen: int = 0  # samples met in the tar, good or bad
+    last_key: str = WHOLE_SHARD
+    bad: list[Skipped] = field(default_factory=list)
+    reason: str = ""  # why the shard is incomplete; "" while it may be complete
+    reason_key: str = WHOLE_SHARD
+    transient: bool = False
+    retries: int = 0
+    version: str = ""
+
+    def bad_sample(self, key: str, reason: str) -> None:
+        if self.on_error == "fail":
+            raise CorruptDataError(self.url, key, reason)
+        logger.warning("skipped 1 sample in shard %s at key %s: %s", self.url, key, reason)
+        self.bad.append(Skipped(self.url, key, reason))
+
+    def give_up(self, key: str, reason: str, transient: bool = False) -> None:
+        if self.on_error == "fail" and transient:
+            raise TransientReadError(
+                f"{self.url}: {reason}", hint="the data is not known to be bad; rerun the job"
+            )
+        if self.on_error == "fail":
+            raise CorruptDataError(self.url, key, reason)
+        self.reason, self.reason_key, self.transient = reason, key, transient
+
+    def outcome(self, handed: int) -> tuple[ShardOutcome, list[Skipped]]:
+        records = list(self.bad)
+        expected = self.expect.count if self.expect is not None else self.seen
+        if self.reason:
+            lost = max(expected - handed - len(self.bad), 0)
+            logger.warning(
+                "left out shard %s (%d of %d samples not handed on, at key %s): %s",
+                self.url,
+                lost,
+                expected,
+                self.reason_key,
+                self.reason,
+            )
+            records.append(Skipped(self.url, self.reason_key, self.reason, lost))
+        outcome = ShardOutcome(
+            shard=self.url,
+            expected=expected,
+            rows=handed,
+            complete=not self.reason,
+            reason=self.reason,
+            skipped_keys=tuple(r.key for r in self.bad),
+            retries=self.retries,
+            transient=self.transient,
+            version=self.version,
+        )
+        return outcome, records
 
 
 def _size_reason(found: int, expected: int) -> str:
     return f"shard has {found:,} bytes, manifest says {expected:,} (truncated or replaced)"
 
 
-def _check_shards_present(
-    split_url: str,
-    manifest: Manifest,
-    names: list[str],
-    spec: _Spec,
-    storage: StorageConfig | None,
-    files: dict[str, int] | None = None,
-    report: Report | None = None,
-) -> list[str]:
-    """`names` less the shards that are missing or have another size than the manifest's.
+class ShardChanged(Exception):
+    """A shard is not the file its manifest entry or its listing describes; `transient`: it
+    changed after it was listed (a rerun, listing again, reads it)."""
 
-    Under "fail" such a shard, or a shard file the manifest does not list, raises before any
-    work; under "skip" the bad shards are reported (`report`, default: the tally) as left out.
-    `files` ({name: size}) is a listing the caller made already; None lists the split.
+    def __init__(self, reason: str, transient: bool) -> None:
+        super().__init__(reason)
+        self.transient = transient
+
+
+def open_shard(ref: ShardRef, options: ReadOptions) -> ResumingReader:
+    """The shard's stream, checked against its manifest entry's size, or else against the
+    listing's size and version.
+
+    Raises:
+        FileNotFoundError: the shard is gone.
+        ShardChanged: it is not the file described.
+        TransientReadError: storage kept failing.
     """
-    diff = compare_shards(manifest, list_files(split_url, storage) if files is None else files)
-    where = join_url(split_url, "manifest.json")
-    if spec.on_error == "fail":
-        if diff.extra:
-            raise ManifestError(
-                f"{where} disagrees with the shards present: {diff.describe()}",
-                hint="a prefix holds one prepared split; rerun prepare into a new --out",
-            )
-        sizes = {name: (found, expected) for name, found, expected in diff.wrong_size}
-        for name in names:
-            if name in diff.missing:
-                raise CorruptDataError(
-                    name, WHOLE_SHARD, f"shard missing at {join_url(split_url, name)}"
-                )
-            if name in sizes:
-                found, expected = sizes[name]
-                raise CorruptDataError(name, WHOLE_SHARD, _size_reason(found, expected))
-        return names
-    if diff.extra:
-        logger.warning(
-            "%s: files the manifest does not list are ignored: %s", where, diff.describe()
+    fs, path = fsspec_filesystem(ref.url, options.storage)
+    stream = ResumingReader(fs, path, options.retry, what=ref.url)
+    version = version_of(stream.info)
+    if ref.expect is not None:
+        if stream.size == ref.expect.bytes:
+            return stream
+        reason, transient = _size_reason(stream.size, ref.expect.bytes), False
+    elif stream.size == ref.size and (not ref.version or version == ref.version):
+        return stream
+    else:
+        # Rewritten between the listing and now: what was planned is not what is there.
+        reason = (
+            f"shard changed after it was listed ({stream.size:,} bytes, {version}; "
+            f"listed {ref.size:,} bytes, {ref.version}): a rerun reads it"
         )
-    sizes = {name: (found, expected) for name, found, expected in diff.wrong_size}
-    refused = {name: f"shard missing at {join_url(split_url, name)}" for name in diff.missing}
-    refused |= {name: _size_reason(found, expected) for name, (found, expected) in sizes.items()}
-    keep = []
-    for name in names:
-        if name not in refused:
-            keep.append(name)
-            continue
-        (report or spec.tally.add_outcome)(*refused_shard(manifest.shard(name), refused[name]))  # type: ignore[union-attr]
-    return keep
+        transient = True
+    stream.close()
+    raise ShardChanged(reason, transient)
 
 
-def _prepare_read(
-    split_url: str,
-    storage: StorageConfig | None,
+def _open(ref: ShardRef, options: ReadOptions, state: _ShardState) -> ResumingReader | None:
+    """The shard's stream, or None when it cannot be read as planned (state says why)."""
+    try:
+        stream = open_shard(ref, options)
+    except FileNotFoundError:
+        state.give_up(WHOLE_SHARD, f"shard missing at {ref.url}")
+        return None
+    except ShardChanged as err:
+        state.give_up(WHOLE_SHARD, str(err), err.transient)
+        return None
+    except TransientReadError as err:
+        if options.on_error == "fail":
+            raise
+        state.give_up(WHOLE_SHARD, str(err), transient=True)
+        return None
+    state.version = version_of(stream.info)
+    return stream
+
+
+def _shard_rows(ref: ShardRef, options: ReadOptions, state: _ShardState) -> Iterator[dict]:
+    """The good rows of one shard; what goes wrong ends up in `state`."""
+    stream = _open(ref, options, state)
+    if stream is None:
+        return
+    expect = ref.expect
+    hashing = _Hashing(stream)
+    keys: set[str] = set()
+    with stream:
+        try:
+            samples = tar_samples(hashing, options.limits.max_bytes, options.wanted)
+            for sample in samples:
+                state.seen += 1
+                state.last_key = sample.key
+                if expect is not None and state.seen > expect.count:
+                    state.give_up(
+                        sample.key, f"holds more samples than the {expect.count} its manifest lists"
+                    )
+                    return
+                if sample.key in keys:
+                    state.bad_sample(
+                        sample.key, "key met twice in the shard (members not adjacent)"
+                    )
+                    continue
+                keys.add(sample.key)
+                try:
+                    row = sample_row(sample, ref.url, options, exact=expect is not None)
+                except BadSample as err:
+                    state.bad_sample(sample.key, str(err))
+                    continue
+                state.rows += 1
+                yield row
+            while expect is not None and hashing.read(1 << 20):
+                pass  # the tar's zero blocks and padding: the hash covers the whole file
+        except TransientReadError as err:
+            state.retries = stream.retries
+            if options.on_error == "fail":
+                raise
+            state.give_up(state.last_key, str(err), transient=True)
+            return
+        except FileNotFoundError:
+            state.give_up(state.last_key, f"shard deleted at {ref.url} while it was read")
+            return
+        except (tarfile.TarError, EOFError) as err:
+            state.give_up(state.last_key, f"unreadable tar after {state.seen} samples ({err})")
+            return
+        state.retries = stream.retries
+    if expect is None:
+        return
+    if state.seen < expect.count:
+        state.give_up(
+            state.last_key, f"shard holds {state.seen} samples, manifest says {expect.count}"
+        )
+    elif hashing.digest.hexdigest() != expect.sha256:
+        state.give_up(
+            WHOLE_SHARD,
+            f"sha256 {hashing.digest.hexdigest()[:12]}... differs from the manifest's "
+            f"{expect.sha256[:12]}... (the file changed after prepare)",
+        )
+
+
+def iter_shard(ref: ShardRef, options: ReadOptions, report: Report | None = None) -> Iterator[dict]:
+    """The rows of one shard, checked against `ref.expect` when it has a manifest entry, fitted
+    to `options.shape` when it has none (see the module docstring).
+
+    Under "skip", problems are logged and `report(outcome, records)` is called once the shard
+    has been read to its end, before its last row is handed on; that row is handed on only when
+    the shard is complete, and carries `shard_rows`. Under "fail" the first problem raises
+    CorruptDataError (TransientReadError when storage keeps failing).
+    """
+    state = _ShardState(ref.url, options.on_error, ref.expect)
+    held = None
+    for row in _shard_rows(ref, options, state):
+        if held is not None:
+            yield held
+        held = row
+    complete = not state.reason
+    handed = state.rows - (1 if held is not None and not complete else 0)
+    outcome, records = state.outcome(handed)
+    if report is not None:
+        report(outcome, records)
+    if held is not None and complete:
+        held["shard_rows"] = handed
+        yield held
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a read task needs (picklable): the shards to read, by URL, and how."""
+
+    refs: dict[str, ShardRef]
+    options: ReadOptions
+    tally: SkipTally | None
+
+    def rows(self, urls: Sequence[str], seed: int | None, shuffle: bool) -> Iterator[dict]:
+        """The rows of the shards `urls`, in that order (shuffled within each shard)."""
+        rng = np.random.default_rng(seed) if shuffle else None
+        report = self.tally.add_outcome if self.tally is not None else None
+        for url in urls:
+            rows = iter_shard(self.refs[url], self.options, report)
+            if rng is None:
+                yield from rows
+            else:
+                buffered = list(rows)  # one shard's decoded rows
+                yield from (buffered[i] for i in rng.permutation(len(buffered)))
+
+
+def _refused(
+    plan: InputPlan, refs: list[ShardRef], named: Sequence[str], on_error: OnError
+) -> dict[str, tuple[ShardInfo | None, str]]:
+    """{url: (manifest entry, reason)} of the shards that cannot be read as planned: missing
+    from the listing or of another size than the manifest's; with `named`, a pattern's or
+    list's shards that do not exist. Under "fail", the first of them raises."""
+    refused: dict[str, tuple[ShardInfo | None, str]] = {}
+    for url in named:
+        refused[url] = (None, f"shard missing at {url} (named by {plan.spec})")
+    for ref in refs:
+        if ref.expect is not None and ref.size < 0:
+            refused[ref.url] = (ref.expect, f"shard missing at {ref.url}")
+        elif ref.expect is not None and ref.size != ref.expect.bytes:
+            refused[ref.url] = (ref.expect, _size_reason(ref.size, ref.expect.bytes))
+    if on_error == "fail" and refused:
+        url, (_, reason) = next(iter(refused.items()))
+        raise CorruptDataError(url, WHOLE_SHARD, reason)
+    return refused
+
+
+def _job(
+    source: str | InputPlan,
     shards: Sequence[str] | None,
-    on_error: OnError,
+    options: ReadOptions,
     tally: SkipTally | None,
-    manifest: Manifest | None,
-    limits: ImageLimits | None = None,
-    retry: RetryPolicy | None = None,
-) -> tuple[_Spec, list[str]]:
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error: expected 'skip' or 'fail', found {on_error!r}")
-    if on_error == "skip" and tally is None:
+) -> _Job:
+    """What to read, checked against the plan's listing before any work (module docstring)."""
+    if options.on_error == "skip" and tally is None:
         raise ValueError(
             "on_error='skip' needs a tally to report skipped samples to: pass "
-            "tally=SkipTally.shared() (Ray) or SkipTally() (iter_split)"
+            "tally=SkipTally.shared() (Ray) or SkipTally() (iter_input)"
         )
-    split_url = split_url.rstrip("/")
-    manifest = manifest or load_manifest(split_url, storage, check_shards=False)
-    listed = [info.name for info in manifest.shards]
-    names = list(listed) if shards is None else list(shards)
-    unknown = [n for n in names if n not in listed]
+    plan = source if isinstance(source, InputPlan) else resolve_input(source, options.storage)
+    manifest = plan.manifest
+    if manifest is not None and tuple(manifest.shape) != options.shape:
+        raise InputError(
+            f"{plan.spec} holds images of shape {list(manifest.shape)} (C, H, W), expected "
+            f"{list(options.shape)}",
+            hint="read it with a model of that shape, or prepare the data at the model's size",
+        )
+    if plan.extra:
+        where = join_url(plan.root, MANIFEST_NAME)
+        if options.on_error == "fail":
+            raise ManifestError(
+                f"{where} disagrees with the shards present: not in the manifest "
+                f"{', '.join(plan.extra[:3])}",
+                hint="a prefix holds one prepared split; rerun prepare into a new --out",
+            )
+        logger.warning("%s: files the manifest does not list are ignored: %s", where, plan.extra)
+    by_url = plan.by_url()
+    unknown = [u for u in shards or () if u not in by_url]
     if unknown:
         raise ValueError(
-            f"no shard {unknown[0]!r} in {split_url} (it has {len(listed)}: {listed[0]}...)"
+            f"no shard {unknown[0]!r} in {plan.spec} (it has {len(plan.shards)}: "
+            f"{plan.shards[0].url}...)"
         )
-    spec = _Spec(
-        split_url,
+    refs = list(plan.shards) if shards is None else [by_url[u] for u in shards]
+    refused = _refused(plan, refs, plan.missing if shards is None else (), options.on_error)
+    for url, (expect, reason) in refused.items():
+        state = _ShardState(url, "skip", expect)
+        state.give_up(WHOLE_SHARD, reason)
+        tally.add_outcome(*state.outcome(handed=0))  # type: ignore[union-attr]
+    return _Job({r.url: r for r in refs if r.url not in refused}, options, tally)
+
+
+def _options(
+    shape: tuple[int, int, int],
+    storage: StorageConfig | None,
+    on_error: OnError,
+    limits: ImageLimits | None,
+    retry: RetryPolicy | None,
+    image_members: Sequence[str],
+) -> ReadOptions:
+    return ReadOptions(
+        shape,
         storage,
-        manifest,
         on_error,
-        tally,
         limits or ImageLimits(),
         retry or RetryPolicy(),
+        tuple(image_members),
     )
-    return spec, _check_shards_present(split_url, manifest, names, spec, storage)
 
 
-def iter_split(
-    split_url: str,
+def iter_input(
+    source: str | InputPlan,
     storage: StorageConfig | None = None,
     *,
+    shape: tuple[int, int, int],
     shards: Sequence[str] | None = None,
     on_error: OnError = "fail",
     tally: SkipTally | None = None,
     shuffle: bool = False,
     seed: int | None = None,
-    manifest: Manifest | None = None,
     limits: ImageLimits | None = None,
     retry: RetryPolicy | None = None,
+    image_members: Sequence[str] = IMAGE_MEMBERS,
 ) -> Iterator[dict]:
-    """The rows of a split (or of `shards`), in this process, without Ray (see module docstring)."""
-    spec, names = _prepare_read(
-        split_url, storage, shards, on_error, tally, manifest, limits, retry
-    )
+    """The rows of an input (a spec, resolved here, or a plan), in this process, without Ray.
+
+    Args:
+        source: what `pipeline.data.inputs.resolve_input` accepts, or its plan.
+        shape: (C, H, W) of the rows' images (a prepared split must hold that shape).
+        shards: URLs of the plan's shards to read (default: all, in plan order).
+        on_error: "fail" or "skip" (then `tally` is required).
+        shuffle, seed: shard order and rows within shards (see the module docstring).
+        limits, retry, image_members: see `ReadOptions`.
+    """
+    options = _options(shape, storage, on_error, limits, retry, image_members)
+    job = _job(source, shards, options, tally)
+    urls = list(job.refs)
     if shuffle:
-        np.random.default_rng(seed).shuffle(names)
-    return _read_shards(spec, names, seed, shuffle)
+        np.random.default_rng(seed).shuffle(urls)
+    return job.rows(urls, seed, shuffle)
 
 
-def read_split(
-    split_url: str,
+def read_input(
+    source: str | InputPlan,
     storage: StorageConfig | None = None,
     *,
+    shape: tuple[int, int, int],
     shards: Sequence[str] | None = None,
     on_error: OnError = "fail",
     tally: SkipTally | None = None,
     shuffle: bool = False,
     seed: int | None = None,
     rows_per_block: int = 1024,
-    manifest: Manifest | None = None,
     concurrency: int | None = None,
     ray_remote_args: dict[str, Any] | None = None,
     limits: ImageLimits | None = None,
     retry: RetryPolicy | None = None,
+    image_members: Sequence[str] = IMAGE_MEMBERS,
+    epoch_of: Callable[[], int] | None = None,
 ) -> ray.data.Dataset:
-    """A lazy Ray Data dataset of the split's rows (see the module docstring).
+    """A lazy Ray Data dataset of an input's rows; decoding happens in the read tasks.
 
-    Args:
-        split_url: `<out>/<split>` as written by prepare.
-        shards: read only these shard names (default: all, in manifest order).
-        on_error: "fail" or "skip" (then `tally` must be a `SkipTally.shared()`).
-        shuffle, seed: shard order per epoch and rows within shards (see module docstring).
+    The arguments are `iter_input`'s (`tally` must be `SkipTally.shared()`), and:
         rows_per_block: rows per Ray Data block emitted by a read task.
-        manifest: skip loading it again when the caller has it.
         concurrency: at most this many read tasks at once (default: Ray decides).
         ray_remote_args: passed to the read tasks (num_cpus, memory, runtime_env, ...).
-        limits: bounds on each image, checked before decoding (default: `ImageLimits()`).
-        retry: how storage faults are retried (default: `RetryPolicy()`).
+        epoch_of: where a shuffled read gets its epoch (`ray_source.tasks_datasource`).
     """
     import ray.data
 
-    from pipeline.data.ray_source import shard_datasource
+    from pipeline.data.ray_source import TaskPlan, tasks_datasource
 
     if tally is not None and not tally.is_shared:
-        raise ValueError("read_split runs in Ray tasks: pass tally=SkipTally.shared()")
-    spec, names = _prepare_read(
-        split_url, storage, shards, on_error, tally, manifest, limits, retry
+        raise ValueError("read_input runs in Ray tasks: pass tally=SkipTally.shared()")
+    options = _options(shape, storage, on_error, limits, retry, image_members)
+    job = _job(source, shards, options, tally)
+    refs = list(job.refs.values())
+    plan = TaskPlan(
+        name="FlowrayInput",
+        urls=[r.url for r in refs],
+        rows=[r.expect.count if r.expect is not None else None for r in refs],
+        bytes_per_row=int(np.prod(options.shape)),
+        read=job.rows,
     )
-    source = shard_datasource(spec, names, shuffle, seed, rows_per_block)
     return ray.data.read_datasource(
-        source, concurrency=concurrency, ray_remote_args=ray_remote_args or {}
+        tasks_datasource(plan, shuffle, seed, rows_per_block, epoch_of),
+        concurrency=concurrency,
+        ray_remote_args=ray_remote_args or {},
     )
+
+
+def fetch_images(
+    url: str,
+    keys: Iterable[str],
+    shape: tuple[int, int, int],
+    storage: StorageConfig | None = None,
+    *,
+    limits: ImageLimits | None = None,
+    retry: RetryPolicy | None = None,
+    image_members: Sequence[str] = IMAGE_MEMBERS,
+) -> dict[str, FittedImage]:
+    """The images of `keys` in the shard at `url` (prepared or foreign), fitted to `shape`.
+
+    For looking at a few images (a grid of the least likely), not for reading inputs: the tar
+    is streamed until every key is found, only those images are decoded, and a key that is
+    absent or does not decode is left out of the result (and logged).
+    """
+    options = _options(shape, storage, "fail", limits, retry, image_members)
+    wanted, found = set(keys), {}
+    fs, path = fsspec_filesystem(url, storage)
+    with ResumingReader(fs, path, options.retry, what=url) as stream:
+        for sample in tar_samples(stream, options.limits.max_bytes, options.wanted):
+            if sample.key not in wanted:
+                continue
+            try:
+                chosen = _image_member(sample, options)
+                found[sample.key] = decode_fitted(
+                    sample.members[chosen], shape[0], shape[1:], options.limits
+                )
+            except (BadSample, BadImage) as err:
+                logger.warning("%s: key %s: %s", url, sample.key, err)
+            if len(found) == len(wanted):
+                break
+    for key in sorted(wanted - set(found))[:5]:
+        logger.warning("%s: key %s not found or not decodable", url, key)
+    return found

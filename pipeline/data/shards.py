@@ -1,12 +1,12 @@
-"""WebDataset image shards: the on-storage format and `prepare` (write); the manifest and its
-checks live in `pipeline.data.manifest` (re-exported here).
+"""Prepared splits: the WebDataset shards + manifest format, its checks, and `prepare` (write).
 
 Layout of a prepared dataset, per split (local path or s3:// prefix):
 
     <out>/<split>/shard-000000.tar     WebDataset tar: <key>.png (+ <key>.cls) per sample
     <out>/<split>/shard-000001.tar     ...
     <out>/<split>/_parts/shard-000000.json   per-shard completion marker (fingerprint + ShardInfo)
-    <out>/<split>/manifest.json        `Manifest`, written last and atomically
+    <out>/<split>/manifest.json        `Manifest`: count, shape, labels, and per shard its name,
+                                       sample count, size and sha256 (`ShardInfo`)
 
 Keys are `<split>-<index:08d>`, the image's position in the split, so they are stable across
 reruns and unique across splits. Images are uint8 PNG (mode L for 1 channel, RGB for 3), lossless:
@@ -16,13 +16,16 @@ Tar members carry mtime 0 and a fixed owner, so the same input gives byte-identi
 Writing: each shard is written to a local temp file, hashed, then renamed into place (local) or
 uploaded (S3: one PUT or multipart upload, atomic on completion); then its marker is written.
 Local temps are hidden and end in ".tmp" (see pipeline.storage), so nothing reading the split
-takes one for a shard, and a rerun first removes the temps that a killed run left. A
-rerun plans the same shards and skips each one whose marker matches the run's fingerprint and whose
-file still has the marker's size and sha256. The manifest is written last, and not rewritten when
-it would not change, so a rerun of a finished prepare writes nothing. A prefix holding shards made
-with other settings is refused rather than mixed or deleted.
+takes one for a shard (hidden files are never shards), and a rerun first removes the temps that a
+killed run left. A rerun plans the same shards and skips each one whose marker matches the run's
+fingerprint and whose file still has the marker's size and sha256. The manifest is written last,
+atomically, and not rewritten when it would not change: a manifest present means every shard it
+lists was complete, and a rerun of a finished prepare writes nothing. A prefix holding shards made
+with other settings is refused rather than mixed or deleted. `prepare(..., workers=N)` writes the
+shards with Ray tasks, at most N at a time, one task per shard.
 
-`prepare(..., workers=N)` writes the shards with Ray tasks, at most N at a time, one task per shard.
+Reading checks each shard against its manifest entry (`pipeline.data.reader`); `load_manifest`
+refuses a split whose files disagree with the manifest as a whole.
 """
 
 from __future__ import annotations
@@ -32,47 +35,34 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flowmodel.typed import to_dict
+from flowmodel.typed import ConfigError, from_dict, to_dict
 from pipeline.data.images import ImageLimits, encode_png
-from pipeline.data.manifest import (
-    FORMAT,
-    MANIFEST_NAME,
-    Manifest,
-    ManifestError,
-    ShardInfo,
-    compare_shards,
-    load_manifest,
-    parse_manifest,
-    shard_key,
-    shard_name,
-)
-from pipeline.data.shard_writer import (
-    PARTS_DIR,
-    TAR_BLOCK,
-    TAR_END,
-    PrepareError,
-    ShardJob,
-    ShardResult,
-    run_in_process,
-    run_with_ray,
-)
-from pipeline.data.sources import ImageSource
+from pipeline.data.tally import OnError
+from pipeline.errors import FlowrayError
 from pipeline.storage import (
     StorageConfig,
     exists,
+    fsspec_filesystem,
     join_url,
+    list_files,
+    make_temp_file,
     read_bytes,
+    replace_with,
     sweep_temp_files,
     write_bytes_atomic,
 )
+
+if TYPE_CHECKING:
+    from pipeline.data.sources import ImageSource
 
 __all__ = [
     "FORMAT",
@@ -81,12 +71,14 @@ __all__ = [
     "ManifestError",
     "PrepareError",
     "PrepareResult",
+    "ShardDiff",
     "ShardEvent",
     "ShardInfo",
     "SplitResult",
     "compare_shards",
-    "encode_png",
+    "is_shard_file",
     "load_manifest",
+    "parse_manifest",
     "prepare",
     "shard_key",
     "shard_name",
@@ -94,8 +86,304 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+FORMAT = "flowray-shards/1"
+MANIFEST_NAME = "manifest.json"
+PARTS_DIR = "_parts"
+TAR_BLOCK = 512
+TAR_END = 1024  # two zero blocks close an archive
 
-# ----------------------------------------------------------------------------- writing
+
+class ManifestError(FlowrayError, ValueError):
+    """A split's manifest is missing, invalid or disagrees with the shards present."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the manifest records it. `start` is the split index of its first key."""
+
+    name: str
+    count: int
+    sha256: str
+    bytes: int
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a split holds; parsed with `flowmodel.typed.from_dict`, so unknown keys are refused."""
+
+    split: str
+    count: int
+    shape: tuple[int, int, int]  # [C, H, W]
+    shards: tuple[ShardInfo, ...]
+    source: str
+    created: str  # ISO 8601, UTC
+    fingerprint: str  # hash of everything that decides the shards' content
+    has_labels: bool = False
+    classes: tuple[str, ...] | None = None
+    dtype: str = "uint8"
+    n_bits: int = 8
+    encoding: str = "png"
+    skipped_inputs: int = 0  # source images that could not be decoded (on_error="skip")
+    format: str = FORMAT
+
+    def shard(self, name: str) -> ShardInfo:
+        for info in self.shards:
+            if info.name == name:
+                return info
+        raise KeyError(f"no shard {name!r} in the manifest of split {self.split!r}")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def shard_key(split: str, index: int) -> str:
+    return f"{split}-{index:08d}"
+
+
+@dataclass(frozen=True)
+class ShardDiff:
+    missing: tuple[str, ...]
+    extra: tuple[str, ...]
+    wrong_size: tuple[tuple[str, int, int], ...]  # (name, bytes found, bytes expected)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.extra or self.wrong_size)
+
+    def describe(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"missing {_few(self.missing)}")
+        if self.extra:
+            parts.append(f"not in the manifest {_few(self.extra)}")
+        for name, found, expected in self.wrong_size[:3]:
+            parts.append(f"{name} has {found} bytes, manifest says {expected}")
+        return "; ".join(parts)
+
+
+def _few(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def is_shard_file(name: str) -> bool:
+    """A `.tar` file that is not hidden: temps (".shard-000001.tar.<host>-<pid>-<id>.tmp", or
+    ".tar"-ending ones a killed writer left) are never shards."""
+    return name.endswith(".tar") and not name.startswith(".")
+
+
+def compare_shards(manifest: Manifest, files: dict[str, int]) -> ShardDiff:
+    """Shards the manifest lists versus the `.tar` files present ({name: size}); hidden files
+    (temps) are not shards."""
+    listed = {info.name: info for info in manifest.shards}
+    present = {name: size for name, size in files.items() if is_shard_file(name)}
+    return ShardDiff(
+        missing=tuple(sorted(set(listed) - set(present))),
+        extra=tuple(sorted(set(present) - set(listed))),
+        wrong_size=tuple(
+            (name, present[name], info.bytes)
+            for name, info in sorted(listed.items())
+            if name in present and present[name] != info.bytes
+        ),
+    )
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    try:
+        manifest = from_dict(Manifest, json.loads(data))
+    except (ConfigError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{where} is not a valid shard manifest: {err}") from err
+    if manifest.format != FORMAT:
+        raise ManifestError(f"{where}: expected format {FORMAT}, found {manifest.format}")
+    if sum(info.count for info in manifest.shards) != manifest.count:
+        raise ManifestError(f"{where}: shard counts do not add up to count={manifest.count}")
+    return manifest
+
+
+def load_manifest(
+    split_url: str, storage: StorageConfig | None = None, *, check_shards: bool = True
+) -> Manifest:
+    """The manifest of the split at `split_url`, checked against the shards present.
+
+    Raises:
+        ManifestError: the prefix is empty; it has shards but no manifest (prepare did not
+            finish); the manifest is invalid; or (check_shards) a listed shard is missing, has
+            another size, or a shard file is not listed.
+        StorageError: the storage cannot be reached.
+    """
+    files = list_files(split_url, storage)
+    if not files:
+        raise ManifestError(
+            f"no data at {split_url}: expected {MANIFEST_NAME} and shard-*.tar files",
+            hint="run `flowray prepare --out <data>` first and pass <data>/<split>, e.g. .../train",
+        )
+    if MANIFEST_NAME not in files:
+        tars = [n for n in files if is_shard_file(n)]
+        if tars:
+            raise ManifestError(
+                f"{split_url} has {len(tars)} shard files but no {MANIFEST_NAME}: "
+                "prepare did not finish",
+                hint="rerun `flowray prepare` with the same options; it completes what is missing",
+            )
+        raise ManifestError(
+            f"{split_url} holds no {MANIFEST_NAME} and no shards (found {_few(sorted(files))})",
+            hint="pass a split folder written by `flowray prepare`, e.g. <data>/train",
+        )
+    where = join_url(split_url, MANIFEST_NAME)
+    manifest = parse_manifest(read_bytes(where, storage), where)
+    if check_shards:
+        diff = compare_shards(manifest, files)
+        if diff:
+            raise ManifestError(
+                f"{where} disagrees with the shards present: {diff.describe()}",
+                hint="rerun `flowray prepare` with the same options to repair missing shards",
+            )
+    return manifest
+
+
+class PrepareError(FlowrayError, RuntimeError):
+    """prepare cannot go on: bad input under on_error="fail", or an output made differently."""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What a shard-writing task needs; picklable (the source is a description, not data)."""
+
+    source: ImageSource
+    split: str
+    split_url: str
+    storage: StorageConfig | None
+    fingerprint: str
+    on_error: OnError
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    info: ShardInfo
+    written: bool
+    skipped_inputs: int
+
+
+def _sha256(file: Any) -> str:
+    digest = hashlib.sha256()
+    while chunk := file.read(8 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _complete_shard(job: ShardJob, name: str, start: int) -> ShardResult | None:
+    """The shard's record if it is already complete and verified, else None.
+
+    Raises PrepareError when its marker comes from a prepare with other settings.
+    """
+    marker_url = join_url(job.split_url, PARTS_DIR, name.replace(".tar", ".json"))
+    if not exists(marker_url, job.storage):
+        return None
+    marker = json.loads(read_bytes(marker_url, job.storage))
+    if marker.get("fingerprint") != job.fingerprint:
+        raise PrepareError(
+            f"{job.split_url} already holds shards prepared with other settings "
+            f"({name} has fingerprint {str(marker.get('fingerprint'))[:12]}, this run "
+            f"{job.fingerprint[:12]})",
+            hint="write to a new --out, or rerun with the options used before",
+        )
+    info = from_dict(ShardInfo, marker["shard"])
+    shard_url = join_url(job.split_url, name)
+    fs, path = fsspec_filesystem(shard_url, job.storage)
+    if info.start != start or not fs.exists(path) or fs.size(path) != info.bytes:
+        return None
+    with fs.open(path, "rb") as file:
+        same = _sha256(file) == info.sha256
+    if not same:
+        logger.warning("%s: sha256 differs from its marker; rewriting it", shard_url)
+        return None
+    return ShardResult(info, written=False, skipped_inputs=int(marker.get("skipped_inputs", 0)))
+
+
+def write_shard(job: ShardJob, index: int, start: int, stop: int) -> ShardResult:
+    """Write shard `index` holding split images [start, stop), unless it is already complete."""
+    import webdataset as wds
+
+    name = shard_name(index)
+    done = _complete_shard(job, name, start)
+    if done is not None:
+        return done
+    shard_url = join_url(job.split_url, name)
+    temp = make_temp_file(shard_url, ".tar")
+    count = skipped = 0
+    try:
+        # We own the file: TarWriter does not close streams it did not open, and s3fs would only
+        # upload on close; so write locally, then rename or upload the finished file.
+        with open(temp, "wb") as stream:
+            writer = wds.TarWriter(stream, encoder=False, mtime=0, user="flowray", group="flowray")
+            try:
+                for offset, item in enumerate(job.source.read(job.split, range(start, stop))):
+                    key = shard_key(job.split, start + offset)
+                    if item.error is not None or item.image is None:
+                        if job.on_error == "fail":
+                            raise PrepareError(
+                                f"{job.source.description}: {item.key} (would be {key}): "
+                                f"{item.error}",
+                                hint="fix or remove the file, or pass --on-error skip",
+                            )
+                        logger.warning("skipped input %s (%s): %s", item.key, key, item.error)
+                        skipped += 1
+                        continue
+                    sample = {"__key__": key, "png": encode_png(item.image)}
+                    if item.label is not None:
+                        sample["cls"] = str(item.label).encode("ascii")
+                    writer.write(sample)
+                    count += 1
+            finally:
+                writer.close()  # before the stream closes, also on error (the temp is dropped)
+        with open(temp, "rb") as file:
+            info = ShardInfo(name, count, _sha256(file), os.path.getsize(temp), start)
+        replace_with(temp, shard_url, job.storage)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    marker = {"fingerprint": job.fingerprint, "shard": to_dict(info), "skipped_inputs": skipped}
+    marker_url = join_url(job.split_url, PARTS_DIR, name.replace(".tar", ".json"))
+    write_bytes_atomic(marker_url, json.dumps(marker, indent=1).encode(), job.storage)
+    return ShardResult(info, written=True, skipped_inputs=skipped)
+
+
+def run_in_process(
+    job: ShardJob, plans: list[tuple[int, int, int]], report: Callable[[ShardResult], None]
+) -> None:
+    for index, start, stop in plans:
+        report(write_shard(job, index, start, stop))
+
+
+def run_with_ray(
+    job: ShardJob,
+    plans: list[tuple[int, int, int]],
+    report: Callable[[ShardResult], None],
+    workers: int,
+) -> None:
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=1)(write_shard)
+    job_ref = ray.put(job)
+    queue = list(plans)
+    pending: list = []
+    try:
+        while queue or pending:
+            while queue and len(pending) < workers:
+                pending.append(task.remote(job_ref, *queue.pop(0)))
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                report(ray.get(ready[0]))
+            except ray.exceptions.RayTaskError as err:
+                # Show the task's own error (a PrepareError names the input), not Ray's wrapper.
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, FlowrayError):
+                    raise cause from None
+                raise
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
 
 
 @dataclass(frozen=True)
@@ -172,7 +460,7 @@ def prepare(
     shard_bytes: int | None = 256 << 20,
     limit: int | None = None,
     workers: int = 0,
-    on_error: Literal["skip", "fail"] = "fail",
+    on_error: OnError = "fail",
     progress: Callable[[ShardEvent], None] | None = None,
 ) -> PrepareResult:
     """Write `source` as shards + manifest per split under `out_url` (see the module docstring).
@@ -233,7 +521,7 @@ def _prepare_split(
     shard_samples: int,
     shard_bytes: int | None,
     workers: int,
-    on_error: Literal["skip", "fail"],
+    on_error: OnError,
     progress: Callable[[ShardEvent], None] | None,
 ) -> SplitResult:
     """Plan the shards, check a previous run's manifest, write what is missing, then the manifest."""

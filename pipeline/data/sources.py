@@ -1,45 +1,65 @@
-"""Image sources for `flowray prepare`: IDX files, image folder trees, .npy arrays and foreign
-WebDataset shards (`pipeline.data.webdataset_source`), local or S3.
+"""Image sources for `flowray prepare`: IDX files, .npy arrays, image folder trees and foreign
+WebDataset shards, local or S3.
 
 A source is a small picklable description (URLs, target shape, a file list): it is sent to the Ray
 tasks that write shards, and each task reads only the images of its own shards. Nothing reads a
 whole large source into memory: raw IDX and .npy files are read by seeking to the requested rows,
-folder images one file at a time (gzipped IDX files, tens of MB, are decompressed once per process).
+folder images one file at a time, WebDataset shards as streams (gzipped IDX files, tens of MB, are
+decompressed once per process).
 
 The contract (`ImageSource`):
     splits()             -> {"train": 60000, "test": 10000}   split name -> number of images
     read(split, indices) -> SourceImage(key, image, label, error) per index, in order; indices
                             must be ascending. `image` is uint8 [C, H, W] in the target shape;
                             `key` says where it came from ("cats/0001.jpg", "t10k-images...gz#42").
-                            An image that cannot be decoded comes back with image=None and `error`
-                            set, so the caller's on_error policy decides (only folders produce them).
+                            An image that cannot be used comes back with image=None and `error`
+                            set, so the caller's on_error policy decides (folders and webdataset).
     shape, classes, has_labels, description
 
-Every image goes through `fit_image` (pipeline.data.images): converted to the target channels
-(1: luminance, 3: RGB; alpha is composited over white; 16-bit is scaled to 8-bit by its type's
-range), then centre-cropped to the target aspect ratio and resized (Lanczos) to the target
-height x width. Images already in the target shape are passed through untouched.
+One image path: raw pixels (IDX, .npy) go through `images.fit_array`, encoded files (folder files,
+shard members) through `images.decode_fitted` (limits checked from the header, turned upright by
+EXIF), both ending in `fit_image`: converted to the target channels (1: luminance, 3: RGB; alpha
+composited over white; 16-bit scaled by its type's range), centre-cropped to the target aspect
+ratio and resized (Lanczos). Images already in the target shape pass through untouched. Shard
+members become pixels through the reader's `sample_row`, so prepared pixels equal an in-place
+read of the same shards.
 
-Image files (folder sources) are bad inputs, not crashes, when they break `ImageLimits`: a file
-larger than `max_bytes` (known from the listing, so it is never downloaded) or a header declaring
-more than `max_pixels` pixels (a decompression bomb) comes back with `error` set, like an
-undecodable file, before any pixel is decoded.
+Encoded images are bad inputs, not crashes, when they break `ImageLimits`: a file larger than
+`max_bytes` (folder files: known from the listing, so never downloaded) or a header declaring more
+than `max_pixels` pixels (a decompression bomb). Storage faults are retried
+(`pipeline.data.streams`) and never make an image a bad input.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import gzip
 import io
+import logging
 import os
+import tarfile
 from collections.abc import Iterator, Sequence
-from typing import IO, NamedTuple
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any, NamedTuple, Protocol
 
 import numpy as np
 
-from pipeline.data.folders import FolderSource
-from pipeline.data.images import ImageLimits, fit_array, fit_image
-from pipeline.data.source_base import ImageSource, SourceError, SourceImage, check_target
+from pipeline.data.images import BadImage, ImageLimits, decode_fitted, fit_array
+from pipeline.data.inputs import InputPlan, ShardRef, resolve_input
+from pipeline.data.reader import (
+    IMAGE_MEMBERS,
+    BadSample,
+    ReadOptions,
+    ShardChanged,
+    TarSample,
+    open_shard,
+    sample_row,
+    tar_samples,
+)
+from pipeline.data.streams import RetryPolicy, with_retries
+from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, fsspec_filesystem, is_s3, join_url
 
 __all__ = [
@@ -47,15 +67,48 @@ __all__ = [
     "FolderSource",
     "FractionSplit",
     "IdxSource",
-    "ImageLimits",
     "ImageSource",
     "NpySource",
     "SourceError",
     "SourceImage",
+    "WebDatasetSource",
     "default_idx_dir",
-    "fit_image",
     "open_source",
 ]
+
+logger = logging.getLogger(__name__)
+
+
+class SourceError(FlowrayError, ValueError):
+    """A source cannot be read as asked; the message says what was expected and what was found."""
+
+
+class SourceImage(NamedTuple):
+    key: str
+    image: np.ndarray | None  # uint8 [C, H, W]; None when `error` is set
+    label: int | None
+    error: str | None = None
+
+
+class ImageSource(Protocol):
+    @property
+    def description(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+    @property
+    def classes(self) -> tuple[str, ...] | None: ...
+    @property
+    def has_labels(self) -> bool: ...
+    def splits(self) -> dict[str, int]: ...
+    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]: ...
+
+
+def check_target(channels: int | None, size: tuple[int, int] | None) -> None:
+    if channels is not None and channels not in (1, 3):
+        raise SourceError(f"channels: expected 1 or 3, found {channels}")
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise SourceError(f"size: expected (height, width) of positive integers, found {size}")
+
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Rows read per request from IDX/.npy files: big enough to amortise S3 round trips, small enough
@@ -341,6 +394,269 @@ class NpySource:
                 )
 
 
+# ----------------------------------------------------------------------------- folders
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class FolderSource:
+    """A tree of JPEG/PNG files, local or on S3, in sorted path order. One split, "train".
+
+    Labels: when every image sits exactly one folder below the root (root/<class>/<file>), the
+    sorted folder names are the classes and an image's label is its class's index; otherwise the
+    images are unlabelled.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage: StorageConfig | None = None,
+        channels: int | None = None,
+        size: tuple[int, int] | None = None,
+        limits: ImageLimits | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        check_target(channels, size)
+        self.limits = limits or ImageLimits()
+        self.retry = retry or RetryPolicy()
+        if size is None:
+            raise SourceError(
+                f"folder source {url}: its images differ in size, so a target size is needed",
+                hint="pass --size HxW, e.g. --size 64x64",
+            )
+        self.url = url.rstrip("/")
+        self.storage = storage
+        fs, root = fsspec_filesystem(self.url, storage)
+        if not fs.isdir(root):
+            raise SourceError(f"no such folder: {url}", hint="check the path or the s3:// URL")
+        found = fs.find(root, detail=True)
+        prefix = root.rstrip("/") + "/"
+        images = sorted(
+            (p[len(prefix) :], int(info.get("size") or 0))
+            for p, info in found.items()
+            if p.lower().endswith(IMAGE_SUFFIXES) and p.startswith(prefix)
+        )
+        self.files = [name for name, _ in images]
+        self.sizes = [size for _, size in images]  # from the listing: checked before a download
+        if not self.files:
+            raise SourceError(
+                f"no images in {url}: expected files ending in {', '.join(IMAGE_SUFFIXES)}"
+            )
+        if all(f.count("/") == 1 for f in self.files):
+            self._classes: tuple[str, ...] | None = tuple(
+                sorted({f.split("/")[0] for f in self.files})
+            )
+        else:
+            self._classes = None
+        self._shape = (channels or 3, *size)
+
+    @property
+    def description(self) -> str:
+        return f"folder:{self.url}"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape  # type: ignore[return-value]
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return self._classes
+
+    @property
+    def has_labels(self) -> bool:
+        return self._classes is not None
+
+    def splits(self) -> dict[str, int]:
+        return {"train": len(self.files)}
+
+    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
+        if split != "train":
+            raise KeyError(split)
+        fs, root = fsspec_filesystem(self.url, self.storage)
+        class_index = {name: i for i, name in enumerate(self._classes or ())}
+        previous = -1
+        for index in indices:
+            if index <= previous:
+                raise ValueError(f"indices must be ascending, found {index} after {previous}")
+            previous = index
+            relative = self.files[index]
+            label = class_index[relative.split("/")[0]] if self._classes else None
+            try:
+                pixels = self._read_one(fs, f"{root.rstrip('/')}/{relative}", self.sizes[index])
+            except BadImage as err:
+                # A bad input (undecodable, over a limit), not a fault: the caller's policy decides.
+                yield SourceImage(relative, None, label, str(err))
+                continue
+            yield SourceImage(relative, pixels, label)
+
+    def _read_one(self, fs: Any, path: str, listed_size: int) -> np.ndarray:
+        """One file as uint8 [C, H, W]; BadImage for bad inputs. Storage faults are retried and,
+        when they last, raised (TransientReadError): they say nothing about the image."""
+        self.limits.check_bytes(listed_size)  # before downloading it
+        data = with_retries(lambda: fs.cat_file(path), self.retry, path)
+        channels, *size = self._shape
+        return decode_fitted(data, channels, tuple(size), self.limits).pixels
+
+
+# ----------------------------------------------------------------------------- webdataset
+
+_CENSUS_THREADS = 8  # shards counted at once: I/O bound, each a stream of its own
+
+
+@dataclass(frozen=True)
+class _Census:
+    """One shard counted: its samples, whether all carry `cls`, and why it ended early."""
+
+    count: int
+    labelled: bool
+    damage: str  # "" when read to its end
+
+
+def _stream(ref: ShardRef, options: ReadOptions) -> Any:
+    try:
+        return open_shard(ref, options)
+    except ShardChanged as err:
+        raise SourceError(
+            f"{ref.url}: {err}", hint="rerun prepare into a new --out once the shards stop changing"
+        ) from err
+
+
+def _count(ref: ShardRef, options: ReadOptions) -> _Census:
+    count, labelled = 0, True
+    try:
+        with _stream(ref, options) as stream:
+            for sample in tar_samples(stream, 1 << 20, lambda extension: extension == "cls"):
+                count += 1
+                labelled = labelled and "cls" in sample.members
+    except FileNotFoundError:
+        return _Census(0, False, f"shard missing at {ref.url} (deleted after it was listed)")
+    except (tarfile.TarError, EOFError) as err:
+        return _Census(count, labelled, f"unreadable tar after {count} samples ({err})")
+    return _Census(count, labelled and count > 0, "")
+
+
+class WebDatasetSource:
+    """Foreign WebDataset shards, re-sharded by prepare: `webdataset:<spec>`, any spec that
+    `pipeline.data.inputs.resolve_input` takes but a prepared split. One split, "train".
+
+    The input is listed once; then a census streams each shard once, reading only the `cls`
+    members, to count its samples (a prepared split's indices need counts up front) and to learn
+    whether every sample is labelled; the shards are read again when the images are written.
+    A bad sample (no image member, undecodable, over the limits, a bad `cls`) comes back with
+    `error` set, keyed "<shard URL>#<key>". A shard the census could not read to its end, or
+    that a pattern or list names but does not exist, adds one more bad input ("<shard URL>#*")
+    after its readable samples, so "fail" stops prepare naming it and "skip" counts it. A shard
+    that changed after it was listed raises SourceError: the description carries a digest of
+    the listing, so prepare refuses a rerun over changed shards instead of mixing them.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        storage: StorageConfig | None = None,
+        channels: int | None = None,
+        size: tuple[int, int] | None = None,
+        limits: ImageLimits | None = None,
+        retry: RetryPolicy | None = None,
+        image_members: Sequence[str] = IMAGE_MEMBERS,
+    ) -> None:
+        check_target(channels, size)
+        if size is None:
+            raise SourceError(
+                f"webdataset source {spec}: its images differ in size, so a target size is needed",
+                hint="pass --size HxW, e.g. --size 64x64",
+            )
+        self.spec, self.storage = spec, storage
+        self.limits = limits or ImageLimits()  # part of prepare's fingerprint
+        self._shape = (channels or 3, *size)
+        self.options = ReadOptions(
+            self._shape, storage, "fail", self.limits, retry or RetryPolicy(), tuple(image_members)
+        )
+        self.plan: InputPlan = resolve_input(spec, storage)
+        if self.plan.is_prepared:
+            raise SourceError(
+                f"{spec} is a split prepared already (it holds manifest.json)",
+                hint="train or score it directly, or pass --source webdataset:<its *.tar shards>",
+            )
+        logger.info("%s", self.plan.describe())
+        with ThreadPoolExecutor(_CENSUS_THREADS) as pool:
+            census = list(pool.map(lambda r: _count(r, self.options), self.plan.shards))
+        self.counts = [c.count for c in census]
+        self.damage = [c.damage for c in census]
+        self._labelled = bool(census) and all(c.labelled for c in census)
+        # Index layout: per shard its samples, then one index for its damage when it has any;
+        # then one index per missing shard.
+        sizes = [c.count + (1 if c.damage else 0) for c in census]
+        self._starts = [0]
+        for n in sizes:
+            self._starts.append(self._starts[-1] + n)
+        self._total = self._starts[-1] + len(self.plan.missing)
+
+    @property
+    def description(self) -> str:
+        return f"webdataset:{self.spec}#{self.plan.digest()}"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape  # type: ignore[return-value]
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return None
+
+    @property
+    def has_labels(self) -> bool:
+        return self._labelled
+
+    def splits(self) -> dict[str, int]:
+        return {"train": self._total}
+
+    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
+        if split != "train":
+            raise KeyError(split)
+        wanted: dict[int, list[int]] = {}  # shard position -> its ordinals, ascending
+        previous = -1
+        for index in indices:
+            if index <= previous:
+                raise ValueError(f"indices must be ascending, found {index} after {previous}")
+            if not 0 <= index < self._total:
+                raise IndexError(f"index {index} out of range (the split has {self._total})")
+            previous = index
+            position = bisect.bisect_right(self._starts, index) - 1
+            wanted.setdefault(position, []).append(index - self._starts[position])
+        for position in sorted(wanted):
+            if position >= len(self.plan.shards):  # a missing shard of the pattern or list
+                url = self.plan.missing[position - len(self.plan.shards)]
+                yield SourceImage(f"{url}#*", None, None, f"shard missing at {url}")
+                continue
+            yield from self._read_shard(position, wanted[position])
+
+    def _read_shard(self, position: int, ordinals: list[int]) -> Iterator[SourceImage]:
+        ref, count = self.plan.shards[position], self.counts[position]
+        want = set(ordinals)
+        if count in want:  # the index after the samples: the shard's damage
+            want.discard(count)
+        last = max(want, default=-1)
+        if want:
+            with _stream(ref, self.options) as stream:
+                samples = tar_samples(stream, self.limits.max_bytes, self.options.wanted)
+                for ordinal, sample in enumerate(samples):
+                    if ordinal in want:
+                        yield self._image(ref, sample)
+                    if ordinal == last:
+                        break  # the rest of the shard is another task's
+        if count in ordinals:
+            yield SourceImage(f"{ref.url}#*", None, None, self.damage[position])
+
+    def _image(self, ref: ShardRef, sample: TarSample) -> SourceImage:
+        key = f"{ref.url}#{sample.key}"
+        try:
+            row = sample_row(sample, ref.url, self.options)
+        except BadSample as err:
+            return SourceImage(key, None, None, str(err))
+        return SourceImage(key, row["image"], row["label"] if self._labelled else None)
+
+
 # ----------------------------------------------------------------------------- splits
 
 
@@ -431,8 +747,6 @@ def open_source(
     elif kind == "folder" and location:
         source = FolderSource(location, storage, channels, size, limits=limits)
     elif kind == "webdataset" and location:
-        from pipeline.data.webdataset_source import WebDatasetSource
-
         source = WebDatasetSource(location, storage, channels, size, limits=limits)
     elif kind == "npy" and location:
         images, _, labels = location.partition(",")

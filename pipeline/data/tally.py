@@ -1,28 +1,28 @@
-"""What the readers report: one `ShardOutcome` per shard read, and the samples skipped.
+"""What readers report, and the error of bad data: one `ShardOutcome` per shard, the samples skipped.
 
     tally = SkipTally.shared()          # a Ray actor; read tasks on any node report to it
-    ds = read_split(url, storage, on_error="skip", tally=tally)
+    ds = read_input(plan, storage, shape=shape, on_error="skip", tally=tally)
     ...consume ds...
-    tally.outcomes()["shard-000003.tar"]   # ShardOutcome(complete=True, rows=9998, ...)
-    tally.left_out()                      # the shards that could not be read whole, with why
+    tally.outcomes()[url]               # ShardOutcome(complete=True, rows=9998, ...), by shard URL
+    tally.left_out()                    # the shards that could not be read whole, with why
     tally.total(), tally.by_shard(), tally.records()[:5], tally.summary()
 
 A shard's outcome is reported once it has been read to its end (or given up), before its last
-row is handed on (see `pipeline.data.reader`), so a consumer that has received all the rows the
-manifest lists for a shard knows the shard is complete; for any other shard, the outcome is in
-the tally by the time the stream has ended.
+row is handed on (see `pipeline.data.reader`), so a consumer that has received all of a shard's
+rows knows the shard is complete; for any other shard, the outcome is in the tally by the time
+the stream has ended.
 
-`complete` means: every byte was read (transient faults were retried, never counted), the size and
-sha256 match the manifest, the tar ended cleanly, and it held exactly the manifest's samples. Then
-`rows` + len(`skipped_keys`) == `expected`, where `skipped_keys` are the bad images (a member read
-whole that does not decode, breaks the image limits, or lacks its label). An incomplete shard says
-why in `reason` and should be left out whole by consumers that need whole shards (scoring), since
-some of its rows may have been delivered; `transient` marks the ones a rerun may read (storage
-kept failing) as opposed to damaged ones.
+`complete` means: every byte was read (transient faults were retried, never counted), the tar
+ended cleanly and, for a shard with a manifest entry, its size, sha256 and sample count match.
+Then `rows` + len(`skipped_keys`) == `expected`, where `skipped_keys` are the bad images. An
+incomplete shard says why in `reason`; consumers that need whole shards (scoring) leave it out
+whole, since some of its rows may have been delivered. `transient` marks the ones a rerun may
+read (storage kept failing, or the shard changed after it was listed).
 
-`SkipTally()` lives in this process (for `iter_split`); `SkipTally.shared()` is backed by a small
+`SkipTally()` lives in this process (for `iter_input`); `SkipTally.shared()` is backed by a small
 Ray actor (num_cpus=0, on the driver's node, so losing a worker node does not lose it) that read
-tasks report to and wait for, so that when iteration has finished every outcome is in the tally. A shard reported twice (a retried read task) keeps the last report.
+tasks report to and wait for, so that once iteration has finished every outcome is in the tally.
+A shard reported twice (a retried read task) keeps the last report.
 """
 
 from __future__ import annotations
@@ -30,16 +30,44 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["ShardOutcome", "SkipTally", "Skipped"]
+from pipeline.errors import FlowrayError
 
+__all__ = ["WHOLE_SHARD", "CorruptDataError", "OnError", "ShardOutcome", "SkipTally", "Skipped"]
+
+OnError = Literal["skip", "fail"]
+WHOLE_SHARD = "*"  # the key of a problem that concerns a whole shard
 _MAX_RECORDS = 1000
+
+
+class CorruptDataError(FlowrayError, RuntimeError):
+    """A sample or shard cannot be read (on_error="fail"); names the shard and the key.
+
+    Broken data found mid-run is a runtime failure (exit 1), not a usage error. Through Ray it
+    arrives as RayTaskError(CorruptDataError), an instance of both, so `except CorruptDataError`
+    works in the driver.
+    """
+
+    exit_code = 1  # jobs.errors.EXIT_FAILURE
+
+    hint = (
+        "pass --on-error skip (score) or --set data.on_error=skip (train) to leave unreadable "
+        "images out (they are counted)"
+    )
+
+    def __init__(self, shard: str, key: str, reason: str) -> None:
+        super().__init__(f"shard {shard}, key {key}: {reason}")
+        self.shard, self.key, self.reason = shard, key, reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray pickles task errors; keep the three fields, not the formatted message.
+        return (type(self), (self.shard, self.key, self.reason))
 
 
 @dataclass(frozen=True)
 class Skipped:
-    """Samples skipped under on_error="skip": `count` samples at `key` ("*": a whole shard)."""
+    """Samples skipped under on_error="skip": `count` samples at `key` (WHOLE_SHARD: a shard)."""
 
     shard: str
     key: str
@@ -51,19 +79,19 @@ class Skipped:
 class ShardOutcome:
     """How reading one shard ended (see the module docstring)."""
 
-    shard: str
-    expected: int  # samples the manifest lists (foreign shards: the samples met in the tar)
+    shard: str  # the shard's URL
+    expected: int  # samples its manifest entry lists; without one, the samples met in the tar
     rows: int  # rows handed on
     complete: bool
     reason: str = ""  # why it is incomplete; "" when complete
     skipped_keys: tuple[str, ...] = ()  # bad images (their rows were not handed on)
     retries: int = 0  # transient storage faults ridden out
     transient: bool = False  # incomplete because storage kept failing: a rerun may read it
-    version: str = ""  # foreign shards: the version read ("etag:..."/"mtime:..."; see inputs.py)
+    version: str = ""  # the version read ("etag:..."/"mtime:..."; see pipeline.data.inputs)
 
     @property
     def lost(self) -> int:
-        """Samples the manifest lists that were not handed on."""
+        """Samples expected that were not handed on."""
         return self.expected - self.rows
 
 
@@ -73,32 +101,19 @@ class _Counts:
     def __init__(self) -> None:
         self.records: list[Skipped] = []
         self.outcomes: dict[str, ShardOutcome] = {}
-        self.loose: dict[str, int] = {}  # counts from add() without an outcome (old callers)
-
-    def add(self, records: list[Skipped]) -> None:
-        for record in records:
-            self.loose[record.shard] = self.loose.get(record.shard, 0) + record.count
-        self._keep(records)
 
     def add_outcome(self, outcome: ShardOutcome, records: list[Skipped]) -> None:
         again = outcome.shard in self.outcomes
         self.outcomes[outcome.shard] = outcome
         if not again:  # a retried read task reports the same problems again
-            self._keep(records)
-
-    def _keep(self, records: list[Skipped]) -> None:
-        room = _MAX_RECORDS - len(self.records)
-        self.records.extend(records[: max(room, 0)])
+            room = _MAX_RECORDS - len(self.records)
+            self.records.extend(records[: max(room, 0)])
 
     def outcome(self, shard: str) -> ShardOutcome | None:
         return self.outcomes.get(shard)
 
-    def state(self) -> tuple[list[Skipped], dict[str, int], dict[str, ShardOutcome]]:
-        per_shard = dict(self.loose)
-        for name, outcome in self.outcomes.items():
-            if outcome.lost:
-                per_shard[name] = outcome.lost
-        return list(self.records), per_shard, dict(self.outcomes)
+    def state(self) -> tuple[list[Skipped], dict[str, ShardOutcome]]:
+        return list(self.records), dict(self.outcomes)
 
 
 @functools.cache
@@ -121,23 +136,14 @@ class SkipTally:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        tally = cls()
-        tally._local = None
         # Pinned to the driver's node: on a worker node that dies (a lost node that Ray Train
-        # rides out) it would take every outcome with it and fail all later readers; the
-        # driver's node dying ends the job anyway.
+        # rides out) it would take every outcome with it; the driver's node dying ends the job.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        tally._actor = _tally_actor_class().options(scheduling_strategy=here).remote()
-        return tally
+        return _shared_tally(_tally_actor_class().options(scheduling_strategy=here).remote())
 
     @property
     def is_shared(self) -> bool:
         return self._actor is not None
-
-    def add(self, records: list[Skipped]) -> None:
-        """Count skipped samples that belong to no shard outcome."""
-        if records:
-            self._call("add", records)
 
     def add_outcome(self, outcome: ShardOutcome, records: Sequence[Skipped] = ()) -> None:
         """Record how a shard ended, with its skip records (logged lines, capped)."""
@@ -151,20 +157,20 @@ class SkipTally:
         # Wait for it: once a read task has moved on, what it reported must be visible.
         return ray.get(getattr(self._actor, method).remote(*args))
 
-    def _state(self) -> tuple[list[Skipped], dict[str, int], dict[str, ShardOutcome]]:
-        return self._call("state")
+    def _lost(self) -> dict[str, int]:
+        return {name: o.lost for name, o in self._call("state")[1].items() if o.lost}
 
     def total(self) -> int:
-        """Samples the manifests list that were not handed on (bad images, shards left out)."""
-        return sum(self._state()[1].values())
+        """Samples expected that were not handed on (bad images, shards left out)."""
+        return sum(self._lost().values())
 
     def by_shard(self) -> dict[str, int]:
         """{shard: samples not handed on}, for shards that lost any."""
-        return dict(sorted(self._state()[1].items()))
+        return dict(sorted(self._lost().items()))
 
     def records(self) -> list[Skipped]:
         """The first 1000 skip records, in report order."""
-        return self._state()[0]
+        return self._call("state")[0]
 
     def outcome(self, shard: str) -> ShardOutcome | None:
         """The outcome of one shard, or None before it has been read (one small call: a
@@ -173,19 +179,19 @@ class SkipTally:
 
     def outcomes(self) -> dict[str, ShardOutcome]:
         """{shard: outcome} of every shard read (or refused) so far."""
-        return dict(sorted(self._state()[2].items()))
+        return dict(sorted(self._call("state")[1].items()))
 
     def left_out(self) -> list[ShardOutcome]:
-        """The shards that could not be read whole, by name."""
+        """The shards that could not be read whole, by URL."""
         return [o for o in self.outcomes().values() if not o.complete]
 
     def summary(self) -> str:
-        records, per_shard, outcomes = self._state()
-        left_out = sorted((o for o in outcomes.values() if not o.complete), key=lambda o: o.shard)
-        if not per_shard and not left_out:
+        lost = self.by_shard()
+        left_out = self.left_out()
+        if not lost and not left_out:
             return "skipped 0 samples"
-        shards = ", ".join(f"{name}: {count}" for name, count in sorted(per_shard.items()))
-        line = f"skipped {sum(per_shard.values())} samples ({shards})"
+        shards = ", ".join(f"{name}: {count}" for name, count in lost.items())
+        line = f"skipped {sum(lost.values())} samples ({shards})"
         if left_out:
             reasons = "; ".join(f"{o.shard}: {o.reason}" for o in left_out[:5])
             more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from pipeline.data.images import decode_fitted
-from pipeline.data.input_reader import INPUT_COLUMNS, iter_input, read_input
 from pipeline.data.inputs import InputError, resolve_input
-from pipeline.data.reader import CorruptDataError, SkipTally, iter_split
+from pipeline.data.reader import COLUMNS, iter_input, read_input
 from pipeline.data.shards import prepare
 from pipeline.data.sources import FolderSource, open_source
+from pipeline.data.tally import CorruptDataError, SkipTally
 from pipeline.storage import join_url
 from tests.pipeline.data.foreign_shards import Photo, make_photos, upload, write_shards
 
@@ -54,7 +54,7 @@ def test_foreign_shards_read_as_one_row_per_image_keyed_by_the_original_keys(
         rows = list(iter_input(spec, storage, shape=SHAPE, on_error="skip", tally=tally))
 
     assert [r["key"] for r in rows] == [p.key for p in photos]
-    assert set(rows[0]) == set(INPUT_COLUMNS)
+    assert set(rows[0]) == set(COLUMNS)
     for i, (row, photo) in enumerate(zip(rows, photos)):
         assert row["shard"] == urls[i // 5]
         assert (row["orig_width"], row["orig_height"]) == (photo.width, photo.height)
@@ -82,7 +82,7 @@ def test_prepared_and_in_place_reads_give_bit_identical_pixels(tmp_path, photos)
 
     source = open_source(f"webdataset:{spec}", size=SHAPE[1:])
     prepare(source, str(tmp_path / "data"), shard_samples=4)
-    prepared = list(iter_split(str(tmp_path / "data" / "train")))
+    prepared = list(iter_input(str(tmp_path / "data" / "train"), shape=SHAPE))
     assert len(prepared) == len(photos) == len(in_place)
     for row, photo in zip(prepared, photos):
         np.testing.assert_array_equal(row["image"], in_place[photo.key]["image"])

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from pipeline.data.images import ImageLimits, decode_fitted
-from pipeline.data.input_reader import iter_input, read_input
 from pipeline.data.inputs import resolve_input
-from pipeline.data.reader import CorruptDataError, RetryPolicy, SkipTally, TransientReadError
+from pipeline.data.reader import iter_input, read_input
+from pipeline.data.streams import RetryPolicy, TransientReadError
+from pipeline.data.tally import CorruptDataError, SkipTally
 from pipeline.storage import StorageConfig, join_url
 from tests.faults.s3_proxy import FaultPlan
 from tests.pipeline.data.foreign_shards import make_photos, upload, write_shards

@@ -1,10 +1,12 @@
-"""Reading splits: Ray Data and the plain iterator give the source's keys, pixels and labels back,
-from local disk and S3; shard subsets; shuffling; every corruption case under skip and fail."""
+"""Reading prepared splits: Ray Data and the plain iterator give the source's keys, pixels and
+labels back, from local disk and S3; shard subsets; shuffling; every corruption case of a shard
+checked against its manifest entry, under skip and fail."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -12,10 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.reader import CorruptDataError, ImageLimits, SkipTally, iter_split, read_split
-from pipeline.data.shards import ManifestError, encode_png, prepare, shard_key
-from pipeline.data.sources import FolderSource, fit_image, open_source
+from pipeline.data.images import ImageLimits, encode_png, fit_image
+from pipeline.data.reader import iter_input, read_input
+from pipeline.data.shards import ManifestError, prepare, shard_key
+from pipeline.data.sources import FolderSource, open_source
+from pipeline.data.tally import CorruptDataError, SkipTally
 from pipeline.storage import fsspec_filesystem, join_url, put_file_atomic
+
+SHAPE = (1, 28, 28)
 
 
 def _ray_rows(ds) -> list[dict]:
@@ -52,17 +58,17 @@ def test_fashion_mnist_round_trips_through_ray_data(fmnist, tmp_path, request, r
         out, storage = str(tmp_path), None
     prepare(fmnist, out, storage, splits=["train"], limit=300, shard_samples=100)
     split = join_url(out, "train")
-    rows = _ray_rows(read_split(split, storage))
+    rows = _ray_rows(read_input(split, storage, shape=SHAPE))
     expected = list(fmnist.read("train", range(300)))
     assert [r["key"] for r in rows] == [shard_key("train", i) for i in range(300)]
     for i, (row, source) in enumerate(zip(rows, expected)):
-        assert row["shard"] == f"shard-00000{i // 100}.tar"
+        assert row["shard"] == join_url(split, f"shard-00000{i // 100}.tar")
         assert row["label"] == source.label
         assert row["image"].shape == (1, 28, 28)
         np.testing.assert_array_equal(row["image"], source.image)
     assert all(row["nbytes"] == len(encode_png(row["image"])) for row in rows[:5])
     # The plain iterator goes through the same decode path: identical rows, in shard order.
-    _assert_same_rows(list(iter_split(split, storage)), rows)
+    _assert_same_rows(list(iter_input(split, storage, shape=SHAPE)), rows)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -78,7 +84,7 @@ def test_photo_folder_round_trips_losslessly(photo_folder, tmp_path, request, ra
             )
     source = FolderSource(folder, storage, channels=3, size=(32, 32))
     prepare(source, out, storage, shard_samples=7)
-    rows = _ray_rows(read_split(join_url(out, "train"), storage))
+    rows = _ray_rows(read_input(join_url(out, "train"), storage, shape=(3, 32, 32)))
     assert len(rows) == 18
     classes = ["astronaut", "chelsea", "coffee"]
     for row, relative in zip(rows, source.files):
@@ -99,21 +105,22 @@ def split(fmnist, tmp_path) -> str:
 
 
 def test_a_subset_of_shards_is_read_alone(split):
-    rows = list(iter_split(split, shards=["shard-000002.tar", "shard-000000.tar"]))
+    shards = [_url(split, "shard-000002.tar"), _url(split, "shard-000000.tar")]
+    rows = list(iter_input(split, shape=SHAPE, shards=shards))
     keys = [r["key"] for r in rows]
     assert keys == [shard_key("test", i) for i in [*range(100, 150), *range(50)]]
-    with pytest.raises(ValueError, match="no shard 'shard-000007.tar'"):
-        iter_split(split, shards=["shard-000007.tar"])
+    with pytest.raises(ValueError, match="no shard '.*shard-000007.tar'"):
+        iter_input(split, shape=SHAPE, shards=[_url(split, "shard-000007.tar")])
 
 
 def test_shuffle_changes_order_not_content(split, ray_local):
-    plain = [r["key"] for r in iter_split(split)]
-    one = [r["key"] for r in iter_split(split, shuffle=True, seed=1)]
-    again = [r["key"] for r in iter_split(split, shuffle=True, seed=1)]
-    two = [r["key"] for r in iter_split(split, shuffle=True, seed=2)]
+    plain = [r["key"] for r in iter_input(split, shape=SHAPE)]
+    one = [r["key"] for r in iter_input(split, shape=SHAPE, shuffle=True, seed=1)]
+    again = [r["key"] for r in iter_input(split, shape=SHAPE, shuffle=True, seed=1)]
+    two = [r["key"] for r in iter_input(split, shape=SHAPE, shuffle=True, seed=2)]
     assert one == again and one != two and one != plain
     assert sorted(one) == sorted(two) == plain
-    ds = read_split(split, shuffle=True, seed=7)
+    ds = read_input(split, shape=SHAPE, shuffle=True, seed=7)
     epochs = [[row["key"] for row in ds.iter_rows()] for _ in range(2)]
     assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1]) == plain
 
@@ -127,6 +134,10 @@ def test_shuffle_changes_order_not_content(split, ray_local):
 
 BAD_KEY = shard_key("test", 60)  # the 11th sample of shard-000001.tar
 BAD_SHARD = "shard-000001.tar"
+
+
+def _url(split: str, name: str = BAD_SHARD) -> str:
+    return join_url(split, name)
 
 
 def _rewrite_member(shard_path: str, member_name: str, data: bytes | None, extra=()) -> None:
@@ -197,7 +208,7 @@ BAD_IMAGES = {
     ),
     "bomb": (_bomb_png, "225,000,000 pixels is larger than Pillow's limit"),
     "oversized": (bytes(400_000), "larger than the limit of 300,000 bytes"),
-    "no_png": (None, "no png member"),
+    "no_png": (None, "no image member: expected one of jpg, jpeg, png, webp, found cls"),
 }
 LIMITS = ImageLimits(max_bytes=300_000)  # above the bomb PNG (219 KB), below "oversized"
 
@@ -214,25 +225,27 @@ def _bad_image(split: str, case: str) -> str:
 def test_a_bad_image_skips_that_sample_and_the_shard_stays_complete(split, case, caplog):
     reason = _bad_image(split, case)
     tally = SkipTally()
-    rows = list(iter_split(split, on_error="skip", tally=tally, limits=LIMITS))
+    rows = list(iter_input(split, shape=SHAPE, on_error="skip", tally=tally, limits=LIMITS))
     keys = [r["key"] for r in rows]
     assert keys == [shard_key("test", i) for i in range(150) if i != 60]
-    outcome = tally.outcomes()[BAD_SHARD]
+    outcome = tally.outcomes()[_url(split)]
     assert outcome.complete and outcome.reason == ""
     assert (outcome.expected, outcome.rows, outcome.skipped_keys) == (50, 49, (BAD_KEY,))
-    assert all(tally.outcomes()[f"shard-00000{i}.tar"].complete for i in (0, 2))
-    assert tally.total() == 1 and tally.by_shard() == {BAD_SHARD: 1} and tally.left_out() == []
+    assert all(tally.outcomes()[_url(split, f"shard-00000{i}.tar")].complete for i in (0, 2))
+    assert tally.total() == 1 and tally.by_shard() == {_url(split): 1} and tally.left_out() == []
     (record,) = tally.records()
-    assert (record.shard, record.key, record.count) == (BAD_SHARD, BAD_KEY, 1)
+    assert (record.shard, record.key, record.count) == (_url(split), BAD_KEY, 1)
     assert reason in record.reason
-    assert any(BAD_SHARD in m and BAD_KEY in m and reason in m for m in caplog.messages)
+    assert any(_url(split) in m and BAD_KEY in m and reason in m for m in caplog.messages)
 
 
 @pytest.mark.parametrize("case", list(BAD_IMAGES))
 def test_a_bad_image_fails_naming_shard_and_key(split, case):
     reason = _bad_image(split, case)
-    with pytest.raises(CorruptDataError, match=rf"shard {BAD_SHARD}, key {BAD_KEY}: ") as info:
-        list(iter_split(split, on_error="fail", limits=LIMITS))
+    with pytest.raises(
+        CorruptDataError, match=rf"shard {re.escape(_url(split))}, key {BAD_KEY}: "
+    ) as info:
+        list(iter_input(split, shape=SHAPE, on_error="fail", limits=LIMITS))
     assert reason in info.value.reason
 
 
@@ -280,18 +293,19 @@ BAD_SHARDS = ["missing", "cut", "cut_resealed", "altered", "more_samples"]
 def test_a_bad_shard_is_left_out_whole_and_every_other_shard_read(split, case, caplog):
     key, reason = _bad_shard(split, case)
     tally = SkipTally()
-    rows = list(iter_split(split, on_error="skip", tally=tally))
-    others = [r["key"] for r in rows if r["shard"] != BAD_SHARD]
+    rows = list(iter_input(split, shape=SHAPE, on_error="skip", tally=tally))
+    bad = _url(split)
+    others = [r["key"] for r in rows if r["shard"] != bad]
     assert others == [shard_key("test", i) for i in [*range(50), *range(100, 150)]]
     # Never the whole shard: its last row is held back until the shard is known to be whole.
-    handed = sum(r["shard"] == BAD_SHARD for r in rows)
+    handed = sum(r["shard"] == bad for r in rows)
     assert handed < 50
     (outcome,) = tally.left_out()
-    assert (outcome.shard, outcome.complete, outcome.transient) == (BAD_SHARD, False, False)
+    assert (outcome.shard, outcome.complete, outcome.transient) == (bad, False, False)
     assert reason in outcome.reason and outcome.rows == handed and outcome.lost == 50 - handed
-    assert tally.total() == 50 - handed and tally.by_shard() == {BAD_SHARD: 50 - handed}
-    assert "1 shard(s) left out" in tally.summary() and BAD_SHARD in tally.summary()
-    assert any(f"left out shard {BAD_SHARD}" in m and reason in m for m in caplog.messages)
+    assert tally.total() == 50 - handed and tally.by_shard() == {bad: 50 - handed}
+    assert "1 shard(s) left out" in tally.summary() and bad in tally.summary()
+    assert any(f"left out shard {bad}" in m and reason in m for m in caplog.messages)
     if key:
         assert tally.records()[-1].key == key
 
@@ -299,17 +313,17 @@ def test_a_bad_shard_is_left_out_whole_and_every_other_shard_read(split, case, c
 @pytest.mark.parametrize("case", BAD_SHARDS)
 def test_a_bad_shard_fails_naming_the_shard(split, case):
     key, reason = _bad_shard(split, case)
-    with pytest.raises(CorruptDataError, match=rf"shard {BAD_SHARD}, key ") as info:
-        list(iter_split(split, on_error="fail"))
-    assert info.value.shard == BAD_SHARD and reason in info.value.reason
+    with pytest.raises(CorruptDataError, match=rf"shard {re.escape(_url(split))}, key ") as info:
+        list(iter_input(split, shape=SHAPE, on_error="fail"))
+    assert info.value.shard == _url(split) and reason in info.value.reason
     if key:
         assert info.value.key == key
 
 
 def test_under_fail_a_missing_or_cut_shard_stops_before_any_work(split):
     _bad_shard(split, "cut")
-    with pytest.raises(CorruptDataError, match=r"shard shard-000001\.tar, key \*: shard has"):
-        iter_split(split, on_error="fail")  # raised when the iterator is made, not while reading
+    with pytest.raises(CorruptDataError, match=r"shard-000001\.tar, key \*: shard has"):
+        iter_input(split, shape=SHAPE, on_error="fail")  # raised when made, not while reading
 
 
 def test_skip_reads_the_good_shards_when_the_manifest_disagrees_with_the_files(split, caplog):
@@ -318,15 +332,15 @@ def test_skip_reads_the_good_shards_when_the_manifest_disagrees_with_the_files(s
     fs, path = fsspec_filesystem(split)
     fs.copy(f"{path}/shard-000000.tar", f"{path}/shard-000003.tar")
     tally = SkipTally()
-    rows = list(iter_split(split, on_error="skip", tally=tally))
+    rows = list(iter_input(split, shape=SHAPE, on_error="skip", tally=tally))
     assert [r["key"] for r in rows] == [
         shard_key("test", i) for i in [*range(50), *range(100, 150)]
     ]
     (outcome,) = tally.left_out()
-    assert outcome.shard == BAD_SHARD and outcome.rows == 0 and "manifest says" in outcome.reason
+    assert outcome.shard == _url(split) and outcome.rows == 0 and "manifest says" in outcome.reason
     assert any("shard-000003.tar" in m and "ignored" in m for m in caplog.messages)
     with pytest.raises(ManifestError, match="not in the manifest shard-000003.tar"):
-        iter_split(split, on_error="fail")
+        iter_input(split, shape=SHAPE, on_error="fail")
 
 
 def test_ray_reader_reports_outcomes_to_a_shared_tally(split, ray_local):
@@ -335,37 +349,38 @@ def test_ray_reader_reports_outcomes_to_a_shared_tally(split, ray_local):
     with open(shard, "r+b") as file:
         file.truncate(os.path.getsize(shard) - 20_000)  # cut inside the last samples
     tally = SkipTally.shared()
-    rows = _ray_rows(read_split(split, on_error="skip", tally=tally))
+    rows = _ray_rows(read_input(split, shape=SHAPE, on_error="skip", tally=tally))
     assert [r["key"] for r in rows] == [shard_key("test", i) for i in range(100) if i != 60]
     outcomes = tally.outcomes()
-    assert outcomes["shard-000000.tar"].complete and outcomes["shard-000000.tar"].rows == 50
-    assert outcomes[BAD_SHARD].complete and outcomes[BAD_SHARD].skipped_keys == (BAD_KEY,)
-    assert not outcomes["shard-000002.tar"].complete and outcomes["shard-000002.tar"].rows == 0
-    assert tally.by_shard() == {BAD_SHARD: 1, "shard-000002.tar": 50}
+    first, bad, last = (_url(split, f"shard-00000{i}.tar") for i in range(3))
+    assert outcomes[first].complete and outcomes[first].rows == 50
+    assert outcomes[bad].complete and outcomes[bad].skipped_keys == (BAD_KEY,)
+    assert not outcomes[last].complete and outcomes[last].rows == 0
+    assert tally.by_shard() == {bad: 1, last: 50}
 
 
 def test_ray_reader_fails_naming_shard_and_key(split, ray_local):
     _bad_image(split, "wrong_size")
     # Ray raises RayTaskError(CorruptDataError): an instance of both, so callers catch ours.
     with pytest.raises(
-        CorruptDataError, match=rf"shard shard-000001\.tar, key {BAD_KEY}: image size"
+        CorruptDataError, match=rf"shard-000001\.tar, key {BAD_KEY}: png: image size"
     ):
-        _ray_rows(read_split(split, on_error="fail"))
+        _ray_rows(read_input(split, shape=SHAPE, on_error="fail"))
 
 
 def test_ray_reader_fails_early_on_a_missing_shard(split):
     _bad_shard(split, "missing")
-    with pytest.raises(CorruptDataError, match=r"shard shard-000001\.tar, key \*: shard missing"):
-        read_split(split, on_error="fail")
+    with pytest.raises(CorruptDataError, match=r"shard-000001\.tar, key \*: shard missing"):
+        read_input(split, shape=SHAPE, on_error="fail")
 
 
 def test_a_shard_the_manifest_does_not_list_is_an_error_under_fail(split):
     fs, path = fsspec_filesystem(split)
     fs.copy(f"{path}/shard-000000.tar", f"{path}/shard-000003.tar")
     with pytest.raises(ManifestError, match="not in the manifest shard-000003.tar"):
-        read_split(split)
+        read_input(split, shape=SHAPE)
     with pytest.raises(ManifestError, match="not in the manifest shard-000003.tar"):
-        iter_split(split)
+        iter_input(split, shape=SHAPE)
 
 
 def test_temp_files_are_never_taken_for_shards(split):
@@ -376,11 +391,11 @@ def test_temp_files_are_never_taken_for_shards(split):
     ):
         with open(os.path.join(split, name), "wb") as file:
             file.write(b"half a shard")
-    assert len(list(iter_split(split, on_error="fail"))) == 150
+    assert len(list(iter_input(split, shape=SHAPE, on_error="fail"))) == 150
 
 
 def test_skip_needs_a_tally_and_ray_needs_a_shared_one(split):
     with pytest.raises(ValueError, match="needs a tally"):
-        iter_split(split, on_error="skip")
+        iter_input(split, shape=SHAPE, on_error="skip")
     with pytest.raises(ValueError, match=r"SkipTally.shared\(\)"):
-        read_split(split, on_error="skip", tally=SkipTally())
+        read_input(split, shape=SHAPE, on_error="skip", tally=SkipTally())

@@ -8,22 +8,18 @@ import hashlib
 
 import pytest
 
-from pipeline.data.reader import (
-    CorruptDataError,
-    RetryPolicy,
-    SkipTally,
-    TransientReadError,
-    iter_split,
-    read_split,
-)
+from pipeline.data.reader import iter_input, read_input
 from pipeline.data.shards import prepare, shard_key
 from pipeline.data.sources import open_source
+from pipeline.data.streams import RetryPolicy, TransientReadError
+from pipeline.data.tally import CorruptDataError, SkipTally
 from pipeline.storage import StorageConfig, StorageError, join_url
 from tests.faults.s3_proxy import FAULT_KINDS, FaultPlan
 
 # Short waits: the test is about what is retried, not how long a real backoff waits.
 FAST = RetryPolicy(attempts=6, base_delay_s=0.01, max_delay_s=0.05)
 BAD_SHARD = "shard-000001.tar"
+SHAPE = (1, 28, 28)
 
 
 @pytest.fixture
@@ -48,7 +44,8 @@ def s3_split(fmnist, faulty_s3) -> tuple[str, dict[str, tuple[int, str]]]:
     out = join_url(faulty_s3.direct.url, "fmnist")
     prepare(fmnist, out, faulty_s3.direct.storage, splits=["test"], limit=150, shard_samples=50)
     split = join_url(out, "test")
-    return split, {r["key"]: _digest(r) for r in iter_split(split, faulty_s3.direct.storage)}
+    rows = iter_input(split, faulty_s3.direct.storage, shape=SHAPE)
+    return split, {r["key"]: _digest(r) for r in rows}
 
 
 # How many faults in a row get past s3fs and botocore (3 attempts, s3fs 5 more for some kinds),
@@ -58,17 +55,17 @@ BURSTS = {"500": 8, "503": 20, "reset": 20, "truncate": 8, "stall": 7}
 
 @pytest.mark.parametrize("kind", FAULT_KINDS)
 def test_a_burst_of_faults_longer_than_s3fs_retries_is_ridden_out(s3_split, faulty_s3, kind):
-    """Fails on the reader before issue 12: the burst surfaced as an OSError or aiohttp error,
-    counted as an unreadable tar, and the shard came back short."""
+    """A burst that gets past s3fs must not surface as an OSError or aiohttp error, counted as an
+    unreadable tar with the shard coming back short."""
     split, expected = s3_split
     faulty_s3.proxy.set_plan(FaultPlan(script={BAD_SHARD: (kind,) * BURSTS[kind]}, stall_s=5))
     tally = SkipTally()
     storage = _through(faulty_s3, read_timeout=0.5)
-    rows = list(iter_split(split, storage, on_error="skip", tally=tally, retry=FAST))
+    rows = list(iter_input(split, storage, shape=SHAPE, on_error="skip", tally=tally, retry=FAST))
     assert faulty_s3.proxy.counts[kind] == BURSTS[kind]  # every scripted fault was served
     assert {r["key"]: _digest(r) for r in rows} == expected
     assert [r["key"] for r in rows] == [shard_key("test", i) for i in range(150)]
-    outcome = tally.outcomes()[BAD_SHARD]
+    outcome = tally.outcomes()[join_url(split, BAD_SHARD)]
     assert outcome.complete and outcome.rows == 50 and outcome.retries >= 1
     assert tally.total() == 0 and tally.records() == []
 
@@ -79,11 +76,11 @@ def test_storage_that_keeps_failing_is_transient_never_bad_data(s3_split, faulty
     retry = RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.02)
     storage = _through(faulty_s3)
     tally = SkipTally()
-    rows = list(iter_split(split, storage, on_error="skip", tally=tally, retry=retry))
+    rows = list(iter_input(split, storage, shape=SHAPE, on_error="skip", tally=tally, retry=retry))
     assert {r["key"] for r in rows} == {k for k in expected if not 50 <= int(k[-8:]) < 100}
     (outcome,) = tally.left_out()
     assert (outcome.shard, outcome.transient, outcome.rows, outcome.skipped_keys) == (
-        BAD_SHARD,
+        join_url(split, BAD_SHARD),
         True,
         0,
         (),
@@ -91,7 +88,7 @@ def test_storage_that_keeps_failing_is_transient_never_bad_data(s3_split, faulty
     assert "storage kept failing" in outcome.reason and "after 3 attempts" in outcome.reason
     # Under "fail" it is a storage error (rerun later), never CorruptDataError (bad data).
     with pytest.raises(TransientReadError, match="storage kept failing") as info:
-        list(iter_split(split, storage, on_error="fail", retry=retry))
+        list(iter_input(split, storage, shape=SHAPE, on_error="fail", retry=retry))
     assert isinstance(info.value, StorageError) and not isinstance(info.value, CorruptDataError)
     assert "rerun" in info.value.hint
 
@@ -108,14 +105,14 @@ def test_chaos_read_of_thousands_of_images_gives_each_exactly_once(
     out = join_url(faulty_s3.direct.url, "chaos")
     prepare(fmnist, out, faulty_s3.direct.storage, splits=["train"], limit=3000, shard_samples=50)
     split = join_url(out, "train")
-    expected = {r["key"]: _digest(r) for r in iter_split(split, faulty_s3.direct.storage)}
+    rows = iter_input(split, faulty_s3.direct.storage, shape=SHAPE)
+    expected = {r["key"]: _digest(r) for r in rows}
     assert len(expected) == 3000
 
     faulty_s3.proxy.set_plan(FaultPlan(seed=12, rate=rate, max_in_a_row=cap, stall_s=3))
     tally = SkipTally.shared()
-    dataset = read_split(
-        split, _through(faulty_s3, read_timeout=1.0), on_error="skip", tally=tally, retry=FAST
-    )
+    storage = _through(faulty_s3, read_timeout=1.0)
+    dataset = read_input(split, storage, shape=SHAPE, on_error="skip", tally=tally, retry=FAST)
     got: dict[str, tuple[int, str]] = {}
     duplicates = 0
     for batch in dataset.iter_batches(batch_size=500, batch_format="numpy"):

@@ -14,7 +14,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.reader import decode_image, iter_split
+from pipeline.data.images import decode_image, fit_image
+from pipeline.data.reader import iter_input
 from pipeline.data.shards import (
     Manifest,
     ManifestError,
@@ -23,7 +24,7 @@ from pipeline.data.shards import (
     prepare,
     shard_key,
 )
-from pipeline.data.sources import FolderSource, NpySource, SourceError, fit_image, open_source
+from pipeline.data.sources import FolderSource, NpySource, SourceError, open_source
 from pipeline.storage import join_url, write_bytes_atomic
 
 
@@ -388,4 +389,4 @@ def test_a_prepare_killed_mid_shard_leaves_a_temp_that_is_no_shard_and_a_rerun_s
     prepare(NpySource(str(tmp_path / "x.npy")), str(tmp_path / "clean"), shard_samples=50)
     for name in ("shard-000000.tar", "shard-000001.tar"):
         assert (split / name).read_bytes() == (tmp_path / "clean" / "train" / name).read_bytes()
-    assert len(list(iter_split(str(split)))) == 100
+    assert len(list(iter_input(str(split), shape=(1, 8, 8)))) == 100

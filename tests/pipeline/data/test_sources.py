@@ -13,7 +13,7 @@ from PIL import Image
 
 from jobs.cli import main as flowray
 from pipeline.data.images import ImageLimits, fit_image
-from pipeline.data.reader import iter_split
+from pipeline.data.reader import iter_input
 from pipeline.data.shards import load_manifest, prepare
 from pipeline.data.sources import FolderSource
 from pipeline.data.streams import RetryPolicy
@@ -58,7 +58,7 @@ def test_prepare_skip_leaves_a_decompression_bomb_out_and_reports_it(
 ):
     """The issue's case. Before issue 12 this died with a PIL DecompressionBombError traceback."""
     out = tmp_path / "shards"
-    argv = ["prepare", "--source", f"folder:{folder_with_bomb}", "--out", str(out)]
+    argv = ["prepare", "--source", f"folder:{folder_with_bomb}", "--output", str(out)]
     argv += ["--size", "16x16", "--on-error", "skip"]
     with caplog.at_level(logging.WARNING):
         code = flowray(argv)
@@ -69,11 +69,11 @@ def test_prepare_skip_leaves_a_decompression_bomb_out_and_reports_it(
     assert "1 bad inputs skipped" in captured.out
     (line,) = [m for m in caplog.messages if "img-10-bomb.png" in m]
     assert "225,000,000 pixels" in line and "refused before decoding" in line
-    assert len(list(iter_split(str(out / "train")))) == 20
+    assert len(list(iter_input(str(out / "train"), shape=(3, 16, 16)))) == 20
 
 
 def test_prepare_fail_stops_at_the_bomb_with_a_clear_error(folder_with_bomb, tmp_path, capsys):
-    argv = ["prepare", "--source", f"folder:{folder_with_bomb}", "--out", str(tmp_path / "o")]
+    argv = ["prepare", "--source", f"folder:{folder_with_bomb}", "--output", str(tmp_path / "o")]
     code = flowray([*argv, "--size", "16x16", "--on-error", "fail"])
     err = capsys.readouterr().err
     assert code == 2, err

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from jobs.prepare import main as prepare_main
-from pipeline.data.input_reader import iter_input
-from pipeline.data.reader import iter_split
+from pipeline.data.reader import iter_input
 from pipeline.data.shards import PrepareError, load_manifest, prepare, shard_key
 from pipeline.data.sources import SourceError, open_source
 from pipeline.storage import join_url
@@ -30,7 +29,7 @@ def test_foreign_shards_on_s3_re_shard_into_a_prepared_split_with_ray_tasks(
     manifest = load_manifest(join_url(out, "train"), s3.storage)
     assert [s.count for s in manifest.shards] == [5, 5, 4] and manifest.has_labels
     assert manifest.source.startswith(f"webdataset:{spec}#")
-    rows = list(iter_split(join_url(out, "train"), s3.storage))
+    rows = list(iter_input(join_url(out, "train"), s3.storage, shape=(1, 20, 20)))
     assert [r["key"] for r in rows] == [shard_key("train", i) for i in range(14)]
     assert [r["label"] for r in rows] == [p.label for p in photos]
     in_place = list(iter_input(spec, s3.storage, shape=(1, 20, 20)))
@@ -78,14 +77,14 @@ def test_the_cli_prepares_a_webdataset_source_and_refuses_one_without_a_size(tmp
     write_shards(tmp_path / "photos", make_photos(7), per_shard=3)
     out = tmp_path / "data"
     code = prepare_main(
-        ["--source", f"webdataset:{tmp_path / 'photos'}", "--out", str(out), "--size", "12x12"]
+        ["--source", f"webdataset:{tmp_path / 'photos'}", "--output", str(out), "--size", "12x12"]
         + ["--val-fraction", "0.3", "--shard-samples", "2"]
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert load_manifest(str(out / "train")).count + load_manifest(str(out / "val")).count == 7
     assert load_manifest(str(out / "train")).shape == (3, 12, 12)
-    code = prepare_main(["--source", f"webdataset:{tmp_path / 'photos'}", "--out", str(out)])
+    code = prepare_main(["--source", f"webdataset:{tmp_path / 'photos'}", "--output", str(out)])
     assert code == 2 and "--size" in capsys.readouterr().err
     with pytest.raises(SourceError, match="prepared already"):
         open_source(f"webdataset:{out / 'train'}", size=(12, 12))
