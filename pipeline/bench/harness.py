@@ -169,9 +169,11 @@ class Table:
 
     def markdown(self) -> str:
         lines = [self.title, ""] if self.title else []
-        lines += ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
-        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in self.rows]
-        return "\n".join(lines + [text for note in self.notes for text in ("", note)])
+        if self.headers:
+            lines += ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+            lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in self.rows]
+        notes = [text for note in self.notes for text in ("", note)]
+        return "\n".join(lines + notes if lines else notes[1:])
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,9 +1,5 @@
-"""Serving benchmark: `flowray serve`'s deployment on loopback at 1, 8 and 64 concurrent clients.
+"""Serving: `flowray serve`'s deployment on loopback at 1, 8 and 64 concurrent clients.
 
-    python -m jobs.bench --suite serving                   # 1000 requests or 30 s per level
-    python -m jobs.bench --suite serving --smoke           # seconds
-
-Figures, as a Markdown table and as `run(...)`'s dict (for `flowray bench`):
 - per level of concurrency: requests/s, p50 and p95 latency, the mean number of images that
   shared a forward pass (@serve.batch), and errors. Each request is one Fashion-MNIST test image
   as PNG bytes, POSTed to <url>/score over keep-alive HTTP on 127.0.0.1; the clients run as
@@ -11,85 +7,105 @@ Figures, as a Markdown table and as `run(...)`'s dict (for `flowray bench`):
 - the ceiling: the same scorer called in this process on batches of `max_batch_size` decoded
   images, without HTTP, Serve or PNG decoding (images/s).
 
-Bounded: each level stops after `requests` requests or `seconds`, whichever comes first, and
-sends nothing anywhere but 127.0.0.1. The model is the preset's FlowConfig at its data-dependent
-initialisation (throughput does not depend on training), served from a local directory (no
-registry, no reloading).
+Each level stops after `requests` requests or `seconds`, whichever comes first, and sends nothing
+anywhere but 127.0.0.1. The model is the preset's at its data-dependent initialisation, served
+from a local directory (no registry, no reloading).
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
-import tempfile
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from pipeline.bench.common import fashion_mnist, machine, markdown_table
+from pipeline.bench.harness import (
+    Result,
+    Run,
+    Table,
+    fashion_mnist,
+    local_ray,
+    saved_preset_model,
+    timed,
+)
+from pipeline.config import load_config
+from pipeline.train.config import TrainConfig
 
-__all__ = ["run"]
-
-LEVELS = (1, 8, 64)
+__all__ = ["SMOKE", "Settings", "measure"]
 
 
-def run(
-    model_config: Any = None,
-    levels: tuple[int, ...] = LEVELS,
-    requests: int = 1000,
-    seconds: float = 30.0,
-    images: int = 256,
-    max_batch_size: int = 32,
-) -> dict[str, Any]:
-    """Serve a fresh flow on loopback and measure each level of concurrency (module docstring)."""
-    import ray
+@dataclass(frozen=True)
+class Settings:
+    """Attributes:
+    preset: the training preset whose model is served.
+    levels: concurrent clients, one run each.
+    requests: most requests per level.
+    seconds: most seconds per level.
+    images: distinct test images sent (and scored for the ceiling).
+    max_batch_size: ServeConfig.max_batch_size.
+    """
 
+    preset: str = "fashion-mnist"
+    levels: tuple[int, ...] = (1, 8, 64)
+    requests: int = 1000
+    seconds: float = 60.0
+    images: int = 256
+    max_batch_size: int = 32
+
+
+SMOKE = {"requests": 48, "seconds": 10.0, "images": 64}
+
+
+def measure(settings: Settings, run: Run) -> Result:
+    """Serve the preset's flow on loopback and measure each level of concurrency."""
+    from pipeline.data.images import encode_png
     from pipeline.serve.config import ServeConfig
     from pipeline.serve.runner import start, stop
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir, pngs, decoded = _model_and_images(model_config, Path(tmp), images)
-        config = ServeConfig(
-            model=str(model_dir),
-            port=_free_port(),
-            app_name="flowray-bench",
-            reload_interval_s=0,
-            max_batch_size=max_batch_size,
-            cpus_per_replica=1.0,
-        )
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    model = saved_preset_model(run.workdir, load_config(TrainConfig, settings.preset).model)
+    decoded = fashion_mnist("test", settings.images)[1].numpy()
+    pngs = [encode_png(image) for image in decoded]
+    config = ServeConfig(
+        model=model,
+        port=_free_port(),
+        app_name="flowray-bench",
+        reload_interval_s=0,
+        max_batch_size=settings.max_batch_size,
+        cpus_per_replica=1.0,
+    )
+    with local_ray():
         info = start(config)
         try:
             rows = [
-                asyncio.run(_level(info.url, pngs, clients, requests, seconds))
-                for clients in levels
+                asyncio.run(_level(info.url, pngs, clients, settings.requests, settings.seconds))
+                for clients in settings.levels
             ]
         finally:
             stop(config, shutdown=True)
-            if started_ray:
-                ray.shutdown()
-        ceiling = _ceiling(model_dir, decoded, max_batch_size)
-    return _report(rows, ceiling, requests, seconds, max_batch_size)
-
-
-def _model_and_images(
-    model_config: Any, folder: Path, count: int
-) -> tuple[Path, list[bytes], np.ndarray]:
-    from flowmodel import FlowConfig, build_flow
-    from pipeline.data.images import encode_png
-    from pipeline.model.artifact import save_flow
-
-    _, images = fashion_mnist("test", count)
-    flow = build_flow(model_config or FlowConfig())
-    flow.initialize(images[: min(256, count)], generator=torch.Generator().manual_seed(0))
-    model_dir = save_flow(flow.eval(), folder / "model")
-    decoded = images.numpy()
-    return model_dir, [encode_png(image) for image in decoded], decoded
+    ceiling = _ceiling(model, decoded, settings.max_batch_size)
+    keys = ("clients", "requests", "requests_per_second", "p50_ms", "p95_ms", "mean_batch")
+    table = Table(
+        [
+            "clients",
+            "requests",
+            "requests/s",
+            "p50 ms",
+            "p95 ms",
+            "images per forward pass",
+            "errors",
+        ],
+        [[row[key] for key in (*keys, "errors")] for row in rows],
+        [
+            f"Each level: at most {settings.requests:,} requests or {settings.seconds:g} s; "
+            f"max_batch_size {settings.max_batch_size}. In-process scorer without HTTP (the "
+            f"ceiling): {ceiling:,.0f} images/s."
+        ],
+    )
+    return Result({"levels": rows, "ceiling_images_per_second": ceiling}, [table])
 
 
 def _free_port() -> int:
@@ -154,53 +170,15 @@ async def _drive(
     return tally
 
 
-def _ceiling(model_dir: Path, decoded: np.ndarray, batch: int) -> float:
+def _ceiling(model_dir: str, decoded: np.ndarray, batch: int) -> float:
     """Images/s of the served scorer in this process, on decoded images, no HTTP: the bound."""
     from pipeline.serve.model import load_served_model
     from pipeline.serve.requests import ScoreItem
 
-    model = load_served_model(str(model_dir), seed=0, draws=1)
+    model = load_served_model(model_dir, seed=0, draws=1)
     items = [ScoreItem(image, str(i)) for i, image in enumerate(decoded)]
     model.score(items[:batch])  # warm-up
-    began, scored = time.perf_counter(), 0
-    for start in range(0, len(items), batch):
-        scored += len(model.score(items[start : start + batch]))
-    return scored / (time.perf_counter() - began)
-
-
-def _report(
-    rows: list[dict[str, Any]], ceiling: float, requests: int, seconds: float, batch: int
-) -> dict[str, Any]:
-    table = markdown_table(
-        [
-            "clients",
-            "requests",
-            "requests/s",
-            "p50 ms",
-            "p95 ms",
-            "images per forward pass",
-            "errors",
-        ],
-        [
-            [
-                r["clients"],
-                r["requests"],
-                r["requests_per_second"],
-                r["p50_ms"],
-                r["p95_ms"],
-                r["mean_batch"],
-                r["errors"],
-            ]
-            for r in rows
-        ],
+    seconds, scored = timed(
+        lambda: sum(len(model.score(items[i : i + batch])) for i in range(0, len(items), batch))
     )
-    note = (
-        f"\n\nEach level: at most {requests:,} requests or {seconds:g} s; max_batch_size {batch}. "
-        f"In-process scorer without HTTP (the ceiling): {ceiling:,.0f} images/s."
-    )
-    return {
-        "machine": machine(),
-        "levels": rows,
-        "ceiling_images_per_second": ceiling,
-        "markdown": table + note,
-    }
+    return scored / seconds

@@ -1,287 +1,371 @@
-"""Shard I/O benchmark: write and read throughput (images/s), local disk versus an S3 endpoint.
+"""Shard I/O: write and read throughput (images/s), local disk against S3 on loopback; foreign
+JPEG shards read in place against the same images prepared; the listing of many shards.
 
-    python -m pipeline.bench.shard_io                      # 4000 Fashion-MNIST images, 3 repeats
-    python -m pipeline.bench.shard_io --images 10000 --repeats 5 --no-ray
+- prepared shards: each repeat writes `images` Fashion-MNIST images (random 28x28 images without
+  the IDX files) as shards to a fresh prefix with `prepare` (in this process), then reads them
+  back with `iter_input` (in this process) and, with `with_ray`, `read_input` through Ray Data.
+- foreign shards: `foreign_images` JPEG photos (patches of scikit-image's photos at 256x256 to
+  512x384, quality 90, as img2dataset-style tools store them) written by webdataset's
+  ShardWriter with .json and .txt beside each image, read in place with decode and fit to
+  3x64x64, next to the same images re-sharded by `prepare --source webdataset:` into 64x64 PNG
+  shards and read the same way. Their reads repeat min(repeats, 2) times: decoding dominates.
+- listing: `resolve_input` over many tiny shards, as a prefix and as a brace pattern.
 
-For each backend, each repeat writes the images as shards to a fresh prefix with
-`pipeline.data.shards.prepare` (in this process), then reads them back with `iter_split` (in this
-process) and, unless --no-ray, with `read_split` through Ray Data. It reports medians as a Markdown
-table; `run(...)` returns the same figures as a dict (for `flowray bench`).
-
-The S3 endpoint is moto's ThreadedMotoServer on 127.0.0.1, in this process, with stand-in
-credentials set in the environment for the duration of `run` (moto accepts any). It shares the GIL
-with the client, so its figures are a lower bound for the client-side cost of the S3 code path,
-not a measure of a real object store.
-The source is Fashion-MNIST (FASHION_MNIST_DIR) when present, else random 28x28 greyscale images.
-
-Foreign shards (issue 13), after that: `foreign_images` (500) JPEG photos (patches of scikit-image's
-photos at 256x256 to 512x384, quality 90, as img2dataset-style tools store them) written by
-webdataset's ShardWriter with .json and .txt beside each image, read in place with decode + fit
-to 3x64x64 (`iter_input`, and `read_input` through Ray Data), next to the same images re-sharded
-by `prepare --source webdataset:` into 64x64 PNG shards and read the same way; local and S3.
-Then the listing: `resolve_input` over `listing_shards` tiny shards (a prefix and a brace
-pattern), local and S3. moto answers a 1000-key page of a listing in about a second on a loaded
-2-core machine (AWS S3 in tens of milliseconds), so the S3 listing figure is mostly moto's.
+The S3 endpoint is moto in this process: it shares the GIL with the client, so its figures are a
+lower bound for the client-side cost of the S3 code path, not a measure of a real object store;
+moto answers a 1000-key page of a listing in about a second on a loaded 2-core machine (AWS S3 in
+tens of milliseconds), so the S3 listing figure is mostly moto's.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import statistics
-import tempfile
-import time
+import io
+import json
 import uuid
-from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.bench.common import (
+from pipeline.bench.harness import (
     BENCH_BUCKET,
     FAKE_S3_CREDENTIALS,
-    fake_s3_credentials,
-    start_s3,
+    Result,
+    Run,
+    Table,
+    local_ray,
+    loopback_s3,
+    median,
+    rate,
+    timed,
 )
-from pipeline.bench.foreign_io import (
-    ForeignRuns,
-    foreign_figures,
-    foreign_markdown,
-    listing_figures,
-)
-from pipeline.data.reader import iter_split, read_split
+from pipeline.data.inputs import resolve_input
+from pipeline.data.reader import iter_input, read_input
 from pipeline.data.shards import prepare
 from pipeline.data.sources import ImageSource, NpySource, SourceError, open_source
-from pipeline.storage import StorageConfig, join_url
+from pipeline.storage import StorageConfig, fsspec_filesystem, join_url
 
-__all__ = ["main", "markdown", "run"]
+__all__ = ["SMOKE", "Settings", "measure"]
+
+SHAPE = (3, 64, 64)  # what foreign shards are fitted to
+PER_SHARD = 250  # JPEG photos per foreign shard
+# (height, width) of the photos, cycled: what web-scale image shards typically hold.
+PHOTO_SIZES = ((256, 256), (240, 320), (320, 240), (384, 512))
+BACKENDS = {"local": "local disk", "s3": "S3 (moto, loopback)"}
 
 
-def _source(n_images: int, workdir: Path) -> ImageSource:
+@dataclass(frozen=True)
+class Settings:
+    """Attributes:
+    images: images written and read per run (0: skip the prepared shards).
+    repeats: runs per backend; medians reported.
+    shard_samples: images per prepared shard.
+    with_ray: also read through Ray Data.
+    foreign_images: JPEG photos in the foreign-shard runs (0: skip them).
+    listing_shards: tiny shards listed on local disk (0: skip).
+    listing_s3_shards: tiny shards listed on S3 (None: as many as on local disk; 0: skip).
+    """
+
+    images: int = 4000
+    repeats: int = 3
+    shard_samples: int = 500
+    with_ray: bool = True
+    foreign_images: int = 500
+    listing_shards: int = 10_000
+    listing_s3_shards: int | None = None
+
+
+SMOKE = {
+    "images": 200,
+    "repeats": 1,
+    "shard_samples": 100,
+    "foreign_images": 100,
+    "listing_shards": 200,
+}
+
+
+@dataclass(frozen=True)
+class _Where:
+    """One backend: where its shards go, its storage, and the Ray read tasks' remote args."""
+
+    root: str
+    storage: StorageConfig | None
+    remote_args: dict[str, Any] | None
+
+
+def _source(images: int, workdir: Path) -> ImageSource:
     try:
         return open_source("idx:")
     except SourceError:
-        images = np.random.default_rng(0).integers(0, 256, (n_images, 28, 28), dtype=np.uint8)
-        np.save(workdir / "bench-images.npy", images)
+        pixels = np.random.default_rng(0).integers(0, 256, (images, 28, 28), dtype=np.uint8)
+        np.save(workdir / "bench-images.npy", pixels)
         return NpySource(str(workdir / "bench-images.npy"))
 
 
-def _timed(action: Callable[[], int]) -> float:
-    """Images per second of `action`, which returns how many images it handled."""
-    started = time.perf_counter()
-    count = action()
-    return count / (time.perf_counter() - started)
+def _count_ray(dataset: Any) -> int:
+    return sum(len(batch["key"]) for batch in dataset.iter_batches(batch_size=256))
 
 
-def run(
-    n_images: int = 4000,
-    repeats: int = 3,
-    shard_samples: int = 500,
-    with_ray: bool = True,
-    workdir: str | None = None,
-    foreign_images: int | None = None,
-    listing_shards: int | None = None,
-) -> dict[str, Any]:
-    """Measure write/read images/s on local disk and on S3 (moto); medians over `repeats`.
-
-    Args:
-        foreign_images: JPEG photos in the foreign-shard runs (None: 500, or n_images / 2
-            when n_images < 1000, as in the smoke run; 0 skips them). Their reads are
-            repeated min(repeats, 2) times: decoding dominates them, and the default run
-            stays near two minutes.
-        listing_shards: tiny shards listed (None: 10,000, or 200 when n_images < 1000; 0
-            skips the listing).
-
-    Returns:
-        {"images": n, "repeats": r, "source": description, "shard_samples": s,
-         "results": {"local": {"write": x, "read_iter": y, "read_ray": z, "mb": m}, "s3": {...}},
-         "foreign": {"images": f, "results": {"local": {"reshard": .., "foreign_iter": ..,
-         "prepared_iter": .., "foreign_ray": .., "prepared_ray": .., "jpeg_mb": .., "png_mb": ..},
-         "s3": {...}}}, "listing": {"shards": k, "results": {"local": {"prefix_s": ..,
-         "pattern_s": ..}, "s3": {...}}}, "markdown": tables}. The Ray columns are absent with
-        with_ray=False.
-    """
-    if foreign_images is None:
-        foreign_images = 500 if n_images >= 1000 else max(1, n_images // 2)
-    if listing_shards is None:
-        listing_shards = 10_000 if n_images >= 1000 else 200
-    with ExitStack() as stack:
-        base = (
-            Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+def _reads(
+    spec: str, shape: tuple[int, int, int], where: _Where, repeats: int, ray: bool
+) -> dict[str, float]:
+    """Images/s of `spec` read with iter_input and (with Ray) read_input, medians."""
+    storage = where.storage
+    figures = {
+        "iter": median(
+            [
+                rate(lambda: sum(1 for _ in iter_input(spec, storage, shape=shape)))
+                for _ in range(repeats)
+            ]
         )
-        source = _source(n_images, base)
-        split = next(iter(source.splits()))
-        n_images = min(n_images, source.splits()[split])
-        fake_s3_credentials(stack)
-        backends = {
-            "local": (str(base / "bench-local"), None),
-            # A prefix of its own: moto keeps one store per process, whatever the server.
-            "s3": (f"s3://{BENCH_BUCKET}/io-{uuid.uuid4().hex[:8]}", start_s3(stack)),
-        }
-        remote_args = _ray_with_credentials(stack) if with_ray else None
-        # Warm-up: decompress the source and import codecs outside the timed runs.
-        list(source.read(split, range(min(n_images, 64))))
-
-        results = _prepared_figures(
-            source, split, backends, n_images, repeats, shard_samples, with_ray, remote_args
-        )
-        extra: dict[str, Any] = {}
-        if foreign_images:
-            runs = ForeignRuns(foreign_images, min(repeats, 2), with_ray, remote_args)
-            extra["foreign"] = foreign_figures(base, backends, runs)
-        if listing_shards:
-            extra["listing"] = listing_figures(base, backends, listing_shards)
-    report = {
-        "images": n_images,
-        "repeats": repeats,
-        "shard_samples": shard_samples,
-        "source": source.description,
-        "results": results,
-        **extra,
     }
-    report["markdown"] = markdown(report)
-    return report
+    if ray:
+        read = lambda: _count_ray(  # noqa: E731
+            read_input(spec, storage, shape=shape, ray_remote_args=where.remote_args)
+        )
+        figures["ray"] = median([rate(read) for _ in range(repeats)])
+    return figures
 
 
-def _prepared_figures(
-    source: ImageSource,
-    split: str,
-    backends: dict[str, tuple[str, StorageConfig | None]],
-    n_images: int,
-    repeats: int,
-    shard_samples: int,
-    with_ray: bool,
-    remote_args: dict[str, Any] | None,
+def _prepared(
+    source: ImageSource, backends: dict[str, _Where], settings: Settings
 ) -> dict[str, dict[str, float]]:
     """{backend: {"write", "read_iter", ["read_ray"], "mb"}}: medians over `repeats`."""
-    samples: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
+    split = next(iter(source.splits()))
+    images = min(settings.images, source.splits()[split])
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in backends}
     megabytes: dict[str, float] = {}
-    for repeat in range(repeats):
-        for backend, (root, storage) in backends.items():
-            timings, megabytes[backend] = _write_and_read(
-                source,
-                split,
-                join_url(root, f"run-{repeat}"),
-                storage,
-                limit=n_images,
-                shard_samples=shard_samples,
-                with_ray=with_ray,
-                remote_args=remote_args,
+    for repeat in range(settings.repeats):
+        for name, where in backends.items():
+            out = join_url(where.root, f"run-{repeat}")
+            seconds, written = timed(
+                lambda out=out, where=where: prepare(
+                    source,
+                    out,
+                    where.storage,
+                    splits=[split],
+                    limit=images,
+                    shard_samples=settings.shard_samples,
+                )
             )
-            for name, value in timings.items():
-                samples[backend].setdefault(name, []).append(value)
+            result = written.splits[split]
+            megabytes[name] = sum(s.bytes for s in result.manifest.shards) / 1e6
+            reads = _reads(join_url(out, split), source.shape, where, 1, settings.with_ray)
+            figures = {"write": result.images_written / seconds, "read_iter": reads["iter"]}
+            if "ray" in reads:
+                figures["read_ray"] = reads["ray"]
+            for key, value in figures.items():
+                samples[name].setdefault(key, []).append(value)
     return {
-        backend: {name: statistics.median(values) for name, values in timings.items()}
-        | {"mb": megabytes[backend]}
-        for backend, timings in samples.items()
+        name: {key: median(values) for key, values in figures.items()} | {"mb": megabytes[name]}
+        for name, figures in samples.items()
     }
 
 
-def _ray_with_credentials(stack: ExitStack) -> dict[str, Any] | None:
-    """A local Ray whose workers see the stand-in credentials: started now, they inherit them
-    (None is returned); a Ray already running gets them as remote args for the read tasks."""
-    import ray
-    from ray.data import DataContext
+def _photos(count: int) -> list[tuple[str, bytes]]:
+    """(key, JPEG bytes) of `count` photo patches (random pixels without scikit-image)."""
+    from PIL import Image
 
-    DataContext.get_current().enable_progress_bars = False
-    if ray.is_initialized():
-        return {"runtime_env": {"env_vars": dict(FAKE_S3_CREDENTIALS)}}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    stack.callback(ray.shutdown)
-    return None
+    try:
+        from skimage import data
+
+        sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    except ImportError:
+        sources = [np.random.default_rng(0).integers(0, 256, (600, 700, 3), dtype=np.uint8)]
+    photos = []
+    for i in range(count):
+        source = sources[i % len(sources)]
+        height, width = PHOTO_SIZES[i % len(PHOTO_SIZES)]
+        height, width = min(height, source.shape[0]), min(width, source.shape[1])
+        top = (31 * i) % (source.shape[0] - height + 1)
+        left = (47 * i) % (source.shape[1] - width + 1)
+        buffer = io.BytesIO()
+        patch = np.ascontiguousarray(source[top : top + height, left : left + width])
+        Image.fromarray(patch).save(buffer, format="JPEG", quality=90)
+        photos.append((f"{i:09d}", buffer.getvalue()))
+    return photos
 
 
-def _write_and_read(
-    source: ImageSource,
-    split: str,
-    out: str,
-    storage: StorageConfig | None,
-    *,
-    limit: int,
-    shard_samples: int,
-    with_ray: bool,
-    remote_args: dict[str, Any] | None,
-) -> tuple[dict[str, float], float]:
-    """Images/s writing `limit` images as shards to `out`, reading them with `iter_split` and
-    (with_ray) with Ray Data; and the shards' megabytes."""
-    split_url = join_url(out, split)
-    written = {}
+def _write_foreign(folder: Path, photos: list[tuple[str, bytes]]) -> list[Path]:
+    """The photos as webdataset.ShardWriter writes them: jpg + json + txt per sample."""
+    import webdataset as wds
 
-    def write() -> int:
-        result = prepare(
-            source, out, storage, splits=[split], limit=limit, shard_samples=shard_samples
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(folder / "%06d.tar"), maxcount=PER_SHARD, verbose=0) as sink:
+        for key, jpeg in photos:
+            meta = json.dumps({"key": key, "bytes": len(jpeg)}).encode()
+            sink.write({"__key__": key, "jpg": jpeg, "json": meta, "txt": f"photo {key}"})
+    return sorted(folder.glob("*.tar"))
+
+
+def _foreign(base: Path, backends: dict[str, _Where], settings: Settings) -> dict[str, Any]:
+    """Foreign JPEG shards against prepared PNG shards, images/s per backend (medians)."""
+    paths = _write_foreign(base / "foreign-jpeg", _photos(settings.foreign_images))
+    repeats, results = min(settings.repeats, 2), {}
+    for name, where in backends.items():
+        foreign, storage = str(base / "foreign-jpeg"), where.storage
+        out = join_url(str(base / "foreign-local"), "foreign-prepared")
+        if storage is not None:
+            foreign, out = join_url(where.root, "foreign"), join_url(where.root, "foreign-prepared")
+            for path in paths:
+                fs, key = fsspec_filesystem(join_url(foreign, path.name), storage)
+                fs.put_file(str(path), key)
+        source = open_source(f"webdataset:{foreign}", storage, channels=3, size=SHAPE[1:])
+        seconds, written = timed(
+            lambda source=source, out=out, storage=storage: prepare(
+                source, out, storage, shard_samples=PER_SHARD, shard_bytes=None
+            )
         )
-        written["manifest"] = result.splits[split].manifest
-        return result.splits[split].images_written
-
-    def read_iter() -> int:
-        return sum(1 for _ in iter_split(split_url, storage))
-
-    def read_ray() -> int:
-        dataset = read_split(split_url, storage, ray_remote_args=remote_args if storage else None)
-        return sum(len(b["key"]) for b in dataset.iter_batches(batch_size=256))
-
-    timings = {"write": _timed(write), "read_iter": _timed(read_iter)}
-    if with_ray:
-        timings["read_ray"] = _timed(read_ray)
-    return timings, sum(s.bytes for s in written["manifest"].shards) / 1e6
+        manifest = written.splits["train"].manifest
+        in_place = _reads(foreign, SHAPE, where, repeats, settings.with_ray)
+        png = _reads(join_url(out, "train"), SHAPE, where, repeats, settings.with_ray)
+        results[name] = {
+            "reshard": manifest.count / seconds,
+            **{f"foreign_{k}": v for k, v in in_place.items()},
+            **{f"prepared_{k}": v for k, v in png.items()},
+            "jpeg_mb": sum(p.stat().st_size for p in paths) / 1e6,
+            "png_mb": sum(s.bytes for s in manifest.shards) / 1e6,
+        }
+    return {"images": settings.foreign_images, "per_shard": PER_SHARD, "results": results}
 
 
-def markdown(report: dict[str, Any]) -> str:
-    columns = [
-        ("write", "write"),
-        ("read_iter", "read (iter_split)"),
-        ("read_ray", "read (Ray Data)"),
-    ]
-    present = [(k, title) for k, title in columns if k in report["results"]["local"]]
-    header = "| storage | " + " | ".join(f"{t} images/s" for _, t in present) + " | shards MB |"
-    lines = [header, "|" + "---|" * (len(present) + 2)]
-    for backend, figures in report["results"].items():
-        cells = " | ".join(f"{figures[k]:,.0f}" for k, _ in present)
-        name = "local disk" if backend == "local" else "S3 (moto, loopback)"
-        lines.append(f"| {name} | {cells} | {figures['mb']:.1f} |")
-    lines.append("")
-    lines.append(
-        f"{report['images']} images from {report['source']}, {report['shard_samples']} per shard, "
-        f"median of {report['repeats']} runs."
-    )
-    if "foreign" in report or "listing" in report:
-        lines += ["", foreign_markdown(report)]
-    return "\n".join(lines)
+def _tiny_shards(prefix: str, count: int, storage: StorageConfig | None) -> None:
+    """`count` empty tars (1 KiB each) under `prefix`. On S3 they are put through moto's backend
+    (thousands of PUTs over HTTP would cost minutes and measure nothing of ours); the listing
+    still goes over HTTP."""
+    empty = b"\0" * 1024  # an empty tar: its two end-of-archive blocks
+    if storage is None:
+        Path(prefix).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            (Path(prefix) / f"{i:06d}.tar").write_bytes(empty)
+        return
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+    key = prefix.split("://", 1)[1].split("/", 1)[1]
+    for i in range(count):
+        backend.put_object(BENCH_BUCKET, f"{key}/{i:06d}.tar", empty)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench.shard_io",
-        description="Shard write/read throughput: local disk versus S3 (moto on loopback).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--images", type=int, default=4000, help="images written and read per run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per backend; medians reported")
-    parser.add_argument("--shard-samples", type=int, default=500, help="images per shard")
-    parser.add_argument("--no-ray", action="store_true", help="skip the Ray Data read")
-    parser.add_argument(
-        "--foreign-images", type=int, default=None, help="JPEG photos (default: 500)"
-    )
-    parser.add_argument(
-        "--listing-shards", type=int, default=None, help="tiny shards listed (default: 10000)"
-    )
-    parser.add_argument("--workdir", default=None, help="local folder for shards; None: a temp dir")
-    args = parser.parse_args(argv)
-    report = run(
-        args.images,
-        args.repeats,
-        args.shard_samples,
-        not args.no_ray,
-        args.workdir,
-        args.foreign_images,
-        args.listing_shards,
-    )
-    print(report["markdown"])
-    return 0
+def _listing(base: Path, backends: dict[str, _Where], counts: dict[str, int]) -> dict[str, Any]:
+    """Seconds `resolve_input` takes over many tiny shards, as a prefix and as a pattern."""
+    results = {}
+    for name, where in backends.items():
+        count = counts[name]
+        if not count:
+            continue
+        prefix = str(base / "tiny") if where.storage is None else join_url(where.root, "tiny")
+        _tiny_shards(prefix, count, where.storage)
+        pattern = join_url(prefix, f"{{000000..{count - 1:06d}}}.tar")
+        figures = {}
+        for key, spec in (("prefix_s", prefix), ("pattern_s", pattern)):
+            plan = resolve_input(spec, where.storage)
+            if len(plan.shards) != count:
+                raise RuntimeError(
+                    f"{spec}: expected {count} shards listed, found {len(plan.shards)}"
+                )
+            figures[key] = plan.listing_seconds
+        results[name] = {"shards": count, **figures}
+    return {"shards": max(counts.values()), "results": results}
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def measure(settings: Settings, run: Run) -> Result:
+    """The figures in the module docstring, local disk and S3 (moto)."""
+    base = run.workdir / f"io-{uuid.uuid4().hex[:8]}"
+    base.mkdir(parents=True)
+    report: dict[str, Any] = {"repeats": settings.repeats, "shard_samples": settings.shard_samples}
+    with ExitStack() as stack:
+        s3 = stack.enter_context(loopback_s3())  # before Ray starts: its workers inherit it
+        started = settings.with_ray and stack.enter_context(local_ray())
+        # A Ray already running lacks the stand-in credentials: the read tasks get them.
+        remote = None if started else {"runtime_env": {"env_vars": dict(FAKE_S3_CREDENTIALS)}}
+        backends = {
+            "local": _Where(str(base / "local"), None, None),
+            # A prefix of its own: moto keeps one store per process, whatever the server.
+            "s3": _Where(f"s3://{BENCH_BUCKET}/{base.name}", s3, remote),
+        }
+        if settings.images:
+            source = _source(settings.images, base)
+            split = next(iter(source.splits()))
+            list(source.read(split, range(min(settings.images, 64))))  # warm-up: decompress
+            report["images"] = min(settings.images, source.splits()[split])
+            report["source"] = source.description
+            report["results"] = _prepared(source, backends, settings)
+        if settings.foreign_images:
+            report["foreign"] = _foreign(base, backends, settings)
+        s3_shards = settings.listing_s3_shards
+        counts = {
+            "local": settings.listing_shards,
+            "s3": settings.listing_shards if s3_shards is None else s3_shards,
+        }
+        if any(counts.values()):
+            report["listing"] = _listing(base, backends, counts)
+    return Result(report, _tables(report))
+
+
+def _tables(report: dict[str, Any]) -> list[Table]:
+    tables = []
+    if "results" in report:
+        columns = [
+            ("write", "write"),
+            ("read_iter", "read (iter_input)"),
+            ("read_ray", "read (Ray Data)"),
+        ]
+        present = [(k, title) for k, title in columns if k in report["results"]["local"]]
+        tables.append(
+            Table(
+                ["storage", *(f"{title} images/s" for _, title in present), "shards MB"],
+                [
+                    [BACKENDS[name], *(f"{f[k]:,.0f}" for k, _ in present), f"{f['mb']:.1f}"]
+                    for name, f in report["results"].items()
+                ],
+                [
+                    f"{report['images']} images from {report['source']}, "
+                    f"{report['shard_samples']} per shard, median of {report['repeats']} runs."
+                ],
+            )
+        )
+    if "foreign" in report:
+        foreign = report["foreign"]
+        ray = "foreign_ray" in next(iter(foreign["results"].values()))
+        keys = ["foreign_iter", "prepared_iter", *(["foreign_ray", "prepared_ray"] if ray else [])]
+        headers = ["JPEG in place (iter)", "64x64 PNG prepared (iter)"]
+        headers += ["JPEG in place (Ray Data)", "PNG prepared (Ray Data)"] if ray else []
+        tables.append(
+            Table(
+                ["storage", *headers, "re-shard (prepare)", "JPEG MB", "PNG MB"],
+                [
+                    [
+                        BACKENDS[name],
+                        *(f"{f[k]:,.0f}" for k in [*keys, "reshard"]),
+                        f"{f['jpeg_mb']:.1f}",
+                        f"{f['png_mb']:.1f}",
+                    ]
+                    for name, f in foreign["results"].items()
+                ],
+                [
+                    f"images/s: {foreign['images']} JPEG photos (256x256 to 384x512, quality 90) "
+                    f"in shards of {foreign['per_shard']}, decoded and fitted to 3x64x64 in place, "
+                    "versus the same images prepared as 3x64x64 PNG shards; re-shard is "
+                    "prepare's rate."
+                ],
+            )
+        )
+    if "listing" in report:
+        listing = report["listing"]["results"]
+        tables.append(
+            Table(
+                ["storage", "shards", "list a prefix (s)", "list a brace pattern (s)"],
+                [
+                    [BACKENDS[name], f["shards"], f"{f['prefix_s']:.2f}", f"{f['pattern_s']:.2f}"]
+                    for name, f in listing.items()
+                ],
+                [
+                    f"resolve_input over {report['listing']['shards']:,} tiny shards: one listing each."
+                ],
+            )
+        )
+    return tables

@@ -1,41 +1,73 @@
-"""Where a training step's time goes, without Ray: the phases of one in-process step, and plain
-torch DDP (gloo) over N local processes running the production step.
-
-    python -m pipeline.bench.step_phases                       # fashion-mnist, 1 thread, batch 32
-    python -m pipeline.bench.step_phases --threads 2 --batch 64 --ddp-seconds 0
+"""Where a training step's time goes, without Ray (`flowray bench step_phases`).
 
 - phases: dequantization, forward, backward, gradient clipping, optimizer step and EMA update of
   `pipeline.train` (`make_optimizer`, the preset's model and batch), each timed on its own over
-  `--steps` steps on Fashion-MNIST held in memory; medians in ms.
-- plain DDP: `--workers` processes of one torch thread each, joined by a gloo process group on
+  `steps` steps on Fashion-MNIST held in memory; medians in ms.
+- plain DDP: `workers` processes of one torch thread each, joined by a gloo process group on
   loopback, each running `pipeline.train.core.run_step` (the Ray Train worker's step: the finite
   check's all-reduce, DDP's gradient all-reduce, clipping, Adam, EMA) on its own slice of the
-  images for `--ddp-seconds`, with and without DDP's gradient sync. What Ray Train adds on top is
+  images for `ddp_seconds`, with and without DDP's gradient sync. What Ray Train adds on top is
   the difference between this rate and the training suite's Ray 2-worker rate.
 
-Torch, numpy and the IDX files only (FASHION_MNIST_DIR): no Ray, no MLflow.
+Torch, numpy and the IDX files only: no Ray, no MLflow.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import socket
-import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.bench.common import fashion_mnist, machine, markdown_table, median
-from pipeline.bench.race import initialized_flow
+from pipeline.bench.harness import (
+    Result,
+    Run,
+    Table,
+    fashion_mnist,
+    median,
+    preset_flow,
+    torch_threads,
+)
+from pipeline.config import load_config
 from pipeline.train.config import TrainConfig
 
-__all__ = ["ddp_rate", "phases", "run"]
+__all__ = ["PHASES", "SMOKE", "Settings", "ddp_rate", "measure", "phases"]
 
 PHASES = ("dequantize", "forward", "backward", "clip", "optimizer", "ema")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Attributes:
+    preset: the training preset (model, batch, optimizer).
+    config_overrides: `key=value` changes to the preset.
+    threads: torch threads for the phases.
+    batch: images per step (None: the preset's per-worker batch).
+    steps: steps timed for the phases.
+    workers: plain DDP processes.
+    ddp_seconds: seconds per plain DDP run (0: skip).
+    """
+
+    preset: str = "fashion-mnist"
+    config_overrides: tuple[str, ...] = ()
+    threads: int = 1
+    batch: int | None = None
+    steps: int = 60
+    workers: int = 2
+    ddp_seconds: float = 30.0
+
+
+SMOKE = {
+    "config_overrides": ["model.steps_per_level=1", "model.hidden_channels=8", "init_images=64"],
+    "batch": 8,
+    "steps": 10,
+    "ddp_seconds": 1.0,
+}
 
 
 def phases(config: TrainConfig, images: torch.Tensor, batch: int, steps: int) -> dict[str, float]:
@@ -45,7 +77,7 @@ def phases(config: TrainConfig, images: torch.Tensor, batch: int, steps: int) ->
     from pipeline.train.ema import EMA
     from pipeline.train.step import flow_bits_per_dim, make_optimizer
 
-    flow = initialized_flow(config, images[: config.init_images])
+    flow = preset_flow(config.model, images[: config.init_images], config.seed)
     ema = EMA(flow, config.optim.ema_decay)
     optimizer = make_optimizer(flow.parameters(), config.optim)
     noise = torch.Generator().manual_seed(config.seed)
@@ -110,7 +142,7 @@ def _ddp_worker(
     )
     try:
         _, images = fashion_mnist("train", limit=8192)
-        flow = initialized_flow(config, images[: config.init_images])
+        flow = preset_flow(config.model, images[: config.init_images], config.seed)
         wrap = torch.nn.parallel.DistributedDataParallel if sync and workers > 1 else None
         training = start_training(flow, config, "cpu", rank=rank, wrap=wrap, say=lambda _: None)
         times: list[float] = []
@@ -138,93 +170,52 @@ def _ddp_worker(
         dist.destroy_process_group()
 
 
-def run(
-    config: TrainConfig,
-    *,
-    threads: int = 1,
-    batch: int | None = None,
-    steps: int = 60,
-    workers: int = 2,
-    ddp_seconds: float = 30.0,
-) -> dict[str, Any]:
-    """The phases at `threads` x `batch` (default: the preset's per-worker batch), then plain DDP
-    with and without gradient sync (skipped when `ddp_seconds` is 0)."""
-    batch = batch or config.batch_size
-    torch.set_num_threads(threads)
+def measure(settings: Settings, run: Run) -> Result:
+    """The phases at `threads` x `batch`, then plain DDP with and without gradient sync."""
+    config = load_config(TrainConfig, settings.preset, list(settings.config_overrides))
+    batch = settings.batch or config.batch_size
     _, images = fashion_mnist("train", limit=4096)
+    with torch_threads(settings.threads):
+        ms = phases(config, images, batch, settings.steps)
     report: dict[str, Any] = {
-        "machine": machine(),
-        "settings": {"threads": threads, "batch": batch, "steps": steps, "workers": workers},
-        "phases_ms": phases(config, images, batch, steps),
+        "settings": {
+            "threads": settings.threads,
+            "batch": batch,
+            "steps": settings.steps,
+            "workers": settings.workers,
+        },
+        "phases_ms": ms,
     }
-    if ddp_seconds > 0:
-        report["ddp"] = {
-            "with_gradient_sync": ddp_rate(config, workers, batch, ddp_seconds, sync=True),
-            "without_gradient_sync": ddp_rate(config, workers, batch, ddp_seconds, sync=False),
-        }
-    report["markdown"] = markdown(report)
-    return report
-
-
-def markdown(report: dict[str, Any]) -> str:
-    settings, ms = report["settings"], report["phases_ms"]
     total = ms["total"]
-    lines = [
-        markdown_table(
+    tables = [
+        Table(
             ["phase", "ms", "share"],
             [[name, ms[name], f"{ms[name] / total:.0%}"] for name in PHASES]
             + [["step", total, "100%"]],
-        ),
-        "",
-        f"One in-process step at {settings['threads']} thread(s) x batch {settings['batch']}: "
-        f"{settings['batch'] / total * 1000:,.0f} images/s.",
-    ]
-    if "ddp" in report:
-        rows = [
             [
-                f"{settings['workers']} x 1 thread, {name.replace('_', ' ')}",
-                r["ms_per_step"],
-                r["images_per_second"],
-            ]
-            for name, r in report["ddp"].items()
-        ]
-        lines += [
-            "",
-            markdown_table(["plain torch DDP (gloo), no Ray", "ms/step", "images/s"], rows),
-        ]
-    info = report["machine"]
-    lines += [
-        "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, load average {info['load_average'][0]}.",
+                f"One in-process step at {settings.threads} thread(s) x batch {batch}: "
+                f"{batch / total * 1000:,.0f} images/s."
+            ],
+        )
     ]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import load_config
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="fashion-mnist", help="training preset (or YAML)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for the phases")
-    parser.add_argument("--batch", type=int, default=None, help="default: the preset's batch_size")
-    parser.add_argument("--steps", type=int, default=60, help="steps timed for the phases")
-    parser.add_argument("--workers", type=int, default=2, help="plain DDP processes")
-    parser.add_argument(
-        "--ddp-seconds", type=float, default=30.0, help="seconds per plain DDP run (0: skip)"
-    )
-    args = parser.parse_args(argv)
-    config = load_config(TrainConfig, args.config)
-    report = run(
-        config,
-        threads=args.threads,
-        batch=args.batch,
-        steps=args.steps,
-        workers=args.workers,
-        ddp_seconds=args.ddp_seconds,
-    )
-    print(report["markdown"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if settings.ddp_seconds > 0:
+        report["ddp"] = {
+            f"{'with' if sync else 'without'}_gradient_sync": ddp_rate(
+                config, settings.workers, batch, settings.ddp_seconds, sync=sync
+            )
+            for sync in (True, False)
+        }
+        tables.append(
+            Table(
+                ["plain torch DDP (gloo), no Ray", "ms/step", "images/s"],
+                [
+                    [
+                        f"{settings.workers} x 1 thread, {name.replace('_', ' ')}",
+                        r["ms_per_step"],
+                        r["images_per_second"],
+                    ]
+                    for name, r in report["ddp"].items()
+                ],
+            )
+        )
+    return Result(report, tables)

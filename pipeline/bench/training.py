@@ -1,39 +1,42 @@
-"""Training throughput: flowray's model through Ray Train (1 and 2 workers) versus a plain
-in-process loop of the same model, versus normflows' Glow at a matched parameter count.
+"""Training throughput: flowray's model through Ray Train (1 and 2 workers) against a plain
+in-process loop of the same model, and against normflows' Glow at a matched parameter count.
 
-    report = run(config, seconds=60, repeats=3)     # config: the `fashion-mnist` preset
-    print(report["markdown"])
-
-All runs use the same global batch: the preset's per-worker batch times its worker count (32 x 2 =
-64), split evenly over the Ray workers. Per repeat, in this order:
+All runs use the same global batch: the preset's per-worker batch times its worker count, split
+evenly over the Ray workers. Per repeat, in this order:
 
 - in-process: flowray (`pipeline.train.step.train_step` + warmup + EMA, the Ray loop's work
-  without Ray) and normflows (the same step, `pipeline.bench.race.normflows_step`), alternating
-  steps, each for `seconds` of step time, on Fashion-MNIST held in memory, torch using every core.
-- Ray Train, 1 worker with all cores, then 2 workers with 1 core each:
-  `pipeline.train.driver.train`, the production job (Ray Data reading the prepared shards, DDP for
-  2 workers, rank-0 MLflow logging), for `seconds` of training; its logged per-window images/s,
-  the first window (startup) left out. Evaluation, checkpoints and registration happen after the
-  timed windows.
+  without Ray) and normflows (`race.normflows_step`), alternating steps, each for `seconds` of
+  step time, on Fashion-MNIST held in memory, torch using every core.
+- Ray Train, 1 worker with all cores, then 2 workers with 1 core each: `pipeline.train.driver.train`,
+  the production job (Ray Data reading the prepared shards, DDP for 2 workers, rank-0 MLflow
+  logging), for `seconds` of training; its logged per-window images/s, the first window (startup)
+  left out. Evaluation, checkpoints and registration happen after the timed windows.
 
-Images/s of a run is the median of its per-window rates; a row is the median over repeats; a
-ratio is the median of the per-repeat ratios. Ratios: Ray overhead = Ray 2-worker / in-process
-images/s (target >= 0.9), flowray / normflows in-process images/s (target >= 1.3).
+Images/s of a run is the median of its per-window rates; a row is the median over repeats; a ratio
+is the median of the per-repeat ratios. Targets: Ray 2 workers / in-process >= 0.9, flowray /
+normflows in-process >= 1.3.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.bench.common import fashion_mnist, machine, markdown_table, median
+from pipeline.bench.harness import (
+    Result,
+    Run,
+    Table,
+    fashion_mnist,
+    local_ray,
+    median,
+    prepared_fashion_mnist,
+    torch_threads,
+)
 from pipeline.bench.race import (
     make_contender,
     normflows_step,
@@ -41,13 +44,45 @@ from pipeline.bench.race import (
     parameter_count,
     train_interleaved,
 )
+from pipeline.config import load_config
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import train_step
 
-__all__ = ["TARGET_FLOWRAY_VS_NORMFLOWS", "TARGET_RAY_OVERHEAD", "markdown", "run"]
+__all__ = ["SMOKE", "TARGET_FLOWRAY_VS_NORMFLOWS", "TARGET_RAY_OVERHEAD", "Settings", "measure"]
 
 TARGET_RAY_OVERHEAD = 0.9  # Ray 2 workers / in-process images/s
 TARGET_FLOWRAY_VS_NORMFLOWS = 1.3
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Attributes:
+    preset: the training preset (model, per-worker batch x workers = the global batch, optimizer).
+    config_overrides: `key=value` changes to the preset.
+    seconds: training time per run (Ray runs: their max_minutes; startup comes on top).
+    repeats: runs of each kind; medians reported.
+    train_images: the first N training images (None: all).
+    max_steps: also stop each run after this many steps.
+    log_every: steps per logged images/s window in the Ray runs.
+    """
+
+    preset: str = "fashion-mnist"
+    config_overrides: tuple[str, ...] = ()
+    seconds: float = 60.0
+    repeats: int = 3
+    train_images: int | None = None
+    max_steps: int | None = None
+    log_every: int = 25
+
+
+SMOKE = {
+    "config_overrides": ["init_images=64", "eval_batch_size=64"],
+    "seconds": 2.0,
+    "repeats": 1,
+    "train_images": 512,
+    "max_steps": 3,
+    "log_every": 1,
+}
 
 
 def _in_process(
@@ -165,124 +200,61 @@ def _run_id(tracking_uri: str, experiment: str, run_name: str) -> str:
     return found[0].info.run_id
 
 
-def _prepare_data(workdir: Path, limit: int | None) -> Path:
-    """Fashion-MNIST train and test shards under workdir/data (a rerun finds them done)."""
-    from pipeline.data.shards import prepare
-    from pipeline.data.sources import open_source
-
-    data = workdir / "data"
-    prepare(open_source("idx:"), str(data), limit=limit, shard_samples=5000)
-    return data
-
-
-def run(
-    config: TrainConfig,
-    seconds: float = 60.0,
-    repeats: int = 3,
-    *,
-    workdir: str | Path,
-    train_images: int | None = None,
-    max_steps: int | None = None,
-    log_every: int = 25,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Measure images/s in-process and through Ray Train; see the module docstring.
-
-    Args:
-        config: the preset (model, per-worker batch x workers = the global batch, optimizer).
-        seconds: training time per run (Ray runs: their max_minutes; startup comes on top).
-        repeats: runs of each kind; medians reported.
-        workdir: shards, Ray Train runs and the MLflow store of the Ray runs go here.
-        train_images: use the first N training images (None: all 60,000; smoke runs).
-        max_steps: also stop each run after this many steps (smoke runs).
-        log_every: steps per logged images/s window in the Ray runs.
-    """
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+def measure(settings: Settings, run: Run) -> Result:
+    """Images/s in-process and through Ray Train; see the module docstring."""
+    config = load_config(TrainConfig, settings.preset, list(settings.config_overrides))
+    run.workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
-    torch.set_num_threads(cores)
     global_batch = config.batch_size * max(1, config.scaling.num_workers)
-    data = _prepare_data(workdir, train_images)
+    data = run.workdir / "data"
+    train = prepared_fashion_mnist(
+        str(data), settings.train_images, split="train", shard_samples=5000
+    )
+    test = prepared_fashion_mnist(str(data), settings.train_images, shard_samples=5000)
     config = replace(
         config,
-        data=replace(config.data, train=str(data / "train"), validation=str(data / "test")),
-        init_images=min(config.init_images, train_images or config.init_images),
+        data=replace(config.data, train=train, validation=test),
+        init_images=min(config.init_images, settings.train_images or config.init_images),
     )
-    _, images = fashion_mnist("train", train_images)
-    report: dict[str, Any] = {"machine": machine()}
-    with _local_ray(cores):
+    _, images = fashion_mnist("train", settings.train_images)
+    with torch_threads(cores), local_ray(cores + 2, dashboard=True):
         threads = {"ray_1_worker": _thread_probe(cores), "ray_2_workers": _thread_probe(cores // 2)}
-        samples, params, stopped = _measure(
-            config,
-            images,
-            workdir,
-            global_batch=global_batch,
-            seconds=seconds,
-            repeats=repeats,
-            max_steps=max_steps,
-            log_every=log_every,
-            log=log,
-        )
-    report["settings"] = {
-        "global_batch": global_batch,
-        "seconds_per_run": seconds,
-        "repeats": repeats,
-        "train_images": len(images),
-        "log_every": log_every,
-        "threads": {
-            "in_process": cores,
-            "ray_1_worker": f"1 worker x {threads['ray_1_worker']} threads",
-            "ray_2_workers": f"2 workers x {threads['ray_2_workers']} threads",
+        samples, params, stopped = _measure(config, images, global_batch, settings, run)
+    figures: dict[str, Any] = {
+        "settings": {
+            "global_batch": global_batch,
+            "seconds_per_run": settings.seconds,
+            "repeats": settings.repeats,
+            "train_images": len(images),
+            "log_every": settings.log_every,
+            "threads": {
+                "in_process": cores,
+                "ray_1_worker": f"1 worker x {threads['ray_1_worker']} threads",
+                "ray_2_workers": f"2 workers x {threads['ray_2_workers']} threads",
+            },
+            "params": params,
         },
-        "params": params,
+        "samples": samples,
+        "stopped_early": stopped,
+        "images_per_second": {key: median(values) for key, values in samples.items()},
+        "ratios": _ratios(samples),
     }
-    report["samples"] = samples
-    report["stopped_early"] = stopped
-    report["images_per_second"] = {key: median(values) for key, values in samples.items()}
-    report["ratios"] = _ratios(samples)
-    report["targets"] = {
+    ratios = figures["ratios"]
+    figures["targets"] = {
         "ray_overhead": {
             "at_least": TARGET_RAY_OVERHEAD,
-            "met": bool(report["ratios"]["ray_2_workers_vs_in_process"] >= TARGET_RAY_OVERHEAD),
+            "met": bool(ratios["ray_2_workers_vs_in_process"] >= TARGET_RAY_OVERHEAD),
         },
         "flowray_vs_normflows": {
             "at_least": TARGET_FLOWRAY_VS_NORMFLOWS,
-            "met": bool(report["ratios"]["flowray_vs_normflows"] >= TARGET_FLOWRAY_VS_NORMFLOWS),
+            "met": bool(ratios["flowray_vs_normflows"] >= TARGET_FLOWRAY_VS_NORMFLOWS),
         },
     }
-    report["markdown"] = markdown(report)
-    return report
-
-
-@contextmanager
-def _local_ray(cores: int) -> Iterator[None]:
-    """A local Ray for the runs, started as pipeline.train.driver starts it (the workers' CPUs plus
-    2 logical CPUs for Ray Data, the dashboard on) and shut down after; a Ray already running is
-    used as it is. Without the dashboard, Ray Train's placement-group cleaner cannot reach the
-    state API and warns every few seconds (123 lines in one 5-minute suite)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=cores + 2, log_to_driver=True)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
+    return Result(figures, [_table(figures)])
 
 
 def _measure(
-    config: TrainConfig,
-    images: torch.Tensor,
-    workdir: Path,
-    *,
-    global_batch: int,
-    seconds: float,
-    repeats: int,
-    max_steps: int | None,
-    log_every: int,
-    log: Callable[[str], None],
+    config: TrainConfig, images: torch.Tensor, global_batch: int, settings: Settings, run: Run
 ) -> tuple[dict[str, list[float]], dict[str, int], list[str]]:
     """Per repeat: the in-process pair, then Ray Train with 1 and 2 workers. Returns images/s per
     run kind and repeat, the two models' parameter counts, and a line per Ray run that stopped
@@ -296,6 +268,8 @@ def _measure(
     params: dict[str, int] = {}
     stopped: list[str] = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    seconds, max_steps, repeats = settings.seconds, settings.max_steps, settings.repeats
+    log = run.log
     for repeat in range(repeats):
         log(f"repeat {repeat + 1}/{repeats}: in-process flowray and normflows")
         figures = _in_process(config, images, global_batch, seconds, max_steps)
@@ -306,13 +280,13 @@ def _measure(
             log(f"repeat {repeat + 1}/{repeats}: Ray Train, {workers} worker(s)")
             rate, reason = _ray_run(
                 config,
-                workdir,
+                run.workdir,
                 f"bench-{stamp}-{key}-{repeat}",
                 workers,
                 global_batch,
                 seconds,
                 max_steps,
-                log_every,
+                settings.log_every,
             )
             samples[key].append(rate)
             if reason:
@@ -335,9 +309,35 @@ def _ratios(samples: dict[str, list[float]]) -> dict[str, float]:
     }
 
 
-def markdown(report: dict[str, Any]) -> str:
-    settings, ratios = report["settings"], report["ratios"]
-    table = _table(report)
+def _table(report: dict[str, Any]) -> Table:
+    """One row per run kind: threads, parameters, images/s and its ratio to flowray in-process."""
+    settings, rates, ratios = report["settings"], report["images_per_second"], report["ratios"]
+    threads, params = settings["threads"], settings["params"]
+    in_process = f"1 process x {threads['in_process']} threads"
+    rows = [
+        ["flowray, in-process loop", in_process, "flowray", "flowray_in_process", 1.0],
+        [
+            "flowray, Ray Train 1 worker",
+            threads["ray_1_worker"],
+            "flowray",
+            "ray_1_worker",
+            ratios["ray_1_worker_vs_in_process"],
+        ],
+        [
+            "flowray, Ray Train 2 workers (DDP)",
+            threads["ray_2_workers"],
+            "flowray",
+            "ray_2_workers",
+            ratios["ray_2_workers_vs_in_process"],
+        ],
+        [
+            "normflows Glow, in-process loop",
+            in_process,
+            "normflows",
+            "normflows_in_process",
+            1 / ratios["flowray_vs_normflows"],
+        ],
+    ]
     per_repeat = "; ".join(
         f"{key}: " + ", ".join(f"{v:,.0f}" for v in values)
         for key, values in report["samples"].items()
@@ -346,72 +346,27 @@ def markdown(report: dict[str, Any]) -> str:
 
     def verdict(name: str, value: float) -> str:
         target = targets[name]
-        return (
-            f"{value:.2f} (target >= {target['at_least']}: {'met' if target['met'] else 'missed'})"
-        )
+        met = "met" if target["met"] else "missed"
+        return f"{value:.2f} (target >= {target['at_least']}: {met})"
 
-    machine_info = report["machine"]
-    stopped = report.get("stopped_early", [])
-    return "\n".join(
+    stopped = report["stopped_early"]
+    return Table(
+        ["run", "threads", "params", "train images/s", "vs flowray in-process"],
+        [[run, thr, params[model], rates[key], ratio] for run, thr, model, key, ratio in rows],
         [
-            table,
-            "",
             f"Global batch {settings['global_batch']} (split over the Ray workers), "
             f"{settings['seconds_per_run']:g} s of training per run, median of per-window rates "
-            f"(first window left out), median over {settings['repeats']} repeat(s); the last column is "
-            f"the median of per-repeat ratios; "
-            f"{settings['train_images']:,} training images.",
+            f"(first window left out), median over {settings['repeats']} repeat(s); the last "
+            f"column is the median of per-repeat ratios; {settings['train_images']:,} training "
+            "images.",
             f"Per repeat, images/s: {per_repeat}.",
             f"Ray overhead (2 workers / in-process): "
-            f"{verdict('ray_overhead', ratios['ray_2_workers_vs_in_process'])}; "
-            f"flowray / normflows: {verdict('flowray_vs_normflows', ratios['flowray_vs_normflows'])}.",
-            f"Machine: {machine_info['cpu']}, {machine_info['cores']} cores, torch "
-            f"{machine_info['torch']}, Ray {machine_info['ray']}, load average at start "
-            f"{machine_info['load_average'][0]}.",
+            f"{verdict('ray_overhead', ratios['ray_2_workers_vs_in_process'])}; flowray / "
+            f"normflows: {verdict('flowray_vs_normflows', ratios['flowray_vs_normflows'])}.",
             *(
                 [f"Stopped early (images/s measured until then): {'; '.join(stopped)}."]
                 if stopped
                 else []
             ),
-        ]
-    )
-
-
-def _table(report: dict[str, Any]) -> str:
-    """One row per run kind: threads, parameters, images/s and its ratio to flowray in-process."""
-    settings, rates, ratios = report["settings"], report["images_per_second"], report["ratios"]
-    threads, params = settings["threads"], settings["params"]
-    in_process = f"1 process x {threads['in_process']} threads"
-    rows = [
-        [
-            "flowray, in-process loop",
-            in_process,
-            params["flowray"],
-            rates["flowray_in_process"],
-            1.0,
         ],
-        [
-            "flowray, Ray Train 1 worker",
-            threads["ray_1_worker"],
-            params["flowray"],
-            rates["ray_1_worker"],
-            ratios["ray_1_worker_vs_in_process"],
-        ],
-        [
-            "flowray, Ray Train 2 workers (DDP)",
-            threads["ray_2_workers"],
-            params["flowray"],
-            rates["ray_2_workers"],
-            ratios["ray_2_workers_vs_in_process"],
-        ],
-        [
-            "normflows Glow, in-process loop",
-            in_process,
-            params["normflows"],
-            rates["normflows_in_process"],
-            1 / ratios["flowray_vs_normflows"],
-        ],
-    ]
-    return markdown_table(
-        ["run", "threads", "params", "train images/s", "vs flowray in-process"], rows
     )

@@ -1,5 +1,5 @@
 """pipeline.bench.gpu on the CPU: its smoke mode runs every phase in a Python where importing
-Ray, MLflow, webdataset, s3fs or fsspec fails, as on the bare GPU box it is written for."""
+Ray, MLflow, webdataset, s3fs, fsspec or psutil fails, as on the bare GPU box it is written for."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BLOCKED = ("ray", "mlflow", "webdataset", "s3fs", "fsspec")
+BLOCKED = ("ray", "mlflow", "webdataset", "s3fs", "fsspec", "psutil")
 # Runs the bench as __main__ after a meta-path finder that refuses the blocked packages.
 RUNNER = """
 import importlib.abc, runpy, sys

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.bench.scaling import _role_table
+from pipeline.bench.scaling import role_table
 
 
 def test_roles_are_ranked_at_the_largest_size_and_the_rest_summed() -> None:
@@ -13,7 +13,7 @@ def test_roles_are_ranked_at_the_largest_size_and_the_rest_summed() -> None:
             "peak_pss_by_role_mb": {"ray::Scorer": 900.0, "driver": 310.0, "raylet": 5.0},
         },
     ]
-    lines = _role_table(rows, top=2).splitlines()
+    lines = role_table(rows, top=2).markdown().splitlines()
     assert lines[0] == "| role | 10 images | 100 images |"
     assert lines[2:] == [
         "| ray::Scorer | 0.000 | 900 |",

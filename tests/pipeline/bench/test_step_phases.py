@@ -1,19 +1,21 @@
-"""pipeline.bench.step_phases: the phases of a step add up, and plain DDP trains on 2 processes."""
+"""The step_phases suite: the phases of a step add up, and plain DDP trains on 2 processes."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
-from pipeline.bench.step_phases import PHASES, ddp_rate, run
+from pipeline.bench.harness import Run
+from pipeline.bench.step_phases import PHASES, SMOKE, Settings, ddp_rate, measure
 from pipeline.config import load_config
 from pipeline.train.config import TrainConfig
 
-SMALL = ["model.steps_per_level=1", "model.hidden_channels=8", "init_images=64"]
+SMALL = SMOKE["config_overrides"]
 
 
-def test_the_phases_add_up_to_the_step() -> None:
-    config = load_config(TrainConfig, "fashion-mnist", SMALL)
-    report = run(config, threads=1, batch=8, steps=10, ddp_seconds=0)
+def test_the_phases_add_up_to_the_step(tmp_path: Path) -> None:
+    settings = Settings(config_overrides=tuple(SMALL), batch=8, steps=10, ddp_seconds=0)
+    report = measure(settings, Run(tmp_path, tmp_path)).report()
     ms = report["phases_ms"]
     assert all(ms[name] > 0 for name in PHASES)
     # Medians of the parts need not add up exactly to the median whole, but nearly.

@@ -1,4 +1,5 @@
-"""pipeline.bench.common's memory sampler: psutil over this process and its descendants."""
+"""pipeline.bench.harness: the memory sampler (psutil over this process and its descendants), the
+machine, and the table type."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.bench.common import RssSampler, machine
+from pipeline.bench.harness import RssSampler, Table, machine
 
 pytestmark = pytest.mark.skipif(not psutil.LINUX, reason="PSS is Linux-only")
 
@@ -52,3 +53,17 @@ def test_a_gone_root_samples_nothing() -> None:
 def test_the_machine_names_its_cpu() -> None:
     info = machine()
     assert info["cpu"] not in ("", "unknown") and info["cores"] >= 1
+
+
+def test_a_table_renders_its_cells_and_notes_as_markdown_and_json() -> None:
+    table = Table(["what", "count", "rate"], [["a", 12345, 0.5], ["b", 7, float("nan")]], ["note"])
+    assert table.markdown().splitlines() == [
+        "| what | count | rate |",
+        "|---|---|---|",
+        "| a | 12,345 | 0.500 |",
+        "| b | 7 | n/a |",
+        "",
+        "note",
+    ]
+    assert table.to_dict()["rows"][0] == ["a", 12345, 0.5]
+    assert Table([], notes=["skipped: no GPU"]).markdown() == "skipped: no GPU"
