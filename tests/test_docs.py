@@ -315,6 +315,7 @@ def python_example() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow  # a minute or two on 2 cores: Ray Train, scoring actors, sampling tasks
 def test_the_readme_python_example_runs(
     ray_local: None,
     fashion_mnist_dir: Path,
