@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
-WORKDIR ?= demo-work
+# The work folder of `make demo` and of every flowray command: $FLOWRAY_WORKDIR, else flowray-work.
+WORKDIR ?= $(or $(FLOWRAY_WORKDIR),flowray-work)
 PYTEST_ARGS ?=
 
 .PHONY: help setup data demo clean-demo test test-e2e bench lint format \

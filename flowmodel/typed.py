@@ -8,6 +8,8 @@ JSON all go through one validator.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -16,7 +18,7 @@ from flowmodel.errors import FlowrayError
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "flatten", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "field_docs", "flatten", "from_dict", "to_dict"]
 
 
 class ConfigError(FlowrayError, ValueError):
@@ -155,3 +157,37 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# One entry of a Google-style "Attributes:" section: "name: text" or "name, other: text".
+_ATTRIBUTE = re.compile(r"^(?P<names>[A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*):\s*(?P<text>.*)$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's text from the "Attributes:" section of `cls`'s docstring, continuation lines
+    joined: the one place a config field is described, read by the jobs' --help. An entry may
+    name several fields ("host, port: ...") that share the text."""
+    lines = (inspect.getdoc(cls) or "").splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
+    except StopIteration:
+        return {}
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    indent = None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        if depth == 0:
+            break  # the next section
+        indent = depth if indent is None else indent
+        match = _ATTRIBUTE.match(line.strip()) if depth == indent else None
+        if match:
+            names = [name.strip() for name in match["names"].split(",")]
+            for name in names:
+                docs[name] = match["text"].strip()
+        else:
+            for name in names:
+                docs[name] = f"{docs[name]} {line.strip()}".strip()
+    return docs

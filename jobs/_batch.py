@@ -1,60 +1,17 @@
-"""What the batch entry points (score, sample, models) share: their common options, option
-defaults read from the config dataclass, the Ray connection and a quick tracking-server check."""
+"""What the batch entry points (score, sample, models) share: the Ray connection, a GPU check
+for a local Ray and a quick tracking-server check."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import os
 import urllib.error
 import urllib.request
-from typing import Any
 
 from jobs.errors import EXIT_FAILURE, UserError
 from pipeline.storage import redact_url
 
-__all__ = [
-    "add_common_arguments",
-    "check_local_gpus",
-    "check_tracking_server",
-    "connect_ray",
-    "default_of",
-]
-
-
-def default_of(cls: type, name: str) -> Any:
-    """The dataclass default of field `name`, for help texts (defaults live in the config only)."""
-    for item in dataclasses.fields(cls):
-        if item.name == name:
-            if item.default is not dataclasses.MISSING:
-                return item.default
-            if item.default_factory is not dataclasses.MISSING:
-                return item.default_factory()
-            return "required"
-    raise KeyError(name)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, *, ray: bool = True) -> None:
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-        "sqlite:///<cwd>/flowray-work/mlflow.db)",
-    )
-    if ray:
-        parser.add_argument(
-            "--address",
-            default=None,
-            help="Ray cluster address, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, "
-            "else a local Ray started in this process with one logical CPU per core plus one)",
-        )
-        parser.add_argument(
-            "--endpoint-url",
-            default=None,
-            help="S3-compatible endpoint for s3:// URLs (default: $AWS_ENDPOINT_URL, else AWS)",
-        )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
+__all__ = ["check_local_gpus", "check_tracking_server", "connect_ray"]
 
 
 def connect_ray(address: str | None, verbose: bool = False) -> None:

@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "models": ("jobs.models", "list registered models, versions and aliases; promote a version"),
     "scores": ("jobs.scores", "query scoring outputs: the least likely or most OOD images"),
-    "submit": ("jobs.submit", "submit train|score|sample to a Ray cluster and follow its logs"),
+    "submit": (
+        "jobs.submit",
+        "submit train|score|sample|prepare to a Ray cluster; exits with the job's exit code",
+    ),
     "demo": (
         "jobs.demo",
         "the whole pipeline on the embedded default (local Ray, disk, SQLite MLflow)",
@@ -35,8 +38,11 @@ EXIT_CODES = (
     (1, "runtime failure: a service down or refusing, data broken mid-run, a bug"),
     (2, "usage or configuration error: nothing was done"),
     (3, "finished with items left out (each reported)"),
+    (4, "refused by a rule, nothing changed (models promote of a version that is not better)"),
 )
 USAGE_ERROR = 2
+# The same as pipeline.tracking.connection.DEFAULT_WORKDIR (not imported: --help stays light).
+DEFAULT_WORKDIR = "flowray-work"
 
 
 def usage() -> str:
@@ -47,6 +53,11 @@ def usage() -> str:
         "`flowray <command> --help` or `flowray help <command>` lists a command's options and "
         "defaults;",
         "`flowray --version` prints the version.",
+        "",
+        "Every job takes --config <file or preset>, then --set key=value, then its own flags",
+        "(a later one wins); -v/--verbose means more output in every command.",
+        "The work folder (prepared data, runs, the MLflow store sqlite:///<workdir>/mlflow.db)",
+        f"is $FLOWRAY_WORKDIR, else ./{DEFAULT_WORKDIR}: the same for every command and `make demo`.",
         "",
         "exit codes:",
     ]
@@ -69,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["--version"], ["-V"]):
         print(f"flowray {version()}")
         return 0
-    if not argv or argv[0] in ("-h", "--help") or argv == ["help"]:
+    if not argv:  # a command is required, as for `flowray models` without a subcommand
+        print(usage(), file=sys.stderr)
+        return USAGE_ERROR
+    if argv[0] in ("-h", "--help") or argv == ["help"]:
         print(usage())
         return 0
     if argv[0] == "help":

@@ -1,48 +1,62 @@
-"""The command-line side of job configuration: the `--config` / `--set` pair every job takes and
-the help style of every command. The loader itself is `pipeline.config`.
+"""The command line of every job, read off its config dataclass: each option is declared once, as
+a field with its default and its "Attributes:" docstring entry, and becomes a flag here.
+
+    parser = job_parser("flowray score", ScoreConfig, description="...")
+    args = parser.parse_args(argv)
+    config = config_from_args(ScoreConfig, args)   # --config, then --set, then the flags
+
+One precedence for every job: the `--config` file (or preset), then `--set key=value`
+overrides, then flags; a flag not given changes nothing. A flat config (score, sample, serve,
+prepare) gets one flag per field (`batch_size` -> `--batch-size`; a bool that defaults to off
+-> `--<name>`, one that defaults to on -> `--no-<name>`); nested sections are reached with `--set`
+(`--set storage.read_timeout=60`), except the flags every job names the same way
+(`STANDARD_FLAGS`). The loader is `pipeline.config`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
-from pipeline.config import ConfigError, apply_overrides, load_config, preset_path
+from flowmodel.typed import field_docs
+from pipeline.config import load_config
 
 __all__ = [
-    "ConfigError",
+    "STANDARD_FLAGS",
     "HelpFormatter",
+    "add_address_argument",
     "add_config_arguments",
-    "apply_overrides",
-    "load_config",
-    "preset_path",
+    "add_config_options",
+    "add_verbose_argument",
+    "config_flags",
+    "config_from_args",
+    "job_parser",
+    "setup_logging",
 ]
 
+T = TypeVar("T")
 
-def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
-    """The --config / --set pair every job takes."""
-    parser.add_argument(
-        "--config",
-        default=default_config,
-        help="YAML config file or preset name from jobs/configs "
-        f"(default: {default_config or 'none: options and --set only'})",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set optim.lr=3e-4 (repeatable)",
-    )
+# Dotted config keys that every job spells the same way, whichever section holds them.
+STANDARD_FLAGS: dict[str, tuple[str, ...]] = {
+    "storage.endpoint_url": ("--endpoint-url",),
+    "storage.region": ("--region",),
+}
+_DEST = "config:"  # argparse dest prefix of an option that sets a config key
 
 
 class HelpFormatter(argparse.HelpFormatter):
     """The help style of every command: each option ends with exactly one `(default: ...)`.
 
-    A help text that already says its default (defaults read from a job's config dataclass, or
-    described in words: "(default: $RAY_ADDRESS, else a local Ray)") is left alone; otherwise the
-    option's argparse default is added: on/off for flags, "none" for an empty list, nothing for
-    None (such an option says in its text what happens without it).
+    A help text that already says its default (the config options below, or a default described
+    in words: "(default: $RAY_ADDRESS, else a local Ray)") is left alone; otherwise the option's
+    argparse default is added: on/off for flags, "none" for an empty list, nothing for None (such
+    an option says in its text what happens without it).
     """
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -57,3 +71,225 @@ class HelpFormatter(argparse.HelpFormatter):
         else:
             shown = "%(default)s"  # argparse fills it in
         return f"{text} (default: {shown})"
+
+
+def job_parser(prog: str, description: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """An ArgumentParser in the house style (HelpFormatter, no abbreviated options)."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+        **kwargs,
+    )
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """The --config / --set pair every job takes."""
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        help="YAML config file or preset name from jobs/configs "
+        f"(default: {default_config or 'none: flags and --set only'})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set batch_size=128 or --set "
+        "storage.read_timeout=60; after --config, before flags (repeatable)",
+    )
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    every_field: bool = True,
+    flags: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """One option per field of `cls`, help and default from the dataclass.
+
+    Args:
+        every_field: a flag for each top-level field that is not a section (a flat config).
+        flags: dotted key -> option strings, for keys inside sections and for a field whose
+            flag is not `--<field-name>`; STANDARD_FLAGS are added where `cls` has them.
+        A field without a default shows "(required unless in --config)".
+    """
+    chosen: dict[str, tuple[str, ...]] = {}
+    hints = get_type_hints(cls)
+    if every_field:
+        for item in dataclasses.fields(cls):
+            if item.init and not _is_section(hints[item.name]):
+                chosen[item.name] = (f"--{item.name.replace('_', '-')}",)
+    for key, options in {**STANDARD_FLAGS, **(flags or {})}.items():
+        if key in chosen or _has_key(cls, key) or key in (flags or {}):
+            chosen[key] = tuple(options)
+    for key, options in chosen.items():
+        _add_option(parser, cls, key, options)
+
+
+def add_address_argument(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """--address: the Ray cluster a job runs on."""
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address, e.g. ray://head:10001 or auto"
+        + (f" ({what})" if what else "")
+        + " (default: $RAY_ADDRESS, else a local Ray started in this process)",
+    )
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser, dest: str = "verbose") -> None:
+    """-v/--verbose: one meaning in every command."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        dest=dest,
+        action="store_const",
+        const=True,
+        default=None,
+        help="more output: flowray's DEBUG lines, and Ray's and MLflow's own INFO lines "
+        "(default: off)",
+    )
+
+
+def config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted key -> value of the config options given (None: not given)."""
+    return {k[len(_DEST) :]: v for k, v in vars(args).items() if k.startswith(_DEST)}
+
+
+def config_from_args(
+    cls: type[T], args: argparse.Namespace, extra: Mapping[str, Any] | None = None
+) -> T:
+    """`cls` from --config, then --set, then the flags (and `extra` keys, after the flags)."""
+    flags = {**config_flags(args), **(extra or {})}
+    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", []), flags)
+
+
+def setup_logging(verbose: bool | None, level: int = logging.INFO) -> None:
+    """flowray's log lines from `level` up (DEBUG with -v); MLflow's own INFO lines ("Creating
+    initial MLflow database tables...") only with -v."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    mlflow_level = "INFO" if verbose else "WARNING"
+    # MLflow sets its loggers' level from this variable when it is imported; a logger already
+    # set up is set here.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", mlflow_level)
+    logging.getLogger("mlflow").setLevel(mlflow_level)
+    logging.getLogger("alembic").setLevel(mlflow_level)
+
+
+# ----------------------------------------------------------------------------- the generator
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) or get_origin(tp) is dict
+
+
+def _has_key(cls: type, key: str) -> bool:
+    try:
+        _field_of(cls, key)
+    except KeyError:
+        return False
+    return True
+
+
+def _field_of(cls: type, key: str) -> tuple[type, dataclasses.Field, Any]:
+    """The dataclass that holds dotted `key`, the field, and its type."""
+    *sections, name = key.split(".")
+    owner = cls
+    for section in sections:
+        owner = get_type_hints(owner)[section]
+        if not dataclasses.is_dataclass(owner):
+            raise KeyError(key)
+    fields = {f.name: f for f in dataclasses.fields(owner)}
+    if name not in fields:
+        raise KeyError(key)
+    return owner, fields[name], get_type_hints(owner)[name]
+
+
+def _default(item: dataclasses.Field) -> Any:
+    if item.default is not dataclasses.MISSING:
+        return item.default
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return dataclasses.MISSING
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) or "none"
+    return str(value).replace("%", "%%")
+
+
+def _add_option(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    key: str,
+    options: Sequence[str],
+) -> None:
+    owner, item, tp = _field_of(cls, key)
+    docs = field_docs(owner)
+    if item.name not in docs:
+        raise TypeError(
+            f"{owner.__name__}.{item.name}: expected an entry in the class docstring's "
+            f"Attributes section (the help of {options[-1]}), found none"
+        )
+    text = docs[item.name].rstrip(".").replace("%", "%%")
+    default = _default(item)
+    if default is dataclasses.MISSING:
+        text += " (required unless in --config)"
+    kwargs: dict[str, Any] = {"dest": _DEST + key, "default": None}
+    inner = _unwrap_optional(tp)
+    if inner is bool:
+        if default is True:
+            options = [f"--no-{o[2:]}" for o in options if o.startswith("--")]
+            kwargs.update(action="store_const", const=False)
+            text += " (default: on; this flag turns it off)"
+        else:
+            kwargs.update(action="store_const", const=True)
+            text += " (default: off)"
+        parser.add_argument(*options, help=text, **kwargs)
+        return
+    if default is not dataclasses.MISSING:
+        text += f" (default: {_shown(default)})"
+    origin = get_origin(inner)
+    if origin is typing.Literal:
+        choices = get_args(inner)
+        kwargs.update(choices=choices, type=type(choices[0]))
+    elif origin in (tuple, list):
+        kwargs["nargs"] = "+"
+        kwargs["type"] = _scalar(get_args(inner)[0] if get_args(inner) else str)
+    else:
+        kwargs["type"] = _scalar(inner)
+    if "choices" not in kwargs:
+        kwargs["metavar"] = _METAVARS.get(kwargs["type"]) or item.name.upper()
+    parser.add_argument(*options, help=text, **kwargs)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    """`X | None` -> X; a union of several types -> str (from_dict tries each in turn)."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        return options[0] if len(options) == 1 else str
+    return tp
+
+
+_METAVARS = {int: "N", float: "X"}
+
+
+def _scalar(tp: Any) -> Any:
+    if tp in (int, float, str):
+        return tp
+    if get_origin(tp) is typing.Literal:
+        return type(get_args(tp)[0])
+    raise TypeError(f"no command-line flag for a config field of type {tp}: use --set")

@@ -3,9 +3,12 @@
 Fashion-MNIST -> shards on local disk -> Ray Train (2 workers, time-bounded) -> MLflow in SQLite,
 model registered -> the test split scored -> samples drawn -> a short summary.
 
-Everything lives under --workdir. Running it again reuses the shards (prepare skips verified
-shards), resumes the same training run for another --minutes, registers the new version, and
-scores and samples with it. `make clean-demo` removes the workdir and nothing else.
+Everything lives under --workdir, the work folder every other command uses by default
+($FLOWRAY_WORKDIR, else flowray-work): afterwards `flowray models list`, `flowray score --model
+models:/fashion-flow@champion ...`, `flowray sample` and `flowray serve` find its model from the
+same folder. Running it again reuses the shards (prepare skips verified shards), resumes the same
+training run for another --minutes, registers the new version, and scores and samples with it.
+`make clean-demo` removes the workdir and nothing else.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.config import HelpFormatter, load_config
-from jobs.errors import user_errors
+from jobs.config import add_verbose_argument, job_parser, setup_logging
+from jobs.errors import run_main
 from jobs.prepare import ShardProgress, summary_lines
+from pipeline.config import load_config
+from pipeline.tracking.connection import default_workdir
 
 if TYPE_CHECKING:  # the pipeline is imported when a step runs, so --help stays fast
     from pipeline.batch.sampling import SampleResult
@@ -31,15 +36,12 @@ PRESET = "fashion-mnist"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="flowray demo",
-        description=__doc__.split("\n\n")[1],
-        formatter_class=HelpFormatter,
-    )
+    parser = job_parser("flowray demo", __doc__.split("\n\n")[1])
     parser.add_argument(
         "--workdir",
-        default="demo-work",
-        help="folder for data, runs, MLflow store, scores, samples",
+        default=None,
+        help="folder for data, runs, MLflow store, scores, samples (default: $FLOWRAY_WORKDIR, "
+        "else flowray-work)",
     )
     parser.add_argument(
         "--source",
@@ -53,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--limit", type=int, default=None, help="use only the first N images of each split"
     )
-    parser.add_argument("--samples", type=int, default=256, help="images to generate")
+    parser.add_argument(
+        "-n", "--num", type=int, default=256, help="images to generate, as `flowray sample -n`"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -62,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help=f"override a training config value of the {PRESET} preset, e.g. --set optim.lr=5e-4",
     )
+    add_verbose_argument(parser)
     return parser
 
 
@@ -72,15 +77,15 @@ def _step(title: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with user_errors("flowray demo"):
-        return run(args)
+    setup_logging(args.verbose, logging.WARNING)
+    return run_main("flowray demo", lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:
     """The four steps, each printed as it starts, then what they left behind."""
     from pipeline.tracking.connection import default_tracking_uri
 
-    workdir = Path(args.workdir).resolve()
+    workdir = Path(args.workdir or default_workdir()).resolve()
     tracking_uri = default_tracking_uri(workdir)
     source = args.source or f"idx:{os.environ.get('FASHION_MNIST_DIR', '')}"
     started = _step(f"1/4 prepare shards from {source} -> {workdir / 'data'}")
@@ -89,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     model_uri = f"models:/{trained.model_name}/{trained.model_version}"
     _step(f"3/4 score the test split with {model_uri}")
     scored = _score(model_uri, workdir, tracking_uri)
-    _step(f"4/4 sample {args.samples} images from {model_uri}")
-    sampled = _sample(model_uri, trained.model_version, args.samples, workdir, tracking_uri)
+    _step(f"4/4 sample {args.num} images from {model_uri}")
+    sampled = _sample(model_uri, trained.model_version, args.num, workdir, tracking_uri)
     minutes = (time.monotonic() - started) / 60
     print(_summary(args, minutes, trained, scored, sampled, model_uri, workdir, tracking_uri))
     return 0
@@ -128,6 +133,7 @@ def _train(args: argparse.Namespace, workdir: Path, tracking_uri: str) -> TrainR
             f"max_minutes={args.minutes}",
             f"scaling.num_workers={args.workers}",
             *args.overrides,
+            *(["verbose=true"] if args.verbose else []),
         ],
     )
     # Ray's lines a user cannot act on stay off unless --set verbose=true (as `flowray train`).

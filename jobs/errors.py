@@ -15,6 +15,8 @@ Exit codes, the same for every command (`flowray --help` and the README list the
     2  usage or configuration error: a bad option, config key, path, model reference or
        combination; nothing was done
     3  finished, but some items were left out (and reported)
+    4  refused by a rule: the command ran and declined, nothing changed (`models promote` of a
+       version that is not better than the alias's holder; --force overrides)
 A user error exits 2 unless its class (or the error itself) says otherwise with an `exit_code`
 attribute: a FlowrayError that reports a runtime failure sets `exit_code = 1`
 (`exit_code_of`).
@@ -32,6 +34,7 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_PARTIAL",
+    "EXIT_REFUSED",
     "EXIT_USAGE",
     "USER_ERRORS",
     "JobExit",
@@ -48,6 +51,7 @@ EXIT_OK = 0  # done: every item processed
 EXIT_FAILURE = 1  # the job failed at run time (a bug, a service down, a Ray failure)
 EXIT_USAGE = 2  # usage or configuration error: nothing was done
 EXIT_PARTIAL = 3  # finished, but some items (e.g. unreadable shards) were left out and reported
+EXIT_REFUSED = 4  # refused by a rule (a promotion that is not better): nothing changed
 USER_ERRORS: tuple[type[BaseException], ...] = (FlowrayError, FileNotFoundError)
 # Ray wraps a task's or Train worker's error (RayTaskError.cause, TrainingFailedError's
 # __cause__); a few links are enough to reach ours.

@@ -3,8 +3,8 @@
     flowray models list [--name fashion-flow]
     flowray models promote fashion-flow 7 [--alias champion] [--force]
 
-`promote` refuses (exit code 1) a version whose validation bits/dim is not better than the alias's
-current holder, unless --force.
+`promote` refuses (exit code 4, EXIT_REFUSED) a version whose validation bits/dim is not better
+than the alias's current holder, unless --force. Without a subcommand: the help, exit code 2.
 """
 
 from __future__ import annotations
@@ -13,19 +13,26 @@ import argparse
 import math
 import sys
 
-from jobs._batch import add_common_arguments, check_tracking_server
-from jobs.config import HelpFormatter
-from jobs.errors import EXIT_FAILURE, EXIT_USAGE, UserError, run_main
+from jobs._batch import check_tracking_server
+from jobs.config import HelpFormatter, add_verbose_argument, job_parser, setup_logging
+from jobs.errors import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE, UserError, run_main
+from pipeline.storage import redact_url
 
 PROG = "flowray models"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Registered flows: list versions and aliases, promote a version.",
-        formatter_class=HelpFormatter,
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///<workdir>/mlflow.db, workdir $FLOWRAY_WORKDIR or flowray-work)",
     )
+    add_verbose_argument(parser)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = job_parser(PROG, "Registered flows: list versions and aliases, promote a version.")
     commands = p.add_subparsers(dest="command", metavar="{list,promote}")
     listing = commands.add_parser(
         "list",
@@ -33,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     listing.add_argument("--name", default=None, help="only this model (default: all)")
-    add_common_arguments(listing, ray=False)
+    _add_common(listing)
     promote = commands.add_parser(
         "promote",
         help="point an alias at a version if its val bits/dim is better",
@@ -47,14 +54,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="promote even if worse than the alias's current version (default: off)",
     )
-    add_common_arguments(promote, ray=False)
+    _add_common(promote)
     return p
 
 
-def format_models(models: list) -> str:
+def format_models(models: list, tracking_uri: str) -> str:
     """The `list` table: one block per model, one row per version, newest first."""
     if not models:
-        return "no registered models"
+        return f"no registered models at {redact_url(tracking_uri)}"
     lines = []
     for model in models:
         aliases = ", ".join(f"@{a} -> v{v}" for a, v in model.aliases.items()) or "none"
@@ -73,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.command is None:
-        p.print_help()
+        p.print_help(sys.stderr)
         return EXIT_USAGE
+    setup_logging(args.verbose)
 
     def body() -> int:
         import mlflow
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         check_tracking_server(uri)
         mlflow.set_tracking_uri(uri)
         if args.command == "list":
-            print(format_models(list_models(args.name)))
+            print(format_models(list_models(args.name), uri))
             return 0
         model = list_models(args.name)[0]  # ModelNotFound names what is registered
         if args.version not in {v.version for v in model.versions}:
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "pass --force to promote it anyway",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_REFUSED
 
     return run_main(PROG, body)
 

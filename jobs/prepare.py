@@ -1,13 +1,13 @@
 """`flowray prepare`: write WebDataset image shards + manifest.json per split from IDX files, image
 folders or .npy arrays, on local disk or S3. Reruns complete what is missing and skip the rest.
 
-    flowray prepare --out data                                       # Fashion-MNIST, train + test
+    flowray prepare --output flowray-work/data                      # Fashion-MNIST, train + test
     flowray prepare --source folder:s3://photos/raw --size 64x64 --val-fraction 0.1 \\
-        --out s3://datasets/photos --endpoint-url http://127.0.0.1:9000 --workers 4
+        --output s3://datasets/photos --endpoint-url http://127.0.0.1:9000 --tasks 4
 
-The work is `pipeline.data.shards.prepare`; this module parses options, connects to Ray when
---workers > 0, prints progress and a summary, and turns the errors users meet into one line and a
-hint (exit code 2).
+The options are `PrepareConfig`'s fields (also `--config <file>` and `--set key=value`). The work
+is `pipeline.data.shards.prepare`; this module connects to Ray when --tasks > 0, prints progress
+and a summary, and turns the errors users meet into one line and a hint (exit code 2).
 """
 
 from __future__ import annotations
@@ -17,15 +17,25 @@ import logging
 import re
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Literal
 
-from jobs.config import HelpFormatter
+from jobs.config import (
+    add_address_argument,
+    add_config_arguments,
+    add_config_options,
+    add_verbose_argument,
+    config_from_args,
+    job_parser,
+    setup_logging,
+)
 from jobs.errors import JobExit, user_errors
 from pipeline.data.images import ImageLimits
 from pipeline.data.shards import PrepareResult, ShardEvent, prepare
 from pipeline.data.sources import default_idx_dir, open_source
 from pipeline.storage import StorageConfig, check_access, is_s3, join_url
 
-__all__ = ["build_parser", "main"]
+__all__ = ["PrepareConfig", "build_parser", "main"]
 
 _UNITS = {
     "": 1,
@@ -39,131 +49,111 @@ _UNITS = {
 }
 
 
-def _size(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
+    """ "64x64" (or "64,64") -> (64, 64)."""
     match = re.fullmatch(r"(\d+)[x,](\d+)", text.strip().lower())
     if not match or min(int(match[1]), int(match[2])) < 1:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 64x64, found {text!r}")
+        raise ValueError(f"expected HxW such as 64x64, found {text!r}")
     return int(match[1]), int(match[2])
 
 
-def _bytes(text: str) -> int:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text.strip().lower())
+def parse_bytes(value: int | str) -> int:
+    """A byte count, or a size such as "256MiB" or "100MB"."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value.strip().lower())
     if not match or match[2] not in _UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size such as 256MiB or 100MB, found {text!r}")
+        raise ValueError(f"expected a size such as 256MiB or 100MB, found {value!r}")
     return int(float(match[1]) * _UNITS[match[2]])
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text}")
-    return value
+@dataclass(frozen=True)
+class PrepareConfig:
+    """One prepare job. `output` is required.
+
+    Attributes:
+        source: idx:<folder with the 4 IDX files> | folder:<url of a JPEG/PNG tree, class
+            sub-folders become labels> | npy:<images.npy>[,<labels.npy>] | webdataset:<shard
+            pattern {000000..000099}.tar, prefix or list file of WebDataset shards>; local or
+            s3://.
+        output: where the splits go, <output>/<split>/: a local path or s3://bucket/prefix.
+        splits: comma-separated splits to write (None: all the source has: IDX has train,test;
+            folder/npy have train, plus val with val_fraction).
+        val_fraction: folder/npy sources: put this random fraction of the images in a 'val'
+            split.
+        seed: seed of the train/val assignment.
+        channels: target channels (None: the source's own; folders: 3).
+        size: target HxW such as 64x64, centre-crop + resize (None: the source's own; folders
+            need it).
+        shard_samples: most images per shard.
+        shard_bytes: target bytes per shard, e.g. 64MB or 256MiB; 0 for no byte target.
+        limit: at most N images per split, for demos and tests (None: all).
+        on_error: an undecodable source image stops prepare ("fail"), or is logged, counted and
+            left out ("skip").
+        max_image_pixels: an image whose header declares more pixels (width x height) is a bad
+            input, refused before decoding (a decompression bomb); on_error decides what happens
+            to it.
+        max_image_bytes: an image file larger than this is a bad input, refused before it is
+            read whole.
+        tasks: Ray tasks writing shards at once; 0 writes in this process without Ray.
+        storage: S3 endpoint and region for the source and the output.
+    """
+
+    output: str
+    source: str = field(default_factory=lambda: f"idx:{default_idx_dir()}")
+    splits: str | None = None
+    val_fraction: float = 0.0
+    seed: int = 0
+    channels: Literal[1, 3] | None = None
+    size: str | None = None
+    shard_samples: int = 10_000
+    shard_bytes: int | str = "256MiB"
+    limit: int | None = None
+    on_error: Literal["fail", "skip"] = "fail"
+    max_image_pixels: int = ImageLimits.max_pixels
+    max_image_bytes: int | str = f"{ImageLimits.max_bytes >> 20}MiB"
+    tasks: int = 0
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ValueError("output: required, found an empty value")
+        if self.size is not None:
+            parse_size(self.size)
+        if parse_bytes(self.shard_bytes) < 0 or parse_bytes(self.max_image_bytes) < 1:
+            raise ValueError(
+                f"shard_bytes >= 0 and max_image_bytes >= 1 expected, found {self.shard_bytes} "
+                f"and {self.max_image_bytes}"
+            )
+        for name in ("shard_samples", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: expected >= 1 or none, found {self.limit}")
+        if self.tasks < 0:
+            raise ValueError(f"tasks: expected >= 0, found {self.tasks}")
+
+    @property
+    def split_names(self) -> list[str] | None:
+        if not self.splits:
+            return None
+        return [s.strip() for s in self.splits.split(",") if s.strip()] or None
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_pixels, parse_bytes(self.max_image_bytes))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="flowray prepare",
-        description="Write WebDataset image shards and a manifest per split "
-        "(<out>/<split>/shard-NNNNNN.tar, manifest.json).",
-        formatter_class=HelpFormatter,
+    parser = job_parser(
+        "flowray prepare",
+        "Write WebDataset image shards and a manifest per split "
+        "(<output>/<split>/shard-NNNNNN.tar, manifest.json).",
     )
-    parser.add_argument(
-        "--source",
-        default=f"idx:{default_idx_dir()}",
-        help="idx:<folder with the 4 IDX files> | folder:<url of JPEG/PNG tree, class sub-folders "
-        "become labels> | npy:<images.npy>[,<labels.npy>] | webdataset:<shard pattern "
-        "{000000..000099}.tar, prefix or list file of WebDataset shards>; local or s3://",
-    )
-    parser.add_argument(
-        "--out", required=True, help="output URL (required): a local path or s3://bucket/prefix"
-    )
-    parser.add_argument(
-        "--splits",
-        default=None,
-        help="comma-separated splits to write (default: all: IDX has train,test; folder/npy "
-        "have train, plus val with --val-fraction)",
-    )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.0,
-        help="folder/npy sources: put this random fraction of the images in a 'val' split",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val assignment")
-    parser.add_argument(
-        "--channels",
-        type=int,
-        choices=(1, 3),
-        default=None,
-        help="target channels (default: the source's own; folders: 3)",
-    )
-    parser.add_argument(
-        "--size",
-        type=_size,
-        default=None,
-        help="target HxW, centre-crop + resize (default: the source's own; folders need it)",
-    )
-    parser.add_argument(
-        "--shard-samples", type=_positive, default=10_000, help="most images per shard"
-    )
-    parser.add_argument(
-        "--shard-bytes",
-        type=_bytes,
-        default="256MiB",
-        help="target bytes per shard, e.g. 64MB or 256MiB; 0 for no byte target",
-    )
-    parser.add_argument(
-        "--limit",
-        type=_positive,
-        default=None,
-        help="at most N images per split (demos, tests) (default: all)",
-    )
-    parser.add_argument(
-        "--on-error",
-        choices=("fail", "skip"),
-        default="fail",
-        help="an undecodable source image stops prepare, or is logged, counted and left out",
-    )
-    limits = ImageLimits()
-    parser.add_argument(
-        "--max-image-pixels",
-        type=_positive,
-        default=limits.max_pixels,
-        help="an image file whose header declares more pixels (width x height) is a bad input, "
-        "refused before decoding (a decompression bomb); --on-error decides what happens to it",
-    )
-    parser.add_argument(
-        "--max-image-bytes",
-        type=_bytes,
-        default=f"{limits.max_bytes >> 20}MiB",
-        help="an image file larger than this is a bad input, refused before it is read whole",
-    )
-    parser.add_argument(
-        "--endpoint-url",
-        default=None,
-        help="S3-compatible endpoint, e.g. http://127.0.0.1:9000; credentials come from the usual "
-        "AWS environment/config (default: $AWS_ENDPOINT_URL, else AWS)",
-    )
-    parser.add_argument(
-        "--region",
-        default=None,
-        help="S3 region (default: $AWS_REGION, else $AWS_DEFAULT_REGION)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="Ray tasks writing shards at once; 0 writes in this process without Ray",
-    )
-    parser.add_argument(
-        "--address",
-        dest="ray_address",
-        metavar="ADDRESS",
-        default=None,
-        help="Ray cluster for --workers > 0 (default: $RAY_ADDRESS, else a local Ray instance)",
-    )
-    # The option's old name, still accepted; hidden so that every command shows --address.
-    parser.add_argument("--ray-address", dest="ray_address", help=argparse.SUPPRESS)
+    add_config_arguments(parser, None)
+    add_config_options(parser, PrepareConfig)
+    add_address_argument(parser, "for --tasks > 0")
+    add_verbose_argument(parser)
     return parser
 
 
@@ -203,22 +193,22 @@ def summary_lines(result: PrepareResult) -> list[str]:
     return lines
 
 
-def _run(args: argparse.Namespace) -> None:
-    storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
+def _run(config: PrepareConfig, address: str | None) -> None:
+    storage = config.storage
     # Fail in seconds on a wrong endpoint, missing credentials or bucket, before any work.
-    for url in {args.out, args.source.partition(":")[2].split(",")[0]}:
+    for url in {config.output, config.source.partition(":")[2].split(",")[0]}:
         if is_s3(url):
             check_access(url, storage)
     source = open_source(
-        args.source,
+        config.source,
         storage,
-        channels=args.channels,
-        size=args.size,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        limits=ImageLimits(max_pixels=args.max_image_pixels, max_bytes=args.max_image_bytes),
+        channels=config.channels,
+        size=parse_size(config.size) if config.size else None,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        limits=config.image_limits,
     )
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    shard_bytes = parse_bytes(config.shard_bytes)
     counts = source.splits()
     print(f"source: {source.description}")
     print(
@@ -227,27 +217,27 @@ def _run(args: argparse.Namespace) -> None:
         + (f" ({len(source.classes)} classes)" if source.classes else "")
     )
     print(
-        f"out: {args.out}"
-        + (f" ({storage.describe()})" if is_s3(args.out) else "")
-        + f"; shards of at most {args.shard_samples} images"
-        + (f" / {args.shard_bytes / 2**20:.0f} MiB" if args.shard_bytes else "")
-        + (f"; limit {args.limit} per split" if args.limit else "")
-        + (f"; {args.workers} Ray workers" if args.workers else "; in this process")
+        f"output: {config.output}"
+        + (f" ({storage.describe()})" if is_s3(config.output) else "")
+        + f"; shards of at most {config.shard_samples} images"
+        + (f" / {shard_bytes / 2**20:.0f} MiB" if shard_bytes else "")
+        + (f"; limit {config.limit} per split" if config.limit else "")
+        + (f"; {config.tasks} Ray tasks" if config.tasks else "; in this process")
     )
-    if args.workers > 0:
+    if config.tasks > 0:
         import ray
 
-        ray.init(address=args.ray_address, logging_level=logging.WARNING, ignore_reinit_error=True)
+        ray.init(address=address, logging_level=logging.WARNING, ignore_reinit_error=True)
     result = prepare(
         source,
-        args.out,
+        config.output,
         storage,
-        splits=splits,
-        shard_samples=args.shard_samples,
-        shard_bytes=args.shard_bytes or None,
-        limit=args.limit,
-        workers=args.workers,
-        on_error=args.on_error,
+        splits=config.split_names,
+        shard_samples=config.shard_samples,
+        shard_bytes=shard_bytes or None,
+        limit=config.limit,
+        workers=config.tasks,
+        on_error=config.on_error,
         progress=ShardProgress(),
     )
     print("done:")
@@ -257,10 +247,10 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose, logging.WARNING)
     try:
         with user_errors("flowray prepare"):
-            _run(args)
+            _run(config_from_args(PrepareConfig, args), args.address)
     except JobExit as exit_:
         return int(exit_.code or 2)
     return 0

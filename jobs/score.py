@@ -23,19 +23,20 @@ an alias the release process owns, instead of following whatever @champion anyon
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import TYPE_CHECKING
 
-from jobs._batch import (
-    add_common_arguments,
-    check_local_gpus,
-    check_tracking_server,
-    connect_ray,
-    default_of,
+from jobs._batch import check_local_gpus, check_tracking_server, connect_ray
+from jobs.config import (
+    add_address_argument,
+    add_config_arguments,
+    add_config_options,
+    add_verbose_argument,
+    config_from_args,
+    job_parser,
+    setup_logging,
 )
-from jobs.config import HelpFormatter, add_config_arguments, load_config
 from jobs.errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, run_main
 
 if TYPE_CHECKING:
@@ -49,68 +50,29 @@ EXIT_CODES = {"complete": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILU
 def parser() -> argparse.ArgumentParser:
     from pipeline.batch.scoring.config import ScoreConfig
 
-    def d(name: str) -> object:
-        return default_of(ScoreConfig, name)
-
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        formatter_class=HelpFormatter,
-        description="Score every image of an input (a prepared split, or WebDataset shards read "
-        "in place): log-likelihood (nats), bits/dim and a complexity-corrected OOD score, as "
-        "Parquet per shard under <output>/model=<name>/version=<v>/. Shards already scored (at "
-        "their current version) are skipped.",
-    )
-    p.add_argument(
-        "--model",
-        help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<run>/<path> or a local "
-        f"model directory (default: ${MODEL_VARIABLE}, else the --config file's; required)",
-    )
-    p.add_argument(
-        "--input",
-        help="a prepared split <data>/<split>, or WebDataset shards: a brace pattern "
-        "('s3://b/photos/{000000..000099}.tar'), a prefix of *.tar or a list file; local or "
-        "s3:// (required unless in --config)",
-    )
-    p.add_argument("--output", help="output prefix, local or s3:// (required unless in --config)")
-    p.add_argument(
-        "--batch-size", type=int, help=f"images per forward pass (default: {d('batch_size')})"
-    )
-    p.add_argument(
-        "--actors",
-        type=int,
-        help=f"scoring actors; 0 = one per CPU less one for reading (default: {d('actors')})",
-    )
-    p.add_argument(
-        "--gpus-per-actor", type=float, help=f"GPUs per actor (default: {d('gpus_per_actor')})"
-    )
-    p.add_argument(
-        "--draws",
-        type=int,
-        help=f"dequantization draws per image, averaged in probability space (default: {d('draws')})",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        help=f"dequantization seed, as training's eval_seed (default: {d('seed')})",
-    )
-    p.add_argument(
-        "--on-error",
-        choices=["skip", "fail"],
-        help=f"unreadable images: skip (logged, counted) or fail (default: {d('on_error')})",
-    )
-    p.add_argument(
-        "--experiment", help=f"MLflow experiment of the summary run (default: {d('experiment')})"
+    p = job_parser(
+        PROG,
+        "Score every image of an input (a prepared split, or WebDataset shards read in place): "
+        "log-likelihood (nats), bits/dim and a complexity-corrected OOD score, as Parquet per "
+        "shard under <output>/model=<name>/version=<v>/. Shards already scored (at their "
+        f"current version) are skipped. The model: --model, else ${MODEL_VARIABLE}, else the "
+        "--config file's.",
     )
     add_config_arguments(p, None)
-    add_common_arguments(p)
+    add_config_options(p, ScoreConfig)
+    add_address_argument(p)
+    add_verbose_argument(p)
     return p
 
 
-def model_option(args: argparse.Namespace) -> str | None:
-    """--model, else $FLOWRAY_SCORE_MODEL unless --set gives the model (module docstring)."""
-    if args.model or any(item.split("=", 1)[0].strip() == "model" for item in args.overrides):
-        return args.model
-    return os.environ.get(MODEL_VARIABLE) or None
+def model_option(args: argparse.Namespace) -> dict[str, str]:
+    """$FLOWRAY_SCORE_MODEL as the model, unless --model or --set gives it (module docstring)."""
+    if args.__dict__.get("config:model") or any(
+        item.split("=", 1)[0].strip() == "model" for item in args.overrides
+    ):
+        return {}
+    value = os.environ.get(MODEL_VARIABLE)
+    return {"model": value} if value else {}
 
 
 def print_result(result: ScoreResult) -> int:
@@ -133,35 +95,14 @@ def print_result(result: ScoreResult) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
 
     def body() -> int:
         from pipeline.batch.scoring.config import ScoreConfig
         from pipeline.batch.scoring.job import score
         from pipeline.tracking.connection import resolve_tracking_uri
 
-        config = load_config(
-            ScoreConfig,
-            args.config,
-            args.overrides,
-            {
-                "model": model_option(args),
-                "input": args.input,
-                "output": args.output,
-                "batch_size": args.batch_size,
-                "actors": args.actors,
-                "gpus_per_actor": args.gpus_per_actor,
-                "draws": args.draws,
-                "seed": args.seed,
-                "on_error": args.on_error,
-                "experiment": args.experiment,
-                "tracking_uri": args.tracking_uri,
-                "storage.endpoint_url": args.endpoint_url,
-            },
-        )
+        config = config_from_args(ScoreConfig, args, model_option(args))
         check_tracking_server(resolve_tracking_uri(config.tracking_uri))
         check_local_gpus("--gpus-per-actor", config.gpus_per_actor, args.address)
         connect_ray(args.address, args.verbose)

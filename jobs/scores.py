@@ -1,6 +1,6 @@
 """`flowray scores`: questions about scoring outputs, answered from the Parquet files alone.
 
-    flowray scores top --output s3://scores/photos --model photo-flow --n 100
+    flowray scores top --output s3://scores/photos --model photo-flow -n 100
     flowray scores top --output scores --model fashion-flow/3 --by ood_score --grid ood.png
 
 `top` prints the least likely (highest bits/dim) or most out-of-distribution (highest ood_score)
@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs.config import HelpFormatter
+from jobs.config import HelpFormatter, add_verbose_argument, job_parser, setup_logging
 from jobs.errors import EXIT_USAGE, run_main
 
 PROG = "flowray scores"
@@ -30,11 +30,7 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Query scoring outputs (the Parquet files `flowray score` writes).",
-        formatter_class=HelpFormatter,
-    )
+    p = job_parser(PROG, "Query scoring outputs (the Parquet files `flowray score` writes).")
     commands = p.add_subparsers(dest="command", metavar="{top}")
     top = commands.add_parser(
         "top",
@@ -47,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="<name>[/<version>]; without a version, the newest version scored under --output",
     )
-    top.add_argument("--n", type=_positive, default=100, help="how many images")
+    top.add_argument("-n", "--num", type=_positive, default=100, help="how many images")
     top.add_argument(
         "--by",
         choices=("bits_per_dim", "ood_score"),
@@ -71,7 +67,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="S3-compatible endpoint for s3:// URLs (default: $AWS_ENDPOINT_URL, else AWS)",
     )
-    top.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
+    top.add_argument(
+        "--region",
+        default=None,
+        help="S3 region (default: $AWS_REGION, else $AWS_DEFAULT_REGION, else us-east-1)",
+    )
+    add_verbose_argument(top)
     return p
 
 
@@ -79,16 +80,16 @@ def _top(args: argparse.Namespace) -> int:
     from pipeline.batch.top import draw_top, top_scores
     from pipeline.storage import StorageConfig
 
-    storage = StorageConfig(endpoint_url=args.endpoint_url)
+    storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
     result = top_scores(
-        args.output, args.model, storage, n=args.n, by=args.by, input_url=args.input
+        args.output, args.model, storage, n=args.num, by=args.by, input_url=args.input
     )
     what = "least likely" if args.by == "bits_per_dim" else "most out-of-distribution"
     print(
         f"model={result.model_name} version={result.version}: {len(result.rows)} {what} of "
         f"{result.rows_read:,} images (by {args.by}) in {result.files_read} files, "
         f"read in {result.seconds:.2f} s"
-        + (f"; {result.nan_scores} NaN scores left out" if result.nan_scores else "")
+        + (f"; {result.non_finite_scores} NaN scores left out" if result.non_finite_scores else "")
     )
     print(result.table())
     if args.grid:
@@ -102,12 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command is None:
-        p.print_help()
+        p.print_help(sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose, logging.WARNING)
     return run_main(PROG, lambda: _top(args))
 
 

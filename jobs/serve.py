@@ -6,7 +6,7 @@
 
 Serves until Ctrl-C (or SIGTERM), then removes the application; with --detach it leaves the
 application running on the cluster and returns. The model reloads when its alias moves
-(--reload-interval). Routes and request formats: pipeline/serve/deployment.py, requests.py.
+(--reload-interval-s). Routes and request formats: pipeline/serve/deployment.py, requests.py.
 """
 
 from __future__ import annotations
@@ -19,103 +19,46 @@ import sys
 import threading
 from dataclasses import replace
 
-from jobs._batch import add_common_arguments, check_tracking_server, default_of
-from jobs.config import HelpFormatter, add_config_arguments, load_config
+from jobs._batch import check_tracking_server
+from jobs.config import (
+    add_address_argument,
+    add_config_arguments,
+    add_config_options,
+    add_verbose_argument,
+    config_from_args,
+    job_parser,
+    setup_logging,
+)
 from jobs.errors import UserError, run_main
 
 PROG = "flowray serve"
-
-# option -> ServeConfig field, for the options that map one to one.
-FIELDS = {
-    "model": "model",
-    "host": "host",
-    "port": "port",
-    "route_prefix": "route_prefix",
-    "app_name": "app_name",
-    "seed": "seed",
-    "draws": "draws",
-    "max_batch_size": "max_batch_size",
-    "batch_wait_ms": "batch_wait_ms",
-    "reload_interval": "reload_interval_s",
-    "replicas": "replicas",
-    "cpus_per_replica": "cpus_per_replica",
-    "tracking_uri": "tracking_uri",
-}
 
 
 def parser() -> argparse.ArgumentParser:
     from pipeline.serve.config import ServeConfig
 
-    def d(name: str) -> object:
-        return default_of(ServeConfig, name)
-
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        formatter_class=HelpFormatter,
-        description="Serve a registered flow on Ray Serve: POST a PNG/JPEG image, or JSON "
-        "integer pixels, to <url>/score for its log-likelihood, bits/dim and OOD score (the "
-        "score job's figures); GET <url>/health names the version answering. Requests are "
-        "batched; a models:/<name>@<alias> model reloads when the alias moves.",
+    p = job_parser(
+        PROG,
+        "Serve a registered flow on Ray Serve: POST a PNG/JPEG image, or JSON integer pixels, to "
+        "<url>/score for its log-likelihood, bits/dim and OOD score (the score job's figures); "
+        "GET <url>/health names the version answering. Requests are batched; a "
+        "models:/<name>@<alias> model reloads when the alias moves.",
     )
-    p.add_argument(
-        "--model",
-        help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<run>/<path> or a local "
-        "model directory (required unless in --config)",
-    )
-    p.add_argument("--host", help=f"HTTP host of Ray Serve's proxy (default: {d('host')})")
-    p.add_argument("--port", type=int, help=f"HTTP port (default: {d('port')})")
-    p.add_argument(
-        "--route-prefix", help=f"path prefix of the routes (default: {d('route_prefix')})"
-    )
-    p.add_argument("--app-name", help=f"Ray Serve application name (default: {d('app_name')})")
-    p.add_argument(
-        "--seed", type=int, help=f"dequantization seed, as score's (default: {d('seed')})"
-    )
-    p.add_argument("--draws", type=int, help=f"dequantization draws (default: {d('draws')})")
-    p.add_argument(
-        "--max-batch-size",
-        type=int,
-        help=f"most images per forward pass (default: {d('max_batch_size')})",
-    )
-    p.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        help=f"longest wait for a batch to fill, ms (default: {d('batch_wait_ms')})",
-    )
-    p.add_argument(
-        "--reload-interval",
-        type=float,
-        help=f"seconds between registry checks of the alias; 0 = never (default: "
-        f"{d('reload_interval_s')})",
-    )
-    p.add_argument("--replicas", type=int, help=f"Serve replicas (default: {d('replicas')})")
-    p.add_argument(
-        "--cpus-per-replica",
-        type=float,
-        help=f"CPUs of each replica (default: {d('cpus_per_replica')})",
-    )
+    add_config_arguments(p, None)
+    add_config_options(p, ServeConfig)
     p.add_argument(
         "--detach",
         action="store_true",
         help="deploy to the cluster (--address) and return, leaving the application running",
     )
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster address, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, else a "
-        "local Ray started in this process)",
-    )
-    add_config_arguments(p, None)
-    add_common_arguments(p, ray=False)
+    add_address_argument(p)
+    add_verbose_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     return run_main(PROG, lambda: serve(args))
 
 
@@ -124,8 +67,7 @@ def serve(args: argparse.Namespace) -> int:
     from pipeline.serve.runner import check_model, check_port_free, start, stop
     from pipeline.tracking.connection import resolve_tracking_uri
 
-    flags = {field: getattr(args, option) for option, field in FIELDS.items()}
-    config = load_config(ServeConfig, args.config, args.overrides, flags)
+    config = config_from_args(ServeConfig, args)
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     check_tracking_server(tracking_uri)
     config = replace(config, tracking_uri=tracking_uri)  # replicas get the resolved URI

@@ -1,12 +1,13 @@
 """`flowray submit`: run train, score, sample or prepare as a job on a Ray cluster, follow its logs
-and exit with its status (0 SUCCEEDED; 1 FAILED or STOPPED, or the cluster unreachable or refusing;
-2 a usage error: no or a malformed address, an unknown job).
+and exit with the job's own exit code (0 SUCCEEDED; a FAILED job's driver exit code, e.g. 3 for a
+job that finished with items left out, else 1; 1 for STOPPED, or the cluster unreachable or
+refusing; 2 a usage error: no or a malformed address, an unknown job).
 
     source .stack/env.sh                   # local stack: RAY_ADDRESS, MLFLOW_TRACKING_URI, AWS_*
     flowray submit train --config fashion-mnist --set data.train=s3://flowray/fmnist/train ...
     flowray submit --address http://head:8265 score --model models:/fashion-flow@champion \\
         --input s3://flowray/fmnist/test --output s3://flowray/scores
-    flowray submit --no-wait sample --model models:/fashion-flow@champion --n 64 --output ...
+    flowray submit --no-wait sample --model models:/fashion-flow@champion -n 64 --output ...
 
 Everything after the job name goes to `python -m jobs.<name>` on the cluster, which runs in a copy
 of this checkout; local paths in job arguments mean paths on the cluster, so use s3:// URLs. The
@@ -37,6 +38,7 @@ from pipeline.submission import (
     final_message,
     follow,
     job_environment,
+    job_exit_code,
     new_submission_id,
     repo_root,
     runtime_env,
@@ -48,7 +50,6 @@ from pipeline.submission import (
 __all__ = ["build_parser", "main"]
 
 PROG = "flowray submit"
-EXIT_FAILED = 1  # the job FAILED or was STOPPED (a cluster that refuses it: SubmitError, also 1)
 EXIT_INTERRUPTED = 130
 
 
@@ -63,17 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         formatter_class=HelpFormatter,
         prog=PROG,
-        # Job arguments follow the job name; abbreviations would let `--n 8` (sample's option)
+        # Job arguments follow the job name; abbreviations would let a job's `--no-...` option
         # pass for a prefix of --no-wait.
         allow_abbrev=False,
         description="Submit `python -m jobs.<job> [job args]` to a Ray cluster's job server with "
         "this checkout as working_dir and MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL, "
         "AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION of this shell as the job's environment. "
         "Credentials are not forwarded unless --forward-credentials is given (the cluster's "
-        "nodes use their own), and are never printed. Follows the job's logs and exits 0 when it "
-        "SUCCEEDED, 1 when it FAILED or was STOPPED or the cluster could not be reached or refused "
-        "it, 2 on a usage error (no or a malformed address, an unknown job). Options "
-        "go before the job name; everything after it goes to the job.",
+        "nodes use their own), and are never printed. Follows the job's logs and exits with the "
+        "job's own exit code: 0 when it SUCCEEDED, the driver's exit code when it FAILED with "
+        "one (3: finished with items left out), else 1 (also when it was STOPPED or the cluster "
+        "could not be reached or refused it); 2 on a usage error (no or a malformed address, an "
+        "unknown job). Options go before the job name; everything after it goes to the job.",
         epilog="Equivalent by hand: ray job submit --address $RAY_API_SERVER_ADDRESS "
         "--working-dir . --runtime-env-json '{\"env_vars\": {...}}' -- python -m jobs.<job> ...",
     )
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "forwarded URLs) into the job's environment, where the Ray dashboard shows them to "
         "anyone who can read it (default: off: the cluster's nodes use their own identity)",
     )
-    # The old opt-out, now the default; still accepted.
+    # Says the default out loud (no credentials forwarded); kept so scripts that pass it still run.
     parser.add_argument("--no-credentials", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--submission-id",
@@ -209,7 +211,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         + (f": {reason}" if reason else ""),
         flush=True,
     )
-    return 0 if status == "SUCCEEDED" else EXIT_FAILED
+    return job_exit_code(client, job_id, status)
 
 
 def _quiet_ray_packaging() -> None:

@@ -75,6 +75,7 @@ __all__ = [
     "follow",
     "is_secret",
     "job_environment",
+    "job_exit_code",
     "mask",
     "new_submission_id",
     "redacted",
@@ -425,6 +426,22 @@ def final_message(client: JobClient, job_id: str, secrets: Sequence[str] = ()) -
     except Exception:  # the reason is a nicety; the status is what matters
         return ""
     return mask(message.strip().splitlines()[0], secrets) if message.strip() else ""
+
+
+def job_exit_code(client: JobClient, job_id: str, status: str) -> int:
+    """The exit code of a job that ended with `status`, for the submitting shell: 0 when it
+    SUCCEEDED; otherwise the driver's own exit code when Ray's job details carry a positive one
+    (so a job that finished with items left out, exit 3, is 3 here too), else 1 (FAILED without
+    a driver code, STOPPED, a driver killed by a signal)."""
+    if status == "SUCCEEDED":
+        return 0
+    try:
+        code = getattr(client.get_job_info(job_id), "driver_exit_code", None)
+    except Exception:  # the details are a nicety; the status is what matters
+        code = None
+    if isinstance(code, int) and not isinstance(code, bool) and 0 < code < 256:
+        return code
+    return _RUNTIME_FAILURE
 
 
 def stop(client: JobClient, job_id: str, wait_s: float = 60.0, poll_s: float = 1.0) -> str:

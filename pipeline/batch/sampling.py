@@ -43,14 +43,8 @@ from flowmodel import Flow
 from flowmodel.typed import to_dict
 from pipeline.batch.resolve import BatchModel, resolve_batch_model
 from pipeline.batch.sample_shards import SampleShardWriter
-from pipeline.data.shards import (
-    FORMAT,
-    MANIFEST_NAME,
-    Manifest,
-    ShardInfo,
-    encode_png,
-    parse_manifest,
-)
+from pipeline.data.images import encode_png
+from pipeline.data.shards import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, parse_manifest
 from pipeline.errors import FlowrayError
 from pipeline.model.artifact import FlowPayload
 from pipeline.storage import (
@@ -99,7 +93,8 @@ class SampleConfig:
         grid_temperatures: one grid panel per temperature.
         grid_images: images per grid panel.
         storage: S3 endpoint and region for the output.
-        tracking_uri: MLflow tracking URI (None: MLFLOW_TRACKING_URI, else the embedded SQLite).
+        tracking_uri: MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else
+            sqlite:///<workdir>/mlflow.db, workdir $FLOWRAY_WORKDIR or flowray-work).
         experiment: MLflow experiment of the sampling run.
         log_to_mlflow: log a run with the grid and the figures.
     """

@@ -15,20 +15,24 @@ class ServeConfig:
         model: models:/<name>@<alias> (reloaded when the alias moves), models:/<name>/<version>,
             runs:/<id>/<path> or a local model directory.
         tracking_uri: MLflow tracking URI the replicas read the registry from (None:
-            MLFLOW_TRACKING_URI, else the embedded SQLite store).
-        host, port: where Ray Serve's HTTP proxy listens (a cluster-wide Serve setting: an
+            $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db, workdir $FLOWRAY_WORKDIR or
+            flowray-work).
+        host: the host Ray Serve's HTTP proxy listens on (a cluster-wide Serve setting: an
             already running Serve keeps its own).
+        port: the HTTP port of Ray Serve's proxy (cluster-wide, as host).
         route_prefix: the application's path prefix; routes are <prefix>/score, <prefix>/health.
         app_name: the Ray Serve application name.
-        seed, draws: dequantization, with the score job's meaning and defaults, so a request
-            that gives an image's score key gets the score job's bits/dim.
-        max_batch_size, batch_wait_ms: @serve.batch: a forward pass takes up to this many
-            images, waiting at most this long for a batch to fill.
+        seed: dequantization seed, with the score job's meaning and default, so a request that
+            gives an image's score key gets the score job's bits/dim.
+        draws: dequantization draws per image, as the score job's.
+        max_batch_size: most images per forward pass (@serve.batch).
+        batch_wait_ms: longest wait for a batch to fill, in milliseconds.
         max_ongoing_requests: requests a replica holds at once (0: 2 x max_batch_size, so a
             full batch can form while the previous one runs).
         reload_interval_s: how often a replica asks the registry where the alias points
             (0: never; only models:/<name>@<alias> references reload).
-        replicas, cpus_per_replica: Ray Serve replicas of the deployment and their CPUs.
+        replicas: Ray Serve replicas of the deployment.
+        cpus_per_replica: Ray CPUs of each replica.
         access_log: one log line per request in the replicas' logs (Ray Serve's access log).
     """
 

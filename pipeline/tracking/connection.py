@@ -3,6 +3,9 @@ errors when the server is down.
 
 The embedded default is `sqlite:///<workdir>/mlflow.db` with artifacts in `<workdir>/mlartifacts`
 (MLflow 3 refuses a ./mlruns file store). An `http(s)://` tracking server works the same way.
+The work folder is one for every command and `make demo`: $FLOWRAY_WORKDIR, else `flowray-work`
+in the current folder (`default_workdir`), so whatever the demo registers, `flowray models list`,
+`score`, `sample` and `serve` find from the same folder.
 """
 
 from __future__ import annotations
@@ -15,18 +18,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.entities import Param
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-
 from flowmodel.typed import flatten, to_dict
 from pipeline.errors import FlowrayError
 from pipeline.storage import redact_url
 
 __all__ = [
+    "DEFAULT_WORKDIR",
+    "WORKDIR_VARIABLE",
     "TrackingError",
     "default_tracking_uri",
+    "default_workdir",
     "ensure_experiment",
     "log_config_params",
     "quiet_mlflow",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 DEFAULT_WORKDIR = "flowray-work"
+WORKDIR_VARIABLE = "FLOWRAY_WORKDIR"
 
 
 class TrackingError(FlowrayError, RuntimeError):
@@ -42,14 +44,21 @@ class TrackingError(FlowrayError, RuntimeError):
     exit_code = 1  # a runtime failure (jobs.errors.EXIT_FAILURE), not a usage error
 
 
-def default_tracking_uri(workdir: str | Path = DEFAULT_WORKDIR) -> str:
-    """`sqlite:///<absolute workdir>/mlflow.db`; the folder is created."""
-    folder = Path(workdir).resolve()
+def default_workdir() -> str:
+    """The work folder of the embedded default: $FLOWRAY_WORKDIR, else `flowray-work` (relative
+    paths are relative to the current folder)."""
+    return os.environ.get(WORKDIR_VARIABLE) or DEFAULT_WORKDIR
+
+
+def default_tracking_uri(workdir: str | Path | None = None) -> str:
+    """`sqlite:///<absolute workdir>/mlflow.db` (workdir: `default_workdir()`); the folder is
+    created."""
+    folder = Path(workdir or default_workdir()).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
-def resolve_tracking_uri(configured: str | None, workdir: str | Path = DEFAULT_WORKDIR) -> str:
+def resolve_tracking_uri(configured: str | None, workdir: str | Path | None = None) -> str:
     """Config value, else MLFLOW_TRACKING_URI, else the embedded SQLite store under `workdir`.
     A relative sqlite path is made absolute, so Ray workers with another cwd find the same file."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
@@ -84,6 +93,10 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
 
     For a SQLite store the artifact root is `<db folder>/mlartifacts` (absolute), never ./mlruns.
     """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     mlflow.set_tracking_uri(tracking_uri)
     try:
         with quiet_mlflow():  # a new SQLite store logs its table creation
@@ -119,6 +132,9 @@ def log_config_params(run_id: str, config: Any, *, exclude: Iterable[str] = ()) 
     length limit. `exclude` drops top-level sections (e.g. `storage`, which holds no results).
     `MlflowClient.log_batch` splits the params into batches the server accepts.
     """
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
     skip = set(exclude)
     values = {k: v for k, v in to_dict(config).items() if k not in skip}
     params = [

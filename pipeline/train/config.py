@@ -1,4 +1,8 @@
-"""TrainConfig: everything `flowray train` needs, typed, with the only copy of each default."""
+"""TrainConfig: everything `flowray train` needs, typed, with the only copy of each default.
+
+Paths default to the one work folder of every command (`default_workdir()`: $FLOWRAY_WORKDIR, else
+flowray-work), where `flowray prepare --output flowray-work/data` and `make demo` put the data.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any, Literal
 from flowmodel import FlowConfig, Precision
 from flowmodel.typed import from_dict, to_dict
 from pipeline.storage import StorageConfig
+from pipeline.tracking.connection import default_workdir
 
 __all__ = [
     "DataSettings",
@@ -19,17 +24,28 @@ __all__ = [
 ]
 
 
+def _in_workdir(*parts: str) -> str:
+    return "/".join((default_workdir(), *parts))
+
+
 @dataclass(frozen=True)
 class DataSettings:
-    """Shard splits written by `flowray prepare` (local paths or s3:// URLs)."""
+    """The training and validation images.
 
-    train: str = "flowray-work/data/train"
-    validation: str = "flowray-work/data/test"
+    Attributes:
+        train: a split written by `flowray prepare`, or WebDataset shards read in place (a brace
+            pattern, a prefix of .tar files or a list file); local or s3://.
+        validation: the same, for the validation bits/dim.
+        on_error: an unreadable image is logged, counted and left out ("skip") or stops the run.
+        shuffle_buffer: rows in Ray Data's local shuffle buffer per worker.
+        validation_limit: evaluate on the first N images only (None: the whole split).
+    """
+
+    train: str = field(default_factory=lambda: _in_workdir("data", "train"))
+    validation: str = field(default_factory=lambda: _in_workdir("data", "test"))
     on_error: Literal["skip", "fail"] = "skip"
-    shuffle_buffer: int = 2048  # rows in Ray Data's local shuffle buffer per worker
-    validation_limit: int | None = (
-        None  # evaluate on the first N images only (None: the whole split)
-    )
+    shuffle_buffer: int = 2048
+    validation_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,23 +90,46 @@ class ScalingSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Where checkpoints go. Rerunning with the same name and storage_path resumes the run."""
+    """Where checkpoints go. Rerunning with the same name and storage_path resumes the run.
+
+    Attributes:
+        name: the run's name: its checkpoint folder and its MLflow run.
+        storage_path: checkpoints go to <storage_path>/<name>/ (local or s3://; a cluster needs
+            storage every node reaches).
+        address: Ray cluster address, e.g. ray://head:10001 or auto (None: $RAY_ADDRESS, else a
+            local Ray started in this process).
+    """
 
     name: str = "fashion-flow"
-    storage_path: str = "flowray-work/runs"
-    address: str | None = None  # Ray address; None: RAY_ADDRESS, else a local in-process Ray
+    storage_path: str = field(default_factory=lambda: _in_workdir("runs"))
+    address: str | None = None
 
 
 @dataclass(frozen=True)
 class MlflowSettings:
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
+    """Where the run, its metrics and the model are logged and registered.
+
+    Attributes:
+        tracking_uri: MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else
+            sqlite:///<workdir>/mlflow.db).
+        experiment: MLflow experiment of the run.
+        registered_model: the registry name the model is registered under.
+    """
+
+    tracking_uri: str | None = None
     experiment: str = "flowray"
     registered_model: str = "fashion-flow"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training job. Steps count optimizer updates; batch_size is per worker."""
+    """One training job. Steps count optimizer updates; batch_size is per worker.
+
+    Attributes:
+        workdir: the work folder of the embedded default (the SQLite MLflow store, pictures).
+        verbose: more output: flowray's DEBUG lines, and Ray's own (Ray Train's line per report,
+            Ray Data's execution plans) and MLflow's INFO lines.
+    """
 
     model: FlowConfig = field(default_factory=FlowConfig)
     data: DataSettings = field(default_factory=DataSettings)
@@ -99,7 +138,7 @@ class TrainConfig:
     run: RunSettings = field(default_factory=RunSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    workdir: str = "flowray-work"
+    workdir: str = field(default_factory=default_workdir)
     batch_size: int = 64
     max_steps: int = 2000
     max_minutes: float | None = None  # stop (with a final evaluation) after this wall time
@@ -118,14 +157,6 @@ class TrainConfig:
     # torch.compile the training step's forward and backward; if compiling fails the run says so
     # in one line and goes on eager. Off by default: compiling costs minutes at start.
     compile: bool = False
-    fail_at_step: int | None = None  # test-only fault injection: the last worker dies once here
-    # Test-only: after the checkpoint of this step, every worker waits until
-    # <run.storage_path>/<run.name>/release-hold exists (lets a test kill a node at a known step).
-    hold_at_step: int | None = None
-    # Test-only: each worker appends "<step> <epoch> <batch of epoch> <digest of the batch>" per
-    # step to <run>/batches-rank<r>.log (local run storage), to check the data order on resume.
-    record_batches: bool = False
-    # Ray Train's own log line per report ("Reporting training result ..."): off unless verbose.
     verbose: bool = False
 
     def __post_init__(self) -> None:

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
     from flowmodel import Flow
     from pipeline.data.inputs import InputPlan
-    from pipeline.data.reader import SkipTally
+    from pipeline.data.tally import SkipTally
     from pipeline.train.checkpoint import TrainState
+    from pipeline.train.worker import TrainHooks
 
 __all__ = [
     "PreflightError",
@@ -156,8 +157,8 @@ def _first_images(config: TrainConfig, plan: InputPlan, wanted: int) -> int:
     """How many of the first `wanted` images of `plan` decode (at most `wanted`)."""
     import itertools
 
-    from pipeline.data.input_reader import iter_input
-    from pipeline.data.reader import SkipTally
+    from pipeline.data.reader import iter_input
+    from pipeline.data.tally import SkipTally
 
     rows = iter_input(
         plan,
@@ -171,7 +172,7 @@ def _first_images(config: TrainConfig, plan: InputPlan, wanted: int) -> int:
 
 def _readable_images(url: str, manifest: Any, storage: Any) -> int:
     """Images in the shards that are present with the manifest's size (the others are skipped)."""
-    from pipeline.data.manifest import compare_shards
+    from pipeline.data.shards import compare_shards
     from pipeline.storage import list_files
 
     diff = compare_shards(manifest, list_files(url, storage))
@@ -299,10 +300,12 @@ def _storage_args(config: TrainConfig) -> tuple[str, Any]:
     return config.run.storage_path, None
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) the training job described by `config`; see the module docstring."""
-    from pipeline.data.reader import SkipTally
+def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
+    """Run (or resume) the training job described by `config`; see the module docstring.
+    `hooks`: the test seams (pipeline.train.worker.TrainHooks), else $FLOWRAY_TEST_HOOKS's."""
+    from pipeline.data.tally import SkipTally
     from pipeline.tracking.connection import resolve_tracking_uri
+    from pipeline.train.worker import TrainHooks
 
     config = absolute_paths(config)
     local = not (config.run.address or os.environ.get("RAY_ADDRESS"))
@@ -312,7 +315,8 @@ def train(config: TrainConfig) -> TrainResult:
     run_id = _mlflow_run(config, tracking_uri, plans)
     _init_ray(config)
     tally = SkipTally.shared() if config.data.on_error == "skip" else None
-    trainer = _trainer(config, plans, tally, tracking_uri, run_id, epoch)
+    hooks = hooks or TrainHooks.from_environment()
+    trainer = _trainer(config, plans, tally, tracking_uri, run_id, epoch, hooks)
     print(
         f"training {config.run.name}: {config.scaling.num_workers} workers x batch {config.batch_size}, "
         f"up to {config.max_steps} steps"
@@ -351,9 +355,12 @@ def _trainer(
     tracking_uri: str,
     run_id: str,
     epoch: int = 0,
+    hooks: TrainHooks | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer: the shuffled training split as a Ray Data stream, the workers, and where
     checkpoints go (the same name and storage path resume the run)."""
+    from dataclasses import asdict
+
     import ray.train
     from ray.data import DataContext
     from ray.train.torch import TorchTrainer
@@ -376,6 +383,7 @@ def _trainer(
             "train": config.to_dict(),
             "tracking_uri": tracking_uri,
             "mlflow_run_id": run_id,
+            "hooks": asdict(hooks) if hooks else {},
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,
@@ -410,7 +418,7 @@ def _training_dataset(
     """
     from ray.data import DataContext
 
-    from pipeline.data.input_reader import read_input
+    from pipeline.data.reader import read_input
     from pipeline.train.data_order import epoch_board
 
     options = DataContext.get_current().execution_options

@@ -20,10 +20,11 @@ EMA and placement in `pipeline.train.core`: plain PyTorch, tested without Ray (a
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from flowmodel import Flow, build_flow
+from flowmodel.typed import from_dict
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.core import Training, run_step, start_training
@@ -56,9 +58,40 @@ from pipeline.train.reporting import (
 )
 from pipeline.train.step import StepMetrics, budget_progress, evaluate
 
-__all__ = ["train_loop_per_worker"]
+__all__ = ["HOOKS_VARIABLE", "TrainHooks", "train_loop_per_worker"]
+
+HOOKS_VARIABLE = "FLOWRAY_TEST_HOOKS"
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """Seams that tests inject into a run: never part of its TrainConfig, so never in
+    --print-config, MLflow params or checkpoints. A test passes them to `driver.train(config,
+    hooks)`, or, for a job started as a process (`flowray submit --env`), as JSON in
+    $FLOWRAY_TEST_HOOKS of the driver: `{"hold_at_step": 10}`.
+
+    Attributes:
+        fail_at_step: the last worker exits abruptly once at this step, like a lost node (a
+            marker file in the run's folder keeps the retried worker group from dying again).
+        hold_at_step: after this step's checkpoint, every worker waits until
+            <run.storage_path>/<run.name>/release-hold exists (a test kills a node at a known
+            step).
+        record_batches: each worker appends "<step> <epoch> <batch of epoch> <digest of the
+            batch> <pid>" per step to <run>/batches-rank<r>.log (local run storage), to check the
+            data order on resume.
+    """
+
+    fail_at_step: int | None = None
+    hold_at_step: int | None = None
+    record_batches: bool = False
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> TrainHooks:
+        """The hooks in $FLOWRAY_TEST_HOOKS (none when it is unset)."""
+        text = environ.get(HOOKS_VARIABLE, "").strip()
+        return from_dict(cls, json.loads(text)) if text else cls()
 
 
 # ----------------------------------------------------------------------------- this worker
@@ -74,6 +107,7 @@ class _Worker:
     rank: int
     world: int
     logger: RunLogger
+    hooks: TrainHooks = field(default_factory=TrainHooks)
 
     @property
     def is_chief(self) -> bool:
@@ -98,8 +132,8 @@ class _Clock:
 
 
 def _validation_batches(config: TrainConfig) -> Iterator[tuple[list[str], torch.Tensor]]:
-    from pipeline.data.input_reader import iter_input
-    from pipeline.data.reader import SkipTally
+    from pipeline.data.reader import iter_input
+    from pipeline.data.tally import SkipTally
 
     # Any input (a prepared split or foreign shards), fitted to the model's shape.
     rows = iter_input(
@@ -123,8 +157,8 @@ def _validation_batches(config: TrainConfig) -> Iterator[tuple[list[str], torch.
 
 def _init_batch(config: TrainConfig) -> torch.Tensor:
     """The first `init_images` training images in input order: the same on every worker."""
-    from pipeline.data.input_reader import iter_input
-    from pipeline.data.reader import SkipTally
+    from pipeline.data.reader import iter_input
+    from pipeline.data.tally import SkipTally
 
     images = []
     for row in iter_input(
@@ -140,9 +174,10 @@ def _init_batch(config: TrainConfig) -> torch.Tensor:
     return torch.from_numpy(np.stack(images))
 
 
-def _maybe_inject_fault(config: TrainConfig, step: int, rank: int, world: int) -> None:
-    """Test-only: the last worker exits abruptly once, at `fail_at_step`, like a lost node."""
-    if config.fail_at_step is None or step != config.fail_at_step or rank != world - 1:
+def _maybe_inject_fault(worker: _Worker, step: int) -> None:
+    """Test hook: the last worker exits abruptly once, at `fail_at_step`, like a lost node."""
+    config, rank = worker.config, worker.rank
+    if step != worker.hooks.fail_at_step or rank != worker.world - 1:
         return
     from pipeline.storage import exists, join_url, write_bytes_atomic
 
@@ -158,10 +193,11 @@ HOLD_POLL_SECONDS = 0.5
 HOLD_LIMIT_SECONDS = 1800.0
 
 
-def _maybe_hold(config: TrainConfig, step: int, is_chief: bool) -> None:
-    """Test-only: at `hold_at_step`, wait until the test writes the release marker. The step's
+def _maybe_hold(worker: _Worker, step: int) -> None:
+    """Test hook: at `hold_at_step`, wait until the test writes the release marker. The step's
     checkpoint is already reported, so a test can kill a node knowing where training stands."""
-    if config.hold_at_step is None or step != config.hold_at_step:
+    config, is_chief = worker.config, worker.is_chief
+    if step != worker.hooks.hold_at_step:
         return
     from pipeline.storage import exists, join_url
 
@@ -182,7 +218,7 @@ def _maybe_hold(config: TrainConfig, step: int, is_chief: bool) -> None:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker; `loop_config` holds the TrainConfig as a dict
-    ("train"), the MLflow tracking URI and run id."""
+    ("train"), the MLflow tracking URI and run id, and the test hooks ("hooks", a dict)."""
     import ray.train
 
     context = ray.train.get_context()
@@ -195,6 +231,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger=RunLogger(
             loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), rank == 0
         ),
+        hooks=from_dict(TrainHooks, loop_config.get("hooks") or {}),
     )
     quiet_ray_train_reports(worker.config.verbose)
     # Rank 0's machine is where training runs (the driver may be a laptop submitting a job).
@@ -325,7 +362,7 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
             epoch_batches += 1
             if epoch_batches <= resume_at:
                 continue
-            if config.record_batches:
+            if worker.hooks.record_batches:
                 record_batch(config, worker.rank, state, batch["image"])
             state.epoch_step += 1  # consumed, whatever the step does with it
             done = _step_and_duties(worker, training, state, clock, batch["image"])
@@ -361,7 +398,7 @@ def _step_and_duties(
     """One training step, then whatever falls due: progress, evaluation, checkpoint. Returns
     whether the run is done (every worker agrees, so all of them stop at the same step)."""
     config = worker.config
-    _maybe_inject_fault(config, state.step, worker.rank, worker.world)
+    _maybe_inject_fault(worker, state.step)
     # From the agreed elapsed time after the previous step: the same learning rate everywhere.
     progress = budget_progress(
         state.step, config.max_steps, state.elapsed_seconds, config.max_minutes
@@ -388,7 +425,7 @@ def _step_and_duties(
         _evaluate(worker, training, state, final=done)
     if state.step % config.checkpoint_every == 0 or done:
         _checkpoint_and_report(worker, training, state)
-    _maybe_hold(config, state.step, worker.is_chief)
+    _maybe_hold(worker, state.step)
     return done
 
 

@@ -56,7 +56,7 @@ def chaos_sample(images: int, seed: int, trained: TrainedModel, tmp_path: Path) 
     expected = shards(reference)
     out = tmp_path / "out"
     args = [
-        "--model", str(trained.directory), "--output", str(out), "--n", str(images),
+        "--model", str(trained.directory), "--output", str(out), "-n", str(images),
         "--seed", str(seed), "--tracking-uri", trained.tracking_uri,
         *[item for k, v in SETTINGS.items() for item in ("--set", f"{k}={v}".lower())],
     ]  # fmt: skip

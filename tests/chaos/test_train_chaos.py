@@ -11,21 +11,32 @@ tests/pipeline/train/test_data_order.py (the worker loop) and test_resume.py (Ra
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.train.checkpoint import load_checkpoint
+from pipeline.train.worker import HOOKS_VARIABLE
 from tests.chaos.jobs import run_job, start_job
 from tests.pipeline.train.tiny_run import make_split, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 STEPS = 30  # 96 images in batches of 8: 12 per epoch, so 2.5 epochs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def record_batches() -> Iterator[None]:
+    """Every job of this module records its batches: the test hook, in the jobs' environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(HOOKS_VARIABLE, json.dumps({"record_batches": True}))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +51,6 @@ def config_file(split: str, tmp_path: Path, name: str) -> Path:
         checkpoint_every=4,
         eval_every=STEPS,
         log_every=10,
-        record_batches=True,
         scaling={"num_workers": 1, "cpus_per_worker": 1, "max_failures": 2},
         run={"name": name, "storage_path": str(tmp_path / "runs")},
         mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "registered_model": name},

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pipeline.train.worker import HOOKS_VARIABLE
 from tests.e2e.conftest import ROOT, LocalStack
 
 pytestmark = pytest.mark.cluster
@@ -258,7 +259,7 @@ def test_prepare_writes_fashion_mnist_shards_to_s3(pipeline, fashion_mnist_dir):
     done = submit(
         pipeline,
         "prepare",
-        *("--source", f"idx:{fashion_mnist_dir}", "--out", f"{pipeline.prefix}/fmnist"),
+        *("--source", f"idx:{fashion_mnist_dir}", "--output", f"{pipeline.prefix}/fmnist"),
         *("--limit", str(TRAIN_IMAGES), "--shard-samples", str(SHARD_IMAGES)),
     )
     assert_succeeded(done)
@@ -334,7 +335,7 @@ def test_sampling_writes_images_from_the_champion(pipeline):
     done = submit(
         pipeline,
         "sample",
-        *("--model", f"models:/{pipeline.model}@champion", "--n", "16", "--output", output),
+        *("--model", f"models:/{pipeline.model}@champion", "-n", "16", "--output", output),
     )
     assert_succeeded(done)
     assert "generated 16 images" in done.out
@@ -383,7 +384,8 @@ def test_losing_the_worker_node_during_training_resumes_from_the_checkpoint(pipe
     args = pipeline.train_args(
         run, steps=30, checkpoint_every=5, model=f"{pipeline.model}-node-loss"
     )
-    job = Background(pipeline, "train", *args, "--set", f"hold_at_step={HOLD_STEP}")
+    hooks = f"{HOOKS_VARIABLE}=" + json.dumps({"hold_at_step": HOLD_STEP})
+    job = Background(pipeline, "--env", hooks, "train", *args)
     run_url = f"{pipeline.prefix}/runs/{run}"
     job.wait_for(rf"holding at step {HOLD_STEP}\b")
     wait_until(

@@ -11,6 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jobs import cli
 from jobs.cli import COMMANDS
@@ -107,15 +108,6 @@ def test_train_shows_each_default_once(capsys: pytest.CaptureFixture) -> None:
     assert text.count("(default: fashion-mnist)") == 1
 
 
-def test_prepare_still_takes_ray_address_as_a_hidden_alias() -> None:
-    from jobs.prepare import build_parser
-
-    parser = build_parser()
-    assert parser.parse_args(["--out", "x", "--ray-address", "auto"]).ray_address == "auto"
-    assert parser.parse_args(["--out", "x", "--address", "auto"]).ray_address == "auto"
-    assert "--ray-address" not in parser.format_help()
-
-
 def test_train_verbose_flag_turns_on_ray_trains_report_lines(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["train", "--print-config"]) == 0
     assert "\nverbose: false\n" in capsys.readouterr().out
@@ -123,10 +115,99 @@ def test_train_verbose_flag_turns_on_ray_trains_report_lines(capsys: pytest.Capt
     assert "\nverbose: true\n" in capsys.readouterr().out
 
 
+def test_train_takes_the_storage_flags_every_job_takes(capsys: pytest.CaptureFixture) -> None:
+    argv = ["train", "--print-config", "--endpoint-url", "http://s3:9000", "--region", "eu-north-1"]
+    assert cli.main(argv) == 0
+    storage = yaml.safe_load(capsys.readouterr().out)["storage"]
+    assert (storage["endpoint_url"], storage["region"]) == ("http://s3:9000", "eu-north-1")
+
+
+def test_test_hooks_are_not_config_keys(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["train", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    for hook in ("fail_at_step", "hold_at_step", "record_batches"):
+        assert hook not in printed
+    assert cli.main(["train", "--print-config", "--set", "hold_at_step=3"]) == 2
+    assert "unknown key hold_at_step" in capsys.readouterr().err
+
+
+# Each shared option: the commands that take it, and the commands that must not take it under
+# another name. One name and one meaning everywhere.
+SHARED_OPTIONS = {
+    "--output": ["score", "sample", "prepare"],
+    "--endpoint-url": ["train", "score", "sample", "prepare"],
+    "--region": ["train", "score", "sample", "prepare"],
+    "--address": ["train", "score", "sample", "serve", "prepare"],
+    "--tracking-uri": ["train", "score", "sample", "serve"],
+    "--verbose": ["train", "score", "sample", "serve", "prepare", "demo"],
+    "--config": ["train", "score", "sample", "serve", "prepare"],
+    "--set": ["train", "score", "sample", "serve", "prepare", "demo"],
+}
+
+
+def flags_of(command: list[str], capsys: pytest.CaptureFixture) -> set[str]:
+    """Every option string (`-v`, `--verbose`, ...) that `flowray <command> --help` lists."""
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command, "--help"])
+    assert done.value.code == 0
+    flags: set[str] = set()
+    for entry in option_entries(capsys.readouterr().out).values():
+        names = re.split(r"\s{2,}", entry.strip())[0]
+        flags |= {part.split()[0] for part in names.split(", ")}
+    return flags
+
+
+@pytest.mark.parametrize("option", sorted(SHARED_OPTIONS))
+def test_a_shared_option_has_one_name_in_every_command(
+    option: str, capsys: pytest.CaptureFixture
+) -> None:
+    missing = [c for c in SHARED_OPTIONS[option] if option not in flags_of([c], capsys)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("command", ["score", "sample", "serve", "prepare", "scores top", "demo"])
+def test_retired_spellings_are_gone(command: str, capsys: pytest.CaptureFixture) -> None:
+    flags = flags_of(command.split(), capsys)
+    assert not {"--out", "--n", "--ray-address", "--reload-interval", "--samples"} & flags
+    if command == "prepare":
+        assert "--workers" not in flags and "--tasks" in flags  # --workers: Ray Train workers
+
+
+def test_the_number_of_images_is_n_or_num(capsys: pytest.CaptureFixture) -> None:
+    for command in (["sample"], ["scores", "top"], ["demo"]):
+        assert {"-n", "--num"} <= flags_of(command, capsys), command
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        ([], 2),  # no command: a usage error, as a group command without its subcommand
+        (["models"], 2),
+        (["scores"], 2),
+        (["--help"], 0),
+        (["help"], 0),
+        (["nope"], 2),
+    ],
+)
+def test_exit_codes_of_the_command_groups(
+    argv: list[str], code: int, capsys: pytest.CaptureFixture
+) -> None:
+    assert cli.main(argv) == code
+    captured = capsys.readouterr()
+    if code == 2:
+        assert "usage:" in captured.err and captured.out == ""
+
+
+def test_the_default_work_folder_is_named_once() -> None:
+    from pipeline.tracking.connection import DEFAULT_WORKDIR
+
+    assert cli.DEFAULT_WORKDIR == DEFAULT_WORKDIR
+
+
 @pytest.mark.parametrize(
     ("command", "option"),
     [
-        (["sample", "--gpus-per-task", "1", "--n", "8"], "--gpus-per-task"),
+        (["sample", "--gpus-per-task", "1", "-n", "8"], "--gpus-per-task"),
         (["score", "--gpus-per-actor", "1", "--input", "unused"], "--gpus-per-actor"),
     ],
 )

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.cli import main as flowray
 from jobs.prepare import build_parser, main
-from pipeline.data.reader import iter_split
+from pipeline.data.reader import iter_input
 from pipeline.data.shards import load_manifest
 from pipeline.storage import join_url
 
@@ -22,7 +22,7 @@ def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
 
 
 def test_prepare_fashion_mnist_then_rerun_writes_nothing(fashion_mnist_dir, tmp_path, capsys):
-    argv = ["--source", f"idx:{fashion_mnist_dir}", "--out", str(tmp_path / "data")]
+    argv = ["--source", f"idx:{fashion_mnist_dir}", "--output", str(tmp_path / "data")]
     argv += ["--limit", "300", "--shard-samples", "100"]
     code, out, err = _run(capsys, argv)
     assert code == 0, err
@@ -38,7 +38,15 @@ def test_prepare_fashion_mnist_then_rerun_writes_nothing(fashion_mnist_dir, tmp_
 def test_flowray_cli_dispatches_prepare_with_a_folder_source(photo_folder, tmp_path, capsys):
     out_dir = tmp_path / "shards"
     code = flowray(
-        ["prepare", "--source", f"folder:{photo_folder}", "--out", str(out_dir), "--size", "24x24"]
+        [
+            "prepare",
+            "--source",
+            f"folder:{photo_folder}",
+            "--output",
+            str(out_dir),
+            "--size",
+            "24x24",
+        ]
         + ["--channels", "1", "--val-fraction", "0.25", "--shard-samples", "5"]
     )
     assert code == 0, capsys.readouterr().err
@@ -46,7 +54,7 @@ def test_flowray_cli_dispatches_prepare_with_a_folder_source(photo_folder, tmp_p
     assert (train.count, val.count) == (14, 4)  # 18 images; round(4.5) == 4
     assert train.shape == val.shape == (1, 24, 24)
     assert train.classes == ("astronaut", "chelsea", "coffee")
-    rows = list(iter_split(str(out_dir / "val")))
+    rows = list(iter_input(str(out_dir / "val"), shape=(1, 24, 24)))
     assert {r["image"].shape for r in rows} == {(1, 24, 24)} and all(r["label"] >= 0 for r in rows)
 
 
@@ -56,11 +64,11 @@ def test_prepare_npy_to_s3_and_back(tmp_path, s3, capsys):
     out = join_url(s3.url, "npy")
     code, _, err = _run(
         capsys,
-        ["--source", f"npy:{tmp_path}/x.npy", "--out", out, "--endpoint-url", s3.endpoint_url]
+        ["--source", f"npy:{tmp_path}/x.npy", "--output", out, "--endpoint-url", s3.endpoint_url]
         + ["--shard-samples", "16"],
     )
     assert code == 0, err
-    rows = list(iter_split(join_url(out, "train"), s3.storage))
+    rows = list(iter_input(join_url(out, "train"), s3.storage, shape=(3, 16, 16)))
     assert len(rows) == 40 and all(r["label"] == -1 for r in rows)
     np.testing.assert_array_equal(
         np.stack([r["image"] for r in rows]), images.transpose(0, 3, 1, 2)
@@ -75,19 +83,19 @@ def _assert_user_error(err: str, message: str, hint: str) -> None:
 
 
 def test_missing_dataset_folder_is_one_line_and_a_hint(tmp_path, capsys):
-    code, _, err = _run(capsys, ["--source", f"idx:{tmp_path}/nowhere", "--out", str(tmp_path)])
+    code, _, err = _run(capsys, ["--source", f"idx:{tmp_path}/nowhere", "--output", str(tmp_path)])
     assert code == 2
     _assert_user_error(err, f"IDX folder not found: {tmp_path}/nowhere", "dataset-fashion-mnist")
 
 
 def test_folder_without_idx_files_names_the_missing_file(tmp_path, capsys):
-    code, _, err = _run(capsys, ["--source", f"idx:{tmp_path}", "--out", str(tmp_path / "o")])
+    code, _, err = _run(capsys, ["--source", f"idx:{tmp_path}", "--output", str(tmp_path / "o")])
     assert code == 2
     _assert_user_error(err, "no train*images-idx3* file in", "FASHION_MNIST_DIR")
 
 
 def test_folder_source_without_size_asks_for_it(photo_folder, tmp_path, capsys):
-    code, _, err = _run(capsys, ["--source", f"folder:{photo_folder}", "--out", str(tmp_path)])
+    code, _, err = _run(capsys, ["--source", f"folder:{photo_folder}", "--output", str(tmp_path)])
     assert code == 2
     _assert_user_error(err, "a target size is needed", "--size HxW")
 
@@ -97,7 +105,7 @@ def test_unreachable_s3_endpoint_is_one_line_and_a_hint(tmp_path, capsys, aws_cr
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    code, _, err = _run(capsys, ["--out", "s3://bucket/x", "--endpoint-url", endpoint])
+    code, _, err = _run(capsys, ["--output", "s3://bucket/x", "--endpoint-url", endpoint])
     assert code == 1  # storage down: a runtime failure (a wrong URL or no credentials: 2)
     _assert_user_error(err, f"S3 endpoint {endpoint} is unreachable", "--endpoint-url")
 
@@ -108,7 +116,9 @@ def test_missing_credentials_are_one_line_and_a_hint(s3, monkeypatch, capsys):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     s3fs.S3FileSystem.clear_instance_cache()
-    code, _, err = _run(capsys, ["--out", join_url(s3.url, "x"), "--endpoint-url", s3.endpoint_url])
+    code, _, err = _run(
+        capsys, ["--output", join_url(s3.url, "x"), "--endpoint-url", s3.endpoint_url]
+    )
     s3fs.S3FileSystem.clear_instance_cache()
     assert code == 2
     _assert_user_error(err, "no AWS credentials found", "AWS_ACCESS_KEY_ID")
@@ -117,7 +127,7 @@ def test_missing_credentials_are_one_line_and_a_hint(s3, monkeypatch, capsys):
 
 def test_missing_bucket_is_one_line_and_a_hint(s3, capsys):
     code, _, err = _run(
-        capsys, ["--out", "s3://absent-bucket/x", "--endpoint-url", s3.endpoint_url]
+        capsys, ["--output", "s3://absent-bucket/x", "--endpoint-url", s3.endpoint_url]
     )
     assert code == 2
     _assert_user_error(err, "bucket 'absent-bucket' does not exist", "create it")
@@ -130,22 +140,41 @@ def test_help_shows_every_option_with_its_default(capsys):
     for option, default in [
         ("--shard-samples", "10000"),
         ("--shard-bytes", "256MiB"),
-        ("--workers", "0"),
+        ("--tasks", "0"),
         ("--on-error", "fail"),
         ("--val-fraction", "0.0"),
     ]:
         assert option in text and f"(default: {default})" in text
     shown = [a for a in build_parser()._actions if a.help != argparse.SUPPRESS]
-    assert text.count("(default:") == len(shown) - 2  # all but --help and the required --out
+    assert text.count("(default:") == len(shown) - 2  # all but --help and the required --output
+    assert "--output OUTPUT where the splits go" in text and "(required unless in --config)" in text
 
 
 @pytest.mark.parametrize(
-    ("value", "message"), [("--size=64", "expected HxW"), ("--shard-bytes=lots", "256MiB")]
+    ("value", "message"),
+    [
+        ("--size=64", "expected HxW such as 64x64, found '64'"),
+        ("--shard-bytes=lots", "expected a size such as 256MiB or 100MB, found 'lots'"),
+        ("--shard-samples=0", "shard_samples: expected >= 1, found 0"),
+    ],
 )
-def test_bad_option_values_are_usage_errors(value, message, capsys):
-    with pytest.raises(SystemExit) as info:
-        build_parser().parse_args(["--out", "x", value])
-    assert info.value.code == 2 and message in capsys.readouterr().err
+def test_bad_option_values_are_usage_errors(value, message, tmp_path, capsys):
+    assert main(["--output", str(tmp_path / "x"), value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_config_file_gives_the_options_and_flags_win(fashion_mnist_dir, tmp_path, capsys):
+    config = tmp_path / "prepare.yaml"
+    config.write_text(
+        f"source: idx:{fashion_mnist_dir}\noutput: {tmp_path / 'data'}\nlimit: 50\n"
+        "splits: test\nshard_samples: 20\n"
+    )
+    code, out, err = _run(capsys, ["--config", str(config), "--set", "limit=40", "--limit", "30"])
+    assert code == 0, err
+    assert load_manifest(str(tmp_path / "data" / "test")).count == 30
+    assert "test: 30 images [1, 28, 28] in 2 shards" in out
+    assert not (tmp_path / "data" / "train").exists()
 
 
 def _bomb_png(side: int = 15000) -> bytes:
@@ -185,7 +214,7 @@ def folder_with_a_bomb(tmp_path):
 def test_a_decompression_bomb_is_skipped_and_counted_under_skip(
     folder_with_a_bomb, tmp_path, capsys
 ):
-    argv = ["--source", f"folder:{folder_with_a_bomb}", "--out", str(tmp_path / "data")]
+    argv = ["--source", f"folder:{folder_with_a_bomb}", "--output", str(tmp_path / "data")]
     code, out, err = _run(capsys, [*argv, "--size", "32x32", "--on-error", "skip"])
     assert code == 0, err
     assert "train: 20 images [3, 32, 32]" in out and "1 bad inputs skipped" in out
@@ -198,12 +227,22 @@ def test_image_limits_are_options_checked_before_decoding(folder_with_a_bomb, tm
     # Between 32x32 (1,024 pixels) and 48x48 (2,304): the ten 48x48 images are refused too.
     code, out, err = _run(
         capsys,
-        [*base, "--out", str(tmp_path / "a"), "--on-error", "skip", "--max-image-pixels", "2000"],
+        [
+            *base,
+            "--output",
+            str(tmp_path / "a"),
+            "--on-error",
+            "skip",
+            "--max-image-pixels",
+            "2000",
+        ],
     )
     assert code == 0, err
     assert "train: 10 images [3, 32, 32]" in out and "11 bad inputs skipped" in out
     # A byte limit below the bomb's few hundred KB refuses it by its size, under fail: one line.
-    code, _, err = _run(capsys, [*base, "--out", str(tmp_path / "b"), "--max-image-bytes", "100KB"])
+    code, _, err = _run(
+        capsys, [*base, "--output", str(tmp_path / "b"), "--max-image-bytes", "100KB"]
+    )
     assert code == 2
     _assert_user_error(err, "bomb.png", "")
     assert "larger than the limit of 100,000 bytes" in err

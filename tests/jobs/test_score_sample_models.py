@@ -16,6 +16,7 @@ import pytest
 from jobs import models as models_job
 from jobs import sample as sample_job
 from jobs import score as score_job
+from jobs.errors import EXIT_REFUSED
 from tests.pipeline.flow_fixtures import (
     MODEL_NAME,
     TrainedModel,
@@ -136,7 +137,12 @@ def test_score_command_killed_mid_run_then_rerun_scores_each_key_once(
 @pytest.mark.parametrize(
     ("case", "expected", "exit_code"),
     [
-        ("alias", "not found: 'fmnist-test' has aliases @candidate -> v1, @champion -> v1", 2),
+        (
+            "alias",
+            "not found: 'fmnist-test' has aliases @candidate -> v1, @champion -> v1 "
+            "(searched sqlite:///",
+            2,
+        ),
         ("input", "no data at", 2),
         ("server", "MLflow tracking server at http://127.0.0.1:9 is not reachable", 1),
         ("shape", "holds images of shape", 2),
@@ -182,7 +188,7 @@ def test_sample_command_writes_shards_and_grid(
     capsys: pytest.CaptureFixture,
 ) -> None:
     args = [
-        "--model", str(trained_model.directory), "--output", str(tmp_path / "s"), "--n", "12",
+        "--model", str(trained_model.directory), "--output", str(tmp_path / "s"), "-n", "12",
         "--seed", "3", "--tracking-uri", trained_model.tracking_uri, "--set", "grid_images=4",
     ]  # fmt: skip
     assert sample_job.main(args) == 0
@@ -214,10 +220,35 @@ def test_models_list_and_promote_refuses_a_worse_version_unless_forced(
     assert "4.2000" in rows["2"] and "candidate" in rows["2"]
     assert "4.0000" in rows["1"] and "champion" in rows["1"]
 
-    assert models_job.main(["promote", name, "2", *uri]) == 1
+    assert models_job.main(["promote", name, "2", *uri]) == EXIT_REFUSED == 4
     assert "refused" in capsys.readouterr().err
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert models_job.main(["promote", name, "2", "--force", *uri]) == 0
     assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
     assert models_job.main(["promote", name, "9", *uri]) == 2
     one_line_error(capsys.readouterr().err)
+
+
+def test_models_list_names_the_store_it_searched_and_keeps_mlflows_lines_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a folder with no store yet: no MLflow "Creating initial MLflow database tables..."
+    lines unless -v, and the empty listing says where it looked (the default work folder)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FLOWRAY_"))}
+    command = [sys.executable, "-m", "jobs.cli", "models", "list"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    store = f"sqlite:///{tmp_path.resolve()}/flowray-work/mlflow.db"
+    assert result.stdout.strip() == f"no registered models at {store}"
+    assert "Creating initial MLflow database tables" not in result.stdout + result.stderr
+    env["FLOWRAY_WORKDIR"] = str(tmp_path / "w")
+    result = subprocess.run(
+        [*command, "--name", "fashion-flow", "-v"], cwd=tmp_path, env=env, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        f"no registered model 'fashion-flow' (registered: none; searched sqlite:///{tmp_path.resolve()}/w/mlflow.db)"
+        in result.stderr
+    )
+    assert "Creating initial MLflow database tables" in result.stderr  # -v shows them

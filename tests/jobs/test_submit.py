@@ -334,10 +334,16 @@ class FakeClient:
     """A job server with one job: its log chunks and its status sequence."""
 
     def __init__(
-        self, chunks: list[str], statuses: list[str], message: str = "", tail_error: bool = False
+        self,
+        chunks: list[str],
+        statuses: list[str],
+        message: str = "",
+        tail_error: bool = False,
+        driver_exit_code: int | None = None,
     ) -> None:
         self.chunks, self.statuses, self.message = chunks, list(statuses), message
         self.tail_error = tail_error
+        self.driver_exit_code = driver_exit_code
         self.submitted: dict = {}
         self.stopped = False
 
@@ -355,7 +361,7 @@ class FakeClient:
         return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
 
     def get_job_info(self, job_id):
-        return SimpleNamespace(message=self.message)
+        return SimpleNamespace(message=self.message, driver_exit_code=self.driver_exit_code)
 
     def stop_job(self, job_id):
         self.stopped = True
@@ -384,9 +390,25 @@ def _run_with(monkeypatch, client: FakeClient, argv: list[str]) -> int:
     return main(argv)
 
 
-@pytest.mark.parametrize(("status", "code"), [("SUCCEEDED", 0), ("FAILED", 1), ("STOPPED", 1)])
-def test_exit_code_follows_the_job_status(stack_env, monkeypatch, capsys, status, code):
-    client = FakeClient(["working\n"], [status], message=f"exit code 1; {SECRET}\nmore")
+@pytest.mark.parametrize(
+    ("status", "driver_code", "code"),
+    [
+        ("SUCCEEDED", 0, 0),
+        ("FAILED", 1, 1),
+        ("FAILED", 3, 3),  # finished with items left out: the job's own code, not 1
+        ("FAILED", 2, 2),
+        ("FAILED", None, 1),  # no driver exit code in the job's details (the driver never ran)
+        ("FAILED", -9, 1),  # the driver killed by a signal
+        ("STOPPED", None, 1),
+    ],
+)
+def test_exit_code_is_the_jobs_own(stack_env, monkeypatch, capsys, status, driver_code, code):
+    client = FakeClient(
+        ["working\n"],
+        [status],
+        message=f"exit code 1; {SECRET}\nmore",
+        driver_exit_code=driver_code,
+    )
     assert _run_with(monkeypatch, client, ["--submission-id", "j-1", "train", "--x"]) == code
     captured = capsys.readouterr()
     last = captured.out.strip().splitlines()[-1]

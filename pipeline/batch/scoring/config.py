@@ -30,14 +30,16 @@ class ScoreConfig:
         batch_size: images per forward pass in an actor.
         actors: size of the scoring actor pool; 0 = one per CPU (or GPU) of the cluster, less one
             CPU left for reading.
-        cpus_per_actor, gpus_per_actor: Ray resources of each actor (gpus > 0 scores on CUDA).
+        cpus_per_actor: Ray CPUs of each actor.
+        gpus_per_actor: Ray GPUs of each actor (> 0 scores on CUDA).
         read_concurrency: at most this many read tasks at once (None: Ray Data decides).
         draws: dequantization draws K per image, averaged in probability space.
         seed: dequantization seed; the same meaning as training's eval_seed, so scoring reproduces
             the training job's validation bits/dim.
         on_error: an unreadable image is logged, counted and left out ("skip") or stops the job.
         least_likely: how many of the least likely images the summary grid shows.
-        tracking_uri: MLflow tracking URI (None: MLFLOW_TRACKING_URI, else the embedded SQLite).
+        tracking_uri: MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else
+            sqlite:///<workdir>/mlflow.db, workdir $FLOWRAY_WORKDIR or flowray-work).
         experiment: MLflow experiment of the summary run.
         log_to_mlflow: log the summary run (the files under _summary/ are written either way).
     """

@@ -51,7 +51,7 @@ def test_flowray_serve_answers_a_png_and_stops_on_ctrl_c(
     command = [
         sys.executable, "-m", "jobs.serve", "--model", str(trained_model.directory),
         "--port", str(port), "--tracking-uri", trained_model.tracking_uri,
-        "--reload-interval", "0", "--cpus-per-replica", "0.5",
+        "--reload-interval-s", "0", "--cpus-per-replica", "0.5",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with log.open("w") as output:

@@ -37,7 +37,6 @@ def run(split: str, runs: Path, name: str, resume_from: Path | None, monkeypatch
         max_steps=16,
         checkpoint_every=4,
         eval_every=16,
-        record_batches=True,
         run={"name": name, "storage_path": str(runs)},
         data={"train": split, "validation": split, "validation_limit": 16, "shuffle_buffer": 0},
     )
@@ -46,7 +45,7 @@ def run(split: str, runs: Path, name: str, resume_from: Path | None, monkeypatch
     fake = FakeRayTrain(CPU, split_images(split), saved_to, resume_from)
     with monkeypatch.context() as patch:
         fake.install(patch)
-        train_loop_per_worker({"train": config.to_dict()})
+        train_loop_per_worker({"train": config.to_dict(), "hooks": {"record_batches": True}})
     return runs / name
 
 

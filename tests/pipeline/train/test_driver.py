@@ -15,13 +15,14 @@ from mlflow.tracking import MlflowClient
 from jobs.errors import exit_code_of
 from pipeline.bench.training import _run_id
 from pipeline.config import apply_overrides
-from pipeline.data.reader import iter_split
+from pipeline.data.reader import iter_input
 from pipeline.data.shards import prepare
 from pipeline.data.sources import open_source
 from pipeline.storage import fsspec_filesystem
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.driver import PreflightError, TrainingStopped, train
+from pipeline.train.worker import TrainHooks
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_two_workers_survive_a_dead_worker_register_and_resume(
     ray_local: None, shards: Path, tmp_path: Path
 ) -> None:
     runs = tmp_path / "runs"
-    first = train(tiny_config(tmp_path, str(shards), str(runs), fail_at_step=15))
+    first = train(tiny_config(tmp_path, str(shards), str(runs)), TrainHooks(fail_at_step=15))
 
     # The worker died once at step 15 and the run finished from the step-10 checkpoint.
     assert (runs / "tiny" / "fault-injected").read_text().startswith("worker 1 killed at step 15")
@@ -92,7 +93,7 @@ def test_two_workers_survive_a_dead_worker_register_and_resume(
     # The logged model reproduces the validation bits/dim on the same images and seed.
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     model = mlflow.pyfunc.load_model("models:/tiny-flow@candidate")
-    rows = list(iter_split(f"{shards}/test"))[:300]
+    rows = list(iter_input(f"{shards}/test", shape=(1, 28, 28)))[:300]
     frame = model.predict(
         np.stack([r["image"] for r in rows]), params={"seed": 0, "keys": [r["key"] for r in rows]}
     )

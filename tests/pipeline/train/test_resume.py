@@ -34,7 +34,6 @@ def test_only_keys_that_cannot_change_are_named() -> None:
             "storage": {"region": "eu-west-1"},
             "mlflow": {"experiment": "other"},
             "verbose": True,
-            "fail_at_step": 3,
         }
     ).to_dict()
     assert config_differences(saved, current) == [
