@@ -44,6 +44,7 @@ from flowmodel import Flow
 from pipeline.errors import FlowrayError
 from pipeline.model.artifact import load_flow, save_flow
 from pipeline.model.noise import noise_scheme_of
+from pipeline.storage import redact_url
 from pipeline.tracking.connection import quiet_mlflow
 
 __all__ = [
@@ -143,7 +144,8 @@ def list_models(name: str | None = None) -> list[RegisteredModelInfo]:
         except MlflowException as err:
             names = sorted(m.name for m in client.search_registered_models())
             raise ModelNotFound(
-                f"no registered model {name!r} (registered: {', '.join(names) or 'none'})"
+                f"no registered model {name!r} (registered: {', '.join(names) or 'none'}; "
+                f"searched {_searched()})"
             ) from err
     else:
         models = sorted(client.search_registered_models(), key=lambda m: m.name)
@@ -328,9 +330,17 @@ def _not_found_message(client: MlflowClient, reference: str, name: str) -> str:
         model = client.get_registered_model(name)
     except MlflowException:
         names = sorted(m.name for m in client.search_registered_models())
-        return f"model {reference!r} not found: no registered model {name!r} (registered: {', '.join(names) or 'none'})"
+        return (
+            f"model {reference!r} not found: no registered model {name!r} (registered: "
+            f"{', '.join(names) or 'none'}; searched {_searched()})"
+        )
     aliases = ", ".join(f"@{alias} -> v{v}" for alias, v in sorted(model.aliases.items())) or "none"
-    return f"model {reference!r} not found: {name!r} has aliases {aliases}"
+    return f"model {reference!r} not found: {name!r} has aliases {aliases} (searched {_searched()})"
+
+
+def _searched() -> str:
+    """The tracking URI a lookup searched, for "not found" messages (credentials stripped)."""
+    return redact_url(mlflow.get_tracking_uri())
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
