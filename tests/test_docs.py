@@ -143,10 +143,22 @@ def job_module(name: str) -> ModuleType:
 
 
 def parser_of(module: ModuleType) -> argparse.ArgumentParser:
-    """The module's argument parser: `parser()`, else `build_parser()`."""
+    """The module's argument parser (`parser()`, else `build_parser()`), taking options by their
+    full names only: the docs spell every option out, so a renamed option fails here even where
+    argparse would accept the old name as a prefix of the new one."""
     factory = getattr(module, "parser", None) or getattr(module, "build_parser", None)
     assert callable(factory), f"{module.__name__}: expected a parser() function, found none"
-    return factory()
+    parser = factory()
+    no_abbreviations(parser)
+    return parser
+
+
+def no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    parser.allow_abbrev = False
+    for action in parser._actions:  # subcommands: `models list`, `scores top`
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                no_abbreviations(sub)
 
 
 def parse(module: ModuleType, argv: list[str], command: Command) -> argparse.Namespace | None:
@@ -256,10 +268,48 @@ def test_documented_command_parses(command: Command) -> None:
         check_job(job[2], list(job[3:]), command)
 
 
+def example_job() -> ModuleType:
+    """A job module whose parser takes `--number N` and `--name X`."""
+    module = ModuleType("example_job")
+
+    def parser() -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog="flowray example")
+        p.add_argument("--number", type=int)
+        p.add_argument("--name")
+        return p
+
+    module.parser = parser  # type: ignore[attr-defined]
+    return module
+
+
+def test_a_documented_command_parses_with_its_own_parser() -> None:
+    good = Command("example", ("flowray", "example", "--number", "3", "--name", "x"))
+    args = parse(example_job(), ["--number", "3", "--name", "x"], good)
+    assert (args.number, args.name) == (3, "x")
+
+
 def test_a_command_with_an_unknown_option_fails_the_check() -> None:
-    bad = Command("example", ("flowray", "score", "--no-such-option", "1"))
-    with pytest.raises(pytest.fail.Exception, match="no-such-option"):
-        check_flowray(list(bad.words[1:]), bad)
+    bad = Command("example", ("flowray", "example", "--no-such-option", "1"))
+    with pytest.raises(pytest.fail.Exception, match="unrecognized arguments: --no-such-option"):
+        parse(example_job(), ["--no-such-option", "1"], bad)
+
+
+def test_an_abbreviated_option_fails_the_check() -> None:
+    short = Command("example", ("flowray", "example", "--num", "3"))
+    with pytest.raises(pytest.fail.Exception, match="--num"):
+        parse(example_job(), ["--num", "3"], short)
+
+
+def test_an_unknown_command_fails_the_check() -> None:
+    bad = Command("example", ("flowray", "no-such-command"))
+    with pytest.raises(AssertionError, match="no such command 'no-such-command'"):
+        check_flowray(["no-such-command"], bad)
+
+
+def test_an_unknown_make_target_fails_the_check() -> None:
+    bad = Command("example", ("make", "demo", "no-such-target", "WORKDIR=x"))
+    with pytest.raises(AssertionError, match="no Makefile target no-such-target"):
+        check_make(["demo", "no-such-target", "WORKDIR=x"], bad)
 
 
 def test_three_alternatives_on_continuation_lines_are_one_command() -> None:
