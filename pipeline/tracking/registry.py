@@ -6,6 +6,8 @@ aliases `candidate` (the newest trained version) and `champion` (the best valida
 drive scoring, sampling and serving. Registration goes through `mlflow.register_model`, which
 creates the registered model when needed and links the version to the logged model and its run.
 A version without a finite validation bits/dim is never registered and never becomes champion.
+A registered name holds one image shape: a version of another shape is refused at registration and
+at promotion (`ShapeMismatch`), since scoring and serving by alias assume the shape stays.
 
 A registered version's model is a flow logged to MLflow (`log_flow_model`): a pyfunc "model from
 code" with a signature and an input example. It holds the entry pipeline/model/pyfunc_entry.py, the `flow` artifact (model.safetensors +
@@ -58,6 +60,7 @@ __all__ = [
     "RegistrationError",
     "ResolvedModel",
     "SHIPPED_PIPELINE",
+    "ShapeMismatch",
     "example_images",
     "flow_signature",
     "list_models",
@@ -88,6 +91,16 @@ class RegistrationError(FlowrayError, RuntimeError):
         "that training evaluated on data.validation (its log shows val bits/dim)"
     )
     exit_code = 1  # a runtime failure (jobs.errors.EXIT_FAILURE): the run produced no figure
+
+
+class ShapeMismatch(RegistrationError):
+    """A version whose image shape differs from the other versions of its registered name."""
+
+    hint = (
+        "one registered name holds one image shape (scoring and serving by alias rely on it): "
+        "register this model under a new name, e.g. train with "
+        "--set mlflow.registered_model=<name>-<C>x<H>x<W>"
+    )
 
 
 @dataclass(frozen=True)
@@ -187,6 +200,7 @@ def register_flow(
     Raises:
         RegistrationError: `val_bits_per_dim` is not a finite number (NaN, None, empty); nothing
             is registered.
+        ShapeMismatch: `name` has versions of another image shape; nothing is registered.
         ValueError: `model_uri` is not a flow logged by `log_flow_model`; nothing is registered.
     """
     del run_id  # MLflow reads the run from the logged model
@@ -196,6 +210,7 @@ def register_flow(
             f"found {val_bits_per_dim!r}; nothing was registered"
         )
     shape = _image_shape(model_uri)  # first: a model that is not a flow gets no version
+    _check_shape(MlflowClient(), name, shape, f"cannot register {model_uri} as {name}")
     tags = {VAL_TAG: f"{float(val_bits_per_dim):.6f}", SHAPE_TAG: shape}
     # register_model prints "Successfully registered model ..." / "Created version ..." to
     # stderr; the jobs print the decision instead (Promotion.reason).
@@ -223,6 +238,24 @@ def _image_shape(model_uri: str) -> str:
     return "x".join(str(size) for size in json.loads(metadata["flow_config"])["image_shape"])
 
 
+def _check_shape(
+    client: MlflowClient, name: str, shape: str, doing: str, skip: str | None = None
+) -> None:
+    """Raise ShapeMismatch when a version of `name` (other than `skip`) is tagged with another
+    image shape than `shape`; versions without the tag are not compared."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:  # no such registered model yet
+        return
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        other = version.tags.get(SHAPE_TAG)
+        if str(version.version) != skip and other and other != shape:
+            raise ShapeMismatch(
+                f"{doing}: expected image shape {other} (the shape of {name} "
+                f"v{version.version}), found {shape}"
+            )
+
+
 def _version_bpd(client: MlflowClient, name: str, version: str) -> tuple[float, str | None]:
     """The version's validation bits/dim (NaN when its tag is missing or not a number) and the
     tag as stored."""
@@ -240,10 +273,15 @@ def promote(name: str, version: str, force: bool = False, alias: str = CHAMPION)
     Raises:
         RegistrationError: `version` has no finite validation bits/dim: it never becomes `alias`,
             even with `force`.
+        ShapeMismatch: `version`'s image shape differs from another version's of `name`, even
+            with `force`.
     """
     client = MlflowClient()
     version = str(version)
     new, tag = _version_bpd(client, name, version)
+    shape = client.get_model_version(name, version).tags.get(SHAPE_TAG)
+    if shape:
+        _check_shape(client, name, shape, f"{name} v{version} cannot become {alias}", version)
     if not math.isfinite(new):
         raise RegistrationError(
             f"{name} v{version} cannot become {alias}: expected a finite {VAL_TAG} tag, "

@@ -32,6 +32,7 @@ from pipeline.tracking.registry import (
     ModelNotFound,
     Promotion,
     RegistrationError,
+    ShapeMismatch,
     example_images,
     log_flow_model,
     promote,
@@ -394,3 +395,29 @@ def test_a_version_without_a_finite_figure_never_becomes_champion_even_forced(
     client.delete_model_version_tag("tagged-nan", "1", "val_bits_per_dim")
     client.set_model_version_tag("tagged-nan", "2", "val_bits_per_dim", "4.500000")
     assert promote("tagged-nan", "2").reason == "now champion (v1 has no validation bits/dim)"
+
+
+def test_a_version_of_another_image_shape_is_refused_naming_both_shapes_and_the_fix(
+    experiment: str,
+) -> None:
+    register_logged(experiment, "shaped", 4.0)  # 3x8x8
+    torch.manual_seed(0)
+    grey = build_flow(FlowConfig(image_shape=(1, 8, 8), levels=2, steps_per_level=1))
+    grey.initialize(torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8))
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_flow_model(grey.eval())
+    with pytest.raises(ShapeMismatch) as error:
+        register_flow(info.model_uri, "shaped", 3.0)  # better, but of another shape
+    assert "expected image shape 3x8x8 (the shape of shaped v1), found 1x8x8" in str(error.value)
+    assert "mlflow.registered_model" in error.value.hint
+    client = MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions("name='shaped'")] == ["1"]
+    assert aliases("shaped") == {"candidate": "1", "champion": "1"}
+    # Under a new name it registers; a version of another shape slipped in around register_flow
+    # never takes the alias, even forced.
+    assert register_flow(info.model_uri, "shaped-grey", 3.0).version == "1"
+    tags = {"val_bits_per_dim": "3.000000", "image_shape": "1x8x8"}
+    assert str(mlflow.register_model(info.model_uri, "shaped", tags=tags).version) == "2"
+    with pytest.raises(ShapeMismatch, match="expected image shape 3x8x8 .* found 1x8x8"):
+        promote("shaped", "2", force=True)
+    assert aliases("shaped")["champion"] == "1"
