@@ -402,3 +402,44 @@ def test_the_readme_python_example_runs(
     assert (tmp_path / "flowray-work" / "mlflow.db").is_file()
     printed = capsys.readouterr().out
     assert f"{scored.mean_bits_per_dim:.4f}" in printed
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)|<img src=\"([^\"]+)\"")
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces
+    as hyphens (fenced blocks skipped)."""
+    text = FENCE.sub("", path.read_text())
+    anchors = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.MULTILINE):
+        anchors.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_links_between_the_docs_resolve() -> None:
+    broken = []
+    for path in DOCS:
+        for target, image in LINK.findall(FENCE.sub("", path.read_text())):
+            url = target or image
+            if re.match(r"[a-z]+:", url):  # http(s)://, mailto:
+                continue
+            file, _, anchor = url.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {url} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked):
+                broken.append(f"{path.relative_to(ROOT)}: {url} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_documented_test_paths_exist() -> None:
+    """`python -m pytest <path>` lines in the docs name test files that exist."""
+    missing = []
+    for command in documented_commands():
+        words = command.words
+        if words[0] in PYTHONS and words[1:3] == ("-m", "pytest"):
+            for word in words[3:]:
+                if word.startswith("tests/") and not (ROOT / word.split("::")[0]).exists():
+                    missing.append(f"{command.where}: {word}")
+    assert not missing, "\n".join(missing)
