@@ -19,8 +19,8 @@ from jobs.errors import (
     user_errors,
 )
 from pipeline.config import load_config
-from pipeline.data.reader import CorruptDataError
 from pipeline.data.streams import TransientReadError
+from pipeline.data.tally import CorruptDataError
 from pipeline.errors import FlowrayError
 from pipeline.storage import StorageError, fsspec_filesystem
 from pipeline.submission import SubmitError

@@ -42,8 +42,8 @@ __all__ = [
 
 # Bound on what the pipeline keeps in Ray's object store between the readers and the actors.
 # Unbounded, Ray Data lets the readers run ahead of the actors up to half the object store (itself
-# 30% of RAM by default): reading is ~5x faster than scoring on a CPU, so a 1M-image run buffered
-# most of its input and peak memory grew with the input (issue 14). Eight batches per actor keep
+# 30% of RAM by default): reading is ~5x faster than scoring on a CPU, so a 1M-image run would
+# buffer most of its input and peak memory would grow with the input. Eight batches per actor keep
 # every actor fed (it holds two in flight) with room for a read task's next blocks.
 BUFFERED_BATCHES_PER_ACTOR = 8
 MIN_BUFFER_BYTES = 64 << 20
@@ -87,7 +87,7 @@ class Scorer:
     batch's `keep_png` least likely images (b"" for the others), so the driver can draw the least
     likely images without images flowing through the pipeline. `precision` "bf16" runs the
     conditioners under bfloat16 autocast (faster on GPUs; bits/dim then differ in the 3rd-4th
-    decimal, see the README's GPU section).
+    decimal, see docs/gpu.md).
     """
 
     def __init__(
@@ -196,7 +196,7 @@ def build_pipeline(
     import ray
     import ray.data
 
-    from pipeline.data.input_reader import read_input
+    from pipeline.data.reader import read_input
 
     on_gpu = config.gpus_per_actor > 0
     batch_size = actor_batch_size(config, int(np.prod(shape)))

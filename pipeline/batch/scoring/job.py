@@ -87,27 +87,20 @@ from pipeline.batch.scoring.output import (
     ShardTarget,
     check_settings,
     output_prefix,
-    parquet_name,
     remove_files,
+    shard_file,
 )
 from pipeline.batch.scoring.report import ScoreStats, report
-from pipeline.data.inputs import InputPlan, ShardRef, resolve_input
+from pipeline.data.inputs import InputPlan, resolve_input
 from pipeline.data.tally import SkipTally
 from pipeline.storage import check_access, list_names, redact_url, sweep_temp_files
 
-__all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "score", "versioned_name"]
+__all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "score"]
 
 logger = logging.getLogger(__name__)
 
 # Payloads saved before the noise scheme was recorded draw their noise with this one.
 LEGACY_NOISE_SCHEME = LEGACY_SETTINGS["noise_scheme"]
-
-
-def versioned_name(ref: ShardRef) -> str:
-    """The output file of a foreign shard at its listed version: `<stem>@<v12>.parquet`, v12 the
-    first 12 hex digits of sha256(version) (a rewritten shard gets another name)."""
-    digest = hashlib.sha256(ref.version.encode()).hexdigest()[:12]
-    return f"{ref.stem}@{digest}.parquet"
 
 
 def _versions_present(names: list[str]) -> dict[str, set[str]]:
@@ -198,7 +191,6 @@ def _plan(config: ScoreConfig) -> _Plan:
     """Check access, list the input once, resolve the model, settle the shards still to score."""
     import mlflow
 
-    from pipeline.data.manifest import load_manifest
     from pipeline.tracking.connection import resolve_tracking_uri
 
     storage = config.storage
@@ -213,10 +205,10 @@ def _plan(config: ScoreConfig) -> _Plan:
             redact_url(config.input),
             redact_url(source.missing[0]),
         )
-    if source.is_prepared and config.on_error == "fail":
-        # Under "fail" the whole split is refused up front when a shard is missing or resized;
-        # under "skip" the readers leave out the bad ones.
-        load_manifest(source.root, storage, check_shards=True)
+    if config.on_error == "fail":
+        # Under "fail" a prepared split is refused up front when a shard is missing or resized;
+        # under "skip" the reader leaves out the bad ones.
+        source.check_shards()
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     model = resolve_batch_model(config.model)
@@ -242,12 +234,10 @@ def _plan(config: ScoreConfig) -> _Plan:
         "noise_scheme": getattr(model.payload, "noise_scheme", LEGACY_NOISE_SCHEME),
     }
     if manifest is not None:
-        targets = _prepared_targets(source, set(names))
         settings |= {"split": manifest.split, "source": manifest.source}
-        changed = 0
     else:
-        targets, changed = _foreign_targets(source, names, prefix, storage)
         settings["input"] = redact_url(source.root)
+    targets, changed = _targets(source, names, prefix, storage)
     plan = _Plan(
         model=model,
         input=source,
@@ -269,33 +259,26 @@ def _plan(config: ScoreConfig) -> _Plan:
     return plan
 
 
-def _prepared_targets(source: InputPlan, present: set[str]) -> dict[str, ShardTarget]:
-    """A prepared split's shards without a file, as today: shard-000000.parquet, by name."""
-    assert source.manifest is not None
-    counts = {info.name: info.count for info in source.manifest.shards}
-    return {
-        ref.url: ShardTarget(parquet_name(ref.name), ref.name, counts[ref.name])
-        for ref in source.shards
-        if parquet_name(ref.name) not in present
-    }
-
-
-def _foreign_targets(
+def _targets(
     source: InputPlan, names: list[str], prefix: str, storage: Any
 ) -> tuple[dict[str, ShardTarget], int]:
-    """Foreign shards without a file for their current version, and how many of them had one
-    for an older version (rewritten in place). Files of older versions of shards already done
-    (a run that stopped between writing the new file and deleting the old) are deleted here."""
-    present = _versions_present(names)
+    """The shards without a file (`shard_file`: a foreign shard's names its version), and how
+    many of them had a file for an older version (rewritten in place). Files of older versions
+    of shards already done (a run that stopped between writing the new file and deleting the
+    old) are deleted here."""
+    versions, present = _versions_present(names), set(names)
     targets: dict[str, ShardTarget] = {}
     changed, leftovers = 0, []
     for ref in source.shards:
-        current = versioned_name(ref)
-        stale = tuple(sorted(present.get(ref.stem, set()) - {current}))
-        if current in present.get(ref.stem, set()):
+        current = shard_file(ref)
+        stale = tuple(sorted(versions.get(ref.stem, set()) - {current}))
+        if current in present:
             leftovers.extend(stale)
             continue
         changed += bool(stale)
+        if ref.expect is not None:  # labelled by name; its count known
+            targets[ref.url] = ShardTarget(current, ref.name, ref.expect.count, {}, stale)
+            continue
         metadata = {
             SHARD_URL_KEY: redact_url(ref.url),
             SHARD_VERSION_KEY: ref.version,

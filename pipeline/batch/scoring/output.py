@@ -9,7 +9,7 @@ lands exactly once across crashes, retries, reruns and concurrent jobs.
 `ShardCollector` receives the score rows as the pipeline streams them and groups them by shard (the
 first copy of each key wins, in case a task is retried). The reader hands on a shard's last row
 only after the whole shard was read (prepared: size, sha256, sample count checked; foreign: the
-tar read to its end; see `pipeline.data.input_reader`), and marks it with the rows the shard
+tar read to its end; see `pipeline.data.reader`), and marks it with the rows the shard
 handed on (`shard_rows`), so a shard is written as soon as that many rows are in, for foreign
 shards whose count nothing knows in advance too; the bad images it lacks come from the reader's
 outcome (`SkipTally.outcome`). When
@@ -39,6 +39,7 @@ seeds, or a re-created model reusing a version number, never mix files under one
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +49,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.batch.scoring.config import ScoreError
+from pipeline.data.inputs import ShardRef
 from pipeline.data.tally import ShardOutcome
 from pipeline.storage import StorageConfig, join_url, read_bytes, write_once
 
@@ -65,6 +67,7 @@ __all__ = [
     "output_prefix",
     "parquet_name",
     "remove_files",
+    "shard_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,16 @@ def output_prefix(output: str, name: str, version: str) -> str:
 def parquet_name(shard: str) -> str:
     """The output file of input shard `shard`: shard-000000.tar -> shard-000000.parquet."""
     return shard.rsplit(".", 1)[0] + ".parquet"
+
+
+def shard_file(ref: ShardRef) -> str:
+    """The output file of input shard `ref`. A shard with a manifest entry (whose sha256 pins
+    its content): `<stem>.parquet`. Any other: `<stem>@<v12>.parquet`, v12 the first 12 hex
+    digits of sha256 of its listed version, so a shard rewritten in place gets another file."""
+    if ref.expect is not None:
+        return f"{ref.stem}.parquet"
+    digest = hashlib.sha256(ref.version.encode()).hexdigest()[:12]
+    return f"{ref.stem}@{digest}.parquet"
 
 
 def _shown(value: Any) -> str:

@@ -31,7 +31,7 @@ def test_same_seed_gives_identical_png_shards_whatever_the_task_count(
     trained_model: TrainedModel,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from pipeline.data.reader import iter_split
+    from pipeline.data.reader import iter_input
     from pipeline.data.shards import load_manifest
 
     one = generate(config(trained_model, tmp_path / "one", tasks=1))
@@ -45,7 +45,7 @@ def test_same_seed_gives_identical_png_shards_whatever_the_task_count(
     # The output is a split: the reader decodes 70 images of the model's shape, keys in order.
     manifest = load_manifest(str(tmp_path / "one"))
     assert manifest.count == 70 and tuple(manifest.shape) == (1, 28, 28)
-    rows = list(iter_split(str(tmp_path / "one")))
+    rows = list(iter_input(str(tmp_path / "one"), shape=(1, 28, 28)))
     assert [r["key"] for r in rows] == [f"samples-{i:08d}" for i in range(70)]
     assert len({r["image"].tobytes() for r in rows}) == 70  # distinct draws
     assert (tmp_path / "one" / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -122,13 +122,13 @@ def test_scores_reproduce_training_validation_bits_per_dim(
     trained_model: TrainedModel,  # noqa: F811
     fmnist_split: str,
 ) -> None:
-    from pipeline.data.reader import iter_split
+    from pipeline.data.reader import iter_input
     from pipeline.model.artifact import load_flow
     from pipeline.model.likelihood import keyed_bits_per_dim
     from pipeline.train.step import evaluate_bits_per_dim
 
     flow = load_flow(trained_model.directory)
-    rows = list(iter_split(fmnist_split))
+    rows = list(iter_input(fmnist_split, shape=(1, 28, 28)))
     keys = [row["key"] for row in rows]
     images = torch.from_numpy(np.stack([row["image"] for row in rows]))
     batches = [(keys[i : i + 100], images[i : i + 100]) for i in range(0, len(keys), 100)]

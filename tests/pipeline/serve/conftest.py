@@ -51,7 +51,7 @@ def scored_images(
 ) -> ScoredImages:
     from pipeline.batch.scoring.job import ScoreConfig, score
     from pipeline.data.images import encode_png
-    from pipeline.data.reader import iter_split
+    from pipeline.data.reader import iter_input
 
     root = tmp_path_factory.mktemp("serve-scored")
     split = prepare_fmnist(fashion_mnist_dir, str(root / "data"), SCORED_IMAGES, SCORED_IMAGES)
@@ -65,7 +65,7 @@ def scored_images(
     )
     result = score(config)
     rows = pd.read_parquet(result.output).set_index("key")
-    read = list(iter_split(split))
+    read = list(iter_input(split, shape=(1, 28, 28)))
     keys = [str(row["key"]) for row in read]
     images = np.stack([row["image"] for row in read])
     assert sorted(keys) == sorted(rows.index), "the score job and the reader disagree on keys"

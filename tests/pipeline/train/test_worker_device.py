@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from flowmodel import FlowConfig, build_flow
-from pipeline.data.reader import iter_split
+from pipeline.data.reader import iter_input
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.ema import EMA
@@ -54,7 +54,8 @@ def run_worker(
 
 
 def validation_bits(flow, config: TrainConfig) -> float:
-    rows = list(iter_split(config.data.validation))[: config.data.validation_limit]
+    shape = tuple(config.model.image_shape)
+    rows = list(iter_input(config.data.validation, shape=shape))[: config.data.validation_limit]
     keys = [row["key"] for row in rows]
     images = torch.from_numpy(np.stack([row["image"] for row in rows]))
     return evaluate_bits_per_dim(flow, [(keys, images)], seed=config.eval_seed)[0]

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.reader import iter_split
+from pipeline.data.reader import iter_input
+from pipeline.data.shards import load_manifest
 from pipeline.train.config import TrainConfig
 from tests.pipeline.flow_fixtures import prepare_array
 
@@ -47,4 +48,5 @@ def tiny_config(split: str, **overrides: object) -> TrainConfig:
 
 def split_images(split: str) -> torch.Tensor:
     """uint8 [N, C, H, W] of the split, in manifest order."""
-    return torch.from_numpy(np.stack([row["image"] for row in iter_split(split)]))
+    rows = iter_input(split, shape=load_manifest(split).shape)
+    return torch.from_numpy(np.stack([row["image"] for row in rows]))
