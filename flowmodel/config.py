@@ -36,8 +36,8 @@ class FlowConfig:
         split_clamp: soft-clamps the split priors' log-sigmas to (-split_clamp, split_clamp) with
             tanh, as scale_clamp does for the couplings; None (the default, and what every model
             saved before the field existed was trained with): unbounded. An option, not the
-            default: clamped at 8 the demo model scored 0.077 bits/dim worse after 5 minutes
-            (README "The model": what it guards against, and what it does not).
+            default, because the clamp costs the demo model bits/dim (docs/model.md, "Where the
+            model can overflow": what it guards against, and what it does not).
         conditioner: the coupling networks: "conv" (3x3 conv, 1x1 convs, zero 3x3 conv; ReLU) or
             "gated_resnet" (3x3 conv, `coupling_depth` gated residual blocks, zero 3x3 conv; Flow++,
             Ho et al. 2019, section 3.3). The default builds the same parameters as before the

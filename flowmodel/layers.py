@@ -186,7 +186,8 @@ def conditioner(in_channels: int, out_channels: int, hidden: int, depth: int) ->
     The last layer starts at zero, so every coupling starts as the identity (Glow, section 3.3).
     """
     # In-place ReLUs: a conv needs its input, not its output, for backward, so nothing is lost
-    # and one activation-sized buffer per layer is saved (ReLU was ~15% of a step, memory-bound).
+    # and one activation-sized buffer per layer is saved (ReLU is memory-bound: out of place it
+    # costs ~15% of a step).
     layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True)]
     for _ in range(depth - 1):
         layers += [nn.Conv2d(hidden, hidden, 1), nn.ReLU(inplace=True)]
@@ -202,7 +203,7 @@ class GatedResidualBlock(nn.Module):
 
     Flow++'s gated residual convolution (Ho et al. 2019, section 3.3; the gated resnet of
     PixelCNN++, Salimans et al. 2017) with a bottleneck on the 3x3 conv: a full width x width 3x3
-    conv costs 9 width^2 MACs per pixel, several times today's whole 3-layer conditioner, and the
+    conv costs 9 width^2 MACs per pixel, several times a whole 3-layer `conditioner`, and the
     14x14 level dominates the step on CPU. No normalisation layer: batch statistics would make an
     image's score depend on its batch, and ActNorm already precedes each coupling. The gated
     output is added to the residual stream, so a block's output at init is not zero (the

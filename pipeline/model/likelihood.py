@@ -36,7 +36,8 @@ __all__ = [
 
 # Values of y per chunk on an accelerator (64 MiB of float32; 5,461 images of 3x32x32): large
 # enough to fill a GPU, small enough for the generator's int64 words (272 MB at this size). On
-# the CPU a batch is one chunk, as it always was (a conv's float sums can depend on the batch).
+# the CPU a batch is one chunk, so chunking never changes CPU scores (a conv's float sums can
+# depend on the batch).
 CHUNK_DIMS = 2**24
 
 

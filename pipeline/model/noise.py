@@ -10,7 +10,7 @@ Schemes:
   torch.rand(shape, dtype=float64) from a fresh CPU generator seeded with 63 bits of
   sha256(f"{seed}:{key}"). Building and seeding a generator costs about 10 us per key; on a GPU
   `pipeline.model.mersenne` computes the same numbers for a whole chunk of keys.
-- "splitmix64-v2" (models saved from now on): key seed = 64 bits of sha256(f"{seed}:{key}"),
+- "splitmix64-v2" (new flows: `NOISE_SCHEME`): key seed = 64 bits of sha256(f"{seed}:{key}"),
   u[j] = SplitMix64's (j + 1)-th output for that seed (`pipeline.model.splitmix`): counter-based,
   so a batch is one vectorised computation with no per-key generator.
 """

@@ -20,8 +20,9 @@ masked off. On the CPU `uniform_float64_numpy` computes the same numbers in nump
 shifts are logical and no masks are needed. It is the faster of the two on a CPU (1.2 to 12 times
 torch's images/s on a quiet 16-core Xeon, one thread or sixteen: torch's int64 multiply and the
 mask passes cost more), and works in cache-sized blocks. It stays on one thread: spreading the
-blocks over threads was slower there (the work is bound by writing the float64 result). tests/pipeline/model/test_splitmix.py checks the two agree bit for bit and
-against the reference below.
+blocks over threads is slower (the work is bound by writing the float64 result).
+tests/pipeline/model/test_splitmix.py checks the two agree bit for bit and against the reference
+below.
 
 References:
     Steele, Lea & Flood 2014, "Fast splittable pseudorandom number generators", OOPSLA

@@ -1,6 +1,5 @@
 """Pure training and evaluation steps, the optimizer and its learning-rate schedule: no Ray, no
-MLflow, no I/O.
-Tested in-process.
+MLflow, no I/O, tested in-process.
 
 The Ray Train worker loop (`pipeline.train.worker`) and the in-process benchmarks both call these,
 so what is benchmarked and tested is what runs in production.
@@ -56,10 +55,9 @@ def unwrap(model: nn.Module) -> Flow:
 
 def make_optimizer(params: Iterable[nn.Parameter], optim: OptimSettings) -> torch.optim.Optimizer:
     """Adam or Adamax, as `optim` says, at its peak learning rate (`set_learning_rate` warms up
-    and decays it), on torch's default kernels. Fused Adam and multi-tensor clipping were tried
-    and reverted after runs with them at lr 2e-3 went unstable; a later run on these kernels
-    skipped a step at the same place, so they were probably not the cause, but their measured gain
-    was within run-to-run noise (README "Training throughput")."""
+    and decays it), on torch's default kernels: fused Adam and multi-tensor clipping gain no more
+    than run-to-run noise on a CPU (docs/benchmarks.md, "Where a training step's time goes"), so
+    the plainest path stays."""
     kind = torch.optim.Adamax if optim.optimizer == "adamax" else torch.optim.Adam
     return kind(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
