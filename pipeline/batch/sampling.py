@@ -283,7 +283,9 @@ def _fingerprint(config: SampleConfig, payload: FlowPayload) -> str:
         "threads": config.cpus_per_task,
         "shard_samples": config.shard_samples,
     }
-    if config.gpus_per_task > 0:  # CPU runs keep the fingerprints they always had
+    # Only GPU runs add a key: a CPU run's fingerprint stays that of the outputs already written
+    # by CPU runs, so a rerun finds them.
+    if config.gpus_per_task > 0:
         fields["device"] = "cuda"
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
