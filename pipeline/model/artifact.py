@@ -7,8 +7,8 @@ On disk (checkpoints, the MLflow pyfunc model, local model directories):
     <dir>/flow_config.json    FlowConfig.to_dict() and "noise_scheme" (pipeline.model.noise)
 
 The noise scheme is part of the model (scores depend on it). A directory or payload without one
-is a model saved before schemes were recorded: it loads as "mt19937-v1" and scores as it always
-did. A flowray too old to know the key refuses the config instead of scoring with other noise.
+is a model saved before schemes were recorded: it loads as "mt19937-v1", the noise its scores
+were made with. A flowray too old to know the key refuses the config instead of scoring with other noise.
 
 In memory, `FlowPayload` holds the same two parts as bytes and a dict. Batch jobs resolve a model
 once on the driver (registry lookup, artifact download), then hand the payload to every actor
