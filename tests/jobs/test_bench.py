@@ -1,4 +1,5 @@
-"""`flowray bench --smoke`: every suite runs end to end at tiny sizes and writes its JSON and table.
+"""`flowray bench <suite> --smoke`: every suite runs end to end at tiny sizes and writes its JSON
+and table; the CLI's settings (`--set`, `--config`, the earlier options) and its usage errors.
 
 No timing thresholds: the machine is shared. Each suite runs in a subprocess, so that its own local
 Ray (and its CPU count) does not meet a Ray another test started in this process.
@@ -33,7 +34,7 @@ def _positive(value: Any) -> bool:
 def _smoke(suite: str, out: Path, fashion_mnist_dir: Path, timeout: int) -> dict[str, Any]:
     env = {**os.environ, "FASHION_MNIST_DIR": str(fashion_mnist_dir)}
     done = subprocess.run(
-        [sys.executable, "-m", "jobs.bench", "--smoke", "--suite", suite, "--out", str(out)],
+        [sys.executable, "-m", "jobs.bench", suite, "--smoke", "--output", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -43,7 +44,9 @@ def _smoke(suite: str, out: Path, fashion_mnist_dir: Path, timeout: int) -> dict
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"## {suite}" in done.stdout
     assert (out / f"{suite}.md").read_text().startswith(f"## {suite}")
-    return json.loads((out / f"{suite}.json").read_text())
+    report = json.loads((out / f"{suite}.json").read_text())
+    assert _positive(report["machine"]["cores"]) and report["suite"] == suite
+    return report
 
 
 def _check_quality(report: dict[str, Any]) -> None:
@@ -54,7 +57,6 @@ def _check_quality(report: dict[str, Any]) -> None:
     # Matched parameter counts: within 1% of each other.
     assert abs(report["ratios"]["params"] - 1) < 0.01
     assert "| flowray |" in report["markdown"] and "| normflows |" in report["markdown"]
-    assert _positive(report["machine"]["cores"])
 
 
 def _check_io(report: dict[str, Any]) -> None:
@@ -64,7 +66,7 @@ def _check_io(report: dict[str, Any]) -> None:
 
 
 def _check_gpu(report: dict[str, Any]) -> None:
-    assert report["skipped"]
+    assert report["skipped"].startswith("no CUDA device on this machine")
 
 
 def _check_training(report: dict[str, Any]) -> None:
@@ -76,8 +78,22 @@ def _check_training(report: dict[str, Any]) -> None:
 
 
 def _check_scoring(report: dict[str, Any]) -> None:
+    assert set(report["results"]) == {
+        "raw_forward",
+        "in_process",
+        "score_local",
+        "score_s3",
+        "score_local_2x",
+    }
     for key, value in report["results"].items():
         assert _positive(value), key
+
+
+def _check_serving(report: dict[str, Any]) -> None:
+    assert [level["clients"] for level in report["levels"]] == [1, 8, 64]
+    for level in report["levels"]:
+        assert level["errors"] == 0 and _positive(level["requests_per_second"]), level
+    assert _positive(report["ceiling_images_per_second"])
 
 
 def _check_scaling(report: dict[str, Any]) -> None:
@@ -95,6 +111,7 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "training": _check_training,
     "scoring": _check_scoring,
     "scaling": _check_scaling,
+    "serving": _check_serving,
 }
 
 
@@ -108,11 +125,40 @@ def test_smoke_suite_writes_finite_figures(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("suite", ["training", "scoring", "scaling"])
+@pytest.mark.parametrize("suite", ["training", "scoring", "scaling", "serving"])
 def test_slow_smoke_suite_writes_finite_figures(
     suite: str, tmp_path: Path, fashion_mnist_dir: Path
 ) -> None:
     CHECKS[suite](_smoke(suite, tmp_path, fashion_mnist_dir, timeout=880))
+
+
+def test_settings_come_from_defaults_smoke_sizes_and_overrides() -> None:
+    from jobs.bench import build_parser, settings_for
+
+    settings = settings_for("quality", True, ["minutes=2", "preset=rgb32"])
+    assert (settings.minutes, settings.preset, settings.max_steps) == (2.0, "rgb32", 3)
+    scaling = settings_for("scaling", False, ["sizes=[100, 10]"])
+    assert scaling.sizes == (100, 10) and scaling.fresh_ray
+    args = build_parser().parse_args(["--suite", "io", "--out", "x", "--repeats", "5"])
+    assert (args.suite_option, args.output, args.shorthand_repeats) == ("io", "x", "5")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quality", "--set", "no_such_setting=1"],
+        ["quality", "--set", "minutes=soon"],
+        ["no-such-suite"],
+        ["io", "--suite", "quality"],
+    ],
+)
+def test_usage_errors_exit_2_before_anything_runs(argv: list[str], tmp_path: Path) -> None:
+    from jobs.bench import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--output", str(tmp_path)])
+    assert done.value.code == 2
+    assert not any(tmp_path.iterdir())
 
 
 def test_race_contender_warms_up_counts_skips_and_averages_only_good_steps() -> None:
