@@ -8,61 +8,45 @@ Ray Data dataset over any input.
 
 Samples follow the WebDataset conventions (webdataset 1.0.2, Ray Data's read_webdataset): a sample
 is the run of consecutive members sharing a key, the member's path up to the first dot of its base
-name; the extension is the rest, lower-cased. The image is the member whose extension is the first
-of `image_members` present (default jpg, jpeg, png, webp); `cls` holds the label in decimal (-1
-without one); every other member (`json`, `txt`, `seg.png`, ...) is tolerated and not read.
+name; the extension is the rest, lower-cased. The image is the member whose extension comes first
+in `image_members` (default jpg, jpeg, png, webp); `cls` holds the label in decimal (-1 without);
+other members (`json`, `txt`, `seg.png`, ...) are tolerated and not read.
 
-Two kinds of shard, one reader. A shard with a manifest entry (`ShardRef.expect`: a prepared
-split, decided by `pipeline.data.inputs`) must be exactly what the entry says: its size, sha256
-and sample count, and every image already of `shape` (mode and size checked from the header).
-Any other shard is fitted: each image is decoded, turned upright and fitted to `shape` by
-`images.decode_fitted`, the rules `prepare` uses, so a prepared and an in-place read of the same
-bytes give the same pixels; a shard whose size or version at open differs from the listing's
-changed after it was listed and is left out as `transient` (a rerun, listing again, reads it).
+A shard with a manifest entry (`ShardRef.expect`, a prepared split's; `pipeline.data.inputs`
+decides) must be what the entry says: size, sha256, sample count, and every image of `shape`
+already (mode and size checked from its header). Any other shard is fitted: each image decoded,
+turned upright and fitted to `shape` by `images.decode_fitted`, prepare's rules, so a prepared
+and an in-place read of the same bytes give the same pixels; such a shard whose size or version
+at open differs from the listing's is left out as `transient` (a rerun, listing again, reads it).
 
-Rows (COLUMNS, the same for both kinds and both functions):
-    key: str            the sample's key (`__key__`; prepared: "<split>-<index:08d>")
-    shard: str          the shard's URL
-    image: uint8 ndarray [C, H, W] = `shape`
-    label: int          `cls`, -1 without
-    nbytes: int         length of the encoded image member
-    orig_width, orig_height: int   the image's size before fitting; -1 for a shard with a
-                        manifest entry (prepare fitted it, and the manifest does not keep sizes)
-    shard_rows: int     -1, except on the last row of a complete shard: the rows that shard
-                        handed on. A consumer that holds that many rows of a shard holds all of
-                        them, whatever order a pipeline delivered them in.
+Rows (COLUMNS): key (`__key__`); shard (its URL); image (uint8 [C, H, W] = `shape`); label;
+nbytes (of the encoded image); orig_width, orig_height (size before fitting, -1 with a manifest
+entry); shard_rows (-1, except on the last row of a complete shard: the rows it handed on, so a
+consumer holding that many rows of a shard holds all of them, in whatever order they came).
 
-Storage faults are not bad data. Bytes come through `streams.ResumingReader`: a 5xx, a SlowDown,
-a reset, a timeout or a transfer cut short is retried with bounded backoff and the read resumes at
-the byte it reached. When storage keeps failing past `retry`, the shard is left out as `transient`
-under "skip" and `TransientReadError` (a StorageError) is raised under "fail"; never bad data.
+Storage faults are never bad data: `streams.ResumingReader` retries them and resumes at the byte
+reached; storage failing past `retry` leaves the shard out as `transient` under "skip" and raises
+`TransientReadError` (a StorageError) under "fail".
 
-Bad data, under `on_error`:
-    a bad image: a member that does not decode, breaks the `limits` (checked from its tar header
-    and its image header, before decoding) or, with a manifest entry, has another mode or size;
-    a sample without an image member, with a bad `cls`, or whose key was met before -> the sample
-    a shard that cannot be read whole: missing; a tar that ends early or is unreadable; with a
-    manifest entry, another size or sha256, or fewer or more samples         -> the whole shard
-"fail" raises `CorruptDataError` naming the shard URL and key (WHOLE_SHARD, "*", for a whole
-shard). "skip" logs a warning with shard and key (logger `pipeline.data.reader`), reports to the
-tally and goes on; a tally is required with on_error="skip". Outcomes (`ShardOutcome`) and skip
-records are keyed by shard URL.
+Bad data, under `on_error`: a sample goes when its image does not decode, breaks the `limits`
+(checked from the tar and image headers, before decoding) or, with a manifest entry, has another
+mode or size; when it has no image member, a bad `cls`, or a key met before. The whole shard goes
+when it is missing, its tar ends early or is unreadable, or, with a manifest entry, its size,
+sha256 or sample count differ. "fail" raises `CorruptDataError` naming the shard URL and key
+(WHOLE_SHARD for a shard); "skip" logs it with shard and key, reports it to the tally (required)
+and goes on. Outcomes and skip records are keyed by shard URL.
 
 Whole shards: a shard's outcome is reported before its last row is handed on, and that row only
-if the shard is complete, so a consumer holding every row of a shard knows it was read whole.
-Rows of a shard that turns out incomplete may have been handed on before the problem showed:
+if the shard is complete. Rows of a shard found incomplete later may have been handed on already:
 consumers that need whole shards (scoring) drop a shard whose outcome says `complete=False`.
 
-Before any work, the plan's listing is checked: a prepared split's shard files that its manifest
-does not list are a ManifestError under "fail" (logged and ignored under "skip"); a listed shard
-that is missing or has another size, and a pattern's or list's missing shard, raise
-CorruptDataError under "fail" and are reported as left out under "skip". `shards=[urls]` reads a
-subset of the plan (a scoring run reads only the shards without output).
+Before any work the plan's listing is checked: under "fail", shard files a manifest does not list
+are a ManifestError, and a listed shard missing or resized, or a pattern's or list's missing
+shard, a CorruptDataError; under "skip" the first are ignored and the others reported left out.
 
-Shuffling (training): `shuffle=True` permutes the shard order every time the dataset executes
-(every epoch, drawn with seed + epoch: `ray_source.tasks_datasource`) and the rows within each
-shard (one shard's decoded rows are buffered). For mixing across shards, add Ray Data's
-`local_shuffle_buffer_size=...` in `iter_batches`/`iter_torch_batches`.
+Shuffling (training): `shuffle=True` permutes the shard order at every execution (epoch; see
+`ray_source.tasks_datasource`) and the rows within each shard (one shard's rows are buffered).
+For mixing across shards, add Ray Data's `local_shuffle_buffer_size=...` when iterating.
 """
 
 from __future__ import annotations
@@ -525,26 +509,6 @@ class _Job:
                 yield from (buffered[i] for i in rng.permutation(len(buffered)))
 
 
-def _refused(
-    plan: InputPlan, refs: list[ShardRef], named: Sequence[str], on_error: OnError
-) -> dict[str, tuple[ShardInfo | None, str]]:
-    """{url: (manifest entry, reason)} of the shards that cannot be read as planned: missing
-    from the listing or of another size than the manifest's; with `named`, a pattern's or
-    list's shards that do not exist. Under "fail", the first of them raises."""
-    refused: dict[str, tuple[ShardInfo | None, str]] = {}
-    for url in named:
-        refused[url] = (None, f"shard missing at {url} (named by {plan.spec})")
-    for ref in refs:
-        if ref.expect is not None and ref.size < 0:
-            refused[ref.url] = (ref.expect, f"shard missing at {ref.url}")
-        elif ref.expect is not None and ref.size != ref.expect.bytes:
-            refused[ref.url] = (ref.expect, _size_reason(ref.size, ref.expect.bytes))
-    if on_error == "fail" and refused:
-        url, (_, reason) = next(iter(refused.items()))
-        raise CorruptDataError(url, WHOLE_SHARD, reason)
-    return refused
-
-
 def _job(
     source: str | InputPlan,
     shards: Sequence[str] | None,
@@ -571,7 +535,7 @@ def _job(
             raise ManifestError(
                 f"{where} disagrees with the shards present: not in the manifest "
                 f"{', '.join(plan.extra[:3])}",
-                hint="a prefix holds one prepared split; rerun prepare into a new --out",
+                hint="a prefix holds one prepared split; rerun prepare into a new --output",
             )
         logger.warning("%s: files the manifest does not list are ignored: %s", where, plan.extra)
     by_url = plan.by_url()
@@ -582,12 +546,22 @@ def _job(
             f"{plan.shards[0].url}...)"
         )
     refs = list(plan.shards) if shards is None else [by_url[u] for u in shards]
-    refused = _refused(plan, refs, plan.missing if shards is None else (), options.on_error)
-    for url, (expect, reason) in refused.items():
-        state = _ShardState(url, "skip", expect)
-        state.give_up(WHOLE_SHARD, reason)
+    named = plan.missing if shards is None else ()
+    refused = [
+        (ShardRef(u, u, -1, ""), f"shard missing at {u} (named by {plan.spec})") for u in named
+    ]
+    for ref in refs:
+        if ref.expect is not None and ref.size != ref.expect.bytes:
+            missing = f"shard missing at {ref.url}"
+            refused.append(
+                (ref, missing if ref.size < 0 else _size_reason(ref.size, ref.expect.bytes))
+            )
+    for ref, reason in refused:
+        state = _ShardState(ref.url, options.on_error, ref.expect)
+        state.give_up(WHOLE_SHARD, reason)  # raises under "fail"
         tally.add_outcome(*state.outcome(handed=0))  # type: ignore[union-attr]
-    return _Job({r.url: r for r in refs if r.url not in refused}, options, tally)
+    left_out = {ref.url for ref, _ in refused}
+    return _Job({r.url: r for r in refs if r.url not in left_out}, options, tally)
 
 
 def _options(

@@ -216,7 +216,7 @@ def load_manifest(
     if not files:
         raise ManifestError(
             f"no data at {split_url}: expected {MANIFEST_NAME} and shard-*.tar files",
-            hint="run `flowray prepare --out <data>` first and pass <data>/<split>, e.g. .../train",
+            hint="run `flowray prepare --output <data>` first and pass <data>/<split>, e.g. .../train",
         )
     if MANIFEST_NAME not in files:
         tars = [n for n in files if is_shard_file(n)]
@@ -286,7 +286,7 @@ def _complete_shard(job: ShardJob, name: str, start: int) -> ShardResult | None:
             f"{job.split_url} already holds shards prepared with other settings "
             f"({name} has fingerprint {str(marker.get('fingerprint'))[:12]}, this run "
             f"{job.fingerprint[:12]})",
-            hint="write to a new --out, or rerun with the options used before",
+            hint="write to a new --output, or rerun with the options used before",
         )
     info = from_dict(ShardInfo, marker["shard"])
     shard_url = join_url(job.split_url, name)
@@ -614,7 +614,7 @@ def _previous_manifest(
         raise PrepareError(
             f"{split_url} already holds a split prepared with other settings "
             f"(source {previous.source}, {previous.count} images of shape {list(previous.shape)})",
-            hint="write to a new --out, or rerun with the options used before",
+            hint="write to a new --output, or rerun with the options used before",
         )
     return previous
 

@@ -91,14 +91,11 @@ class SourceImage(NamedTuple):
 
 
 class ImageSource(Protocol):
-    @property
-    def description(self) -> str: ...
-    @property
-    def shape(self) -> tuple[int, int, int]: ...
-    @property
-    def classes(self) -> tuple[str, ...] | None: ...
-    @property
-    def has_labels(self) -> bool: ...
+    description: str  # what it reads; part of prepare's fingerprint
+    shape: tuple[int, int, int]  # (C, H, W) of every image it gives
+    classes: tuple[str, ...] | None
+    has_labels: bool
+
     def splits(self) -> dict[str, int]: ...
     def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]: ...
 
@@ -141,10 +138,46 @@ def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
 # ----------------------------------------------------------------------------- IDX
 
 
-class _IdxFile(NamedTuple):
+class _Array(NamedTuple):
+    """A C-ordered array stored from byte `offset` of a file (IDX, .npy): rows read by seeking."""
+
     url: str
-    dims: tuple[int, ...]  # (N,) for labels, (N, H, W) for images
-    offset: int  # header bytes
+    shape: tuple[int, ...]  # (N, ...) rows first
+    dtype: np.dtype
+    offset: int
+
+    def rows(self, storage: StorageConfig | None, start: int, stop: int) -> np.ndarray:
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        with _open_maybe_gzip(self.url, storage) as file:
+            file.seek(self.offset + start * row)
+            data = file.read((stop - start) * row)
+        if len(data) != (stop - start) * row:
+            raise SourceError(f"{self.url}: file ends early (wanted {(stop - start) * row} bytes)")
+        return np.frombuffer(data, self.dtype).reshape(stop - start, *self.shape[1:])
+
+
+def _array_images(
+    images: _Array,
+    labels: _Array | None,
+    layout: str,
+    shape: tuple[int, int, int],
+    storage: StorageConfig | None,
+    indices: Sequence[int],
+) -> Iterator[SourceImage]:
+    """The images (and labels) of `indices` from arrays, fitted to `shape`, keyed "<file>#<i>"."""
+    channels, *size = shape
+    name = images.url.rsplit("/", 1)[-1]
+    for start, stop in _runs(indices):
+        block = images.rows(storage, start, stop)
+        if layout == "NHW":
+            block = block[..., None]  # (n, H, W) -> (n, H, W, 1)
+        elif layout == "NCHW":
+            block = block.transpose(0, 2, 3, 1)  # (n, C, H, W) -> (n, H, W, C)
+        found = labels.rows(storage, start, stop) if labels is not None else None
+        for i in range(stop - start):
+            label = int(found[i]) if found is not None else None
+            image = fit_array(block[i], channels, tuple(size))
+            yield SourceImage(f"{name}#{start + i}", image, label)
 
 
 @functools.lru_cache(maxsize=4)
@@ -164,7 +197,7 @@ def _open_maybe_gzip(url: str, storage: StorageConfig | None) -> IO[bytes]:
     return fs.open(path, "rb")
 
 
-def _read_idx_header(url: str, storage: StorageConfig | None) -> _IdxFile:
+def _read_idx_header(url: str, storage: StorageConfig | None) -> _Array:
     fs, path = fsspec_filesystem(url, storage)
     with (
         fs.open(path, "rb") as raw,
@@ -175,7 +208,7 @@ def _read_idx_header(url: str, storage: StorageConfig | None) -> _IdxFile:
             raise SourceError(f"{url}: not an IDX file of unsigned bytes (magic {head.hex()})")
         ndim = head[3]
         dims = tuple(int.from_bytes(file.read(4), "big") for _ in range(ndim))
-    return _IdxFile(url, dims, 4 + 4 * ndim)
+    return _Array(url, dims, np.dtype(np.uint8), 4 + 4 * ndim)
 
 
 def _find_idx(folder: str, prefix: str, kind: str, storage: StorageConfig | None) -> str:
@@ -212,79 +245,36 @@ class IdxSource:
         check_target(channels, size)
         self.folder = folder
         self.storage = storage
-        self._files: dict[str, tuple[_IdxFile, _IdxFile]] = {}
+        self._files: dict[str, tuple[_Array, _Array]] = {}
         for split, prefix in self._PREFIXES.items():
             images = _read_idx_header(_find_idx(folder, prefix, "images-idx3", storage), storage)
             labels = _read_idx_header(_find_idx(folder, prefix, "labels-idx1", storage), storage)
-            if len(images.dims) != 3 or len(labels.dims) != 1 or images.dims[0] != labels.dims[0]:
+            if (
+                len(images.shape) != 3
+                or len(labels.shape) != 1
+                or images.shape[0] != labels.shape[0]
+            ):
                 raise SourceError(
-                    f"{folder}: {split} images {images.dims} and labels {labels.dims} disagree: "
+                    f"{folder}: {split} images {images.shape} and labels {labels.shape} disagree: "
                     "expected [N, H, W] images and [N] labels"
                 )
             self._files[split] = (images, labels)
-        native = self._files["train"][0].dims[1:]
-        self._shape = (channels or 1, *(size or native))
-
-    @property
-    def description(self) -> str:
-        return f"idx:{self.folder}"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self._shape  # type: ignore[return-value]
-
-    @property
-    def classes(self) -> tuple[str, ...] | None:
-        return None
-
-    @property
-    def has_labels(self) -> bool:
-        return True
+        native = self._files["train"][0].shape[1:]
+        self.shape = (channels or 1, *(size or native))
+        self.description, self.classes, self.has_labels = f"idx:{folder}", None, True
 
     def splits(self) -> dict[str, int]:
-        return {split: images.dims[0] for split, (images, _) in self._files.items()}
+        return {split: images.shape[0] for split, (images, _) in self._files.items()}
 
     def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
-        # .gz files are decompressed into memory once per process (see _gunzipped); raw files
-        # are read by seeking.
         images, labels = self._files[split]
-        height, width = images.dims[1:]
-        name = images.url.rsplit("/", 1)[-1]
-        channels, *size = self._shape
-        with (
-            _open_maybe_gzip(images.url, self.storage) as image_file,
-            _open_maybe_gzip(labels.url, self.storage) as label_file,
-        ):
-            for start, stop in _runs(indices):
-                image_file.seek(images.offset + start * height * width)
-                label_file.seek(labels.offset + start)
-                count = stop - start
-                pixels = _read_exact(image_file, count * height * width, images.url)
-                label_bytes = _read_exact(label_file, count, labels.url)
-                block = np.frombuffer(pixels, np.uint8).reshape(count, height, width, 1)
-                for i in range(count):
-                    image = fit_array(block[i], channels, tuple(size))
-                    yield SourceImage(f"{name}#{start + i}", image, int(label_bytes[i]))
-
-
-def _read_exact(file: IO[bytes], count: int, url: str) -> bytes:
-    data = file.read(count)
-    if len(data) != count:
-        raise SourceError(f"{url}: file ends early (wanted {count} more bytes, got {len(data)})")
-    return data
+        return _array_images(images, labels, "NHW", self.shape, self.storage, indices)
 
 
 # ----------------------------------------------------------------------------- .npy
 
 
-class _NpyFile(NamedTuple):
-    url: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    offset: int
-
-
-def _read_npy_header(url: str, storage: StorageConfig | None) -> _NpyFile:
+def _read_npy_header(url: str, storage: StorageConfig | None) -> _Array:
     fs, path = fsspec_filesystem(url, storage)
     if not fs.exists(path):
         raise SourceError(f"no such .npy file: {url}")
@@ -300,7 +290,7 @@ def _read_npy_header(url: str, storage: StorageConfig | None) -> _NpyFile:
         offset = file.tell()
     if fortran:
         raise SourceError(f"{url}: Fortran-ordered arrays are not supported; save it C-ordered")
-    return _NpyFile(url, tuple(shape), np.dtype(dtype), offset)
+    return _Array(url, tuple(shape), np.dtype(dtype), offset)
 
 
 class NpySource:
@@ -344,54 +334,20 @@ class NpySource:
                 f"{labels_url}: expected integer labels of shape [{shape[0]}], found "
                 f"{self.labels.dtype} {list(self.labels.shape)}"
             )
-        native_channels = 1 if native[0] == 1 else 3
-        self._shape = (channels or native_channels, *(size or native[1:]))
-
-    @property
-    def description(self) -> str:
+        self.shape = (channels or (1 if native[0] == 1 else 3), *(size or native[1:]))
         labels = f",{self.labels.url}" if self.labels else ""
-        return f"npy:{self.images.url}{labels}"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self._shape  # type: ignore[return-value]
-
-    @property
-    def classes(self) -> tuple[str, ...] | None:
-        return None
-
-    @property
-    def has_labels(self) -> bool:
-        return self.labels is not None
+        self.description = f"npy:{self.images.url}{labels}"
+        self.classes, self.has_labels = None, self.labels is not None
 
     def splits(self) -> dict[str, int]:
         return {"train": self.images.shape[0]}
 
-    def _rows(self, npy: _NpyFile, start: int, stop: int) -> np.ndarray:
-        fs, path = fsspec_filesystem(npy.url, self.storage)
-        row = int(np.prod(npy.shape[1:], dtype=np.int64)) * npy.dtype.itemsize
-        with fs.open(path, "rb") as file:
-            file.seek(npy.offset + start * row)
-            data = _read_exact(file, (stop - start) * row, npy.url)
-        return np.frombuffer(data, npy.dtype).reshape(stop - start, *npy.shape[1:])
-
     def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
         if split != "train":
             raise KeyError(split)
-        channels, *size = self._shape
-        name = self.images.url.rsplit("/", 1)[-1]
-        for start, stop in _runs(indices):
-            block = self._rows(self.images, start, stop)
-            if self.layout == "NHW":
-                block = block[..., None]  # (n, H, W) -> (n, H, W, 1)
-            elif self.layout == "NCHW":
-                block = block.transpose(0, 2, 3, 1)  # (n, C, H, W) -> (n, H, W, C)
-            labels = self._rows(self.labels, start, stop) if self.labels else None
-            for i in range(stop - start):
-                label = int(labels[i]) if labels is not None else None
-                yield SourceImage(
-                    f"{name}#{start + i}", fit_array(block[i], channels, tuple(size)), label
-                )
+        return _array_images(
+            self.images, self.labels, self.layout, self.shape, self.storage, indices
+        )
 
 
 # ----------------------------------------------------------------------------- folders
@@ -442,29 +398,10 @@ class FolderSource:
             raise SourceError(
                 f"no images in {url}: expected files ending in {', '.join(IMAGE_SUFFIXES)}"
             )
-        if all(f.count("/") == 1 for f in self.files):
-            self._classes: tuple[str, ...] | None = tuple(
-                sorted({f.split("/")[0] for f in self.files})
-            )
-        else:
-            self._classes = None
-        self._shape = (channels or 3, *size)
-
-    @property
-    def description(self) -> str:
-        return f"folder:{self.url}"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self._shape  # type: ignore[return-value]
-
-    @property
-    def classes(self) -> tuple[str, ...] | None:
-        return self._classes
-
-    @property
-    def has_labels(self) -> bool:
-        return self._classes is not None
+        labelled = all(f.count("/") == 1 for f in self.files)
+        self.classes = tuple(sorted({f.split("/")[0] for f in self.files})) if labelled else None
+        self.shape = (channels or 3, *size)
+        self.description, self.has_labels = f"folder:{self.url}", labelled
 
     def splits(self) -> dict[str, int]:
         return {"train": len(self.files)}
@@ -473,14 +410,14 @@ class FolderSource:
         if split != "train":
             raise KeyError(split)
         fs, root = fsspec_filesystem(self.url, self.storage)
-        class_index = {name: i for i, name in enumerate(self._classes or ())}
+        class_index = {name: i for i, name in enumerate(self.classes or ())}
         previous = -1
         for index in indices:
             if index <= previous:
                 raise ValueError(f"indices must be ascending, found {index} after {previous}")
             previous = index
             relative = self.files[index]
-            label = class_index[relative.split("/")[0]] if self._classes else None
+            label = class_index[relative.split("/")[0]] if self.classes else None
             try:
                 pixels = self._read_one(fs, f"{root.rstrip('/')}/{relative}", self.sizes[index])
             except BadImage as err:
@@ -494,7 +431,7 @@ class FolderSource:
         when they last, raised (TransientReadError): they say nothing about the image."""
         self.limits.check_bytes(listed_size)  # before downloading it
         data = with_retries(lambda: fs.cat_file(path), self.retry, path)
-        channels, *size = self._shape
+        channels, *size = self.shape
         return decode_fitted(data, channels, tuple(size), self.limits).pixels
 
 
@@ -517,7 +454,8 @@ def _stream(ref: ShardRef, options: ReadOptions) -> Any:
         return open_shard(ref, options)
     except ShardChanged as err:
         raise SourceError(
-            f"{ref.url}: {err}", hint="rerun prepare into a new --out once the shards stop changing"
+            f"{ref.url}: {err}",
+            hint="rerun prepare into a new --output once the shards stop changing",
         ) from err
 
 
@@ -568,9 +506,9 @@ class WebDatasetSource:
             )
         self.spec, self.storage = spec, storage
         self.limits = limits or ImageLimits()  # part of prepare's fingerprint
-        self._shape = (channels or 3, *size)
+        self.shape = (channels or 3, *size)
         self.options = ReadOptions(
-            self._shape, storage, "fail", self.limits, retry or RetryPolicy(), tuple(image_members)
+            self.shape, storage, "fail", self.limits, retry or RetryPolicy(), tuple(image_members)
         )
         self.plan: InputPlan = resolve_input(spec, storage)
         if self.plan.is_prepared:
@@ -583,7 +521,7 @@ class WebDatasetSource:
             census = list(pool.map(lambda r: _count(r, self.options), self.plan.shards))
         self.counts = [c.count for c in census]
         self.damage = [c.damage for c in census]
-        self._labelled = bool(census) and all(c.labelled for c in census)
+        self.has_labels = bool(census) and all(c.labelled for c in census)
         # Index layout: per shard its samples, then one index for its damage when it has any;
         # then one index per missing shard.
         sizes = [c.count + (1 if c.damage else 0) for c in census]
@@ -591,22 +529,7 @@ class WebDatasetSource:
         for n in sizes:
             self._starts.append(self._starts[-1] + n)
         self._total = self._starts[-1] + len(self.plan.missing)
-
-    @property
-    def description(self) -> str:
-        return f"webdataset:{self.spec}#{self.plan.digest()}"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self._shape  # type: ignore[return-value]
-
-    @property
-    def classes(self) -> tuple[str, ...] | None:
-        return None
-
-    @property
-    def has_labels(self) -> bool:
-        return self._labelled
+        self.description, self.classes = f"webdataset:{spec}#{self.plan.digest()}", None
 
     def splits(self) -> dict[str, int]:
         return {"train": self._total}
@@ -654,7 +577,7 @@ class WebDatasetSource:
             row = sample_row(sample, ref.url, self.options)
         except BadSample as err:
             return SourceImage(key, None, None, str(err))
-        return SourceImage(key, row["image"], row["label"] if self._labelled else None)
+        return SourceImage(key, row["image"], row["label"] if self.has_labels else None)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -677,38 +600,16 @@ class FractionSplit:
         if not 0.0 < val_fraction < 1.0:
             raise SourceError(f"val_fraction: expected a number in (0, 1), found {val_fraction}")
         self.base = base
-        self.val_fraction = val_fraction
-        self.seed = seed
+        self.description = f"{base.description} (val_fraction={val_fraction}, seed={seed})"
+        self.shape, self.classes, self.has_labels = base.shape, base.classes, base.has_labels
+        self.limits = getattr(base, "limits", None)
         ((self._base_split, total),) = splits.items()
         order = np.random.default_rng(seed).permutation(total)
         n_val = int(round(total * val_fraction))
-        self._members = {
-            "train": np.sort(order[n_val:]),
-            "val": np.sort(order[:n_val]),
-        }
-
-    @property
-    def description(self) -> str:
-        return f"{self.base.description} (val_fraction={self.val_fraction}, seed={self.seed})"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.base.shape
-
-    @property
-    def classes(self) -> tuple[str, ...] | None:
-        return self.base.classes
-
-    @property
-    def has_labels(self) -> bool:
-        return self.base.has_labels
+        self._members = {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val])}
 
     def splits(self) -> dict[str, int]:
         return {name: len(members) for name, members in self._members.items()}
-
-    @property
-    def limits(self) -> ImageLimits | None:
-        return getattr(self.base, "limits", None)
 
     def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
         members = self._members[split]
