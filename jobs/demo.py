@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP)")
     parser.add_argument(
-        "--limit", type=int, default=None, help="use only the first N images of each split"
+        "--limit",
+        type=int,
+        default=None,
+        help="use only the first N images of each split (default: all)",
     )
     parser.add_argument(
         "-n", "--num", type=int, default=256, help="images to generate, as `flowray sample -n`"

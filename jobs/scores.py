@@ -37,11 +37,14 @@ def parser() -> argparse.ArgumentParser:
         help="the least likely (or most OOD) images of a model version, with their shard URLs",
         formatter_class=HelpFormatter,
     )
-    top.add_argument("--output", required=True, help="the --output given to `flowray score`")
+    top.add_argument(
+        "--output", required=True, help="the --output given to `flowray score` (required)"
+    )
     top.add_argument(
         "--model",
         required=True,
-        help="<name>[/<version>]; without a version, the newest version scored under --output",
+        help="<name>[/<version>]; without a version, the newest version scored under --output "
+        "(required)",
     )
     top.add_argument("-n", "--num", type=_positive, default=100, help="how many images")
     top.add_argument(

@@ -96,6 +96,8 @@ def test_every_option_shows_its_default_at_most_once(
         assert entry.count("(default:") <= 1, entry
         if option not in ("-h",):
             assert "(default: None)" not in entry, entry
+            if command[0] != "bench":
+                assert "(default:" in entry or "(required" in entry, entry
     if "--address" in entries or command[0] in ("train", "score", "sample", "serve", "prepare"):
         assert "--address" in entries, "every command that reaches Ray says --address"
         assert "--ray-address" not in entries
