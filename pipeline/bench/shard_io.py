@@ -43,8 +43,8 @@ from pipeline.bench.harness import (
 )
 from pipeline.data.inputs import resolve_input
 from pipeline.data.reader import iter_input, read_input
-from pipeline.data.shards import prepare
-from pipeline.data.sources import ImageSource, NpySource, SourceError, open_source
+from pipeline.data.shards import ImageSource, prepare
+from pipeline.data.sources import NpySource, SourceError, open_source
 from pipeline.storage import StorageConfig, fsspec_filesystem, join_url
 
 __all__ = ["SMOKE", "Settings", "measure"]

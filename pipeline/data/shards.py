@@ -37,10 +37,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -61,12 +61,10 @@ from pipeline.storage import (
     write_bytes_atomic,
 )
 
-if TYPE_CHECKING:
-    from pipeline.data.sources import ImageSource
-
 __all__ = [
     "FORMAT",
     "MANIFEST_NAME",
+    "ImageSource",
     "Manifest",
     "ManifestError",
     "PrepareError",
@@ -74,6 +72,7 @@ __all__ = [
     "ShardDiff",
     "ShardEvent",
     "ShardInfo",
+    "SourceImage",
     "SplitResult",
     "compare_shards",
     "is_shard_file",
@@ -242,6 +241,30 @@ def load_manifest(
     return manifest
 
 
+class SourceImage(NamedTuple):
+    """One image of a source: uint8 [C, H, W] in the source's shape, or None with `error` set
+    (a bad input: the caller's on_error policy decides)."""
+
+    key: str  # where it came from ("cats/0001.jpg", "t10k-images-idx3-ubyte.gz#42")
+    image: np.ndarray | None
+    label: int | None
+    error: str | None = None
+
+
+class ImageSource(Protocol):
+    """What prepare reads (`pipeline.data.sources` has IDX, .npy, folders and webdataset):
+    `read(split, indices)` gives a SourceImage per index, in order, indices ascending; a source
+    is a small picklable description, sent to the Ray tasks that write shards."""
+
+    description: str  # what it reads; part of prepare's fingerprint
+    shape: tuple[int, int, int]  # (C, H, W) of every image it gives
+    classes: tuple[str, ...] | None
+    has_labels: bool
+
+    def splits(self) -> dict[str, int]: ...
+    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]: ...
+
+
 class PrepareError(FlowrayError, RuntimeError):
     """prepare cannot go on: bad input under on_error="fail", or an output made differently."""
 
@@ -272,12 +295,16 @@ def _sha256(file: Any) -> str:
     return digest.hexdigest()
 
 
+def _marker_url(job: ShardJob, name: str) -> str:
+    return join_url(job.split_url, PARTS_DIR, name.replace(".tar", ".json"))
+
+
 def _complete_shard(job: ShardJob, name: str, start: int) -> ShardResult | None:
     """The shard's record if it is already complete and verified, else None.
 
     Raises PrepareError when its marker comes from a prepare with other settings.
     """
-    marker_url = join_url(job.split_url, PARTS_DIR, name.replace(".tar", ".json"))
+    marker_url = _marker_url(job, name)
     if not exists(marker_url, job.storage):
         return None
     marker = json.loads(read_bytes(marker_url, job.storage))
@@ -344,19 +371,11 @@ def write_shard(job: ShardJob, index: int, start: int, stop: int) -> ShardResult
         if os.path.exists(temp):
             os.remove(temp)
     marker = {"fingerprint": job.fingerprint, "shard": to_dict(info), "skipped_inputs": skipped}
-    marker_url = join_url(job.split_url, PARTS_DIR, name.replace(".tar", ".json"))
-    write_bytes_atomic(marker_url, json.dumps(marker, indent=1).encode(), job.storage)
+    write_bytes_atomic(_marker_url(job, name), json.dumps(marker, indent=1).encode(), job.storage)
     return ShardResult(info, written=True, skipped_inputs=skipped)
 
 
-def run_in_process(
-    job: ShardJob, plans: list[tuple[int, int, int]], report: Callable[[ShardResult], None]
-) -> None:
-    for index, start, stop in plans:
-        report(write_shard(job, index, start, stop))
-
-
-def run_with_ray(
+def _run_with_ray(
     job: ShardJob,
     plans: list[tuple[int, int, int]],
     report: Callable[[ShardResult], None],
@@ -444,10 +463,6 @@ def _samples_per_shard(
     per_sample = float(np.mean(per_member)) + (2 * TAR_BLOCK if source.has_labels else 0)
     by_bytes = int((shard_bytes - TAR_END) // per_sample)
     return max(1, min(shard_samples, by_bytes, count))
-
-
-def _fingerprint(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def prepare(
@@ -538,9 +553,10 @@ def _prepare_split(
     job = ShardJob(source, split, split_url, storage, fingerprint, on_error)
     tracker = _SplitProgress(split, len(plans), started, progress)
     if workers > 0 and len(plans) > 1:
-        run_with_ray(job, plans, tracker.report, workers)
+        _run_with_ray(job, plans, tracker.report, workers)
     else:
-        run_in_process(job, plans, tracker.report)
+        for plan in plans:
+            tracker.report(write_shard(job, *plan))
 
     finished = tracker.finished
     shards = tuple(finished[i].info for i, _, _ in plans)
@@ -599,7 +615,7 @@ def _split_fingerprint(source: ImageSource, split: str, count: int, per_shard: i
         # Other limits skip other images: other shards. Default limits leave the fingerprint of
         # splits prepared before limits existed unchanged.
         fields["limits"] = to_dict(limits)
-    return _fingerprint(fields)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _previous_manifest(

@@ -7,7 +7,7 @@ whole large source into memory: raw IDX and .npy files are read by seeking to th
 folder images one file at a time, WebDataset shards as streams (gzipped IDX files, tens of MB, are
 decompressed once per process).
 
-The contract (`ImageSource`):
+The contract (`pipeline.data.shards.ImageSource`, what prepare reads):
     splits()             -> {"train": 60000, "test": 10000}   split name -> number of images
     read(split, indices) -> SourceImage(key, image, label, error) per index, in order; indices
                             must be ascending. `image` is uint8 [C, H, W] in the target shape;
@@ -42,7 +42,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any, NamedTuple, Protocol
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 
@@ -58,6 +58,7 @@ from pipeline.data.reader import (
     sample_row,
     tar_samples,
 )
+from pipeline.data.shards import ImageSource, SourceImage
 from pipeline.data.streams import RetryPolicy, with_retries
 from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, fsspec_filesystem, is_s3, join_url
@@ -67,10 +68,8 @@ __all__ = [
     "FolderSource",
     "FractionSplit",
     "IdxSource",
-    "ImageSource",
     "NpySource",
     "SourceError",
-    "SourceImage",
     "WebDatasetSource",
     "default_idx_dir",
     "open_source",
@@ -83,28 +82,27 @@ class SourceError(FlowrayError, ValueError):
     """A source cannot be read as asked; the message says what was expected and what was found."""
 
 
-class SourceImage(NamedTuple):
-    key: str
-    image: np.ndarray | None  # uint8 [C, H, W]; None when `error` is set
-    label: int | None
-    error: str | None = None
-
-
-class ImageSource(Protocol):
-    description: str  # what it reads; part of prepare's fingerprint
-    shape: tuple[int, int, int]  # (C, H, W) of every image it gives
-    classes: tuple[str, ...] | None
-    has_labels: bool
-
-    def splits(self) -> dict[str, int]: ...
-    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]: ...
-
-
-def check_target(channels: int | None, size: tuple[int, int] | None) -> None:
+def check_target(channels: int | None, size: tuple[int, int] | None, needs_size: str = "") -> None:
+    """Refuse a target that is no image shape; `needs_size` names a source whose images differ
+    in size, which therefore needs one."""
     if channels is not None and channels not in (1, 3):
         raise SourceError(f"channels: expected 1 or 3, found {channels}")
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise SourceError(f"size: expected (height, width) of positive integers, found {size}")
+    if needs_size and size is None:
+        raise SourceError(
+            f"{needs_size}: its images differ in size, so a target size is needed",
+            hint="pass --size HxW, e.g. --size 64x64",
+        )
+
+
+def _ascending(indices: Sequence[int]) -> Iterator[int]:
+    previous = -1
+    for index in indices:
+        if index <= previous:
+            raise ValueError(f"indices must be ascending, found {index} after {previous}")
+        previous = index
+        yield index
 
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -121,9 +119,7 @@ def default_idx_dir() -> str:
 def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
     """Ascending indices as (start, stop) runs of consecutive values, each at most _CHUNK_ROWS."""
     start = prev = None
-    for index in indices:
-        if prev is not None and index <= prev:
-            raise ValueError(f"indices must be ascending, found {index} after {prev}")
+    for index in _ascending(indices):
         if start is None:
             start = prev = index
         elif index == prev + 1 and index - start < _CHUNK_ROWS:
@@ -372,14 +368,9 @@ class FolderSource:
         limits: ImageLimits | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        check_target(channels, size)
+        check_target(channels, size, needs_size=f"folder source {url}")
         self.limits = limits or ImageLimits()
         self.retry = retry or RetryPolicy()
-        if size is None:
-            raise SourceError(
-                f"folder source {url}: its images differ in size, so a target size is needed",
-                hint="pass --size HxW, e.g. --size 64x64",
-            )
         self.url = url.rstrip("/")
         self.storage = storage
         fs, root = fsspec_filesystem(self.url, storage)
@@ -411,11 +402,7 @@ class FolderSource:
             raise KeyError(split)
         fs, root = fsspec_filesystem(self.url, self.storage)
         class_index = {name: i for i, name in enumerate(self.classes or ())}
-        previous = -1
-        for index in indices:
-            if index <= previous:
-                raise ValueError(f"indices must be ascending, found {index} after {previous}")
-            previous = index
+        for index in _ascending(indices):
             relative = self.files[index]
             label = class_index[relative.split("/")[0]] if self.classes else None
             try:
@@ -498,12 +485,7 @@ class WebDatasetSource:
         retry: RetryPolicy | None = None,
         image_members: Sequence[str] = IMAGE_MEMBERS,
     ) -> None:
-        check_target(channels, size)
-        if size is None:
-            raise SourceError(
-                f"webdataset source {spec}: its images differ in size, so a target size is needed",
-                hint="pass --size HxW, e.g. --size 64x64",
-            )
+        check_target(channels, size, needs_size=f"webdataset source {spec}")
         self.spec, self.storage = spec, storage
         self.limits = limits or ImageLimits()  # part of prepare's fingerprint
         self.shape = (channels or 3, *size)
@@ -538,13 +520,9 @@ class WebDatasetSource:
         if split != "train":
             raise KeyError(split)
         wanted: dict[int, list[int]] = {}  # shard position -> its ordinals, ascending
-        previous = -1
-        for index in indices:
-            if index <= previous:
-                raise ValueError(f"indices must be ascending, found {index} after {previous}")
-            if not 0 <= index < self._total:
+        for index in _ascending(indices):
+            if index >= self._total:
                 raise IndexError(f"index {index} out of range (the split has {self._total})")
-            previous = index
             position = bisect.bisect_right(self._starts, index) - 1
             wanted.setdefault(position, []).append(index - self._starts[position])
         for position in sorted(wanted):
