@@ -1,4 +1,4 @@
-"""What a split argument names: a prepared split, or foreign WebDataset shards; listed once.
+"""What an input names, listed once: a prepared split or foreign WebDataset shards (decided here).
 
     plan = resolve_input("s3://bucket/photos/{000000..004999}.tar", storage)
     plan.kind                 # "foreign" (or "prepared": a prefix holding manifest.json)
@@ -8,8 +8,9 @@
 
 A spec is one of:
     a prepared split      `<data>/<split>`: a prefix holding manifest.json (as `flowray prepare`
-                          writes it); its shards are the manifest's, sizes and versions from the
-                          listing
+                          writes it); its shards are the manifest's, each ShardRef carrying its
+                          manifest entry (`expect`: what the reader checks), sizes and versions
+                          from the listing
     a brace pattern       `s3://b/photos/{000000..004999}.tar`, `/data/{a,b}/{0..9}.tar`; several
                           patterns may be joined with "::" (webdataset's convention)
     a prefix              every `*.tar` under it, at any depth, in name order (hidden files and

@@ -327,7 +327,7 @@ def test_under_fail_a_missing_or_cut_shard_stops_before_any_work(split):
 
 
 def test_skip_reads_the_good_shards_when_the_manifest_disagrees_with_the_files(split, caplog):
-    """The issue's case: one shard lost its last 20 KB (and a stray file sits next to them)."""
+    """One shard lost its last 20 KB (and a stray file sits next to them): the others are read."""
     _bad_shard(split, "cut")
     fs, path = fsspec_filesystem(split)
     fs.copy(f"{path}/shard-000000.tar", f"{path}/shard-000003.tar")

@@ -338,9 +338,9 @@ prepare(source, {out!r}, shard_samples=50, shard_bytes=None)  # no size probe: h
 
 
 def test_a_prepare_killed_mid_shard_leaves_a_temp_that_is_no_shard_and_a_rerun_sweeps(tmp_path):
-    """SIGKILL while a shard is half written. Before issue 12 the temp was named
-    `.shard-000000.tar.tmp-<pid>-<id>.tar`: every later read of the split failed on a shard the
-    manifest did not list, and rerunning prepare left it there."""
+    """SIGKILL while a shard is half written: the temp left behind is hidden, so no read takes it
+    for a shard the manifest does not list, and a rerun removes it (also one named the way a
+    killed writer could leave it, `.shard-000000.tar.tmp-<pid>-<id>.tar`)."""
     import signal
     import subprocess
     import sys

@@ -56,7 +56,7 @@ def folder_with_bomb(tmp_path) -> Path:
 def test_prepare_skip_leaves_a_decompression_bomb_out_and_reports_it(
     folder_with_bomb, tmp_path, capsys, caplog
 ):
-    """The issue's case. Before issue 12 this died with a PIL DecompressionBombError traceback."""
+    """A decompression bomb among folder images is a bad input, not a Pillow traceback."""
     out = tmp_path / "shards"
     argv = ["prepare", "--source", f"folder:{folder_with_bomb}", "--output", str(out)]
     argv += ["--size", "16x16", "--on-error", "skip"]
@@ -111,8 +111,8 @@ def test_other_limits_are_other_settings_for_a_rerun(folder_with_bomb, tmp_path)
 def test_a_storage_fault_reading_a_folder_image_is_retried_not_a_bad_input(
     folder_with_bomb, faulty_s3, tmp_path
 ):
-    """Before issue 12 an S3 fault while fetching an image made it 'cannot decode image' and
-    prepare left a good image out."""
+    """An S3 fault while fetching an image is retried, never 'cannot decode image' with a good
+    image left out."""
     direct = faulty_s3.direct
     folder = join_url(direct.url, "photos")
     for path in sorted(folder_with_bomb.glob("img-0*.png")):  # 10 good images
@@ -129,8 +129,8 @@ def test_a_storage_fault_reading_a_folder_image_is_retried_not_a_bad_input(
 
 
 def test_16_bit_images_are_scaled_by_their_range_not_their_content(tmp_path):
-    """A dark 16-bit image (max 200 of 65535) stays dark: before issue 12 only images whose
-    maximum exceeded 255 were scaled, so this one came out bright (200 -> 200)."""
+    """A dark 16-bit image (max 200 of 65535) stays dark: scaled by the type's range, not only
+    when its maximum exceeds 255 (which would keep 200 as 200, bright)."""
     dark = np.array([[0, 100, 128, 129, 200]], dtype=np.uint16)
     bright = np.array([[0, 257, 1000, 32768, 65535]], dtype=np.uint16)
     for values, want in ((dark, [0, 0, 0, 1, 1]), (bright, [0, 1, 4, 128, 255])):
