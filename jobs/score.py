@@ -33,6 +33,7 @@ from jobs.config import (
     add_config_arguments,
     add_config_options,
     add_verbose_argument,
+    config_flags,
     config_from_args,
     job_parser,
     setup_logging,
@@ -65,14 +66,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_option(args: argparse.Namespace) -> dict[str, str]:
-    """$FLOWRAY_SCORE_MODEL as the model, unless --model or --set gives it (module docstring)."""
-    if args.__dict__.get("config:model") or any(
-        item.split("=", 1)[0].strip() == "model" for item in args.overrides
-    ):
-        return {}
-    value = os.environ.get(MODEL_VARIABLE)
-    return {"model": value} if value else {}
+def model_option(args: argparse.Namespace) -> str | None:
+    """--model, else $FLOWRAY_SCORE_MODEL unless --set gives the model (module docstring)."""
+    given = config_flags(args).get("model")
+    if given or any(item.split("=", 1)[0].strip() == "model" for item in args.overrides):
+        return given
+    return os.environ.get(MODEL_VARIABLE) or None
 
 
 def print_result(result: ScoreResult) -> int:
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.batch.scoring.job import score
         from pipeline.tracking.connection import resolve_tracking_uri
 
-        config = config_from_args(ScoreConfig, args, model_option(args))
+        config = config_from_args(ScoreConfig, args, {"model": model_option(args)})
         check_tracking_server(resolve_tracking_uri(config.tracking_uri))
         check_local_gpus("--gpus-per-actor", config.gpus_per_actor, args.address)
         connect_ray(args.address, args.verbose)
