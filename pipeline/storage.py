@@ -18,13 +18,15 @@ are atomic: a local file appears under its final name only when complete (temp n
 folder, fsync, `os.replace`, fsync of the folder, so a power cut leaves the old file or the whole
 new one); an S3 object is atomic already (a PUT or a completed multipart upload). `write_once`
 creates a file only if it is absent: the same temp and fsyncs, then a hard link instead of a
-rename locally (link(2) refuses an existing name), and a conditional PUT on S3.
+rename locally (link(2) refuses an existing name), and a conditional PUT on S3; `check_write_once`
+proves, at the start of a job, that the store under its output honours it.
 
 Local temp files are named `.<final name>.<host>-<pid>-<random>.tmp`: hidden, and ending in
 `.tmp` whatever the final name, so no listing or glob for `*.tar`, `*.parquet` or a manifest
-ever matches one. A writer killed mid-write leaves its temp behind; `sweep_temp_files` removes
-the temps in a folder whose writer (same host, that pid) no longer runs. Files bound for S3 are
-staged under the same names in one local folder, `<system temp>/flowray-staging/` (then uploaded
+ever matches one (a final name too long for that, near the 255-byte NAME_MAX, is cut and ends
+in a digest of the whole). A writer killed mid-write leaves its temp behind; `sweep_temp_files`
+removes the temps in a folder whose writer (same host, that pid) no longer runs. Files bound for
+S3 are staged under the same names in one local folder, `<system temp>/flowray-staging/` (then uploaded
 in one atomic PUT), and a sweep of any s3:// URL sweeps that folder.
 """
 
@@ -53,8 +55,11 @@ if TYPE_CHECKING:
 __all__ = [
     "StorageConfig",
     "StorageError",
+    "NAME_MAX",
+    "WriteOnceUnsupported",
     "arrow_filesystem",
     "check_access",
+    "check_write_once",
     "exists",
     "fsspec_filesystem",
     "is_s3",
@@ -78,6 +83,16 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"
 # `user:password@` (or `user@`) right after a scheme: credentials inside a URL, e.g. an MLflow
 # tracking URI with basic auth. No "/" before the "@", so "s3://bucket/key@v2" is left alone.
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# Secrets carried as query parameters: presigned S3/GCS URLs (X-Amz-Signature, X-Amz-Credential,
+# X-Amz-Security-Token, X-Goog-Signature), Azure SAS (sig), and the usual token/key/password names.
+# The name stays (a reader sees which secret was there); the value up to "&", "#", a quote or a
+# blank becomes ***.
+_QUERY_SECRET = re.compile(
+    r"(?P<name>[?&;](?:x-amz-(?:signature|credential)|x-goog-(?:signature|credential)|signature"
+    r"|sig|[a-z_.-]*token|password|passwd|pwd|secret|client_secret|api[_-]?key|access[_-]?key)=)"
+    r"[^&#;\s\"'<>]+",
+    re.IGNORECASE,
+)
 
 
 # Exit codes (jobs.errors, which pipeline does not import): a storage that is down or refusing is
@@ -152,12 +167,15 @@ class StorageConfig:
 
 
 def redact_url(text: str) -> str:
-    """`text` (a URL, or any text holding URLs) with the `user:password@` of every URL removed:
-    what is logged, saved (MLflow params, summaries) or printed never carries it.
+    """`text` (a URL, or any text holding URLs) with the `user:password@` of every URL removed
+    and the values of secret query parameters (signatures, credentials, tokens, keys) replaced by
+    ***: what is logged, saved (MLflow params, summaries) or printed never carries them.
 
         redact_url("https://bob:pw@mlflow.example:5000/x")  ->  "https://mlflow.example:5000/x"
+        redact_url("https://b.s3.amazonaws.com/k?X-Amz-Signature=ab12&X-Amz-Expires=60")
+            ->  "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&X-Amz-Expires=60"
     """
-    return _URL_USERINFO.sub(r"\g<scheme>", text)
+    return _QUERY_SECRET.sub(r"\g<name>***", _URL_USERINFO.sub(r"\g<scheme>", text))
 
 
 def redact(text: str) -> str:
@@ -373,10 +391,22 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f
 _OLD_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(\.[A-Za-z0-9]+)?$")
 
 
+# The longest file name (bytes) that Linux, macOS and the usual filesystems accept.
+NAME_MAX = 255
+
+
 def _local_temp_name(path: str) -> str:
     folder, name = os.path.split(path)
     # Hidden, ".tmp" last, unique per writer: never mistaken for the final file, never shared.
-    return os.path.join(folder, f".{name}.{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tail = f".{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    encoded = name.encode()
+    if 1 + len(encoded) + len(tail) > NAME_MAX:
+        # A final name near NAME_MAX: keep its start (recognisable in a listing) and a digest of
+        # the whole (two long names with one start get two temps), cut on a character boundary.
+        digest = "~" + hashlib.sha256(encoded).hexdigest()[:12]
+        keep = NAME_MAX - 1 - len(digest) - len(tail)
+        name = encoded[:keep].decode(errors="ignore") + digest
+    return os.path.join(folder, f".{name}{tail}")
 
 
 def is_temp_name(name: str) -> bool:
@@ -468,29 +498,27 @@ def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> b
     Local: `data` goes to a temp file in the same folder and reaches the disk, then the temp is
     hard-linked to the final name. link(2) fails with EEXIST when the name exists, so the check
     and the creation are one atomic step and the file appears whole. On filesystems without hard
-    links the file is created with O_EXCL and then written (exclusive too, but a reader may see it
-    half-written meanwhile).
+    links the temp is renamed with RENAME_NOREPLACE instead (renameat2(2): atomic and whole too);
+    where that flag is unsupported as well, it is renamed after a check that the name is free:
+    whole, and exclusive against any later writer, but not against one racing it in that instant.
 
-    S3: one PUT with `If-None-Match: *` (S3's conditional write; moto's server honours it): S3
-    answers 412 PreconditionFailed when the key exists, which s3fs raises as FileExistsError. A
-    PUT that succeeded but whose answer was lost and retried also gets a 412: callers that care
-    read the object back and compare, which tells "ours, answered twice" from "someone else's".
+    S3: one PUT with `If-None-Match: *` (S3's conditional write). Any 412 means the key exists,
+    with or without the `<Condition>If-None-Match</Condition>` that AWS puts in its answer and some
+    S3-compatible stores leave out. A 409 (ConditionalRequestConflict: another conditional write
+    of the key in flight) is retried with backoff, at most `_CONFLICT_ATTEMPTS` times. A PUT that
+    succeeded but whose answer was lost and retried also gets a 412: callers that care read the
+    object back and compare, which tells "ours, answered twice" from "someone else's". A store
+    that ignores the header overwrites instead: `check_write_once` finds such a store before a job
+    relies on it.
 
     Returns:
         True when this call created the file; False when it was there already.
 
     Raises:
-        StorageError: S3 refused the write for another reason.
+        StorageError: S3 refused the write for another reason, or kept answering 409.
     """
     if is_s3(url):
-        fs, key = fsspec_filesystem(url, storage)
-        try:
-            fs.pipe_file(key, data, mode="create")
-        except FileExistsError:
-            return False
-        except OSError as err:
-            raise StorageError(f"cannot create {url}: {err}") from err
-        return True
+        return _put_if_absent(url, data, storage)
     path = _local_path(url)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temp = _local_temp_name(path)
@@ -502,14 +530,66 @@ def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> b
         except OSError as err:
             if err.errno not in _NO_HARD_LINKS:
                 raise
-            return _create_exclusive(path, data)
+            return _rename_if_absent(temp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp)
 
 
+# A 409 ConditionalRequestConflict is retried this many times in all, waiting 0.1 s, 0.2 s, ...
+_CONFLICT_ATTEMPTS = 6
+_CONFLICT_WAIT_S = 0.1
+
+
+def _put_if_absent(url: str, data: bytes, storage: StorageConfig | None) -> bool:
+    """`write_once` on S3 (see there)."""
+    import time
+
+    fs, key = fsspec_filesystem(url, storage)
+    for attempt in range(_CONFLICT_ATTEMPTS):
+        try:
+            fs.pipe_file(key, data, mode="create")
+        except FileExistsError:  # s3fs: a 412 naming the If-None-Match condition
+            return False
+        except OSError as err:
+            status = _http_status(err)
+            if status == 412:  # a 412 without the condition named: exists all the same
+                return False
+            if status == 409 and attempt + 1 < _CONFLICT_ATTEMPTS:
+                time.sleep(_CONFLICT_WAIT_S * 2**attempt)
+                continue
+            raise StorageError(f"cannot create {url}: {err}") from err
+        return True
+    raise AssertionError("unreachable")
+
+
+def _http_status(err: BaseException) -> int | None:
+    """The HTTP status behind an error s3fs translated from botocore's ClientError (kept as its
+    cause): s3fs turns a 412 whose body names no `<Condition>` into OSError(EINVAL) and a 409
+    into OSError(EIO) or EBUSY, so only the response tells them apart."""
+    seen: BaseException | None = err
+    for _ in range(5):
+        if seen is None:
+            return None
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = str(response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412"):
+                return 412
+            if code in ("ConditionalRequestConflict", "409"):
+                return 409
+            return int(status) if status else None
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 # What link(2) answers on a filesystem that has no hard links (or not across this pair).
 _NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV)
+# What renameat2(2) answers when the kernel or the filesystem has no RENAME_NOREPLACE.
+_NO_NOREPLACE = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
 
 
 def _link_durably(temp: str, path: str) -> bool:
@@ -525,17 +605,83 @@ def _link_durably(temp: str, path: str) -> bool:
     return True
 
 
-def _create_exclusive(path: str, data: bytes) -> bool:
-    """`write_once` where hard links fail: O_EXCL creation, then the data, then fsync."""
+def _renameat2_noreplace(temp: str, path: str) -> None:
+    """rename(temp, path) that fails with FileExistsError when `path` exists (Linux renameat2);
+    OSError(ENOSYS) where the C library has no renameat2."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    function = getattr(libc, "renameat2", None)
+    if function is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    result = function(_AT_FDCWD, os.fsencode(temp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE)
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+
+
+def _rename_if_absent(temp: str, path: str) -> bool:
+    """`write_once` where hard links fail: the complete, synced temp takes the final name in one
+    rename that refuses an existing name, so the name never holds a part of `data`."""
+    if os.path.exists(path):
+        return False
     try:
-        file = open(path, "xb")  # noqa: SIM115 (closed below)
+        _renameat2_noreplace(temp, path)
     except FileExistsError:
         return False
-    with file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
+    except OSError as err:
+        if err.errno not in _NO_NOREPLACE:
+            raise
+        if os.path.exists(path):  # no atomic no-replace rename here: check, then rename
+            return False
+        os.replace(temp, path)
+    _fsync_path(os.path.dirname(path) or ".")
     return True
+
+
+class WriteOnceUnsupported(StorageError):
+    """The store under an output prefix accepted a second create of one object: write-once (the
+    settings check, one file per shard under concurrent jobs) cannot hold there."""
+
+
+def check_write_once(url: str, storage: StorageConfig | None = None) -> None:
+    """Prove that `write_once` holds under the prefix `url` before a job relies on it: create one
+    hidden object twice and require the second create to be refused; the object is removed after.
+
+    S3-compatible stores differ: some ignore `If-None-Match: *` (and s3fs before 2024.12, or
+    botocore before 1.35.21, drop it without a word), so every PUT "succeeds" and a rerun or a
+    concurrent job overwrites files that must never change.
+
+    Raises:
+        WriteOnceUnsupported (exit code 2): the second create was accepted; the message names the
+            store and the hint the fixes (another store or versions, or single-writer mode).
+        StorageError: the probe could not be written or removed.
+    """
+    probe = join_url(url, f".flowray-write-once-probe-{_HOST_TAG}-{uuid.uuid4().hex[:12]}")
+    try:
+        if not write_once(probe, b"first", storage):
+            raise StorageError(f"write-once probe {probe} existed before it was created")
+        refused = not write_once(probe, b"second", storage)
+    finally:
+        _remove_quietly(probe, storage)
+    if refused:
+        return
+    store = f"S3 endpoint {(storage or StorageConfig()).describe()}" if is_s3(url) else "filesystem"
+    raise WriteOnceUnsupported(
+        f"{store} accepted a second create of {probe}: expected it refused (412 to If-None-Match: "
+        f"*), found it overwritten, so outputs under {url} could be rewritten by a rerun or a "
+        "concurrent job",
+        hint="use a store that honours conditional writes (AWS S3, or an S3-compatible store and "
+        "version that supports If-None-Match), with s3fs>=2024.12 and botocore>=1.35.21; or, when "
+        "no other job ever writes to this output at the same time, pass --single-writer",
+        exit_code=_USAGE,
+    )
+
+
+def _remove_quietly(url: str, storage: StorageConfig | None) -> None:
+    fs, path = fsspec_filesystem(url, storage)
+    with contextlib.suppress(FileNotFoundError), _translated(url, storage):
+        fs.rm_file(path)
 
 
 def put_file_atomic(local_file: str, url: str, storage: StorageConfig | None = None) -> None:

@@ -27,6 +27,18 @@ passes); `max_faults` caps faults in total. `script` forces an exact sequence fo
 {"shard-000001.tar": ("truncate", "503")} fails the first two GETs of every key ending in that
 name, in that order, then lets them pass (scripted keys ignore the rate).
 
+Conditional writes (`If-None-Match: *` on a PUT), as S3-compatible stores differ:
+
+    conditional_writes="honour"   forwarded as sent (moto honours it: 412 with
+                                  <Condition>If-None-Match</Condition> when the key exists)
+    conditional_writes="ignore"   the header is dropped before forwarding: the store overwrites
+    conditional_writes="bare-412" a 412 answer loses its <Condition> element (as some stores send)
+
+and `put_script` answers chosen PUTs before they reach the store: {"x.json": ("409", "pass",
+"409")} answers the first PUT of every key ending in x.json with 409 ConditionalRequestConflict
+(AWS's answer to concurrent conditional writes), forwards the second, answers the third with 409,
+and forwards every later one.
+
 Bounded: loopback only, `max_faults` faults, at most `max_connections` client connections at a time
 (more are refused with a reset), idle connections closed after `idle_timeout_s`, every stall ends
 after `stall_s` or at stop(); stop() cuts every connection still open.
@@ -38,6 +50,7 @@ import contextlib
 import hashlib
 import http.client
 import http.server
+import re
 import socket
 import struct
 import threading
@@ -45,9 +58,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-__all__ = ["FAULT_KINDS", "FaultPlan", "FaultyS3Proxy"]
+__all__ = ["CONDITIONAL_WRITES", "FAULT_KINDS", "PUT_KINDS", "FaultPlan", "FaultyS3Proxy"]
 
 FAULT_KINDS = ("500", "503", "reset", "stall", "truncate")
+PUT_KINDS = ("409", "pass")
+CONDITIONAL_WRITES = ("honour", "ignore", "bare-412")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "te"}
 _ERROR_BODIES = {
     "500": ("InternalError", "We encountered an internal error. Please try again."),
@@ -66,6 +81,8 @@ class FaultPlan:
     max_faults: int = 100_000
     stall_s: float = 2.0
     script: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    conditional_writes: str = "honour"
+    put_script: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
@@ -77,6 +94,14 @@ class FaultPlan:
             raise ValueError(f"kinds: expected some of {FAULT_KINDS}, found {sorted(unknown)}")
         if self.max_in_a_row is not None and self.max_in_a_row < 1:
             raise ValueError(f"max_in_a_row: expected at least 1, found {self.max_in_a_row}")
+        if self.conditional_writes not in CONDITIONAL_WRITES:
+            raise ValueError(
+                f"conditional_writes: expected one of {CONDITIONAL_WRITES}, "
+                f"found {self.conditional_writes!r}"
+            )
+        bad_puts = {k for kinds in self.put_script.values() for k in kinds if k not in PUT_KINDS}
+        if bad_puts:
+            raise ValueError(f"put_script: expected some of {PUT_KINDS}, found {sorted(bad_puts)}")
         if not 0 < self.stall_s <= 60:
             raise ValueError(f"stall_s: expected 0 < seconds <= 60, found {self.stall_s}")
 
@@ -97,6 +122,17 @@ class _Decider:
         self.attempts: Counter[str] = Counter()
         self.in_a_row: Counter[str] = Counter()
         self.faults = 0
+        self.puts: Counter[str] = Counter()
+
+    def decide_put(self, key: str) -> str:
+        """ "409" or "pass" for this PUT of `key`, from `put_script`."""
+        with self.lock:
+            attempt = self.puts[key]
+            self.puts[key] += 1
+            for suffix, kinds in self.plan.put_script.items():
+                if key.endswith(suffix):
+                    return kinds[attempt] if attempt < len(kinds) else "pass"
+            return "pass"
 
     def _scripted(self, key: str) -> tuple[str, ...] | None:
         for suffix, kinds in self.plan.script.items():
@@ -158,9 +194,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    def _forward(
+        self, body: bytes, drop: frozenset[str] = frozenset()
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
         proxy = self.server.proxy
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP | drop}
         if body or self.command in ("PUT", "POST"):
             headers["Content-Length"] = str(len(body))
         for attempt in range(2):  # a kept-alive upstream connection may have been closed
@@ -188,16 +226,61 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(size))
         self.end_headers()
 
-    def _object_key(self) -> str | None:
-        """`bucket/key` of an object GET (path-style addressing), else None."""
-        if self.command != "GET":
+    def _object_key(self, command: str = "GET") -> str | None:
+        """`bucket/key` of an object request of `command` (path-style addressing), else None."""
+        if self.command != command:
             return None
         bucket, _, key = urlsplit(self.path).path.lstrip("/").partition("/")
         return f"{bucket}/{key}" if bucket and key else None
 
+    def _send_error(self, status: int, reason: str, code: str, message: str, key: str) -> None:
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{code}</Code><Message>{message}</Message>"
+            f"<Resource>/{key}</Resource><RequestId>fault-{status}</RequestId></Error>"
+        ).encode()
+        headers = [("Content-Type", "application/xml")]
+        if status == 503:
+            headers.append(("Retry-After", "1"))
+        self._send_head(status, reason, headers, len(xml))
+        self.wfile.write(xml)
+
+    def _handle_put(self, key: str, body: bytes) -> None:
+        """A PUT: scripted 409s, then the plan's handling of conditional writes."""
+        proxy = self.server.proxy
+        if proxy._decider.decide_put(key) == "409":
+            proxy._count("requests", "409")
+            self._send_error(
+                409,
+                "Conflict",
+                "ConditionalRequestConflict",
+                "A conflicting conditional operation is currently in progress against this "
+                "resource. Please try again.",
+                key,
+            )
+            return
+        mode = proxy.plan.conditional_writes
+        conditional = "If-None-Match" in self.headers
+        drop = frozenset({"if-none-match"}) if mode == "ignore" else frozenset()
+        status, reason, headers, data = self._forward(body, drop)
+        if mode == "bare-412" and status == 412:
+            data = re.sub(rb"<Condition>.*?</Condition>", b"", data)
+        proxy._count(
+            "requests",
+            "puts",
+            "conditional_puts" if conditional else None,
+            "412" if status == 412 else None,
+        )
+        self._send_head(status, reason, headers, len(data))
+        self.wfile.write(data)
+
     def _handle(self) -> None:
         proxy = self.server.proxy
         body = self._body()
+        put_key = self._object_key("PUT")
+        if put_key is not None and "uploadId" not in self.path:
+            self._handle_put(put_key, body)
+            return
         key = self._object_key()
         kind = proxy._decider.decide(key) if key is not None else None
         proxy._count("requests", "gets" if key is not None else None, kind)
@@ -206,16 +289,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if kind in _ERROR_BODIES:
             code, message = _ERROR_BODIES[kind]
-            xml = (
-                '<?xml version="1.0" encoding="UTF-8"?>\n'
-                f"<Error><Code>{code}</Code><Message>{message}</Message>"
-                f"<Resource>/{key}</Resource><RequestId>fault-{kind}</RequestId></Error>"
-            ).encode()
-            headers = [("Content-Type", "application/xml")]
-            if kind == "503":
-                headers.append(("Retry-After", "1"))
-            self._send_head(int(kind), "Service Unavailable", headers, len(xml))
-            self.wfile.write(xml)
+            self._send_error(int(kind), "Service Unavailable", code, message, key)
             return
         status, reason, headers, data = self._forward(body)
         declared = len(data)

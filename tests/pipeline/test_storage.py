@@ -293,3 +293,168 @@ def test_temps_bound_for_s3_are_staged_where_a_sweep_finds_them(tmp_path, monkey
     (tmp_path / "flowray-staging" / dead).write_bytes(b"half a shard")
     assert sweep_temp_files("s3://bucket/prefix") == [dead]
     assert os.listdir(staging_dir()) == [name]
+
+
+def _bucket_keys(bucket) -> list[str]:
+    listed = bucket.client().list_objects_v2(Bucket=bucket.bucket)
+    return sorted(item["Key"] for item in listed.get("Contents", []))
+
+
+def test_the_write_once_probe_passes_an_honest_store_and_leaves_nothing(tmp_path, faulty_s3):
+    from pipeline.storage import check_write_once
+
+    check_write_once(join_url(faulty_s3.bucket.url, "scores"), faulty_s3.bucket.storage)
+    check_write_once(str(tmp_path / "scores"))
+    assert _bucket_keys(faulty_s3.direct) == []
+    assert os.listdir(tmp_path / "scores") == []
+    assert faulty_s3.proxy.counts["conditional_puts"] == 2
+    assert faulty_s3.proxy.counts["412"] == 1
+
+
+def test_a_store_that_ignores_if_none_match_fails_the_probe_with_exit_2(faulty_s3):
+    """The store answers 200 to the second create and overwrites: `write_once` cannot see it, the
+    probe does, and names the store and the fix."""
+    from pipeline.storage import WriteOnceUnsupported, check_write_once
+    from tests.faults.s3_proxy import FaultPlan
+
+    faulty_s3.proxy.set_plan(FaultPlan(conditional_writes="ignore"))
+    bucket = faulty_s3.bucket
+    url = join_url(bucket.url, "scores", "x.json")
+    assert write_once(url, b"first", bucket.storage) is True
+    assert write_once(url, b"second", bucket.storage) is True  # what the probe exists to catch
+    assert read_bytes(url, bucket.storage) == b"second"
+    with pytest.raises(WriteOnceUnsupported) as info:
+        check_write_once(join_url(bucket.url, "scores"), bucket.storage)
+    assert info.value.exit_code == 2
+    assert bucket.endpoint_url in str(info.value)
+    assert "--single-writer" in info.value.hint and "botocore>=1.35.21" in info.value.hint
+    assert _bucket_keys(faulty_s3.direct) == ["scores/x.json"]  # the probe object is gone
+
+
+def test_a_412_without_its_condition_element_means_exists(faulty_s3):
+    """MinIO and Ceph RGW answer 412 without <Condition>If-None-Match</Condition>; s3fs makes
+    that OSError(EINVAL), which must still read as "the file exists"."""
+    from pipeline.storage import check_write_once
+    from tests.faults.s3_proxy import FaultPlan
+
+    faulty_s3.proxy.set_plan(FaultPlan(conditional_writes="bare-412"))
+    bucket = faulty_s3.bucket
+    url = join_url(bucket.url, "scores", "_scoring.json")
+    assert write_once(url, b"first", bucket.storage) is True
+    assert write_once(url, b"second", bucket.storage) is False
+    assert read_bytes(url, bucket.storage) == b"first"
+    assert faulty_s3.proxy.counts["412"] == 1
+    check_write_once(join_url(bucket.url, "scores"), bucket.storage)
+
+
+def test_a_409_conflict_is_retried_then_creates_or_finds_the_file(faulty_s3):
+    from tests.faults.s3_proxy import FaultPlan
+
+    bucket = faulty_s3.bucket
+    faulty_s3.proxy.set_plan(FaultPlan(put_script={"new.json": ("409",), "old.json": ("409",)}))
+    old = join_url(bucket.url, "p", "old.json")
+    bucket.client().put_object(Bucket=bucket.bucket, Key="p/old.json", Body=b"theirs")
+    assert write_once(join_url(bucket.url, "p", "new.json"), b"ours", bucket.storage) is True
+    assert write_once(old, b"ours", bucket.storage) is False
+    assert read_bytes(old, bucket.storage) == b"theirs"
+    assert faulty_s3.proxy.counts["409"] == 2
+
+
+def test_409s_that_never_end_fail_after_bounded_retries(faulty_s3, monkeypatch):
+    import pipeline.storage
+    from tests.faults.s3_proxy import FaultPlan
+
+    monkeypatch.setattr(pipeline.storage, "_CONFLICT_WAIT_S", 0.001)
+    attempts = pipeline.storage._CONFLICT_ATTEMPTS
+    faulty_s3.proxy.set_plan(FaultPlan(put_script={"x.json": ("409",) * 50}))
+    with pytest.raises(StorageError, match="cannot create .*x.json"):
+        write_once(join_url(faulty_s3.bucket.url, "x.json"), b"ours", faulty_s3.bucket.storage)
+    assert faulty_s3.proxy.counts["409"] == attempts
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "GET https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            "&X-Amz-Credential=AKIAEXAMPLE%2F20261206&X-Amz-Security-Token=FQoGZX"
+            "&X-Amz-Signature=9f2c1e failed",
+            "GET https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            "&X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Signature=*** failed",
+        ),
+        (
+            "https://acct.blob.core.windows.net/c/model.bin?sv=2022-11-02&sig=aB%2Bc%3D&se=2026",
+            "https://acct.blob.core.windows.net/c/model.bin?sv=2022-11-02&sig=***&se=2026",
+        ),
+        (
+            "'https://bob:pw@h:5000/api?token=t0k&access_token=a1&page=2'",
+            "'https://h:5000/api?token=***&access_token=***&page=2'",
+        ),
+        ("models:/flow@champion s3://b/key@v2?versionId=3", None),
+    ],
+)
+def test_redact_removes_query_string_secrets(text, expected):
+    from pipeline.storage import redact, redact_url
+
+    assert redact_url(text) == (expected or text)
+    assert redact(text) == (expected or text)
+
+
+def test_temp_names_stay_within_name_max_for_long_final_names(tmp_path, monkeypatch):
+    """A final name of up to 255 bytes (the limit of the name itself) is written through a temp
+    that fits too, is unique, and is still swept when its writer is gone."""
+    import subprocess
+    import tempfile
+
+    from pipeline.storage import NAME_MAX, is_temp_name, make_temp_file, sweep_temp_files
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    name = "é" * 121 + "-long.parquet"  # 242 + 13 bytes in UTF-8
+    assert len(name.encode()) == NAME_MAX
+    url = str(tmp_path / "out" / name)
+    write_bytes_atomic(url, b"one")
+    assert write_once(url, b"two") is False
+    assert write_once(str(tmp_path / "out" / name[1:]), b"three") is True
+    assert read_bytes(url) == b"one"
+    temps = [make_temp_file(url), make_temp_file(url), make_temp_file(f"s3://bucket/{name}")]
+    for temp in temps:
+        base = os.path.basename(temp)
+        assert len(base.encode()) <= NAME_MAX and is_temp_name(base)
+        assert base.startswith(".éé") and base.endswith(".tmp")
+    assert temps[0] != temps[1]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = os.path.basename(temps[0]).replace(f"-{os.getpid()}-", f"-{gone.pid}-")
+    os.rename(temps[0], os.path.join(os.path.dirname(temps[0]), dead))
+    assert dead in sweep_temp_files(str(tmp_path / "out"))
+
+
+def test_write_once_without_hard_links_never_shows_a_partial_file(tmp_path, monkeypatch):
+    """Where link(2) is refused, the final name still appears only whole: an observer that looks
+    at it before every call made while writing never sees it short (a kill at any of those
+    moments would leave what it saw, and a file present counts as final)."""
+    import errno
+    import sys
+
+    def no_link(source, destination) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    target = str(tmp_path / "shard-000000.parquet")
+    data = b"0123456789" * 50_000
+    sizes: set[int] = set()
+
+    def observe(frame, event, arg) -> None:
+        if event in ("call", "c_call") and os.path.exists(target):
+            sizes.add(os.stat(target).st_size)
+
+    sys.setprofile(observe)
+    try:
+        created = write_once(target, data)
+    finally:
+        sys.setprofile(None)
+    assert created is True
+    assert read_bytes(target) == data
+    assert sizes <= {len(data)}, f"expected only {len(data)} bytes seen, found sizes {sizes}"
+    assert write_once(target, b"other") is False
+    assert os.listdir(tmp_path) == ["shard-000000.parquet"]
