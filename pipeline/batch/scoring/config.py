@@ -42,6 +42,10 @@ class ScoreConfig:
             sqlite:///<workdir>/mlflow.db, workdir $FLOWRAY_WORKDIR or flowray-work).
         experiment: MLflow experiment of the summary run.
         log_to_mlflow: log the summary run (the files under _summary/ are written either way).
+        single_writer: run on an output store that does not refuse a second create of one
+            object (S3 If-None-Match ignored), which a probe at the start otherwise refuses: only
+            when no other job writes to this output at the same time, since nothing then stops a
+            rerun or a concurrent job from rewriting its files.
     """
 
     model: str
@@ -60,6 +64,7 @@ class ScoreConfig:
     tracking_uri: str | None = None
     experiment: str = "flowray-scoring"
     log_to_mlflow: bool = True
+    single_writer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):

@@ -47,8 +47,10 @@ of the weights as the version.
 
 A run goes through four phases, one module each:
 
-    plan       check access, list the input once, model and image shape; sweep this host's dead
-               temps; list the shards without a file for their version
+    plan       check access, and that the output store refuses a second create of one object
+               (write-once; else exit 2 unless single_writer); list the input once, model and image
+               shape; sweep this host's dead temps; list the shards without a file for their
+               version
     pipeline   pipeline.batch.scoring.actors: read_input -> map_batches(Scorer) on an actor pool
     collect    pipeline.batch.scoring.output: rows grouped by shard, each shard's file written
                once, when complete, so every key appears exactly once across crashes, retried
@@ -93,7 +95,14 @@ from pipeline.batch.scoring.output import (
 from pipeline.batch.scoring.report import ScoreStats, report
 from pipeline.data.inputs import InputPlan, resolve_input
 from pipeline.data.tally import SkipTally
-from pipeline.storage import check_access, list_names, redact_url, sweep_temp_files
+from pipeline.storage import (
+    WriteOnceUnsupported,
+    check_access,
+    check_write_once,
+    list_names,
+    redact_url,
+    sweep_temp_files,
+)
 
 __all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "score"]
 
@@ -196,6 +205,7 @@ def _plan(config: ScoreConfig) -> _Plan:
     storage = config.storage
     check_access(config.input, storage)
     check_access(config.output, storage)
+    _check_write_once(config)
     source = resolve_input(config.input, storage)
     logger.info("input %s", redact_url(source.describe()))
     if source.missing:
@@ -257,6 +267,18 @@ def _plan(config: ScoreConfig) -> _Plan:
         plan.already_done,
     )
     return plan
+
+
+def _check_write_once(config: ScoreConfig) -> None:
+    """Exactly-once output rests on `write_once`: prove the output store refuses a second create
+    (WriteOnceUnsupported, exit 2, where it does not), unless the user vouches for a single
+    writer, who is then warned."""
+    try:
+        check_write_once(config.output, config.storage)
+    except WriteOnceUnsupported as err:
+        if not config.single_writer:
+            raise
+        logger.warning("%s; going on as --single-writer asks", err)
 
 
 def _targets(
