@@ -3,9 +3,11 @@ for a local Ray and a quick tracking-server check."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from jobs.errors import EXIT_FAILURE, UserError
@@ -52,15 +54,28 @@ def check_local_gpus(option: str, requested: float, address: str | None) -> None
 
 
 def check_tracking_server(uri: str, timeout: float = 3.0) -> None:
-    """Fail in seconds, not after minutes of MLflow retries, when a tracking server is down."""
+    """Fail in seconds, not after minutes of MLflow retries, when a tracking server is down.
+
+    A `user:password@` in the URI is sent as HTTP basic auth, as MLflow does, never as part of
+    the host name."""
     if not uri.startswith(("http://", "https://")):
         return
+    parts = urllib.parse.urlsplit(uri)
+    headers = {}
+    if parts.username is not None or parts.password is not None:
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+        parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
+    health = urllib.parse.urlunsplit(parts).rstrip("/") + "/health"
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        request = urllib.request.Request(health, headers=headers)
+        urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError:
         return  # it answered: up, even if /health is not served there
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
+    except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: a malformed URL
+        reason = redact_url(str(getattr(err, "reason", err)))
         raise UserError(
             f"MLflow tracking server at {redact_url(uri)} is not reachable ({reason})",
             hint="start it (`make mlflow-up`), pass --tracking-uri, or unset MLFLOW_TRACKING_URI "
