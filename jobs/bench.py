@@ -36,7 +36,7 @@ from pipeline.config import ConfigError, apply_overrides
 __all__ = ["build_parser", "main", "settings_for"]
 
 USAGE_ERROR = 2
-# Options of the earlier CLI, kept working as shorthands for `--set <key>=<value>`.
+# Deprecated options, each a shorthand for `--set <key>=<value>` (lists comma-separated).
 SHORTHANDS = {
     "--minutes": "minutes",
     "--seconds": "seconds",
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "build the preset model (default: each suite's own, fashion-mnist; gpu: rgb32)",
     )
     parser.add_argument("--output", default="bench-results", help="folder for the JSON and .md")
-    parser.add_argument(  # the earlier name
+    parser.add_argument(  # deprecated: --output
         "--out", dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     parser.add_argument(

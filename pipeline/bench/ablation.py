@@ -180,8 +180,8 @@ def train_lever(child: _Child, log: Callable[[str], None] = print) -> dict[str, 
     """Train the lever's model in this process for `minutes` of step time and evaluate its EMA
     weights on the test split. Returns the figures of one table row."""
     from pipeline.bench.harness import fashion_mnist, preset_flow, torch_threads
-    from pipeline.bench.race import global_batch, make_contender, parameter_count
-    from pipeline.train.step import evaluate_bits_per_dim, train_step
+    from pipeline.bench.race import contender, global_batch
+    from pipeline.train.step import evaluate_bits_per_dim
 
     config = _load(child.preset, child.overrides)
     batch = global_batch(config)
@@ -189,17 +189,10 @@ def train_lever(child: _Child, log: Callable[[str], None] = print) -> dict[str, 
         _, train = fashion_mnist("train", child.train_images)
         keys, test = fashion_mnist("test", child.test_images)
         flow = preset_flow(config.model, train[: config.init_images], config.seed)
-        clip = config.optim.max_grad_norm
-        contender = make_contender(
-            flow,
-            lambda m, b, o, g: train_step(m, b, o, max_grad_norm=clip, generator=g),
-            train,
-            config,
-            batch_size=batch,
-            seconds=60 * child.minutes,
-            max_steps=child.max_steps,
+        racer = contender(
+            "flowray", flow, train, config, seconds=60 * child.minutes, max_steps=child.max_steps
         )
-        trainer = contender.trainer
+        trainer = racer.trainer
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
         while not trainer.done:
@@ -213,18 +206,11 @@ def train_lever(child: _Child, log: Callable[[str], None] = print) -> dict[str, 
         evaluated = time.perf_counter()
         size = config.eval_batch_size
         chunks = [(keys[i : i + size], test[i : i + size]) for i in range(0, len(test), size)]
-        bits, count = evaluate_bits_per_dim(contender.ema.model, chunks, config.eval_seed)
-    result = trainer.result()
+        bits, count = evaluate_bits_per_dim(racer.ema.model, chunks, config.eval_seed)
     return {
-        "params": parameter_count(flow),
-        "steps": result.steps,
+        **racer.figures(),
         "batch_size": batch,
-        "train_seconds": result.seconds,
         "train_wall_seconds": wall,
-        "images_seen": result.steps * batch,
-        "images_per_second": result.images_per_second,
-        "last_train_bits_per_dim": result.last_loss,
-        "skipped_steps": contender.skipped,
         "test_bits_per_dim": bits,
         "test_images": count,
         "eval_seconds": time.perf_counter() - evaluated,

@@ -283,7 +283,7 @@ def prepared_fashion_mnist(
 
 @contextmanager
 def local_ray(cpus: int | None = None, *, dashboard: bool = False) -> Iterator[bool]:
-    """A local Ray until the block ends, never another engineer's cluster on this machine; a Ray
+    """A local Ray until the block ends (never a cluster found through RAY_ADDRESS); a Ray
     already running is used as it is. Yields whether it started one.
 
     Args:

@@ -17,7 +17,6 @@ same y = (x + u) / 256 for an image in both models, bits/dim by the same formula
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,22 +24,20 @@ import torch
 from torch import Tensor, nn
 
 from flowmodel import dequantize
-from pipeline.bench.harness import Result, Run, Table, fashion_mnist, torch_threads
+from pipeline.bench.harness import Result, Run, Table, fashion_mnist, timed, torch_threads
 from pipeline.bench.race import (
     Contender,
     TimedTrainer,
     global_batch,
-    make_contender,
     normflows_bits_per_dim,
-    normflows_step,
-    paired_models,
     parameter_count,
+    race,
     train_interleaved,
 )
 from pipeline.config import load_config
 from pipeline.model.likelihood import keyed_noise
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import evaluate_bits_per_dim, train_step
+from pipeline.train.step import evaluate_bits_per_dim
 
 __all__ = ["SMOKE", "TARGET_BITS_PER_DIM", "Settings", "measure", "normflows_test_bits_per_dim"]
 
@@ -91,7 +88,9 @@ def measure(settings: Settings, run: Run) -> Result:
     _, train = fashion_mnist("train", settings.train_images)
     keys, test = fashion_mnist("test", settings.test_images)
     with torch_threads(settings.threads) as threads:
-        contenders = _contenders(config, train, 60 * settings.minutes, settings.max_steps)
+        contenders = race(
+            config, train, seconds=60 * settings.minutes, max_steps=settings.max_steps
+        )
         load = [round(os.getloadavg()[0], 2)]
         _race(contenders, settings.minutes, run)
         load.append(round(os.getloadavg()[0], 2))
@@ -131,27 +130,6 @@ def measure(settings: Settings, run: Run) -> Result:
     return Result(figures, [_table(figures)])
 
 
-def _contenders(
-    config: TrainConfig, train: Tensor, seconds: float, max_steps: int | None
-) -> dict[str, Contender]:
-    """Both models, initialised on the same batch, each with flowray's recipe and its own step."""
-    flow, glow = paired_models(config, train[: config.init_images])
-    clip = config.optim.max_grad_norm
-    steps = {"flowray": (flow, train_step), "normflows": (glow, normflows_step)}
-    return {
-        name: make_contender(
-            model,
-            lambda m, b, o, g, step=step: step(m, b, o, max_grad_norm=clip, generator=g),
-            train,
-            config,
-            batch_size=global_batch(config),
-            seconds=seconds,
-            max_steps=max_steps,
-        )
-        for name, (model, step) in steps.items()
-    }
-
-
 def _race(contenders: dict[str, Contender], minutes: float, run: Run) -> None:
     for name, contender in contenders.items():
         run.log(f"{name}: {parameter_count(contender.model):,} parameters")
@@ -171,25 +149,26 @@ def _test_figures(
     contenders: dict[str, Contender], config: TrainConfig, keys: list[str], test: Tensor
 ) -> dict[str, Any]:
     """Each model's training figures and the test bits/dim of its EMA weights (keyed noise)."""
-    model, batch = config.model, global_batch(config)
+    model = config.model
     preprocess = model.preprocess
     if preprocess == "logit":
         preprocess = f"logit (alpha {model.logit_alpha:g})"
     size = config.eval_batch_size
     chunks = [(keys[i : i + size], test[i : i + size]) for i in range(0, len(test), size)]
-    started = time.perf_counter()
-    bits, count = evaluate_bits_per_dim(contenders["flowray"].ema.model, chunks, config.eval_seed)
-    flowray_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    theirs = normflows_test_bits_per_dim(
-        contenders["normflows"].ema.model, keys, test, config.eval_seed
+    flowray_seconds, (bits, count) = timed(
+        lambda: evaluate_bits_per_dim(contenders["flowray"].ema.model, chunks, config.eval_seed)
+    )
+    normflows_seconds, theirs = timed(
+        lambda: normflows_test_bits_per_dim(
+            contenders["normflows"].ema.model, keys, test, config.eval_seed
+        )
     )
     architecture = f"{model.levels} levels x {model.steps_per_level}"
     return {
         "flowray": {
             "architecture": f"{architecture} steps, {model.hidden_channels} hidden, "
             f"{model.coupling} {model.mask} coupling, {preprocess} preprocessing",
-            **_figures(contenders["flowray"], batch),
+            **contenders["flowray"].figures(),
             "test_bits_per_dim": bits,
             "test_images": count,
             "eval_seconds": flowray_seconds,
@@ -197,24 +176,11 @@ def _test_figures(
         "normflows": {
             "architecture": f"{architecture} GlowBlocks, {model.hidden_channels} hidden, affine "
             "channel coupling (sigmoid scale), DiagGaussian bases, no logit",
-            **_figures(contenders["normflows"], batch),
+            **contenders["normflows"].figures(),
             "test_bits_per_dim": theirs,
             "test_images": len(test),
-            "eval_seconds": time.perf_counter() - started,
+            "eval_seconds": normflows_seconds,
         },
-    }
-
-
-def _figures(contender: Contender, batch_size: int) -> dict[str, Any]:
-    result = contender.trainer.result()
-    return {
-        "params": parameter_count(contender.model),
-        "steps": result.steps,
-        "train_seconds": result.seconds,
-        "images_seen": result.steps * batch_size,
-        "images_per_second": result.images_per_second,
-        "last_train_bits_per_dim": result.last_loss,
-        "skipped_steps": contender.skipped,
     }
 
 

@@ -1,7 +1,7 @@
 """In-process training races: flowray's model against normflows' Glow at a matched size, each
 trained with flowray's recipe (`pipeline.train`: optimizer, warmup, clipping, EMA) by the same
 plain torch loop, their steps alternating so that both see the same load on a shared machine.
-Used by the quality and training suites.
+Used by the quality, training and ablation suites.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,10 +24,13 @@ from pipeline.train.step import (
     budget_progress,
     make_optimizer,
     set_learning_rate,
+    train_step,
 )
 
 __all__ = [
     "Contender",
+    "contender",
+    "race",
     "global_batch",
     "make_contender",
     "normflows_bits_per_dim",
@@ -243,6 +247,19 @@ class Contender:
     trainer: TimedTrainer
     skipped: int = 0
 
+    def figures(self) -> dict[str, Any]:
+        """Its training figures: parameters, steps, step seconds, images seen and per second."""
+        result = self.trainer.result()
+        return {
+            "params": parameter_count(self.model),
+            "steps": result.steps,
+            "train_seconds": result.seconds,
+            "images_seen": result.steps * self.trainer.batch_size,
+            "images_per_second": result.images_per_second,
+            "last_train_bits_per_dim": result.last_loss,
+            "skipped_steps": self.skipped,
+        }
+
 
 def make_contender(
     model: nn.Module,
@@ -283,3 +300,46 @@ def make_contender(
     )
     racer = Contender(model, EMA(model, config.optim.ema_decay), trainer)
     return racer
+
+
+STEPS = {"flowray": train_step, "normflows": normflows_step}
+
+
+def contender(
+    name: str,
+    model: nn.Module,
+    images: Tensor,
+    config: TrainConfig,
+    *,
+    seconds: float,
+    max_steps: int | None,
+    batch_size: int | None = None,
+    window_steps: int = 20,
+) -> Contender:
+    """`make_contender` with the step of `name` ("flowray" or "normflows"), the preset's
+    clipping, and the job's global batch unless `batch_size` is given."""
+    step, clip = STEPS[name], config.optim.max_grad_norm
+    return make_contender(
+        model,
+        lambda m, b, o, g: step(m, b, o, max_grad_norm=clip, generator=g),
+        images,
+        config,
+        batch_size=batch_size or global_batch(config),
+        seconds=seconds,
+        max_steps=max_steps,
+        window_steps=window_steps,
+    )
+
+
+def race(
+    config: TrainConfig, images: Tensor, *, seconds: float, max_steps: int | None, **options: Any
+) -> dict[str, Contender]:
+    """flowray's preset model and normflows' Glow (`paired_models`, initialised on the same
+    batch) as contenders on `images`; `options` go to `contender`."""
+    models = paired_models(config, images[: config.init_images])
+    return {
+        name: contender(
+            name, model, images, config, seconds=seconds, max_steps=max_steps, **options
+        )
+        for name, model in zip(STEPS, models)
+    }

@@ -37,16 +37,9 @@ from pipeline.bench.harness import (
     prepared_fashion_mnist,
     torch_threads,
 )
-from pipeline.bench.race import (
-    make_contender,
-    normflows_step,
-    paired_models,
-    parameter_count,
-    train_interleaved,
-)
+from pipeline.bench.race import parameter_count, race, train_interleaved
 from pipeline.config import load_config
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import train_step
 
 __all__ = ["SMOKE", "TARGET_FLOWRAY_VS_NORMFLOWS", "TARGET_RAY_OVERHEAD", "Settings", "measure"]
 
@@ -89,31 +82,13 @@ def _in_process(
     config: TrainConfig, images: torch.Tensor, batch: int, seconds: float, max_steps: int | None
 ) -> dict[str, float]:
     """flowray and normflows, alternating steps in this process: median window images/s each."""
-    flow, glow = paired_models(config, images[: config.init_images])
-    clip = config.optim.max_grad_norm
-    trainers = {
-        name: make_contender(
-            model,
-            lambda m, b, o, g, kind=kind: kind(m, b, o, max_grad_norm=clip, generator=g),
-            images,
-            config,
-            batch_size=batch,
-            seconds=seconds,
-            max_steps=max_steps,
-            window_steps=10,
-        ).trainer
-        for name, model, kind in (
-            ("flowray", flow, train_step),
-            ("normflows", glow, normflows_step),
-        )
-    }
-    results = train_interleaved(trainers)
-    return {
-        "flowray": results["flowray"].images_per_second,
-        "normflows": results["normflows"].images_per_second,
-        "flowray_params": parameter_count(flow),
-        "normflows_params": parameter_count(glow),
-    }
+    contenders = race(
+        config, images, seconds=seconds, max_steps=max_steps, batch_size=batch, window_steps=10
+    )
+    results = train_interleaved({name: c.trainer for name, c in contenders.items()})
+    figures = {name: result.images_per_second for name, result in results.items()}
+    params = {f"{name}_params": parameter_count(c.model) for name, c in contenders.items()}
+    return figures | params
 
 
 def _thread_probe(cpus: float) -> int:

@@ -1,5 +1,5 @@
 """`flowray bench <suite> --smoke`: every suite runs end to end at tiny sizes and writes its JSON
-and table; the CLI's settings (`--set`, `--config`, the earlier options) and its usage errors.
+and table; the CLI's settings (`--set`, `--config`, the deprecated options) and its usage errors.
 
 No timing thresholds: the machine is shared. Each suite runs in a subprocess, so that its own local
 Ray (and its CPU count) does not meet a Ray another test started in this process.

@@ -66,7 +66,7 @@ def test_table_gives_each_lever_its_delta_to_the_baseline() -> None:
         },
         "levers": [
             {"lever": "baseline", "change": "as is", **figures, "test_bits_per_dim": 3.30},
-            # A slow lever's rate (the gated conditioner ran at 99.591 images/s) prints rounded.
+            # A fractional rate prints rounded.
             {
                 "lever": "cosine",
                 "change": "decay",
