@@ -8,7 +8,7 @@ A user error is a `FlowrayError` (its message says what was expected and what wa
 `hint` what to try) or a FileNotFoundError (a path the user gave). Anything else is a bug and
 keeps its traceback.
 
-Exit codes, the same for every command (`flowray --help` and the README list them):
+Exit codes, the same for every command (`flowray --help` and docs/cli.md list them):
     0  done: every item processed
     1  runtime failure: a service down or refusing (tracking server, S3, cluster), data broken
        mid-run, a bug
@@ -46,7 +46,7 @@ __all__ = [
     "user_errors",
 ]
 
-# Exit codes, the same for every command (documented in `flowray --help` and the README).
+# Exit codes, the same for every command (documented in `flowray --help` and docs/cli.md).
 EXIT_OK = 0  # done: every item processed
 EXIT_FAILURE = 1  # the job failed at run time (a bug, a service down, a Ray failure)
 EXIT_USAGE = 2  # usage or configuration error: nothing was done

@@ -500,7 +500,7 @@ def _evaluate(worker: _Worker, training: Training, state: LoopState, final: bool
     if result.nonfinite:
         line += (
             f" ({result.nonfinite} with non-finite bits/dim; {result.finite_mean:.4f} over the "
-            "others: see README, where the model can overflow)"
+            "others: see docs/model.md, where the model can overflow)"
         )
     say(line)
 

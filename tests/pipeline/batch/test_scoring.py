@@ -403,7 +403,7 @@ def test_the_pipeline_bounds_its_object_store_buffer_for_this_job_only(
     tmp_path: Path,
 ) -> None:
     # Unbounded, Ray Data let the readers run ahead of the actors until half the object store was
-    # full: a 1M-image run buffered most of its input (README, Scaling).
+    # full: a 1M-image run buffered most of its input (docs/benchmarks.md, scaling).
     from ray.data import DataContext
 
     from pipeline.batch.resolve import resolve_batch_model

@@ -101,7 +101,7 @@ def test_optimizer_follows_the_settings() -> None:
 
 
 def test_an_evaluation_counts_non_finite_images_and_keeps_the_mean_honest() -> None:
-    # One image at zero density (as the hour-long run's test image 6573, README "The model") makes
+    # One image at zero density (as the hour-long run's test image 6573, docs/model.md) makes
     # the mean inf; the count and the mean over the others say how the rest of the set scored.
     from pipeline.train.step import Evaluation
 
