@@ -7,6 +7,14 @@ state.pt                               optimizer state, step, counters (the EMA'
                                        training time among them), RNG state: tensors and plain Python only,
                                        loaded with weights_only=True
 train_config.json                      the resolved TrainConfig
+complete.json                          written last: {"files": {relative path: size in bytes}}
+                                       of every file above
+
+Ray Train copies the folder to `storage_path` file by file, in no set order, so a kill during the
+copy leaves a folder with some files, or a short one. `complete.json` lists every file with its
+size: a folder whose files are all there at those sizes is complete (each file lands whole on S3;
+a local copy cut short is shorter), and a resume skips any other (`checkpoint_problem`).
+Checkpoints saved before the list existed are judged by the files of the layout being there.
 
 Every tensor is written from the CPU and read onto the CPU, so a checkpoint written on a GPU
 resumes on a CPU-only machine and the reverse; `pipeline.train.core.start_training` moves what it
@@ -18,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,7 +34,27 @@ from flowmodel import Flow
 from pipeline.model.artifact import load_flow, save_flow
 from pipeline.storage import redact_url
 
-__all__ = ["TrainState", "load_checkpoint", "save_checkpoint"]
+if TYPE_CHECKING:
+    import fsspec
+
+__all__ = [
+    "COMPLETE_FILE",
+    "TrainState",
+    "checkpoint_problem",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+COMPLETE_FILE = "complete.json"
+# The files of the layout above: what a checkpoint saved before COMPLETE_FILE must hold.
+LAYOUT_FILES = (
+    "model.safetensors",
+    "flow_config.json",
+    "ema/model.safetensors",
+    "ema/flow_config.json",
+    "state.pt",
+    "train_config.json",
+)
 
 
 def _on_cpu(value: Any) -> Any:
@@ -84,11 +112,44 @@ def save_checkpoint(
     )
     # No `user:password@` of a tracking URL in a checkpoint (it is stored next to the data).
     (directory / "train_config.json").write_text(redact_url(json.dumps(config, indent=2)))
+    files = {
+        path.relative_to(directory).as_posix(): path.stat().st_size
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != COMPLETE_FILE
+    }
+    (directory / COMPLETE_FILE).write_text(json.dumps({"files": files}, indent=1))
     return directory
 
 
+def checkpoint_problem(fs: fsspec.AbstractFileSystem, directory: str) -> str | None:
+    """Why the checkpoint folder `directory` (a path of `fs`) is not complete, or None when it
+    is: every file that COMPLETE_FILE lists is there at its size (see the module docstring)."""
+    directory = directory.rstrip("/")
+    found = {
+        name[len(directory) + 1 :]: int(info.get("size") or 0)
+        for name, info in fs.find(directory, detail=True).items()
+    }
+    if COMPLETE_FILE not in found:
+        missing = [name for name in LAYOUT_FILES if name not in found]
+        if missing:
+            return f"no {COMPLETE_FILE} and missing {', '.join(missing)}"
+        return None  # saved before COMPLETE_FILE existed, with every file of the layout
+    try:
+        listed = json.loads(fs.cat_file(f"{directory}/{COMPLETE_FILE}"))["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{COMPLETE_FILE} is unreadable ({type(err).__name__}: {err})"
+    wrong = [
+        f"{name} ({'missing' if name not in found else f'{found[name]} bytes'}, expected {size})"
+        for name, size in sorted(listed.items())
+        if found.get(name) != size
+    ]
+    return f"files missing or short: {', '.join(wrong)}" if wrong else None
+
+
 def load_checkpoint(directory: Path) -> tuple[Flow, Flow, TrainState]:
-    """(flow, ema, state) from a checkpoint directory, on the CPU; nothing is unpickled."""
+    """(flow, ema, state) from a checkpoint directory, on the CPU; nothing is unpickled. The
+    directory is one Ray Train registered (copied whole) or one that `checkpoint_problem` passed.
+    """
     flow, ema = load_flow(directory), load_flow(directory / "ema")
     # map_location: checkpoints written before optimizer states were saved from the CPU may hold
     # CUDA tensors.

@@ -14,12 +14,14 @@ from seed, rank and step.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from flowmodel.typed import flatten
 from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, fsspec_filesystem
+from pipeline.train.checkpoint import checkpoint_problem
 
 __all__ = [
     "ResumeConfigError",
@@ -47,6 +49,9 @@ MAY_CHANGE = (
     "scaling.max_failures",
     "scaling.placement_strategy",
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 class ResumeConfigError(FlowrayError, ValueError):
@@ -84,23 +89,42 @@ class SavedRun:
 
 
 def latest_saved_run(run_url: str, storage: StorageConfig | None = None) -> SavedRun | None:
-    """The newest `checkpoint_<timestamp>` under `run_url` (Ray Train's names sort by time), or
-    None for a run that has none yet."""
+    """The newest complete `checkpoint_<timestamp>` under `run_url` (Ray Train's names sort by
+    time), or None for a run that has none yet.
+
+    A folder that a kill left half-written (`checkpoint_problem`, or files that do not load) is
+    skipped with a warning naming what is wrong, for the previous one: Ray Train registers a
+    checkpoint only once it is copied whole, so the previous one is also the one it restores.
+    """
+    fs, path = fsspec_filesystem(run_url, storage)
+    entries = fs.glob(f"{path.rstrip('/')}/checkpoint_*", detail=True)
+    # Folders only: Ray Train keeps files of its own beside them (checkpoint_manager_snapshot.json).
+    folders = sorted(
+        (name.rstrip("/") for name, info in entries.items() if info.get("type") == "directory"),
+        reverse=True,
+    )
+    for directory in folders:
+        problem = checkpoint_problem(fs, directory)
+        if problem is None:
+            try:
+                return _read_saved_run(fs, directory)
+            except Exception as err:  # a short or garbled file of a checkpoint with no list
+                problem = f"{type(err).__name__}: {err}"
+        logger.warning("skipping half-written checkpoint %s: %s", directory, problem)
+    return None
+
+
+def _read_saved_run(fs: Any, directory: str) -> SavedRun:
     import io
 
     import torch
 
-    fs, path = fsspec_filesystem(run_url, storage)
-    configs = sorted(fs.glob(f"{path.rstrip('/')}/checkpoint_*/train_config.json"))
-    if not configs:
-        return None
-    directory = configs[-1].rsplit("/", 1)[0]
     raw = torch.load(
         io.BytesIO(fs.cat_file(f"{directory}/state.pt")), weights_only=True, map_location="cpu"
     )
     return SavedRun(
         path=directory,
-        config=json.loads(fs.cat_file(configs[-1])),
+        config=json.loads(fs.cat_file(f"{directory}/train_config.json")),
         step=int(raw["step"]),
         epoch=int(raw.get("epoch", 0)),  # checkpoints from before the epoch was saved: 0
     )

@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from flowmodel import FlowConfig, build_flow
-from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import (
+    COMPLETE_FILE,
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipeline.train.config import TrainConfig
 from pipeline.train.data_order import EpochBoard
 from pipeline.train.driver import _resume_epoch, absolute_paths
@@ -82,6 +87,7 @@ def test_a_checkpoint_from_before_the_epoch_was_saved_resumes_at_epoch_zero(
     raw = torch.load(state_path, weights_only=True)
     del raw["epoch"]
     torch.save(raw, state_path)
+    (tmp_path / "checkpoint_1" / COMPLETE_FILE).unlink()  # it predates the file list too
     _, _, state = load_checkpoint(tmp_path / "checkpoint_1")
     assert state.epoch == 0 and not math.isnan(state.step)
     shutil.rmtree(tmp_path / "checkpoint_1")
@@ -147,3 +153,45 @@ def test_the_order_after_a_resume_at_epoch_e_is_epoch_e_of_the_uninterrupted_run
     assert uninterrupted[0] != uninterrupted[1] != uninterrupted[2]
     assert resumed == uninterrupted[1:]
     assert twice == [uninterrupted[1], uninterrupted[1]]
+
+
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["state.pt cut short", "ema weights missing", "killed before the file list"],
+)
+def test_resume_skips_a_half_written_checkpoint_for_the_previous_complete_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """A kill while Ray copies the newest checkpoint leaves its folder with files missing or
+    short: the driver resumes from the one before (the one Ray Train restores), saying why."""
+    config = TrainConfig()
+    write_checkpoint(tmp_path, "checkpoint_2026-11-29_10-00-00.000001", config, step=10, epoch=1)
+    newest = tmp_path / "checkpoint_2026-11-29_10-05-00.000001"
+    write_checkpoint(tmp_path, newest.name, config, step=20, epoch=2)
+    if damage == "state.pt cut short":
+        _cut_short(newest / "state.pt")
+    elif damage == "ema weights missing":
+        (newest / "ema" / "model.safetensors").unlink()
+    else:
+        (newest / COMPLETE_FILE).unlink()
+        (newest / "state.pt").unlink()
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's own file
+
+    saved = latest_saved_run(str(tmp_path))
+    assert saved is not None and (saved.step, saved.epoch) == (10, 1)
+    assert saved.path.endswith("checkpoint_2026-11-29_10-00-00.000001")
+    warnings = [r.getMessage() for r in caplog.records if "half-written" in r.getMessage()]
+    assert len(warnings) == 1 and newest.name in warnings[0], warnings
+
+
+def test_a_checkpoint_saved_before_the_file_list_still_resumes(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path, "checkpoint_1", TrainConfig(), step=7, epoch=1)
+    (tmp_path / "checkpoint_1" / COMPLETE_FILE).unlink()
+    saved = latest_saved_run(str(tmp_path))
+    assert saved is not None and (saved.step, saved.epoch) == (7, 1)
+    _, _, state = load_checkpoint(tmp_path / "checkpoint_1")
+    assert state.step == 7
