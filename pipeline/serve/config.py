@@ -1,10 +1,32 @@
-"""What `flowray serve` is asked: the model, the HTTP address, batching and reloading."""
+"""What `flowray serve` is asked: the model, the HTTP address, batching, reloading and the limits
+on a request."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ServeConfig"]
+__all__ = ["RequestLimits", "ServeConfig"]
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may hold (pipeline.serve.requests says how each is checked).
+
+    Attributes:
+        max_image_bytes: bytes of an encoded image body.
+        max_json_bytes: bytes of a JSON body (each number parses to ~36 bytes of Python objects).
+        max_pixels: width x height of an encoded image, from its header (a quarter of it for 16-
+            and 32-bit modes).
+    """
+
+    max_image_bytes: int = 16 << 20
+    max_json_bytes: int = 8 << 20
+    max_pixels: int = 4096 * 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_image_bytes", "max_json_bytes", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,9 @@ class ServeConfig:
         replicas: Ray Serve replicas of the deployment.
         cpus_per_replica: Ray CPUs of each replica.
         access_log: one log line per request in the replicas' logs (Ray Serve's access log).
+        max_image_bytes, max_json_bytes, max_pixels: the limits on a request (RequestLimits).
+        decode_threads: threads per replica that parse and decode request bodies, off the event
+            loop; at most this many images are being decoded at once.
     """
 
     model: str
@@ -51,6 +76,10 @@ class ServeConfig:
     replicas: int = 1
     cpus_per_replica: float = 1.0
     access_log: bool = True
+    max_image_bytes: int = RequestLimits.max_image_bytes
+    max_json_bytes: int = RequestLimits.max_json_bytes
+    max_pixels: int = RequestLimits.max_pixels
+    decode_threads: int = 2
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -61,7 +90,8 @@ class ServeConfig:
             raise ValueError(
                 f"route_prefix: expected a path starting with /, found {self.route_prefix!r}"
             )
-        for name in ("max_batch_size", "draws", "replicas"):
+        RequestLimits(self.max_image_bytes, self.max_json_bytes, self.max_pixels)  # validated
+        for name in ("max_batch_size", "draws", "replicas", "decode_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
         for name in ("batch_wait_ms", "reload_interval_s", "max_ongoing_requests"):
@@ -69,6 +99,10 @@ class ServeConfig:
                 raise ValueError(f"{name}: expected >= 0, found {getattr(self, name)}")
         if self.cpus_per_replica <= 0:
             raise ValueError(f"cpus_per_replica: expected > 0, found {self.cpus_per_replica}")
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.max_image_bytes, self.max_json_bytes, self.max_pixels)
 
     @property
     def ongoing_requests(self) -> int:

@@ -5,16 +5,25 @@
                            {"predictions": [{"key", "log_likelihood", "bits_per_dim",
                              "png_bits_per_dim", "ood_score", "model", "version", "batch_size"}]}
 
-Each image of a request goes through `score_batch`, a @serve.batch method: images of concurrent
-requests share one forward pass of up to `max_batch_size` images, waiting at most `batch_wait_ms`
-for a batch to fill. The pass runs in a worker thread, so the replica keeps accepting requests
-(the next batch fills) while torch computes.
+A body is read chunk by chunk within the limits (pipeline.serve.requests: a declared or
+streamed body over them gets 413 before it is read whole), then parsed and decoded in one of
+`decode_threads` worker threads, so a large image never holds the event loop and /health keeps
+answering. Each image of a request goes through `score_batch`, a @serve.batch method: images of
+concurrent requests share one forward pass of up to `max_batch_size` images, waiting at most
+`batch_wait_ms` for a batch to fill. The pass runs in a worker thread, so the replica keeps
+accepting requests (the next batch fills) while torch computes.
+
+A bits/dim (and so the log-likelihood and OOD score) can be infinite or NaN for an image far from
+the data: strict JSON has no such numbers, so they are answered as the strings "Infinity",
+"-Infinity" and "NaN" (pipeline.batch.scoring.report.json_number), which Python's float() and
+JavaScript's Number() read back; finite values stay numbers.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route parameters' annotations at
 # run time (a string "Request" that Ray Serve's ingress wrapper cannot resolve becomes a
 # required query parameter named `request`).
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +32,7 @@ from ray import serve
 
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.model import ModelHolder
-from pipeline.serve.requests import BadRequest, ScoreItem, parse_request
+from pipeline.serve.requests import BadRequest, ScoreItem, media_type, parse_request, read_body
 
 __all__ = ["FlowScoring", "build_app"]
 
@@ -38,6 +47,10 @@ class FlowScoring:
 
         mlflow.set_tracking_uri(config.tracking_uri)  # resolved by the driver
         self.holder = ModelHolder(config.model, config.seed, config.draws, config.reload_interval_s)
+        self.limits = config.limits
+        self.decoder = ThreadPoolExecutor(
+            config.decode_threads, thread_name_prefix="flowray-decode"
+        )
         self.score_batch.set_max_batch_size(config.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
 
@@ -55,8 +68,12 @@ class FlowScoring:
     async def score(self, request: Request, key: str | None = None) -> JSONResponse:
         shape = self.holder.current.image_shape
         try:
-            body = await request.body()
-            items = parse_request(body, request.headers.get("content-type", ""), shape, key)
+            mime = media_type(request.headers.get("content-type", ""))
+            body = await read_body(request, mime, self.limits)
+            loop = asyncio.get_running_loop()
+            items = await loop.run_in_executor(
+                self.decoder, parse_request, body, mime, shape, key, self.limits
+            )
         except BadRequest as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
         predictions = await asyncio.gather(*(self.score_batch(item) for item in items))
@@ -71,6 +88,9 @@ class FlowScoring:
         holder = getattr(self, "holder", None)
         if holder is not None:
             holder.stop()
+        decoder = getattr(self, "decoder", None)
+        if decoder is not None:
+            decoder.shutdown(wait=False)
 
 
 def build_app(config: ServeConfig) -> Any:

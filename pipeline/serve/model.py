@@ -6,6 +6,11 @@ A replica holds one `ServedModel` at a time. `ModelHolder` polls the registry ev
 version, it loads that version beside the old one and swaps the reference, so requests in flight
 finish on the model they started with and no request waits for a load. A failed check or load
 is logged and the old model keeps serving.
+
+A replica serves one image shape for its whole life: its clients send images of that shape (a
+PNG is fitted to it, JSON is checked against it) and a batch stacks them. When the alias moves to
+a version of another shape (the registry refuses that, but a version registered around it can),
+the replica does not reload: it logs why, once per version, and keeps serving the old model.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.batch.scoring.report import json_number
 from pipeline.serve.requests import ScoreItem
 
 __all__ = ["ModelHolder", "ServedModel", "alias_of", "load_served_model"]
@@ -47,7 +53,8 @@ class ServedModel:
         return [
             {
                 "key": str(out["key"][i]),
-                **{column: float(out[column][i]) for column in columns},
+                # inf / NaN as strings: strict JSON has no such numbers (deployment docstring).
+                **{column: json_number(out[column][i]) for column in columns},
                 "model": self.name,
                 "version": self.version,
                 "batch_size": count,
@@ -81,6 +88,7 @@ class ModelHolder:
         self.reference, self.seed, self.draws = reference, seed, draws
         self.current = load_served_model(reference, seed, draws)
         self._stop = threading.Event()
+        self._refused: set[str] = set()  # versions of another shape, said once each
         self._alias = alias_of(reference)
         if self._alias and reload_interval_s > 0:
             threading.Thread(
@@ -101,15 +109,24 @@ class ModelHolder:
                 log.warning("flowray: alias check of %s failed: %s", self.reference, err)
 
     def check(self) -> bool:
-        """Load the alias's version if it moved; True when the served model changed."""
+        """Load the alias's version if it moved and has the served image shape; True when the
+        served model changed."""
         from mlflow.tracking import MlflowClient
+
+        from pipeline.tracking.registry import SHAPE_TAG
 
         assert self._alias is not None
         name, alias = self._alias
-        version = str(MlflowClient().get_model_version_by_alias(name, alias).version)
-        if version == self.current.version:
+        found = MlflowClient().get_model_version_by_alias(name, alias)
+        version = str(found.version)
+        if version == self.current.version or version in self._refused:
             return False
+        tagged = (found.tags or {}).get(SHAPE_TAG)
+        if tagged and tagged != _shape_text(self.current.image_shape):
+            return self._refuse(version, tagged)  # before downloading the weights
         loaded = load_served_model(f"models:/{name}/{version}", self.seed, self.draws)
+        if loaded.image_shape != self.current.image_shape:  # a version without the tag
+            return self._refuse(version, _shape_text(loaded.image_shape))
         previous, self.current = self.current.version, _renamed(loaded, self.reference)
         log.info(
             "flowray: %s moved from v%s to v%s; now serving v%s",
@@ -119,6 +136,25 @@ class ModelHolder:
             version,
         )
         return True
+
+    def _refuse(self, version: str, shape: str) -> bool:
+        self._refused.add(version)
+        log.warning(
+            "flowray: %s moved to v%s of image shape %s; not reloading: this replica serves %s "
+            "(v%s) and its clients send that shape; serve the new version as its own "
+            "deployment, under a new registered name",
+            self.reference,
+            version,
+            shape,
+            _shape_text(self.current.image_shape),
+            self.current.version,
+        )
+        return False
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """(C, H, W) as the registry's image_shape tag writes it: "1x28x28"."""
+    return "x".join(str(size) for size in shape)
 
 
 def _renamed(model: ServedModel, reference: str) -> ServedModel:

@@ -1,4 +1,4 @@
-"""HTTP request bodies to the images and keys the served model scores.
+"""HTTP request bodies to the images and keys the served model scores, within limits.
 
     POST <prefix>/score  Content-Type: image/png | image/jpeg | image/webp | application/octet-stream
                          the encoded image; `?key=<key>` optional
@@ -12,6 +12,17 @@ model's shape and mode passes unchanged, so its pixels are the ones a score job 
 pixels are integers 0..255 of any width (pipeline.model.pyfunc.as_uint8_images). Without a key,
 an image's key is a digest of its pixels (pipeline.model.pyfunc.content_key), as in the MLflow
 model.
+
+Limits (`RequestLimits`, from ServeConfig), each answered with 413 and what was found:
+- the body's bytes: max_image_bytes for an encoded image, max_json_bytes for JSON (a parsed
+  number costs ~36 bytes of Python objects, so JSON gets the smaller limit). A declared
+  Content-Length over the limit is refused before any of the body is read; a body without one
+  (chunked) is counted as it arrives and refused as soon as it passes the limit.
+- an encoded image's pixels, from its header, before decoding: max_pixels (4096 x 4096 by
+  default, tighter than prepare's 8192 x 8192: a replica decodes several requests at once), and a
+  quarter of that for 16-bit and 32-bit modes, whose conversion to 8 bits goes through float64.
+Parsing and decoding are CPU work that must not run on the event loop: the deployment calls
+`parse_request` in a worker thread.
 """
 
 from __future__ import annotations
@@ -26,11 +37,24 @@ import numpy as np
 from pipeline.data.images import BadImage, ImageLimits, fit_image, open_image
 from pipeline.errors import FlowrayError
 from pipeline.model.pyfunc import as_uint8_images, image_keys
+from pipeline.serve.config import RequestLimits
 
-__all__ = ["BadRequest", "ScoreItem", "decode_fitted", "parse_request"]
+__all__ = [
+    "BadRequest",
+    "RequestLimits",
+    "ScoreItem",
+    "decode_fitted",
+    "media_type",
+    "parse_request",
+    "read_body",
+]
 
 ENCODED_TYPES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
+JSON_TYPE = "application/json"
 MAX_IMAGES_PER_REQUEST = 1024  # a bound on one request's memory and time; batches are cheap
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # converted through float64
+WIDE_SHARE = 4  # such images get max_pixels / WIDE_SHARE
+TOO_LARGE = 413
 
 
 class BadRequest(FlowrayError, ValueError):
@@ -47,47 +71,124 @@ class ScoreItem:
     key: str
 
 
-def parse_request(
-    body: bytes,
-    content_type: str,
-    shape: Sequence[int],
-    key: str | None = None,
-    limits: ImageLimits | None = None,
-) -> list[ScoreItem]:
-    """The images of one request, in the model's (C, H, W) `shape`, with their keys.
+def media_type(content_type: str) -> str:
+    """The request's media type, lower case, without parameters.
 
     Raises:
-        BadRequest: 415 for an unsupported content type, 400 for a body that is not an image or
-            not the documented JSON (the message says what was expected and what was found).
+        BadRequest: 415 for a type the server does not take.
     """
     mime = content_type.split(";")[0].strip().lower()
-    if mime == "application/json":
-        return _from_json(body, shape)
-    if mime in ENCODED_TYPES:
-        image = decode_fitted(body, shape, limits)
-        return [ScoreItem(image, image_keys(image[None], [key] if key else None)[0])]
+    if mime == JSON_TYPE or mime in ENCODED_TYPES:
+        return mime
     raise BadRequest(
-        f"content type: expected application/json or one of {', '.join(ENCODED_TYPES)}, "
+        f"content type: expected {JSON_TYPE} or one of {', '.join(ENCODED_TYPES)}, "
         f"found {content_type or 'none'!r}",
         status=415,
     )
 
 
+def body_limit(mime: str, limits: RequestLimits) -> tuple[int, str]:
+    """(bytes, the limit's name) for a body of media type `mime`."""
+    if mime == JSON_TYPE:
+        return limits.max_json_bytes, "max_json_bytes"
+    return limits.max_image_bytes, "max_image_bytes"
+
+
+async def read_body(request: Any, mime: str, limits: RequestLimits) -> bytes:
+    """The body of a Starlette `request`, read chunk by chunk up to the limit for `mime`.
+
+    Raises:
+        BadRequest: 413 when the Content-Length declares more than the limit (nothing is read)
+            or the body passes it while arriving; 400 for a Content-Length that is not a number.
+    """
+    limit, name = body_limit(mime, limits)
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise BadRequest(
+                f"Content-Length: expected a number of bytes, found {declared!r}"
+            ) from None
+        if size > limit:
+            raise BadRequest(
+                f"body: expected at most {limit:,} bytes for {mime} ({name}), found a "
+                f"Content-Length of {size:,}",
+                status=TOO_LARGE,
+            )
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise BadRequest(
+                f"body: expected at most {limit:,} bytes for {mime} ({name}), found more "
+                f"({total:,} bytes received so far)",
+                status=TOO_LARGE,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_request(
+    body: bytes,
+    content_type: str,
+    shape: Sequence[int],
+    key: str | None = None,
+    limits: RequestLimits | None = None,
+) -> list[ScoreItem]:
+    """The images of one request, in the model's (C, H, W) `shape`, with their keys.
+
+    Raises:
+        BadRequest: 415 for an unsupported content type, 413 for a body or image over the
+            limits, 400 for a body that is not an image or not the documented JSON (the message
+            says what was expected and what was found).
+    """
+    limits = limits or RequestLimits()
+    mime = media_type(content_type)
+    limit, name = body_limit(mime, limits)
+    if len(body) > limit:
+        raise BadRequest(
+            f"body: expected at most {limit:,} bytes for {mime} ({name}), found {len(body):,}",
+            status=TOO_LARGE,
+        )
+    if mime == JSON_TYPE:
+        return _from_json(body, shape)
+    image = decode_fitted(body, shape, limits)
+    return [ScoreItem(image, image_keys(image[None], [key] if key else None)[0])]
+
+
 def decode_fitted(
-    data: bytes, shape: Sequence[int], limits: ImageLimits | None = None
+    data: bytes, shape: Sequence[int], limits: RequestLimits | None = None
 ) -> np.ndarray:
-    """Encoded image bytes as uint8 [C, H, W] in `shape` (see the module docstring)."""
+    """Encoded image bytes as uint8 [C, H, W] in `shape` (see the module docstring), its pixels
+    checked against `limits` from the header, before decoding."""
     from PIL import ImageOps
 
+    limits = limits or RequestLimits()
     channels, height, width = shape
     try:
-        with open_image(data, limits) as image:  # bounds checked before decoding
+        # Pillow's own bomb check stays; the pixel limit is this server's, checked below.
+        with open_image(data, ImageLimits(max_pixels=2**62, max_bytes=len(data) or 1)) as image:
+            _check_pixels(image.size, image.mode, limits)
             image.load()
             return fit_image(ImageOps.exif_transpose(image), channels, (height, width))
     except BadImage as err:
         raise BadRequest(f"image: {err}") from err
     except (OSError, ValueError, SyntaxError) as err:  # Pillow's truncated or corrupt data
         raise BadRequest(f"image: cannot decode image: {err}") from err
+
+
+def _check_pixels(size: tuple[int, int], mode: str, limits: RequestLimits) -> None:
+    width, height = size
+    wide = mode in WIDE_MODES
+    most = limits.max_pixels // WIDE_SHARE if wide else limits.max_pixels
+    if width * height > most:
+        what = f"max_pixels / {WIDE_SHARE} for mode {mode}" if wide else "max_pixels"
+        raise BadRequest(
+            f"image: expected at most {most:,} pixels ({what}), found {width}x{height} = "
+            f"{width * height:,}: refused before decoding",
+            status=TOO_LARGE,
+        )
 
 
 def _from_json(body: bytes, shape: Sequence[int]) -> list[ScoreItem]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import select
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -155,6 +157,92 @@ def test_a_bad_request_gets_a_4xx_saying_expected_and_found(
     code, answer = request(f"{serving.url}/score", body, content_type)
     assert code == status
     assert message in answer["error"]
+
+
+def raw_post(url: str, headers: dict[str, str], parts: list[bytes], timeout: float = 30) -> int:
+    """The status of a POST sent over a raw socket: `headers` as given (a Content-Length may
+    promise more than is sent), then `parts` one by one, stopping as soon as an answer arrives;
+    the body is never finished, as a slow or lying client would do."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    path = "/" + url.split("//")[1].partition("/")[2]
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        lines = [f"POST {path.rstrip('/')}/score HTTP/1.1", f"Host: {host}:{port}"]
+        head = "\r\n".join(lines + [f"{k}: {v}" for k, v in headers.items()]) + "\r\n\r\n"
+        connection.sendall(head.encode())
+        for part in parts:
+            if select.select([connection], [], [], 0.05)[0]:
+                break  # answered before the body was sent
+            connection.sendall(part)
+        answer = connection.recv(65536)  # waits up to `timeout`
+    return int(answer.split()[1])
+
+
+@pytest.mark.parametrize(
+    ("content_type", "declared"),
+    [("image/png", 10**9), ("application/json", 2 * 10**8)],  # 1 GB; 10^8 numbers as "0,"
+    ids=["1GB-image", "1e8-number-json"],
+)
+def test_a_body_declared_too_large_is_refused_before_it_is_read(
+    serving: ServingInfo, content_type: str, declared: int
+) -> None:
+    started = time.monotonic()
+    headers = {"Content-Type": content_type, "Content-Length": str(declared)}
+    assert raw_post(serving.url, headers, [b"[" + b"0," * 32768]) == 413
+    assert time.monotonic() - started < 10
+
+
+def test_a_streamed_body_is_counted_and_cut_at_the_limit(serving: ServingInfo) -> None:
+    megabyte = b"0," * (1 << 19)
+    chunk = f"{len(megabyte):x}\r\n".encode() + megabyte + b"\r\n"
+    headers = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+    # No Content-Length: the server counts what arrives; 64 MB would be sent were it not cut.
+    assert raw_post(serving.url, headers, [b"1\r\n[\r\n"] + [chunk] * 64) == 413
+
+
+def wide_grey_png(width: int, height: int) -> bytes:
+    """A valid 16-bit greyscale PNG of zeros, compressed row by row (a few hundred KB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    packer, row = zlib.compressobj(9), bytes(1 + 2 * width)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+
+
+def test_a_16_bit_8192_square_png_is_refused_before_decoding(serving: ServingInfo) -> None:
+    png = wide_grey_png(8192, 8192)
+    started = time.monotonic()
+    status, answer = request(f"{serving.url}/score", png, "image/png")
+    assert (status, time.monotonic() - started < 5) == (413, True), answer
+    assert "8192x8192" in answer["error"] and "max_pixels" in answer["error"]
+
+
+def test_health_answers_within_a_second_while_large_images_decode(serving: ServingInfo) -> None:
+    from PIL import Image
+
+    gradient = Image.linear_gradient("L").resize((4000, 4000)).convert("RGB")
+    buffer = io.BytesIO()
+    gradient.save(buffer, format="PNG", compress_level=1)
+    png = buffer.getvalue()
+    latencies: list[float] = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        posts = [pool.submit(request, f"{serving.url}/score", png, "image/png") for _ in range(8)]
+        while not all(post.done() for post in posts):
+            started = time.monotonic()
+            assert get(f"{serving.url}/health")["model"] == RELOADED_NAME
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.05)
+        answers = [post.result() for post in posts]
+    assert [status for status, _ in answers] == [200] * 8, answers[0]
+    print(f"health: {len(latencies)} probes, slowest {max(latencies):.3f} s")
+    assert len(latencies) >= 3 and max(latencies) < 1.0
 
 
 def test_when_the_alias_moves_the_new_version_answers_without_a_restart(
