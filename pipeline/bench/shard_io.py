@@ -104,29 +104,20 @@ def _source(images: int, workdir: Path) -> ImageSource:
         return NpySource(str(workdir / "bench-images.npy"))
 
 
-def _count_ray(dataset: Any) -> int:
-    return sum(len(batch["key"]) for batch in dataset.iter_batches(batch_size=256))
-
-
 def _reads(
     spec: str, shape: tuple[int, int, int], where: _Where, repeats: int, ray: bool
 ) -> dict[str, float]:
-    """Images/s of `spec` read with iter_input and (with Ray) read_input, medians."""
-    storage = where.storage
-    figures = {
-        "iter": median(
-            [
-                rate(lambda: sum(1 for _ in iter_input(spec, storage, shape=shape)))
-                for _ in range(repeats)
-            ]
-        )
-    }
-    if ray:
-        read = lambda: _count_ray(  # noqa: E731
-            read_input(spec, storage, shape=shape, ray_remote_args=where.remote_args)
-        )
-        figures["ray"] = median([rate(read) for _ in range(repeats)])
-    return figures
+    """Images/s of `spec` read with iter_input and (with Ray) read_input through Ray Data."""
+
+    def plain() -> int:
+        return sum(1 for _ in iter_input(spec, where.storage, shape=shape))
+
+    def through_ray() -> int:
+        dataset = read_input(spec, where.storage, shape=shape, ray_remote_args=where.remote_args)
+        return sum(len(batch["key"]) for batch in dataset.iter_batches(batch_size=256))
+
+    readers = {"iter": plain, **({"ray": through_ray} if ray else {})}
+    return {name: median([rate(read) for _ in range(repeats)]) for name, read in readers.items()}
 
 
 def _prepared(
