@@ -443,3 +443,38 @@ def test_documented_test_paths_exist() -> None:
                 if word.startswith("tests/") and not (ROOT / word.split("::")[0]).exists():
                     missing.append(f"{command.where}: {word}")
     assert not missing, "\n".join(missing)
+
+
+CODE_PATH = re.compile(r"`((?:flowmodel|pipeline|jobs|tests|infra|docs)/[\w/.-]*\w)`")
+CODE_NAME = re.compile(r"`((?:flowmodel|pipeline|jobs)(?:\.\w+)+)`")
+
+
+def resolves(dotted: str) -> bool:
+    """`pipeline.a.b` names a module, or an attribute of one."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target: object = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(target, name):
+                return False
+            target = getattr(target, name)
+        return True
+    return False
+
+
+def test_code_named_in_the_docs_exists() -> None:
+    """Files (`pipeline/model/pyfunc.py`) and modules or names (`pipeline.model.mersenne`) that
+    the docs cite in backticks exist."""
+    missing = []
+    for path in DOCS:
+        text = path.read_text()
+        for cited in CODE_PATH.findall(text):
+            if not (ROOT / cited).exists():
+                missing.append(f"{path.relative_to(ROOT)}: {cited} (no such file)")
+        for cited in CODE_NAME.findall(text):
+            if not resolves(cited):
+                missing.append(f"{path.relative_to(ROOT)}: {cited} (no such module or name)")
+    assert not missing, "\n".join(missing)
