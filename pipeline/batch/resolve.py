@@ -7,6 +7,10 @@ actors and tasks, and the name and version that key the jobs' outputs, tags and 
 
 The weights hash is the first 12 hex digits of the sha256 of the safetensors weights
 (`FlowPayload.digest`), so two different local models never share an output folder.
+
+Errors of the lookup and the download (MLflow's, the artifact store's) reach the user with the
+secrets in their text redacted (`pipeline.storage.redact`): a presigned artifact URL carries its
+signature and credential in the query string, a tracking URI may carry `user:password@`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowmodel import Flow
+from pipeline.errors import FlowrayError
 from pipeline.model.artifact import FlowPayload
+from pipeline.storage import redact
 
 __all__ = ["LOCAL_NAME", "BatchModel", "resolve_batch_model"]
 
@@ -50,11 +56,24 @@ def resolve_batch_model(reference: str) -> BatchModel:
     MLflow's tracking URI must be set first (registry and runs:/ references read it).
 
     Raises:
-        ModelNotFound: the reference names no model (the message lists what exists).
+        ModelNotFound: the reference names no model (the message lists what exists), or its
+            artifacts could not be downloaded; the message is redacted.
     """
-    from pipeline.tracking.registry import resolve_model
+    from pipeline.tracking.registry import ModelNotFound, resolve_model
 
-    resolved = resolve_model(reference)
+    try:
+        resolved = resolve_model(reference)
+    except FlowrayError as err:
+        message, hint = redact(str(err)), redact(err.hint)
+        if (message, hint) == (str(err), err.hint):
+            raise
+        err.args, err.hint = (message,), hint
+        raise err from None  # its cause's text holds what the message hid
+    except OSError as err:  # the artifact store's own errors (requests', boto's) past MLflow
+        raise ModelNotFound(
+            f"model {redact(reference)!r} could not be downloaded: "
+            f"{redact(f'{type(err).__name__}: {err}')}"
+        ) from None
     payload = FlowPayload.from_flow(resolved.flow)
     if resolved.name:
         name, version = resolved.name, str(resolved.version)
