@@ -380,43 +380,22 @@ def open_shard(ref: ShardRef, options: ReadOptions) -> ResumingReader:
     raise ShardChanged(reason, transient)
 
 
-def _open(ref: ShardRef, options: ReadOptions, state: _ShardState) -> ResumingReader | None:
-    """The shard's stream, or None when it cannot be read as planned (state says why)."""
-    try:
-        stream = open_shard(ref, options)
-    except FileNotFoundError:
-        state.give_up(WHOLE_SHARD, f"shard missing at {ref.url}")
-        return None
-    except ShardChanged as err:
-        state.give_up(WHOLE_SHARD, str(err), err.transient)
-        return None
-    except TransientReadError as err:
-        if options.on_error == "fail":
-            raise
-        state.give_up(WHOLE_SHARD, str(err), transient=True)
-        return None
-    state.version = version_of(stream.info)
-    return stream
-
-
 def _shard_rows(ref: ShardRef, options: ReadOptions, state: _ShardState) -> Iterator[dict]:
     """The good rows of one shard; what goes wrong ends up in `state`."""
-    stream = _open(ref, options, state)
-    if stream is None:
-        return
     expect = ref.expect
-    hashing = _Hashing(stream)
+    stream: ResumingReader | None = None
     keys: set[str] = set()
-    with stream:
-        try:
-            samples = tar_samples(hashing, options.limits.max_bytes, options.wanted)
-            for sample in samples:
+    try:
+        stream = open_shard(ref, options)
+        state.version = version_of(stream.info)
+        hashing = _Hashing(stream)
+        with stream:
+            for sample in tar_samples(hashing, options.limits.max_bytes, options.wanted):
                 state.seen += 1
                 state.last_key = sample.key
                 if expect is not None and state.seen > expect.count:
-                    state.give_up(
-                        sample.key, f"holds more samples than the {expect.count} its manifest lists"
-                    )
+                    reason = f"holds more samples than the {expect.count} its manifest lists"
+                    state.give_up(sample.key, reason)
                     return
                 if sample.key in keys:
                     state.bad_sample(
@@ -433,20 +412,19 @@ def _shard_rows(ref: ShardRef, options: ReadOptions, state: _ShardState) -> Iter
                 yield row
             while expect is not None and hashing.read(1 << 20):
                 pass  # the tar's zero blocks and padding: the hash covers the whole file
-        except TransientReadError as err:
-            state.retries = stream.retries
-            if options.on_error == "fail":
-                raise
-            state.give_up(state.last_key, str(err), transient=True)
-            return
-        except FileNotFoundError:
-            state.give_up(state.last_key, f"shard deleted at {ref.url} while it was read")
-            return
-        except (tarfile.TarError, EOFError) as err:
-            state.give_up(state.last_key, f"unreadable tar after {state.seen} samples ({err})")
-            return
-        state.retries = stream.retries
-    if expect is None:
+    except ShardChanged as err:
+        state.give_up(WHOLE_SHARD, str(err), err.transient)
+    except TransientReadError as err:
+        if options.on_error == "fail":
+            raise
+        state.give_up(state.last_key, str(err), transient=True)
+    except FileNotFoundError:
+        state.give_up(state.last_key, f"shard missing at {ref.url}")
+    except (tarfile.TarError, EOFError) as err:
+        state.give_up(state.last_key, f"unreadable tar after {state.seen} samples ({err})")
+    finally:
+        state.retries = stream.retries if stream is not None else 0
+    if state.reason or expect is None:
         return
     if state.seen < expect.count:
         state.give_up(
