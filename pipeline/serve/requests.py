@@ -172,6 +172,8 @@ def decode_fitted(
             _check_pixels(image.size, image.mode, limits)
             image.load()
             return fit_image(ImageOps.exif_transpose(image), channels, (height, width))
+    except BadRequest:
+        raise  # a limit: already says what it is (and BadRequest is a ValueError)
     except BadImage as err:
         raise BadRequest(f"image: {err}") from err
     except (OSError, ValueError, SyntaxError) as err:  # Pillow's truncated or corrupt data
