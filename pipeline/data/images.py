@@ -139,7 +139,12 @@ def decode_image(
             array = np.asarray(image)
         except (OSError, SyntaxError, ValueError) as err:
             raise BadImage(f"cannot decode image: {err}") from err
-    if channels == 1:
+    return _chw(array)
+
+
+def _chw(array: np.ndarray) -> np.ndarray:
+    """A uint8 (H, W) or (H, W, C) array as a contiguous (C, H, W) copy."""
+    if array.ndim == 2:
         return array[None].copy()  # (H, W) -> (1, H, W)
     return np.ascontiguousarray(array.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
 
@@ -176,9 +181,7 @@ def fit_image(image: PILImage.Image, channels: int, size: tuple[int, int]) -> np
     if image.size != (width, height):
         image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.uint8)
-    if channels == 1:
-        return array[None].copy()  # (H, W) -> (1, H, W)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+    return _chw(array)
 
 
 def fit_array(hwc: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
@@ -187,7 +190,7 @@ def fit_array(hwc: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarr
 
     height, width, have = hwc.shape
     if have == channels and (height, width) == tuple(size):
-        return np.ascontiguousarray(hwc.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+        return _chw(hwc)
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[have]
     pixels = hwc[:, :, 0] if have == 1 else hwc
     return fit_image(Image.fromarray(np.ascontiguousarray(pixels), mode), channels, size)
