@@ -149,3 +149,28 @@ def test_total_fault_cap_and_connection_bound(faulty_s3):
 def test_the_proxy_refuses_a_non_loopback_upstream():
     with pytest.raises(ValueError, match="expected a loopback endpoint"):
         FaultyS3Proxy("http://example.com:9000")
+
+
+def test_conditional_write_modes_as_boto3_sees_them(faulty_s3):
+    """ "ignore" lets a second conditional create overwrite; "bare-412" refuses it with a 412
+    whose body has no <Condition>; a scripted 409 is answered before the store sees the PUT."""
+    client = faulty_s3.bucket.client(direct=False)
+    put = {"Bucket": faulty_s3.bucket.bucket, "Key": "k", "IfNoneMatch": "*"}
+    client.put_object(Body=b"one", **put)
+    faulty_s3.proxy.set_plan(FaultPlan(conditional_writes="ignore"))
+    client.put_object(Body=b"two", **put)
+    read = faulty_s3.direct.client().get_object(Bucket=faulty_s3.bucket.bucket, Key="k")
+    assert read["Body"].read() == b"two"
+    faulty_s3.proxy.set_plan(FaultPlan(conditional_writes="bare-412", put_script={"k": ("409",)}))
+    with pytest.raises(botocore.exceptions.ClientError) as conflict:
+        client.put_object(Body=b"three", **put)
+    assert conflict.value.response["Error"]["Code"] == "ConditionalRequestConflict"
+    assert conflict.value.response["ResponseMetadata"]["HTTPStatusCode"] == 409
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        client.put_object(Body=b"three", **put)
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert "Condition" not in refused.value.response["Error"]
+    with pytest.raises(ValueError, match="conditional_writes: expected one of"):
+        FaultPlan(conditional_writes="sometimes")
+    with pytest.raises(ValueError, match="put_script: expected some of"):
+        FaultPlan(put_script={"k": ("500",)})
