@@ -282,13 +282,16 @@ def prepared_fashion_mnist(
 
 
 @contextmanager
-def local_ray(cpus: int | None = None, *, dashboard: bool = False) -> Iterator[bool]:
+def local_ray(
+    cpus: int | None = None, *, dashboard: bool = False, worker_logs: bool = True
+) -> Iterator[bool]:
     """A local Ray until the block ends (never a cluster found through RAY_ADDRESS); a Ray
     already running is used as it is. Yields whether it started one.
 
     Args:
         cpus: logical CPUs (default: `local_cpus()`, as `flowray score` starts Ray).
         dashboard: Ray Train's placement-group cleaner needs the state API behind it.
+        worker_logs: print the workers' output here (off for Serve: a line per request).
     """
     import ray
     from ray.data import DataContext
@@ -302,6 +305,7 @@ def local_ray(cpus: int | None = None, *, dashboard: bool = False) -> Iterator[b
             num_cpus=cpus or local_cpus(),
             include_dashboard=dashboard,
             logging_level=logging.WARNING,
+            log_to_driver=worker_logs,
         )
     DataContext.get_current().enable_progress_bars = False
     try:

@@ -77,7 +77,7 @@ def measure(settings: Settings, run: Run) -> Result:
         max_batch_size=settings.max_batch_size,
         cpus_per_replica=1.0,
     )
-    with local_ray():
+    with local_ray(worker_logs=False):
         info = start(config)
         try:
             rows = [

@@ -89,6 +89,11 @@ def _check_scoring(report: dict[str, Any]) -> None:
         assert _positive(value), key
 
 
+def _check_sampling(report: dict[str, Any]) -> None:
+    assert set(report["results"]) == {"in_process", "job", "job_draw"}
+    assert all(_positive(value) for value in report["results"].values())
+
+
 def _check_serving(report: dict[str, Any]) -> None:
     assert [level["clients"] for level in report["levels"]] == [1, 8, 64]
     for level in report["levels"]:
@@ -112,6 +117,7 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "scoring": _check_scoring,
     "scaling": _check_scaling,
     "serving": _check_serving,
+    "sampling": _check_sampling,
 }
 
 
@@ -125,7 +131,7 @@ def test_smoke_suite_writes_finite_figures(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("suite", ["training", "scoring", "scaling", "serving"])
+@pytest.mark.parametrize("suite", ["training", "scoring", "sampling", "scaling", "serving"])
 def test_slow_smoke_suite_writes_finite_figures(
     suite: str, tmp_path: Path, fashion_mnist_dir: Path
 ) -> None:
