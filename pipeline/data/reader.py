@@ -113,7 +113,7 @@ class ReadOptions:
     on_error: OnError = "fail"
     limits: ImageLimits = ImageLimits()
     retry: RetryPolicy = RetryPolicy()
-    image_members: tuple[str, ...] = IMAGE_MEMBERS
+    image_members: Sequence[str] = IMAGE_MEMBERS
 
     def __post_init__(self) -> None:
         shape = tuple(int(n) for n in self.shape)
@@ -542,24 +542,6 @@ def _job(
     return _Job({r.url: r for r in refs if r.url not in left_out}, options, tally)
 
 
-def _options(
-    shape: tuple[int, int, int],
-    storage: StorageConfig | None,
-    on_error: OnError,
-    limits: ImageLimits | None,
-    retry: RetryPolicy | None,
-    image_members: Sequence[str],
-) -> ReadOptions:
-    return ReadOptions(
-        shape,
-        storage,
-        on_error,
-        limits or ImageLimits(),
-        retry or RetryPolicy(),
-        tuple(image_members),
-    )
-
-
 def iter_input(
     source: str | InputPlan,
     storage: StorageConfig | None = None,
@@ -584,7 +566,9 @@ def iter_input(
         shuffle, seed: shard order and rows within shards (see the module docstring).
         limits, retry, image_members: see `ReadOptions`.
     """
-    options = _options(shape, storage, on_error, limits, retry, image_members)
+    options = ReadOptions(
+        shape, storage, on_error, limits or ImageLimits(), retry or RetryPolicy(), image_members
+    )
     job = _job(source, shards, options, tally)
     urls = list(job.refs)
     if shuffle:
@@ -624,7 +608,9 @@ def read_input(
 
     if tally is not None and not tally.is_shared:
         raise ValueError("read_input runs in Ray tasks: pass tally=SkipTally.shared()")
-    options = _options(shape, storage, on_error, limits, retry, image_members)
+    options = ReadOptions(
+        shape, storage, on_error, limits or ImageLimits(), retry or RetryPolicy(), image_members
+    )
     job = _job(source, shards, options, tally)
     refs = list(job.refs.values())
     plan = TaskPlan(
@@ -657,7 +643,9 @@ def fetch_images(
     is streamed until every key is found, only those images are decoded, and a key that is
     absent or does not decode is left out of the result (and logged).
     """
-    options = _options(shape, storage, "fail", limits, retry, image_members)
+    options = ReadOptions(
+        shape, storage, "fail", limits or ImageLimits(), retry or RetryPolicy(), image_members
+    )
     wanted, found = set(keys), {}
     fs, path = fsspec_filesystem(url, storage)
     with ResumingReader(fs, path, options.retry, what=url) as stream:

@@ -551,14 +551,23 @@ def _prepare_split(
     manifest_url = join_url(split_url, MANIFEST_NAME)
     previous = _previous_manifest(manifest_url, fingerprint, split_url, storage)
     job = ShardJob(source, split, split_url, storage, fingerprint, on_error)
-    tracker = _SplitProgress(split, len(plans), started, progress)
+    finished: dict[int, ShardResult] = {}  # by shard index
+
+    def report(result: ShardResult) -> None:
+        info = result.info
+        finished[int(info.name[6:12])] = result
+        if progress is not None:
+            done = (len(finished), len(plans), sum(r.info.count for r in finished.values()))
+            elapsed = time.perf_counter() - started
+            progress(
+                ShardEvent(split, info.name, info.count, info.bytes, result.written, *done, elapsed)
+            )
+
     if workers > 0 and len(plans) > 1:
-        _run_with_ray(job, plans, tracker.report, workers)
+        _run_with_ray(job, plans, report, workers)
     else:
         for plan in plans:
-            tracker.report(write_shard(job, *plan))
-
-    finished = tracker.finished
+            report(write_shard(job, *plan))
     shards = tuple(finished[i].info for i, _, _ in plans)
     manifest = Manifest(
         split=split,
@@ -633,38 +642,6 @@ def _previous_manifest(
             hint="write to a new --output, or rerun with the options used before",
         )
     return previous
-
-
-class _SplitProgress:
-    """Collects finished shards (by index) and tells `progress` about each."""
-
-    def __init__(
-        self,
-        split: str,
-        total: int,
-        started: float,
-        progress: Callable[[ShardEvent], None] | None,
-    ) -> None:
-        self.split, self.total, self.started, self.progress = split, total, started, progress
-        self.finished: dict[int, ShardResult] = {}
-
-    def report(self, result: ShardResult) -> None:
-        self.finished[int(result.info.name[6:12])] = result
-        if self.progress is None:
-            return
-        self.progress(
-            ShardEvent(
-                split=self.split,
-                name=result.info.name,
-                count=result.info.count,
-                bytes=result.info.bytes,
-                written=result.written,
-                done=len(self.finished),
-                total=self.total,
-                images_done=sum(r.info.count for r in self.finished.values()),
-                elapsed=time.perf_counter() - self.started,
-            )
-        )
 
 
 def _commit_manifest(
