@@ -7,17 +7,12 @@
     tally.left_out()                    # the shards that could not be read whole, with why
     tally.total(), tally.by_shard(), tally.records()[:5], tally.summary()
 
-A shard's outcome is reported once it has been read to its end (or given up), before its last
-row is handed on (see `pipeline.data.reader`), so a consumer that has received all of a shard's
-rows knows the shard is complete; for any other shard, the outcome is in the tally by the time
-the stream has ended.
-
-`complete` means: every byte was read (transient faults were retried, never counted), the tar
-ended cleanly and, for a shard with a manifest entry, its size, sha256 and sample count match.
-Then `rows` + len(`skipped_keys`) == `expected`, where `skipped_keys` are the bad images. An
-incomplete shard says why in `reason`; consumers that need whole shards (scoring) leave it out
-whole, since some of its rows may have been delivered. `transient` marks the ones a rerun may
-read (storage kept failing, or the shard changed after it was listed).
+A shard's outcome is reported before its last row is handed on (`pipeline.data.reader`), so by
+the time a stream has ended every shard's outcome is in the tally. `complete`: every byte read
+(transient faults retried, never counted), the tar ended cleanly and, with a manifest entry, size,
+sha256 and sample count match; then `rows` + len(`skipped_keys`) == `expected`. An incomplete
+shard says why in `reason`; `transient` marks the ones a rerun may read (storage kept failing, or
+the shard changed after it was listed).
 
 `SkipTally()` lives in this process (for `iter_input`); `SkipTally.shared()` is backed by a small
 Ray actor (num_cpus=0, on the driver's node, so losing a worker node does not lose it) that read
