@@ -1,8 +1,8 @@
 """The GPU check: `python -m pipeline.bench.gpu [--out gpu.md]` (or `flowray bench gpu`).
 
 For a bare GPU box with PyTorch (CUDA), numpy, pandas, pyyaml, safetensors, pyarrow and Pillow
-only (no psutil either): it imports no Ray, MLflow, webdataset, s3fs or fsspec. On one GPU, with a world-size-1 NCCL
-process group so that the training collectives reduce GPU tensors, it
+only: it imports no Ray, MLflow, webdataset, s3fs, fsspec or psutil. On one GPU, with a
+world-size-1 NCCL process group so that the training collectives reduce GPU tensors, it
 
     trains     the rgb32 preset's model (jobs/configs/rgb32.yaml) for --steps steps through the
                Ray worker's own core (pipeline.train.core: placement, train step, EMA, the
@@ -17,7 +17,8 @@ process group so that the training collectives reduce GPU tensors, it
 
 then prints one Markdown table (and writes it to --out after every phase; the compiled run comes
 last, so a compile that overruns loses nothing else). Without a GPU it says so and exits 0.
-`--device cpu --small` runs every phase at toy sizes on the CPU (the test suite does this).
+`--device cpu --small` (`flowray bench gpu --smoke --set device=cpu`) runs every phase at toy
+sizes on the CPU (the test suite does this).
 The images are synthetic (smooth random colour fields): the figures compare settings with one
 another; they are not a dataset's bits/dim.
 """
