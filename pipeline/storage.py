@@ -502,14 +502,16 @@ def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> b
     where that flag is unsupported as well, it is renamed after a check that the name is free:
     whole, and exclusive against any later writer, but not against one racing it in that instant.
 
-    S3: one PUT with `If-None-Match: *` (S3's conditional write). Any 412 means the key exists,
+    S3: a key that exists already is found first (HEAD), with no write; else one PUT with
+    `If-None-Match: *` (S3's conditional write) settles a race. Any 412 means the key exists,
     with or without the `<Condition>If-None-Match</Condition>` that AWS puts in its answer and some
     S3-compatible stores leave out. A 409 (ConditionalRequestConflict: another conditional write
     of the key in flight) is retried with backoff, at most `_CONFLICT_ATTEMPTS` times. A PUT that
     succeeded but whose answer was lost and retried also gets a 412: callers that care read the
-    object back and compare, which tells "ours, answered twice" from "someone else's". A store
-    that ignores the header overwrites instead: `check_write_once` finds such a store before a job
-    relies on it.
+    object back and compare, which tells "ours, answered twice" from "someone else's". On a store
+    that ignores the header, the first check still keeps a rerun from rewriting a file, but two
+    writers racing both "create" it: `check_write_once` finds such a store before a job relies on
+    it.
 
     Returns:
         True when this call created the file; False when it was there already.
@@ -518,6 +520,10 @@ def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> b
         StorageError: S3 refused the write for another reason, or kept answering 409.
     """
     if is_s3(url):
+        fs, key = fsspec_filesystem(url, storage)
+        with _translated(url, storage):
+            if fs.exists(key):
+                return False
         return _put_if_absent(url, data, storage)
     path = _local_path(url)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -646,7 +652,8 @@ class WriteOnceUnsupported(StorageError):
 
 def check_write_once(url: str, storage: StorageConfig | None = None) -> None:
     """Prove that `write_once` holds under the prefix `url` before a job relies on it: create one
-    hidden object twice and require the second create to be refused; the object is removed after.
+    hidden object twice and require the second create itself (on S3 the conditional PUT, not the
+    check before it) to be refused; the object is removed after.
 
     S3-compatible stores differ: some ignore `If-None-Match: *` (and s3fs before 2024.12, or
     botocore before 1.35.21, drop it without a word), so every PUT "succeeds" and a rerun or a
@@ -658,10 +665,11 @@ def check_write_once(url: str, storage: StorageConfig | None = None) -> None:
         StorageError: the probe could not be written or removed.
     """
     probe = join_url(url, f".flowray-write-once-probe-{_HOST_TAG}-{uuid.uuid4().hex[:12]}")
+    create = _put_if_absent if is_s3(url) else write_once
     try:
-        if not write_once(probe, b"first", storage):
+        if not create(probe, b"first", storage):
             raise StorageError(f"write-once probe {probe} existed before it was created")
-        refused = not write_once(probe, b"second", storage)
+        refused = not create(probe, b"second", storage)
     finally:
         _remove_quietly(probe, storage)
     if refused:
@@ -669,8 +677,8 @@ def check_write_once(url: str, storage: StorageConfig | None = None) -> None:
     store = f"S3 endpoint {(storage or StorageConfig()).describe()}" if is_s3(url) else "filesystem"
     raise WriteOnceUnsupported(
         f"{store} accepted a second create of {probe}: expected it refused (412 to If-None-Match: "
-        f"*), found it overwritten, so outputs under {url} could be rewritten by a rerun or a "
-        "concurrent job",
+        f"*), found it overwritten, so two jobs writing under {url} at once could overwrite each "
+        "other's files",
         hint="use a store that honours conditional writes (AWS S3, or an S3-compatible store and "
         "version that supports If-None-Match), with s3fs>=2024.12 and botocore>=1.35.21; or, when "
         "no other job ever writes to this output at the same time, pass --single-writer",

@@ -312,17 +312,19 @@ def test_the_write_once_probe_passes_an_honest_store_and_leaves_nothing(tmp_path
 
 
 def test_a_store_that_ignores_if_none_match_fails_the_probe_with_exit_2(faulty_s3):
-    """The store answers 200 to the second create and overwrites: `write_once` cannot see it, the
-    probe does, and names the store and the fix."""
-    from pipeline.storage import WriteOnceUnsupported, check_write_once
+    """The store answers 200 to a second conditional create and overwrites: `write_once`'s check
+    first still finds a file written before, but a racing writer's PUT overwrites it. The probe
+    sees that, and names the store and the fix."""
+    from pipeline.storage import WriteOnceUnsupported, _put_if_absent, check_write_once
     from tests.faults.s3_proxy import FaultPlan
 
     faulty_s3.proxy.set_plan(FaultPlan(conditional_writes="ignore"))
     bucket = faulty_s3.bucket
     url = join_url(bucket.url, "scores", "x.json")
     assert write_once(url, b"first", bucket.storage) is True
-    assert write_once(url, b"second", bucket.storage) is True  # what the probe exists to catch
-    assert read_bytes(url, bucket.storage) == b"second"
+    assert write_once(url, b"rerun", bucket.storage) is False
+    assert _put_if_absent(url, b"racer", bucket.storage) is True  # what the probe exists to catch
+    assert read_bytes(url, bucket.storage) == b"racer"
     with pytest.raises(WriteOnceUnsupported) as info:
         check_write_once(join_url(bucket.url, "scores"), bucket.storage)
     assert info.value.exit_code == 2
@@ -333,21 +335,27 @@ def test_a_store_that_ignores_if_none_match_fails_the_probe_with_exit_2(faulty_s
 
 def test_a_412_without_its_condition_element_means_exists(faulty_s3):
     """MinIO and Ceph RGW answer 412 without <Condition>If-None-Match</Condition>; s3fs makes
-    that OSError(EINVAL), which must still read as "the file exists"."""
-    from pipeline.storage import check_write_once
+    that OSError(EINVAL), which must still read as "the file exists": for the conditional PUT
+    that settles a race (called alone here, as when another writer created the key after
+    `write_once`'s check) and for the probe."""
+    from pipeline.storage import _put_if_absent, check_write_once
     from tests.faults.s3_proxy import FaultPlan
 
     faulty_s3.proxy.set_plan(FaultPlan(conditional_writes="bare-412"))
     bucket = faulty_s3.bucket
     url = join_url(bucket.url, "scores", "_scoring.json")
     assert write_once(url, b"first", bucket.storage) is True
-    assert write_once(url, b"second", bucket.storage) is False
+    assert _put_if_absent(url, b"second", bucket.storage) is False
     assert read_bytes(url, bucket.storage) == b"first"
     assert faulty_s3.proxy.counts["412"] == 1
     check_write_once(join_url(bucket.url, "scores"), bucket.storage)
+    assert faulty_s3.proxy.counts["412"] == 2
 
 
 def test_a_409_conflict_is_retried_then_creates_or_finds_the_file(faulty_s3):
+    """409 once, then the retry creates the key, or (another writer's key, created after
+    `write_once`'s check) is refused with a 412."""
+    from pipeline.storage import _put_if_absent
     from tests.faults.s3_proxy import FaultPlan
 
     bucket = faulty_s3.bucket
@@ -355,7 +363,7 @@ def test_a_409_conflict_is_retried_then_creates_or_finds_the_file(faulty_s3):
     old = join_url(bucket.url, "p", "old.json")
     bucket.client().put_object(Bucket=bucket.bucket, Key="p/old.json", Body=b"theirs")
     assert write_once(join_url(bucket.url, "p", "new.json"), b"ours", bucket.storage) is True
-    assert write_once(old, b"ours", bucket.storage) is False
+    assert _put_if_absent(old, b"ours", bucket.storage) is False
     assert read_bytes(old, bucket.storage) == b"theirs"
     assert faulty_s3.proxy.counts["409"] == 2
 

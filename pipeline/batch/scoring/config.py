@@ -44,8 +44,8 @@ class ScoreConfig:
         log_to_mlflow: log the summary run (the files under _summary/ are written either way).
         single_writer: run on an output store that does not refuse a second create of one
             object (S3 If-None-Match ignored), which a probe at the start otherwise refuses: only
-            when no other job writes to this output at the same time, since nothing then stops a
-            rerun or a concurrent job from rewriting its files.
+            when no other job writes to this output at the same time (a rerun still finds the
+            files and settings there; two jobs at once could overwrite each other's).
     """
 
     model: str
