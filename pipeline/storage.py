@@ -656,8 +656,8 @@ def check_write_once(url: str, storage: StorageConfig | None = None) -> None:
     check before it) to be refused; the object is removed after.
 
     S3-compatible stores differ: some ignore `If-None-Match: *` (and s3fs before 2024.12, or
-    botocore before 1.35.21, drop it without a word), so every PUT "succeeds" and a rerun or a
-    concurrent job overwrites files that must never change.
+    botocore before 1.35.21, drop it without a word), so every PUT "succeeds": two jobs that
+    create one file at once both win, and the later one overwrites a file that must never change.
 
     Raises:
         WriteOnceUnsupported (exit code 2): the second create was accepted; the message names the
