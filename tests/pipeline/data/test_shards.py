@@ -292,9 +292,13 @@ def test_npy_source_explains_bad_arrays(tmp_path):
 
 
 def test_io_benchmark_reports_every_backend_and_column(tmp_path, aws_credentials):
-    from pipeline.bench.shard_io import run
+    from pipeline.bench.harness import Run
+    from pipeline.bench.shard_io import Settings, measure
 
-    report = run(n_images=60, repeats=1, shard_samples=25, with_ray=False, workdir=str(tmp_path))
+    settings = Settings(
+        images=60, repeats=1, shard_samples=25, with_ray=False, foreign_images=0, listing_shards=0
+    )
+    report = measure(settings, Run(tmp_path, tmp_path)).report()
     assert set(report["results"]) == {"local", "s3"}
     for figures in report["results"].values():
         assert set(figures) == {"write", "read_iter", "mb"}
