@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -32,15 +35,32 @@ GRID_SCALE = 3  # 28 x 28 samples are too small to see at 1:1 in MLflow's UI
 
 
 MAX_BUFFERED_METRICS = 100_000  # about 20 MB; the oldest go first when MLflow stays away longer
+MAX_BUFFERED_IMAGES = 4  # sample grids waiting to be sent; an older one gives way to a newer
 LOG_BATCH_LIMIT = 1000  # MLflow's log_batch takes at most 1000 metrics per call
+# MLflow's own HTTP retries and timeout for the sender's calls (environment variables it reads at
+# each request; a value the user set wins). Its defaults (7 retries, backoff factor 2, 120 s
+# timeout) make one call against a server that is down take minutes; the sender retries on its
+# own schedule instead.
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)  # the sender's waits between tries while MLflow fails
+# After a send, the sender gathers for this long (less when a full log_batch is waiting), so a
+# run that logs every step makes about one call a second, not one per step.
+SEND_INTERVAL_SECONDS = 1.0
+CLOSE_SECONDS = 30.0  # how long `close` waits for what is queued to go out
 
 
 class RunLogger:
-    """Rank 0's MLflow writes, batched; a no-op on other ranks and without a run.
+    """Rank 0's MLflow writes, off the training path; a no-op on other ranks and without a run.
 
-    Best effort: training must not die because the tracking server does. Metrics that MLflow
-    refuses (a connection error, a 5xx) wait in a bounded buffer and go out with the next write
-    that succeeds; images are dropped instead. One line says MLflow went away, one that it is back.
+    `metrics` and `image` only queue (a few microseconds: a step never waits for MLflow); a
+    background thread sends the queue, metrics in log_batch-sized chunks, oldest first, about
+    once a second (SEND_INTERVAL_SECONDS), so logging costs the training process little. While
+    MLflow does not answer, the thread retries every few seconds (RETRY_SECONDS) and the queue
+    keeps up to MAX_BUFFERED_METRICS metrics and MAX_BUFFERED_IMAGES images, dropping the oldest
+    past that; what waited goes out when MLflow answers again. One line says MLflow went away,
+    one that it is back; `close` waits up to CLOSE_SECONDS for the queue to empty and says how
+    many metrics and images were never logged, if any. A logger that is dropped without `close`
+    closes itself (its thread holds no reference to it).
     """
 
     def __init__(
@@ -50,59 +70,206 @@ class RunLogger:
         active: bool,
         note: Callable[[str], None] | None = None,
     ) -> None:
-        self.client: Any = None
         self.run_id = run_id
-        self.pending: deque[Any] = deque(maxlen=MAX_BUFFERED_METRICS)
-        self.failing = False
-        self.note = note or say
+        self._sender: _Sender | None = None
         if active and tracking_uri and run_id:
             from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient(tracking_uri)
+            if tracking_uri.startswith(("http://", "https://")):
+                for name, value in HTTP_SETTINGS.items():
+                    os.environ.setdefault(name, value)
+            self._sender = _Sender(MlflowClient(tracking_uri), run_id, note or say)
+            self._closer = weakref.finalize(self, self._sender.close)
+
+    @property
+    def client(self) -> Any:
+        return self._sender.client if self._sender else None
+
+    @client.setter
+    def client(self, client: Any) -> None:  # tests put a client that fails on demand here
+        if self._sender is not None:
+            self._sender.client = client
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        """Logs the finite values at `step`; NaN and infinities are left out, as MLflow wants."""
-        if self.client is None:
+        """Queues the finite values at `step`; NaN and infinities are left out, as MLflow wants."""
+        if self._sender is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending.extend(
-            Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))
-        )
-        self.flush()
+        finite = [Metric(k, float(v), now, step) for k, v in values.items() if _finite(v)]
+        self._sender.put_metrics(finite)
 
-    def flush(self) -> None:
-        """Sends the buffered metrics, oldest first, in log_batch-sized chunks."""
-        while self.pending:
-            chunk = [self.pending[i] for i in range(min(LOG_BATCH_LIMIT, len(self.pending)))]
-            try:
-                self.client.log_batch(self.run_id, metrics=chunk)
-            except Exception as error:
-                self._went_away(error)
+    def image(self, image: np.ndarray, key: str, step: int) -> None:
+        """Queues an RGB uint8 image under `key` at `step`: MLflow's UI shows the steps on a
+        slider."""
+        if self._sender is not None:
+            self._sender.put_image((image, key, step))
+
+    def flush(self, timeout: float = CLOSE_SECONDS) -> bool:
+        """Waits until the queue is sent or `timeout` passes; True when sent."""
+        return self._sender.wait(timeout) if self._sender else True
+
+    def close(self, timeout: float = CLOSE_SECONDS) -> tuple[int, int]:
+        """Sends what is queued (waiting up to `timeout`) and stops the thread; (metrics, images)
+        never logged, also said in one line when not zero."""
+        if self._sender is None:
+            return 0, 0
+        self._closer.detach()
+        return self._sender.close(timeout)
+
+    @property
+    def pending(self) -> int:
+        """Metrics and images queued, not yet sent."""
+        return self._sender.queued() if self._sender else 0
+
+    @property
+    def failing(self) -> bool:
+        return bool(self._sender and self._sender.failing)
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(float(value))
+
+
+class _Sender:
+    """The background thread of a RunLogger and its bounded queue (see RunLogger)."""
+
+    def __init__(self, client: Any, run_id: str, note: Callable[[str], None]) -> None:
+        self.client, self.run_id, self.note = client, run_id, note
+        self.metrics: deque[Any] = deque()
+        self.images: deque[tuple[np.ndarray, str, int]] = deque()
+        self.dropped_metrics = self.dropped_images = 0
+        self.failing = False
+        self.busy = False  # a call to MLflow is under way
+        self.closing = False
+        self.deadline = math.inf  # when closing: give up after this (time.monotonic())
+        self.condition = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def _start(self) -> None:  # under the condition
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="flowray-mlflow", daemon=True)
+            self.thread.start()
+
+    def put_metrics(self, metrics: list[Any]) -> None:
+        with self.condition:
+            if self.closing:
+                self.dropped_metrics += len(metrics)
                 return
-            for _ in chunk:
-                self.pending.popleft()
-        if self.failing:
-            self.failing = False
-            self.note("MLflow answers again: buffered metrics sent")
+            self.metrics.extend(metrics)
+            excess = len(self.metrics) - MAX_BUFFERED_METRICS
+            for _ in range(max(excess, 0)):
+                self.metrics.popleft()
+            self.dropped_metrics += max(excess, 0)
+            self._start()
+            self.condition.notify_all()
 
-    def _went_away(self, error: Exception) -> None:
+    def put_image(self, item: tuple[np.ndarray, str, int]) -> None:
+        with self.condition:
+            if self.closing:
+                self.dropped_images += 1
+                return
+            self.images.append(item)
+            if len(self.images) > MAX_BUFFERED_IMAGES:
+                self.images.popleft()
+                self.dropped_images += 1
+            self._start()
+            self.condition.notify_all()
+
+    def queued(self) -> int:
+        with self.condition:
+            return len(self.metrics) + len(self.images)
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.condition:
+            while self.metrics or self.images or self.busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.condition.wait(left)
+            return True
+
+    def close(self, timeout: float = CLOSE_SECONDS) -> tuple[int, int]:
+        with self.condition:
+            if not self.closing:
+                self.closing = True
+                self.deadline = time.monotonic() + timeout
+            self.condition.notify_all()
+            thread = self.thread
+        if thread is not None:
+            thread.join(max(self.deadline - time.monotonic(), 0) + 1.0)
+        with self.condition:
+            lost = (
+                len(self.metrics) + self.dropped_metrics,
+                len(self.images) + self.dropped_images,
+            )
+            self.metrics.clear()
+            self.images.clear()
+            self.dropped_metrics = self.dropped_images = 0
+        if any(lost):
+            self.note(
+                f"MLflow: {lost[0]} metric value(s) and {lost[1]} image(s) of this run were never "
+                "logged (the tracking server did not answer in time)"
+            )
+        return lost
+
+    def _run(self) -> None:
+        tries = 0
+        while True:
+            with self.condition:
+                while not (self.metrics or self.images or self.closing):
+                    self.condition.wait()
+                if not (self.metrics or self.images):
+                    return  # closing, nothing left
+                if self.closing and time.monotonic() > self.deadline:
+                    return  # what is left is counted by close()
+                chunk = [self.metrics[i] for i in range(min(LOG_BATCH_LIMIT, len(self.metrics)))]
+                image = self.images[0] if not chunk else None
+                self.busy = True
+            try:
+                if chunk:
+                    self.client.log_batch(self.run_id, metrics=chunk)
+                else:
+                    pixels, key, step = image
+                    self.client.log_image(self.run_id, pixels, key=key, step=step)
+            except Exception as error:
+                with self.condition:
+                    self.busy = False
+                    self._went_away(error)
+                    self.condition.notify_all()
+                    pause = RETRY_SECONDS[min(tries, len(RETRY_SECONDS) - 1)]
+                    tries += 1
+                    if self.closing:
+                        pause = min(pause, max(self.deadline - time.monotonic(), 0))
+                    self.condition.wait(pause)  # close() wakes it
+                continue
+            tries = 0
+            with self.condition:
+                self.busy = False
+                if chunk:
+                    for _ in chunk:
+                        self.metrics.popleft()
+                else:
+                    self.images.popleft()
+                if self.failing and not (self.metrics or self.images):
+                    self.failing = False
+                    self.note("MLflow answers again: buffered metrics sent")
+                self.condition.notify_all()
+                if not (self.metrics or self.images):
+                    self.condition.wait_for(
+                        lambda: self.closing or len(self.metrics) >= LOG_BATCH_LIMIT,
+                        SEND_INTERVAL_SECONDS,
+                    )
+
+    def _went_away(self, error: Exception) -> None:  # under the condition
         if not self.failing:
             self.failing = True
             self.note(
                 f"MLflow not answering ({type(error).__name__}: {str(error)[:200]}); training goes "
                 f"on, metrics buffered (up to {MAX_BUFFERED_METRICS}) until it answers"
             )
-
-    def image(self, image: np.ndarray, key: str, step: int) -> None:
-        """An RGB uint8 image under `key` at `step`: MLflow's UI shows the steps on a slider."""
-        if self.client is None:
-            return
-        try:
-            self.client.log_image(self.run_id, image, key=key, step=step)
-        except Exception as error:  # an image is not worth a buffer: this one is lost
-            self._went_away(error)
 
 
 def sample_grid(flow: Flow, temperature: float, step: int) -> np.ndarray:

@@ -5,8 +5,13 @@ sample grids become MLflow images with their step."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ from ray.train.v2._internal.execution import context
 
 from pipeline.train.config import TrainConfig
 from pipeline.train.reporting import (
+    HTTP_SETTINGS,
     RunLogger,
     quiet_ray_train_reports,
     start_system_metrics,
@@ -57,8 +63,10 @@ def test_sample_grids_are_mlflow_images_with_their_step(tmp_path: Path) -> None:
     ).info.run_id
     grid = np.zeros((30, 48, 3), dtype=np.uint8)
     grid[:, :24] = 200
-    RunLogger(uri, run_id, active=True).image(grid, "samples", step=7)
+    logger = RunLogger(uri, run_id, active=True)
+    logger.image(grid, "samples", step=7)
     RunLogger(uri, run_id, active=False).image(grid, "samples", step=8)  # other ranks: nothing
+    assert logger.close() == (0, 0)
     paths = [a.path for a in client.list_artifacts(run_id, "images")]
     png = [p for p in paths if p.endswith(".png")]
     assert len(png) == 1 and png[0].startswith("images/samples+step+7+")
@@ -124,14 +132,17 @@ def test_metrics_survive_an_mlflow_outage_and_are_sent_when_it_answers(tmp_path:
     flaky = FlakyClient(client)
     logger.client = flaky
     logger.metrics({"loss": 5.0}, step=1)
+    assert logger.flush()
     flaky.down = True
     for step in range(2, 6):
         logger.metrics({"loss": 6.0 - step / 10}, step=step)
     logger.image(np.zeros((4, 4, 3), dtype=np.uint8), "samples", step=5)
+    assert not logger.flush(timeout=1.0)  # still queued: MLflow refuses
     assert len(lines) == 1 and lines[0].startswith("MLflow not answering (ConnectionError")
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1]
     flaky.down = False
     logger.metrics({"loss": 5.3}, step=6)
+    assert logger.flush(timeout=30)
     history = client.get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [
         (1, 5.0),
@@ -142,4 +153,141 @@ def test_metrics_survive_an_mlflow_outage_and_are_sent_when_it_answers(tmp_path:
         (6, 5.3),
     ]
     assert lines[1:] == ["MLflow answers again: buffered metrics sent"]
-    assert not logger.pending
+    assert [a.path for a in client.list_artifacts(run_id, "images")][0].startswith(
+        "images/samples+step+5+"
+    )
+    assert logger.pending == 0 and logger.close() == (0, 0)
+
+
+def test_what_cannot_be_sent_by_close_is_counted_and_said(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("never")).info.run_id
+    lines: list[str] = []
+    logger = RunLogger(uri, run_id, active=True, note=lines.append)
+    flaky = FlakyClient(client)
+    flaky.down = True
+    logger.client = flaky
+    logger.metrics({"loss": 5.0, "lr": 1e-3}, step=1)
+    logger.image(np.zeros((4, 4, 3), dtype=np.uint8), "samples", step=1)
+    started = time.monotonic()
+    assert logger.close(timeout=1.0) == (2, 1)
+    assert time.monotonic() - started < 5
+    assert lines[-1] == (
+        "MLflow: 2 metric value(s) and 1 image(s) of this run were never logged (the tracking "
+        "server did not answer in time)"
+    )
+
+
+def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:`port` over a SQLite store in `root`, answering /health."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
+    ]  # fmt: skip
+    log = root / f"server-{time.monotonic_ns()}.log"
+    with open(log, "w") as output:  # its own session: stop_server ends its workers with it
+        server = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            assert server.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer in 120 s"
+            time.sleep(0.25)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stops the server and the workers it started (its process group, made for it)."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_steps_keep_their_pace_while_the_tracking_server_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps that log every step (and a grid every 20) run as fast while the tracking server is
+    down (a closed port) as while it is up (a real `mlflow server`); blocks of each alternate,
+    so a machine whose load drifts slows both alike. What could not be sent while it was down is
+    sent when it is back."""
+    import torch
+
+    from flowmodel import FlowConfig, build_flow
+    from pipeline.train.step import train_step
+
+    for name in HTTP_SETTINGS:  # RunLogger sets MLflow's HTTP settings: undone after the test
+        monkeypatch.delenv(name, raising=False)
+    port, closed = free_port(), free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(port, tmp_path)
+    try:
+        up = MlflowClient(uri)
+        down = MlflowClient(f"http://127.0.0.1:{closed}")  # nobody listens: connection refused
+        run_id = up.create_run(up.create_experiment("down")).info.run_id
+        lines: list[str] = []
+        logger = RunLogger(uri, run_id, active=True, note=lines.append)
+        torch.manual_seed(0)
+        flow = build_flow(FlowConfig(image_shape=(1, 8, 8), levels=1, steps_per_level=2))
+        images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
+        flow.initialize(images)
+        optimizer = torch.optim.Adam(flow.parameters(), lr=1e-3)
+        grid = np.zeros((96, 96, 3), dtype=np.uint8)
+        slowest_call, step = 0.0, 0
+
+        def steps(count: int) -> float:
+            """Runs `count` steps that log; their seconds."""
+            nonlocal slowest_call, step
+            started = time.perf_counter()
+            for _ in range(count):
+                step += 1
+                measured = train_step(flow, images[:16], optimizer)
+                called = time.perf_counter()
+                logger.metrics({"loss": measured.bits_per_dim, "lr": 1e-3}, step)
+                if step % 20 == 0:
+                    logger.image(grid, "samples", step)
+                slowest_call = max(slowest_call, time.perf_counter() - called)
+            return time.perf_counter() - started
+
+        steps(20)  # warm-up: the first HTTP connection, torch's first passes
+        seconds = {"up": 0.0, "down": 0.0}
+        for _ in range(4):
+            for state, client in (("up", up), ("down", down)):
+                logger.client = client
+                seconds[state] += steps(40)
+        logger.client = up
+        assert logger.close() == (0, 0)  # everything was sent in the end
+        ratio = seconds["up"] / seconds["down"]  # steps/s down over steps/s up
+        print(
+            f"steps/s with the server up {160 / seconds['up']:.1f}, down "
+            f"{160 / seconds['down']:.1f}: ratio {ratio:.3f}; slowest log call "
+            f"{slowest_call * 1000:.1f} ms"
+        )
+        assert ratio > 0.8
+        assert slowest_call < 1.0
+        history = up.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(1, step + 1))
+        grids = [a.path for a in up.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+        assert len(grids) == step // 20
+        assert lines[0].startswith("MLflow not answering")
+        assert "MLflow answers again: buffered metrics sent" in lines
+    finally:
+        stop_server(server)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
