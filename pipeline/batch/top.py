@@ -15,8 +15,8 @@ answer does not depend on file order.
 
 Without a version, the newest version folder under `model=<name>` is read (numeric versions by
 number, others by name). Each row's `shard` is a URL when scoring wrote one (foreign inputs);
-a bare shard name (a prepared split scored before shard URLs were written) is joined to the
-input: `input_url`, else the `input` of the newest `_summary/*/summary.json` of that version.
+a bare shard name (a prepared split's shard) is joined to the input: `input_url`, else the
+`input` of the newest `_summary/*/summary.json` of that version.
 """
 
 from __future__ import annotations

@@ -315,7 +315,7 @@ def _decide(
     if current == version:
         return True, f"already {alias}"
     old, _ = _version_bpd(client, name, current)
-    if not math.isfinite(old):  # a version registered before figures were required
+    if not math.isfinite(old):  # a version without the tag (an older flowray's)
         return True, f"now {alias} (v{current} has no validation bits/dim)"
     if new < old:
         return True, f"now {alias} ({new:.4f} < v{current}'s {old:.4f})"

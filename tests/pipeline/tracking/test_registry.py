@@ -2,8 +2,8 @@
 part of pipeline, nothing else), that it loads and predicts in a fresh process from its own code,
 its signature and input example, the version tags, registration through mlflow.register_model,
 the champion decisions and their wording, that a version without a finite validation bits/dim is
-never registered nor promoted, and that models logged before pipeline/ moved into subpackages
-still resolve."""
+never registered nor promoted, that a name holds one image shape, and that models in the flat
+pipeline/ layout of older flowray versions still resolve."""
 
 from __future__ import annotations
 
@@ -391,7 +391,7 @@ def test_a_version_without_a_finite_figure_never_becomes_champion_even_forced(
     with pytest.raises(RegistrationError, match="v2 cannot become champion: expected a finite"):
         promote("tagged-nan", "2", force=True)
     assert aliases("tagged-nan")["champion"] == "1"
-    # A champion without a figure (registered before figures were required) gives way.
+    # A champion without a figure (an older flowray's version) gives way.
     client.delete_model_version_tag("tagged-nan", "1", "val_bits_per_dim")
     client.set_model_version_tag("tagged-nan", "2", "val_bits_per_dim", "4.500000")
     assert promote("tagged-nan", "2").reason == "now champion (v1 has no validation bits/dim)"
