@@ -110,8 +110,6 @@ def settings_for(name: str, smoke: bool, overrides: list[str]) -> Any:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
-    if args.config:
-        overrides.insert(0, f"preset={args.config}")
     for key in SHORTHANDS.values():
         value = getattr(args, f"shorthand_{key}")
         if value is not None:
@@ -131,9 +129,12 @@ def _resolve(
     if unknown:
         known = sorted(set().union(*fields.values()))
         parser.error(f"--set {unknown[0]}: no selected suite has it (settings: {', '.join(known)})")
+    # --config names the preset of every selected suite that builds one.
+    presets = [f"preset={args.config}"] if args.config else []
     resolved = {}
     for name in suites:
         mine = [o for o in overrides if o.split("=")[0] in fields[name]]
+        mine = [*presets, *mine] if "preset" in fields[name] else mine
         try:
             resolved[name] = settings_for(name, args.smoke, mine)
         except ConfigError as err:

@@ -145,7 +145,13 @@ def test_settings_come_from_defaults_smoke_sizes_and_overrides() -> None:
     assert (settings.minutes, settings.preset, settings.max_steps) == (2.0, "rgb32", 3)
     scaling = settings_for("scaling", False, ["sizes=[100, 10]"])
     assert scaling.sizes == (100, 10) and scaling.fresh_ray
-    args = build_parser().parse_args(["--suite", "io", "--out", "x", "--repeats", "5"])
+    from jobs.bench import _resolve
+
+    parser = build_parser()
+    args = parser.parse_args(["io", "--config", "rgb32", "--set", "repeats=2"])
+    assert _resolve(parser, ["io", "quality"], args)["quality"].preset == "rgb32"
+    assert _resolve(parser, ["io"], args)["io"].repeats == 2
+    args = parser.parse_args(["--suite", "io", "--out", "x", "--repeats", "5"])
     assert (args.suite_option, args.output, args.shorthand_repeats) == ("io", "x", "5")
 
 
