@@ -136,9 +136,9 @@ def measure(settings: Settings, run: Run) -> Result:
     startups: list[float] = []
     # Stand-in credentials before Ray starts: its workers inherit them.
     with loopback_s3() as s3, local_ray():
-        local = prepared_fashion_mnist(str(base / "data-n"), n)
-        large = prepared_fashion_mnist(str(base / f"data-{growth}n"), n * growth)
-        remote = prepared_fashion_mnist(f"s3://{BENCH_BUCKET}/data-n", n, storage=s3)
+        local = prepared_fashion_mnist(str(base / f"data-{n}"), n)
+        large = prepared_fashion_mnist(str(base / f"data-{n * growth}"), n * growth)
+        remote = prepared_fashion_mnist(f"s3://{BENCH_BUCKET}/data-{n}", n, storage=s3)
         # The first job on a fresh Ray also starts its worker processes: timed apart.
         first = _score(settings, model, local, base, s3, "first")
         for _ in range(settings.repeats):

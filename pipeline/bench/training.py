@@ -181,7 +181,7 @@ def measure(settings: Settings, run: Run) -> Result:
     run.workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     global_batch = config.batch_size * max(1, config.scaling.num_workers)
-    data = run.workdir / "data"
+    data = run.workdir / f"data-{settings.train_images or 'all'}"
     train = prepared_fashion_mnist(
         str(data), settings.train_images, split="train", shard_samples=5000
     )
