@@ -1,7 +1,8 @@
 """Online scoring on Ray Serve: `flowray serve --model models:/<name>@champion`.
 
     config      ServeConfig: what to serve, where, and how requests are batched
-    requests    HTTP bodies (PNG/JPEG bytes, JSON uint8 arrays) to images and keys
+    requests    HTTP bodies (PNG/JPEG bytes, JSON uint8 arrays) to images and keys, within the
+                byte and pixel limits (413 before a body over them is read)
     model       the served model: resolved by reference, scored with the batch scorer, and
                 reloaded when its registry alias moves
     deployment  the Ray Serve deployment (FastAPI ingress, @serve.batch) and the application

@@ -56,7 +56,10 @@ class ServeConfig:
         replicas: Ray Serve replicas of the deployment.
         cpus_per_replica: Ray CPUs of each replica.
         access_log: one log line per request in the replicas' logs (Ray Serve's access log).
-        max_image_bytes, max_json_bytes, max_pixels: the limits on a request (RequestLimits).
+        max_image_bytes: most bytes of an encoded image body (413 above, before reading it).
+        max_json_bytes: most bytes of a JSON body (413 above, before reading it).
+        max_pixels: most pixels of an encoded image, from its header (a quarter of it for 16-
+            and 32-bit images; 413 above, before decoding).
         decode_threads: threads per replica that parse and decode request bodies, off the event
             loop; at most this many images are being decoded at once.
     """
