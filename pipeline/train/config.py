@@ -129,6 +129,11 @@ class TrainConfig:
         workdir: the work folder of the embedded default (the SQLite MLflow store, pictures).
         verbose: more output: flowray's DEBUG lines, and Ray's own (Ray Train's line per report,
             Ray Data's execution plans) and MLflow's INFO lines.
+        sync_every: the worker reads the steps' figures (bits/dim, gradient norm, skipped) from
+            the device once every N steps, and at every log, evaluation and checkpoint step;
+            between reads the device runs ahead of the host. The non-finite guard and, with
+            several workers, the max_minutes check act at those reads, so they may act up to
+            N - 1 steps late.
     """
 
     model: FlowConfig = field(default_factory=FlowConfig)
@@ -147,6 +152,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     checkpoint_every: int = 500
     log_every: int = 50
+    sync_every: int = 10
     seed: int = 0
     init_images: int = 512  # images for the data-dependent ActNorm initialisation
     max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
@@ -160,7 +166,15 @@ class TrainConfig:
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "log_every"):
+        counts = (
+            "batch_size",
+            "max_steps",
+            "eval_every",
+            "checkpoint_every",
+            "log_every",
+            "sync_every",
+        )
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
         if self.max_minutes is not None and self.max_minutes <= 0:

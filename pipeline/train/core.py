@@ -6,6 +6,12 @@ Device discipline: everything a step touches lives on `Training.device`. The flo
 first (with one worker as with many), the EMA is copied from the placed flow, the optimizer is
 made for (and a restored optimizer state is loaded onto) the placed parameters, the noise
 generator lives there, and the collectives build their tensors there (`pipeline.train.distributed`).
+
+A step never waits for the device: the skip decision, the workers' agreement on it, the EMA's
+update and its count all stay there (`pipeline.train.step.train_step`), and `run_step` returns
+the step's figures as device tensors that the caller reads when it chooses (the worker loop
+every `TrainConfig.sync_every` steps). On a device other than the CPU the optimizer is made
+capturable, so that its step count is on the device too.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ from torch import Tensor, nn
 from flowmodel import Flow
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.config import TrainConfig
-from pipeline.train.distributed import all_agree
+from pipeline.train.distributed import all_agree_on_device
 from pipeline.train.ema import EMA
 from pipeline.train.step import (
     LossFunction,
-    StepMetrics,
+    StepOutcome,
     flow_bits_per_dim,
     make_optimizer,
     set_learning_rate,
@@ -125,13 +131,15 @@ def start_training(
     # After placement, so that the average is a copy on the device; evaluated in float32.
     ema = EMA(flow, config.optim.ema_decay)
     ema.model.set_precision("fp32")
-    optimizer = make_optimizer(model.parameters(), config.optim)
+    capturable = device.type != "cpu"
+    optimizer = make_optimizer(model.parameters(), config.optim, capturable=capturable)
     step = 0
     if restored is not None:
         ema_flow, saved = restored
         ema.load_state_dict({"model": ema_flow.state_dict(), "updates": saved.ema_updates})
         # Optimizer.load_state_dict casts each state tensor to its parameter's device and dtype.
         optimizer.load_state_dict(saved.optimizer)
+        _keep_capturable(optimizer, capturable)
         step = saved.step
     # Each worker draws its own noise; a resumed run does not replay the noise it already used.
     generator = noise_generator(device, config.seed * 1000 + rank + step)
@@ -139,29 +147,41 @@ def start_training(
     return Training(model, optimizer, ema, generator, device, loss)
 
 
+def _keep_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """A loaded state brings the saving run's `capturable` (its device's): set this run's back,
+    and put each step count where it then belongs (beside its parameter, or on the CPU)."""
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            step = state.get("step")
+            if isinstance(step, Tensor):
+                state["step"] = step.to(param.device if capturable else torch.device("cpu"))
+
+
 def run_step(
     training: Training, config: TrainConfig, images: Tensor, step: int, progress: float = 0.0
-) -> StepMetrics:
+) -> StepOutcome:
     """Step `step` (0-based) of training: the scheduled learning rate at `progress` (the budget
     spent, `pipeline.train.step.budget_progress`; it must be equal on all workers), one
-    `train_step` on `images` (any device: they move to the model's), then the EMA update unless
-    the step was skipped. Every worker agrees on skipping (an all-reduce on the device)."""
+    `train_step` on `images` (any device: they move to the model's), then the EMA update, which
+    a skipped step leaves as it was. Every worker agrees on skipping (an all-reduce on the
+    device). Nothing here reads the device: the outcome's tensors are the caller's to read."""
     set_learning_rate(training.optimizer, config.optim, step, progress)
-    metrics = _step(training, config, images)
-    if not metrics.skipped:
-        training.ema.update(training.flow)
-    return metrics
+    outcome = _step(training, config, images)
+    training.ema.update(training.flow, outcome.applied)
+    return outcome
 
 
-def _step(training: Training, config: TrainConfig, images: Tensor) -> StepMetrics:
-    def step(loss: LossFunction) -> StepMetrics:
+def _step(training: Training, config: TrainConfig, images: Tensor) -> StepOutcome:
+    def step(loss: LossFunction) -> StepOutcome:
         return train_step(
             training.model,
             images,
             training.optimizer,
             max_grad_norm=config.optim.max_grad_norm,
             generator=training.generator,
-            all_finite=lambda ok: all_agree(ok, dist.ReduceOp.MIN, training.device),
+            agree=lambda applied: all_agree_on_device(applied, dist.ReduceOp.MIN),
             loss=loss,
         )
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from flowmodel import Flow
 
-__all__ = ["all_agree", "check_identical_start", "parameter_checksum"]
+__all__ = ["all_agree", "all_agree_on_device", "check_identical_start", "parameter_checksum"]
 
 
 def _distributed() -> bool:
@@ -29,6 +29,16 @@ def all_agree(flag: bool, op: Any, device: torch.device) -> bool:
     tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(tensor, op=op)
     return bool(tensor.item())
+
+
+def all_agree_on_device(flag: torch.Tensor, op: Any) -> torch.Tensor:
+    """`all_agree` for a bool tensor on the worker's device, answered there (no host read, so
+    the worker does not wait for its device): op MIN = all true, MAX = any true."""
+    if not _distributed():
+        return flag
+    tensor = flag.reshape(1).to(torch.int32)  # NCCL reduces numbers, not bools
+    dist.all_reduce(tensor, op=op)
+    return tensor[0].bool()
 
 
 def parameter_checksum(flow: Flow) -> float:

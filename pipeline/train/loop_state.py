@@ -1,6 +1,11 @@
 """The training loop's counting, Ray-free: steps, images, skipped steps, the history of bits/dim,
 when the last checkpoint and evaluation were, and the time left. `pipeline.train.worker` keeps one
 `LoopState` per worker and restores it from a checkpoint's `TrainState`.
+
+Steps are counted as they run (`record_outcome`), but their figures stay on the device until
+`settle` reads all of them at once (one host read): the skipped-step counts, the images seen, the
+history and the non-finite guard are then brought up to date, step by step, as if each had been
+read when it ran. The guard therefore stops a run at the first settle after its limit is reached.
 """
 
 from __future__ import annotations
@@ -12,9 +17,18 @@ from typing import Any
 import torch
 
 from pipeline.train.checkpoint import TrainState
-from pipeline.train.step import StepMetrics
+from pipeline.train.step import StepMetrics, StepOutcome
 
-__all__ = ["NONFINITE_STOP", "LoopState", "NonFiniteLoss", "eta_seconds", "record_step"]
+__all__ = [
+    "NONFINITE_STOP",
+    "LoopState",
+    "NonFiniteLoss",
+    "eta_seconds",
+    "read_outcomes",
+    "record_outcome",
+    "record_step",
+    "settle",
+]
 
 NONFINITE_STOP = "nonfinite_stop"  # the report key that carries a non-finite stop to the driver
 
@@ -46,6 +60,7 @@ class LoopState:
     val_bits_per_dim: float = math.nan  # of the last evaluation (rank 0 only)
     elapsed_seconds: float = 0.0  # the step loop's wall time over all resumes (all workers agree)
     epoch_step: int = 0  # batches of the current epoch consumed (a resume skips as many)
+    unread: list[StepOutcome] = field(default_factory=list)  # counted steps, figures on device
 
     @classmethod
     def resumed(cls, saved: TrainState) -> LoopState:
@@ -91,24 +106,64 @@ class LoopState:
 def record_step(
     state: LoopState, metrics: StepMetrics, *, global_batch: int, max_skipped: int
 ) -> None:
-    """Count one finished step. A skipped (non-finite) step adds no images; `max_skipped` of them
-    in a row stop the run with NonFiniteLoss, naming the last good checkpoint."""
+    """Count one finished step whose figures the host has. A skipped (non-finite) step adds no
+    images; `max_skipped` of them in a row stop the run with NonFiniteLoss, naming the last good
+    checkpoint."""
     state.step += 1
+    _count(state, state.step, metrics, global_batch=global_batch, max_skipped=max_skipped)
+
+
+def record_outcome(state: LoopState, outcome: StepOutcome) -> None:
+    """Count one finished step whose figures are still on the device (`settle` reads them)."""
+    state.step += 1
+    state.unread.append(outcome)
+
+
+def read_outcomes(outcomes: list[StepOutcome]) -> list[StepMetrics]:
+    """The figures of `outcomes`, in order, in one host read."""
+    if not outcomes:
+        return []
+    rows = torch.stack(
+        [torch.stack([o.loss.float(), o.norm.float(), o.applied.float()]) for o in outcomes]
+    )
+    return [
+        StepMetrics(bits_per_dim=bits, grad_norm=norm, skipped=not applied)
+        for bits, norm, applied in rows.cpu().tolist()
+    ]
+
+
+def settle(state: LoopState, *, global_batch: int, max_skipped: int) -> StepMetrics | None:
+    """Read the figures of the steps counted since the last settle (one host read) and count
+    them as `record_step` would have; the last step's figures (None when there were none).
+
+    Raises:
+        NonFiniteLoss: `max_skipped` consecutive skipped steps, at the step that reached it.
+    """
+    metrics, state.unread = read_outcomes(state.unread), []
+    first = state.step - len(metrics) + 1
+    for offset, figures in enumerate(metrics):
+        _count(state, first + offset, figures, global_batch=global_batch, max_skipped=max_skipped)
+    return metrics[-1] if metrics else None
+
+
+def _count(
+    state: LoopState, step: int, metrics: StepMetrics, *, global_batch: int, max_skipped: int
+) -> None:
     if metrics.skipped:
         state.skipped_steps += 1
         state.consecutive_skipped += 1
         if state.consecutive_skipped >= max_skipped:
             raise NonFiniteLoss(
                 f"{state.consecutive_skipped} consecutive non-finite training steps (last at step "
-                f"{state.step}); stopping. The last good checkpoint (step "
+                f"{step}); stopping. The last good checkpoint (step "
                 f"{state.last_checkpoint_step}) is intact: lower optim.lr or optim.max_grad_norm "
                 "and rerun to resume from it.",
-                step=state.step,
+                step=step,
             )
     else:
         state.consecutive_skipped = 0
         state.images_seen += global_batch
-    state.history["train"].append([state.step, metrics.bits_per_dim])
+    state.history["train"].append([step, metrics.bits_per_dim])
 
 
 def eta_seconds(

@@ -22,6 +22,7 @@ __all__ = [
     "Evaluation",
     "LossFunction",
     "StepMetrics",
+    "StepOutcome",
     "batch_bits_per_dim",
     "budget_progress",
     "flow_bits_per_dim",
@@ -37,11 +38,48 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StepMetrics:
-    """What one optimisation step measured. `skipped` is True when the loss was not finite."""
+    """What one optimisation step measured, read on the host. `skipped` is True when the loss or
+    the gradient norm was not finite (on any worker): the update was then not applied."""
 
     bits_per_dim: float
     grad_norm: float
     skipped: bool
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one optimisation step measured, as 0-dim tensors on the model's device: making them
+    costs the host nothing, reading them waits for the device to finish the step. `read()`
+    reads all three at once; the `StepMetrics` names read them one at a time (for callers that
+    want a figure now, such as a benchmark's loop).
+
+    Attributes:
+        loss: the batch's mean bits/dim (float32).
+        norm: the gradient norm before clipping (NaN or inf when the loss was not finite).
+        applied: bool, whether the update was applied (False: the step was skipped).
+    """
+
+    loss: Tensor
+    norm: Tensor
+    applied: Tensor
+
+    def read(self) -> StepMetrics:
+        """The three figures on the host: one read of the device."""
+        values = torch.stack([self.loss.float(), self.norm.float(), self.applied.float()])
+        bits, norm, applied = values.cpu().tolist()
+        return StepMetrics(bits_per_dim=bits, grad_norm=norm, skipped=not applied)
+
+    @property
+    def bits_per_dim(self) -> float:
+        return float(self.loss)
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.norm)
+
+    @property
+    def skipped(self) -> bool:
+        return not bool(self.applied)
 
 
 def unwrap(model: nn.Module) -> Flow:
@@ -53,13 +91,22 @@ def unwrap(model: nn.Module) -> Flow:
     return model
 
 
-def make_optimizer(params: Iterable[nn.Parameter], optim: OptimSettings) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Iterable[nn.Parameter], optim: OptimSettings, *, capturable: bool = False
+) -> torch.optim.Optimizer:
     """Adam or Adamax, as `optim` says, at its peak learning rate (`set_learning_rate` warms up
     and decays it), on torch's default kernels: fused Adam and multi-tensor clipping gain no more
     than run-to-run noise on a CPU (docs/benchmarks.md, "Where a training step's time goes"), so
-    the plainest path stays."""
+    the plainest path stays.
+
+    `capturable` keeps the optimizer's step count on the parameters' device (torch keeps it on
+    the CPU otherwise, and reads it there each step): `train_step` can then undo a skipped step
+    there too, with no host read. Its bias corrections are then computed in float32 on the
+    device rather than in float64 on the host, so the weights differ from the CPU-held count's
+    in the last bits. On the CPU the two are one device: leave it False there.
+    """
     kind = torch.optim.Adamax if optim.optimizer == "adamax" else torch.optim.Adam
-    return kind(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return kind(params, lr=optim.lr, weight_decay=optim.weight_decay, capturable=capturable)
 
 
 def budget_progress(
@@ -145,31 +192,72 @@ def train_step(
     *,
     max_grad_norm: float | None = 100.0,
     generator: torch.Generator | None = None,
-    all_finite: Callable[[bool], bool] = bool,
+    agree: Callable[[Tensor], Tensor] | None = None,
     loss: LossFunction = flow_bits_per_dim,
-) -> StepMetrics:
-    """One maximum-likelihood step on a batch of uint8 images [B, C, H, W].
+) -> StepOutcome:
+    """One maximum-likelihood step on a batch of uint8 images [B, C, H, W], decided on the
+    device: nothing in it waits for the device to finish (no host read).
 
-    The loss is the batch's mean bits/dim. A non-finite loss or gradient norm skips the update
-    (the optimizer state is untouched) and reports `skipped=True`; the caller counts them.
-    Under DDP, `all_finite` must turn this worker's "loss is finite" into the verdict of all
-    workers (an all-reduce), so that every worker skips the same steps and none waits forever for
-    a gradient all-reduce the others skipped. Gradient norms are equal on all workers after DDP's
-    all-reduce, so that check needs no extra agreement.
+    The loss is the batch's mean bits/dim. The update is applied when the loss and the gradient
+    norm are both finite; otherwise the parameters and the optimizer state (moments and step
+    count) end exactly as before the step, selected with `torch.where` between the updated and
+    the saved values, and the outcome says `applied=False`. When applied, the arithmetic is the
+    optimizer's own, bit for bit. Under DDP, `agree` must turn this worker's verdict (a bool
+    tensor) into all workers' (an all-reduce MIN on the device), so that every worker applies
+    the same steps; every worker always runs the backward pass, so DDP's gradient all-reduce
+    never waits for a worker that skipped it.
+
+    A state tensor held on the CPU while the parameters are elsewhere (a non-capturable Adam's
+    step count on a GPU) is restored through the host: make the optimizer capturable there
+    (`make_optimizer`).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     mean = batch_bits_per_dim(model, images, generator, loss).mean()
-    if not all_finite(bool(torch.isfinite(mean))):
-        return StepMetrics(bits_per_dim=float(mean.detach()), grad_norm=math.nan, skipped=True)
     mean.backward()
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
-    if not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        return StepMetrics(bits_per_dim=float(mean.detach()), grad_norm=float(norm), skipped=True)
-    optimizer.step()
-    return StepMetrics(bits_per_dim=float(mean.detach()), grad_norm=float(norm), skipped=False)
+    applied = torch.isfinite(mean.detach()) & torch.isfinite(norm)
+    if agree is not None:
+        applied = agree(applied)
+    with torch.no_grad():
+        saved = _saved_state(optimizer, params)
+        optimizer.step()
+        _keep_if(applied, optimizer, saved)
+    return StepOutcome(loss=mean.detach(), norm=norm.detach(), applied=applied)
+
+
+# (parameter, its values before the step, its optimizer state tensors before the step)
+_Saved = list[tuple[Tensor, Tensor, dict[str, Tensor]]]
+
+
+def _saved_state(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> _Saved:
+    """Copies of what `optimizer.step()` changes for `params`: the values and the state."""
+    saved: _Saved = []
+    for param in params:
+        state = optimizer.state.get(param, {})
+        tensors = {k: v.clone() for k, v in state.items() if isinstance(v, Tensor)}
+        saved.append((param, param.detach().clone(), tensors))
+    return saved
+
+
+def _keep_if(applied: Tensor, optimizer: torch.optim.Optimizer, saved: _Saved) -> None:
+    """Where `applied` is False, put back the values and state saved before the step. State the
+    step created (the first step's) goes back to zeros, which is what Adam and Adamax start
+    their moments and step count from: the next step then starts them the same."""
+    for param, values, before in saved:
+        current = param.detach()
+        torch.where(applied, current, values, out=current)
+        for key, now in optimizer.state[param].items():
+            if not isinstance(now, Tensor):
+                continue
+            old = before.get(key)
+            if old is None:
+                old = torch.zeros_like(now)
+            if now.device == applied.device:
+                torch.where(applied, now, old, out=now)
+            else:  # a CPU-held count beside device parameters: read through the host
+                now.copy_(torch.where(applied.to(now.device), now, old))
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ from pipeline.train.loop_state import (
     LoopState,
     NonFiniteLoss,
     eta_seconds,
-    record_step,
+    record_outcome,
+    settle,
 )
 from pipeline.train.reporting import (
     RunLogger,
@@ -403,23 +404,38 @@ def _step_and_duties(
     progress = budget_progress(
         state.step, config.max_steps, state.elapsed_seconds, config.max_minutes
     )
-    metrics = run_step(training, config, images, state.step, progress)
+    record_outcome(state, run_step(training, config, images, state.step, progress))
     lr = training.optimizer.param_groups[0]["lr"]
-    global_batch = config.batch_size * worker.world
-    record_step(state, metrics, global_batch=global_batch, max_skipped=config.max_nonfinite_steps)
     clock.window_steps += 1
 
+    # The step's figures stay on the device until a read (`settle`): every sync_every steps and
+    # at every log, evaluation, checkpoint and the last step; the same steps on every worker.
+    read = state.step >= config.max_steps or any(
+        state.step % every == 0
+        for every in (
+            config.sync_every,
+            config.log_every,
+            config.eval_every,
+            config.checkpoint_every,
+        )
+    )
     # Elapsed time counts from this run's first attempt (clock.base), so that a resume continues
-    # the budget rather than restarting it. Before another step, one all-reduce (it replaces the
-    # "out of time?" flag's) gives every worker the slowest clock: the same schedule, the same
-    # last step. After the last step nothing depends on it.
+    # the budget rather than restarting it. Before another step, one all-reduce gives every
+    # worker the slowest clock: the same schedule, the same last step. It reads the device, so
+    # with several workers it runs at reads only (in between, the last agreed time stands).
+    # After the last step nothing depends on it.
     elapsed = clock.base + time.monotonic() - clock.started
     done = state.step >= config.max_steps
-    if not done:
+    if not done and (read or not _distributed()):
         elapsed = _slowest(elapsed, training.device)
         done = config.max_minutes is not None and elapsed > 60 * config.max_minutes
-    state.elapsed_seconds = elapsed
-    if state.step % config.log_every == 0 or done:
+        state.elapsed_seconds = elapsed
+    if done:
+        state.elapsed_seconds = elapsed
+    global_batch = config.batch_size * worker.world
+    limit = config.max_nonfinite_steps
+    metrics = settle(state, global_batch=global_batch, max_skipped=limit) if read or done else None
+    if metrics is not None and (state.step % config.log_every == 0 or done):
         _log_progress(worker, state, clock, metrics, lr, elapsed)
     if worker.is_chief and (state.step % config.eval_every == 0 or done):
         _evaluate(worker, training, state, final=done)
@@ -429,9 +445,13 @@ def _step_and_duties(
     return done
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _slowest(seconds: float, device: torch.device) -> float:
     """The largest of the workers' `seconds` (this worker's own without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return seconds
     tensor = torch.tensor([seconds], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)

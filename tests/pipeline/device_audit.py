@@ -14,6 +14,10 @@ one or more dimensions raises `DeviceMismatch` (0-dim CPU tensors mix, as CUDA a
 between devices are fine), factory calls with `device=AUDIT_DEVICE` make audited tensors, `.to()`
 and `.cpu()` move between the two, and `.numpy()` of an audited tensor fails as it does on a GPU.
 
+Every read of an audited tensor's values by the host (`.item()`, `bool()`, `float()`, a copy to
+the CPU, an op that answers a Python value such as `torch.equal`) is counted in
+`AuditDevice.host_reads`: on CUDA each of them waits for the device's queue to drain.
+
 `torch.tensor(data, device=...)` is routed the same way (it builds below the dispatcher).
 The reported device is `meta` because the autograd engine runs only CPU and meta work without a
 device backend compiled in; nothing in flowray treats `meta` specially. `audit_collectives`
@@ -108,18 +112,28 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
 
     inner_args, inner_kwargs = tree_map(unwrap, (args, kwargs))
     audited = bool(wrappers)
+    host_read = False
     to_audit = kwargs.get("device") == AUDIT_DEVICE
     if to_audit:
         inner_kwargs = {**inner_kwargs, "device": torch.device("cpu")}
     if func in _CROSS_DEVICE:
         # Copies may cross devices; _to_copy stays on its source's device unless told otherwise.
         wrap = to_audit or (audited and "device" not in kwargs)
+        if func is torch.ops.aten.copy_.default:  # copy_(destination, source)
+            host_read = not isinstance(args[0], AuditTensor) and isinstance(args[1], AuditTensor)
+        else:
+            host_read = audited and not wrap
     elif audited and stray:
         found = ", ".join(f"{t.device} {list(t.shape)}" for t in stray)
         raise DeviceMismatch(f"{func}: expected every tensor on {AUDIT_DEVICE}, found {found}")
     else:
         wrap = audited or to_audit
     out = func(*inner_args, **inner_kwargs)
+    if audited and isinstance(out, bool | int | float | complex):
+        host_read = True  # _local_scalar_dense (item, bool, float), equal, is_nonzero...
+    if host_read:
+        for reads in _HOST_READS:
+            reads.append(str(func))
 
     def rewrap(value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
@@ -129,6 +143,9 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
         return AuditTensor(value) if wrap else value
 
     return tree_map(rewrap, out)
+
+
+_HOST_READS: list[list[str]] = []  # the host_reads lists of the active AuditDevices
 
 
 class _AuditDispatch(TorchDispatchMode):
@@ -149,11 +166,47 @@ class _AuditLiterals(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _forget(reads: list[str]) -> None:
+    _HOST_READS[:] = [r for r in _HOST_READS if r is not reads]
+
+
+@contextmanager
+def _capturable_here() -> Iterator[None]:
+    """torch's optimizers accept capturable=True on the audited device, as on CUDA."""
+    import importlib
+
+    modules = [importlib.import_module(f"torch.optim.{name}") for name in ("adam", "adamax")]
+    real = [m._get_capturable_supported_devices for m in modules]
+
+    def supported(supports_xla: bool = True) -> list[str]:
+        return [*real[0](supports_xla), AUDIT_DEVICE.type]
+
+    for module in modules:
+        module._get_capturable_supported_devices = supported  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module, function in zip(modules, real, strict=True):
+            module._get_capturable_supported_devices = function  # type: ignore[attr-defined]
+
+
 class AuditDevice:
-    """While active, `AUDIT_DEVICE` is a working device that refuses to mix with the CPU."""
+    """While active, `AUDIT_DEVICE` is a working device that refuses to mix with the CPU.
+
+    `host_reads` lists the aten op of every read of a device tensor's values by the host (a host
+    sync on CUDA), in order; the test clears it or slices it to count a stretch of work.
+    Optimizers may be made `capturable` on this device, as on CUDA (their step count then stays
+    on the device beside the parameters).
+    """
+
+    def __init__(self) -> None:
+        self.host_reads: list[str] = []
 
     def __enter__(self) -> AuditDevice:
         self._modes = ExitStack()
+        _HOST_READS.append(self.host_reads)
+        self._modes.callback(_forget, self.host_reads)
+        self._modes.enter_context(_capturable_here())
         # load_state_dict warns that copying into a meta parameter does nothing; into an audited
         # one it copies (the copy_ reaches _dispatch), so the warning is wrong here.
         self._modes.enter_context(warnings.catch_warnings())

@@ -7,7 +7,8 @@ as NCCL does (tests/pipeline/device_audit.py). The audited device computes on th
 so figures computed there must equal the CPU path's to the last bit.
 
 These tests use only what the worker loop had before its device fixes (train_loop_per_worker,
-TrainConfig, checkpoints), so they ran against the old loop too, and failed there.
+TrainConfig, checkpoints), so they ran against the old loop too, and failed there. The loop reads
+the device (a host sync on a GPU) only at its reads, every `sync_every` steps and at its duties.
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ def test_worker_loop_keeps_model_collectives_and_checkpoints_on_the_worker_devic
 
     # One worker: the model still reached its device (prepare_model moved it or found it there).
     assert ray_train.prepared == [{AUDIT_DEVICE}]
-    # The start-checksum all_gather, then per step "all finite?" and (before the last step)
-    # "out of time?" all_reduces: every tensor on the worker's device.
+    # The start-checksum all_gather, then per step "all finite?" and, at the read of step 2
+    # (a log and checkpoint step before the last), "out of time?": every tensor on the worker's
+    # device.
     names = [name for name, _ in collectives]
-    assert names == ["all_gather"] + ["all_reduce"] * (4 + 3)
+    assert names == ["all_gather"] + ["all_reduce"] * (4 + 1)
     assert all(devices == [AUDIT_DEVICE] * len(devices) for _, devices in collectives)
     assert [int(r["step"]) for r in ray_train.reports] == [2, 4]
     # Written from the device, read on the CPU: the EMA gives the validation figure the loop
@@ -93,11 +95,13 @@ def test_a_device_checkpoint_resumes_on_the_cpu_and_a_cpu_one_on_the_device(
     resumed_device, _ = run_worker(
         tiny_config(split), AUDIT_DEVICE, tmp_path / "c", monkeypatch, step_2
     )
-    # Both resumes continue from step 2, and train the same numbers on either device.
+    # Both resumes continue from step 2, and train the same numbers on either device, up to
+    # the rounding of Adam's bias corrections: float32 on the device (a capturable optimizer,
+    # its step count beside the parameters), float64 on the host for the CPU.
     for resumed in (resumed_cpu, resumed_device):
         assert [int(r["step"]) for r in resumed.reports] == [4]
     bits = [r.reports[0]["val_bits_per_dim"] for r in (resumed_cpu, resumed_device)]
-    assert np.isfinite(bits[0]) and bits[0] == bits[1]
+    assert np.isfinite(bits[0]) and bits[0] == pytest.approx(bits[1], rel=1e-6, abs=0)
     from_cpu = run_worker(
         tiny_config(split, max_steps=6),
         AUDIT_DEVICE,
