@@ -23,12 +23,21 @@ A spec is one of:
 Listing happens once per resolve: a pattern or a list lists the folders its shards live in (one
 folder: one paginated listing; several: one recursive listing of their common folder), never a
 HEAD per shard, so 100,000 shards cost about 100 list requests on S3. The size and version of
-each shard come from that listing: `etag:<ETag>` on S3, `mtime:<seconds>` on local disk. A
-consumer records the version it read and reads a shard again when the version changes.
+each shard come from that listing: `etag:<ETag>` on S3; on local disk
+`stat:<mtime_ns>/<ctime_ns>/<size>/<inode>` (one stat per shard, beside the listing). An mtime
+alone cannot tell a rewritten file: `cp -p`, `rsync -a`, `tar x` and `touch -r` copy it, and
+some filesystems keep it to 1-2 s. The inode changes when a file is replaced by another (rsync's
+rename, tar's unlink and create), the ctime whenever the file is written, renamed or has its mtime
+set, and no tool can set it back, so a file rewritten in place at the same size and mtime, or
+re-created on a reused inode, still gets another version. (A chmod or chown changes the ctime
+too: the shard is read again, with the same result.) A content digest would be exact but reads
+every byte of every shard at each listing; it is not used. A consumer records the version it
+read and reads a shard again when the version changes.
 
 `ShardRef.name` is the shard's path under `plan.root` (the folder before the first brace, the
-prefix, or the shards' common folder for a list), so it is unique in the plan and stays the same
-while a prefix grows; `ShardRef.stem` is that name flattened into one file name (for one output
+prefix, or the list file's own folder for a list), so it is unique in the plan and stays the same
+while a prefix grows, or a list gains shards in other folders (a shard outside the root is named
+by its whole path: `bucket/key` on S3, the absolute path without its leading "/" locally); `ShardRef.stem` is that name flattened into one file name (for one output
 file per shard).
 """
 
@@ -76,7 +85,7 @@ class ShardRef:
     url: str  # full URL: s3://bucket/key or an absolute local path
     name: str  # path under the plan's root; unique in the plan
     size: int  # bytes, from the listing; -1 when a manifest lists it and the listing does not
-    version: str  # "etag:<hex>" (S3) or "mtime:<seconds>" (local), from the listing
+    version: str  # "etag:<hex>" (S3) or "stat:..." (local; see version_of), from the listing
     expect: ShardInfo | None = None  # a prepared split's manifest entry: what the reader checks
 
     @property
@@ -126,6 +135,17 @@ class InputPlan:
                 hint="rerun `flowray prepare` with the same options to repair missing shards",
             )
 
+    def rooted(self, root: str) -> InputPlan | None:
+        """This plan with its shards named by their paths under `root` (an output's recorded
+        root, so names made under it stay), or None when a shard is not under `root`."""
+        import dataclasses
+
+        prefix = root.rstrip("/") + "/"
+        if not all(ref.url.startswith(prefix) for ref in self.shards):
+            return None
+        shards = tuple(dataclasses.replace(r, name=r.url[len(prefix) :]) for r in self.shards)
+        return dataclasses.replace(self, root=root.rstrip("/"), shards=shards)
+
     def digest(self) -> str:
         """12 hex digits over every shard's URL, size and version: equal digests, same data."""
         import hashlib
@@ -149,10 +169,18 @@ class InputPlan:
 
 
 def version_of(info: dict[str, Any]) -> str:
-    """A file's version from an fsspec listing or info entry: the ETag on S3, else the mtime."""
+    """A file's version from an fsspec listing or info entry: the ETag on S3; on local disk
+    `stat:<mtime_ns>/<ctime_ns>/<size>/<inode>` from a stat of the file (module docstring: why
+    not the mtime alone); else the entry's mtime or modification time."""
     etag = info.get("ETag") or info.get("etag")
     if etag:
         return "etag:" + str(etag).strip('"')
+    if "ino" in info and info.get("name"):  # fsspec's local filesystem
+        try:
+            st = os.stat(info["name"])
+        except OSError:  # gone since it was listed: the reader finds it missing
+            return ""
+        return f"stat:{st.st_mtime_ns}/{st.st_ctime_ns}/{st.st_size}/{st.st_ino}"
     mtime = info.get("mtime")
     if mtime is not None:
         return f"mtime:{float(mtime):.6f}"
@@ -327,7 +355,9 @@ def _from_prefix(spec: str, storage: StorageConfig | None) -> InputPlan:
         if root.endswith(".tar"):
             refs = _refs([root], found, posixpath.dirname(root))
             return InputPlan(spec, "foreign", posixpath.dirname(root), refs, seconds)
-        return _resolve_urls(spec, _read_list(spec, storage), storage, None)
+        # Named under the list's own folder, which no listed URL moves (their common folder
+        # would move up as soon as a line names another folder, renaming every shard).
+        return _resolve_urls(spec, _read_list(spec, storage), storage, posixpath.dirname(root))
     relative = {_relative(u, root): u for u in found}
     if MANIFEST_NAME in relative:
         return _prepared(spec, root, found, seconds, storage)

@@ -17,7 +17,8 @@ decides) must be what the entry says: size, sha256, sample count, and every imag
 already (mode and size checked from its header). Any other shard is fitted: each image decoded,
 turned upright and fitted to `shape` by `images.decode_fitted`, prepare's rules, so a prepared
 and an in-place read of the same bytes give the same pixels; such a shard whose size or version
-at open differs from the listing's is left out as `transient` (a rerun, listing again, reads it).
+at open differs from the listing's is left out as `transient` (a rerun, listing again, reads it),
+and one replaced while it is read (`streams.ObjectReplaced`) is left out with that reason.
 
 Rows (COLUMNS): key (`__key__`); shard (its URL); image (uint8 [C, H, W] = `shape`); label;
 nbytes (of the encoded image); orig_width, orig_height (size before fitting, -1 with a manifest
@@ -63,7 +64,7 @@ import numpy as np
 from pipeline.data.images import BadImage, FittedImage, ImageLimits, decode_fitted, decode_image
 from pipeline.data.inputs import InputError, InputPlan, ShardRef, resolve_input, version_of
 from pipeline.data.shards import MANIFEST_NAME, ManifestError, ShardInfo
-from pipeline.data.streams import ResumingReader, RetryPolicy, TransientReadError
+from pipeline.data.streams import ObjectReplaced, ResumingReader, RetryPolicy, TransientReadError
 from pipeline.data.tally import WHOLE_SHARD, CorruptDataError, OnError, ShardOutcome, Skipped
 from pipeline.storage import StorageConfig, fsspec_filesystem, join_url
 
@@ -414,6 +415,8 @@ def _shard_rows(ref: ShardRef, options: ReadOptions, state: _ShardState) -> Iter
                 pass  # the tar's zero blocks and padding: the hash covers the whole file
     except ShardChanged as err:
         state.give_up(WHOLE_SHARD, str(err), err.transient)
+    except ObjectReplaced as err:  # never resumed into: its rows so far are dropped with it
+        state.give_up(WHOLE_SHARD, f"{err}; a rerun, listing again, reads the new file")
     except TransientReadError as err:
         if options.on_error == "fail":
             raise

@@ -15,6 +15,13 @@ stopped, so no byte is read twice and nothing above sees the fault.
 Not transient, raised at once: a missing object (FileNotFoundError), denied access
 (PermissionError, AccessDenied, bad credentials), and any error of our own code.
 
+Pinned to one version: a `ResumingReader` reads the object its first `info` saw. Every reopen
+asks for the object's info afresh and compares its version (ETag on S3, the stat version on
+local disk: `pipeline.data.inputs.version_of`), and an S3 object is read with `If-Match` on the
+ETag the file was opened with (s3fs), so a precondition failure mid-read reopens and is compared
+too. An object replaced in between raises `ObjectReplaced` at once, never retried and never
+resumed into: the bytes before and after would be of two files.
+
 When a read still fails after `policy.attempts` tries, or one file needed more than
 `policy.max_retries` retries in all, `TransientReadError` (a StorageError) is raised: storage is
 failing, the data is not known to be bad, and a rerun may succeed. Callers never count it as bad
@@ -23,6 +30,7 @@ data.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -33,6 +41,7 @@ from typing import Any, TypeVar
 from pipeline.storage import StorageError
 
 __all__ = [
+    "ObjectReplaced",
     "ResumingReader",
     "RetryPolicy",
     "TransientReadError",
@@ -64,6 +73,20 @@ class TransientReadError(StorageError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Ray pickles task errors: keep the hint, not only the message.
         return (type(self), (str(self), self.hint))
+
+
+class ObjectReplaced(Exception):
+    """The object was replaced while it was being read: what is there now is another file."""
+
+    def __init__(self, what: str, read: str, found: str, position: int) -> None:
+        super().__init__(
+            f"{what}: replaced while it was read (at byte {position:,}): opened as {read}, "
+            f"found {found} on reopening"
+        )
+        self.parts = (what, read, found, position)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.parts)  # Ray pickles task errors
 
 
 @dataclass(frozen=True)
@@ -106,7 +129,8 @@ def is_transient(err: BaseException, _depth: int = 0) -> bool:
     An error that a storage library raised while handling a transient one (s3fs 2026.9 raises
     IndexError on an argument-less FSTimeoutError) counts as that transient error.
     """
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, TransientReadError)):
+    permanent = (FileNotFoundError, PermissionError, IsADirectoryError, TransientReadError)
+    if isinstance(err, (*permanent, ObjectReplaced)):
         return False
     text = f"{type(err).__name__}: {err}"
     if any(marker in text for marker in _PERMANENT):
@@ -145,9 +169,10 @@ def with_retries(call: Callable[[], T], policy: RetryPolicy, what: str) -> T:
 class ResumingReader:
     """A read-only binary stream of one object that rides out transient faults.
 
-    Opens `path` on `fs` (fsspec), learns its size (and `info`), and serves `read(n)`; a transient error or a
-    stream that ends before `size` closes the file, waits, reopens it and seeks to the position
-    reached. `retries` counts the retries made.
+    Opens `path` on `fs` (fsspec), learns its size and version (`info`), and serves `read(n)`;
+    a transient error or a stream that ends before `size` closes the file, waits, reopens it and
+    seeks to the position reached, after checking it is the same version (else ObjectReplaced;
+    module docstring). `retries` counts the retries made.
     """
 
     def __init__(
@@ -156,6 +181,7 @@ class ResumingReader:
         self._fs, self._path, self._policy, self._what = fs, path, policy, what
         self._block_size = block_size
         self._file: Any = None
+        self._opened = False
         self._position = 0
         self.retries = 0
         # The info at open (size, and ETag or mtime): what this reader reads, whatever a
@@ -164,10 +190,36 @@ class ResumingReader:
         self.size: int = int(self.info["size"])
 
     def _open(self) -> Any:
+        from pipeline.data.inputs import version_of
+
+        pinned = version_of(self.info)
+        if self._opened:  # a reopen: the object must still be the one first opened
+            with contextlib.suppress(Exception):  # a filesystem without a cache to drop
+                self._fs.invalidate_cache(self._path)
+            now = with_retries(lambda: dict(self._fs.info(self._path)), self._policy, self._what)
+            self._check_same(pinned, version_of(now), int(now.get("size", -1)))
         file = self._fs.open(self._path, "rb", block_size=self._block_size)
+        self._opened = True
+        # s3fs opens with its own HEAD and reads with If-Match on that ETag: it must be ours.
+        details = getattr(file, "details", None)
+        if isinstance(details, dict) and (details.get("ETag") or details.get("etag")):
+            try:
+                self._check_same(pinned, version_of(details), int(details.get("size", -1)))
+            except ObjectReplaced:
+                file.close()
+                raise
         if self._position:
             file.seek(self._position)
         return file
+
+    def _check_same(self, pinned: str, found: str, size: int) -> None:
+        if (pinned and found != pinned) or size != self.size:
+            raise ObjectReplaced(
+                self._what,
+                f"{self.size:,} bytes, {pinned or 'no version'}",
+                f"{size:,} bytes, {found or 'no version'}",
+                self._position,
+            )
 
     def read(self, size: int = -1) -> bytes:
         attempt = 0

@@ -28,18 +28,27 @@ Output layout:
     <output>/model=<name>/version=<v>/_scoring.json          input, seed, draws, weights, noise
                                                               scheme: what the files mean (created
                                                               once, compared after)
-    <output>/model=<name>/version=<v>/shard-000000.parquet    the rows of shard-000000.tar (prepared)
+    <output>/model=<name>/version=<v>/shard-000000@<s12>.parquet  the rows of prepared shard
+                                                              shard-000000.tar of sha256 <s12>...
     <output>/model=<name>/version=<v>/<stem>@<v12>.parquet    the rows of foreign shard <stem>.tar
                                                               at version <v12> (below)
     <output>/model=<name>/version=<v>/_summary/<UTC time>/    summary.json, histogram, least likely
 
 Growing inputs (foreign shards): the input is listed once per run (its time is logged and kept in
-the result), each shard with its size and version (ETag on S3, mtime locally). A shard's file is
+the result), each shard with its size and version (ETag on S3; on local disk mtime in ns, ctime,
+size and inode: `pipeline.data.inputs.version_of`). A shard's file is
 `<ShardRef.stem>@<first 12 hex of sha256(version)>.parquet`, with the shard's URL, version and
 size in its Parquet metadata (flowray.shard_url / shard_version / shard_size). A run scores the
 shards with no file for their current version: new shards, and shards rewritten in place, whose
 file of the old version is deleted once the new one is in place. So the nightly job over a
-growing prefix reads only what arrived (or changed) since the last night.
+growing prefix reads only what arrived (or changed) since the last night. A prepared shard's
+file is `<stem>.parquet` while its manifest sha256 is the one `_scoring.json` recorded at the
+first run, else `<stem>@<first 12 hex of its sha256>.parquet`, so re-preparing a split at the same
+path scores again the shards whose content changed (`output.shard_file`). A shard renamed in the input is scored
+under its new name, and its old file retired before the new one is written (keys appear once);
+files of shards deleted from the input stay (`pipeline.batch.scoring.output`). The root that
+names a foreign input's shards is the one `_scoring.json` recorded, while it holds every shard,
+so a list file whose shards spread to other folders keeps its names and its settings.
 
 `name`/`v` come from pipeline.batch.resolve: the registry name and version; "run-<run id>" for a
 runs:/ model and "local" for a local model directory, with the first 12 hex digits of the sha256
@@ -71,6 +80,7 @@ any work when the manifest disagrees with the shards present, and at the first p
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -82,12 +92,15 @@ from pipeline.batch.scoring.actors import build_pipeline
 from pipeline.batch.scoring.config import ScoreConfig, ScoreError, ScoreResult
 from pipeline.batch.scoring.output import (
     LEGACY_SETTINGS,
+    PREPARED_SHARDS_KEY,
+    SETTINGS_FILE,
     SHARD_SIZE_KEY,
     SHARD_URL_KEY,
     SHARD_VERSION_KEY,
     ShardCollector,
     ShardTarget,
     check_settings,
+    orphan_files,
     output_prefix,
     remove_files,
     shard_file,
@@ -99,7 +112,9 @@ from pipeline.storage import (
     WriteOnceUnsupported,
     check_access,
     check_write_once,
+    join_url,
     list_names,
+    read_bytes,
     redact_url,
     sweep_temp_files,
 )
@@ -133,6 +148,7 @@ class _Plan:
     settings: dict[str, Any]  # what the files mean: input, seed, draws, weights, noise scheme
     tracking_uri: str
     changed: int = 0  # foreign shards rewritten since their file was written
+    orphans: tuple[str, ...] = ()  # files of shards the input no longer lists
 
     @property
     def already_done(self) -> int:
@@ -243,11 +259,21 @@ def _plan(config: ScoreConfig) -> _Plan:
         # The dequantization noise function: another one gives other numbers.
         "noise_scheme": getattr(model.payload, "noise_scheme", LEGACY_NOISE_SCHEME),
     }
+    recorded = (
+        json.loads(read_bytes(join_url(prefix, SETTINGS_FILE), storage))
+        if SETTINGS_FILE in names
+        else None
+    )
+    first: dict[str, str] | None = None
     if manifest is not None:
+        shards = {info.name: info.sha256 for info in manifest.shards}
         settings |= {"split": manifest.split, "source": manifest.source}
+        settings[PREPARED_SHARDS_KEY] = shards
+        first = shards if recorded is None else recorded.get(PREPARED_SHARDS_KEY)
     else:
+        source = _recorded_root(source, recorded)
         settings["input"] = redact_url(source.root)
-    targets, changed = _targets(source, names, prefix, storage)
+    targets, changed = _targets(source, names, prefix, storage, first)
     plan = _Plan(
         model=model,
         input=source,
@@ -257,6 +283,7 @@ def _plan(config: ScoreConfig) -> _Plan:
         settings=settings,
         tracking_uri=tracking_uri,
         changed=changed,
+        orphans=orphan_files(names, {ref.stem for ref in source.shards}),
     )
     logger.info(
         "listed %d shards in %.2f s: %d new, %d changed, %d already done",
@@ -281,19 +308,39 @@ def _check_write_once(config: ScoreConfig) -> None:
         logger.warning("%s; going on as --single-writer asks", err)
 
 
+def _recorded_root(source: InputPlan, settings: dict[str, Any] | None) -> InputPlan:
+    """`source` with its shards named under the root `_scoring.json` recorded (`settings`), when
+    that root holds every shard and differs from the computed one (a list file's shards in other
+    folders than at the first run, or a prefix scored before list roots were the list's folder),
+    so the files keep their names and the settings their input."""
+    recorded = (settings or {}).get("input")
+    if not isinstance(recorded, str) or recorded in ("", redact_url(source.root)):
+        return source
+    if redact_url(recorded) != recorded:  # redacted when recorded: not a URL to name under
+        return source
+    return source.rooted(recorded) or source
+
+
 def _targets(
-    source: InputPlan, names: list[str], prefix: str, storage: Any
+    source: InputPlan,
+    names: list[str],
+    prefix: str,
+    storage: Any,
+    first: dict[str, str] | None = None,
 ) -> tuple[dict[str, ShardTarget], int]:
-    """The shards without a file (`shard_file`: a foreign shard's names its version), and how
-    many of them had a file for an older version (rewritten in place). Files of older versions
-    of shards already done (a run that stopped between writing the new file and deleting the
-    old) are deleted here."""
+    """The shards without a file (`shard_file`: named by version, or by content against
+    `first`), and how many of them had a file of other content (rewritten in place or
+    re-prepared). Files of older versions of shards already done (a run that stopped between
+    writing the new file and deleting the old) are deleted here."""
     versions, present = _versions_present(names), set(names)
     targets: dict[str, ShardTarget] = {}
     changed, leftovers = 0, []
     for ref in source.shards:
-        current = shard_file(ref)
-        stale = tuple(sorted(versions.get(ref.stem, set()) - {current}))
+        current = shard_file(ref, first)
+        others = versions.get(ref.stem, set())
+        if ref.expect is not None and f"{ref.stem}.parquet" in present:
+            others = others | {f"{ref.stem}.parquet"}  # of the first preparation
+        stale = tuple(sorted(others - {current}))
         if current in present:
             leftovers.extend(stale)
             continue
@@ -323,7 +370,13 @@ def _collect(
     """Stream the score rows into the shard files and the statistics until the pipeline ends."""
     stats = ScoreStats(config.least_likely)
     collector = ShardCollector(
-        plan.prefix, plan.targets, config.storage, on_shard_written, stats.add, tally.outcome
+        plan.prefix,
+        plan.targets,
+        config.storage,
+        on_shard_written,
+        stats.add,
+        tally.outcome,
+        orphans=plan.orphans,
     )
     started = time.perf_counter()
     for batch in rows.iter_batches(batch_size=None, batch_format="pandas"):

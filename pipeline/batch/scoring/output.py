@@ -2,9 +2,9 @@
 lands exactly once across crashes, retries, reruns and concurrent jobs.
 
     <output>/model=<name>/version=<v>/_scoring.json          what the files mean (see below)
-    <output>/model=<name>/version=<v>/shard-000000.parquet    the rows of shard-000000.tar
-    <output>/model=<name>/version=<v>/<stem>@<v12>.parquet    a foreign shard at one version
-                                                              (see pipeline.batch.scoring.job)
+    <output>/model=<name>/version=<v>/<stem>@<v12>.parquet    the rows of one shard at one
+                                                              version (`shard_file`; see
+                                                              pipeline.batch.scoring.job)
 
 `ShardCollector` receives the score rows as the pipeline streams them and groups them by shard (the
 first copy of each key wins, in case a task is retried). The reader hands on a shard's last row
@@ -26,12 +26,19 @@ and a rerun scores only the shards without one. Its Parquet metadata records the
 it (`flowray.skipped_count`, `flowray.skipped_keys`); a foreign shard's file also records which
 shard and version it scored (`flowray.shard_url`, `flowray.shard_version`, `flowray.shard_size`).
 A file of an older version of a shard (`ShardTarget.stale`) is deleted once the new one is in
-place. Memory stays bounded: the driver holds the small score rows of the shards being read,
+place. A file of a shard the input no longer lists (`ShardCollector`'s `orphans`: renamed,
+or deleted by a retention policy) is kept, and retired just before a file holding one of its
+keys is written: a renamed shard's keys then appear once, under its new name, and the scores of
+a shard deleted from the input stay. (Retired first, written second: a run killed in between
+leaves the keys out, and the next run, finding no file for the new shard, writes them; never
+twice.) Memory stays bounded: the driver holds the small score rows of the shards being read,
 never images or the whole dataset.
 
 `_scoring.json` holds the input (a prepared split and its source, or the foreign shards' root),
 the dequantization seed, draws and noise scheme, and the sha256 of the model's weights:
-everything that decides the numbers in the files. It is created only if absent; a
+everything that decides the numbers in the files; and, for a prepared split, the sha256 of each
+shard it was first scored from (PREPARED_SHARDS_KEY, a record that names files, never compared).
+It is created only if absent; a
 run whose settings differ from the recorded ones is refused with both named (so two jobs with other
 seeds, or a re-created model reusing a version number, never mix files under one prefix).
 """
@@ -55,6 +62,7 @@ from pipeline.storage import StorageConfig, join_url, read_bytes, write_once
 
 __all__ = [
     "OUTPUT_COLUMNS",
+    "PREPARED_SHARDS_KEY",
     "SETTINGS_FILE",
     "SHARD_SIZE_KEY",
     "SHARD_URL_KEY",
@@ -64,6 +72,8 @@ __all__ = [
     "ShardCollector",
     "ShardTarget",
     "check_settings",
+    "file_stem",
+    "orphan_files",
     "output_prefix",
     "parquet_name",
     "remove_files",
@@ -94,6 +104,10 @@ SHARD_SIZE_KEY = "flowray.shard_size"
 # Settings an earlier flowray did not record, as they were then: files made before the noise
 # scheme was recorded used the first one.
 LEGACY_SETTINGS = {"noise_scheme": "mt19937-v1"}
+# A record in the settings, not a setting: {shard name: sha256} of the prepared split the prefix
+# was first scored from (what its `<stem>.parquet` files hold; `shard_file`). A re-prepared split
+# differs here and is scored again, never refused.
+PREPARED_SHARDS_KEY = "prepared_shards"
 
 
 def output_prefix(output: str, name: str, version: str) -> str:
@@ -106,14 +120,41 @@ def parquet_name(shard: str) -> str:
     return shard.rsplit(".", 1)[0] + ".parquet"
 
 
-def shard_file(ref: ShardRef) -> str:
-    """The output file of input shard `ref`. A shard with a manifest entry (whose sha256 pins
-    its content): `<stem>.parquet`. Any other: `<stem>@<v12>.parquet`, v12 the first 12 hex
-    digits of sha256 of its listed version, so a shard rewritten in place gets another file."""
+def shard_file(ref: ShardRef, first: Mapping[str, str] | None = None) -> str:
+    """The output file of input shard `ref`, named so that a shard of other content gets
+    another file.
+
+    A foreign shard: `<stem>@<v12>.parquet`, v12 the first 12 hex digits of sha256 of its
+    listed version (the ETag, or a local file's stat version: `pipeline.data.inputs.version_of`).
+    A prepared shard (its manifest entry's sha256 is checked by the reader): `<stem>.parquet`
+    while its sha256 is the one `first` records for its name (PREPARED_SHARDS_KEY: the shards the
+    prefix was first scored from), else `<stem>@<s12>.parquet`, s12 its sha256's first 12 hex
+    digits, so a split re-prepared at the same path is scored again where its shards changed.
+    `first` None (settings recorded before that key was kept): `<stem>.parquet`, taken as the
+    current shard's, as LEGACY_SETTINGS takes unrecorded settings.
+    """
     if ref.expect is not None:
-        return f"{ref.stem}.parquet"
+        sha256 = ref.expect.sha256
+        if first is None or first.get(ref.name) == sha256:
+            return f"{ref.stem}.parquet"
+        return f"{ref.stem}@{sha256[:12]}.parquet"
     digest = hashlib.sha256(ref.version.encode()).hexdigest()[:12]
     return f"{ref.stem}@{digest}.parquet"
+
+
+def file_stem(name: str) -> str:
+    """The shard stem an output file belongs to: "a%2Fb@0123abcd4567.parquet" -> "a%2Fb"."""
+    return name.removesuffix(".parquet").rsplit("@", 1)[0]
+
+
+def orphan_files(names: Sequence[str], stems: set[str]) -> tuple[str, ...]:
+    """The shard files among `names` (a prefix's listing) of shards whose stem is not in
+    `stems` (the input's): shards renamed, or no longer listed."""
+    return tuple(
+        n
+        for n in sorted(names)
+        if n.endswith(".parquet") and n[0] not in "._" and file_stem(n) not in stems
+    )
 
 
 def _shown(value: Any) -> str:
@@ -133,7 +174,8 @@ def check_settings(prefix: str, settings: dict[str, Any], storage: StorageConfig
     for key, value in LEGACY_SETTINGS.items():
         if key in settings:
             found.setdefault(key, value)
-    differ = sorted(k for k in set(settings) | set(found) if found.get(k) != settings.get(k))
+    keys = (set(settings) | set(found)) - {PREPARED_SHARDS_KEY}
+    differ = sorted(k for k in keys if found.get(k) != settings.get(k))
     if not differ:
         return
     hint = "write to another --output, or rerun with the settings used before"
@@ -266,12 +308,15 @@ class ShardCollector:
             written: statistics cover exactly the rows written, never those of a shard left out.
         outcome_of: the reader's outcome of one shard (`SkipTally.outcome`), asked when a shard's
             end marker says it is complete, for the bad images its file records.
+        orphans: files under `prefix` of shards the input no longer lists (`orphan_files`);
+            each is deleted just before a file holding one of its keys is written (module
+            docstring). Their keys are read once, when the first shard is written.
 
     A shard is complete when its rows `shard_rows` (the reader's end marker, carried on its last
     row) have all arrived, or, without markers, its manifest count. Only the rows of shards in
     flight are held. After `close`: `written` (labels of shards whose file is in place, in
-    order), `left_out` ({label: reason}) and `late_rows` (duplicate rows dropped for shards
-    already written).
+    order), `left_out` ({label: reason}), `late_rows` (duplicate rows dropped for shards
+    already written) and `retired` (orphan files deleted).
     """
 
     def __init__(
@@ -282,6 +327,7 @@ class ShardCollector:
         on_written: Callable[[str], None] | None = None,
         on_rows: Callable[[pd.DataFrame], None] | None = None,
         outcome_of: Callable[[str], ShardOutcome | None] | None = None,
+        orphans: Sequence[str] = (),
     ) -> None:
         self.prefix, self.storage = prefix, storage
         self.targets = {
@@ -292,6 +338,9 @@ class ShardCollector:
         self.written: list[str] = []
         self.left_out: dict[str, str] = {}
         self.late_rows = 0
+        self.retired: list[str] = []
+        self._orphans = tuple(orphans)
+        self._orphan_keys: dict[str, set[str]] | None = None
         self._partial: dict[str, _Partial] = {}
         self._finished: set[str] = set()
 
@@ -376,6 +425,7 @@ class ShardCollector:
             if rows.frames
             else pd.DataFrame({name: [] for name in (*OUTPUT_COLUMNS, "png")})
         )
+        self._retire_orphans(set(frame["key"]))
         if not _write_shard(self.prefix, target, frame, skipped_keys, self.storage):
             logger.info("shard %s: its file was already written (another job): kept", target.label)
         if target.stale:
@@ -386,3 +436,38 @@ class ShardCollector:
             self.on_rows(frame)
         if self.on_written is not None:
             self.on_written(target.label)
+
+    def _retire_orphans(self, keys: set[str]) -> None:
+        """Delete the orphan files holding one of `keys` (about to be written elsewhere)."""
+        if not self._orphans or not keys:
+            return
+        if self._orphan_keys is None:
+            self._orphan_keys = {
+                name: _keys_of(join_url(self.prefix, name), self.storage) for name in self._orphans
+            }
+        doomed = sorted(name for name, held in self._orphan_keys.items() if held & keys)
+        if not doomed:
+            return
+        logger.info(
+            "retiring %d file(s) of shards no longer listed whose keys are scored again under "
+            "another shard: %s",
+            len(doomed),
+            ", ".join(doomed[:5]),
+        )
+        remove_files(self.prefix, doomed, self.storage)
+        for name in doomed:
+            del self._orphan_keys[name]
+        self.retired.extend(doomed)
+
+
+def _keys_of(url: str, storage: StorageConfig) -> set[str]:
+    """The `key` column of one shard file (empty when it is gone: a concurrent run retired it)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    try:
+        data = read_bytes(url, storage)
+    except FileNotFoundError:
+        return set()
+    return set(pq.read_table(io.BytesIO(data), columns=["key"]).column("key").to_pylist())

@@ -64,7 +64,7 @@ def test_pattern_prefix_and_list_file_give_the_same_plan(tmp_path, request, wher
         (r.size, r.version) for r in by_pattern.shards[1:]
     ]
     assert by_list.shards[0].url == join_url(prefix, "lists", "000000.tar")
-    prefix_of_first = "etag:" if where == "s3" else "mtime:"
+    prefix_of_first = "etag:" if where == "s3" else "stat:"
     for plan in (by_pattern, by_prefix, by_list):
         assert plan.kind == "foreign" and plan.missing == () and plan.manifest is None
         assert plan.listing_seconds > 0
