@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from pipeline.data.images import BadImage, FittedImage, ImageLimits, decode_fitted, decode_image
-from pipeline.data.inputs import InputError, InputPlan, ShardRef, resolve_input, version_of
+from pipeline.data.inputs import InputError, InputPlan, ShardRef, resolve_input
 from pipeline.data.shards import MANIFEST_NAME, ManifestError, ShardInfo
 from pipeline.data.streams import ObjectReplaced, ResumingReader, RetryPolicy, TransientReadError
 from pipeline.data.tally import WHOLE_SHARD, CorruptDataError, OnError, ShardOutcome, Skipped
@@ -363,7 +363,7 @@ def open_shard(ref: ShardRef, options: ReadOptions) -> ResumingReader:
     """
     fs, path = fsspec_filesystem(ref.url, options.storage)
     stream = ResumingReader(fs, path, options.retry, what=ref.url)
-    version = version_of(stream.info)
+    version = stream.version
     if ref.expect is not None:
         if stream.size == ref.expect.bytes:
             return stream
@@ -388,7 +388,7 @@ def _shard_rows(ref: ShardRef, options: ReadOptions, state: _ShardState) -> Iter
     keys: set[str] = set()
     try:
         stream = open_shard(ref, options)
-        state.version = version_of(stream.info)
+        state.version = stream.version
         hashing = _Hashing(stream)
         with stream:
             for sample in tar_samples(hashing, options.limits.max_bytes, options.wanted):

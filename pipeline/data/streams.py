@@ -143,6 +143,12 @@ def is_transient(err: BaseException, _depth: int = 0) -> bool:
     return cause is not None and _depth < 5 and is_transient(cause, _depth + 1)
 
 
+def _version_of(info: dict[str, Any]) -> str:
+    from pipeline.data.inputs import version_of  # inputs lists; this module only reads
+
+    return version_of(info)
+
+
 class _ShortTransfer(OSError):
     """The stream ended before the object's size: a transfer cut without an error."""
 
@@ -188,23 +194,22 @@ class ResumingReader:
         # listing said before.
         self.info: dict[str, Any] = with_retries(lambda: dict(fs.info(path)), policy, what)
         self.size: int = int(self.info["size"])
+        self.version: str = _version_of(self.info)  # what every reopen must find again
 
     def _open(self) -> Any:
-        from pipeline.data.inputs import version_of
-
-        pinned = version_of(self.info)
+        pinned = self.version
         if self._opened:  # a reopen: the object must still be the one first opened
             with contextlib.suppress(Exception):  # a filesystem without a cache to drop
                 self._fs.invalidate_cache(self._path)
             now = with_retries(lambda: dict(self._fs.info(self._path)), self._policy, self._what)
-            self._check_same(pinned, version_of(now), int(now.get("size", -1)))
+            self._check_same(pinned, _version_of(now), int(now.get("size", -1)))
         file = self._fs.open(self._path, "rb", block_size=self._block_size)
         self._opened = True
         # s3fs opens with its own HEAD and reads with If-Match on that ETag: it must be ours.
         details = getattr(file, "details", None)
         if isinstance(details, dict) and (details.get("ETag") or details.get("etag")):
             try:
-                self._check_same(pinned, version_of(details), int(details.get("size", -1)))
+                self._check_same(pinned, _version_of(details), int(details.get("size", -1)))
             except ObjectReplaced:
                 file.close()
                 raise

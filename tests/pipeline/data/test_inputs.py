@@ -152,3 +152,66 @@ def test_nothing_readable_is_refused_with_what_was_expected(tmp_path):
     listing.write_text("photos/000000.jpg\n")
     with pytest.raises(InputError, match="ending in .tar"):
         resolve_input(str(listing))
+
+
+def _rewrite_keeping_mtime(path: Path, replacement: bytes, how: str) -> None:
+    """`path` given other bytes of its size and its old mtime, as `cp -p`/`touch -r` (in place)
+    or `rsync -a`/`tar x` (a new file renamed over it) leave it."""
+    old = os.stat(path)
+    if how == "in place":
+        with open(path, "r+b") as file:
+            file.write(replacement)
+    else:
+        temp = path.with_name(".incoming.tmp")
+        temp.write_bytes(replacement)
+        os.replace(temp, path)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+
+
+@pytest.mark.parametrize("how", ["in place", "renamed over"])
+def test_a_local_shard_rewritten_with_its_old_mtime_and_size_gets_another_version(tmp_path, how):
+    paths = write_shards(tmp_path / "photos", make_photos(8), per_shard=4)
+    before = resolve_input(str(tmp_path / "photos"))
+    assert resolve_input(str(tmp_path / "photos")).shards == before.shards  # unchanged: equal
+    data = paths[1].read_bytes()
+    _rewrite_keeping_mtime(paths[1], data[:-1024] + b"\x01" * 1024, how)
+    after = resolve_input(str(tmp_path / "photos"))
+    assert [r.size for r in after.shards] == [r.size for r in before.shards]
+    changed = [a.name for a, b in zip(after.shards, before.shards) if a.version != b.version]
+    assert changed == ["000001.tar"]
+    stat = os.stat(paths[1])
+    assert after.shards[1].version == (
+        f"stat:{stat.st_mtime_ns}/{stat.st_ctime_ns}/{stat.st_size}/{stat.st_ino}"
+    )
+
+
+def test_a_list_file_names_its_shards_the_same_when_they_spread_to_another_folder(tmp_path):
+    write_shards(tmp_path / "drops" / "a", make_photos(4), per_shard=2)
+    write_shards(tmp_path / "drops" / "b", make_photos(2), per_shard=2)
+    listing = tmp_path / "lists" / "nightly.txt"
+    listing.parent.mkdir()
+    listing.write_text(f"{tmp_path}/drops/a/{{000000..000001}}.tar\n")
+    first = resolve_input(str(listing))
+    listing.write_text(listing.read_text() + f"{tmp_path}/drops/b/000000.tar\n")
+    second = resolve_input(str(listing))
+    assert first.root == second.root == str(tmp_path / "lists")
+    assert [r.name for r in second.shards[:2]] == [r.name for r in first.shards]
+    assert [r.stem for r in second.shards[:2]] == [r.stem for r in first.shards]
+    assert len({r.stem for r in second.shards}) == 3
+    # A list beside its shards names them by file name, as a prefix does.
+    beside = tmp_path / "drops" / "a" / "list.txt"
+    beside.write_text("000000.tar\n000001.tar\n")
+    assert [r.name for r in resolve_input(str(beside)).shards] == ["000000.tar", "000001.tar"]
+
+
+def test_a_plan_named_under_a_recorded_root_keeps_the_names_made_under_it(tmp_path):
+    write_shards(tmp_path / "drops" / "a", make_photos(4), per_shard=2)
+    listing = tmp_path / "lists" / "nightly.txt"
+    listing.parent.mkdir()
+    listing.write_text(f"{tmp_path}/drops/a/{{000000..000001}}.tar\n")
+    plan = resolve_input(str(listing))
+    rooted = plan.rooted(str(tmp_path / "drops" / "a"))
+    assert rooted is not None and rooted.root == str(tmp_path / "drops" / "a")
+    assert [r.name for r in rooted.shards] == ["000000.tar", "000001.tar"]
+    assert [(r.url, r.version) for r in rooted.shards] == [(r.url, r.version) for r in plan.shards]
+    assert plan.rooted(str(tmp_path / "drops" / "b")) is None
