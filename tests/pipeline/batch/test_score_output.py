@@ -16,6 +16,7 @@ import pytest
 from pipeline.batch.scoring.config import ScoreError
 from pipeline.batch.scoring.output import (
     OUTPUT_COLUMNS,
+    PREPARED_SHARDS_KEY,
     SETTINGS_FILE,
     SHARD_URL_KEY,
     SKIPPED_COUNT_KEY,
@@ -23,8 +24,12 @@ from pipeline.batch.scoring.output import (
     ShardCollector,
     ShardTarget,
     check_settings,
+    orphan_files,
     parquet_name,
+    shard_file,
 )
+from pipeline.data.inputs import ShardRef
+from pipeline.data.shards import ShardInfo
 from pipeline.data.tally import ShardOutcome
 from pipeline.storage import StorageConfig
 
@@ -231,3 +236,40 @@ def test_the_end_marker_completes_a_shard_of_unknown_count_and_its_stale_file_go
     assert table.column("orig_width").to_pylist() == [-1, -1]  # rows that did not carry it
     assert table.schema.metadata[SHARD_URL_KEY.encode()] == url.encode()
     assert json.loads(table.schema.metadata[SKIPPED_KEYS_KEY.encode()]) == ["k1"]
+
+
+def test_a_prepared_shard_of_other_content_than_first_scored_gets_another_file() -> None:
+    sha, other = "ab" * 32, "cd" * 32
+    info = ShardInfo(name="shard-000001.tar", count=2, bytes=10240, sha256=sha)
+    ref = ShardRef("/d/train/shard-000001.tar", "shard-000001.tar", 10240, "stat:1/2/3/4", info)
+    assert shard_file(ref, {"shard-000001.tar": sha}) == "shard-000001.parquet"
+    assert shard_file(ref, None) == "shard-000001.parquet"  # settings that predate the record
+    assert shard_file(ref, {"shard-000001.tar": other}) == f"shard-000001@{sha[:12]}.parquet"
+    assert shard_file(ref, {}) == f"shard-000001@{sha[:12]}.parquet"  # a shard added later
+
+
+def test_the_prepared_shards_record_is_kept_never_compared(tmp_path: Path) -> None:
+    check_settings(str(tmp_path), {**SETTINGS, PREPARED_SHARDS_KEY: {"a.tar": "11"}}, STORAGE)
+    check_settings(str(tmp_path), {**SETTINGS, PREPARED_SHARDS_KEY: {"a.tar": "22"}}, STORAGE)
+    recorded = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    assert recorded[PREPARED_SHARDS_KEY] == {"a.tar": "11"}
+
+
+def test_a_file_of_a_shard_no_longer_listed_goes_just_before_its_keys_are_written_again(
+    tmp_path: Path,
+) -> None:
+    for name, keys in (("old@0123456789ab.parquet", ["k0", "k1"]), ("gone@aa.parquet", ["g0"])):
+        frame = rows("s3://b/" + name, keys, 1.0).drop(columns="png")
+        frame.to_parquet(tmp_path / name)
+    names = sorted(p.name for p in tmp_path.iterdir()) + [SETTINGS_FILE]
+    orphans = orphan_files(names, {"new"})
+    assert orphans == ("gone@aa.parquet", "old@0123456789ab.parquet")
+    url = "s3://b/new.tar"
+    target = ShardTarget("new@ba9876543210.parquet", url)
+    collector = ShardCollector(str(tmp_path), {url: target}, STORAGE, orphans=orphans)
+    collector.add(marked(rows(url, ["k0", "k1"], 3.0), 2))
+    assert collector.retired == ["old@0123456789ab.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gone@aa.parquet",  # its keys are nowhere else: kept
+        "new@ba9876543210.parquet",
+    ]
