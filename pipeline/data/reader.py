@@ -651,19 +651,22 @@ def fetch_images(
     )
     wanted, found = set(keys), {}
     fs, path = fsspec_filesystem(url, storage)
-    with ResumingReader(fs, path, options.retry, what=url) as stream:
-        for sample in tar_samples(stream, options.limits.max_bytes, options.wanted):
-            if sample.key not in wanted:
-                continue
-            try:
-                chosen = _image_member(sample, options)
-                found[sample.key] = decode_fitted(
-                    sample.members[chosen], shape[0], shape[1:], options.limits
-                )
-            except (BadSample, BadImage) as err:
-                logger.warning("%s: key %s: %s", url, sample.key, err)
-            if len(found) == len(wanted):
-                break
+    try:
+        with ResumingReader(fs, path, options.retry, what=url) as stream:
+            for sample in tar_samples(stream, options.limits.max_bytes, options.wanted):
+                if sample.key not in wanted:
+                    continue
+                try:
+                    chosen = _image_member(sample, options)
+                    found[sample.key] = decode_fitted(
+                        sample.members[chosen], shape[0], shape[1:], options.limits
+                    )
+                except (BadSample, BadImage) as err:
+                    logger.warning("%s: key %s: %s", url, sample.key, err)
+                if len(found) == len(wanted):
+                    break
+    except ObjectReplaced as err:  # the images found so far are of the file first opened
+        logger.warning("%s", err)
     for key in sorted(wanted - set(found))[:5]:
         logger.warning("%s: key %s not found or not decodable", url, key)
     return found

@@ -31,7 +31,9 @@ or deleted by a retention policy) is kept, and retired just before a file holdin
 keys is written: a renamed shard's keys then appear once, under its new name, and the scores of
 a shard deleted from the input stay. (Retired first, written second: a run killed in between
 leaves the keys out, and the next run, finding no file for the new shard, writes them; never
-twice.) Memory stays bounded: the driver holds the small score rows of the shards being read,
+twice.) Deleting the files of every shard no longer listed would be simpler, but would throw
+away the scores of shards a retention policy removed from a growing prefix. The cost: a run that
+writes files reads the keys of each orphan file once (one small GET each). Memory stays bounded: the driver holds the small score rows of the shards being read,
 never images or the whole dataset.
 
 `_scoring.json` holds the input (a prepared split and its source, or the foreign shards' root),
