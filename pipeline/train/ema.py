@@ -64,13 +64,24 @@ class EMA(Generic[M]):
         With `applied` (a bool tensor on the device: the training step was applied), a False
         leaves the average and the count as they were: the weight is 0, and `model`'s
         parameters are then its previous, finite ones (`train_step` restored them), so
-        average + 0 * (current - average) is the average. No host read either way.
+        average + 0 * (current - average) is the average. No host read either way. On the CPU
+        the host reads the count and the verdict, which waits for nothing there, and the update
+        is one fused lerp with the weight as a Python number.
         """
         averages, currents = list(self.model.parameters()), list(model.parameters())
         if len(averages) != len(currents):
             raise ValueError(
                 f"EMA.update: expected a model with {len(averages)} parameters, found {len(currents)}"
             )
+        verdict = self.count if applied is None else applied
+        if verdict.device.type == "cpu":  # the host is the device: read it
+            if applied is not None and not bool(applied):
+                return
+            self.count += 1
+            decay = ema_decay(self.decay, int(self.count))
+            torch._foreach_lerp_(averages, [c.detach() for c in currents], 1 - decay)
+            self._copy_buffers(model)
+            return
         step = torch.ones_like(self.count) if applied is None else applied.to(self.count.dtype)
         t = self.count + step  # the update number, were it applied
         weight = step * (1 - torch.clamp((1 + t) / (10 + t), max=self.decay))
@@ -85,6 +96,9 @@ class EMA(Generic[M]):
         torch._foreach_lerp_(
             averages, [c.detach() for c in currents], [by_dtype[a.dtype] for a in averages]
         )
+        self._copy_buffers(model)
+
+    def _copy_buffers(self, model: M) -> None:
         for average, current in zip(self.model.buffers(), model.buffers(), strict=True):
             average.copy_(current)
 

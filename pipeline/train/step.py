@@ -201,7 +201,8 @@ def train_step(
     The loss is the batch's mean bits/dim. The update is applied when the loss and the gradient
     norm are both finite; otherwise the parameters and the optimizer state (moments and step
     count) end exactly as before the step, selected with `torch.where` between the updated and
-    the saved values, and the outcome says `applied=False`. When applied, the arithmetic is the
+    the saved values, and the outcome says `applied=False`. On the CPU the host reads the
+    verdict instead (it waits for nothing there) and skips `optimizer.step()`. When applied, the arithmetic is the
     optimizer's own, bit for bit. Under DDP, `agree` must turn this worker's verdict (a bool
     tensor) into all workers' (an all-reduce MIN on the device), so that every worker applies
     the same steps; every worker always runs the backward pass, so DDP's gradient all-reduce
@@ -220,10 +221,14 @@ def train_step(
     applied = torch.isfinite(mean.detach()) & torch.isfinite(norm)
     if agree is not None:
         applied = agree(applied)
-    with torch.no_grad():
-        saved = _saved_state(optimizer, params)
-        optimizer.step()
-        _keep_if(applied, optimizer, saved)
+    if applied.device.type == "cpu":  # the host is the device: reading the verdict waits for
+        if bool(applied):  # nothing, and saves copying the weights and state
+            optimizer.step()
+    else:
+        with torch.no_grad():
+            saved = _saved_state(optimizer, params)
+            optimizer.step()
+            _keep_if(applied, optimizer, saved)
     return StepOutcome(loss=mean.detach(), norm=norm.detach(), applied=applied)
 
 

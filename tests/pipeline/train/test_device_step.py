@@ -20,7 +20,13 @@ from flowmodel import build_flow
 from pipeline.train.core import Training, run_step, start_training
 from pipeline.train.ema import EMA
 from pipeline.train.loop_state import LoopState, record_outcome, settle
-from pipeline.train.step import StepMetrics, batch_bits_per_dim, flow_bits_per_dim, train_step
+from pipeline.train.step import (
+    StepMetrics,
+    batch_bits_per_dim,
+    flow_bits_per_dim,
+    make_optimizer,
+    train_step,
+)
 from tests.pipeline.device_audit import AUDIT_DEVICE, AuditDevice, cpu_values
 from tests.pipeline.train.tiny_run import smooth_images, tiny_config
 
@@ -84,19 +90,25 @@ def nan_gradient(model: nn.Module, y: Tensor) -> Tensor:
     return flow_bits_per_dim(model, y) + (first.sum() * 0).sqrt()
 
 
-def test_applied_steps_are_bit_identical_to_the_host_decided_step() -> None:
-    device_decided, host_decided = fresh_training(CPU), fresh_training(CPU)
-    for step in range(6):
-        torch.manual_seed(step)  # the dequantization noise of both steps
-        outcome = train_step(
-            device_decided.model, batch(step), device_decided.optimizer, max_grad_norm=50.0
-        )
-        torch.manual_seed(step)
-        reference = host_decided_step(
-            host_decided.model, batch(step), host_decided.optimizer, max_grad_norm=50.0
-        )
-        assert outcome.read() == reference
-        assert not reference.skipped
+@pytest.mark.parametrize("device", [CPU, AUDIT_DEVICE], ids=["cpu", "device"])
+def test_applied_steps_are_bit_identical_to_the_host_decided_step(device: torch.device) -> None:
+    """On the CPU the host reads the verdict; on the device the update is kept by torch.where
+    (with Adam's step count on the CPU, as the host-decided step had it, so that the arithmetic
+    is the same)."""
+    with AuditDevice():
+        device_decided, host_decided = fresh_training(device), fresh_training(CPU)
+        device_decided.optimizer = make_optimizer(device_decided.model.parameters(), CONFIG.optim)
+        for step in range(6):
+            torch.manual_seed(step)  # the dequantization noise of both steps
+            outcome = train_step(
+                device_decided.model, batch(step), device_decided.optimizer, max_grad_norm=50.0
+            )
+            torch.manual_seed(step)
+            reference = host_decided_step(
+                host_decided.model, batch(step), host_decided.optimizer, max_grad_norm=50.0
+            )
+            assert outcome.read() == reference
+            assert not reference.skipped
     assert_identical(snapshot(device_decided), snapshot(host_decided))
 
 
