@@ -111,3 +111,21 @@ def test_a_renamed_shard_keeps_its_keys_once_and_a_deleted_shard_keeps_its_file(
 
     again = score(cfg)
     assert again.shards_written == () and files(first.output) == after
+
+
+def test_a_root_recorded_in_the_settings_names_the_shards_while_it_holds_them(
+    tmp_path: Path,
+) -> None:
+    from pipeline.batch.scoring.job import _recorded_root
+
+    write_shards(tmp_path / "drops" / "a", make_photos(4), per_shard=2)
+    listing = tmp_path / "lists" / "nightly.txt"
+    listing.parent.mkdir()
+    listing.write_text(f"{tmp_path}/drops/a/{{000000..000001}}.tar\n")
+    plan = resolve_input(str(listing))
+    # A prefix first scored when a list's root was its shards' common folder keeps that root.
+    old_root = str(tmp_path / "drops" / "a")
+    kept = _recorded_root(plan, {"input": old_root})
+    assert kept.root == old_root and [r.name for r in kept.shards] == ["000000.tar", "000001.tar"]
+    assert _recorded_root(plan, None) is plan
+    assert _recorded_root(plan, {"input": str(tmp_path / "drops" / "b")}) is plan  # not under it
