@@ -37,8 +37,8 @@ read and reads a shard again when the version changes.
 `ShardRef.name` is the shard's path under `plan.root` (the folder before the first brace, the
 prefix, or the list file's own folder for a list), so it is unique in the plan and stays the same
 while a prefix grows, or a list gains shards in other folders (a shard outside the root is named
-by its whole path: `bucket/key` on S3, the absolute path without its leading "/" locally); `ShardRef.stem` is that name flattened into one file name (for one output
-file per shard).
+by its whole path: `bucket/key` on S3, the absolute path without its leading "/" locally);
+`ShardRef.stem` is that name flattened into one file name (for one output file per shard).
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ Output layout:
     <output>/model=<name>/version=<v>/_scoring.json          input, seed, draws, weights, noise
                                                               scheme: what the files mean (created
                                                               once, compared after)
-    <output>/model=<name>/version=<v>/shard-000000@<s12>.parquet  the rows of prepared shard
-                                                              shard-000000.tar of sha256 <s12>...
+    <output>/model=<name>/version=<v>/shard-000000.parquet    the rows of shard-000000.tar
+                                                              (prepared; `shard-000000@<s12>`
+                                                              once re-prepared, below)
     <output>/model=<name>/version=<v>/<stem>@<v12>.parquet    the rows of foreign shard <stem>.tar
                                                               at version <v12> (below)
     <output>/model=<name>/version=<v>/_summary/<UTC time>/    summary.json, histogram, least likely
@@ -43,12 +44,13 @@ shards with no file for their current version: new shards, and shards rewritten 
 file of the old version is deleted once the new one is in place. So the nightly job over a
 growing prefix reads only what arrived (or changed) since the last night. A prepared shard's
 file is `<stem>.parquet` while its manifest sha256 is the one `_scoring.json` recorded at the
-first run, else `<stem>@<first 12 hex of its sha256>.parquet`, so re-preparing a split at the same
-path scores again the shards whose content changed (`output.shard_file`). A shard renamed in the input is scored
-under its new name, and its old file retired before the new one is written (keys appear once);
-files of shards deleted from the input stay (`pipeline.batch.scoring.output`). The root that
-names a foreign input's shards is the one `_scoring.json` recorded, while it holds every shard,
-so a list file whose shards spread to other folders keeps its names and its settings.
+first run, else `<stem>@<first 12 hex of its sha256>.parquet`, so re-preparing a split at the
+same path scores again the shards whose content changed (`output.shard_file`). A shard renamed
+in the input is scored under its new name, and its old file retired before the new one is
+written (keys appear once); files of shards deleted from the input stay
+(`pipeline.batch.scoring.output`). The root that names a foreign input's shards is the one
+`_scoring.json` recorded, while it holds every shard, so the files of a prefix keep their names
+and its settings their input.
 
 `name`/`v` come from pipeline.batch.resolve: the registry name and version; "run-<run id>" for a
 runs:/ model and "local" for a local model directory, with the first 12 hex digits of the sha256

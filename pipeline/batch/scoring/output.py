@@ -33,16 +33,17 @@ a shard deleted from the input stay. (Retired first, written second: a run kille
 leaves the keys out, and the next run, finding no file for the new shard, writes them; never
 twice.) Deleting the files of every shard no longer listed would be simpler, but would throw
 away the scores of shards a retention policy removed from a growing prefix. The cost: a run that
-writes files reads the keys of each orphan file once (one small GET each). Memory stays bounded: the driver holds the small score rows of the shards being read,
-never images or the whole dataset.
+writes files reads the keys of each orphan file once (one small GET each). Memory stays
+bounded: the driver holds the small score rows of the shards being read, never images or the
+whole dataset.
 
 `_scoring.json` holds the input (a prepared split and its source, or the foreign shards' root),
 the dequantization seed, draws and noise scheme, and the sha256 of the model's weights:
 everything that decides the numbers in the files; and, for a prepared split, the sha256 of each
 shard it was first scored from (PREPARED_SHARDS_KEY, a record that names files, never compared).
-It is created only if absent; a
-run whose settings differ from the recorded ones is refused with both named (so two jobs with other
-seeds, or a re-created model reusing a version number, never mix files under one prefix).
+It is created only if absent; a run whose settings differ from the recorded ones is refused with
+both named (so two jobs with other seeds, or a re-created model reusing a version number, never
+mix files under one prefix).
 """
 
 from __future__ import annotations
