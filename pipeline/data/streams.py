@@ -190,7 +190,7 @@ class ResumingReader:
         self._opened = False
         self._position = 0
         self.retries = 0
-        # The info at open (size, and ETag or mtime): what this reader reads, whatever a
+        # The info at open (size, and ETag or stat version): what this reader reads, whatever a
         # listing said before.
         self.info: dict[str, Any] = with_retries(lambda: dict(fs.info(path)), policy, what)
         self.size: int = int(self.info["size"])
