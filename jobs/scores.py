@@ -92,7 +92,11 @@ def _top(args: argparse.Namespace) -> int:
         f"model={result.model_name} version={result.version}: {len(result.rows)} {what} of "
         f"{result.rows_read:,} images (by {args.by}) in {result.files_read} files, "
         f"read in {result.seconds:.2f} s"
-        + (f"; {result.non_finite_scores} NaN scores left out" if result.non_finite_scores else "")
+        + (
+            f"; {result.non_finite_scores} non-finite scores (inf or NaN), ranked first"
+            if result.non_finite_scores
+            else ""
+        )
     )
     print(result.table())
     if args.grid:
