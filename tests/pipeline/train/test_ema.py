@@ -94,3 +94,36 @@ def test_state_round_trip_continues_the_same_warm_up() -> None:
     # Update 4 uses d_4 = 5/14; a count restarted at 0 would use d_1 = 2/11.
     second.update(scalar_model(10.0, torch.float64))
     assert second.model.weight.item() == pytest.approx(average + (9 / 14) * (10.0 - average))
+
+
+def test_the_device_count_gives_the_host_counts_arithmetic_to_the_last_bit() -> None:
+    """On a device the count and the weight are tensors (no host read); they must give the
+    numbers of the host's Python arithmetic, and a False verdict must change nothing."""
+    from tests.pipeline.device_audit import AUDIT_DEVICE, AuditDevice, cpu_values
+
+    torch.manual_seed(0)
+    host_model = nn.Linear(4, 3)
+    host = EMA(host_model, decay=0.99)
+    with AuditDevice() as audit:
+        device_model = copy_of(host_model).to(AUDIT_DEVICE)
+        device = EMA(device_model, decay=0.99)
+        for update in range(14):
+            with torch.no_grad():
+                for model in (host_model, device_model):
+                    for param in model.parameters():
+                        step = torch.full(param.shape, float(update), device=param.device)
+                        param.copy_(step.sin() + param)
+            applied = update % 5 != 3  # every fifth step skipped
+            if applied:
+                host.update(host_model)
+            device.update(device_model, torch.tensor(applied, device=AUDIT_DEVICE))
+        assert audit.host_reads == []
+    assert device.updates == host.updates == 11
+    for average, expected in zip(device.model.parameters(), host.model.parameters(), strict=True):
+        assert torch.equal(cpu_values(average), expected)
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
