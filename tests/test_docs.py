@@ -365,7 +365,8 @@ def python_example() -> str:
     return blocks[0]
 
 
-@pytest.mark.slow  # a minute or two on 2 cores: Ray Train, scoring actors, sampling tasks
+# In the integration tier (it uses ray_local), which CI runs: Ray Train, scoring actors and
+# sampling tasks on a tiny model, 1-2 minutes on 2 busy cores.
 def test_the_readme_python_example_runs(
     ray_local: None,
     fashion_mnist_dir: Path,
