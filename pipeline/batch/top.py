@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -88,7 +89,8 @@ def model_prefix(output: str, model: str, storage: StorageConfig | None) -> tupl
     name, _, version = model.partition("/")
     if not name:
         raise ScoreError(f"--model: expected <name>[/<version>], found {model!r}")
-    base = join_url(output, f"model={name}")
+    # The listing names local files by absolute path: a relative --output must be one too.
+    base = join_url(output if "://" in output else os.path.abspath(output), f"model={name}")
     if not version:
         prefix_text = base.rstrip("/") + "/version="
         found = {

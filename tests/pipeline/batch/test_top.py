@@ -92,6 +92,22 @@ def test_top_n_across_files_and_batches_equals_a_full_sort(tmp_path):
         top_scores(str(tmp_path / "out"), "other")
 
 
+def test_a_relative_output_finds_the_newest_version(tmp_path, monkeypatch):
+    """`--output flowray-work/scores --model fashion-flow`, as a user types it after the demo."""
+    frame = _frame(["a", "b"], ["shard-000000.tar"] * 2, [3.0, 4.0])
+    _write_scores(
+        str(tmp_path / "work" / "scores" / "model=flow" / "version=1"), "x.parquet", frame
+    )
+    _write_scores(
+        str(tmp_path / "work" / "scores" / "model=flow" / "version=2"), "x.parquet", frame
+    )
+    monkeypatch.chdir(tmp_path)
+
+    result = top_scores("work/scores", "flow", n=1)
+
+    assert (result.version, [r.key for r in result.rows]) == ("2", ["b"])
+
+
 def test_non_finite_scores_rank_as_the_most_unusual(tmp_path, capsys):
     inf, nan = float("inf"), float("nan")
     prefix = str(tmp_path / "out" / "model=flow" / "version=1")
