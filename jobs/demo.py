@@ -6,8 +6,10 @@ model registered -> the test split scored -> samples drawn -> a short summary.
 Everything lives under --workdir, the work folder every other command uses by default
 ($FLOWRAY_WORKDIR, else flowray-work): afterwards `flowray models list`, `flowray score --model
 models:/fashion-flow@champion ...`, `flowray sample` and `flowray serve` find its model from the
-same folder. Running it again reuses the shards (prepare skips verified shards), resumes the same
-training run for another --minutes, registers the new version, and scores and samples with it.
+same folder. Running it again reuses the shards (prepare skips verified shards) and resumes the
+same training run: --minutes is the run's whole training budget, so a rerun with the same
+--minutes only finishes what a kill interrupted, and a larger one trains on up to it; then it
+registers, scores and samples as the first run did.
 `make clean-demo` removes the workdir and nothing else.
 """
 
@@ -49,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="image source for prepare (default: idx:$FASHION_MNIST_DIR or the Debian package's folder)",
     )
     parser.add_argument(
-        "--minutes", type=float, default=10.0, help="training wall-clock budget for this run"
+        "--minutes",
+        type=float,
+        default=10.0,
+        help="the training run's whole wall-clock budget, in minutes (a rerun resumes within it)",
     )
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP)")
     parser.add_argument(
