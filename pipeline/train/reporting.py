@@ -217,6 +217,7 @@ class _Sender:
 
     def _run(self) -> None:
         tries = 0
+        image_next = False  # whose turn it is when both metrics and images wait
         while True:
             with self.condition:
                 while not (self.metrics or self.images or self.closing):
@@ -225,8 +226,15 @@ class _Sender:
                     return  # closing, nothing left
                 if self.closing and time.monotonic() > self.deadline:
                     return  # what is left is counted by close()
-                chunk = [self.metrics[i] for i in range(min(LOG_BATCH_LIMIT, len(self.metrics)))]
-                image = self.images[0] if not chunk else None
+                # Metrics and images take turns: a run that logs every step keeps metrics
+                # queued, and images sent only into an empty queue would wait until dropped.
+                image_turn = bool(self.images) and (image_next or not self.metrics)
+                chunk = (
+                    []
+                    if image_turn
+                    else [self.metrics[i] for i in range(min(LOG_BATCH_LIMIT, len(self.metrics)))]
+                )
+                image = self.images[0] if image_turn else None
                 self.busy = True
             try:
                 if chunk:
@@ -246,6 +254,7 @@ class _Sender:
                     self.condition.wait(pause)  # close() wakes it
                 continue
             tries = 0
+            image_next = not image_turn
             with self.condition:
                 self.busy = False
                 if chunk:

@@ -219,10 +219,12 @@ def stop_server(server: subprocess.Popen) -> None:
 def test_steps_keep_their_pace_while_the_tracking_server_is_down(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Steps that log every step (and a grid every 20) run as fast while the tracking server is
-    down (a closed port) as while it is up (a real `mlflow server`); blocks of each alternate,
-    so a machine whose load drifts slows both alike. What could not be sent while it was down is
-    sent when it is back."""
+    """Steps that log every step (and a grid every GRID_EVERY) run as fast while the tracking
+    server is down (a closed port) as while it is up (a real `mlflow server`); blocks of each
+    alternate, so a machine whose load drifts slows both alike. A block lasts until the logger
+    has seen the state it is about (failing while down, answering again while up), however fast
+    the machine steps, so the test waits for conditions, not for times. What could not be sent
+    while it was down is sent when it is back."""
     import torch
 
     from flowmodel import FlowConfig, build_flow
@@ -256,35 +258,50 @@ def test_steps_keep_their_pace_while_the_tracking_server_is_down(
                 measured = train_step(flow, images[:16], optimizer)
                 called = time.perf_counter()
                 logger.metrics({"loss": measured.bits_per_dim, "lr": 1e-3}, step)
-                if step % 20 == 0:
+                if step % GRID_EVERY == 0:
                     logger.image(grid, "samples", step)
                 slowest_call = max(slowest_call, time.perf_counter() - called)
             return time.perf_counter() - started
 
+        def block(client: MlflowClient, failing: bool) -> tuple[int, float]:
+            """Steps (at least 40, in tens) until the logger's `failing` is as asked."""
+            logger.client = client
+            count, seconds = 0, 0.0
+            while count < 40 or logger.failing != failing:
+                seconds += steps(10)
+                count += 10
+                assert count < 20_000, f"the logger never saw the server {('up', 'down')[failing]}"
+            return count, seconds
+
         steps(20)  # warm-up: the first HTTP connection, torch's first passes
-        seconds = {"up": 0.0, "down": 0.0}
+        done = {"up": [0, 0.0], "down": [0, 0.0]}
         for _ in range(4):
             for state, client in (("up", up), ("down", down)):
-                logger.client = client
-                seconds[state] += steps(40)
-        logger.client = up
+                count, seconds = block(client, failing=state == "down")
+                done[state][0] += count
+                done[state][1] += seconds
+        block(up, failing=False)
         assert logger.close() == (0, 0)  # everything was sent in the end
-        ratio = seconds["up"] / seconds["down"]  # steps/s down over steps/s up
+        rate = {state: count / seconds for state, (count, seconds) in done.items()}
+        ratio = rate["down"] / rate["up"]
         print(
-            f"steps/s with the server up {160 / seconds['up']:.1f}, down "
-            f"{160 / seconds['down']:.1f}: ratio {ratio:.3f}; slowest log call "
-            f"{slowest_call * 1000:.1f} ms"
+            f"steps/s with the server up {rate['up']:.1f}, down {rate['down']:.1f}: ratio "
+            f"{ratio:.3f}; slowest log call {slowest_call * 1000:.1f} ms"
         )
         assert ratio > 0.8
         assert slowest_call < 1.0
         history = up.get_metric_history(run_id, "loss")
         assert sorted(m.step for m in history) == list(range(1, step + 1))
         grids = [a.path for a in up.list_artifacts(run_id, "images") if a.path.endswith(".png")]
-        assert len(grids) == step // 20
+        assert len(grids) == step // GRID_EVERY
         assert lines[0].startswith("MLflow not answering")
         assert "MLflow answers again: buffered metrics sent" in lines
     finally:
         stop_server(server)
+
+
+# Few enough grids that a down block never queues more than RunLogger keeps (MAX_BUFFERED_IMAGES).
+GRID_EVERY = 200
 
 
 def free_port() -> int:
