@@ -293,7 +293,11 @@ def test_steps_keep_their_pace_while_the_tracking_server_is_down(
         history = up.get_metric_history(run_id, "loss")
         assert sorted(m.step for m in history) == list(range(1, step + 1))
         grids = [a.path for a in up.list_artifacts(run_id, "images") if a.path.endswith(".png")]
-        assert len(grids) == step // GRID_EVERY
+        # One grid per GRID_EVERY steps, by step. A grid may be stored twice: the stand-in "down"
+        # client still reaches the artifact store (mlflow-artifacts: resolves to the server that
+        # is up), so a send that failed on its metadata uploaded the file before it was retried.
+        grid_steps = {int(path.split("+step+")[1].split("+")[0]) for path in grids}
+        assert grid_steps == set(range(GRID_EVERY, step + 1, GRID_EVERY))
         assert lines[0].startswith("MLflow not answering")
         assert "MLflow answers again: buffered metrics sent" in lines
     finally:
