@@ -249,6 +249,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _report_stop(worker, stop)
     finally:
         stop_system_metrics(monitor)
+        worker.logger.close()  # what is still queued goes out (or is counted) before the loop ends
 
 
 def _report_stop(worker: _Worker, stop: NonFiniteLoss) -> None:
