@@ -11,13 +11,17 @@ FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 WORKDIR ?= $(or $(FLOWRAY_WORKDIR),flowray-work)
 PYTEST_ARGS ?=
 
-.PHONY: help setup data demo clean-demo test test-e2e bench lint format \
+.PHONY: help setup data demo clean-demo test test-integration test-slow test-all test-e2e bench \
+        lint format \
         cluster-up cluster-down s3-up s3-down mlflow-up mlflow-down
 
 help:
 	@echo "make setup       create $(VENV), install flowray + test extras (TORCH_SPEC=$(TORCH_SPEC)), fetch Fashion-MNIST"
 	@echo "make demo        prepare, train, register, score and sample on the embedded default (WORKDIR=$(WORKDIR))"
-	@echo "make test        default test suite (installs first when needed)"
+	@echo "make test        the fast tier: about 5 minutes on 2 cores (installs first when needed)"
+	@echo "make test-integration  tests that start Ray or train a model (CI runs them after make test)"
+	@echo "make test-slow   the long ones: chaos (kills, concurrent jobs), benchmark smoke runs"
+	@echo "make test-all    every tier but the cluster's: test + test-integration + test-slow"
 	@echo "make test-e2e    cluster end-to-end tests (Ray head + worker, MLflow server, S3 on loopback)"
 	@echo "make bench       benchmarks side by side; results in bench-results/"
 	@echo "make lint        ruff format check + lint"
@@ -53,15 +57,26 @@ demo: setup
 clean-demo:
 	rm -rf -- "$(WORKDIR)"
 
+# Tiers are pytest markers (pyproject.toml): the default selection is the fast tier; a test that
+# starts Ray or trains a model is marked `integration` (tests/conftest.py, by the fixtures it uses).
 test: $(BIN)/.installed data
 	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-integration: $(BIN)/.installed data
+	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/python -m pytest -m "integration and not slow and not cluster" $(PYTEST_ARGS)
+
+test-slow: $(BIN)/.installed data
+	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/python -m pytest -m "slow and not cluster" $(PYTEST_ARGS)
+
+test-all: $(BIN)/.installed data
+	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/python -m pytest -m "not cluster" $(PYTEST_ARGS)
 
 test-e2e: $(BIN)/.installed data
 	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/python -m pytest -m cluster tests/e2e $(PYTEST_ARGS)
 
 bench: $(BIN)/.installed data
 	$(BIN)/pip install -q -e ".[bench]"
-	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/flowray bench --out bench-results $(BENCH_ARGS)
+	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/flowray bench all --output bench-results $(BENCH_ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .

@@ -17,7 +17,8 @@ s3                  per test: moto state reset (POST /moto-api/reset), a fresh b
 faulty_s3           per test: the `s3` bucket, plus a `FaultyS3Proxy` in front of moto with no
                     faults until the test sets a plan (`faulty_s3.proxy.set_plan(FaultPlan(...))`);
                     .bucket goes through the proxy, .direct around it. See tests/faults/s3_proxy.py.
-ray_local           a local Ray instance with 2 CPUs and no dashboard for the session
+ray_local           a local Ray instance with 2 CPUs and no dashboard for the session; a test
+                    that uses it (or `trained_model`) is in the integration tier
                     (address="local": never joins a cluster that happens to run here).
 """
 
@@ -210,3 +211,14 @@ def photo_folder(tmp_path: Path) -> Path:
     rgba = np.dstack([chelsea[:120, 200:280], np.full((120, 80), 128, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(root / "chelsea" / "patch-rgba.png")
     return root
+
+
+# Fixtures that start Ray or train a model: a test that uses one (directly or through another
+# fixture) belongs to the integration tier (`make test-integration`), not to `make test`.
+INTEGRATION_FIXTURES = frozenset({"ray_local", "trained_model"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

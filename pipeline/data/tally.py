@@ -82,7 +82,8 @@ class ShardOutcome:
     skipped_keys: tuple[str, ...] = ()  # bad images (their rows were not handed on)
     retries: int = 0  # transient storage faults ridden out
     transient: bool = False  # incomplete because storage kept failing: a rerun may read it
-    version: str = ""  # the version read ("etag:..." on S3, "stat:..." locally; see pipeline.data.inputs)
+    # the version read ("etag:..." on S3, "stat:..." locally; see pipeline.data.inputs)
+    version: str = ""
 
     @property
     def lost(self) -> int:

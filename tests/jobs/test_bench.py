@@ -121,6 +121,7 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
+@pytest.mark.integration  # each runs a suite in a subprocess: a minute on 2 cores
 @pytest.mark.timeout(330)
 @pytest.mark.parametrize("suite", ["quality", "io", "gpu"])
 def test_smoke_suite_writes_finite_figures(

@@ -24,6 +24,9 @@ from tests.pipeline.flow_fixtures import (
     trained_model,  # noqa: F401  (fixture)
 )
 
+# Every test here runs a job (Ray, MLflow, a trained model) or a fresh flowray process.
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -85,6 +85,7 @@ def test_table_gives_each_lever_its_delta_to_the_baseline() -> None:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.integration  # trains two levers in subprocesses
 def test_smoke_run_without_ray_or_mlflow_writes_a_table_of_finite_figures(
     tmp_path: Path, fashion_mnist_dir: Path
 ) -> None:

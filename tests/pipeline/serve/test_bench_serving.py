@@ -10,7 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[3]
+
+
+pytestmark = pytest.mark.integration  # Ray Serve and a trained model in a subprocess
 
 
 def test_serving_smoke_reports_every_level_with_batching(

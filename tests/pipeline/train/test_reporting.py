@@ -216,6 +216,7 @@ def stop_server(server: subprocess.Popen) -> None:
             server.wait()
 
 
+@pytest.mark.integration  # a real `mlflow server` and a few hundred training steps
 def test_steps_keep_their_pace_while_the_tracking_server_is_down(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
