@@ -292,6 +292,19 @@ def _translated(url: str, storage: StorageConfig | None) -> Iterator[None]:
         raise _storage_error(url, storage, err) from err
 
 
+@contextlib.contextmanager
+def _written(url: str) -> Iterator[None]:
+    """A write to S3 that finds nothing there found no bucket: S3 has no folders, and jobs check
+    the bucket before they start (`check_access`), so it went away mid-run: a runtime failure,
+    not the usage error a missing path given by the user is."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise StorageError(
+            f"cannot write {url}: {err} (it was there when the job started)"
+        ) from err
+
+
 def _storage_error(url: str, storage: StorageConfig | None, err: BaseException) -> StorageError:
     storage = storage or StorageConfig()
     name = type(err).__name__
@@ -485,7 +498,7 @@ def write_bytes_atomic(url: str, data: bytes, storage: StorageConfig | None = No
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temp)
         return
-    with _translated(url, storage):
+    with _translated(url, storage), _written(url):
         fs.pipe_file(path, data)
 
 
@@ -707,7 +720,7 @@ def put_file_atomic(local_file: str, url: str, storage: StorageConfig | None = N
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temp)
         return
-    with _translated(url, storage):
+    with _translated(url, storage), _written(url):
         fs.put_file(local_file, path)
 
 

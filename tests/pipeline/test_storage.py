@@ -466,3 +466,12 @@ def test_write_once_without_hard_links_never_shows_a_partial_file(tmp_path, monk
     assert sizes <= {len(data)}, f"expected only {len(data)} bytes seen, found sizes {sizes}"
     assert write_once(target, b"other") is False
     assert os.listdir(tmp_path) == ["shard-000000.parquet"]
+
+
+def test_a_write_that_finds_its_bucket_gone_is_a_runtime_failure(s3):
+    """A bucket that vanishes mid-run (an endpoint restarted without its state) fails the write
+    with exit 1, not the usage error (2) of a path the user got wrong."""
+    s3.client().delete_bucket(Bucket=s3.bucket)
+    with pytest.raises(StorageError, match="it was there when the job started") as raised:
+        write_bytes_atomic(f"{s3.url}/out/_summary/summary.json", b"{}", s3.storage)
+    assert raised.value.exit_code == 1
