@@ -17,16 +17,14 @@ from typing import Any
 import torch
 
 from pipeline.train.checkpoint import TrainState
-from pipeline.train.step import StepMetrics, StepOutcome
+from pipeline.train.step import StepMetrics, StepOutcome, read_outcomes
 
 __all__ = [
     "NONFINITE_STOP",
     "LoopState",
     "NonFiniteLoss",
     "eta_seconds",
-    "read_outcomes",
     "record_outcome",
-    "record_step",
     "settle",
 ]
 
@@ -103,38 +101,15 @@ class LoopState:
         return metrics
 
 
-def record_step(
-    state: LoopState, metrics: StepMetrics, *, global_batch: int, max_skipped: int
-) -> None:
-    """Count one finished step whose figures the host has. A skipped (non-finite) step adds no
-    images; `max_skipped` of them in a row stop the run with NonFiniteLoss, naming the last good
-    checkpoint."""
-    state.step += 1
-    _count(state, state.step, metrics, global_batch=global_batch, max_skipped=max_skipped)
-
-
 def record_outcome(state: LoopState, outcome: StepOutcome) -> None:
     """Count one finished step whose figures are still on the device (`settle` reads them)."""
     state.step += 1
     state.unread.append(outcome)
 
 
-def read_outcomes(outcomes: list[StepOutcome]) -> list[StepMetrics]:
-    """The figures of `outcomes`, in order, in one host read."""
-    if not outcomes:
-        return []
-    rows = torch.stack(
-        [torch.stack([o.loss.float(), o.norm.float(), o.applied.float()]) for o in outcomes]
-    )
-    return [
-        StepMetrics(bits_per_dim=bits, grad_norm=norm, skipped=not applied)
-        for bits, norm, applied in rows.cpu().tolist()
-    ]
-
-
 def settle(state: LoopState, *, global_batch: int, max_skipped: int) -> StepMetrics | None:
     """Read the figures of the steps counted since the last settle (one host read) and count
-    them as `record_step` would have; the last step's figures (None when there were none).
+    them in order (skips, images, history, the non-finite guard); the last step's figures (None when there were none).
 
     Raises:
         NonFiniteLoss: `max_skipped` consecutive skipped steps, at the step that reached it.

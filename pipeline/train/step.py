@@ -30,6 +30,7 @@ __all__ = [
     "evaluate",
     "evaluate_bits_per_dim",
     "make_optimizer",
+    "read_outcomes",
     "set_learning_rate",
     "train_step",
     "unwrap",
@@ -65,9 +66,7 @@ class StepOutcome:
 
     def read(self) -> StepMetrics:
         """The three figures on the host: one read of the device."""
-        values = torch.stack([self.loss.float(), self.norm.float(), self.applied.float()])
-        bits, norm, applied = values.cpu().tolist()
-        return StepMetrics(bits_per_dim=bits, grad_norm=norm, skipped=not applied)
+        return read_outcomes([self])[0]
 
     @property
     def bits_per_dim(self) -> float:
@@ -80,6 +79,19 @@ class StepOutcome:
     @property
     def skipped(self) -> bool:
         return not bool(self.applied)
+
+
+def read_outcomes(outcomes: list[StepOutcome]) -> list[StepMetrics]:
+    """The figures of `outcomes`, in order, in one host read."""
+    if not outcomes:
+        return []
+    rows = torch.stack(
+        [torch.stack([o.loss.float(), o.norm.float(), o.applied.float()]) for o in outcomes]
+    )
+    return [
+        StepMetrics(bits_per_dim=bits, grad_norm=norm, skipped=not applied)
+        for bits, norm, applied in rows.cpu().tolist()
+    ]
 
 
 def unwrap(model: nn.Module) -> Flow:

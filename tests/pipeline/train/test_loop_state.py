@@ -8,17 +8,25 @@ import math
 import pytest
 import torch
 
-from pipeline.train.loop_state import LoopState, NonFiniteLoss, eta_seconds, record_step
+from pipeline.train.loop_state import LoopState, NonFiniteLoss, eta_seconds, record_outcome, settle
 from pipeline.train.reporting import format_eta
-from pipeline.train.step import StepMetrics
+from pipeline.train.step import StepOutcome
 
 
-def good(bits: float) -> StepMetrics:
-    return StepMetrics(bits_per_dim=bits, grad_norm=1.0, skipped=False)
+def good(bits: float) -> StepOutcome:
+    return StepOutcome(torch.tensor(bits), torch.tensor(1.0), torch.tensor(True))
 
 
-def bad() -> StepMetrics:
-    return StepMetrics(bits_per_dim=math.inf, grad_norm=math.nan, skipped=True)
+def bad() -> StepOutcome:
+    return StepOutcome(torch.tensor(math.inf), torch.tensor(math.nan), torch.tensor(False))
+
+
+def record_step(
+    state: LoopState, outcome: StepOutcome, global_batch: int, max_skipped: int
+) -> None:
+    """One step counted and read at once, as the worker does at sync_every = 1."""
+    record_outcome(state, outcome)
+    settle(state, global_batch=global_batch, max_skipped=max_skipped)
 
 
 def test_steps_count_images_only_when_not_skipped() -> None:
