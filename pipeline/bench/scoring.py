@@ -78,10 +78,10 @@ SMOKE = {"images": 128, "repeats": 1, "growth": 2}
 def _in_process(model_dir: str, split: str, batch_size: int) -> tuple[float, float]:
     """Images/s over decoded in-memory images, all cores, this process: of predict_frame alone
     (the raw forward), and of predict_frame plus each image's maximum-compression PNG."""
-    from pipeline.batch.scoring.actors import max_png_bytes
     from pipeline.data.reader import iter_input
     from pipeline.model.artifact import load_flow
     from pipeline.model.likelihood import predict_frame
+    from pipeline.model.scores import max_png_bytes
 
     flow = load_flow(model_dir)
     rows = list(iter_input(split, shape=flow.config.image_shape))

@@ -8,7 +8,7 @@ models-from-code file, which flowray never imports) import MLflow: MLflow loads 
 scoring actor loads flows through `artifact` and `likelihood`.
 
 May import: flowmodel, pipeline.errors.
-Third-party imports: torch, numpy, pandas, safetensors, mlflow.
+Third-party imports: torch, numpy, pandas, PIL, safetensors, mlflow.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.batch.scoring.report import json_number
+from pipeline.model.scores import SCORE_COLUMNS
 from pipeline.serve.requests import ScoreItem
 
 __all__ = ["ModelHolder", "ServedModel", "alias_of", "load_served_model"]
@@ -49,12 +50,11 @@ class ServedModel:
             "image": np.stack([item.image for item in items]),  # (B, C, H, W) uint8
         }
         out = self.scorer(batch)
-        columns = ("log_likelihood", "bits_per_dim", "png_bits_per_dim", "ood_score")
         return [
             {
                 "key": str(out["key"][i]),
                 # inf / NaN as strings: strict JSON has no such numbers (deployment docstring).
-                **{column: json_number(out[column][i]) for column in columns},
+                **{column: json_number(out[column][i]) for column in SCORE_COLUMNS},
                 "model": self.name,
                 "version": self.version,
                 "batch_size": count,

@@ -8,8 +8,8 @@
          png_bits_per_dim, ood_score, orig_width, orig_height, shard_rows (the reader's end
          marker), and `png` for the few least likely images of each batch
 
-The OOD score's complexity term L(x) is the PNG of the decoded image at maximum compression (see
-pipeline.batch.scoring.job). CPU actors compute it beside the flow's forward pass; for GPU actors the
+The scores are pipeline.model.scores'; its complexity term L(x) is the PNG of the decoded image at
+maximum compression. CPU actors compute it beside the flow's forward pass; for GPU actors the
 read tasks compute it (CPU work, many tasks at once), so that a GPU never waits on PNG coding, and
 GPU actors take batches large enough to fill the GPU (`actor_batch_size`), copied from pinned
 memory (pipeline.model.likelihood).
@@ -17,7 +17,6 @@ memory (pipeline.model.likelihood).
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
@@ -27,16 +26,15 @@ from pipeline.batch.scoring.config import ScoreConfig
 from pipeline.data.inputs import InputPlan
 from pipeline.data.tally import SkipTally
 from pipeline.model.artifact import FlowPayload
-from pipeline.model.likelihood import CHUNK_DIMS, predict_frame
+from pipeline.model.likelihood import CHUNK_DIMS
+from pipeline.model.scores import add_png_complexity, score_images
 
 __all__ = [
     "Scorer",
     "actor_batch_size",
-    "add_png_complexity",
     "buffer_limit",
     "build_pipeline",
     "local_cpus",
-    "max_png_bytes",
     "pool_size",
 ]
 
@@ -47,34 +45,6 @@ __all__ = [
 # every actor fed (it holds two in flight) with room for a read task's next blocks.
 BUFFERED_BATCHES_PER_ACTOR = 8
 MIN_BUFFER_BYTES = 64 << 20
-
-
-def max_png_bytes(image: np.ndarray) -> bytes:
-    """uint8 [C, H, W] (C = 1 or 3) as PNG at maximum zlib compression (level 9)."""
-    from PIL import Image
-
-    if image.shape[0] == 1:
-        picture = Image.fromarray(image[0], "L")
-    else:
-        picture = Image.fromarray(
-            np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB"
-        )  # (H, W, C)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", compress_level=9)
-    return buffer.getvalue()
-
-
-def add_png_complexity(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Reader rows plus `png` (max-compression PNG bytes) and `png_bits_per_dim` (its size in
-    bits per dimension): the OOD score's complexity term, computed on a CPU (a read task)."""
-    images = batch["image"]  # (B, C, H, W) uint8
-    pngs = [max_png_bytes(image) for image in images]
-    dims = int(np.prod(images.shape[1:]))
-    return {
-        **batch,
-        "png": np.array(pngs, dtype=object),
-        "png_bits_per_dim": np.array([8.0 * len(p) / dims for p in pngs]),
-    }
 
 
 class Scorer:
@@ -111,11 +81,12 @@ class Scorer:
         # Ray hands read-only views (zero copy); torch wants writable memory.
         images = np.require(batch["image"], requirements=["C", "W"])  # (B, C, H, W) uint8
         keys = [str(key) for key in batch["key"]]
-        frame = predict_frame(self.flow, images, keys, self.seed, self.draws)
         if "png" not in batch:
             batch = add_png_complexity(batch)
-        pngs, png_bits = batch["png"], np.asarray(batch["png_bits_per_dim"], dtype=np.float64)
-        bits = frame["bits_per_dim"].to_numpy()
+        scores = score_images(
+            self.flow, images, keys, self.seed, self.draws, batch["png_bits_per_dim"]
+        )
+        pngs, bits = batch["png"], scores["bits_per_dim"]
         kept = np.full(len(keys), b"", dtype=object)
         for i in np.argsort(-bits, kind="stable")[: self.keep_png]:
             kept[i] = pngs[i]
@@ -123,10 +94,7 @@ class Scorer:
             "key": np.array(keys, dtype=object),
             "shard": np.asarray(batch["shard"], dtype=object),
             "label": np.asarray(batch["label"], dtype=np.int64),
-            "log_likelihood": frame["log_likelihood"].to_numpy(),
-            "bits_per_dim": bits,
-            "png_bits_per_dim": png_bits,
-            "ood_score": bits - png_bits,
+            **scores,
             **{name: _passed(batch, name, len(keys)) for name in PASSED_THROUGH},
             "png": kept,
         }

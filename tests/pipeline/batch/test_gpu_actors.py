@@ -10,9 +10,10 @@ import torch
 
 from flowmodel import FlowConfig, build_flow
 from pipeline.batch.sampling import _sample_chunk
-from pipeline.batch.scoring.actors import Scorer, actor_batch_size, add_png_complexity
+from pipeline.batch.scoring.actors import Scorer, actor_batch_size
 from pipeline.batch.scoring.config import ScoreConfig
 from pipeline.model.artifact import FlowPayload
+from pipeline.model.scores import add_png_complexity
 from tests.pipeline.device_audit import AUDIT_DEVICE, AuditDevice
 
 

@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.batch.scoring.actors import max_png_bytes
 from pipeline.batch.scoring.job import ScoreConfig, ScoreError, score
 from pipeline.batch.scoring.output import (
     OUTPUT_COLUMNS,
@@ -25,6 +24,7 @@ from pipeline.batch.scoring.output import (
     SKIPPED_COUNT_KEY,
     SKIPPED_KEYS_KEY,
 )
+from pipeline.model.scores import max_png_bytes
 from tests.pipeline.flow_fixtures import (
     MODEL_NAME,
     TrainedModel,

@@ -1,0 +1,82 @@
+"""The per-image scores of a flow, one definition for scoring, serving and calibration.
+
+    log_likelihood     log P(x) in nats of the discrete image (keyed dequantization, K draws;
+                       pipeline.model.likelihood.predict_frame)
+    bits_per_dim       -log2 P(x) / D
+    png_bits_per_dim   L(x) / D: the bits of x's PNG at maximum compression, a generic lossless
+                       compressor's code length (the complexity term)
+    ood_score          bits_per_dim - png_bits_per_dim (Serra et al. 2020, "Input complexity and
+                       out-of-distribution detection with likelihood-based generative models"):
+                       how much worse the flow codes x than a generic compressor; high = unusual
+
+The scoring actors (pipeline.batch.scoring.actors), the REST and Ray Serve scorer and the
+calibration at registration all call `score_images`, so a threshold chosen on one is valid on the
+others.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from flowmodel import Flow
+from pipeline.model.likelihood import predict_frame
+
+__all__ = ["SCORE_COLUMNS", "add_png_complexity", "max_png_bytes", "score_images"]
+
+SCORE_COLUMNS = ("log_likelihood", "bits_per_dim", "png_bits_per_dim", "ood_score")
+
+
+def max_png_bytes(image: np.ndarray) -> bytes:
+    """uint8 [C, H, W] (C = 1 or 3) as PNG at maximum zlib compression (level 9)."""
+    from PIL import Image
+
+    if image.shape[0] == 1:
+        picture = Image.fromarray(image[0], "L")
+    else:
+        picture = Image.fromarray(
+            np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB"
+        )  # (H, W, C)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=9)
+    return buffer.getvalue()
+
+
+def add_png_complexity(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`batch` (with `image`, uint8 [B, C, H, W]) plus `png` (max-compression PNG bytes) and
+    `png_bits_per_dim` (their size in bits per dimension): the complexity term, CPU work."""
+    images = batch["image"]  # (B, C, H, W) uint8
+    pngs = [max_png_bytes(image) for image in images]
+    dims = int(np.prod(images.shape[1:]))
+    return {
+        **batch,
+        "png": np.array(pngs, dtype=object),
+        "png_bits_per_dim": np.array([8.0 * len(p) / dims for p in pngs]),
+    }
+
+
+def score_images(
+    flow: Flow,
+    images: np.ndarray,
+    keys: list[str],
+    seed: int,
+    draws: int,
+    png_bits_per_dim: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """SCORE_COLUMNS of uint8 `images` [B, C, H, W], float64 arrays of length B.
+
+    `png_bits_per_dim` is the complexity term when it was computed already (by read tasks,
+    `add_png_complexity`); otherwise it is computed here.
+    """
+    if png_bits_per_dim is None:
+        png_bits_per_dim = add_png_complexity({"image": images})["png_bits_per_dim"]
+    frame = predict_frame(flow, images, keys, seed, draws)
+    bits = frame["bits_per_dim"].to_numpy()
+    png_bits = np.asarray(png_bits_per_dim, dtype=np.float64)
+    return {
+        "log_likelihood": frame["log_likelihood"].to_numpy(),
+        "bits_per_dim": bits,
+        "png_bits_per_dim": png_bits,
+        "ood_score": bits - png_bits,
+    }
