@@ -1,0 +1,358 @@
+"""What "normal" is for one model version, and whether a drop of images still is.
+
+Calibration: the per-image `bits_per_dim` and `ood_score` (pipeline.model.scores) of the
+validation split, scored once when the version is registered (or by `flowray models calibrate`).
+Kept: the sorted finite values (at most MAX_VALUES; past that an evenly spaced quantile grid of
+them), their count, mean and standard deviation.
+
+Flags: an image is flagged when its ood_score is above t_q, the q-quantile of the validation
+ood_score (q = 0.95 by default: 5% of validation images are flagged), or is not a number.
+
+The verdict on a drop of n images against m validation images (`verdict`):
+
+    flags        k flagged; one-sided binomial p = P(X >= k), X ~ Bin(n, 1 - q);
+                 effect r = (k / n) / (1 - q), the flagged share over the expected one
+    KS           two-sample Kolmogorov-Smirnov test of the drop's ood_score against the
+                 validation's (scipy.stats.ks_2samp; non-finite scores count as +inf);
+                 effect D = sup |F_drop - F_validation|
+    typicality   z = (mean_drop - mean_val) / sqrt(s_val^2 / m + s_drop^2 / n) of the finite
+                 bits/dim, two-sided normal p (Nalisnick et al. 2019, "Detecting
+                 out-of-distribution inputs to deep generative models using typicality": a batch
+                 whose mean log-likelihood is far from the training set's, in either direction,
+                 is not from it); effect d = |mean_drop - mean_val| / s_val
+
+    detected     some test has p < 1e-6 and a large effect: r >= 2, D >= 0.2 or d >= 0.5
+    suspected    else some test has p < 1e-3 and a small effect: r >= 1.5, D >= 0.1 or d >= 0.2
+    none         else
+
+Significance alone would call a million-image drop drifted for a shift nobody cares about (and a
+threshold estimated on m images is itself uncertain by about sqrt(q (1 - q) / m)); effect size
+alone would call a 20-image drop drifted by chance. Requiring both keeps a drop of the model's
+own data at `none` and calls a drop of foreign images `detected`. The KS test uses a uniform
+sample of at most DropTally.keep drop scores (random priorities, the lowest kept); counts and
+means are over every image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_QUANTILE",
+    "LEVELS",
+    "Calibration",
+    "Drift",
+    "DropTally",
+    "calibrate",
+    "calibrate_flow",
+    "verdict",
+]
+
+DEFAULT_QUANTILE = 0.95
+MAX_VALUES = 20_000
+LEVELS = ("none", "suspected", "detected")
+# (p-value below, flag ratio, KS D, typicality d) at least: detected, then suspected.
+RULES = {"detected": (1e-6, 2.0, 0.2, 0.5), "suspected": (1e-3, 1.5, 0.1, 0.2)}
+SUMMARY_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+def _kept(values: np.ndarray) -> np.ndarray:
+    """The sorted finite `values`, or MAX_VALUES evenly spaced quantiles of them."""
+    values = np.sort(values[np.isfinite(values)])
+    if len(values) <= MAX_VALUES:
+        return values
+    return np.quantile(values, (np.arange(MAX_VALUES) + 0.5) / MAX_VALUES)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Validation scores of one model version (module docstring); `source` says how they were
+    made (data, images, seed, draws)."""
+
+    bits_per_dim: np.ndarray  # sorted finite values (or their quantile grid)
+    ood_score: np.ndarray
+    count: int  # images scored
+    bits_mean: float  # over every finite bits/dim
+    bits_std: float
+    quantile: float = DEFAULT_QUANTILE  # the default flag quantile
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def threshold(self, quantile: float | None = None) -> float:
+        """t_q: the `quantile` (default `self.quantile`) of the validation ood_score."""
+        return float(np.quantile(self.ood_score, self.quantile if quantile is None else quantile))
+
+    def tags(self) -> dict[str, str]:
+        """Model version tags: the image count, the flag threshold and ood_score quantiles."""
+        quantiles = np.quantile(self.ood_score, SUMMARY_QUANTILES)
+        return {
+            "calibration.count": str(self.count),
+            "calibration.quantile": f"{self.quantile:g}",
+            "calibration.threshold": f"{self.threshold():.6f}",
+            "calibration.bits_mean": f"{self.bits_mean:.6f}",
+            **{
+                f"calibration.ood_q{round(q * 100):02d}": f"{v:.6f}"
+                for q, v in zip(SUMMARY_QUANTILES, quantiles)
+            },
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        def summary(values: np.ndarray) -> dict[str, Any]:
+            quantiles = np.quantile(values, SUMMARY_QUANTILES)
+            return {
+                "quantiles": {f"{q:g}": float(v) for q, v in zip(SUMMARY_QUANTILES, quantiles)},
+                "values": values.tolist(),
+            }
+
+        return {
+            "count": self.count,
+            "quantile": self.quantile,
+            "threshold": self.threshold(),
+            "bits_mean": self.bits_mean,
+            "bits_std": self.bits_std,
+            "source": self.source,
+            "bits_per_dim": summary(self.bits_per_dim),
+            "ood_score": summary(self.ood_score),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        return cls(
+            bits_per_dim=np.asarray(data["bits_per_dim"]["values"], dtype=np.float64),
+            ood_score=np.asarray(data["ood_score"]["values"], dtype=np.float64),
+            count=int(data["count"]),
+            bits_mean=float(data["bits_mean"]),
+            bits_std=float(data["bits_std"]),
+            quantile=float(data["quantile"]),
+            source=dict(data.get("source", {})),
+        )
+
+
+def calibrate(
+    bits_per_dim: np.ndarray,
+    ood_score: np.ndarray,
+    quantile: float = DEFAULT_QUANTILE,
+    source: dict[str, Any] | None = None,
+) -> Calibration:
+    """The calibration of validation scores (per image, same order).
+
+    Raises:
+        ValueError: no finite score, or `quantile` outside (0, 1).
+    """
+    bits = np.asarray(bits_per_dim, dtype=np.float64)
+    ood = np.asarray(ood_score, dtype=np.float64)
+    finite = bits[np.isfinite(bits)]
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile: expected a number in (0, 1), found {quantile}")
+    if len(finite) < 2 or not np.isfinite(ood).any():
+        raise ValueError(
+            f"calibration: expected at least 2 images with finite scores, found {len(finite)} "
+            f"of {len(bits)}"
+        )
+    return Calibration(
+        _kept(bits),
+        _kept(ood),
+        len(bits),
+        float(finite.mean()),
+        float(finite.std(ddof=1)),
+        quantile,
+        dict(source or {}),
+    )
+
+
+def calibrate_flow(
+    flow: Any,
+    rows: Iterable[dict[str, Any]],
+    seed: int,
+    draws: int,
+    limit: int = MAX_VALUES,
+    batch_size: int = 256,
+    source: dict[str, Any] | None = None,
+) -> Calibration:
+    """Score the first `limit` of `rows` (dicts with `image` uint8 [C, H, W] and `key`, as
+    pipeline.data.reader.iter_input yields them) with `score_images` and calibrate on them."""
+    from pipeline.model.scores import score_images
+
+    bits: list[np.ndarray] = []
+    ood: list[np.ndarray] = []
+    for batch in _batches(rows, limit, batch_size):
+        images = np.stack([row["image"] for row in batch])  # (B, C, H, W) uint8
+        scores = score_images(flow, images, [str(row["key"]) for row in batch], seed, draws)
+        bits.append(scores["bits_per_dim"])
+        ood.append(scores["ood_score"])
+    if not bits:
+        raise ValueError("calibration: expected images to score, found none")
+    made = {"seed": seed, "draws": draws, **(source or {})}
+    return calibrate(np.concatenate(bits), np.concatenate(ood), source=made)
+
+
+def _batches(rows: Iterable[dict[str, Any]], limit: int, size: int) -> Iterator[list[dict]]:
+    batch: list[dict[str, Any]] = []
+    for count, row in enumerate(rows, start=1):
+        batch.append(row)
+        if len(batch) == size or count == limit:
+            yield batch
+            batch = []
+        if count == limit:
+            return
+    if batch:
+        yield batch
+
+
+class DropTally:
+    """A drop's figures for `verdict`, streamed in bounded memory: images, flagged, the sum and
+    sum of squares of finite bits/dim (about `center`, for precision), and a uniform sample of
+    at most `keep` ood_scores for the KS test (random priorities, the `keep` lowest kept)."""
+
+    def __init__(self, threshold: float, center: float = 0.0, keep: int = 1_000_000) -> None:
+        self.threshold, self.center, self.keep = threshold, center, keep
+        self.count = self.flagged = self.finite = 0
+        self.total = self.squares = 0.0
+        self._rng = np.random.default_rng(0)
+        self._sample = np.zeros(0)
+        self._priority = np.zeros(0)
+
+    def add(self, bits_per_dim: np.ndarray, ood_score: np.ndarray) -> None:
+        bits = np.asarray(bits_per_dim, dtype=np.float64)
+        ood = np.asarray(ood_score, dtype=np.float64)
+        self.count += len(ood)
+        self.flagged += int(flags(ood, self.threshold).sum())
+        shifted = bits[np.isfinite(bits)] - self.center
+        self.finite += len(shifted)
+        self.total += float(shifted.sum())
+        self.squares += float((shifted**2).sum())
+        sample = np.concatenate([self._sample, np.where(np.isnan(ood), np.inf, ood)])
+        priority = np.concatenate([self._priority, self._rng.random(len(ood))])
+        if len(sample) > self.keep:
+            lowest = np.argpartition(priority, self.keep)[: self.keep]
+            sample, priority = sample[lowest], priority[lowest]
+        self._sample, self._priority = sample, priority
+
+    @property
+    def sample(self) -> np.ndarray:
+        """The ood_scores kept for the KS test (all of them while count <= keep)."""
+        return self._sample
+
+    @property
+    def bits_mean(self) -> float:
+        return self.center + self.total / self.finite if self.finite else math.nan
+
+    @property
+    def bits_std(self) -> float:
+        if self.finite < 2:
+            return math.nan
+        mean = self.total / self.finite
+        return math.sqrt(max(self.squares - self.finite * mean**2, 0.0) / (self.finite - 1))
+
+
+def flags(ood_score: np.ndarray, threshold: float) -> np.ndarray:
+    """True where ood_score > threshold or is NaN (an unusual image either way)."""
+    return ~(np.asarray(ood_score, dtype=np.float64) <= threshold)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """The verdict on one drop (module docstring); p-values are one- or two-sided as stated
+    there."""
+
+    level: str  # none | suspected | detected
+    images: int
+    flagged: int
+    expected_share: float  # 1 - q
+    threshold: float
+    flag_p_value: float
+    ks_statistic: float
+    ks_p_value: float
+    bits_mean: float
+    validation_bits_mean: float
+    typicality_z: float
+    typicality_p_value: float
+    typicality_effect: float  # |mean difference| / validation std
+
+    @property
+    def flagged_share(self) -> float:
+        return self.flagged / self.images
+
+    def line(self) -> str:
+        """`drift: detected (flagged 41.2% vs 5% expected, p < 1e-9; KS D 0.61, ...)`."""
+        return (
+            f"drift: {self.level} (flagged {self.flagged_share:.1%} vs "
+            f"{self.expected_share * 100:.3g}% expected, {_p(self.flag_p_value)}; KS D "
+            f"{self.ks_statistic:.3f}, {_p(self.ks_p_value)}; bits/dim {self.bits_mean:.4f} vs "
+            f"{self.validation_bits_mean:.4f}, z {self.typicality_z:.1f}; {self.images:,} images)"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """The figures as MLflow metrics (drift_level: 0 none, 1 suspected, 2 detected)."""
+        return {
+            "drift_level": float(LEVELS.index(self.level)),
+            "drift_flagged_share": self.flagged_share,
+            "drift_expected_share": self.expected_share,
+            "drift_threshold": self.threshold,
+            "drift_flag_p_value": self.flag_p_value,
+            "drift_ks_statistic": self.ks_statistic,
+            "drift_ks_p_value": self.ks_p_value,
+            "drift_bits_mean": self.bits_mean,
+            "drift_validation_bits_mean": self.validation_bits_mean,
+            "drift_typicality_z": self.typicality_z,
+            "drift_typicality_p_value": self.typicality_p_value,
+            "drift_typicality_effect": self.typicality_effect,
+        }
+
+
+def _p(value: float) -> str:
+    return "p < 1e-9" if value < 1e-9 else f"p = {value:.2g}"
+
+
+def verdict(calibration: Calibration, drop: DropTally, quantile: float | None = None) -> Drift:
+    """The drop's verdict against `calibration`, flags at its `quantile` (module docstring).
+
+    Raises:
+        ValueError: an empty drop, or one tallied at another threshold than `quantile`'s.
+    """
+    from scipy import stats
+
+    q = calibration.quantile if quantile is None else quantile
+    threshold = calibration.threshold(q)
+    if drop.count == 0:
+        raise ValueError("drift: expected a drop of at least one image, found none")
+    if not math.isclose(drop.threshold, threshold, rel_tol=0, abs_tol=1e-12):
+        raise ValueError(f"drift: the drop was flagged at {drop.threshold}, expected {threshold}")
+    expected = 1.0 - q
+    flag_p = float(stats.binom.sf(drop.flagged - 1, drop.count, expected))
+    ks = stats.ks_2samp(drop.sample, calibration.ood_score)
+    m, s_val = calibration.count, calibration.bits_std
+    difference = drop.bits_mean - calibration.bits_mean
+    drop_var = drop.bits_std**2 / drop.finite if drop.finite > 1 else 0.0
+    z = difference / math.sqrt(s_val**2 / m + drop_var)
+    typicality_p = float(2 * stats.norm.sf(abs(z)))
+    effect = abs(difference) / s_val
+    ratio = drop.flagged / drop.count / expected
+    level = "none"
+    for name, (alpha, min_ratio, min_d, min_effect) in RULES.items():
+        if (
+            (flag_p < alpha and ratio >= min_ratio)
+            or (ks.pvalue < alpha and ks.statistic >= min_d)
+            or (typicality_p < alpha and effect >= min_effect)
+        ):
+            level = name
+            break
+    return Drift(
+        level,
+        drop.count,
+        drop.flagged,
+        expected,
+        threshold,
+        flag_p,
+        float(ks.statistic),
+        float(ks.pvalue),
+        drop.bits_mean,
+        calibration.bits_mean,
+        z,
+        typicality_p,
+        effect,
+    )
