@@ -9,6 +9,12 @@ A version without a finite validation bits/dim is never registered and never bec
 A registered name holds one image shape: a version of another shape is refused at registration and
 at promotion (`ShapeMismatch`), since scoring and serving by alias assume the shape stays.
 
+A version may carry its calibration (pipeline.model.calibration: its validation scores, what
+"normal" is for exactly that model): `calibration/v<version>.json` on the version's run, named by
+the version's tag `calibration`, and tags `calibration.count`, `calibration.threshold` and the
+ood_score quantiles (`store_calibration`, `load_calibration`). Training stores it at registration;
+`flowray models calibrate` does for older versions.
+
 A registered version's model is a flow logged to MLflow (`log_flow_model`): a pyfunc "model from
 code" with a signature and an input example. It holds the entry pipeline/model/pyfunc_entry.py, the `flow` artifact (model.safetensors +
 flow_config.json) and the code loading needs: flowmodel/ and a pipeline/ holding only __init__.py,
@@ -45,6 +51,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 from flowmodel import Flow
 from pipeline.errors import FlowrayError
 from pipeline.model.artifact import load_flow, save_flow
+from pipeline.model.calibration import Calibration
 from pipeline.model.noise import noise_scheme_of
 from pipeline.storage import redact_url
 from pipeline.tracking.connection import quiet_mlflow
@@ -64,10 +71,12 @@ __all__ = [
     "example_images",
     "flow_signature",
     "list_models",
+    "load_calibration",
     "log_flow_model",
     "promote",
     "register_flow",
     "resolve_model",
+    "store_calibration",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +84,7 @@ log = logging.getLogger(__name__)
 CANDIDATE, CHAMPION = "candidate", "champion"
 VAL_TAG = "val_bits_per_dim"
 SHAPE_TAG = "image_shape"
+CALIBRATION_TAG = "calibration"  # where the version's calibration JSON is (a runs:/ URI)
 
 
 class ModelNotFound(FlowrayError, LookupError):
@@ -188,11 +198,16 @@ def list_models(name: str | None = None) -> list[RegisteredModelInfo]:
 
 
 def register_flow(
-    model_uri: str, name: str, val_bits_per_dim: float, run_id: str | None = None
+    model_uri: str,
+    name: str,
+    val_bits_per_dim: float,
+    run_id: str | None = None,
+    calibration: Calibration | None = None,
 ) -> Promotion:
     """Register `model_uri` (a flow logged by `log_flow_model`) as a new version of `name`, tagged
-    with its validation bits/dim and image shape, alias it `candidate`, and move `champion` to it
-    when its validation bits/dim beats the champion's (`promote`).
+    with its validation bits/dim and image shape (and `calibration`, stored with it), alias it
+    `candidate`, and move `champion` to it when its validation bits/dim beats the champion's
+    (`promote`).
 
     `run_id` is not needed: MLflow links the version to the run that logged the model. It stays
     in the signature for callers that pass it.
@@ -218,8 +233,42 @@ def register_flow(
     with quiet_mlflow(), contextlib.redirect_stderr(printed):
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
     log.debug("mlflow.register_model: %s", printed.getvalue().strip())
+    if calibration is not None:
+        store_calibration(name, version, calibration)
     MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
     return promote(name, version, force=False)
+
+
+def store_calibration(name: str, version: str, calibration: Calibration) -> str:
+    """Log `calibration` as `calibration/v<version>.json` on the version's run and tag the version
+    with where it is and its figures (module docstring); returns its runs:/ URI.
+
+    Raises:
+        RegistrationError: the version has no run to hold the file.
+    """
+    client = MlflowClient()
+    run_id = client.get_model_version(name, version).run_id
+    if not run_id:
+        raise RegistrationError(
+            f"cannot calibrate {name} v{version}: expected a version linked to a run (its "
+            "calibration file goes there), found none"
+        )
+    path = f"calibration/v{version}.json"
+    with quiet_mlflow():
+        client.log_dict(run_id, calibration.to_dict(), path)
+    uri = f"runs:/{run_id}/{path}"
+    for key, value in {**calibration.tags(), CALIBRATION_TAG: uri}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return uri
+
+
+def load_calibration(name: str, version: str) -> Calibration | None:
+    """The calibration stored with `name` v`version`, None when it has none."""
+    uri = MlflowClient().get_model_version(name, version).tags.get(CALIBRATION_TAG)
+    if not uri:
+        return None
+    with quiet_mlflow():
+        return Calibration.from_dict(mlflow.artifacts.load_dict(uri))
 
 
 def _finite(value: object) -> bool:

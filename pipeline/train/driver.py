@@ -498,7 +498,10 @@ def _finish(
     rates = [m.value for m in client.get_metric_history(run_id, "images_per_second")]
     rate = sorted(rates)[len(rates) // 2] if rates else math.nan
     model_uri = _log_final(config, tracking_uri, run_id, ema_flow, state, val_bpd, skipped)
-    promotion = register_flow(model_uri, config.mlflow.registered_model, val_bpd, run_id)
+    calibration = _calibration(config, ema_flow)
+    promotion = register_flow(
+        model_uri, config.mlflow.registered_model, val_bpd, run_id, calibration
+    )
     client.set_tag(run_id, "model_version", promotion.version)
     client.set_tag(run_id, "champion_decision", promotion.reason)
     client.set_terminated(run_id, status="FINISHED")
@@ -514,6 +517,33 @@ def _finish(
         skipped_images=skipped,
         images_per_second=rate,
     )
+
+
+def _calibration(config: TrainConfig, ema_flow: Flow) -> Any:
+    """The EMA flow's calibration on (the first 20,000 images of) the validation split, stored
+    with the version (pipeline.model.calibration); None, with a warning, when the split cannot
+    be read now: the version is registered without it."""
+    from pipeline.data.reader import iter_input
+    from pipeline.data.tally import SkipTally
+    from pipeline.model.calibration import calibrate_flow
+
+    url = config.data.validation
+    try:
+        rows = iter_input(
+            url,
+            config.storage,
+            shape=tuple(config.model.image_shape),
+            on_error="skip",
+            tally=SkipTally(),
+        )
+        return calibrate_flow(ema_flow, rows, config.eval_seed, 1, source={"data": redact_url(url)})
+    except (FlowrayError, OSError, ValueError) as error:
+        logging.getLogger(__name__).warning(
+            "no calibration for this version (%s: %s); `flowray models calibrate` adds it",
+            type(error).__name__,
+            error,
+        )
+        return None
 
 
 def _log_final(
