@@ -17,6 +17,8 @@ Exit codes, the same for every command (`flowray --help` and docs/cli.md list th
     3  finished, but some items were left out (and reported)
     4  refused by a rule: the command ran and declined, nothing changed (`models promote` of a
        version that is not better than the alias's holder; --force overrides)
+    5  drift: the scored images are not the data the model was calibrated on, at the level the
+       user asked to fail at (`flowray score --fail-on-drift`, `flowray scores drift --fail-on`)
 A user error exits 2 unless its class (or the error itself) says otherwise with an `exit_code`
 attribute: a FlowrayError that reports a runtime failure sets `exit_code = 1`
 (`exit_code_of`).
@@ -32,6 +34,7 @@ from pipeline.errors import FlowrayError
 
 __all__ = [
     "EXIT_FAILURE",
+    "EXIT_DRIFT",
     "EXIT_OK",
     "EXIT_PARTIAL",
     "EXIT_REFUSED",
@@ -52,6 +55,7 @@ EXIT_FAILURE = 1  # the job failed at run time (a bug, a service down, a Ray fai
 EXIT_USAGE = 2  # usage or configuration error: nothing was done
 EXIT_PARTIAL = 3  # finished, but some items (e.g. unreadable shards) were left out and reported
 EXIT_REFUSED = 4  # refused by a rule (a promotion that is not better): nothing changed
+EXIT_DRIFT = 5  # a drift verdict at or above the level asked to fail at (scoring)
 USER_ERRORS: tuple[type[BaseException], ...] = (FlowrayError, FileNotFoundError)
 # Ray wraps a task's or Train worker's error (RayTaskError.cause, TrainingFailedError's
 # __cause__); a few links are enough to reach ours.

@@ -12,7 +12,10 @@ version, so a growing prefix costs only what arrived); see pipeline/batch/scorin
 
 Exit codes: 0 every shard scored; 3 (EXIT_PARTIAL) finished, but shards that could not be read
 whole were left out (each printed with its reason; a rerun retries them); 1 (EXIT_FAILURE) no
-shard of the split could be scored; 2 a usage or configuration error, nothing done.
+shard of the split could be scored; 2 a usage or configuration error, nothing done; 5 (EXIT_DRIFT)
+every shard scored, but the run's drift verdict is at least --fail-on-drift (off by default).
+The run prints its verdict against the model version's calibration (`drift: none | suspected |
+detected (...)`, pipeline.model.calibration).
 
 The model is --model (or --set model=...), else $FLOWRAY_SCORE_MODEL, else the --config file's
 (command line over environment over file, as the AWS CLI does): scheduled jobs
@@ -38,7 +41,7 @@ from jobs.config import (
     job_parser,
     setup_logging,
 )
-from jobs.errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, run_main
+from jobs.errors import EXIT_DRIFT, EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, run_main
 
 if TYPE_CHECKING:
     from pipeline.batch.scoring.config import ScoreResult
@@ -74,9 +77,18 @@ def model_option(args: argparse.Namespace) -> str | None:
     return os.environ.get(MODEL_VARIABLE) or None
 
 
-def print_result(result: ScoreResult) -> int:
-    """The job's closing lines, and its exit code by `result.status` (module docstring)."""
+def drift_exit(level: str, fail_on: str) -> bool:
+    """Whether a verdict `level` reaches `fail_on` ("off", "suspected" or "detected")."""
+    from pipeline.model.calibration import LEVELS
+
+    return fail_on != "off" and level in LEVELS and LEVELS.index(level) >= LEVELS.index(fail_on)
+
+
+def print_result(result: ScoreResult, fail_on_drift: str = "off") -> int:
+    """The job's closing lines, and its exit code by `result.status` and the drift verdict
+    (module docstring)."""
     print(result.line())
+    print(result.drift or "drift: unknown (no images scored in this run)")
     for line in result.left_out_lines():
         print(f"  {line}")
     if result.summary_url:
@@ -89,6 +101,9 @@ def print_result(result: ScoreResult) -> int:
         )
     elif result.status == "failed":
         print(f"no shard of {result.shards_total} could be scored", file=sys.stderr)
+    if result.status == "complete" and drift_exit(result.drift_level, fail_on_drift):
+        print(f"{result.drift_level} drift: exit {EXIT_DRIFT}", file=sys.stderr)
+        return EXIT_DRIFT
     return EXIT_CODES[result.status]
 
 
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         check_tracking_server(resolve_tracking_uri(config.tracking_uri))
         check_local_gpus("--gpus-per-actor", config.gpus_per_actor, args.address)
         connect_ray(args.address, args.verbose)
-        return print_result(score(config))
+        return print_result(score(config), config.fail_on_drift)
 
     return run_main(PROG, body)
 

@@ -14,6 +14,7 @@ __all__ = [
     "captioned_images_png",
     "image_grid",
     "png_bytes",
+    "score_histograms",
     "titled_grid_png",
     "training_curves",
 ]
@@ -105,6 +106,40 @@ def bits_per_dim_histogram(
         ax.axvline(value, color=f"C{i + 1}", linestyle="--", label=f"{name} {value:.3f}")
     ax.set_xlabel("bits per dimension (lower = more likely)")
     ax.set_ylabel("images per bin")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _figure_png(fig)
+
+
+def score_histograms(
+    series: dict[str, np.ndarray],
+    title: str,
+    xlabel: str,
+    markers: dict[str, float] | None = None,
+    bins: int = 60,
+) -> bytes:
+    """Histograms of several samples of one score (e.g. a drop over the validation split) on
+    shared bins, each normalised to a density so samples of any size compare; non-finite values
+    are left out (counted in the legend). As PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = {name: np.asarray(v, dtype=float) for name, v in series.items()}
+    finite = {name: v[np.isfinite(v)] for name, v in finite.items()}
+    values = np.concatenate([v for v in finite.values() if len(v)] or [np.zeros(1)])
+    edges = np.histogram_bin_edges(values, bins=bins)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, v in finite.items():
+        left_out = len(series[name]) - len(v)
+        label = f"{name} ({len(v):,} images" + (f", {left_out:,} non-finite)" if left_out else ")")
+        ax.hist(v, bins=edges, density=True, alpha=0.5, label=label)
+    for i, (name, value) in enumerate((markers or {}).items()):
+        ax.axvline(value, color=f"C{i + 2}", linestyle="--", label=f"{name} {value:.3f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density (share of images per unit)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

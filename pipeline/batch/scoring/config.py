@@ -38,6 +38,10 @@ class ScoreConfig:
             the training job's validation bits/dim.
         on_error: an unreadable image is logged, counted and left out ("skip") or stops the job.
         least_likely: how many of the least likely images the summary grid shows.
+        flag_quantile: an image is flagged (column `flagged`) when its ood_score is above this
+            quantile of the model version's validation ood_score (its calibration).
+        fail_on_drift: exit 5 (EXIT_DRIFT) when this run's drift verdict is at least this level
+            ("off": never).
         tracking_uri: MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else
             sqlite:///<workdir>/mlflow.db, workdir $FLOWRAY_WORKDIR or flowray-work).
         experiment: MLflow experiment of the summary run.
@@ -61,6 +65,8 @@ class ScoreConfig:
     seed: int = 0
     on_error: Literal["skip", "fail"] = "skip"
     least_likely: int = 32
+    flag_quantile: float = 0.95
+    fail_on_drift: Literal["off", "suspected", "detected"] = "off"
     tracking_uri: str | None = None
     experiment: str = "flowray-scoring"
     log_to_mlflow: bool = True
@@ -83,6 +89,8 @@ class ScoreConfig:
             )
         if self.least_likely < 0:
             raise ValueError(f"least_likely: expected >= 0, found {self.least_likely}")
+        if not 0 < self.flag_quantile < 1:
+            raise ValueError(f"flag_quantile: expected in (0, 1), found {self.flag_quantile}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,11 @@ class ScoreResult:
     listing_seconds: float = 0.0  # the one listing of the input
     shards_new: int = 0  # shards with no file before this run
     shards_changed: int = 0  # foreign shards rewritten in place since their file was written
+    files_written: tuple[str, ...] = ()  # this run's Parquet files (names under `output`)
+    drift_level: str = (
+        "unknown"  # none | suspected | detected | unknown (pipeline.model.calibration)
+    )
+    drift: str = ""  # the verdict's line: "drift: none (flagged 5.1% vs 5% expected, ...)"
 
     @property
     def status(self) -> Literal["complete", "partial", "failed"]:

@@ -68,6 +68,12 @@ A run goes through four phases, one module each:
                tasks, reruns and concurrent jobs (a rerun scores only the shards without a file)
     report     pipeline.batch.scoring.report: summary files beside the outputs, MLflow summary run
 
+Flags and drift: a version registered with a calibration (pipeline.model.calibration, stored by
+pipeline.tracking.registry) gets a `flagged` column (ood_score above the `flag_quantile` of its
+validation ood_score), and each run a verdict on the images it scored (`drift: none | suspected |
+detected`, in the result, summary.json and the MLflow run); without one, `flagged` is null and
+the verdict "unknown".
+
 Under on_error="skip", bad images (a member read whole that does not decode or breaks the image
 limits) are logged with shard and key by the reader, left out of their shard's file and recorded
 in its Parquet metadata; a shard that cannot be read whole (missing, truncated, another size or
@@ -110,6 +116,7 @@ from pipeline.batch.scoring.output import (
 from pipeline.batch.scoring.report import ScoreStats, report
 from pipeline.data.inputs import InputPlan, resolve_input
 from pipeline.data.tally import SkipTally
+from pipeline.model.calibration import Calibration, DropTally
 from pipeline.storage import (
     WriteOnceUnsupported,
     check_access,
@@ -151,6 +158,7 @@ class _Plan:
     tracking_uri: str
     changed: int = 0  # foreign shards rewritten since their file was written
     orphans: tuple[str, ...] = ()  # files of shards the input no longer lists
+    calibration: Calibration | None = None  # the model version's (registry), if it has one
 
     @property
     def already_done(self) -> int:
@@ -164,6 +172,7 @@ class _Plan:
 @dataclass(frozen=True)
 class _Collected:
     written: tuple[str, ...]
+    files: tuple[str, ...]  # their Parquet files
     stats: ScoreStats
     images_skipped: int  # bad images left out of the shards written
     left_out: tuple[tuple[str, str], ...]  # (shard, reason): shards that got no file
@@ -190,7 +199,7 @@ def score(
     if not plan.targets:
         if plan.present:
             check_settings(plan.prefix, plan.settings, config.storage)
-        nothing = _Collected((), ScoreStats(keep=0), 0, (), 0, 0.0)
+        nothing = _Collected((), (), ScoreStats(keep=0), 0, (), 0, 0.0)
         result = _result(plan, nothing)
         logger.info(result.line())
         return result
@@ -209,9 +218,15 @@ def score(
     shards = list(plan.targets)
     shape = plan.model.image_shape
     rows = build_pipeline(config, plan.model.payload, plan.input, shards, tally, shape)
-    collected = _collect(config, plan, rows, tally, on_shard_written)
+    drop = None
+    if plan.calibration is not None:
+        threshold = plan.calibration.threshold(config.flag_quantile)
+        drop = DropTally(threshold, plan.calibration.bits_mean)
+    collected = _collect(config, plan, rows, tally, on_shard_written, drop)
     result = _result(plan, collected)
-    return report(config, result, collected.stats, tally, plan.tracking_uri, shape)
+    return report(
+        config, result, collected.stats, tally, plan.tracking_uri, shape, plan.calibration, drop
+    )
 
 
 def _plan(config: ScoreConfig) -> _Plan:
@@ -240,6 +255,11 @@ def _plan(config: ScoreConfig) -> _Plan:
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     model = resolve_batch_model(config.model)
+    calibration = None
+    if config.model.startswith("models:/"):
+        from pipeline.tracking.registry import load_calibration
+
+        calibration = load_calibration(model.name, model.version)
     manifest = source.manifest
     if manifest is not None and tuple(manifest.shape) != model.image_shape:
         raise ScoreError(
@@ -286,6 +306,7 @@ def _plan(config: ScoreConfig) -> _Plan:
         tracking_uri=tracking_uri,
         changed=changed,
         orphans=orphan_files(names, {ref.stem for ref in source.shards}),
+        calibration=calibration,
     )
     logger.info(
         "listed %d shards in %.2f s: %d new, %d changed, %d already done",
@@ -368,17 +389,26 @@ def _collect(
     rows: Any,
     tally: SkipTally,
     on_shard_written: Callable[[str], None] | None,
+    drop: DropTally | None = None,
 ) -> _Collected:
-    """Stream the score rows into the shard files and the statistics until the pipeline ends."""
+    """Stream the score rows into the shard files, the statistics and `drop` (flagged at its
+    threshold) until the pipeline ends."""
     stats = ScoreStats(config.least_likely)
+
+    def on_rows(frame: Any) -> None:
+        stats.add(frame)
+        if drop is not None:
+            drop.add(frame["bits_per_dim"].to_numpy(), frame["ood_score"].to_numpy())
+
     collector = ShardCollector(
         plan.prefix,
         plan.targets,
         config.storage,
         on_shard_written,
-        stats.add,
+        on_rows,
         tally.outcome,
         orphans=plan.orphans,
+        threshold=drop.threshold if drop is not None else None,
     )
     started = time.perf_counter()
     for batch in rows.iter_batches(batch_size=None, batch_format="pandas"):
@@ -396,6 +426,7 @@ def _collect(
 
     return _Collected(
         written=tuple(collector.written),
+        files=tuple(plan.targets[by_label[label]].file for label in collector.written),
         stats=stats,
         images_skipped=sum(len(o.skipped_keys) for url, o in outcomes.items() if url in written),
         left_out=tuple(sorted(collector.left_out.items())),
@@ -429,4 +460,5 @@ def _result(plan: _Plan, collected: _Collected) -> ScoreResult:
         listing_seconds=plan.input.listing_seconds,
         shards_new=plan.new,
         shards_changed=plan.changed,
+        files_written=collected.files,
     )

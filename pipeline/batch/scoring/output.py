@@ -6,6 +6,10 @@ lands exactly once across crashes, retries, reruns and concurrent jobs.
                                                               version (`shard_file`; see
                                                               pipeline.batch.scoring.job)
 
+Beside the scores, `flagged`: ood_score above the model version's flag threshold (its
+calibration's quantile, pipeline.model.calibration; the file's `flowray.flag_threshold` metadata
+says which), null when the version has no calibration.
+
 `ShardCollector` receives the score rows as the pipeline streams them and groups them by shard (the
 first copy of each key wins, in case a task is retried). The reader hands on a shard's last row
 only after the whole shard was read (prepared: size, sha256, sample count checked; foreign: the
@@ -61,9 +65,11 @@ import pandas as pd
 from pipeline.batch.scoring.config import ScoreError
 from pipeline.data.inputs import ShardRef
 from pipeline.data.tally import ShardOutcome
+from pipeline.model.calibration import flags
 from pipeline.storage import StorageConfig, join_url, read_bytes, write_once
 
 __all__ = [
+    "FLAG_THRESHOLD_KEY",
     "OUTPUT_COLUMNS",
     "PREPARED_SHARDS_KEY",
     "SETTINGS_FILE",
@@ -93,6 +99,7 @@ OUTPUT_COLUMNS = (
     "bits_per_dim",
     "png_bits_per_dim",
     "ood_score",
+    "flagged",
     "orig_width",
     "orig_height",
 )
@@ -104,6 +111,7 @@ SKIPPED_KEYS_KEY = "flowray.skipped_keys"
 SHARD_URL_KEY = "flowray.shard_url"
 SHARD_VERSION_KEY = "flowray.shard_version"
 SHARD_SIZE_KEY = "flowray.shard_size"
+FLAG_THRESHOLD_KEY = "flowray.flag_threshold"  # the ood_score above which `flagged` is true
 # Settings an earlier flowray did not record, as they were then: files made before the noise
 # scheme was recorded used the first one.
 LEGACY_SETTINGS = {"noise_scheme": "mt19937-v1"}
@@ -197,8 +205,14 @@ def check_settings(prefix: str, settings: dict[str, Any], storage: StorageConfig
     )
 
 
-def _table(frame: pd.DataFrame, target: ShardTarget, skipped_keys: Sequence[str]) -> Any:
-    """The shard's rows as an Arrow table with fixed column types and the skip metadata."""
+def _table(
+    frame: pd.DataFrame,
+    target: ShardTarget,
+    skipped_keys: Sequence[str],
+    threshold: float | None = None,
+) -> Any:
+    """The shard's rows as an Arrow table with fixed column types, the flags at `threshold`
+    (null without one) and the skip metadata."""
     import pyarrow as pa
 
     schema = pa.schema(
@@ -210,6 +224,7 @@ def _table(frame: pd.DataFrame, target: ShardTarget, skipped_keys: Sequence[str]
             ("bits_per_dim", pa.float64()),
             ("png_bits_per_dim", pa.float64()),
             ("ood_score", pa.float64()),
+            ("flagged", pa.bool_()),
             ("orig_width", pa.int64()),
             ("orig_height", pa.int64()),
         ],
@@ -217,10 +232,16 @@ def _table(frame: pd.DataFrame, target: ShardTarget, skipped_keys: Sequence[str]
             **target.metadata,
             SKIPPED_COUNT_KEY: str(len(skipped_keys)),
             SKIPPED_KEYS_KEY: json.dumps(sorted(skipped_keys)),
+            FLAG_THRESHOLD_KEY: "" if threshold is None else repr(threshold),
         },
     )
     frame = frame.sort_values("key", kind="stable").reset_index(drop=True)
-    frame = frame.assign(shard=target.label)
+    flagged = (
+        pd.array(flags(frame["ood_score"].to_numpy(), threshold))
+        if threshold is not None
+        else pd.array([None] * len(frame), dtype="boolean")
+    )
+    frame = frame.assign(shard=target.label, flagged=flagged)
     for name in ("orig_width", "orig_height"):  # rows of readers that do not know them
         if name not in frame:
             frame[name] = -1
@@ -233,6 +254,7 @@ def _write_shard(
     frame: pd.DataFrame,
     skipped_keys: Sequence[str],
     storage: StorageConfig,
+    threshold: float | None = None,
 ) -> bool:
     """Write one shard's rows as Parquet, once (see the module docstring); False when a file was
     there already (another job on this prefix wrote it first)."""
@@ -240,7 +262,7 @@ def _write_shard(
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(_table(frame, target, skipped_keys), sink)
+    pq.write_table(_table(frame, target, skipped_keys, threshold), sink)
     return write_once(join_url(prefix, target.file), sink.getvalue().to_pybytes(), storage)
 
 
@@ -314,6 +336,7 @@ class ShardCollector:
         orphans: files under `prefix` of shards the input no longer lists (`orphan_files`);
             each is deleted just before a file holding one of its keys is written (module
             docstring). Their keys are read once, when the first shard is written.
+        threshold: the flag threshold of the `flagged` column (None: null flags).
 
     A shard is complete when its rows `shard_rows` (the reader's end marker, carried on its last
     row) have all arrived, or, without markers, its manifest count. Only the rows of shards in
@@ -331,8 +354,9 @@ class ShardCollector:
         on_rows: Callable[[pd.DataFrame], None] | None = None,
         outcome_of: Callable[[str], ShardOutcome | None] | None = None,
         orphans: Sequence[str] = (),
+        threshold: float | None = None,
     ) -> None:
-        self.prefix, self.storage = prefix, storage
+        self.prefix, self.storage, self.threshold = prefix, storage, threshold
         self.targets = {
             shard: t if isinstance(t, ShardTarget) else ShardTarget(parquet_name(shard), shard, t)
             for shard, t in targets.items()
@@ -429,7 +453,7 @@ class ShardCollector:
             else pd.DataFrame({name: [] for name in (*OUTPUT_COLUMNS, "png")})
         )
         self._retire_orphans(set(frame["key"]))
-        if not _write_shard(self.prefix, target, frame, skipped_keys, self.storage):
+        if not _write_shard(self.prefix, target, frame, skipped_keys, self.storage, self.threshold):
             logger.info("shard %s: its file was already written (another job): kept", target.label)
         if target.stale:
             remove_files(self.prefix, target.stale, self.storage)

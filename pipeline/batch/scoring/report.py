@@ -5,6 +5,12 @@ the outputs, and the MLflow summary run.
                                                               shards left out (shard + reason)
     <prefix>/_summary/<UTC time>/bits_per_dim_histogram.png
     <prefix>/_summary/<UTC time>/least_likely.png             the least likely images, captioned
+    <prefix>/_summary/<UTC time>/ood_score_histogram.png      the run's ood_score over the
+                                                              validation's (with a calibration)
+
+summary.json also lists the run's Parquet files (`files`: what `flowray scores drift --run` reads)
+and its drift verdict (`drift`: level, line and figures, pipeline.model.calibration), which the
+MLflow run gets as `drift_*` metrics and the tag `flowray.drift`.
 
 A bits/dim that is not finite (+inf when the flow's density underflows to zero on an image far
 from the data, NaN when it breaks) stays so in the Parquet files. Here such images are counted
@@ -29,9 +35,10 @@ import pandas as pd
 
 from pipeline.batch.scoring.config import ScoreConfig, ScoreResult
 from pipeline.data.tally import SkipTally
+from pipeline.model.calibration import Calibration, Drift, DropTally, verdict
 from pipeline.storage import join_url, redact_url, write_bytes_atomic
 
-__all__ = ["SUMMARY_DIR", "ScoreStats", "json_number", "report"]
+__all__ = ["SUMMARY_DIR", "ScoreStats", "drift_unknown", "json_number", "report"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +153,20 @@ def report(
     tally: SkipTally | None,
     tracking_uri: str,
     shape: tuple[int, int, int],
+    calibration: Calibration | None = None,
+    drop: DropTally | None = None,
 ) -> ScoreResult:
     """Write the summary files under _summary/<time>/ and log the MLflow summary run; returns
-    `result` with where they went."""
+    `result` with where they went and its drift verdict (against `calibration`, of `drop`)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     summary_url = join_url(result.output, SUMMARY_DIR, stamp)
     metrics = _metrics(result, stats)
+    drift = None
+    if calibration is not None and drop is not None and drop.count:
+        drift = verdict(calibration, drop, config.flag_quantile)
+        metrics |= drift.metrics()
+    level, line = (drift.level, drift.line()) if drift else ("unknown", _unknown(config, result))
+    result = dataclasses.replace(result, drift_level=level, drift=line)
     if stats.non_finite:
         logger.warning(
             "%d of %d images have a non-finite bits/dim (kept as such in the files, ranked least "
@@ -161,6 +176,8 @@ def report(
             stats.finite,
         )
     files = _pictures(result, stats, shape)
+    if drift is not None and calibration is not None and drop is not None:
+        files["ood_score_histogram.png"] = _drift_histogram(result, drift, calibration, drop)
     summary = {
         "model": redact_url(config.model),
         "model_name": result.model_name,
@@ -173,6 +190,8 @@ def report(
         "least_likely": [
             {"key": key, "bits_per_dim": json_number(bits)} for bits, key, _ in stats.least_likely()
         ],
+        "drift": {"level": level, "line": line},
+        "files": list(result.files_written),
         "left_out": [{"shard": s, "reason": r} for s, r in result.shards_left_out],
         "skipped": [dataclasses.asdict(s) for s in tally.records()[:100]] if tally else [],
     }
@@ -184,6 +203,36 @@ def report(
     if config.log_to_mlflow:
         run_id = _log_run(config, result, metrics, files, tracking_uri, stamp)
     return dataclasses.replace(result, summary_url=summary_url, mlflow_run_id=run_id)
+
+
+def drift_unknown(name: str, version: str, registered: bool) -> str:
+    """The verdict line of a model version without a calibration."""
+    if not registered:
+        return "drift: unknown (a model outside the registry has no calibration)"
+    return (
+        f"drift: unknown (model version has no calibration: run flowray models calibrate {name} "
+        f"{version} --data <its validation split>)"
+    )
+
+
+def _unknown(config: ScoreConfig, result: ScoreResult) -> str:
+    if not result.images_scored:
+        return "drift: unknown (no images scored in this run)"
+    registered = config.model.startswith("models:/")
+    return drift_unknown(result.model_name, result.model_version, registered)
+
+
+def _drift_histogram(
+    result: ScoreResult, drift: Drift, calibration: Calibration, drop: DropTally
+) -> bytes:
+    from pipeline.plots import score_histograms
+
+    return score_histograms(
+        {"validation": calibration.ood_score, "this run": drop.sample},
+        f"ood_score under {result.model_name} v{result.model_version}: {drift.level}",
+        "ood_score (bits/dim minus PNG bits/dim; higher = more unusual)",
+        {f"flag threshold (q={1 - drift.expected_share:g})": drift.threshold},
+    )
 
 
 def _metrics(result: ScoreResult, stats: ScoreStats) -> dict[str, float]:
@@ -255,6 +304,7 @@ def _log_run(
         "flowray.status": result.status,
         "model_name": result.model_name,
         "model_version": result.model_version,
+        "flowray.drift": result.drift_level,
     }
     if result.shards_left_out:
         listed = "\n".join(f"{shard}: {reason}" for shard, reason in result.shards_left_out)
