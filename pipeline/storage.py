@@ -1,33 +1,22 @@
-"""Storage URLs: one place that turns `/path`, `file://...` or `s3://bucket/prefix` into filesystems.
-
-Every module that reads or writes data goes through here, so S3-compatible stores with a custom
-endpoint (MinIO, Ceph, moto) work everywhere by configuration alone:
+"""Storage URLs: one place that turns `/path`, `file://` or `s3://bucket/prefix` into filesystems,
+so S3-compatible stores with a custom endpoint (MinIO, Ceph, moto) work everywhere by configuration.
 
     storage = StorageConfig(endpoint_url="http://127.0.0.1:9000")   # or from AWS_ENDPOINT_URL
     fs, path = fsspec_filesystem("s3://data/fmnist/train", storage)  # s3fs, "data/fmnist/train"
     afs, path = arrow_filesystem("s3://data/fmnist/train", storage)  # pyarrow S3FileSystem
 
-Credentials are never part of a `StorageConfig`: boto (s3fs) and the AWS SDK (pyarrow) take them
-from the standard chain (environment, ~/.aws, instance roles). So a config can be logged, put in
-MLflow params or pickled into Ray tasks without leaking a secret; `StorageError` messages pass
-through `redact` as a second guard.
+Credentials are never part of a `StorageConfig` (boto and the AWS SDK take them from the standard
+chain), so a config can be logged, put in MLflow params or pickled into Ray tasks; `StorageError`
+messages pass through `redact` as a second guard.
 
-The small helpers (`join_url`, `exists`, `list_names`, `read_bytes`, `write_bytes_atomic`,
-`put_file_atomic`, `write_once`) are what the shard writer, checkpoints and scoring reuse. Writes
-are atomic: a local file appears under its final name only when complete (temp name in the same
-folder, fsync, `os.replace`, fsync of the folder, so a power cut leaves the old file or the whole
-new one); an S3 object is atomic already (a PUT or a completed multipart upload). `write_once`
-creates a file only if it is absent: the same temp and fsyncs, then a hard link instead of a
-rename locally (link(2) refuses an existing name), and a conditional PUT on S3; `check_write_once`
-proves, at the start of a job, that the store under its output honours it.
+Writes are atomic: a local file appears under its final name only when complete (temp in the same
+folder, fsync, `os.replace`, fsync of the folder); an S3 PUT is atomic already. `write_once`
+creates a file only if absent (a hard link locally, a conditional PUT on S3).
 
-Local temp files are named `.<final name>.<host>-<pid>-<random>.tmp`: hidden, and ending in
-`.tmp` whatever the final name, so no listing or glob for `*.tar`, `*.parquet` or a manifest
-ever matches one (a final name too long for that, near the 255-byte NAME_MAX, is cut and ends
-in a digest of the whole). A writer killed mid-write leaves its temp behind; `sweep_temp_files`
-removes the temps in a folder whose writer (same host, that pid) no longer runs. Files bound for
-S3 are staged under the same names in one local folder, `<system temp>/flowray-staging/` (then uploaded
-in one atomic PUT), and a sweep of any s3:// URL sweeps that folder.
+Local temps are named `.<final name>.<host>-<pid>-<random>.tmp`: hidden and ending in `.tmp`, so no
+glob for `*.tar`, `*.parquet` or a manifest matches one. `sweep_temp_files` removes those whose
+writer (same host, that pid) no longer runs. Files bound for S3 are staged under the same names in
+`<system temp>/flowray-staging/`, and a sweep of any s3:// URL sweeps that folder.
 """
 
 from __future__ import annotations
@@ -80,34 +69,24 @@ __all__ = [
 ]
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
-# `user:password@` (or `user@`) right after a scheme: credentials inside a URL, e.g. an MLflow
-# tracking URI with basic auth. No "/" before the "@", so "s3://bucket/key@v2" is left alone.
+# `user:password@` (or `user@`) right after a scheme; no "/" before the "@" ("s3://b/key@v2" stays).
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-# Secrets carried as query parameters: presigned S3/GCS URLs (X-Amz-Signature, X-Amz-Credential,
-# X-Amz-Security-Token, X-Goog-Signature), Azure SAS (sig), and the usual token/key/password names.
-# The name stays (a reader sees which secret was there); the value up to "&", "#", a quote or a
-# blank becomes ***.
+# Secrets carried as query parameters (presigned S3/GCS URLs, Azure SAS, token/key/password names):
+# the name stays, so a reader sees which secret was there; the value becomes ***.
 _QUERY_SECRET = re.compile(
     r"(?P<name>[?&;](?:x-amz-(?:signature|credential)|x-goog-(?:signature|credential)|signature"
     r"|sig|[a-z_.-]*token|password|passwd|pwd|secret|client_secret|api[_-]?key|access[_-]?key)=)"
     r"[^&#;\s\"'<>]+",
     re.IGNORECASE,
 )
-
-
-# Exit codes (jobs.errors, which pipeline does not import): a storage that is down or refusing is
-# a runtime failure; a URL or setting the user got wrong is a usage/configuration error.
+# Exit codes (jobs.errors, which pipeline does not import).
 _RUNTIME_FAILURE = 1
 _USAGE = 2
 
 
 class StorageError(FlowrayError, RuntimeError):
-    """A storage URL cannot be used; the message says what and `hint` says what to try.
-
-    `exit_code` is 1 (runtime failure: an endpoint down, a refused or failed request) unless the
-    raiser says the user's own URL or setup is wrong (2: a malformed URL, no credentials, a bucket
-    that does not exist).
-    """
+    """A storage URL cannot be used: a runtime failure (exit 1: an endpoint down, a refused
+    request) unless the raiser says the user's URL or setup is wrong (2)."""
 
     def __init__(self, message: str, hint: str = "", exit_code: int = _RUNTIME_FAILURE) -> None:
         super().__init__(redact(message), redact(hint))
@@ -116,7 +95,7 @@ class StorageError(FlowrayError, RuntimeError):
 
 @dataclass(frozen=True)
 class StorageConfig:
-    """Where S3 URLs point; local paths ignore it. Holds no credentials (see module docstring).
+    """Where S3 URLs point; local paths ignore it. Holds no credentials.
 
     Attributes:
         endpoint_url: S3-compatible endpoint, e.g. "http://127.0.0.1:9000"; None means AWS_ENDPOINT_URL
@@ -138,8 +117,7 @@ class StorageConfig:
     max_attempts: int = 3
 
     def __post_init__(self) -> None:
-        # Resolved once, where the config is made (the driver), so Ray workers with a different
-        # environment still use the same endpoint.
+        # Resolved where the config is made (the driver): Ray workers use the same endpoint.
         endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
         region = (
             self.region
@@ -167,20 +145,14 @@ class StorageConfig:
 
 
 def redact_url(text: str) -> str:
-    """`text` (a URL, or any text holding URLs) with the `user:password@` of every URL removed
-    and the values of secret query parameters (signatures, credentials, tokens, keys) replaced by
-    ***: what is logged, saved (MLflow params, summaries) or printed never carries them.
-
-        redact_url("https://bob:pw@mlflow.example:5000/x")  ->  "https://mlflow.example:5000/x"
-        redact_url("https://b.s3.amazonaws.com/k?X-Amz-Signature=ab12&X-Amz-Expires=60")
-            ->  "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&X-Amz-Expires=60"
+    """`text` with every URL's `user:password@` removed and the values of secret query parameters
+    replaced by ***: "https://bob:pw@h/k?X-Amz-Signature=ab" -> "https://h/k?X-Amz-Signature=***".
     """
     return _QUERY_SECRET.sub(r"\g<name>***", _URL_USERINFO.sub(r"\g<scheme>", text))
 
 
 def redact(text: str) -> str:
-    """`text` with the values of AWS credential variables in the environment replaced by ***,
-    and credentials inside URLs removed (`redact_url`)."""
+    """`redact_url(text)` with the values of AWS credential variables in the environment ***."""
     text = redact_url(text)
     for name in _SECRET_ENV:
         value = os.environ.get(name)
@@ -246,10 +218,8 @@ def fsspec_filesystem(
 def arrow_filesystem(
     url: str, storage: StorageConfig | None = None
 ) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The pyarrow filesystem for `url` and the path within it.
-
-    pyarrow ignores AWS_ENDPOINT_URL, so the endpoint goes in as endpoint_override + scheme.
-    """
+    """The pyarrow filesystem for `url` and the path within it (pyarrow ignores AWS_ENDPOINT_URL,
+    so the endpoint goes in as endpoint_override + scheme)."""
     import pyarrow.fs as pafs
 
     storage = storage or StorageConfig()
@@ -270,7 +240,7 @@ def arrow_filesystem(
 
 
 def join_url(base: str, *parts: str) -> str:
-    """`base` with relative `parts` appended by "/", keeping its scheme: join_url("s3://b/p", "x")."""
+    """`base` with relative `parts` appended by "/", keeping its scheme."""
     url = base.rstrip("/") if base.rstrip("/") else base
     for part in parts:
         part = part.strip("/")
@@ -284,9 +254,7 @@ def _translated(url: str, storage: StorageConfig | None) -> Iterator[None]:
     """Turn the errors users meet (no endpoint, no credentials, no bucket) into StorageError."""
     try:
         yield
-    except StorageError:
-        raise
-    except FileNotFoundError:
+    except (StorageError, FileNotFoundError):
         raise
     except Exception as err:  # botocore/aiohttp errors have no common base worth importing
         raise _storage_error(url, storage, err) from err
@@ -294,9 +262,8 @@ def _translated(url: str, storage: StorageConfig | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _written(url: str) -> Iterator[None]:
-    """A write to S3 that finds nothing there found no bucket: S3 has no folders, and jobs check
-    the bucket before they start (`check_access`), so it went away mid-run: a runtime failure,
-    not the usage error a missing path given by the user is."""
+    """A write to S3 that finds nothing there lost its bucket mid-run (jobs check it at start,
+    and S3 has no folders): a runtime failure, not a usage error."""
     try:
         yield
     except FileNotFoundError as err:
@@ -345,10 +312,8 @@ def _storage_error(url: str, storage: StorageConfig | None, err: BaseException) 
 
 
 def check_access(url: str, storage: StorageConfig | None = None) -> None:
-    """Fail fast with a StorageError (endpoint, credentials, bucket) before a job starts work.
-
-    A missing prefix is fine (a job may be about to create it); a missing bucket is not.
-    """
+    """Fail fast with a StorageError (endpoint, credentials, bucket) before a job starts work; a
+    missing prefix is fine (a job may be about to create it)."""
     if not is_s3(url):
         _local_path(url)
         return
@@ -400,22 +365,17 @@ def read_bytes(url: str, storage: StorageConfig | None = None) -> bytes:
 # A short tag of this host: a pid names a process only together with its host.
 _HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
-# What writers before this naming left: ".<name>.tmp-<pid>-<random>[<suffix>]".
+# The older naming, still swept: ".<name>.tmp-<pid>-<random>[<suffix>]".
 _OLD_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(\.[A-Za-z0-9]+)?$")
-
-
-# The longest file name (bytes) that Linux, macOS and the usual filesystems accept.
-NAME_MAX = 255
+NAME_MAX = 255  # the longest file name (bytes) the usual filesystems accept
 
 
 def _local_temp_name(path: str) -> str:
     folder, name = os.path.split(path)
-    # Hidden, ".tmp" last, unique per writer: never mistaken for the final file, never shared.
     tail = f".{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     encoded = name.encode()
     if 1 + len(encoded) + len(tail) > NAME_MAX:
-        # A final name near NAME_MAX: keep its start (recognisable in a listing) and a digest of
-        # the whole (two long names with one start get two temps), cut on a character boundary.
+        # Keep the start (recognisable in a listing) and a digest of the whole name.
         digest = "~" + hashlib.sha256(encoded).hexdigest()[:12]
         keep = NAME_MAX - 1 - len(digest) - len(tail)
         name = encoded[:keep].decode(errors="ignore") + digest
@@ -423,7 +383,7 @@ def _local_temp_name(path: str) -> str:
 
 
 def is_temp_name(name: str) -> bool:
-    """True for a temp file name made by this module (now or by earlier versions)."""
+    """True for a temp file name made by this module (either naming)."""
     return bool(_TEMP.match(name) or _OLD_TEMP.match(name))
 
 
@@ -438,17 +398,9 @@ def _process_alive(pid: int) -> bool:
 
 
 def sweep_temp_files(url: str, storage: StorageConfig | None = None) -> list[str]:
-    """Remove the temp files in the local folder `url` that no running writer owns.
-
-    A temp is removed when it was made on this host by a process that no longer runs (or by an
-    earlier version of this module, whose names carry the pid only). Temps of live processes,
-    of other hosts (a shared filesystem) and every other file are left alone. On S3, temps never
-    reach the bucket (they are local files until one atomic upload): for an s3:// `url` the local
-    staging folder (`staging_dir`) is swept instead, whatever the bucket its temps were bound for.
-
-    Returns:
-        The names removed, sorted.
-    """
+    """Remove the temps in the local folder `url` made on this host by a process that no longer
+    runs (temps of the older naming carry a pid only); return their names, sorted. Temps never
+    reach a bucket, so for an s3:// `url` the local `staging_dir` is swept instead."""
     folder = staging_dir() if is_s3(url) else _local_path(url)
     try:
         names = os.listdir(folder)
@@ -484,50 +436,46 @@ def _replace_durably(temp: str, path: str) -> None:
     _fsync_path(os.path.dirname(path) or ".")
 
 
+@contextlib.contextmanager
+def _local_temp(path: str) -> Iterator[str]:
+    """A temp name beside `path` (its folder created); the temp is removed if still there after."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = _local_temp_name(path)
+    try:
+        yield temp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+
+
 def write_bytes_atomic(url: str, data: bytes, storage: StorageConfig | None = None) -> None:
     """Write `data` to `url` so that readers see the old content or all of the new, never a part."""
-    fs, path = fsspec_filesystem(url, storage)
-    if not is_s3(url):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = _local_temp_name(path)
-        try:
-            with open(temp, "wb") as file:
-                file.write(data)
-            _replace_durably(temp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temp)
+    if is_s3(url):
+        fs, key = fsspec_filesystem(url, storage)
+        with _translated(url, storage), _written(url):
+            fs.pipe_file(key, data)
         return
-    with _translated(url, storage), _written(url):
-        fs.pipe_file(path, data)
+    path = _local_path(url)
+    with _local_temp(path) as temp:
+        with open(temp, "wb") as file:
+            file.write(data)
+        _replace_durably(temp, path)
 
 
 def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> bool:
-    """Create `url` holding `data` unless it exists: the first writer wins, and nobody ever
-    rewrites the file. Scoring uses it for its settings file (of two jobs started together on one
-    prefix, one records its settings and the other finds and compares them) and for each shard's
-    Parquet file (a file present is final: no late retry or concurrent job replaces it).
+    """Create `url` holding `data` unless it exists: the first writer wins and nobody rewrites it.
+    Returns True when this call created the file, False when it was there already.
 
-    Local: `data` goes to a temp file in the same folder and reaches the disk, then the temp is
-    hard-linked to the final name. link(2) fails with EEXIST when the name exists, so the check
-    and the creation are one atomic step and the file appears whole. On filesystems without hard
-    links the temp is renamed with RENAME_NOREPLACE instead (renameat2(2): atomic and whole too);
-    where that flag is unsupported as well, it is renamed after a check that the name is free:
-    whole, and exclusive against any later writer, but not against one racing it in that instant.
+    Local: a synced temp is hard-linked to the final name; link(2) refuses an existing name, so
+    the check and the creation are one atomic step. Without hard links, a rename with
+    RENAME_NOREPLACE (renameat2(2)); without that either, a rename after a check that the name is
+    free (exclusive against later writers, not against one racing it in that instant).
 
-    S3: a key that exists already is found first (HEAD), with no write; else one PUT with
-    `If-None-Match: *` (S3's conditional write) settles a race. Any 412 means the key exists,
-    with or without the `<Condition>If-None-Match</Condition>` that AWS puts in its answer and some
-    S3-compatible stores leave out. A 409 (ConditionalRequestConflict: another conditional write
-    of the key in flight) is retried with backoff, at most `_CONFLICT_ATTEMPTS` times. A PUT that
-    succeeded but whose answer was lost and retried also gets a 412: callers that care read the
-    object back and compare, which tells "ours, answered twice" from "someone else's". On a store
-    that ignores the header, the first check still keeps a rerun from rewriting a file, but two
-    writers racing both "create" it: `check_write_once` finds such a store before a job relies on
-    it.
-
-    Returns:
-        True when this call created the file; False when it was there already.
+    S3: an existing key is found first (HEAD); else one PUT with `If-None-Match: *` settles a race.
+    Any 412 means the key exists (some stores leave out the `<Condition>` AWS names); a 409
+    (another conditional write in flight) is retried with backoff. A PUT whose answer was lost and
+    retried also gets a 412: callers that care read the object back and compare. On a store that
+    ignores the header two racing writers both "create" it: `check_write_once` finds such a store.
 
     Raises:
         StorageError: S3 refused the write for another reason, or kept answering 409.
@@ -539,9 +487,7 @@ def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> b
                 return False
         return _put_if_absent(url, data, storage)
     path = _local_path(url)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = _local_temp_name(path)
-    try:
+    with _local_temp(path) as temp:
         with open(temp, "wb") as file:
             file.write(data)
         try:
@@ -550,9 +496,6 @@ def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> b
             if err.errno not in _NO_HARD_LINKS:
                 raise
             return _rename_if_absent(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp)
 
 
 # A 409 ConditionalRequestConflict is retried this many times in all, waiting 0.1 s, 0.2 s, ...
@@ -613,8 +556,7 @@ _AT_FDCWD = -100
 
 def _link_durably(temp: str, path: str) -> bool:
     """Hard-link a complete temp to `path` unless `path` exists (then False), durably as
-    `_replace_durably` renames: the data reaches the disk before the link, the link before we
-    return."""
+    `_replace_durably` renames."""
     _fsync_path(temp)
     try:
         os.link(temp, path)
@@ -640,8 +582,7 @@ def _renameat2_noreplace(temp: str, path: str) -> None:
 
 
 def _rename_if_absent(temp: str, path: str) -> bool:
-    """`write_once` where hard links fail: the complete, synced temp takes the final name in one
-    rename that refuses an existing name, so the name never holds a part of `data`."""
+    """`write_once` where hard links fail: one rename that refuses an existing name."""
     if os.path.exists(path):
         return False
     try:
@@ -659,22 +600,17 @@ def _rename_if_absent(temp: str, path: str) -> bool:
 
 
 class WriteOnceUnsupported(StorageError):
-    """The store under an output prefix accepted a second create of one object: write-once (the
-    settings check, one file per shard under concurrent jobs) cannot hold there."""
+    """The store under an output prefix accepted a second create of one object."""
 
 
 def check_write_once(url: str, storage: StorageConfig | None = None) -> None:
     """Prove that `write_once` holds under the prefix `url` before a job relies on it: create one
     hidden object twice and require the second create itself (on S3 the conditional PUT, not the
-    check before it) to be refused; the object is removed after.
-
-    S3-compatible stores differ: some ignore `If-None-Match: *` (and s3fs before 2024.12, or
-    botocore before 1.35.21, drop it without a word), so every PUT "succeeds": two jobs that
-    create one file at once both win, and the later one overwrites a file that must never change.
+    check before it) to be refused; the object is removed after. Some S3-compatible stores ignore
+    `If-None-Match: *` (and s3fs before 2024.12, or botocore before 1.35.21, drop it silently).
 
     Raises:
-        WriteOnceUnsupported (exit code 2): the second create was accepted; the message names the
-            store and the hint the fixes (another store or versions, or single-writer mode).
+        WriteOnceUnsupported (exit code 2): the second create was accepted.
         StorageError: the probe could not be written or removed.
     """
     probe = join_url(url, f".flowray-write-once-probe-{_HOST_TAG}-{uuid.uuid4().hex[:12]}")
@@ -707,31 +643,17 @@ def _remove_quietly(url: str, storage: StorageConfig | None) -> None:
 
 def put_file_atomic(local_file: str, url: str, storage: StorageConfig | None = None) -> None:
     """Copy a finished local file to `url` atomically (see `write_bytes_atomic`)."""
-    fs, path = fsspec_filesystem(url, storage)
-    if not is_s3(url):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.abspath(local_file) == path:
-            return
-        temp = _local_temp_name(path)
-        try:
-            shutil.copyfile(local_file, temp)
-            _replace_durably(temp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temp)
-        return
-    with _translated(url, storage), _written(url):
-        fs.put_file(local_file, path)
-
-
-def local_temp_dir_for(url: str) -> str | None:
-    """A folder for temp files that can be renamed onto `url`'s folder (same filesystem), or None
-    for object storage, where any local temp folder will do."""
     if is_s3(url):
-        return None
-    folder = os.path.dirname(_local_path(url))
-    os.makedirs(folder, exist_ok=True)
-    return folder
+        fs, key = fsspec_filesystem(url, storage)
+        with _translated(url, storage), _written(url):
+            fs.put_file(local_file, key)
+        return
+    path = _local_path(url)
+    if os.path.abspath(local_file) == path:
+        return
+    with _local_temp(path) as temp:
+        shutil.copyfile(local_file, temp)
+        _replace_durably(temp, path)
 
 
 def staging_dir() -> str:
@@ -741,20 +663,16 @@ def staging_dir() -> str:
     return folder
 
 
-def make_temp_file(url: str, suffix: str = "") -> str:
-    """A new empty local temp file suited to end up at `url` (see `local_temp_dir_for`).
-
-    It is named as the module docstring says: next to a local `url`, or in `staging_dir()` for an
-    S3 `url`, so that `sweep_temp_files` finds it if its writer is killed. `suffix` is not used: a
-    temp must never end like a final file (kept for callers that pass one).
-    """
-    del suffix
-    folder = local_temp_dir_for(url)
-    if folder is None:
+def make_temp_file(url: str) -> str:
+    """A new empty local temp file that `replace_with` can move to `url`: beside a local `url`
+    (same filesystem, so a rename), in `staging_dir()` for an S3 one; a sweep finds either."""
+    if is_s3(url):
         final_name = url.rstrip("/").rsplit("/", 1)[-1] or "object"
         name = _local_temp_name(os.path.join(staging_dir(), final_name))
     else:
-        name = _local_temp_name(_local_path(url))
+        path = _local_path(url)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        name = _local_temp_name(path)
     # Not mkstemp: its 0600 mode would survive the rename; open() applies the umask instead.
     with open(name, "xb"):
         pass

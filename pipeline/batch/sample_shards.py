@@ -42,7 +42,7 @@ class SampleShardWriter:
     def _open(self) -> None:
         import webdataset as wds
 
-        self._temp = make_temp_file(join_url(self.output, shard_name(len(self.infos))), ".tar")
+        self._temp = make_temp_file(join_url(self.output, shard_name(len(self.infos))))
         self._stream = open(self._temp, "wb")  # noqa: SIM115 (closed in close/abort)
         self._writer = wds.TarWriter(
             self._stream, encoder=False, mtime=0, user="flowray", group="flowray"

@@ -337,7 +337,7 @@ def write_shard(job: ShardJob, index: int, start: int, stop: int) -> ShardResult
     if done is not None:
         return done
     shard_url = join_url(job.split_url, name)
-    temp = make_temp_file(shard_url, ".tar")
+    temp = make_temp_file(shard_url)
     count = skipped = 0
     try:
         # We own the file: TarWriter does not close streams it did not open, and s3fs would only

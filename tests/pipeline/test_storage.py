@@ -225,7 +225,7 @@ def test_local_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypa
     source.write_bytes(b"payload")
 
     def via_temp() -> None:
-        temp = make_temp_file(str(target), ".tar")
+        temp = make_temp_file(str(target))
         with open(temp, "wb") as file:
             file.write(b"payload")
         replace_with(temp, str(target))
@@ -283,7 +283,7 @@ def test_temps_bound_for_s3_are_staged_where_a_sweep_finds_them(tmp_path, monkey
     from pipeline.storage import make_temp_file, staging_dir, sweep_temp_files
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    live = make_temp_file("s3://bucket/fmnist/train/shard-000003.tar", ".tar")
+    live = make_temp_file("s3://bucket/fmnist/train/shard-000003.tar")
     assert os.path.dirname(live) == staging_dir() == str(tmp_path / "flowray-staging")
     name = os.path.basename(live)
     assert name.startswith(".shard-000003.tar.") and name.endswith(".tmp")

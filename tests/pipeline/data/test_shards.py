@@ -381,7 +381,7 @@ def test_a_prepare_killed_mid_shard_leaves_a_temp_that_is_no_shard_and_a_rerun_s
     dead.wait()
     old_style = split / f".shard-000001.tar.tmp-{dead.pid}-0a1b2c3d.tar"
     old_style.write_bytes(b"half a shard")
-    live = make_temp_file(str(split / "shard-000001.tar"), ".tar")
+    live = make_temp_file(str(split / "shard-000001.tar"))
 
     result = prepare(NpySource(str(tmp_path / "x.npy")), str(out), shard_samples=50)
     assert result.shards_written == 2
