@@ -1,7 +1,13 @@
-"""`flowray models`: list registered models with validation bits/dim and aliases; promote a version.
+"""`flowray models`: list registered models with validation bits/dim and aliases; promote a version;
+calibrate a version.
 
     flowray models list [--name fashion-flow]
     flowray models promote fashion-flow 7 [--alias champion] [--force]
+    flowray models calibrate fashion-flow 7 --data flowray-work/data/test
+
+`calibrate` scores (the first --images of) a version's validation split with the version's flow
+and stores what "normal" is for it (pipeline.model.calibration, pipeline.tracking.registry), as
+training does at registration: older versions get the flags and drift verdicts of `flowray score`.
 
 `promote` refuses (exit code 4, EXIT_REFUSED) a version whose validation bits/dim is not better
 than the alias's current holder, unless --force. Without a subcommand: the help, exit code 2.
@@ -33,7 +39,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = job_parser(PROG, "Registered flows: list versions and aliases, promote a version.")
-    commands = p.add_subparsers(dest="command", metavar="{list,promote}")
+    commands = p.add_subparsers(dest="command", metavar="{list,promote,calibrate}")
     listing = commands.add_parser(
         "list",
         help="registered models, versions, val bits/dim, aliases",
@@ -55,7 +61,57 @@ def parser() -> argparse.ArgumentParser:
         help="promote even if worse than the alias's current version (default: off)",
     )
     _add_common(promote)
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="score a version's validation split and store its calibration with the version",
+        formatter_class=HelpFormatter,
+    )
+    calibrate.add_argument("name", help="registered model name")
+    calibrate.add_argument("version", help="version number to calibrate")
+    calibrate.add_argument(
+        "--data",
+        required=True,
+        help="the validation split: a prepared split or WebDataset shards (required)",
+    )
+    calibrate.add_argument("--images", type=int, default=20_000, help="score at most this many")
+    calibrate.add_argument("--seed", type=int, default=0, help="dequantization seed")
+    calibrate.add_argument("--draws", type=int, default=1, help="dequantization draws per image")
+    calibrate.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    calibrate.add_argument("--region", default=None, help="S3 region")
+    _add_common(calibrate)
     return p
+
+
+def calibrate(args: argparse.Namespace) -> str:
+    """Calibrate NAME VERSION on --data and store it; the line the command prints."""
+    from pipeline.data.reader import iter_input
+    from pipeline.data.tally import SkipTally
+    from pipeline.model.calibration import calibrate_flow
+    from pipeline.storage import StorageConfig
+    from pipeline.tracking.registry import resolve_model, store_calibration
+
+    flow = resolve_model(f"models:/{args.name}/{args.version}").flow
+    storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
+    rows = iter_input(
+        args.data,
+        storage,
+        shape=tuple(flow.config.image_shape),
+        on_error="skip",
+        tally=SkipTally(),
+    )
+    data = redact_url(args.data)
+    try:
+        found = calibrate_flow(
+            flow, rows, args.seed, args.draws, args.images, source={"data": data}
+        )
+    except ValueError as err:
+        raise UserError(f"cannot calibrate on {data}: {err}") from None
+    uri = store_calibration(args.name, args.version, found)
+    return (
+        f"{args.name} v{args.version}: calibrated on {found.count:,} images of {data}: flag "
+        f"threshold {found.threshold():.4f} (ood_score q{found.quantile:g}), bits/dim mean "
+        f"{found.bits_mean:.4f} -> {uri}"
+    )
 
 
 def format_models(models: list, tracking_uri: str) -> str:
@@ -96,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.set_tracking_uri(uri)
         if args.command == "list":
             print(format_models(list_models(args.name), uri))
+            return 0
+        if args.command == "calibrate":
+            print(calibrate(args))
             return 0
         model = list_models(args.name)[0]  # ModelNotFound names what is registered
         if args.version not in {v.version for v in model.versions}:

@@ -2,11 +2,14 @@
 
     flowray scores top --output s3://scores/photos --model photo-flow -n 100
     flowray scores top --output scores --model fashion-flow/3 --by ood_score --grid ood.png
+    flowray scores drift --output s3://scores/photos --model photo-flow/3 --run latest
 
 `top` prints the least likely (highest bits/dim) or most out-of-distribution (highest ood_score)
 images of one model version, with their keys and shard URLs, reading the files with pyarrow in
-bounded memory (pipeline.batch.top); `--grid` draws them, fetched from their shards. No Ray, no
-MLflow: only storage.
+bounded memory (pipeline.batch.top); `--grid` draws them, fetched from their shards. `drift` recomputes the drift
+verdict (pipeline.model.calibration) of a version's scores, or of one scoring run's files, against
+the version's calibration in the MLflow registry; exit 5 (EXIT_DRIFT) at or above --fail-on. No
+Ray: storage, and MLflow for the calibration.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 from pathlib import Path
 
 from jobs.config import HelpFormatter, add_verbose_argument, job_parser, setup_logging
-from jobs.errors import EXIT_USAGE, run_main
+from jobs.errors import EXIT_DRIFT, EXIT_USAGE, run_main
 
 PROG = "flowray scores"
 
@@ -31,7 +34,7 @@ def _positive(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = job_parser(PROG, "Query scoring outputs (the Parquet files `flowray score` writes).")
-    commands = p.add_subparsers(dest="command", metavar="{top}")
+    commands = p.add_subparsers(dest="command", metavar="{top,drift}")
     top = commands.add_parser(
         "top",
         help="the least likely (or most OOD) images of a model version, with their shard URLs",
@@ -65,18 +68,60 @@ def parser() -> argparse.ArgumentParser:
         help="the scored input, for outputs that name shards without their URL (default: the "
         "input the newest summary recorded)",
     )
-    top.add_argument(
+    _add_storage(top)
+    drift = commands.add_parser(
+        "drift",
+        help="the drift verdict of a version's scores (or of one run's) against its calibration",
+        formatter_class=HelpFormatter,
+    )
+    drift.add_argument("--output", required=True, help="the --output given to `flowray score`")
+    drift.add_argument(
+        "--model",
+        required=True,
+        help="<name>[/<version>] of a registered model; without a version, the newest version "
+        "scored under --output (required)",
+    )
+    drift.add_argument(
+        "--run",
+        default=None,
+        help="only the files one scoring run wrote: its _summary/<UTC time> folder name, or "
+        "latest (default: every file of the version)",
+    )
+    drift.add_argument(
+        "--flag-quantile",
+        type=float,
+        default=None,
+        help="flag threshold: this quantile of the validation ood_score (default: the "
+        "calibration's, 0.95)",
+    )
+    drift.add_argument(
+        "--fail-on",
+        choices=("off", "suspected", "detected"),
+        default="off",
+        help="exit 5 when the verdict is at least this level",
+    )
+    drift.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///<workdir>/mlflow.db)",
+    )
+    _add_storage(drift)
+    return p
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--endpoint-url",
         default=None,
         help="S3-compatible endpoint for s3:// URLs (default: $AWS_ENDPOINT_URL, else AWS)",
     )
-    top.add_argument(
+    parser.add_argument(
         "--region",
         default=None,
         help="S3 region (default: $AWS_REGION, else $AWS_DEFAULT_REGION, else us-east-1)",
     )
-    add_verbose_argument(top)
-    return p
+    add_verbose_argument(parser)
 
 
 def _top(args: argparse.Namespace) -> int:
@@ -106,6 +151,42 @@ def _top(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drift(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from jobs._batch import check_tracking_server
+    from jobs.score import drift_exit
+    from pipeline.batch.scoring.config import ScoreError
+    from pipeline.batch.scoring.report import drift_unknown
+    from pipeline.batch.top import model_prefix, output_drift, run_files
+    from pipeline.storage import StorageConfig
+    from pipeline.tracking.connection import resolve_tracking_uri
+    from pipeline.tracking.registry import load_calibration
+
+    storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
+    prefix, name, version = model_prefix(args.output, args.model, storage)
+    if not version.isdigit():
+        raise ScoreError(
+            f"--model: expected a registered model version (its calibration is in the "
+            f"registry), found version {version!r} under {args.output}"
+        )
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    calibration = load_calibration(name, version)
+    if calibration is None:
+        print(drift_unknown(name, version, registered=True))
+        return 0
+    files, what = None, "every file"
+    if args.run:
+        run, files = run_files(prefix, storage, args.run)
+        what = f"the {len(files)} files of run {run}"
+    drift = output_drift(prefix, storage, calibration, files, args.flag_quantile)
+    print(f"model={name} version={version}: {what} under {prefix}")
+    print(drift.line())
+    return EXIT_DRIFT if drift_exit(drift.level, args.fail_on) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -113,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help(sys.stderr)
         return EXIT_USAGE
     setup_logging(args.verbose, logging.WARNING)
-    return run_main(PROG, lambda: _top(args))
+    return run_main(PROG, lambda: _top(args) if args.command == "top" else _drift(args))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ A non-finite score (+inf: a density that underflowed; NaN; -inf) ranks above eve
 unusual either way; `non_finite_scores` counts them. Ties are broken by shard, then key, so the
 answer does not depend on file order.
 
+`output_drift` gives the drift verdict (pipeline.model.calibration) of a version's scores, or of
+the files one scoring run wrote (`run_files`: its summary.json lists them; on a growing prefix,
+the shards new that night).
+
 Without a version, the newest version folder under `model=<name>` is read (numeric versions by
 number, others by name). Each row's `shard` is a URL when scoring wrote one (foreign inputs);
 a bare shard name (a prepared split's shard) is joined to the input: `input_url`, else the
@@ -31,9 +35,19 @@ from typing import Literal
 import numpy as np
 
 from pipeline.batch.scoring.config import ScoreError
+from pipeline.model.calibration import Calibration, Drift, DropTally, verdict
 from pipeline.storage import StorageConfig, arrow_filesystem, join_url, list_files, read_bytes
 
-__all__ = ["BY", "TopResult", "TopRow", "draw_top", "model_prefix", "top_scores"]
+__all__ = [
+    "BY",
+    "TopResult",
+    "TopRow",
+    "draw_top",
+    "model_prefix",
+    "output_drift",
+    "run_files",
+    "top_scores",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -152,38 +166,41 @@ class _Running:
         del self.best[self.n :]
 
 
-def _batches(url: str, storage: StorageConfig | None, by: str, batch_rows: int):
+def _columns(url: str, storage: StorageConfig | None, wanted: list[str], batch_rows: int):
+    """The `wanted` columns of one scores file, batch by batch, as numpy arrays."""
     import pyarrow.parquet as pq
 
     fs, path = arrow_filesystem(url, storage)
     with fs.open_input_file(path) as file:
         parquet = pq.ParquetFile(file)
-        names = set(parquet.schema_arrow.names)
-        wanted = ["key", "shard", "bits_per_dim", "ood_score", "label"]
-        missing = [c for c in wanted if c not in names]
+        missing = [c for c in wanted if c not in parquet.schema_arrow.names]
         if missing:
             raise ScoreError(f"{url}: not a scores file (no column {', '.join(missing)})")
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
-            columns = {name: batch.column(name) for name in wanted}
-            yield (
-                columns[by].to_numpy(zero_copy_only=False).astype(np.float64),
-                columns["key"].to_numpy(zero_copy_only=False),
-                columns["shard"].to_numpy(zero_copy_only=False),
-                columns["bits_per_dim"].to_numpy(zero_copy_only=False),
-                columns["ood_score"].to_numpy(zero_copy_only=False),
-                columns["label"].to_numpy(zero_copy_only=False),
-            )
+            yield [batch.column(name).to_numpy(zero_copy_only=False) for name in wanted]
 
 
-def _input_of(prefix: str, storage: StorageConfig | None) -> str | None:
-    """The `input` the newest summary of this output recorded (None without a summary)."""
+def _batches(url: str, storage: StorageConfig | None, by: str, batch_rows: int):
+    wanted = ["key", "shard", "bits_per_dim", "ood_score", "label"]
+    for key, shard, bits, ood, label in _columns(url, storage, wanted, batch_rows):
+        score = bits if by == "bits_per_dim" else ood
+        yield score.astype(np.float64), key, shard, bits, ood, label
+
+
+def _summaries(prefix: str, storage: StorageConfig | None) -> list[str]:
+    """The summary.json URLs of a version's scoring runs, oldest first (named by UTC time)."""
     from pipeline.data.inputs import _listing
 
-    summaries = sorted(
+    return sorted(
         url
         for url in _listing(join_url(prefix, _SUMMARY_DIR), storage, recursive=True)
         if url.endswith("/summary.json")
     )
+
+
+def _input_of(prefix: str, storage: StorageConfig | None) -> str | None:
+    """The `input` the newest summary of this output recorded (None without a summary)."""
+    summaries = _summaries(prefix, storage)
     if not summaries:
         return None
     return json.loads(read_bytes(summaries[-1], storage)).get("input")
@@ -217,11 +234,7 @@ def top_scores(
         raise ScoreError(f"--n: expected at least 1, found {n}")
     started = time.perf_counter()
     prefix, name, version = model_prefix(output, model, storage)
-    files = sorted(
-        f for f in list_files(prefix, storage) if f.endswith(".parquet") and f[0] not in "._"
-    )
-    if not files:
-        raise ScoreError(f"no scores files (*.parquet) in {prefix}")
+    files = _scores_files(prefix, storage)
     running = _Running(n)
     for file in files:
         for columns in _batches(join_url(prefix, file), storage, by, batch_rows):
@@ -237,6 +250,57 @@ def top_scores(
     return TopResult(
         prefix, name, version, by, rows, len(files), running.rows, running.non_finite, seconds
     )
+
+
+def _scores_files(prefix: str, storage: StorageConfig | None) -> list[str]:
+    files = sorted(
+        f for f in list_files(prefix, storage) if f.endswith(".parquet") and f[0] not in "._"
+    )
+    if not files:
+        raise ScoreError(f"no scores files (*.parquet) in {prefix}")
+    return files
+
+
+def run_files(prefix: str, storage: StorageConfig | None, run: str) -> tuple[str, list[str]]:
+    """(run, its Parquet files): the files scoring run `run` wrote (the name of its
+    `_summary/<UTC time>` folder, or "latest"), as its summary.json lists them."""
+    summaries = _summaries(prefix, storage)
+    runs = {url.rsplit("/", 2)[-2]: url for url in summaries}
+    if run == "latest" and summaries:
+        run = summaries[-1].rsplit("/", 2)[-2]
+    if run not in runs:
+        raise ScoreError(
+            f"--run: expected a scoring run of {prefix} (latest, "
+            f"{', '.join(sorted(runs)[-5:]) or 'none yet'}), found {run!r}"
+        )
+    files = json.loads(read_bytes(runs[run], storage)).get("files")
+    if files is None:
+        raise ScoreError(
+            f"{runs[run]} lists no files (written before runs recorded them)",
+            hint="leave out --run: the verdict then covers every file of the version",
+        )
+    return run, files
+
+
+def output_drift(
+    prefix: str,
+    storage: StorageConfig | None,
+    calibration: Calibration,
+    files: list[str] | None = None,
+    quantile: float | None = None,
+    batch_rows: int = 65_536,
+) -> Drift:
+    """The drift verdict (pipeline.model.calibration) of the scores in `files` under `prefix`
+    (default: every file), flagged at `quantile` (default the calibration's), read in bounded
+    memory."""
+    threshold = calibration.threshold(quantile)
+    drop = DropTally(threshold, calibration.bits_mean)
+    for name in _scores_files(prefix, storage) if files is None else files:
+        for bits, ood in _columns(join_url(prefix, name), storage, list(BY), batch_rows):
+            drop.add(bits, ood)
+    if not drop.count:
+        raise ScoreError(f"no scored images in {len(files or [])} file(s) of {prefix}")
+    return verdict(calibration, drop, quantile)
 
 
 def draw_top(
