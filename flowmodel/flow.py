@@ -169,6 +169,12 @@ class Flow(nn.Module):
         """(z, logdet) of dequantized images y. check=False skips the check that y lies in
         [0, 1], which reads values back from the device (a sync, and a graph break under
         torch.compile): for callers whose y comes from `dequantize`, in range by construction."""
+        z, logdet, _ = self._transform(y, check)
+        return z, logdet
+
+    def _transform(self, y: Tensor, check: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """forward(), and the running logdet as it stood at the end of each level (after its
+        split; the last level's after the top prior): references, no extra arithmetic."""
         self._check_y(y, values=check)
         logdet = y.new_zeros(y.shape[0])
         if self.config.dequantization == "variational":
@@ -176,7 +182,7 @@ class Flow(nn.Module):
             y, logdet = self.dequantizer(y)
         x, ld = self.preprocess(y)
         logdet = logdet + ld
-        latents = []
+        latents, marks = [], []
         for level, steps in enumerate(self.steps):
             x, _ = self.squeeze(x)
             for step in steps:
@@ -188,9 +194,12 @@ class Flow(nn.Module):
                 n_keep = self.splits[level].n_keep
                 latents.append(x[:, n_keep:].flatten(1))  # factor out eps: (B, C/2 * h * w)
                 x = x[:, :n_keep]
+                marks.append(logdet)
         x, ld = self.top_prior(x)
         latents.append(x.flatten(1))
-        return torch.cat(latents, dim=1), logdet + ld  # (B, D), (B,)
+        logdet = logdet + ld
+        marks.append(logdet)
+        return torch.cat(latents, dim=1), logdet, marks  # (B, D), (B,), L x (B,)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         if z.ndim != 2 or z.shape[1] != self.config.dims:
@@ -221,6 +230,22 @@ class Flow(nn.Module):
         """log p(y) in nats, per image, for dequantized images y in [0, 1): shape [B]."""
         z, logdet = self(y, check=check)
         return standard_normal_log_prob(z) + logdet
+
+    def log_prob_levels(self, y: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor]:
+        """log p(y) [B] (log_prob's, bit for bit) and its split by level [B, L], one forward pass.
+
+        Level l's contribution is log N(eps_l; 0, I), its factored-out latent's density under the
+        learned prior, plus the log-dets of its steps and split (the top prior's for the last
+        level). The preprocessing (logit or shift) and the variational dequantizer are per-pixel
+        maps with no level; their log-dets go to level 0, the finest, which models local pixel
+        statistics (Schirrmeister et al. 2020). Rows sum to log p(y) up to rounding.
+        """
+        z, logdet, marks = self._transform(y, check)
+        cumulative = torch.stack(marks, 1)  # (B, L): logdet at the end of each level
+        ldj = torch.diff(cumulative, dim=1, prepend=cumulative.new_zeros(len(z), 1))
+        sizes = [c * h * w for c, h, w in self.latent_shapes]
+        prior = torch.stack([standard_normal_log_prob(p) for p in z.split(sizes, 1)], 1)
+        return standard_normal_log_prob(z) + logdet, prior + ldj
 
     def bits_per_dim(
         self,
