@@ -1,7 +1,5 @@
 """`flowray submit`: run train, score, sample or prepare as a job on a Ray cluster, follow its logs
-and exit with the job's own exit code (0 SUCCEEDED; a FAILED job's driver exit code, e.g. 3 for a
-job that finished with items left out, else 1; 1 for STOPPED, or the cluster unreachable or
-refusing; 2 a usage error: no or a malformed address, an unknown job).
+and exit with the job's own exit code (the parser's description says which).
 
     source .stack/env.sh                   # local stack: RAY_ADDRESS, MLFLOW_TRACKING_URI, AWS_*
     flowray submit train --config fashion-mnist --set data.train=s3://flowray/fmnist/train ...
@@ -9,10 +7,8 @@ refusing; 2 a usage error: no or a malformed address, an unknown job).
         --input s3://flowray/fmnist/test --output s3://flowray/scores
     flowray submit --no-wait sample --model models:/fashion-flow@champion -n 64 --output ...
 
-Everything after the job name goes to `python -m jobs.<name>` on the cluster, which runs in a copy
-of this checkout; local paths in job arguments mean paths on the cluster, so use s3:// URLs. The
-equivalent by hand, and what travels with the job, are in pipeline/submission.py.
-Ctrl-C stops the job (a second Ctrl-C leaves it running).
+Local paths in job arguments mean paths on the cluster, so use s3:// URLs. What travels with the
+job is in pipeline/submission.py. Ctrl-C stops the job (a second Ctrl-C leaves it running).
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from jobs.config import HelpFormatter
+from jobs.config import job_parser
 from jobs.errors import EXIT_USAGE, run_main
 from pipeline.storage import redact_url
 from pipeline.submission import (
@@ -61,13 +57,10 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter,
-        prog=PROG,
-        # Job arguments follow the job name; abbreviations would let a job's `--no-...` option
-        # pass for a prefix of --no-wait.
-        allow_abbrev=False,
-        description="Submit `python -m jobs.<job> [job args]` to a Ray cluster's job server with "
+    # No abbreviations (job_parser): a job's `--no-...` option must not pass for --no-wait.
+    parser = job_parser(
+        PROG,
+        "Submit `python -m jobs.<job> [job args]` to a Ray cluster's job server with "
         "this checkout as working_dir and MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL, "
         "AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION of this shell as the job's environment. "
         "Credentials are not forwarded unless --forward-credentials is given (the cluster's "

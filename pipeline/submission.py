@@ -7,35 +7,18 @@
     job_id = submit(client, spec)
     status = follow(client, job_id, sys.stdout, secrets=secret_values(env))
 
-The job runs `python -m jobs.<command> <args>` on the cluster's head node, in a copy of the flowray
-checkout (Ray's `working_dir`), with the tracking URI, the S3 endpoint and the region of the
-submitting shell as environment variables. It is what this does by hand:
+The job runs `python -m jobs.<command> <args>` in a copy of the checkout (Ray's `working_dir`),
+with the tracking URI, S3 endpoint and region of the submitting shell as environment variables:
 
     ray job submit --address "$RAY_API_SERVER_ADDRESS" --working-dir . \
         --runtime-env-json '{"excludes": [".venv", ".stack", ...], "env_vars": {...}}' \
         -- python -m jobs.train --config fashion-mnist
 
-Credentials are not forwarded unless asked (`credentials=True`, `flowray submit
---forward-credentials`): the runtime_env's env_vars are kept by the cluster with the job, and
-anyone who can read the dashboard can read them. The cluster's nodes should have an identity of
-their own (instance profile, IRSA, a Kubernetes Secret). Without forwarding, a forwarded URL also
-loses its `user:password@` (`redact_url`): a tracking URI with basic auth is a credential too.
-Nothing printed here shows a credential: `describe` says which were forwarded and masks their
-values, and `follow` masks them, and strips `user:password@` from URLs, in the job's logs.
-
-A fresh cluster's job server answers "No available agent to submit job" until the head node's
-job agent has registered (seconds, more on a loaded machine): `submit` retries that answer with
-bounded backoff.
-
-Ray's client reads RAY_API_SERVER_ADDRESS / RAY_ADDRESS and lets them override the address it is
-given; `connect` hides them while it builds the client, so an explicit address wins. Token auth
-(Ray >= 2.59) is Ray's: with RAY_AUTH_MODE=token the client sends ~/.ray/auth_token (or
-RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH). The token never goes into the job's environment: the job's
-driver runs on the cluster, whose nodes have their own.
-
-What travels from the submitting shell is `job_environment`; which values are secrets is
-`is_secret` / `secret_values`; how they are masked in what is printed is `redacted`, `mask` and
-`credentials_line`.
+Credentials are not forwarded unless asked (`credentials=True`): the cluster keeps a job's
+env_vars and the dashboard shows them, so its nodes should have an identity of their own. Without
+forwarding, forwarded URLs also lose their `user:password@`. Nothing printed here shows a
+credential (`describe`, `follow` mask them). Ray's token auth (RAY_AUTH_MODE=token) is Ray's own;
+the token never goes into the job's environment.
 """
 
 from __future__ import annotations
@@ -60,29 +43,21 @@ __all__ = [
     "CREDENTIAL_VARIABLES",
     "FORWARDED_VARIABLES",
     "JOB_COMMANDS",
-    "JobClient",
     "JobSpec",
-    "MASK",
     "SubmitError",
-    "TERMINAL",
-    "WORKING_DIR_EXCLUDES",
     "connect",
-    "credentials_line",
     "dashboard_url",
     "describe",
     "entrypoint",
     "final_message",
     "follow",
-    "is_secret",
     "job_environment",
     "job_exit_code",
-    "mask",
     "new_submission_id",
     "redacted",
     "repo_root",
     "runtime_env",
     "secret_values",
-    "status_name",
     "stop",
     "submit",
 ]
@@ -122,12 +97,8 @@ _USAGE = 2
 
 
 class SubmitError(FlowrayError, RuntimeError):
-    """A submission that cannot go ahead; printed as one line plus `hint`.
-
-    `exit_code` is 1 (runtime failure: the cluster unreachable, refusing or without a job agent)
-    unless the raiser says the user's own input is wrong (2: no or a malformed address, an unknown
-    job, a working dir that is no checkout).
-    """
+    """A submission that cannot go ahead: a runtime failure (exit 1: the cluster unreachable or
+    refusing) unless the raiser says the user's input is wrong (2)."""
 
     def __init__(self, message: str, hint: str = "", exit_code: int = _RUNTIME_FAILURE) -> None:
         super().__init__(message, hint)
@@ -227,11 +198,8 @@ def describe(spec: JobSpec, url: str) -> str:
 
 # -- the job server ---------------------------------------------------------------------------------
 def dashboard_url(address: str | None, environ: Mapping[str, str]) -> str:
-    """The job server's http(s) URL for `address`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS.
-
-    http(s)://host:port is used as it is. host:port is a GCS address (what `ray start` prints and
-    RAY_ADDRESS holds): the dashboard's address is looked up in the GCS, as `ray job submit` does.
-    """
+    """The job server's http(s) URL for `address`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS;
+    a host:port is a GCS address, whose dashboard is looked up as `ray job submit` does."""
     address = (
         address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS") or ""
     ).strip()
@@ -266,22 +234,25 @@ def _check_reachable(host: str, port: int, what: str) -> None:
 
 
 def _lookup_dashboard(gcs_address: str) -> str:
-    # Ray's public client resolves a GCS address itself (it asks the GCS where the dashboard
-    # listens, as `ray job submit` does); get_address() is the job server URL it settled on.
+    # Ray's client asks the GCS where the dashboard listens; get_address() is the URL it found.
+    what = f"the Ray GCS at {gcs_address}"
+    failed = f"cannot find the job server of the Ray cluster at {gcs_address}"
+    return _client(gcs_address, what, failed).get_address().rstrip("/")
+
+
+def _client(address: str, what: str, failed: str) -> Any:
+    """A JobSubmissionClient for `address`; SubmitError when it does not answer or refuses."""
     from ray.job_submission import JobSubmissionClient
 
     try:
         with _without_address_variables():
-            return JobSubmissionClient(gcs_address).get_address().rstrip("/")
+            return JobSubmissionClient(address)
     except Exception as err:  # Ray raises ValueError, ConnectionError or its own auth errors
         if _is_auth_error(err):
             raise SubmitError(
-                f"the Ray GCS at {gcs_address} refused the request: {err}", hint=_AUTH_HINT
+                f"{what} refused the request: {_first_line(err)}", hint=_AUTH_HINT
             ) from None
-        raise SubmitError(
-            f"cannot find the job server of the Ray cluster at {gcs_address}: {err}",
-            hint=_ADDRESS_HINT,
-        ) from None
+        raise SubmitError(f"{failed}: {_first_line(err)}", hint=_ADDRESS_HINT) from None
 
 
 def _is_auth_error(err: BaseException) -> bool:
@@ -305,11 +276,8 @@ def _without_address_variables() -> Iterator[None]:
 
 
 def connect(url: str) -> JobClient:
-    """A JobSubmissionClient for the job server at `url`; SubmitError when it does not answer or
-    refuses the token."""
+    """A client of the job server at `url`; SubmitError when it does not answer or refuses."""
     from urllib.parse import urlsplit
-
-    from ray.job_submission import JobSubmissionClient
 
     parts = urlsplit(url)
     _check_reachable(
@@ -317,18 +285,7 @@ def connect(url: str) -> JobClient:
         parts.port or (443 if parts.scheme == "https" else 80),
         f"the Ray job server at {url}",
     )
-    try:
-        with _without_address_variables():
-            return JobSubmissionClient(url)
-    except Exception as err:
-        if _is_auth_error(err):
-            raise SubmitError(
-                f"the Ray job server at {url} refused the request: {_first_line(err)}",
-                hint=_AUTH_HINT,
-            ) from None
-        raise SubmitError(
-            f"cannot use the Ray job server at {url}: {_first_line(err)}", hint=_ADDRESS_HINT
-        ) from None
+    return _client(url, f"the Ray job server at {url}", f"cannot use the Ray job server at {url}")
 
 
 def _first_line(err: BaseException) -> str:
@@ -342,11 +299,8 @@ def submit(
     agent_wait_s: float = 120.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> str:
-    """Submit the job; returns its id (spec.submission_id when given).
-
-    "No available agent" (a fresh cluster whose job agent has not registered yet) is retried with
-    backoff (1, 2, 4, ... 8 s) for up to `agent_wait_s`; other refusals are a SubmitError at once.
-    """
+    """Submit the job; returns its id. "No available agent" (a fresh cluster whose job agent has
+    not registered yet) is retried with backoff up to `agent_wait_s`; other refusals raise."""
     waited, delay = 0.0, 1.0
     while True:
         try:
@@ -429,10 +383,8 @@ def final_message(client: JobClient, job_id: str, secrets: Sequence[str] = ()) -
 
 
 def job_exit_code(client: JobClient, job_id: str, status: str) -> int:
-    """The exit code of a job that ended with `status`, for the submitting shell: 0 when it
-    SUCCEEDED; otherwise the driver's own exit code when Ray's job details carry a positive one
-    (so a job that finished with items left out, exit 3, is 3 here too), else 1 (FAILED without
-    a driver code, STOPPED, a driver killed by a signal)."""
+    """The submitting shell's exit code for a job that ended with `status`: 0 when it SUCCEEDED,
+    else the driver's own exit code when Ray reports a positive one (3: items left out), else 1."""
     if status == "SUCCEEDED":
         return 0
     try:
@@ -483,10 +435,9 @@ def job_environment(
     extra: Mapping[str, str] | None = None,
     credentials: bool = False,
 ) -> dict[str, str]:
-    """The env_vars a job gets: FORWARDED_VARIABLES (and CREDENTIAL_VARIABLES when `credentials`)
-    that are set in `environ`, then `extra`. Without `credentials`, forwarded URLs lose their
-    `user:password@`. A region set under one of AWS_REGION / AWS_DEFAULT_REGION is set under
-    both (boto3 reads one, other AWS SDKs the other)."""
+    """The env_vars a job gets: FORWARDED_VARIABLES (and CREDENTIAL_VARIABLES when `credentials`,
+    else URLs without `user:password@`) set in `environ`, then `extra`. A region is set under
+    both AWS_REGION and AWS_DEFAULT_REGION (boto3 reads one, other AWS SDKs the other)."""
     names = FORWARDED_VARIABLES + (CREDENTIAL_VARIABLES if credentials else ())
     env = {name: environ[name] for name in names if environ.get(name)}
     if not credentials:
@@ -504,22 +455,20 @@ def is_secret(name: str) -> bool:
 
 
 def secret_values(env: Mapping[str, str]) -> list[str]:
-    """Values to mask wherever they appear: secret variables' values and passwords in URLs.
-    Values shorter than 4 characters are not masked (they would mask half the log)."""
+    """Values to mask wherever they appear: secret variables' values and passwords in URLs, 4
+    characters or longer (shorter ones would mask half the log), longest first."""
     values = {value for name, value in env.items() if is_secret(name)}
     values |= {match.group(2) for value in env.values() for match in _URL_PASSWORD.finditer(value)}
     return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
 
 
 def redacted(env: Mapping[str, str]) -> dict[str, str]:
-    """env for printing: secret variables' values replaced by ***, `user:password@` stripped
-    from URLs."""
+    """env for printing: secret variables' values ***, URLs without `user:password@`."""
     return {name: MASK if is_secret(name) else redact_url(value) for name, value in env.items()}
 
 
 def mask(text: str, secrets_: Sequence[str]) -> str:
-    """text with `user:password@` stripped from URLs and each of `secrets_` (longest first, as
-    secret_values orders them) replaced by ***."""
+    """text with URLs' `user:password@` stripped and each of `secrets_` replaced by ***."""
     text = redact_url(text)
     for value in secrets_:
         text = text.replace(value, MASK)
