@@ -7,11 +7,11 @@
     flowray bench training --set repeats=3 --set seconds=60
     flowray bench ablation --set minutes=10 --set parallel=7 --set threads=2
 
-The suites and what each measures are `pipeline.bench.SUITES`; each suite's settings (what
-`--set key=value` changes, with their defaults) are its `Settings` dataclass, listed by
-`flowray bench <suite> --list-settings`. With several suites, a key applies to every selected
-suite that has it. Only ratios and side-by-side figures from one run mean anything on a shared
-machine; every report carries the machine and its load average.
+The suites are `pipeline.bench.SUITES`; a suite's settings (what `--set key=value` changes, with
+their defaults) are its `Settings` dataclass, listed by `flowray bench <suite> --list-settings`.
+With several suites, a key applies to every selected suite that has it. Only ratios and
+side-by-side figures from one run mean anything on a shared machine; every report carries the
+machine and its load average.
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from flowmodel.typed import from_dict, to_dict
-from jobs.config import HelpFormatter
+from jobs.config import add_verbose_argument, job_parser
 from pipeline.bench import SUITES
 from pipeline.config import ConfigError, apply_overrides
 
 __all__ = ["build_parser", "main", "settings_for"]
 
-USAGE_ERROR = 2
 # Deprecated options, each a shorthand for `--set <key>=<value>` (lists comma-separated).
 SHORTHANDS = {
     "--minutes": "minutes",
@@ -51,14 +50,11 @@ SHORTHANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     choices = [*SUITES, "all"]
-    parser = argparse.ArgumentParser(
-        prog="flowray bench",
-        description="Benchmarks side by side. Suites: "
-        + "; ".join(f"{name}: {suite.about}" for name, suite in SUITES.items())
-        + ". `all` runs every suite but "
-        + ", ".join(name for name, suite in SUITES.items() if not suite.in_all)
-        + ".",
-        formatter_class=HelpFormatter,
+    about = "; ".join(f"{name}: {suite.about}" for name, suite in SUITES.items())
+    left_out = ", ".join(name for name, suite in SUITES.items() if not suite.in_all)
+    parser = job_parser(
+        "flowray bench",
+        f"Benchmarks side by side. Suites: {about}. `all` runs every suite but {left_out}.",
     )
     parser.add_argument("suite", nargs="?", choices=choices, help="the suite to run (default: all)")
     parser.add_argument("--suite", dest="suite_option", choices=choices, help=argparse.SUPPRESS)
@@ -73,23 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config",
-        default=None,
-        help="training preset or YAML for the suites that train or "
-        "build the preset model (default: each suite's own, fashion-mnist; gpu: rgb32)",
+        help="training preset or YAML for the suites that train or build the preset model "
+        "(default: each suite's own, fashion-mnist; gpu: rgb32)",
     )
     parser.add_argument("--output", default="bench-results", help="folder for the JSON and .md")
-    parser.add_argument(  # deprecated: --output
-        "--out", dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    parser.add_argument("--out", dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--workdir",
-        default=None,
-        help="shards, models and stores kept between runs (default: <output>/work)",
+        "--workdir", help="shards, models and stores kept between runs (default: <output>/work)"
     )
     parser.add_argument(
         "--list-settings", action="store_true", help="print each suite's settings and exit"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging")
+    add_verbose_argument(parser)
     for option, key in SHORTHANDS.items():
         parser.add_argument(option, dest=f"shorthand_{key}", help=argparse.SUPPRESS)
     return parser
@@ -102,39 +93,30 @@ def _module(name: str) -> Any:
 def settings_for(name: str, smoke: bool, overrides: list[str]) -> Any:
     """A suite's typed settings: its defaults, then SMOKE's sizes, then the overrides."""
     module = _module(name)
-    data = to_dict(module.Settings())
-    if smoke:
-        data.update(module.SMOKE)
+    data = {**to_dict(module.Settings()), **(module.SMOKE if smoke else {})}
     return from_dict(module.Settings, apply_overrides(data, overrides))
-
-
-def _overrides(args: argparse.Namespace) -> list[str]:
-    overrides = list(args.overrides)
-    for key in SHORTHANDS.values():
-        value = getattr(args, f"shorthand_{key}")
-        if value is not None:
-            if key in ("levers", "sizes"):  # comma-separated lists
-                value = "[" + value + "]"
-            overrides.append(f"{key}={value}")
-    return overrides
 
 
 def _resolve(
     parser: argparse.ArgumentParser, suites: list[str], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Each suite's settings; an override no selected suite knows is a usage error."""
-    overrides = _overrides(args)
+    """Each suite's settings; an override no selected suite knows is a usage error. --config
+    names the preset of every selected suite that builds one."""
+    overrides = list(args.overrides)
+    for key in SHORTHANDS.values():
+        value = getattr(args, f"shorthand_{key}")
+        if value is not None:
+            overrides.append(f"{key}=[{value}]" if key in ("levers", "sizes") else f"{key}={value}")
     fields = {name: {f.name for f in dataclasses.fields(_module(name).Settings)} for name in suites}
     unknown = [o for o in overrides if not any(o.split("=")[0] in f for f in fields.values())]
     if unknown:
         known = sorted(set().union(*fields.values()))
         parser.error(f"--set {unknown[0]}: no selected suite has it (settings: {', '.join(known)})")
-    # --config names the preset of every selected suite that builds one.
-    presets = [f"preset={args.config}"] if args.config else []
     resolved = {}
     for name in suites:
         mine = [o for o in overrides if o.split("=")[0] in fields[name]]
-        mine = [*presets, *mine] if "preset" in fields[name] else mine
+        if args.config and "preset" in fields[name]:
+            mine.insert(0, f"preset={args.config}")
         try:
             resolved[name] = settings_for(name, args.smoke, mine)
         except ConfigError as err:
@@ -155,20 +137,14 @@ def _finite_json(value: Any) -> Any:
     return value
 
 
-def _write(output: Path, suite: str, report: dict[str, Any]) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_finite_json(report), indent=2, default=str)
-    (output / f"{suite}.json").write_text(text + "\n")
-    (output / f"{suite}.md").write_text(f"## {suite}\n\n{report['markdown']}\n")
-
-
-def _run(suite: str, settings: Any, output: Path, workdir: Path, smoke: bool) -> dict[str, Any]:
-    from pipeline.bench.harness import Run, describe, machine
+def _run(suite: str, settings: Any, output: Path, workdir: Path) -> dict[str, Any]:
+    """One suite measured, its report written to <output>/<suite>.json and .md."""
+    from pipeline.bench.harness import Run, machine
 
     info = machine()
     started = time.perf_counter()
-    folder = workdir / (f"{suite}-smoke" if smoke else suite)
-    result = _module(suite).measure(settings, Run(folder.resolve(), output.resolve()))
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = _module(suite).measure(settings, Run(workdir.resolve(), output.resolve()))
     report = {
         "suite": suite,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -177,7 +153,14 @@ def _run(suite: str, settings: Any, output: Path, workdir: Path, smoke: bool) ->
         **result.report(),
         "seconds": time.perf_counter() - started,
     }
-    report["markdown"] += "\n\n" + describe(info)
+    report["markdown"] += (
+        f"\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, Ray "
+        f"{info['ray']}, load average at start {info['load_average'][0]}."
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_finite_json(report), indent=2, default=str)
+    (output / f"{suite}.json").write_text(text + "\n")
+    (output / f"{suite}.md").write_text(f"## {suite}\n\n{report['markdown']}\n")
     return report
 
 
@@ -195,10 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_settings:
         for name in suites:
             module = _module(name)
-            print(
-                f"{name}: " + ", ".join(f"{k}={v}" for k, v in to_dict(module.Settings()).items())
-            )
-            print(f"  --smoke: {module.SMOKE}")
+            settings = ", ".join(f"{k}={v}" for k, v in to_dict(module.Settings()).items())
+            print(f"{name}: {settings}\n  --smoke: {module.SMOKE}")
         return 0
     resolved = _resolve(parser, suites, args)
     # Progress must reach a log file (nohup ... > log) as it happens, not at exit.
@@ -212,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     for suite, settings in resolved.items():
         print(f"\n## {suite}\n", flush=True)
         try:
-            report = _run(suite, settings, output, workdir, args.smoke)
+            folder = workdir / (f"{suite}-smoke" if args.smoke else suite)
+            report = _run(suite, settings, output, folder)
         except Exception as err:  # one suite failing should not lose the others' results
             failed.append(suite)
             logging.getLogger("flowray.bench").debug("%s failed", suite, exc_info=True)
             print(f"{suite}: failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             continue
-        _write(output, suite, report)
         print(report["markdown"], flush=True)
         print(f"\n({suite}: {report['seconds']:.0f} s; {output / suite}.json)", flush=True)
     if failed:

@@ -2,12 +2,11 @@
 Fashion-MNIST test split (`flowray bench ablation`).
 
 Each lever is the preset with a few config overrides (`LEVERS`: each a change from the preset),
-trained in a subprocess of its own (`python -m pipeline.bench.ablation <spec.json>`) for `minutes`
-of step time by the quality suite's in-process loop (`race.make_contender`: the Ray Train job's
-step, optimizer, schedule, clipping and EMA, at the job's global batch, one seeded permutation of
-the training split per epoch). Its EMA weights are then evaluated on the test split with keyed
-dequantization noise (`evaluate_bits_per_dim`, the figure the demo and scoring report). The parent
-runs `parallel` children at a time with `threads` torch threads each and assembles one table.
+trained in a subprocess of its own (`python -m pipeline.bench.ablation <spec.json> <result.json>`)
+for `minutes` of step time by the races' loop (`harness.Racer`: the Ray Train job's step, optimizer,
+schedule, clipping and EMA at its global batch), then its EMA weights evaluated on the test split
+with keyed dequantization noise (the figure the demo and scoring report). The parent runs
+`parallel` children at a time with `threads` torch threads each and assembles one table.
 
 A lever whose config key this build lacks is shown as skipped with the reason; a combination drops
 such keys and says which. Imports torch, numpy and PyYAML only (no Ray, MLflow or normflows).
@@ -20,14 +19,26 @@ import math
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.harness import Result, Run, Table
+from flowmodel.typed import ConfigError
+from pipeline.bench.harness import (
+    Racer,
+    Result,
+    Run,
+    Table,
+    fashion_mnist,
+    load_average,
+    preset_config,
+    preset_flow,
+    run_race,
+    timed,
+    torch_threads,
+)
 
 __all__ = ["LEVERS", "SMOKE", "Lever", "ResolvedLever", "Settings", "measure", "resolve", "table"]
 
@@ -137,22 +148,13 @@ class ResolvedLever:
         return f"{self.lever.change} (without {', '.join(self.dropped)}: not in this build)"
 
 
-def _load(preset: str, overrides: Sequence[str]) -> Any:
-    from pipeline.config import load_config
-    from pipeline.train.config import TrainConfig
-
-    return load_config(TrainConfig, preset, list(overrides))
-
-
 def resolve(lever: Lever, preset: str) -> ResolvedLever:
     """Each override tried alone on `preset`: one that names a key this build lacks (or a value
     it refuses) is dropped with the error's message."""
-    from flowmodel.typed import ConfigError
-
     kept, dropped = [], {}
     for override in lever.overrides:
         try:
-            _load(preset, [override])
+            preset_config(preset, [override])
         except (ConfigError, ValueError) as err:
             dropped[override.split("=", 1)[0]] = str(err).splitlines()[0]
         else:
@@ -160,88 +162,57 @@ def resolve(lever: Lever, preset: str) -> ResolvedLever:
     return ResolvedLever(lever, tuple(kept), dropped)
 
 
-@dataclass(frozen=True)
-class _Child:
-    """What one subprocess trains: a lever's name and overrides on the preset, its budget, its
-    threads and sizes, and where it writes its figures (JSON)."""
-
-    lever: str
-    preset: str
-    overrides: tuple[str, ...]
-    minutes: float
-    threads: int
-    train_images: int | None
-    test_images: int | None
-    max_steps: int | None
-    result: str
-
-
-def train_lever(child: _Child, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train the lever's model in this process for `minutes` of step time and evaluate its EMA
-    weights on the test split. Returns the figures of one table row."""
-    from pipeline.bench.harness import fashion_mnist, preset_flow, torch_threads
-    from pipeline.bench.race import contender, global_batch
-    from pipeline.train.step import evaluate_bits_per_dim
-
-    config = _load(child.preset, child.overrides)
-    batch = global_batch(config)
-    with torch_threads(child.threads):
-        _, train = fashion_mnist("train", child.train_images)
-        keys, test = fashion_mnist("test", child.test_images)
+def train_lever(settings: Settings, lever: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """The lever's model trained in this process for `minutes` of step time, its EMA weights
+    evaluated on the test split: the figures of one table row."""
+    config = preset_config(settings.preset, overrides)
+    with torch_threads(settings.threads):
+        _, train = fashion_mnist("train", settings.train_images)
+        keys, test = fashion_mnist("test", settings.test_images)
         flow = preset_flow(config.model, train[: config.init_images], config.seed)
-        racer = contender(
-            "flowray", flow, train, config, seconds=60 * child.minutes, max_steps=child.max_steps
-        )
-        trainer = racer.trainer
-        load_before = os.getloadavg()[0]
-        started = time.perf_counter()
-        while not trainer.done:
-            trainer.advance()
-            if trainer.steps % 500 == 0:
-                log(
-                    f"step {trainer.steps}, {trainer.elapsed:.0f} s, train {trainer.loss:.3f} bits/dim"
-                )
-        wall = time.perf_counter() - started
-        load_after = os.getloadavg()[0]
-        evaluated = time.perf_counter()
-        size = config.eval_batch_size
-        chunks = [(keys[i : i + size], test[i : i + size]) for i in range(0, len(test), size)]
-        bits, count = evaluate_bits_per_dim(racer.ema.model, chunks, config.eval_seed)
+        budget = {"seconds": 60 * settings.minutes, "max_steps": settings.max_steps}
+        racer = Racer(flow, train, config, **budget)
+        load = [load_average()]
+        wall, _ = timed(lambda: run_race({lever: racer}, print))
+        load.append(load_average())
+        figures = racer.tested(keys, test)
     return {
-        **racer.figures(),
-        "batch_size": batch,
+        "lever": lever,
+        "overrides": list(overrides),
+        **figures,
+        "batch_size": racer.batch_size,
         "train_wall_seconds": wall,
-        "test_bits_per_dim": bits,
-        "test_images": count,
-        "eval_seconds": time.perf_counter() - evaluated,
-        "threads": child.threads,
-        "load_average": [round(load_before, 2), round(load_after, 2)],
+        "threads": settings.threads,
+        "load_average": load,
     }
 
 
-def _spawn(child: _Child, folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """One lever in a subprocess; its JSON result (or why it failed)."""
-    spec, log_path = folder / f"{child.lever}.spec.json", folder / f"{child.lever}.log"
-    result = Path(child.result)
+def _spawn(
+    settings: Settings, lever: ResolvedLever, folder: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """One lever trained in a subprocess (`main`): its figures, or why it failed."""
+    name = lever.lever.name
+    spec, log_path, result = (folder / f"{name}.{end}" for end in ("spec.json", "log", "json"))
     result.unlink(missing_ok=True)
-    spec.write_text(json.dumps(asdict(child)))
+    child = {"settings": asdict(settings), "lever": name, "overrides": lever.overrides}
+    spec.write_text(json.dumps(child))
     # Each BLAS/OpenMP pool sized like torch's, so that N children share the cores evenly.
-    threads = str(child.threads)
+    threads = str(settings.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if env.get("FASHION_MNIST_DIR"):
         env["FASHION_MNIST_DIR"] = str(Path(env["FASHION_MNIST_DIR"]).resolve())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    log(f"{child.lever}: started ({' '.join(child.overrides) or 'no overrides'})")
-    command = [sys.executable, "-m", "pipeline.bench.ablation", str(spec)]
+    log(f"{name}: started ({' '.join(lever.overrides) or 'no overrides'})")
+    command = [sys.executable, "-m", "pipeline.bench.ablation", str(spec), str(result)]
     with log_path.open("w") as output:
         code = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
     if code.returncode != 0 or not result.exists():
         tail = log_path.read_text().strip().splitlines()[-1:] or [""]
-        log(f"{child.lever}: failed (exit {code.returncode}): {tail[0]}; log: {log_path}")
+        log(f"{name}: failed (exit {code.returncode}): {tail[0]}; log: {log_path}")
         return {"error": f"exit {code.returncode}: {tail[0]}", "log": str(log_path)}
     figures = json.loads(result.read_text())
     log(
-        f"{child.lever}: {figures['steps']} steps, {figures['images_per_second']:.0f} images/s, "
+        f"{name}: {figures['steps']} steps, {figures['images_per_second']:.0f} images/s, "
         f"test {figures['test_bits_per_dim']:.4f} bits/dim"
     )
     return figures
@@ -251,15 +222,15 @@ def measure(settings: Settings, run: Run) -> Result:
     """Each lever trained in a subprocess, `parallel` at a time; results under
     <output>/ablation/<lever>.json and .log."""
     known = {lever.name: lever for lever in LEVERS}
-    names = list(settings.levers or known)
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in settings.levers or () if name not in known]
     if unknown:
         raise ValueError(f"unknown levers {unknown}: expected some of {list(known)}")
     parallel = max(1, settings.parallel)
     threads = settings.threads or max(1, (os.cpu_count() or 1) // parallel)
+    settings = replace(settings, parallel=parallel, threads=threads)
     folder = run.output / "ablation"
     folder.mkdir(parents=True, exist_ok=True)
-    resolved = [resolve(known[name], settings.preset) for name in names]
+    resolved = [resolve(known[name], settings.preset) for name in settings.levers or known]
     runnable = [r for r in resolved if r.runnable]
     for r in resolved:
         if not r.runnable:
@@ -268,41 +239,18 @@ def measure(settings: Settings, run: Run) -> Result:
         f"{len(runnable)} levers, {settings.minutes:g} min of step time each, {parallel} at a "
         f"time with {threads} threads each"
     )
-    children = [
-        _Child(
-            r.lever.name,
-            settings.preset,
-            r.overrides,
-            settings.minutes,
-            threads,
-            settings.train_images,
-            settings.test_images,
-            settings.max_steps,
-            str(folder / f"{r.lever.name}.json"),
-        )
-        for r in runnable
-    ]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        figures = list(pool.map(lambda child: _spawn(child, folder, run.log), children))
-    by_name = {child.lever: f for child, f in zip(children, figures, strict=True)}
-    rows = [
-        {
-            "lever": r.lever.name,
-            "change": r.change,
-            "overrides": list(r.overrides),
-            **(
-                by_name[r.lever.name]
-                if r.runnable
-                else {"skipped": "; ".join(f"{k}: {v}" for k, v in r.dropped.items())}
-            ),
-        }
-        for r in resolved
-    ]
-    report = {
-        "settings": {**asdict(settings), "parallel": parallel, "threads": threads},
-        "levers": rows,
-    }
-    report["settings"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        trained = list(pool.map(lambda r: _spawn(settings, r, folder, run.log), runnable))
+    by_name = {r.lever.name: figures for r, figures in zip(runnable, trained, strict=True)}
+    rows = []
+    for r in resolved:
+        skipped = {"skipped": "; ".join(f"{k}: {v}" for k, v in r.dropped.items())}
+        figures = by_name.get(r.lever.name, skipped)
+        rows.append(
+            {"lever": r.lever.name, "change": r.change, "overrides": r.overrides, **figures}
+        )
+    after = [round(x, 2) for x in os.getloadavg()]
+    report = {"settings": {**asdict(settings), "load_average_after": after}, "levers": rows}
     return Result(report, [table(report)])
 
 
@@ -344,17 +292,16 @@ def table(report: dict[str, Any]) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One lever in this process, from the spec file `run` wrote: its figures to spec.result."""
-    (path,) = sys.argv[1:] if argv is None else argv
-    data = json.loads(Path(path).read_text())
-    child = _Child(**{**data, "overrides": tuple(data["overrides"])})
+    """One lever in this process: `python -m pipeline.bench.ablation <spec.json> <result.json>`,
+    the spec as `_spawn` wrote it; the result is written whole or not at all."""
+    spec_path, result_path = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(spec_path).read_text())
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    figures = train_lever(child, log=lambda line: print(f"[{child.lever}] {line}"))
-    figures = {"lever": child.lever, "overrides": list(child.overrides), **figures}
-    result = Path(child.result)
+    figures = train_lever(Settings(**spec["settings"]), spec["lever"], spec["overrides"])
+    result = Path(result_path)
     partial = result.with_suffix(".tmp")
     partial.write_text(json.dumps(figures, indent=2) + "\n")
-    partial.replace(result)  # whole or absent: the parent reads only complete results
+    partial.replace(result)  # the parent reads only complete results
     return 0
 
 

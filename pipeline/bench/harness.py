@@ -1,6 +1,7 @@
 """What every benchmark suite shares: the machine, timing and medians, torch threads, the preset
-model, Fashion-MNIST (in memory and prepared as shards), a local Ray, S3 on loopback, the memory of
-a process tree, and one table type rendered to Markdown and JSON.
+model, Fashion-MNIST (in memory and prepared as shards), the in-process training race, a local
+Ray, S3 on loopback, the memory of a process tree, and one table type rendered to Markdown and
+JSON.
 
 Numbers from a shared machine are only meaningful side by side, so suites report medians and
 ratios, and every report carries `machine()`: CPU, cores, versions, threads and the load average.
@@ -12,6 +13,7 @@ run where only torch and the project's light dependencies are installed.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -27,29 +29,20 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from flowmodel import Flow, FlowConfig, build_flow
+from pipeline.config import load_config
 from pipeline.storage import StorageConfig
-
-__all__ = [
-    "BENCH_BUCKET",
-    "FAKE_S3_CREDENTIALS",
-    "Result",
-    "RssSampler",
-    "Run",
-    "Table",
-    "fashion_mnist",
-    "local_ray",
-    "loopback_s3",
-    "machine",
-    "median",
-    "prepared_fashion_mnist",
-    "preset_flow",
-    "saved_preset_model",
-    "timed",
-    "torch_threads",
-]
+from pipeline.train.config import TrainConfig
+from pipeline.train.ema import EMA
+from pipeline.train.step import (
+    budget_progress,
+    evaluate_bits_per_dim,
+    make_optimizer,
+    set_learning_rate,
+    train_step,
+)
 
 T = TypeVar("T")
 BENCH_BUCKET = "flowray-bench"
@@ -97,6 +90,20 @@ def torch_threads(count: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def load_average() -> float:
+    """The one-minute load average, rounded for a report."""
+    return round(os.getloadavg()[0], 2)
+
+
 def _cpu_model() -> str:
     # platform.processor() is "" or "x86_64" on Linux: the model name is in /proc/cpuinfo.
     try:
@@ -109,39 +116,27 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on; Ray's and normflows' versions are None where they
-    cannot be imported or are not installed (the ablation and GPU suites run without them)."""
-    from importlib.metadata import PackageNotFoundError, version
-
+def _version(package: str) -> str | None:
+    """The version of `package`; None where it cannot be imported (the ablation and GPU suites
+    run without Ray or normflows)."""
     try:
-        import ray
-
-        ray_version: str | None = ray.__version__
+        return importlib.import_module(package).__version__
     except ImportError:
-        ray_version = None
-    try:
-        normflows_version: str | None = version("normflows")
-    except PackageNotFoundError:
-        normflows_version = None
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 1,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "ray": ray_version,
-        "normflows": normflows_version,
+        "ray": _version("ray"),
+        "normflows": _version("normflows"),
         "python": platform.python_version(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-def describe(info: dict[str, Any]) -> str:
-    """One line for a table's notes: the machine and its load when the suite started."""
-    return (
-        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, Ray {info['ray']}, "
-        f"load average at start {info['load_average'][0]}."
-    )
 
 
 # ----------------------------------------------------------------------------- tables
@@ -186,8 +181,8 @@ class Table:
 
 @dataclass(frozen=True)
 class Run:
-    """Where a suite runs: `workdir` holds what it keeps between runs (prepared shards, models,
-    stores), `output` the reports; `log` takes its progress lines."""
+    """Where a suite runs: `workdir` (which exists) holds what it keeps between runs (prepared
+    shards, models, stores), `output` the reports; `log` takes its progress lines."""
 
     workdir: Path
     output: Path
@@ -212,6 +207,11 @@ class Result:
 # ----------------------------------------------------------------------------- model and data
 
 
+def preset_config(preset: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A training preset (name or YAML) with `key=value` overrides, as `flowray train` loads it."""
+    return load_config(TrainConfig, preset, list(overrides))
+
+
 def fashion_mnist(split: str, limit: int | None = None) -> tuple[list[str], Tensor]:
     """Keys and uint8 images [N, 1, 28, 28] of a Fashion-MNIST split, read by the production
     `IdxSource` from FASHION_MNIST_DIR (else Debian's folder). The keys are those `prepare`
@@ -234,10 +234,12 @@ def preset_flow(model: FlowConfig, init_images: Tensor, seed: int = 0) -> Flow:
     return flow
 
 
-def saved_preset_model(folder: Path, model: FlowConfig) -> str:
-    """`preset_flow` on 512 Fashion-MNIST test images, saved as a model directory in `folder`."""
+def saved_preset_model(folder: Path, model: FlowConfig | str) -> str:
+    """`preset_flow` of `model` (or of a preset's model) on 512 Fashion-MNIST test images, saved
+    as a model directory in `folder`."""
     from pipeline.model.artifact import save_flow
 
+    model = preset_config(model).model if isinstance(model, str) else model
     _, images = fashion_mnist("test", 512)
     return str(save_flow(preset_flow(model, images).eval(), folder / "model"))
 
@@ -276,6 +278,134 @@ def prepared_fashion_mnist(
     prepare(NpySource(str(npy)), out, shard_samples=shard_samples, workers=workers)
     npy.unlink()  # the shards hold the images now
     return str(folder / "train")
+
+
+# ----------------------------------------------------------------------------- training races
+
+
+def global_batch(config: TrainConfig) -> int:
+    """The images one optimizer step of the Ray Train job sees: per-worker batch x workers."""
+    return config.batch_size * max(1, config.scaling.num_workers)
+
+
+def batches(images: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Endless shuffled batches, reshuffled every epoch; the same order for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield images[order[start : start + batch_size]]
+
+
+class Racer:
+    """One model in an in-process training race, trained as the Ray Train job trains: by `step`
+    (`train_step`, or its like for another library's model) at the job's global batch, with the
+    preset's optimizer, the learning rate warmed up and decayed by `progress`, the preset's
+    clipping, an EMA updated after every step that was not skipped, seeded dequantization noise
+    and batch order. Only step time counts towards its budget, and the rate of each window of
+    `window_steps` steps is kept, so that start-up (the first window) and one-off stalls do not
+    move the median. `evaluate` scores the EMA weights as `evaluate_bits_per_dim` does."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        config: TrainConfig,
+        *,
+        seconds: float,
+        max_steps: int | None,
+        step: Callable[..., Any] = train_step,
+        evaluate: Callable[..., tuple[float, int]] = evaluate_bits_per_dim,
+        batch_size: int | None = None,
+        window_steps: int = 20,
+    ) -> None:
+        self.model, self.config, self.step, self.evaluate = model, config, step, evaluate
+        self.seconds, self.max_steps, self.window_steps = seconds, max_steps, window_steps
+        self.batch_size = batch_size or global_batch(config)
+        self.optimizer = make_optimizer(model.parameters(), config.optim)
+        self.ema = EMA(model, config.optim.ema_decay)
+        self.noise = torch.Generator().manual_seed(config.seed)
+        self.batches = batches(images, self.batch_size, config.seed)
+        self.steps = self.skipped = 0
+        self.elapsed = self.window = 0.0
+        self.loss = math.nan
+        self.rates: list[float] = []
+
+    @property
+    def progress(self) -> float:
+        """The budget spent, in [0, 1]: step time against `seconds`, or steps against `max_steps`
+        when that binds first (the Ray loop decays by elapsed time against max_minutes)."""
+        return budget_progress(self.steps, self.max_steps, self.elapsed, self.seconds / 60)
+
+    @property
+    def done(self) -> bool:
+        steps_done = self.max_steps is not None and self.steps >= self.max_steps
+        return self.elapsed >= self.seconds or steps_done
+
+    def advance(self) -> None:
+        """One step on the next batch, timed alone (drawing the batch is not step time)."""
+        batch = next(self.batches)
+        started = time.perf_counter()
+        optim = self.config.optim
+        set_learning_rate(self.optimizer, optim, self.steps, self.progress)
+        clip = optim.max_grad_norm
+        metrics = self.step(
+            self.model, batch, self.optimizer, max_grad_norm=clip, generator=self.noise
+        )
+        if metrics.skipped:
+            self.skipped += 1
+        else:
+            self.ema.update(self.model)
+        self.loss = metrics.bits_per_dim
+        took = time.perf_counter() - started
+        self.steps += 1
+        self.elapsed += took
+        self.window += took
+        if self.steps % self.window_steps == 0:
+            self.rates.append(self.window_steps * self.batch_size / self.window)
+            self.window = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        """The median window rate, the first (warm-up) window left out when there are others;
+        the overall rate before the first window ends."""
+        rates = self.rates or [self.steps * self.batch_size / max(self.elapsed, 1e-9)]
+        return median(rates[1:] if len(rates) > 1 else rates)
+
+    def figures(self) -> dict[str, Any]:
+        """Parameters, steps, step seconds, images seen and per second, last loss, skips."""
+        return {
+            "params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "steps": self.steps,
+            "train_seconds": self.elapsed,
+            "images_seen": self.steps * self.batch_size,
+            "images_per_second": self.images_per_second,
+            "last_train_bits_per_dim": self.loss,
+            "skipped_steps": self.skipped,
+        }
+
+    def tested(self, keys: list[str], images: Tensor) -> dict[str, Any]:
+        """`figures()` and the test bits/dim of the EMA weights on (keys, images), keyed noise."""
+        size, seed = self.config.eval_batch_size, self.config.eval_seed
+        chunks = [(keys[i : i + size], images[i : i + size]) for i in range(0, len(keys), size)]
+        seconds, (bits, count) = timed(lambda: self.evaluate(self.ema.model, chunks, seed))
+        tested = {"test_bits_per_dim": bits, "test_images": count, "eval_seconds": seconds}
+        return {**self.figures(), **tested}
+
+
+def run_race(racers: dict[str, Racer], log: Callable[[str], None] | None = None) -> None:
+    """One step of each racer in turn until each has spent its budget: the load of a shared
+    machine drifts over minutes, and alternating steps gives every model the same conditions."""
+    while not all(racer.done for racer in racers.values()):
+        for name, racer in racers.items():
+            if racer.done:
+                continue
+            racer.advance()
+            if log is not None and racer.steps % 500 == 0:
+                log(
+                    f"{name}: step {racer.steps}, {racer.elapsed:.0f} s, "
+                    f"train {racer.loss:.3f} bits/dim"
+                )
 
 
 # ----------------------------------------------------------------------------- Ray and S3
@@ -381,8 +511,7 @@ class RssSampler:
     def __init__(self, interval: float = 0.5, root: int | None = None) -> None:
         self.interval = interval
         self.root = root or os.getpid()
-        self.peak_rss_mb = math.nan
-        self.peak_pss_mb = math.nan
+        self.peak_rss_mb = self.peak_pss_mb = math.nan
         self.processes = 0
         self.peak_pss_by_role_mb: dict[str, float] = {}
         self._stop = threading.Event()

@@ -1,22 +1,23 @@
 """Model quality at a fixed budget of step time: flowray's preset model against normflows' Glow.
 
-Both models train in this process by the same plain torch loop (`race.make_contender`): the same
-threads, batch, data order, recipe (the preset's optimizer, warmup, schedule, clipping and EMA from
-`pipeline.train`) and ActNorm initialisation batch; only the model differs:
+Both race in this process (`harness.Racer`, steps alternating): the same threads, batch, data
+order, recipe and ActNorm initialisation batch; only the model differs:
 
 - flowray: `build_flow(config.model)` trained with `pipeline.train.step.train_step`, the step the
   Ray Train job runs.
 - normflows: `MultiscaleFlow` of GlowBlock / Squeeze / Merge with DiagGaussian bases at the same
-  levels, steps and width (`race.normflows_glow`, parameter counts within 1%), inputs in [0, 1).
+  levels, steps and width (`normflows_glow`, parameter counts within 1%), inputs in [0, 1), trained
+  by `normflows_step`: the same loss, checks and clipping.
 
-Each trains for `minutes` of its own step time, their steps alternating so that both see the same
-load. The EMA weights are then evaluated on the test split with keyed dequantization noise: the
-same y = (x + u) / 256 for an image in both models, bits/dim by the same formula.
+Each trains for `minutes` of its own step time; then the test bits/dim of both models' EMA
+weights, with the same keyed dequantization noise: the same y = (x + u) / 256 for an image in both
+models, bits/dim by the same formula. The training suite races the same pair for throughput.
 """
 
 from __future__ import annotations
 
-import os
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,24 +25,130 @@ import torch
 from torch import Tensor, nn
 
 from flowmodel import dequantize
-from pipeline.bench.harness import Result, Run, Table, fashion_mnist, timed, torch_threads
-from pipeline.bench.race import (
-    Contender,
-    TimedTrainer,
+from pipeline.bench.harness import (
+    Racer,
+    Result,
+    Run,
+    Table,
+    fashion_mnist,
     global_batch,
-    normflows_bits_per_dim,
-    parameter_count,
-    race,
-    train_interleaved,
+    load_average,
+    preset_config,
+    preset_flow,
+    run_race,
+    torch_threads,
 )
-from pipeline.config import load_config
 from pipeline.model.likelihood import keyed_noise
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import evaluate_bits_per_dim
+from pipeline.train.step import StepMetrics
 
-__all__ = ["SMOKE", "TARGET_BITS_PER_DIM", "Settings", "measure", "normflows_test_bits_per_dim"]
+__all__ = ["SMOKE", "TARGET_BITS_PER_DIM", "Settings", "measure", "race"]
 
 TARGET_BITS_PER_DIM = 3.70  # flowray's test bits/dim at 10 minutes
+LN2 = math.log(2)
+
+
+def normflows_glow(levels: int, steps: int, hidden: int, image_shape: Sequence[int]) -> nn.Module:
+    """normflows' multiscale Glow, unconditional, as its Glow example builds it.
+
+    Per level: `steps` GlowBlocks (affine coupling with a 3x3-1x1-3x3 ConvNet, LU 1x1 conv,
+    ActNorm), a Squeeze, and a Merge between levels; a trainable diagonal Gaussian base per latent
+    (DiagGaussian, one mean and log-scale per element, as flowray's learned priors). Level i = 0 is
+    the coarsest. Inputs are dequantized images in [0, 1), no logit.
+    """
+    import normflows as nf
+
+    channels, height, width = image_shape
+    q0, merges, flows = [], [], []
+    for i in range(levels):
+        blocks = [
+            nf.flows.GlowBlock(
+                channels * 2 ** (levels + 1 - i), hidden, split_mode="channel", scale=True
+            )
+            for _ in range(steps)
+        ]
+        flows.append([*blocks, nf.flows.Squeeze()])
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            factor = 2 ** (levels - i)
+            latent = (channels * factor, height // factor, width // factor)
+        else:
+            factor = 2**levels
+            latent = (channels * factor * 2, height // factor, width // factor)
+        q0.append(nf.distributions.DiagGaussian(latent))
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def normflows_bits_per_dim(model: nn.Module, y: Tensor, n_bits: int = 8) -> Tensor:
+    """Per-image bits/dim of dequantized images y = (x + u) / 2**n_bits in [0, 1) under normflows.
+
+    The same bound as flowray's `bits_per_dim_from_log_prob`:
+        flowray:   bpd = -log p(y) / (D ln 2) + n_bits      (flowmodel.flow, log_prob in nats)
+        normflows: bpd = -model.log_prob(y) / (D ln 2) + n_bits
+    where the + n_bits is the dequantization constant D * n_bits * ln 2 / (D ln 2) (the density of
+    y on [0, 1)^D versus the discrete x), so both count bits/dim identically.
+    """
+    dims = y[0].numel()
+    return -model.log_prob(y, None) / (dims * LN2) + n_bits
+
+
+def normflows_step(
+    model: nn.Module,
+    images: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    max_grad_norm: float | None,
+    generator: torch.Generator | None,
+    n_bits: int = 8,
+) -> StepMetrics:
+    """`pipeline.train.step.train_step` for a normflows model: same loss, checks and clipping."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    y = dequantize(images, n_bits, generator)
+    loss = normflows_bits_per_dim(model, y, n_bits).mean()
+    if not torch.isfinite(loss):
+        return StepMetrics(float(loss.detach()), math.nan, skipped=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return StepMetrics(float(loss.detach()), float(norm), skipped=True)
+    optimizer.step()
+    return StepMetrics(float(loss.detach()), float(norm), skipped=False)
+
+
+@torch.no_grad()
+def normflows_test_bits_per_dim(
+    model: nn.Module, batches: Sequence[tuple[Sequence[str], Tensor]], seed: int
+) -> tuple[float, int]:
+    """`evaluate_bits_per_dim` for a normflows model: (mean bits/dim, image count), keyed noise."""
+    model.eval()
+    total, count = 0.0, 0
+    for keys, images in batches:
+        noise = keyed_noise(keys, tuple(images.shape[1:]), seed)
+        total += float(normflows_bits_per_dim(model, dequantize(images, 8, noise=noise)).sum())
+        count += len(keys)
+    return total / count, count
+
+
+def race(config: TrainConfig, images: Tensor, **options: Any) -> dict[str, Racer]:
+    """flowray's preset model and normflows' Glow as racers on `images` (`options` go to `Racer`),
+    both initialised on the same first `init_images` (normflows' ActNorms on the first batch they
+    see)."""
+    init, model = images[: config.init_images], config.model
+    flow = preset_flow(model, init, config.seed)
+    glow = normflows_glow(
+        model.levels, model.steps_per_level, model.hidden_channels, model.image_shape
+    )
+    with torch.no_grad():
+        noise = torch.Generator().manual_seed(config.seed)
+        glow.log_prob(dequantize(init, model.n_bits, noise), None)
+    normflows = {"step": normflows_step, "evaluate": normflows_test_bits_per_dim}
+    return {
+        "flowray": Racer(flow, images, config, **options),
+        "normflows": Racer(glow, images, config, **normflows, **options),
+    }
 
 
 @dataclass(frozen=True)
@@ -66,39 +173,37 @@ class Settings:
 SMOKE = {"minutes": 0.05, "train_images": 1024, "test_images": 256, "max_steps": 3}
 
 
-@torch.no_grad()
-def normflows_test_bits_per_dim(
-    model: nn.Module, keys: list[str], images: Tensor, seed: int, batch_size: int = 500
-) -> float:
-    """Mean per-image bits/dim with the keyed noise `evaluate_bits_per_dim` uses for flowray."""
-    model.eval()
-    total = 0.0
-    for start in range(0, len(keys), batch_size):
-        chunk = images[start : start + batch_size]
-        noise = keyed_noise(keys[start : start + batch_size], tuple(chunk.shape[1:]), seed)
-        total += float(normflows_bits_per_dim(model, dequantize(chunk, 8, noise=noise)).sum())
-    return total / len(keys)
-
-
 def measure(settings: Settings, run: Run) -> Result:
-    """Train both models for `minutes` of step time each, alternating steps, then evaluate them."""
-    config = load_config(TrainConfig, settings.preset)
+    config = preset_config(settings.preset)
     if config.model.n_bits != 8:
         raise ValueError(f"the comparison assumes 8-bit images, found n_bits={config.model.n_bits}")
     _, train = fashion_mnist("train", settings.train_images)
     keys, test = fashion_mnist("test", settings.test_images)
     with torch_threads(settings.threads) as threads:
-        contenders = race(
-            config, train, seconds=60 * settings.minutes, max_steps=settings.max_steps
-        )
-        load = [round(os.getloadavg()[0], 2)]
-        _race(contenders, settings.minutes, run)
-        load.append(round(os.getloadavg()[0], 2))
-        models = _test_figures(contenders, config, keys, test)
+        racers = race(config, train, seconds=60 * settings.minutes, max_steps=settings.max_steps)
+        for name, racer in racers.items():
+            run.log(f"{name}: {racer.figures()['params']:,} parameters")
+        run.log(f"training both for {settings.minutes:g} min of step time each, alternating steps")
+        load = [load_average()]
+        run_race(racers, run.log)
+        load.append(load_average())
+        models = {name: racer.tested(keys, test) for name, racer in racers.items()}
     for name, figures in models.items():
         run.log(f"{name}: test {figures['test_bits_per_dim']:.4f} bits/dim")
-    ours, theirs = models["flowray"], models["normflows"]
-    optim = config.optim
+    model = config.model
+    preprocess = model.preprocess
+    if preprocess == "logit":
+        preprocess = f"logit (alpha {model.logit_alpha:g})"
+    size = f"{model.levels} levels x {model.steps_per_level}"
+    models["flowray"]["architecture"] = (
+        f"{size} steps, {model.hidden_channels} hidden, {model.coupling} {model.mask} coupling, "
+        f"{preprocess} preprocessing"
+    )
+    models["normflows"]["architecture"] = (
+        f"{size} GlowBlocks, {model.hidden_channels} hidden, affine channel coupling (sigmoid "
+        "scale), DiagGaussian bases, no logit"
+    )
+    ours, theirs, optim = models["flowray"], models["normflows"], config.optim
     figures: dict[str, Any] = {
         "settings": {
             "minutes": settings.minutes,
@@ -128,60 +233,6 @@ def measure(settings: Settings, run: Run) -> Result:
         },
     }
     return Result(figures, [_table(figures)])
-
-
-def _race(contenders: dict[str, Contender], minutes: float, run: Run) -> None:
-    for name, contender in contenders.items():
-        run.log(f"{name}: {parameter_count(contender.model):,} parameters")
-    run.log(f"training both for {minutes:g} min of step time each, alternating steps")
-
-    def progress(name: str, trainer: TimedTrainer) -> None:
-        if trainer.steps % 500 == 0:
-            run.log(
-                f"  {name}: step {trainer.steps}, {trainer.elapsed:.0f} s, "
-                f"train {trainer.loss:.3f} bits/dim"
-            )
-
-    train_interleaved({name: c.trainer for name, c in contenders.items()}, progress)
-
-
-def _test_figures(
-    contenders: dict[str, Contender], config: TrainConfig, keys: list[str], test: Tensor
-) -> dict[str, Any]:
-    """Each model's training figures and the test bits/dim of its EMA weights (keyed noise)."""
-    model = config.model
-    preprocess = model.preprocess
-    if preprocess == "logit":
-        preprocess = f"logit (alpha {model.logit_alpha:g})"
-    size = config.eval_batch_size
-    chunks = [(keys[i : i + size], test[i : i + size]) for i in range(0, len(test), size)]
-    flowray_seconds, (bits, count) = timed(
-        lambda: evaluate_bits_per_dim(contenders["flowray"].ema.model, chunks, config.eval_seed)
-    )
-    normflows_seconds, theirs = timed(
-        lambda: normflows_test_bits_per_dim(
-            contenders["normflows"].ema.model, keys, test, config.eval_seed
-        )
-    )
-    architecture = f"{model.levels} levels x {model.steps_per_level}"
-    return {
-        "flowray": {
-            "architecture": f"{architecture} steps, {model.hidden_channels} hidden, "
-            f"{model.coupling} {model.mask} coupling, {preprocess} preprocessing",
-            **contenders["flowray"].figures(),
-            "test_bits_per_dim": bits,
-            "test_images": count,
-            "eval_seconds": flowray_seconds,
-        },
-        "normflows": {
-            "architecture": f"{architecture} GlowBlocks, {model.hidden_channels} hidden, affine "
-            "channel coupling (sigmoid scale), DiagGaussian bases, no logit",
-            **contenders["normflows"].figures(),
-            "test_bits_per_dim": theirs,
-            "test_images": len(test),
-            "eval_seconds": normflows_seconds,
-        },
-    }
 
 
 def _table(figures: dict[str, Any]) -> Table:

@@ -30,8 +30,6 @@ from pipeline.bench.harness import (
     timed,
     torch_threads,
 )
-from pipeline.config import load_config
-from pipeline.train.config import TrainConfig
 
 __all__ = ["SMOKE", "Settings", "measure"]
 
@@ -52,63 +50,46 @@ class Settings:
 SMOKE = {"images": 64, "repeats": 1}
 
 
-def _in_process(model_dir: str, images: int, chunk_size: int, temperature: float) -> float:
-    """Images/s of Flow.sample over `images` in chunks, every core, this process."""
-    from pipeline.batch.sampling import chunk_seed
+def measure(settings: Settings, run: Run) -> Result:
+    from pipeline.batch.sampling import SampleConfig, chunk_seed, generate
     from pipeline.model.artifact import load_flow
 
-    flow = load_flow(model_dir)
+    defaults = SampleConfig(model="-", output="-")
+    chunk, temperature = defaults.chunk_size, defaults.temperature
+    model = saved_preset_model(run.workdir, settings.preset)
+    flow, images = load_flow(model), settings.images
 
-    def draw() -> None:
-        for index in range(math.ceil(images / chunk_size)):
-            count = min(chunk_size, images - index * chunk_size)
+    def in_process() -> None:
+        for index in range(math.ceil(images / chunk)):
+            count = min(chunk, images - index * chunk)
             flow.sample(count, temperature, torch.Generator().manual_seed(chunk_seed(0, index)))
 
-    with torch_threads(None):
-        seconds, _ = timed(draw)
-    return images / seconds
-
-
-def measure(settings: Settings, run: Run) -> Result:
-    """The figures in the module docstring; medians over `repeats`."""
-    from pipeline.batch.sampling import SampleConfig, generate
-
-    defaults = SampleConfig(model="-", output="-")
     figures: dict[str, list[float]] = {"in_process": [], "job": [], "job_draw": []}
-    run.workdir.mkdir(parents=True, exist_ok=True)
-    model = saved_preset_model(run.workdir, load_config(TrainConfig, settings.preset).model)
     with local_ray():
         for _ in range(settings.repeats):
-            figures["in_process"].append(
-                _in_process(model, settings.images, defaults.chunk_size, defaults.temperature)
-            )
+            with torch_threads(None):
+                figures["in_process"].append(images / timed(in_process)[0])
             config = SampleConfig(
                 model=model,
                 output=str(run.workdir / f"samples-{time.monotonic_ns()}"),
-                n=settings.images,
+                n=images,
                 tracking_uri=f"sqlite:///{run.workdir / 'mlflow.db'}",
                 log_to_mlflow=False,
             )
             seconds, result = timed(lambda config=config: generate(config))
-            figures["job"].append(settings.images / seconds)
+            figures["job"].append(images / seconds)
             figures["job_draw"].append(result.images_per_second)
     results = {name: median(values) for name, values in figures.items()}
-    report = {
-        "images": settings.images,
-        "repeats": settings.repeats,
-        "chunk_size": defaults.chunk_size,
-        "results": results,
-        "ratio": results["job"] / results["in_process"],
-        "ratio_draw": results["job_draw"] / results["in_process"],
-    }
-    images = settings.images
+    ratio, ratio_draw = (results[k] / results["in_process"] for k in ("job", "job_draw"))
     table = Table(
         ["measurement", "images", "images/s (median)", "vs in-process"],
         [
             ["in-process inverse pass (all cores, no PNG)", images, results["in_process"], 1.0],
-            ["flowray sample, end to end", images, results["job"], report["ratio"]],
-            ["flowray sample, draw phase", images, results["job_draw"], report["ratio_draw"]],
+            ["flowray sample, end to end", images, results["job"], ratio],
+            ["flowray sample, draw phase", images, results["job_draw"], ratio_draw],
         ],
-        [f"Median of {settings.repeats} runs; chunks of {defaults.chunk_size} images."],
+        [f"Median of {settings.repeats} runs; chunks of {chunk} images."],
     )
+    report = {"images": images, "repeats": settings.repeats, "chunk_size": chunk}
+    report |= {"results": results, "ratio": ratio, "ratio_draw": ratio_draw}
     return Result(report, [table])

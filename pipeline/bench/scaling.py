@@ -19,7 +19,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.bench.harness import (
@@ -32,8 +31,6 @@ from pipeline.bench.harness import (
     saved_preset_model,
     timed,
 )
-from pipeline.config import load_config
-from pipeline.train.config import TrainConfig
 
 __all__ = ["MEMORY_TOLERANCE", "SMOKE", "Settings", "measure", "role_table"]
 
@@ -91,18 +88,18 @@ def _score_size(model: str, split: str, size: int, settings: Settings, run: Run)
 
 
 def measure(settings: Settings, run: Run) -> Result:
-    """Score each size once; see the module docstring."""
-    run.workdir.mkdir(parents=True, exist_ok=True)
     sizes = sorted(settings.sizes)
-    model = saved_preset_model(run.workdir, load_config(TrainConfig, settings.preset).model)
+    model = saved_preset_model(run.workdir, settings.preset)
     rows: list[dict[str, Any]] = []
     with local_ray():  # prepare's Ray tasks, and every size unless fresh_ray
         splits = {}
         for size in sizes:
             run.log(f"scaling: preparing {size:,} images")
-            out = str(Path(run.workdir) / f"data-{size}")
             splits[size] = prepared_fashion_mnist(
-                out, size, shard_samples=settings.shard_samples, workers=os.cpu_count() or 1
+                str(run.workdir / f"data-{size}"),
+                size,
+                shard_samples=settings.shard_samples,
+                workers=os.cpu_count() or 1,
             )
         if not settings.fresh_ray:
             rows = [_score_size(model, splits[s], s, settings, run) for s in sizes]
@@ -111,12 +108,11 @@ def measure(settings: Settings, run: Run) -> Result:
             rows.append(_score_size(model, splits[size], size, settings, run))
     first = rows[0]
     for row in rows:
-        row["seconds_per_image_vs_smallest"] = (row["seconds"] / row["images"]) / (
-            first["seconds"] / first["images"]
-        )
+        per_image = (row["seconds"] / row["images"]) / (first["seconds"] / first["images"])
+        row["seconds_per_image_vs_smallest"] = per_image
         row["peak_pss_vs_smallest"] = row["peak_pss_mb"] / first["peak_pss_mb"]
     growth = max(row["peak_pss_vs_smallest"] for row in rows)
-    linear = rows[-1]["seconds_per_image_vs_smallest"]
+    linear, met = rows[-1]["seconds_per_image_vs_smallest"], growth <= 1 + MEMORY_TOLERANCE
     report = {
         "settings": {
             "sizes": sizes,
@@ -128,32 +124,31 @@ def measure(settings: Settings, run: Run) -> Result:
         "memory_growth": growth,
         "targets": {
             "memory_within": MEMORY_TOLERANCE,
-            "memory_met": bool(growth <= 1 + MEMORY_TOLERANCE),
+            "memory_met": bool(met),
             "largest_seconds_per_image_vs_smallest": linear,
         },
     }
-    keys = ("images", "seconds", "images_per_second", "seconds_per_image_vs_smallest")
-    keys += ("peak_pss_mb", "peak_rss_mb", "peak_pss_vs_smallest")
+    columns = {  # header: key
+        "images": "images",
+        "wall s": "seconds",
+        "images/s": "images_per_second",
+        "s/image vs smallest": "seconds_per_image_vs_smallest",
+        "peak PSS MB": "peak_pss_mb",
+        "peak RSS MB (sum)": "peak_rss_mb",
+        "PSS vs smallest": "peak_pss_vs_smallest",
+    }
+    ray = "a fresh local Ray per size" if settings.fresh_ray else "one shared Ray"
     table = Table(
-        [
-            "images",
-            "wall s",
-            "images/s",
-            "s/image vs smallest",
-            "peak PSS MB",
-            "peak RSS MB (sum)",
-            "PSS vs smallest",
-        ],
-        [[row[key] for key in keys] for row in rows],
+        list(columns),
+        [[row[key] for key in columns.values()] for row in rows],
         [
             "`pipeline.batch.scoring.job.score` on the Fashion-MNIST test split (repeated with "
             f"unique keys past 10,000 images), {settings.shard_samples:,} images per shard, batch "
-            f"{settings.batch_size}, {'a fresh local Ray per size' if settings.fresh_ray else 'one shared Ray'}; "
-            "memory of the driver and all Ray processes, sampled every 0.5 s.",
+            f"{settings.batch_size}, {ray}; memory of the driver and all Ray processes, sampled "
+            "every 0.5 s.",
             f"Time linear: s/image at the largest size is {linear:.2f}x the smallest's (1.00 = "
             f"linear). Memory flat within {100 * MEMORY_TOLERANCE:.0f}%: "
-            f"{'met' if growth <= 1 + MEMORY_TOLERANCE else 'missed'} (peak PSS up to "
-            f"{growth:.2f}x the smallest size's).",
+            f"{'met' if met else 'missed'} (peak PSS up to {growth:.2f}x the smallest size's).",
             "Where the peak PSS sat (MB, by process role, at each size's peak sample):",
         ],
     )

@@ -27,12 +27,11 @@ from pipeline.bench.harness import (
     Run,
     Table,
     fashion_mnist,
+    free_port,
     local_ray,
     saved_preset_model,
     timed,
 )
-from pipeline.config import load_config
-from pipeline.train.config import TrainConfig
 
 __all__ = ["SMOKE", "Settings", "measure"]
 
@@ -60,18 +59,16 @@ SMOKE = {"requests": 48, "seconds": 10.0, "images": 64}
 
 
 def measure(settings: Settings, run: Run) -> Result:
-    """Serve the preset's flow on loopback and measure each level of concurrency."""
     from pipeline.data.images import encode_png
     from pipeline.serve.config import ServeConfig
     from pipeline.serve.runner import start, stop
 
-    run.workdir.mkdir(parents=True, exist_ok=True)
-    model = saved_preset_model(run.workdir, load_config(TrainConfig, settings.preset).model)
+    model = saved_preset_model(run.workdir, settings.preset)
     decoded = fashion_mnist("test", settings.images)[1].numpy()
     pngs = [encode_png(image) for image in decoded]
     config = ServeConfig(
         model=model,
-        port=_free_port(),
+        port=free_port(),
         app_name="flowray-bench",
         reload_interval_s=0,
         max_batch_size=settings.max_batch_size,
@@ -87,18 +84,18 @@ def measure(settings: Settings, run: Run) -> Result:
         finally:
             stop(config, shutdown=True)
     ceiling = _ceiling(model, decoded, settings.max_batch_size)
-    keys = ("clients", "requests", "requests_per_second", "p50_ms", "p95_ms", "mean_batch")
+    columns = {  # header: key
+        "clients": "clients",
+        "requests": "requests",
+        "requests/s": "requests_per_second",
+        "p50 ms": "p50_ms",
+        "p95 ms": "p95_ms",
+        "images per forward pass": "mean_batch",
+        "errors": "errors",
+    }
     table = Table(
-        [
-            "clients",
-            "requests",
-            "requests/s",
-            "p50 ms",
-            "p95 ms",
-            "images per forward pass",
-            "errors",
-        ],
-        [[row[key] for key in (*keys, "errors")] for row in rows],
+        list(columns),
+        [[row[key] for key in columns.values()] for row in rows],
         [
             f"Each level: at most {settings.requests:,} requests or {settings.seconds:g} s; "
             f"max_batch_size {settings.max_batch_size}. In-process scorer without HTTP (the "
@@ -106,14 +103,6 @@ def measure(settings: Settings, run: Run) -> Result:
         ],
     )
     return Result({"levels": rows, "ceiling_images_per_second": ceiling}, [table])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def _level(

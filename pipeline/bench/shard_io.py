@@ -298,21 +298,23 @@ def measure(settings: Settings, run: Run) -> Result:
 
 
 def _tables(report: dict[str, Any]) -> list[Table]:
+    """Images/s in whole numbers and MB to one decimal, per backend."""
+
+    def cells(figures: dict[str, Any], rates: list[str], sizes: list[str]) -> list[str]:
+        return [f"{figures[k]:,.0f}" for k in rates] + [f"{figures[k]:.1f}" for k in sizes]
+
     tables = []
     if "results" in report:
-        columns = [
-            ("write", "write"),
-            ("read_iter", "read (iter_input)"),
-            ("read_ray", "read (Ray Data)"),
-        ]
-        present = [(k, title) for k, title in columns if k in report["results"]["local"]]
+        columns = {
+            "write": "write",
+            "read_iter": "read (iter_input)",
+            "read_ray": "read (Ray Data)",
+        }
+        rates = [key for key in columns if key in report["results"]["local"]]
         tables.append(
             Table(
-                ["storage", *(f"{title} images/s" for _, title in present), "shards MB"],
-                [
-                    [BACKENDS[name], *(f"{f[k]:,.0f}" for k, _ in present), f"{f['mb']:.1f}"]
-                    for name, f in report["results"].items()
-                ],
+                ["storage", *(f"{columns[key]} images/s" for key in rates), "shards MB"],
+                [[BACKENDS[n], *cells(f, rates, ["mb"])] for n, f in report["results"].items()],
                 [
                     f"{report['images']} images from {report['source']}, "
                     f"{report['shard_samples']} per shard, median of {report['repeats']} runs."
@@ -321,22 +323,19 @@ def _tables(report: dict[str, Any]) -> list[Table]:
         )
     if "foreign" in report:
         foreign = report["foreign"]
-        ray = "foreign_ray" in next(iter(foreign["results"].values()))
-        keys = ["foreign_iter", "prepared_iter", *(["foreign_ray", "prepared_ray"] if ray else [])]
-        headers = ["JPEG in place (iter)", "64x64 PNG prepared (iter)"]
-        headers += ["JPEG in place (Ray Data)", "PNG prepared (Ray Data)"] if ray else []
+        columns = {
+            "foreign_iter": "JPEG in place (iter)",
+            "prepared_iter": "64x64 PNG prepared (iter)",
+            "foreign_ray": "JPEG in place (Ray Data)",
+            "prepared_ray": "PNG prepared (Ray Data)",
+            "reshard": "re-shard (prepare)",
+        }
+        rates = [key for key in columns if key in foreign["results"]["local"]]
+        sizes = ["jpeg_mb", "png_mb"]
         tables.append(
             Table(
-                ["storage", *headers, "re-shard (prepare)", "JPEG MB", "PNG MB"],
-                [
-                    [
-                        BACKENDS[name],
-                        *(f"{f[k]:,.0f}" for k in [*keys, "reshard"]),
-                        f"{f['jpeg_mb']:.1f}",
-                        f"{f['png_mb']:.1f}",
-                    ]
-                    for name, f in foreign["results"].items()
-                ],
+                ["storage", *(columns[key] for key in rates), "JPEG MB", "PNG MB"],
+                [[BACKENDS[n], *cells(f, rates, sizes)] for n, f in foreign["results"].items()],
                 [
                     f"images/s: {foreign['images']} JPEG photos (256x256 to 384x512, quality 90) "
                     f"in shards of {foreign['per_shard']}, decoded and fitted to 3x64x64 in place, "
@@ -346,17 +345,15 @@ def _tables(report: dict[str, Any]) -> list[Table]:
             )
         )
     if "listing" in report:
-        listing = report["listing"]["results"]
+        listing = report["listing"]
         tables.append(
             Table(
                 ["storage", "shards", "list a prefix (s)", "list a brace pattern (s)"],
                 [
                     [BACKENDS[name], f["shards"], f"{f['prefix_s']:.2f}", f"{f['pattern_s']:.2f}"]
-                    for name, f in listing.items()
+                    for name, f in listing["results"].items()
                 ],
-                [
-                    f"resolve_input over {report['listing']['shards']:,} tiny shards: one listing each."
-                ],
+                [f"resolve_input over {listing['shards']:,} tiny shards: one listing each."],
             )
         )
     return tables

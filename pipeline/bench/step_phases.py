@@ -15,7 +15,6 @@ Torch, numpy and the IDX files only: no Ray, no MLflow.
 from __future__ import annotations
 
 import math
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,17 +23,22 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from flowmodel import dequantize
 from pipeline.bench.harness import (
     Result,
     Run,
     Table,
     fashion_mnist,
+    free_port,
     median,
+    preset_config,
     preset_flow,
     torch_threads,
 )
-from pipeline.config import load_config
 from pipeline.train.config import TrainConfig
+from pipeline.train.core import run_step, start_training
+from pipeline.train.ema import EMA
+from pipeline.train.step import flow_bits_per_dim, make_optimizer
 
 __all__ = ["PHASES", "SMOKE", "Settings", "ddp_rate", "measure", "phases"]
 
@@ -73,10 +77,6 @@ SMOKE = {
 def phases(config: TrainConfig, images: torch.Tensor, batch: int, steps: int) -> dict[str, float]:
     """Median ms of each phase of a training step (and of the whole step, "total"), in this
     process at its current torch threads; the first fifth of the steps warm up."""
-    from flowmodel import dequantize
-    from pipeline.train.ema import EMA
-    from pipeline.train.step import flow_bits_per_dim, make_optimizer
-
     flow = preset_flow(config.model, images[: config.init_images], config.seed)
     ema = EMA(flow, config.optim.ema_decay)
     optimizer = make_optimizer(flow.parameters(), config.optim)
@@ -112,15 +112,9 @@ def ddp_rate(
     """Images/s (all workers together) and median ms per step of `workers` one-thread processes
     running `run_step` under plain DDP for `seconds`; `sync=False` leaves the flow unwrapped (no
     gradient all-reduce; the finite check's all-reduce stays). Rank 0's figures."""
-    with socket.socket() as probe:  # a free loopback port for the process group
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(
-        _ddp_worker,
-        args=(workers, port, config, batch, seconds, sync, results),
-        nprocs=workers,
-    )
+    args = (workers, free_port(), config, batch, seconds, sync, results)
+    mp.spawn(_ddp_worker, args=args, nprocs=workers)
     return results.get()
 
 
@@ -134,8 +128,6 @@ def _ddp_worker(
     sync: bool,
     results: Any,
 ) -> None:
-    from pipeline.train.core import run_step, start_training
-
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers
@@ -159,20 +151,14 @@ def _ddp_worker(
             stop = bool(flag.item())
         if rank == 0:
             per_step = median(times[len(times) // 5 :])
-            results.put(
-                {
-                    "steps": step,
-                    "ms_per_step": 1000 * per_step,
-                    "images_per_second": batch * workers / per_step,
-                }
-            )
+            rate = batch * workers / per_step
+            results.put({"steps": step, "ms_per_step": 1000 * per_step, "images_per_second": rate})
     finally:
         dist.destroy_process_group()
 
 
 def measure(settings: Settings, run: Run) -> Result:
-    """The phases at `threads` x `batch`, then plain DDP with and without gradient sync."""
-    config = load_config(TrainConfig, settings.preset, list(settings.config_overrides))
+    config = preset_config(settings.preset, settings.config_overrides)
     batch = settings.batch or config.batch_size
     _, images = fashion_mnist("train", limit=4096)
     with torch_threads(settings.threads):
@@ -205,17 +191,13 @@ def measure(settings: Settings, run: Run) -> Result:
             )
             for sync in (True, False)
         }
-        tables.append(
-            Table(
-                ["plain torch DDP (gloo), no Ray", "ms/step", "images/s"],
-                [
-                    [
-                        f"{settings.workers} x 1 thread, {name.replace('_', ' ')}",
-                        r["ms_per_step"],
-                        r["images_per_second"],
-                    ]
-                    for name, r in report["ddp"].items()
-                ],
-            )
-        )
+        rows = [
+            [
+                f"{settings.workers} x 1 thread, {name.replace('_', ' ')}",
+                f["ms_per_step"],
+                f["images_per_second"],
+            ]
+            for name, f in report["ddp"].items()
+        ]
+        tables.append(Table(["plain torch DDP (gloo), no Ray", "ms/step", "images/s"], rows))
     return Result(report, tables)

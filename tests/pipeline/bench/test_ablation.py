@@ -31,7 +31,7 @@ sys.meta_path.insert(0, _Block())
 
 def test_importing_the_suite_loads_neither_ray_nor_mlflow() -> None:
     code = (
-        "import sys, pipeline.bench.ablation, pipeline.bench.race, pipeline.bench.harness, "
+        "import sys, pipeline.bench.ablation, pipeline.bench.harness, "
         "pipeline.train.step, jobs.config, jobs.bench; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'fsspec'}))"
     )

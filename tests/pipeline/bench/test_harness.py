@@ -1,5 +1,5 @@
 """pipeline.bench.harness: the memory sampler (psutil over this process and its descendants), the
-machine, and the table type."""
+machine, the table type, and the in-process training race's schedule, skips and EMA."""
 
 from __future__ import annotations
 
@@ -10,15 +10,19 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
-from pipeline.bench.harness import RssSampler, Table, machine
+from pipeline.bench.harness import Racer, RssSampler, Table, machine
+from pipeline.train.config import TrainConfig
+from pipeline.train.step import StepMetrics
 
-pytestmark = pytest.mark.skipif(not psutil.LINUX, reason="PSS is Linux-only")
+linux_only = pytest.mark.skipif(not psutil.LINUX, reason="PSS is Linux-only")
 
 _CHILD = "import sys; block = bytearray(64 * 2**20); block[::4096] = b'x' * len(block[::4096]); "
 _CHILD += "print('ready', flush=True); sys.stdin.read()"
 
 
+@linux_only
 def test_the_sampler_counts_a_child_process_and_its_memory() -> None:
     alone = RssSampler()
     alone.sample()
@@ -42,6 +46,7 @@ def test_the_sampler_counts_a_child_process_and_its_memory() -> None:
     assert sum(by_role.values()) == pytest.approx(sampler.peak_pss_mb)
 
 
+@linux_only
 def test_a_gone_root_samples_nothing() -> None:
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -67,3 +72,34 @@ def test_a_table_renders_its_cells_and_notes_as_markdown_and_json() -> None:
     ]
     assert table.to_dict()["rows"][0] == ["a", 12345, 0.5]
     assert Table([], notes=["skipped: no GPU"]).markdown() == "skipped: no GPU"
+
+
+def test_a_racer_warms_up_counts_skips_and_averages_only_good_steps() -> None:
+    config = TrainConfig.from_dict({"optim": {"lr": 1.0, "warmup_steps": 4, "ema_decay": 0.5}})
+    rates: list[float] = []
+
+    def every_second_step_skipped(model, batch, optimizer, **_) -> StepMetrics:
+        rates.append(optimizer.param_groups[0]["lr"])
+        return StepMetrics(float(len(rates)), 1.0, skipped=len(rates) % 2 == 0)
+
+    images = torch.zeros(8, 1, 1, 1, dtype=torch.uint8)
+    model = torch.nn.Linear(1, 1, bias=False)
+    step = every_second_step_skipped
+    racer = Racer(model, images, config, seconds=1e9, max_steps=4, step=step, batch_size=2)
+    while not racer.done:
+        racer.advance()
+    assert rates == [0.25, 0.5, 0.75, 1.0]
+    assert (racer.skipped, racer.ema.updates) == (2, 2)
+    assert (racer.steps, racer.loss) == (4, 4.0)
+
+
+def test_a_racers_progress_is_step_time_or_steps_whichever_binds_first() -> None:
+    def skipped(*args: object, **kwargs: object) -> StepMetrics:
+        return StepMetrics(0.0, 0.0, skipped=True)
+
+    images = torch.zeros(8, 1, 2, 2, dtype=torch.uint8)
+    budget = {"seconds": 3600.0, "max_steps": 10, "batch_size": 2}
+    racer = Racer(torch.nn.Linear(1, 1), images, TrainConfig(), step=skipped, **budget)
+    for _ in range(4):
+        racer.advance()
+    assert racer.progress == pytest.approx(0.4)  # the step budget binds: 4 of 10
