@@ -1,24 +1,19 @@
 """Training checkpoints: a directory Ray Train persists to `storage_path` (local or s3://).
 
 model.safetensors / flow_config.json   the flow being trained (pipeline.model.artifact layout)
-ema/model.safetensors, ema/...         the Polyak average (the model that is evaluated and shipped)
-state.pt                               optimizer state, step, counters (the EMA's update count,
-                                       the epoch, the batches of it consumed and the elapsed
-                                       training time among them), RNG state: tensors and plain Python only,
-                                       loaded with weights_only=True
+ema/model.safetensors, ema/...         the Polyak average (the model evaluated and shipped)
+state.pt                               `TrainState` but the weights: tensors and plain Python
+                                       only, loaded with weights_only=True
 train_config.json                      the resolved TrainConfig
 complete.json                          written last: {"files": {relative path: size in bytes}}
-                                       of every file above
 
-Ray Train copies the folder to `storage_path` file by file, in no set order, so a kill during the
-copy leaves a folder with some files, or a short one. `complete.json` lists every file with its
-size: a folder whose files are all there at those sizes is complete (each file lands whole on S3;
-a local copy cut short is shorter), and a resume skips any other (`checkpoint_problem`).
-Checkpoints saved before the list existed are judged by the files of the layout being there.
+Ray Train copies the folder file by file, in no set order, so a kill during the copy leaves some
+files, or a short one: a folder whose files are all there at the sizes complete.json lists is
+complete, and a resume skips any other (`checkpoint_problem`). A folder without the list is
+judged by the files of the layout being there.
 
-Every tensor is written from the CPU and read onto the CPU, so a checkpoint written on a GPU
-resumes on a CPU-only machine and the reverse; `pipeline.train.core.start_training` moves what it
-loads onto the worker's device.
+Every tensor is written from and read onto the CPU, so a checkpoint written on a GPU resumes on
+a CPU-only machine and the reverse.
 """
 
 from __future__ import annotations
@@ -46,7 +41,7 @@ __all__ = [
 ]
 
 COMPLETE_FILE = "complete.json"
-# The files of the layout above: what a checkpoint saved before COMPLETE_FILE must hold.
+# The files of the layout above: what a checkpoint without COMPLETE_FILE must hold.
 LAYOUT_FILES = (
     "model.safetensors",
     "flow_config.json",
@@ -58,7 +53,8 @@ LAYOUT_FILES = (
 
 
 def _on_cpu(value: Any) -> Any:
-    """Every tensor in a nested state (an optimizer's state_dict) copied to the CPU."""
+    """Every tensor of a nested state (an optimizer's state_dict) copied to the CPU: moments
+    saved on a GPU would only load where that GPU exists."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, dict):
@@ -80,11 +76,9 @@ class TrainState:
     history: dict[str, list[list[float]]]  # "train"/"validation" -> [[step, bits/dim], ...]
     ema_updates: int  # `EMA.updates`: steps that updated the average (skipped steps do not)
     epoch: int = 0  # passes over the training split finished; the shard order is seed + epoch
-    # The step loop's wall time so far, over all resumes: max_minutes and the learning-rate
-    # schedule count it, so a resumed run continues its budget instead of starting a new one.
+    # The step loop's wall time over all resumes: a resumed run continues its time budget.
     elapsed_seconds: float = 0.0
-    # Batches of the current epoch this worker had consumed (trained or skipped as non-finite):
-    # a resume skips that many of the epoch's stream (pipeline.train.data_order).
+    # Batches of the current epoch consumed (trained or skipped): a resume skips as many.
     epoch_step: int = 0
 
 
@@ -93,23 +87,8 @@ def save_checkpoint(
 ) -> Path:
     save_flow(flow, directory)
     save_flow(ema, directory / "ema")
-    torch.save(
-        {
-            "step": state.step,
-            "images_seen": state.images_seen,
-            "skipped_steps": state.skipped_steps,
-            # An optimizer on a GPU holds its moments there: saved as is, they would only load
-            # where that GPU exists.
-            "optimizer": _on_cpu(state.optimizer),
-            "rng": state.rng.cpu(),
-            "history": state.history,
-            "ema_updates": state.ema_updates,
-            "epoch": state.epoch,
-            "elapsed_seconds": state.elapsed_seconds,
-            "epoch_step": state.epoch_step,
-        },
-        directory / "state.pt",
-    )
+    raw = {**vars(state), "optimizer": _on_cpu(state.optimizer), "rng": state.rng.cpu()}
+    torch.save(raw, directory / "state.pt")
     # No `user:password@` of a tracking URL in a checkpoint (it is stored next to the data).
     (directory / "train_config.json").write_text(redact_url(json.dumps(config, indent=2)))
     files = {
@@ -122,8 +101,7 @@ def save_checkpoint(
 
 
 def checkpoint_problem(fs: fsspec.AbstractFileSystem, directory: str) -> str | None:
-    """Why the checkpoint folder `directory` (a path of `fs`) is not complete, or None when it
-    is: every file that COMPLETE_FILE lists is there at its size (see the module docstring)."""
+    """Why the checkpoint folder `directory` (a path of `fs`) is not complete, or None."""
     directory = directory.rstrip("/")
     found = {
         name[len(directory) + 1 :]: int(info.get("size") or 0)
@@ -133,7 +111,7 @@ def checkpoint_problem(fs: fsspec.AbstractFileSystem, directory: str) -> str | N
         missing = [name for name in LAYOUT_FILES if name not in found]
         if missing:
             return f"no {COMPLETE_FILE} and missing {', '.join(missing)}"
-        return None  # saved before COMPLETE_FILE existed, with every file of the layout
+        return None
     try:
         listed = json.loads(fs.cat_file(f"{directory}/{COMPLETE_FILE}"))["files"]
     except (ValueError, KeyError, TypeError) as err:
@@ -151,21 +129,7 @@ def load_checkpoint(directory: Path) -> tuple[Flow, Flow, TrainState]:
     directory is one Ray Train registered (copied whole) or one that `checkpoint_problem` passed.
     """
     flow, ema = load_flow(directory), load_flow(directory / "ema")
-    # map_location: checkpoints written before optimizer states were saved from the CPU may hold
-    # CUDA tensors.
     raw = torch.load(directory / "state.pt", weights_only=True, map_location="cpu")
-    state = TrainState(
-        step=int(raw["step"]),
-        images_seen=int(raw["images_seen"]),
-        skipped_steps=int(raw["skipped_steps"]),
-        optimizer=raw["optimizer"],
-        rng=raw["rng"],
-        history=raw["history"],
-        # Checkpoints written before the count was stored: their runs restarted the average's
-        # warm-up at the step number.
-        ema_updates=int(raw.get("ema_updates", raw["step"])),
-        epoch=int(raw.get("epoch", 0)),  # checkpoints from before it was stored: epoch 0
-        elapsed_seconds=float(raw.get("elapsed_seconds", 0.0)),  # likewise: from 0
-        epoch_step=int(raw.get("epoch_step", 0)),  # likewise: the epoch from its start
-    )
-    return flow, ema, state
+    # Fields a state.pt lacks take their defaults; a missing EMA count restarts at the step.
+    raw.setdefault("ema_updates", raw["step"])
+    return flow, ema, TrainState(**raw)

@@ -1,17 +1,11 @@
 """The training core, Ray-free: a flow placed on its device with its EMA, optimizer and noise
-generator, and one step of it. The Ray Train worker loop (`pipeline.train.worker`) and the GPU
-bench (`pipeline.bench.gpu`) both run exactly this; the worker adds data shards, DDP and reporting.
+generator, and one step of it. The Ray Train worker loop and the GPU bench both run exactly this.
 
-Device discipline: everything a step touches lives on `Training.device`. The flow is moved there
-first (with one worker as with many), the EMA is copied from the placed flow, the optimizer is
-made for (and a restored optimizer state is loaded onto) the placed parameters, the noise
-generator lives there, and the collectives build their tensors there (`pipeline.train.distributed`).
-
-A step never waits for the device: the skip decision, the workers' agreement on it, the EMA's
-update and its count all stay there (`pipeline.train.step.train_step`), and `run_step` returns
-the step's figures as device tensors that the caller reads when it chooses (the worker loop
-every `TrainConfig.sync_every` steps). On a device other than the CPU the optimizer is made
-capturable, so that its step count is on the device too.
+Everything a step touches lives on `Training.device`: the flow is moved there first, the EMA is
+copied from the placed flow, the optimizer is made for (and a restored state loaded onto) the
+placed parameters (capturable off the CPU, so its step count is there too), and the noise
+generator lives there. A step never waits for the device: `run_step` returns its figures as
+device tensors that the caller reads when it chooses.
 """
 
 from __future__ import annotations
@@ -43,9 +37,8 @@ __all__ = ["StepLoss", "Training", "noise_generator", "run_step", "start_trainin
 
 
 def noise_generator(device: torch.device | str, seed: int) -> torch.Generator:
-    """This worker's dequantization-noise generator, on `device` when torch has generators there
-    (CPU, CUDA), so that the noise is drawn beside the images; else on the CPU, from which
-    `dequantize` copies it. On the CPU the numbers are those of `torch.Generator().manual_seed`."""
+    """This worker's dequantization-noise generator: on `device` when torch has generators there
+    (CPU, CUDA), else on the CPU, from which `dequantize` copies the noise."""
     try:
         return torch.Generator(device=device).manual_seed(seed)
     except RuntimeError:  # a device type without generators
@@ -53,10 +46,9 @@ def noise_generator(device: torch.device | str, seed: int) -> torch.Generator:
 
 
 class StepLoss:
-    """The training step's loss function: `flow_bits_per_dim`, torch.compile'd when asked.
-
-    Compiling happens at the first call, so a failure shows there; `run_step` then falls back to
-    eager for the rest of the run and says so in one line (`say`). `note` tells which one runs.
+    """The training step's loss: `flow_bits_per_dim`, torch.compile'd when asked. Compiling
+    happens at the first call; if it fails, `run_step` falls back to eager for the rest of the
+    run and says so in one line. `note` tells which one runs.
     """
 
     def __init__(
@@ -84,8 +76,8 @@ class StepLoss:
 
 
 def _cause(err: BaseException) -> str:
-    """`Type: first line`, and the root cause's when it is another error (dynamo wraps the
-    backend's own error in BackendCompilerFailed, whose first line says only who raised)."""
+    """`Type: first line`, and the root cause's (dynamo wraps the backend's own error in one
+    whose first line says only who raised)."""
 
     def line(e: BaseException) -> str:
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
@@ -98,8 +90,6 @@ def _cause(err: BaseException) -> str:
 
 @dataclass
 class Training:
-    """What the steps act on, all on `device`."""
-
     model: nn.Module  # the flow, wrapped (DDP) when there are several workers
     optimizer: torch.optim.Optimizer
     ema: EMA[Flow]  # the Polyak average: evaluated, checkpointed and shipped, in float32
@@ -122,13 +112,12 @@ def start_training(
     restored: tuple[Flow, TrainState] | None = None,
     say: Callable[[str], None] = print,
 ) -> Training:
-    """Place `flow` on `device` at `config.precision`, wrap it (`wrap`: DDP for several workers),
-    and make its EMA, optimizer and noise generator there; `restored` (a checkpoint's EMA flow and
-    state, on any device) continues a run. The flow must be initialised (or restored) already."""
+    """Place the initialised `flow` on `device` at `config.precision`, wrap it (`wrap`: DDP), and
+    make its EMA, optimizer and noise generator there; `restored` (a checkpoint's EMA flow and
+    state, on any device) continues a run."""
     device = torch.device(device)
     flow = flow.to(device).set_precision(config.precision)
     model = wrap(flow) if wrap is not None else flow
-    # After placement, so that the average is a copy on the device; evaluated in float32.
     ema = EMA(flow, config.optim.ema_decay)
     ema.model.set_precision("fp32")
     capturable = device.type != "cpu"
@@ -141,15 +130,15 @@ def start_training(
         optimizer.load_state_dict(saved.optimizer)
         _keep_capturable(optimizer, capturable)
         step = saved.step
-    # Each worker draws its own noise; a resumed run does not replay the noise it already used.
+    # Each worker draws its own noise, and a resumed run does not replay what it used.
     generator = noise_generator(device, config.seed * 1000 + rank + step)
     loss = StepLoss(config.compile, say=say)
     return Training(model, optimizer, ema, generator, device, loss)
 
 
 def _keep_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
-    """A loaded state brings the saving run's `capturable` (its device's): set this run's back,
-    and put each step count where it then belongs (beside its parameter, or on the CPU)."""
+    """A loaded state brings the saving run's `capturable`: set this run's, with each step count
+    where it then belongs (beside its parameter, or on the CPU)."""
     for group in optimizer.param_groups:
         group["capturable"] = capturable
         for param in group["params"]:
@@ -162,11 +151,9 @@ def _keep_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None
 def run_step(
     training: Training, config: TrainConfig, images: Tensor, step: int, progress: float = 0.0
 ) -> StepOutcome:
-    """Step `step` (0-based) of training: the scheduled learning rate at `progress` (the budget
-    spent, `pipeline.train.step.budget_progress`; it must be equal on all workers), one
-    `train_step` on `images` (any device: they move to the model's), then the EMA update, which
-    a skipped step leaves as it was. Every worker agrees on skipping (an all-reduce on the
-    device). Nothing here reads the device: the outcome's tensors are the caller's to read."""
+    """Step `step` (0-based): the learning rate at `progress` (`budget_progress`, equal on all
+    workers), one `train_step` on `images` (any device) that every worker agrees to apply or
+    skip, then the EMA update (a skipped step leaves it). Nothing here reads the device."""
     set_learning_rate(training.optimizer, config.optim, step, progress)
     outcome = _step(training, config, images)
     training.ema.update(training.flow, outcome.applied)

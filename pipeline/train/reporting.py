@@ -32,35 +32,25 @@ __all__ = [
 
 
 GRID_SCALE = 3  # 28 x 28 samples are too small to see at 1:1 in MLflow's UI
-
-
-MAX_BUFFERED_METRICS = 100_000  # about 20 MB; the oldest go first when MLflow stays away longer
-MAX_BUFFERED_IMAGES = 4  # sample grids waiting to be sent; an older one gives way to a newer
+MAX_BUFFERED_METRICS = 100_000  # about 20 MB; past it the oldest go first
+MAX_BUFFERED_IMAGES = 4  # sample grids waiting to be sent; past it the oldest go first
 LOG_BATCH_LIMIT = 1000  # MLflow's log_batch takes at most 1000 metrics per call
-# MLflow's own HTTP retries and timeout for the sender's calls (environment variables it reads at
-# each request; a value the user set wins). Its defaults (7 retries, backoff factor 2, 120 s
-# timeout) make one call against a server that is down take minutes; the sender retries on its
-# own schedule instead.
+# MLflow's HTTP retries and timeout (read at each request; a value the user set wins): its
+# defaults make one call to a server that is down take minutes, and the sender retries anyway.
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)  # the sender's waits between tries while MLflow fails
-# After a send, the sender gathers for this long (less when a full log_batch is waiting), so a
-# run that logs every step makes about one call a second, not one per step.
-SEND_INTERVAL_SECONDS = 1.0
+SEND_INTERVAL_SECONDS = 1.0  # gathering after a send: about one call a second, not one a step
 CLOSE_SECONDS = 30.0  # how long `close` waits for what is queued to go out
 
 
 class RunLogger:
     """Rank 0's MLflow writes, off the training path; a no-op on other ranks and without a run.
 
-    `metrics` and `image` only queue (a few microseconds: a step never waits for MLflow); a
-    background thread sends the queue, metrics in log_batch-sized chunks, oldest first, about
-    once a second (SEND_INTERVAL_SECONDS), so logging costs the training process little. While
-    MLflow does not answer, the thread retries every few seconds (RETRY_SECONDS) and the queue
-    keeps up to MAX_BUFFERED_METRICS metrics and MAX_BUFFERED_IMAGES images, dropping the oldest
-    past that; what waited goes out when MLflow answers again. One line says MLflow went away,
-    one that it is back; `close` waits up to CLOSE_SECONDS for the queue to empty and says how
-    many metrics and images were never logged, if any. A logger that is dropped without `close`
-    closes itself (its thread holds no reference to it).
+    `metrics` and `image` only queue, so a step never waits for MLflow; a background thread
+    sends the queue, oldest first, in log_batch-sized chunks. While MLflow does not answer, the
+    thread retries and the queue keeps what fits in its bounds; one line says MLflow went away,
+    one that it is back. `close` says how many values were never logged. A logger dropped without
+    `close` closes itself (its thread holds no reference to it).
     """
 
     def __init__(
@@ -91,18 +81,19 @@ class RunLogger:
             self._sender.client = client
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        """Queues the finite values at `step`; NaN and infinities are left out, as MLflow wants."""
+        """Queues the finite values at `step` (MLflow takes no NaN or infinity)."""
         if self._sender is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        finite = [Metric(k, float(v), now, step) for k, v in values.items() if _finite(v)]
+        finite = [
+            Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))
+        ]
         self._sender.put_metrics(finite)
 
     def image(self, image: np.ndarray, key: str, step: int) -> None:
-        """Queues an RGB uint8 image under `key` at `step`: MLflow's UI shows the steps on a
-        slider."""
+        """Queues an RGB uint8 image under `key` at `step`."""
         if self._sender is not None:
             self._sender.put_image((image, key, step))
 
@@ -111,8 +102,8 @@ class RunLogger:
         return self._sender.wait(timeout) if self._sender else True
 
     def close(self, timeout: float = CLOSE_SECONDS) -> tuple[int, int]:
-        """Sends what is queued (waiting up to `timeout`) and stops the thread; (metrics, images)
-        never logged, also said in one line when not zero."""
+        """Sends what is queued (waiting up to `timeout`) and stops the thread; returns the
+        (metrics, images) never logged."""
         if self._sender is None:
             return 0, 0
         self._closer.detach()
@@ -120,7 +111,6 @@ class RunLogger:
 
     @property
     def pending(self) -> int:
-        """Metrics and images queued, not yet sent."""
         return self._sender.queued() if self._sender else 0
 
     @property
@@ -128,12 +118,8 @@ class RunLogger:
         return bool(self._sender and self._sender.failing)
 
 
-def _finite(value: float) -> bool:
-    return math.isfinite(float(value))
-
-
 class _Sender:
-    """The background thread of a RunLogger and its bounded queue (see RunLogger)."""
+    """The background thread of a RunLogger and its bounded queues."""
 
     def __init__(self, client: Any, run_id: str, note: Callable[[str], None]) -> None:
         self.client, self.run_id, self.note = client, run_id, note
@@ -226,8 +212,8 @@ class _Sender:
                     return  # closing, nothing left
                 if self.closing and time.monotonic() > self.deadline:
                     return  # what is left is counted by close()
-                # Metrics and images take turns: a run that logs every step keeps metrics
-                # queued, and images sent only into an empty queue would wait until dropped.
+                # Turns: a run that logs every step keeps metrics queued, and images sent only
+                # once it is empty would wait until dropped.
                 image_turn = bool(self.images) and (image_next or not self.metrics)
                 chunk = (
                     []
@@ -282,7 +268,7 @@ class _Sender:
 
 
 def sample_grid(flow: Flow, temperature: float, step: int) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of 64 samples in an 8 x 8 grid, upscaled x3, seeded by `step` so that a
+    """RGB uint8 [H, W, 3] of 64 samples in an 8 x 8 grid, upscaled, seeded by `step` so that a
     rerun draws the same grid."""
     from pipeline.plots import image_grid
 
@@ -297,10 +283,9 @@ def start_system_metrics(
     sampling_interval: float = 10.0,
     note: Callable[[str], None] | None = None,
 ) -> Any | None:
-    """MLflow's system metrics (CPU, memory, disk, network; GPU when pynvml sees one) for the run,
-    sampled on this machine by MLflow's own thread until `stop_system_metrics`. Returns None,
-    after one line through `note`, when MLflow has no monitor or it cannot start: training goes on
-    without these metrics."""
+    """MLflow's system metrics (CPU, memory, disk, network; GPU when pynvml sees one), sampled on
+    this machine by MLflow's own thread until `stop_system_metrics`. None, after one line through
+    `note`, when the monitor cannot start: training goes on without them."""
     if not (tracking_uri and run_id):
         return None
     try:
@@ -321,8 +306,7 @@ def start_system_metrics(
 
 
 def stop_system_metrics(monitor: Any | None, note: Callable[[str], None] | None = None) -> None:
-    """Stops the monitor's thread and flushes what it sampled; a failure is one line, not an error
-    (the run's own results are already reported)."""
+    """Stops the monitor and flushes what it sampled; a failure is one line, not an error."""
     if monitor is None:
         return
     try:
@@ -332,11 +316,8 @@ def stop_system_metrics(monitor: Any | None, note: Callable[[str], None] | None 
 
 
 def quiet_ray_train_reports(verbose: bool) -> None:
-    """In a worker: Ray Train V2 logs one INFO line per `ray.train.report` on every worker
-    ("Reporting training result ... 'val_bits_per_dim': ..."), next to our own progress lines,
-    and MLflow's system-metrics monitor four INFO lines about starting and stopping; unless
-    `verbose`, both show warnings only. (The rest of Ray Train's INFO lines go through
-    `ray.train.RunConfig(logging_config=...)`, `ray_train_log_level`.)"""
+    """In a worker, unless `verbose`: warnings only from Ray Train V2's worker context (an INFO
+    line per `ray.train.report` on every worker) and from MLflow's system-metrics monitor."""
     if verbose:
         return
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
@@ -348,16 +329,13 @@ def quiet_ray_train_reports(verbose: bool) -> None:
 
 
 def ray_train_log_level(verbose: bool) -> str:
-    """Ray Train's own console level (its public LoggingConfig): its controller's and workers'
-    INFO lines (resources requested, worker group started, model moved, checkpoint created)
-    only with verbose."""
+    """Ray Train's console level (its LoggingConfig): its INFO lines only with verbose."""
     return "INFO" if verbose else "WARNING"
 
 
 def say(message: str) -> None:
-    """One line to the driver. Ray Train V2 turns a worker's print() into a log record and, when
-    sys.stdout is wrapped (as MLflow's import does), also tees it, so each line showed twice;
-    writing to the real stdout gives Ray's log forwarding exactly one copy."""
+    """One line to the driver, on the real stdout: when sys.stdout is wrapped (MLflow's import
+    does it), Ray Train V2 would forward a worker's print() twice."""
     print(message, file=sys.__stdout__, flush=True)
 
 

@@ -1,8 +1,5 @@
 """Pure training and evaluation steps, the optimizer and its learning-rate schedule: no Ray, no
-MLflow, no I/O, tested in-process.
-
-The Ray Train worker loop (`pipeline.train.worker`) and the in-process benchmarks both call these,
-so what is benchmarked and tested is what runs in production.
+MLflow, no I/O. The worker loop and the benchmarks both call these.
 """
 
 from __future__ import annotations
@@ -39,8 +36,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StepMetrics:
-    """What one optimisation step measured, read on the host. `skipped` is True when the loss or
-    the gradient norm was not finite (on any worker): the update was then not applied."""
+    """One step's figures on the host. `skipped`: the loss or the gradient norm was not finite
+    (on any worker), so the update was not applied."""
 
     bits_per_dim: float
     grad_norm: float
@@ -49,10 +46,9 @@ class StepMetrics:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """What one optimisation step measured, as 0-dim tensors on the model's device: making them
-    costs the host nothing, reading them waits for the device to finish the step. `read()`
-    reads all three at once; the `StepMetrics` names read them one at a time (for callers that
-    want a figure now, such as a benchmark's loop).
+    """One step's figures as 0-dim tensors on the model's device: reading them waits for the
+    device to finish the step. `read()` reads all three at once; the `StepMetrics` names read
+    one each.
 
     Attributes:
         loss: the batch's mean bits/dim (float32).
@@ -65,7 +61,6 @@ class StepOutcome:
     applied: Tensor
 
     def read(self) -> StepMetrics:
-        """The three figures on the host: one read of the device."""
         return read_outcomes([self])[0]
 
     @property
@@ -106,16 +101,11 @@ def unwrap(model: nn.Module) -> Flow:
 def make_optimizer(
     params: Iterable[nn.Parameter], optim: OptimSettings, *, capturable: bool = False
 ) -> torch.optim.Optimizer:
-    """Adam or Adamax, as `optim` says, at its peak learning rate (`set_learning_rate` warms up
-    and decays it), on torch's default kernels: fused Adam and multi-tensor clipping gain no more
-    than run-to-run noise on a CPU (docs/benchmarks.md, "Where a training step's time goes"), so
-    the plainest path stays.
+    """Adam or Adamax at its peak learning rate (`set_learning_rate` warms up and decays it).
 
-    `capturable` keeps the optimizer's step count on the parameters' device (torch keeps it on
-    the CPU otherwise, and reads it there each step): `train_step` can then undo a skipped step
-    there too, with no host read. Its bias corrections are then computed in float32 on the
-    device rather than in float64 on the host, so the weights differ from the CPU-held count's
-    in the last bits. On the CPU the two are one device: leave it False there.
+    `capturable` keeps the step count on the parameters' device, so that `train_step` can undo a
+    skipped step there with no host read; its bias corrections are then float32 on the device,
+    not float64 on the host (the weights differ in the last bits). Leave it False on the CPU.
     """
     kind = torch.optim.Adamax if optim.optimizer == "adamax" else torch.optim.Adam
     return kind(params, lr=optim.lr, weight_decay=optim.weight_decay, capturable=capturable)
@@ -125,8 +115,8 @@ def budget_progress(
     step: int, max_steps: int | None, elapsed_seconds: float, max_minutes: float | None
 ) -> float:
     """How much of the run's budget is spent, in [0, 1]: the larger of steps / max_steps and
-    elapsed / (60 * max_minutes), so the schedule follows whichever budget binds first. A budget
-    that is None does not count; with neither, 0 (the schedule then never decays)."""
+    elapsed / (60 * max_minutes), so the schedule follows whichever budget binds first (a None
+    budget does not count)."""
     fractions = [0.0]
     if max_steps:
         fractions.append(step / max_steps)
@@ -142,10 +132,8 @@ def learning_rate(optim: OptimSettings, step: int, progress: float = 0.0) -> flo
         decay(p) = 1                                   "constant"
                    r + (1 - r) * (1 + cos(pi p)) / 2   "cosine"  (Loshchilov & Hutter 2017)
                    r + (1 - r) * (1 - p)               "linear"
-    with r = min_lr_ratio, p clipped to [0, 1]. The two factors multiply rather than switch at the
-    end of warm-up, so the rate depends on (step, progress) alone: no state to restore on resume,
-    and the same value on every worker given the same progress. Warm-up is short against the
-    budget (200 of thousands of steps), so decay(p) is still ~1 when it ends.
+    with r = min_lr_ratio, p clipped to [0, 1]. The rate depends on (step, progress) alone: no
+    state to restore on resume, and the same value on every worker.
     """
     warmup = optim.warmup_steps
     rate = optim.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
@@ -161,7 +149,6 @@ def learning_rate(optim: OptimSettings, step: int, progress: float = 0.0) -> flo
 def set_learning_rate(
     optimizer: torch.optim.Optimizer, optim: OptimSettings, step: int, progress: float = 0.0
 ) -> float:
-    """Sets every parameter group to `learning_rate(optim, step, progress)`; returns it."""
     lr = learning_rate(optim, step, progress)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -173,8 +160,8 @@ LossFunction = Callable[[nn.Module, Tensor], Tensor]
 
 
 def flow_bits_per_dim(model: nn.Module, y: Tensor) -> Tensor:
-    """Per-image bits/dim of dequantized images y through `model(y)`, so that a DDP wrapper sees
-    the forward pass: [B], float32 (the log-dets and priors are float32 at any precision)."""
+    """Per-image bits/dim [B] (float32 at any precision) of dequantized images y through
+    `model(y)`, so that a DDP wrapper sees the forward pass."""
     z, logdet = model(y, check=False)  # y is dequantize's output: in range, no device sync
     return bits_per_dim_from_log_prob(standard_normal_log_prob(z) + logdet, unwrap(model).config)
 
@@ -185,11 +172,8 @@ def batch_bits_per_dim(
     generator: torch.Generator | None = None,
     loss: LossFunction = flow_bits_per_dim,
 ) -> Tensor:
-    """Per-image bits/dim of uint8 images under fresh dequantization noise from `generator`.
-
-    The images move to the model's device first (a no-op when the loader put them there); the
-    noise is drawn on the generator's device and copied to the images' (see `dequantize`).
-    """
+    """Per-image bits/dim of uint8 images (moved to the model's device) under fresh
+    dequantization noise from `generator`."""
     flow = unwrap(model)
     flow._check_images(images)
     images = images.to(flow._device(), non_blocking=True)
@@ -207,22 +191,15 @@ def train_step(
     agree: Callable[[Tensor], Tensor] | None = None,
     loss: LossFunction = flow_bits_per_dim,
 ) -> StepOutcome:
-    """One maximum-likelihood step on a batch of uint8 images [B, C, H, W], decided on the
-    device: nothing in it waits for the device to finish (no host read).
+    """One maximum-likelihood step (loss: the batch's mean bits/dim) on uint8 images
+    [B, C, H, W], decided on the device with no host read.
 
-    The loss is the batch's mean bits/dim. The update is applied when the loss and the gradient
-    norm are both finite; otherwise the parameters and the optimizer state (moments and step
-    count) end exactly as before the step, selected with `torch.where` between the updated and
-    the saved values, and the outcome says `applied=False`. On the CPU the host reads the
-    verdict instead (it waits for nothing there) and skips `optimizer.step()`. When applied, the arithmetic is the
-    optimizer's own, bit for bit. Under DDP, `agree` must turn this worker's verdict (a bool
-    tensor) into all workers' (an all-reduce MIN on the device), so that every worker applies
-    the same steps; every worker always runs the backward pass, so DDP's gradient all-reduce
-    never waits for a worker that skipped it.
-
-    A state tensor held on the CPU while the parameters are elsewhere (a non-capturable Adam's
-    step count on a GPU) is restored through the host: make the optimizer capturable there
-    (`make_optimizer`).
+    The update is applied when the loss and the gradient norm are both finite; otherwise the
+    parameters and the optimizer state end exactly as before the step (`torch.where` between the
+    updated and the saved values) and the outcome says `applied=False`. On the CPU the host
+    reads the verdict instead and skips `optimizer.step()`. Under DDP, `agree` turns this
+    worker's verdict into all workers' (an all-reduce MIN), so every worker applies the same
+    steps; every worker always runs the backward pass, which DDP's gradient all-reduce needs.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -233,8 +210,8 @@ def train_step(
     applied = torch.isfinite(mean.detach()) & torch.isfinite(norm)
     if agree is not None:
         applied = agree(applied)
-    if applied.device.type == "cpu":  # the host is the device: reading the verdict waits for
-        if bool(applied):  # nothing, and saves copying the weights and state
+    if applied.device.type == "cpu":  # reading the verdict waits for nothing
+        if bool(applied):
             optimizer.step()
     else:
         with torch.no_grad():
@@ -260,17 +237,14 @@ def _saved_state(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> 
 
 def _keep_if(applied: Tensor, optimizer: torch.optim.Optimizer, saved: _Saved) -> None:
     """Where `applied` is False, put back the values and state saved before the step. State the
-    step created (the first step's) goes back to zeros, which is what Adam and Adamax start
-    their moments and step count from: the next step then starts them the same."""
+    step created goes back to zeros, which Adam and Adamax start their moments and count from."""
     for param, values, before in saved:
         current = param.detach()
         torch.where(applied, current, values, out=current)
         for key, now in optimizer.state[param].items():
             if not isinstance(now, Tensor):
                 continue
-            old = before.get(key)
-            if old is None:
-                old = torch.zeros_like(now)
+            old = before[key] if key in before else torch.zeros_like(now)
             if now.device == applied.device:
                 torch.where(applied, now, old, out=now)
             else:  # a CPU-held count beside device parameters: read through the host
@@ -281,9 +255,9 @@ def _keep_if(applied: Tensor, optimizer: torch.optim.Optimizer, saved: _Saved) -
 class Evaluation:
     """Per-image bits/dim over a validation set, summed up.
 
-    `mean` is over every image, so one image the model gives (numerically) zero density makes it
-    inf: the honest figure. `nonfinite` counts those images and `finite_mean` is the mean over the
-    others, so that a user can tell one pathological image from a model that is bad everywhere.
+    `mean` is over every image, so one image of (numerically) zero density makes it inf: the
+    honest figure. `nonfinite` counts those and `finite_mean` averages the others, telling one
+    pathological image from a model that is bad everywhere.
     """
 
     total: float = 0.0  # sum of every image's bits/dim
@@ -301,7 +275,7 @@ class Evaluation:
         return self.finite_total / finite if finite else math.nan
 
     def add(self, bits: Tensor) -> Evaluation:
-        """This evaluation with a batch's per-image bits/dim (float64) added."""
+        """With a batch's per-image bits/dim (float64) added."""
         finite = torch.isfinite(bits)
         return Evaluation(
             total=self.total + float(bits.sum()),
@@ -330,6 +304,5 @@ def evaluate(
 def evaluate_bits_per_dim(
     model: nn.Module, batches: Iterable[tuple[Sequence[str], Tensor]], seed: int = 0
 ) -> tuple[float, int]:
-    """(mean bits/dim over every image, image count) of `evaluate`."""
     result = evaluate(model, batches, seed)
     return result.mean, result.count

@@ -1,20 +1,13 @@
-"""The Ray Train worker loop: wires data shards, DDP, checkpoints and MLflow around the training
-core (`pipeline.train.core`: the placed flow, its EMA, optimizer and one step).
+"""The Ray Train worker loop: data shards, DDP, checkpoints and MLflow around the Ray-free
+training core (`pipeline.train.core`). Its phases:
 
-Each worker runs `train_loop_per_worker(loop_config)`, which reads as its phases:
-
-    restore or initialise   the flow on `ray.train.torch.get_device()`, its EMA and optimizer
-                            there, from the latest checkpoint (written on any device) or fresh
-    the step loop           epochs over this worker's data shard, one `train_step` per batch;
-                            after each step: progress, evaluation and checkpoint when they fall due
+    restore or initialise   the flow, its EMA and optimizer on this worker's device, from the
+                            latest checkpoint (written on any device) or fresh
+    the step loop           epochs over this worker's shard; after each step, progress,
+                            evaluation and checkpoint when they fall due
     evaluate (rank 0)       validation bits/dim of the EMA weights, a sample grid
-    checkpoint and report   every worker calls `ray.train.report` the same number of times (it is a
-                            barrier in Ray Train V2); rank 0 attaches the checkpoint
-
-Rank 0 alone evaluates, logs to MLflow, draws sample grids and writes checkpoints. The counting
-lives in `pipeline.train.loop_state`, the collectives in `pipeline.train.distributed`, the step,
-EMA and placement in `pipeline.train.core`: plain PyTorch, tested without Ray (and on a GPU by
-`pipeline.bench.gpu`); what is left here is Ray's wiring.
+    checkpoint and report   every worker calls `ray.train.report` equally often (a barrier in
+                            Ray Train V2); rank 0 attaches the checkpoint
 """
 
 from __future__ import annotations
@@ -31,7 +24,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from flowmodel import Flow, build_flow
 from flowmodel.typed import from_dict
@@ -39,7 +31,7 @@ from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoi
 from pipeline.train.config import TrainConfig
 from pipeline.train.core import Training, run_step, start_training
 from pipeline.train.data_order import epoch_board, record_batch
-from pipeline.train.distributed import check_identical_start
+from pipeline.train.distributed import check_identical_start, is_distributed, slowest
 from pipeline.train.loop_state import (
     NONFINITE_STOP,
     LoopState,
@@ -95,19 +87,13 @@ class TrainHooks:
         return from_dict(cls, json.loads(text)) if text else cls()
 
 
-# ----------------------------------------------------------------------------- this worker
-
-
 @dataclass(frozen=True)
 class _Worker:
-    """Who this worker is: its config (and the dict it came from, stored in checkpoints), its
-    rank among `world` workers, and the MLflow logger (active on rank 0 only)."""
-
     config: TrainConfig
-    config_dict: dict[str, Any]
+    config_dict: dict[str, Any]  # what `config` came from: stored in checkpoints
     rank: int
     world: int
-    logger: RunLogger
+    logger: RunLogger  # active on rank 0 only
     hooks: TrainHooks = field(default_factory=TrainHooks)
 
     @property
@@ -117,10 +103,8 @@ class _Worker:
 
 @dataclass
 class _Clock:
-    """Wall time since the step loop started (after `base` seconds of earlier attempts of this
-    run, restored from the checkpoint), and the steps, start and data wait of the logging window:
-    `window_wait` is the time this worker spent blocked on its data iterator for the next batch,
-    the one share of a step that is not compute, collectives or the loop's own duties."""
+    """Wall time of the step loop (`base`: seconds of this run's earlier attempts), and the
+    logging window's steps, start and data wait (time blocked on the data iterator)."""
 
     base: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -129,24 +113,23 @@ class _Clock:
     window_wait: float = 0.0
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def _validation_batches(config: TrainConfig) -> Iterator[tuple[list[str], torch.Tensor]]:
+def _rows(config: TrainConfig, url: str) -> Iterator[dict[str, Any]]:
+    """The rows of any input (a prepared split or foreign shards), fitted to the model's shape."""
     from pipeline.data.reader import iter_input
     from pipeline.data.tally import SkipTally
 
-    # Any input (a prepared split or foreign shards), fitted to the model's shape.
-    rows = iter_input(
-        config.data.validation,
-        config.storage,
-        shape=tuple(config.model.image_shape),
-        on_error=config.data.on_error,
-        tally=SkipTally(),
+    shape = tuple(config.model.image_shape)
+    return iter_input(
+        url, config.storage, shape=shape, on_error=config.data.on_error, tally=SkipTally()
     )
+
+
+def _validation_batches(config: TrainConfig) -> Iterator[tuple[list[str], torch.Tensor]]:
     keys: list[str] = []
     images: list[np.ndarray] = []
-    for row in itertools.islice(rows, config.data.validation_limit):
+    for row in itertools.islice(
+        _rows(config, config.data.validation), config.data.validation_limit
+    ):
         keys.append(row["key"])
         images.append(row["image"])
         if len(keys) == config.eval_batch_size:
@@ -158,25 +141,11 @@ def _validation_batches(config: TrainConfig) -> Iterator[tuple[list[str], torch.
 
 def _init_batch(config: TrainConfig) -> torch.Tensor:
     """The first `init_images` training images in input order: the same on every worker."""
-    from pipeline.data.reader import iter_input
-    from pipeline.data.tally import SkipTally
-
-    images = []
-    for row in iter_input(
-        config.data.train,
-        config.storage,
-        shape=tuple(config.model.image_shape),
-        on_error=config.data.on_error,
-        tally=SkipTally(),
-    ):
-        images.append(row["image"])
-        if len(images) == config.init_images:
-            break
-    return torch.from_numpy(np.stack(images))
+    rows = itertools.islice(_rows(config, config.data.train), config.init_images)
+    return torch.from_numpy(np.stack([row["image"] for row in rows]))
 
 
 def _maybe_inject_fault(worker: _Worker, step: int) -> None:
-    """Test hook: the last worker exits abruptly once, at `fail_at_step`, like a lost node."""
     config, rank = worker.config, worker.rank
     if step != worker.hooks.fail_at_step or rank != worker.world - 1:
         return
@@ -195,15 +164,13 @@ HOLD_LIMIT_SECONDS = 1800.0
 
 
 def _maybe_hold(worker: _Worker, step: int) -> None:
-    """Test hook: at `hold_at_step`, wait until the test writes the release marker. The step's
-    checkpoint is already reported, so a test can kill a node knowing where training stands."""
-    config, is_chief = worker.config, worker.is_chief
+    config = worker.config
     if step != worker.hooks.hold_at_step:
         return
     from pipeline.storage import exists, join_url
 
     marker = join_url(config.run.storage_path, config.run.name, "release-hold")
-    if is_chief:
+    if worker.is_chief:
         say(f"holding at step {step} until {marker} exists")
     deadline = time.monotonic() + HOLD_LIMIT_SECONDS
     while not exists(marker, config.storage):
@@ -214,12 +181,9 @@ def _maybe_hold(worker: _Worker, step: int) -> None:
         time.sleep(HOLD_POLL_SECONDS)
 
 
-# ----------------------------------------------------------------------------- phases
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker; `loop_config` holds the TrainConfig as a dict
-    ("train"), the MLflow tracking URI and run id, and the test hooks ("hooks", a dict)."""
+    ("train"), the MLflow tracking URI and run id, and the test hooks ("hooks")."""
     import ray.train
 
     context = ray.train.get_context()
@@ -253,11 +217,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _report_stop(worker: _Worker, stop: NonFiniteLoss) -> None:
-    """Ray Train's FailureConfig retries every raised error like a lost node, and a retry would
-    resume from the last checkpoint into the same divergence. So the workers (they all stop at
-    the same step: the skip is all-reduced) return normally, and rank 0 leaves the reason where
-    the driver looks after `fit()` (Ray's Result keeps only checkpointed reports' metrics); the
-    driver raises it as final."""
+    """Ray Train retries every raised error, and a retry would resume into the same divergence.
+    So the workers (all stopped at the same step) return normally, and rank 0 leaves the reason
+    in the run's folder, where the driver reads it after `fit()` and raises it as final."""
     from pipeline.storage import join_url, write_bytes_atomic
 
     config = worker.config
@@ -268,11 +230,10 @@ def _report_stop(worker: _Worker, stop: NonFiniteLoss) -> None:
 
 
 def _load_or_build(worker: _Worker, checkpoint: Any) -> tuple[Flow, tuple[Flow, TrainState] | None]:
-    """The flow from Ray Train's latest checkpoint (with its EMA weights and state), or a new one
-    with its data-dependent initialisation."""
+    """The flow of the latest checkpoint (with its EMA flow and state), or a new one initialised
+    from the same images and seed on every worker."""
     if checkpoint is None:
         flow = build_flow(worker.config.model)
-        # Same seed and same images on every worker; DDP then broadcasts rank 0's weights anyway.
         seed = worker.config.seed
         flow.initialize(_init_batch(worker.config), generator=torch.Generator().manual_seed(seed))
         return flow, None
@@ -285,11 +246,9 @@ def _load_or_build(worker: _Worker, checkpoint: Any) -> tuple[Flow, tuple[Flow, 
 
 
 def _ddp(flow: Flow) -> torch.nn.Module:
-    """The flow wrapped for data-parallel training (unwrapped for one worker). Buffers are synced
-    once at wrapping but not before every forward pass (DDP's default): the flow's buffers
-    (ActNorm's `initialized` flag, the 1x1 convolutions' fixed permutation and masks) never change
-    after the identical start that `check_identical_start` verifies, and each sync is one more
-    point per step where the workers wait for each other."""
+    """The flow wrapped for data-parallel training (unwrapped for one worker), without DDP's
+    buffer sync before every forward: the flow's buffers never change after the identical start
+    that `check_identical_start` verifies, and each sync makes the workers wait for each other."""
     import inspect
 
     import ray.train.torch
@@ -301,9 +260,8 @@ def _ddp(flow: Flow) -> torch.nn.Module:
 
 
 def _restore_or_init(worker: _Worker, checkpoint: Any) -> tuple[Training, LoopState]:
-    """Phase 1: the model on this worker's device (DDP-wrapped for several workers), its EMA,
-    optimizer and counters, at the latest checkpoint or fresh; every worker's start is checked to
-    be identical before DDP would make it so by broadcasting rank 0's weights."""
+    """Phase 1: the model, EMA, optimizer and counters on this worker's device; every worker's
+    start is checked to be identical before DDP would make it so by broadcasting rank 0's."""
     import ray.train.torch
 
     device = ray.train.torch.get_device()
@@ -311,13 +269,7 @@ def _restore_or_init(worker: _Worker, checkpoint: Any) -> tuple[Training, LoopSt
     flow = flow.to(device)  # with one worker too: prepare_model only moves (and wraps) for several
     checksums = check_identical_start(flow, device)
     training = start_training(
-        flow,
-        worker.config,
-        device,
-        rank=worker.rank,
-        wrap=_ddp,
-        restored=restored,
-        say=say,
+        flow, worker.config, device, rank=worker.rank, wrap=_ddp, restored=restored, say=say
     )
     state = LoopState()
     if restored is not None:
@@ -340,8 +292,8 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
     clock = _Clock(base=state.elapsed_seconds)
     done = state.step >= config.max_steps
     if done and not state.evaluated_at_step():
-        # Resumed at the end from a checkpoint taken between evaluations: the run's last step
-        # still gets its validation figure (registration refuses a run without one).
+        # Resumed at the end from a checkpoint taken between evaluations: the last step still
+        # needs its validation figure (registration refuses a run without one).
         if worker.is_chief:
             _evaluate(worker, training, state, final=True)
         _checkpoint_and_report(worker, training, state)
@@ -357,8 +309,7 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,
             local_shuffle_seed=config.seed + state.epoch,
             device=training.device,
-            # Pinned host batches: the copy to the GPU is asynchronous.
-            pin_memory=training.device.type == "cuda",
+            pin_memory=training.device.type == "cuda",  # an asynchronous copy to the GPU
         )
         for batch in _timing_waits(batches, clock):
             epoch_batches += 1
@@ -370,8 +321,7 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
             done = _step_and_duties(worker, training, state, clock, batch["image"])
             if done:
                 break
-        else:
-            # A finished pass: the next epoch's order is drawn with seed + epoch.
+        else:  # a finished pass
             state.epoch, state.epoch_step = state.epoch + 1, 0
         if epoch_batches == 0:
             raise ValueError(
@@ -381,8 +331,8 @@ def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
 
 
 def _timing_waits(batches: Iterable[T], clock: _Clock) -> Iterator[T]:
-    """`batches`, adding the time spent waiting for each one to the clock's logging window (the
-    time between yields is the consumer's, and does not count)."""
+    """`batches`, adding the time spent waiting for each to the clock's window (the time between
+    yields is the consumer's, and does not count)."""
     iterator = iter(batches)
     while True:
         asked = time.monotonic()
@@ -401,7 +351,7 @@ def _step_and_duties(
     whether the run is done (every worker agrees, so all of them stop at the same step)."""
     config = worker.config
     _maybe_inject_fault(worker, state.step)
-    # From the agreed elapsed time after the previous step: the same learning rate everywhere.
+    # From the agreed elapsed time: the same learning rate everywhere.
     progress = budget_progress(
         state.step, config.max_steps, state.elapsed_seconds, config.max_minutes
     )
@@ -409,26 +359,16 @@ def _step_and_duties(
     lr = training.optimizer.param_groups[0]["lr"]
     clock.window_steps += 1
 
-    # The step's figures stay on the device until a read (`settle`): every sync_every steps and
-    # at every log, evaluation, checkpoint and the last step; the same steps on every worker.
-    read = state.step >= config.max_steps or any(
-        state.step % every == 0
-        for every in (
-            config.sync_every,
-            config.log_every,
-            config.eval_every,
-            config.checkpoint_every,
-        )
-    )
-    # Elapsed time counts from this run's first attempt (clock.base), so that a resume continues
-    # the budget rather than restarting it. Before another step, one all-reduce gives every
-    # worker the slowest clock: the same schedule, the same last step. It reads the device, so
-    # with several workers it runs at reads only (in between, the last agreed time stands).
-    # After the last step nothing depends on it.
+    # The step's figures stay on the device until a read (`settle`), at the same steps on every
+    # worker: every sync_every steps, at every log, evaluation and checkpoint, and the last step.
+    cadences = (config.sync_every, config.log_every, config.eval_every, config.checkpoint_every)
+    read = state.step >= config.max_steps or any(state.step % every == 0 for every in cadences)
+    # Before another step, every worker takes the slowest clock (the same schedule, the same last
+    # step). That all-reduce reads the device, so with several workers it runs at reads only.
     elapsed = clock.base + time.monotonic() - clock.started
     done = state.step >= config.max_steps
-    if not done and (read or not _distributed()):
-        elapsed = _slowest(elapsed, training.device)
+    if not done and (read or not is_distributed()):
+        elapsed = slowest(elapsed, training.device)
         done = config.max_minutes is not None and elapsed > 60 * config.max_minutes
         state.elapsed_seconds = elapsed
     if done:
@@ -444,19 +384,6 @@ def _step_and_duties(
         _checkpoint_and_report(worker, training, state)
     _maybe_hold(worker, state.step)
     return done
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _slowest(seconds: float, device: torch.device) -> float:
-    """The largest of the workers' `seconds` (this worker's own without a process group)."""
-    if not _distributed():
-        return seconds
-    tensor = torch.tensor([seconds], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
 
 
 def _log_progress(
@@ -497,7 +424,7 @@ def _log_progress(
 
 def _evaluate(worker: _Worker, training: Training, state: LoopState, final: bool) -> None:
     """Phase 3 (rank 0): validation bits/dim of the EMA weights, logged with a sample grid. The
-    final evaluation must see images: its figure is what the model is registered with."""
+    final evaluation must see images: the model is registered with its figure."""
     config, step, flow = worker.config, state.step, training.ema.model
     result = evaluate(flow, _validation_batches(config), seed=config.eval_seed)
     mean, count = result.mean, result.count
@@ -513,7 +440,7 @@ def _evaluate(worker: _Worker, training: Training, state: LoopState, final: bool
         "val_images": count,
         "val_nonfinite_images": result.nonfinite,
     }
-    if result.nonfinite:  # the mean is then inf, which MLflow cannot hold (the logger drops it)
+    if result.nonfinite:  # the mean is then inf, which MLflow cannot hold
         metrics["val_bits_per_dim_finite"] = result.finite_mean
     worker.logger.metrics(metrics, step)
     worker.logger.image(sample_grid(flow, config.sample_temperature, step), "samples", step)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from flowmodel import FlowConfig, build_flow
 from pipeline.model.likelihood import keyed_bits_per_dim, keyed_noise, predict_frame
 from pipeline.train.core import run_step, start_training
-from pipeline.train.distributed import all_agree, check_identical_start
+from pipeline.train.distributed import all_agree_on_device, check_identical_start, slowest
 from pipeline.train.ema import EMA
 from pipeline.train.reporting import sample_grid
 from tests.pipeline.device_audit import (
@@ -60,8 +60,11 @@ def test_collectives_reduce_tensors_on_the_device_they_are_given() -> None:
     flow = build_flow(FlowConfig(**{**MODEL, "image_shape": (1, 8, 8)}))
     with audit_collectives(AUDIT_DEVICE) as audit, AuditDevice():
         flow.to(AUDIT_DEVICE)
-        assert all_agree(True, dist.ReduceOp.MIN, AUDIT_DEVICE) is True
-        assert all_agree(False, dist.ReduceOp.MAX, AUDIT_DEVICE) is False
+        assert slowest(2.5, AUDIT_DEVICE) == 2.5
+        assert (
+            all_agree_on_device(torch.tensor(False, device=AUDIT_DEVICE), dist.ReduceOp.MAX).item()
+            is False
+        )
         (checksum,) = check_identical_start(flow, AUDIT_DEVICE)
     assert [name for name, _ in audit.calls] == ["all_reduce", "all_reduce", "all_gather"]
     assert checksum == check_identical_start(flow.to("cpu"), CPU)[0]
@@ -107,7 +110,7 @@ def test_the_audit_refuses_what_cuda_refuses() -> None:
         with pytest.raises((RuntimeError, TypeError)):
             flow.top_prior.mu.detach().numpy()
     with audit_collectives(AUDIT_DEVICE), pytest.raises(DeviceMismatch, match="found cpu"):
-        all_agree(True, dist.ReduceOp.MIN, CPU)
+        slowest(1.0, CPU)
 
 
 def test_keyed_noise_is_drawn_on_the_cpu_with_the_numbers_it_always_had() -> None:
