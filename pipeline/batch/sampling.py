@@ -3,25 +3,19 @@
     result = generate(SampleConfig(model="models:/fashion-flow@champion", output="s3://b/samples"))
 
 Determinism: the n images are cut into chunks of `chunk_size`; chunk i is drawn by one Ray task
-with a generator seeded from (seed, i) (a hash, like the keyed dequantization noise), with a fixed
-batch shape and torch thread count. So the same seed, chunk_size, temperature and model give the
-same images, byte for byte, whatever the number of tasks running at once (`tasks`).
+with a generator seeded from (seed, i), a fixed batch shape and torch thread count, so the same
+seed, chunk_size, temperature and model give the same images, byte for byte, whatever `tasks`.
 
-Output, a split that `flowray score --input` and `pipeline.data.reader` read like a prepared one:
+Output, a split that `flowray score --input` reads like a prepared one:
 
     <output>/shard-000000.tar     WebDataset tar: samples-00000000.png ... (PNG, mode L or RGB)
     <output>/manifest.json        `pipeline.data.shards.Manifest`, written last and atomically
     <output>/grid.png             a grid of samples at each of `grid_temperatures`
 
-Shards are written by the driver in image order from the chunks the tasks return (a window of
-`tasks` chunks in flight, so memory stays bounded); each shard goes to a temp file, then is renamed
-or uploaded whole (atomic). A rerun of a finished job (same manifest fingerprint) does nothing; an
-output written with other settings is refused, never overwritten. A run killed before its manifest
-leaves whole shards and, locally, hidden `.tmp` temps: the rerun removes the temps of dead writers
-on this host (`sweep_temp_files`) and writes every shard again, byte for byte the same.
-
-The model is named as in scoring (pipeline.batch.resolve): registry name and version, "run-<run
-id>" for runs:/ models, "local" for a directory, with a hash of the weights as the version.
+The driver writes shards in image order from the chunks the tasks return (a window of chunks in
+flight, so memory stays bounded), each moved whole into place. A rerun of a finished job (same
+fingerprint) does nothing; an output written with other settings is refused. A run killed before
+its manifest is rerun whole, byte for byte the same, after removing its dead temps.
 """
 
 from __future__ import annotations
@@ -34,25 +28,32 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import torch
 
 from flowmodel import Flow
-from flowmodel.typed import to_dict
 from pipeline.batch.resolve import BatchModel, resolve_batch_model
-from pipeline.batch.sample_shards import SampleShardWriter
 from pipeline.data.images import encode_png
-from pipeline.data.shards import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, parse_manifest
+from pipeline.data.shards import (
+    FORMAT,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    ShardWriter,
+    existing_manifest,
+    shard_key,
+    shard_name,
+    write_manifest,
+)
 from pipeline.errors import FlowrayError
 from pipeline.model.artifact import FlowPayload
 from pipeline.storage import (
     StorageConfig,
     check_access,
-    exists,
     join_url,
-    read_bytes,
     redact_url,
     sweep_temp_files,
     write_bytes_atomic,
@@ -79,7 +80,7 @@ class SampleConfig:
         output: prefix (local or s3://) for the shards, manifest and grid.
         n: number of images.
         temperature: z ~ N(0, temperature^2 I) for the shards (below 1: smoother, more typical).
-        seed: every chunk's generator derives from it (see module docstring).
+        seed: every chunk's generator derives from it.
         chunk_size: images per chunk, the unit of seeding and of one Ray task.
         tasks: chunks in flight at once; 0 = two per CPU of the cluster (Ray runs one per CPU,
             the other waits ready, so no CPU idles while the driver writes shards).
@@ -200,25 +201,12 @@ class _Plan:
 
 
 def generate(config: SampleConfig) -> SampleResult:
-    """Generate `config.n` images into PNG shards + manifest + grid (see the module docstring).
-
-    Ray must be initialised (or a local instance starts). Raises SampleError when the output
-    holds samples made with other settings; ModelNotFound, StorageError, TrackingError below.
-    """
+    """Generate `config.n` images into PNG shards + manifest + grid; Ray must be initialised (or a
+    local instance starts). SampleError when the output holds samples made with other settings."""
     plan = _plan(config)
     model = plan.model
     if plan.done is not None:
-        result = SampleResult(
-            model_name=model.name,
-            model_version=model.version,
-            output=config.output,
-            images=plan.done.count,
-            shards=len(plan.done.shards),
-            written=False,
-            images_per_second=0.0,
-            seconds=0.0,
-            mlflow_run_id=None,
-        )
+        result = _result(config, model, plan.done.count, plan.done.shards, written=False)
         logger.info(result.line())
         return result
     started = time.perf_counter()
@@ -227,22 +215,26 @@ def generate(config: SampleConfig) -> SampleResult:
     grid = _grid_png(model.flow, config, model.label)
     write_bytes_atomic(join_url(config.output, GRID_FILE), grid, config.storage)
     _write_manifest(config, plan, shards)
-    result = SampleResult(
-        model_name=model.name,
-        model_version=model.version,
-        output=config.output,
-        images=config.n,
-        shards=len(shards),
-        written=True,
-        images_per_second=config.n / seconds if seconds > 0 else 0.0,
-        seconds=seconds,
-        mlflow_run_id=None,
-    )
+    result = _result(config, model, config.n, shards, written=True, seconds=seconds)
     if config.log_to_mlflow:
         run_id = _log_run(config, result, grid, plan.tracking_uri)
         result = dataclasses.replace(result, mlflow_run_id=run_id)
     logger.info(result.line())
     return result
+
+
+def _result(
+    config: SampleConfig,
+    model: BatchModel,
+    images: int,
+    shards: Sequence[ShardInfo],
+    written: bool,
+    seconds: float = 0.0,
+) -> SampleResult:
+    rate = images / seconds if seconds > 0 else 0.0
+    return SampleResult(
+        model.name, model.version, config.output, images, len(shards), written, rate, seconds, None
+    )
 
 
 def _plan(config: SampleConfig) -> _Plan:
@@ -260,16 +252,13 @@ def _plan(config: SampleConfig) -> _Plan:
     mlflow.set_tracking_uri(tracking_uri)
     model = resolve_batch_model(config.model)
     fingerprint = _fingerprint(config, model.payload)
-    manifest_url = join_url(config.output, MANIFEST_NAME)
-    done = None
-    if exists(manifest_url, config.storage):
-        done = parse_manifest(read_bytes(manifest_url, config.storage), manifest_url)
-        if done.fingerprint != fingerprint:
-            raise SampleError(
-                f"{config.output} already holds samples made with other settings "
-                f"({done.source}, {done.count} images)",
-                hint="write to a new --output, or rerun with the settings used before",
-            )
+    done = existing_manifest(join_url(config.output, MANIFEST_NAME), config.storage)
+    if done is not None and done.fingerprint != fingerprint:
+        raise SampleError(
+            f"{config.output} already holds samples made with other settings "
+            f"({done.source}, {done.count} images)",
+            hint="write to a new --output, or rerun with the settings used before",
+        )
     return _Plan(model=model, fingerprint=fingerprint, done=done, tracking_uri=tracking_uri)
 
 
@@ -283,8 +272,7 @@ def _fingerprint(config: SampleConfig, payload: FlowPayload) -> str:
         "threads": config.cpus_per_task,
         "shard_samples": config.shard_samples,
     }
-    # Only GPU runs add a key: a CPU run's fingerprint stays that of the outputs already written
-    # by CPU runs, so a rerun finds them.
+    # Only GPU runs add a key, so CPU runs keep the fingerprint of their outputs already written.
     if config.gpus_per_task > 0:
         fields["device"] = "cuda"
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -303,15 +291,14 @@ def _draw(config: SampleConfig, payload: FlowPayload) -> list[ShardInfo]:
     per_task = config.gpus_per_task if on_gpu else config.cpus_per_task
     slots = max(1, int(resources.get("GPU" if on_gpu else "CPU", 1) // per_task))
     # Auto: two chunks per slot in flight, so a slot whose chunk is done starts its next one
-    # while the driver still waits on an earlier chunk (consumption is in order); with one per
-    # slot it idled until the driver caught up. Ray's CPU accounting keeps `slots` running.
+    # while the driver still waits on an earlier chunk (consumption is in order).
     window = config.tasks or 2 * slots
     task = ray.remote(num_cpus=config.cpus_per_task, num_gpus=config.gpus_per_task, max_retries=2)(
         _sample_chunk
     )
     device = "cuda" if on_gpu else "cpu"
     payload_ref = ray.put(payload)
-    writer = SampleShardWriter(config.output, config.storage, SPLIT, config.shard_samples)
+    writer = _ShardsInOrder(config.output, config.storage, config.shard_samples)
     queue, in_flight = list(chunks), []
     try:
         # In-order consumption with `window` chunks in flight: shards come out in image order.
@@ -331,6 +318,35 @@ def _draw(config: SampleConfig, payload: FlowPayload) -> list[ShardInfo]:
     return writer.infos
 
 
+class _ShardsInOrder:
+    """Consecutive PNG samples into shards of `per_shard`; `infos` lists the shards written."""
+
+    def __init__(self, output: str, storage: StorageConfig, per_shard: int) -> None:
+        self.output, self.storage, self.per_shard = output, storage, per_shard
+        self.infos: list[ShardInfo] = []
+        self.index = 0  # next sample index
+        self._shard: ShardWriter | None = None
+
+    def write(self, png: bytes) -> None:
+        if self._shard is None:
+            url = join_url(self.output, shard_name(len(self.infos)))
+            self._shard = ShardWriter(url, self.storage, self.index)
+        self._shard.write({"__key__": shard_key(SPLIT, self.index), "png": png})
+        self.index += 1
+        if self._shard.count == self.per_shard:
+            self.close()
+
+    def close(self) -> None:
+        if self._shard is not None:
+            self.infos.append(self._shard.close())
+            self._shard = None
+
+    def abort(self) -> None:
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
+
+
 def _grid_png(flow: Flow, config: SampleConfig, label: str) -> bytes:
     """One panel per grid temperature, titled with the model's label."""
     from pipeline.plots import image_grid, titled_grid_png
@@ -345,7 +361,6 @@ def _grid_png(flow: Flow, config: SampleConfig, label: str) -> bytes:
 
 
 def _write_manifest(config: SampleConfig, plan: _Plan, shards: list[ShardInfo]) -> None:
-    """Last, and atomically: a manifest present means every shard it lists is complete."""
     source = (
         f"samples:{redact_url(config.model)} ({plan.model.label}) "
         f"temperature={config.temperature:g} seed={config.seed}"
@@ -360,8 +375,7 @@ def _write_manifest(config: SampleConfig, plan: _Plan, shards: list[ShardInfo]) 
         fingerprint=plan.fingerprint,
         format=FORMAT,
     )
-    url = join_url(config.output, MANIFEST_NAME)
-    write_bytes_atomic(url, json.dumps(to_dict(manifest), indent=1).encode(), config.storage)
+    write_manifest(join_url(config.output, MANIFEST_NAME), manifest, config.storage)
 
 
 def _log_run(config: SampleConfig, result: SampleResult, grid: bytes, tracking_uri: str) -> str:

@@ -1,31 +1,19 @@
 """Prepared splits: the WebDataset shards + manifest format, its checks, and `prepare` (write).
 
-Layout of a prepared dataset, per split (local path or s3:// prefix):
-
-    <out>/<split>/shard-000000.tar     WebDataset tar: <key>.png (+ <key>.cls) per sample
-    <out>/<split>/shard-000001.tar     ...
+    <out>/<split>/shard-000000.tar           WebDataset tar: <key>.png (+ <key>.cls) per sample
     <out>/<split>/_parts/shard-000000.json   per-shard completion marker (fingerprint + ShardInfo)
-    <out>/<split>/manifest.json        `Manifest`: count, shape, labels, and per shard its name,
-                                       sample count, size and sha256 (`ShardInfo`)
+    <out>/<split>/manifest.json              `Manifest`: count, shape, labels, and per shard its
+                                             name, sample count, size and sha256 (`ShardInfo`)
 
-Keys are `<split>-<index:08d>`, the image's position in the split, so they are stable across
-reruns and unique across splits. Images are uint8 PNG (mode L for 1 channel, RGB for 3), lossless:
-what the reader decodes is exactly what the source produced. `cls` holds the label in decimal.
+Keys are `<split>-<index:08d>`, the image's position in the split: stable across reruns, unique
+across splits. Images are lossless uint8 PNG (mode L or RGB); `cls` holds the label in decimal.
 Tar members carry mtime 0 and a fixed owner, so the same input gives byte-identical shards.
 
-Writing: each shard is written to a local temp file, hashed, then renamed into place (local) or
-uploaded (S3: one PUT or multipart upload, atomic on completion); then its marker is written.
-Local temps are hidden and end in ".tmp" (see pipeline.storage), so nothing reading the split
-takes one for a shard (hidden files are never shards), and a rerun first removes the temps that a
-killed run left. A rerun plans the same shards and skips each one whose marker matches the run's
-fingerprint and whose file still has the marker's size and sha256. The manifest is written last,
-atomically, and not rewritten when it would not change: a manifest present means every shard it
-lists was complete, and a rerun of a finished prepare writes nothing. A prefix holding shards made
-with other settings is refused rather than mixed or deleted. `prepare(..., workers=N)` writes the
-shards with Ray tasks, at most N at a time, one task per shard.
-
-Reading checks each shard against its manifest entry (`pipeline.data.reader`); `load_manifest`
-refuses a split whose files disagree with the manifest as a whole.
+Each shard is written to a local temp, hashed, then moved whole into place (`ShardWriter`), then
+its marker is written. A rerun removes the temps a killed run left, and skips each shard whose
+marker matches the run's fingerprint and whose file still has the marker's size and sha256. The
+manifest is written last, atomically, and only when it changes: a manifest present means every
+shard it lists is complete. A prefix holding shards made with other settings is refused.
 """
 
 from __future__ import annotations
@@ -38,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol
@@ -69,18 +58,19 @@ __all__ = [
     "ManifestError",
     "PrepareError",
     "PrepareResult",
-    "ShardDiff",
     "ShardEvent",
     "ShardInfo",
+    "ShardWriter",
     "SourceImage",
-    "SplitResult",
     "compare_shards",
+    "existing_manifest",
     "is_shard_file",
     "load_manifest",
     "parse_manifest",
     "prepare",
     "shard_key",
     "shard_name",
+    "write_manifest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,8 +163,7 @@ def is_shard_file(name: str) -> bool:
 
 
 def compare_shards(manifest: Manifest, files: dict[str, int]) -> ShardDiff:
-    """Shards the manifest lists versus the `.tar` files present ({name: size}); hidden files
-    (temps) are not shards."""
+    """Shards the manifest lists versus the shard files present ({name: size})."""
     listed = {info.name: info for info in manifest.shards}
     present = {name: size for name, size in files.items() if is_shard_file(name)}
     return ShardDiff(
@@ -203,14 +192,8 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
 def load_manifest(
     split_url: str, storage: StorageConfig | None = None, *, check_shards: bool = True
 ) -> Manifest:
-    """The manifest of the split at `split_url`, checked against the shards present.
-
-    Raises:
-        ManifestError: the prefix is empty; it has shards but no manifest (prepare did not
-            finish); the manifest is invalid; or (check_shards) a listed shard is missing, has
-            another size, or a shard file is not listed.
-        StorageError: the storage cannot be reached.
-    """
+    """The manifest of the split at `split_url`, checked against the shards present
+    (`check_shards`); ManifestError when it is missing, invalid or disagrees with them."""
     files = list_files(split_url, storage)
     if not files:
         raise ManifestError(
@@ -252,9 +235,8 @@ class SourceImage(NamedTuple):
 
 
 class ImageSource(Protocol):
-    """What prepare reads (`pipeline.data.sources` has IDX, .npy, folders and webdataset):
-    `read(split, indices)` gives a SourceImage per index, in order, indices ascending; a source
-    is a small picklable description, sent to the Ray tasks that write shards."""
+    """What prepare reads (`pipeline.data.sources`): `read(split, indices)` gives a SourceImage
+    per index, in order, indices ascending; a small picklable description, sent to Ray tasks."""
 
     description: str  # what it reads; part of prepare's fingerprint
     shape: tuple[int, int, int]  # (C, H, W) of every image it gives
@@ -300,10 +282,8 @@ def _marker_url(job: ShardJob, name: str) -> str:
 
 
 def _complete_shard(job: ShardJob, name: str, start: int) -> ShardResult | None:
-    """The shard's record if it is already complete and verified, else None.
-
-    Raises PrepareError when its marker comes from a prepare with other settings.
-    """
+    """The shard's record if it is already complete and verified, else None; PrepareError when
+    its marker comes from a prepare with other settings."""
     marker_url = _marker_url(job, name)
     if not exists(marker_url, job.storage):
         return None
@@ -328,48 +308,69 @@ def _complete_shard(job: ShardJob, name: str, start: int) -> ShardResult | None:
     return ShardResult(info, written=False, skipped_inputs=int(marker.get("skipped_inputs", 0)))
 
 
+class ShardWriter:
+    """One shard: samples go to a local temp through webdataset's TarWriter (s3fs would upload
+    only on close), then `close` hashes the temp and moves it whole to `url` (`replace_with`), so a
+    shard present is complete; `abort` drops the temp."""
+
+    def __init__(self, url: str, storage: StorageConfig | None, start: int) -> None:
+        import webdataset as wds
+
+        self.url, self.storage, self.start, self.count = url, storage, start, 0
+        self._temp = make_temp_file(url)
+        self._stream = open(self._temp, "wb")  # noqa: SIM115 (closed in close/abort)
+        self._tar = wds.TarWriter(
+            self._stream, encoder=False, mtime=0, user="flowray", group="flowray"
+        )
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self._tar.write(sample)
+        self.count += 1
+
+    def close(self) -> ShardInfo:
+        self._tar.close()
+        self._stream.close()  # ours: TarWriter does not close a stream it did not open
+        with open(self._temp, "rb") as file:
+            digest = _sha256(file)
+        name = self.url.rsplit("/", 1)[-1]
+        info = ShardInfo(name, self.count, digest, os.path.getsize(self._temp), self.start)
+        replace_with(self._temp, self.url, self.storage)
+        return info
+
+    def abort(self) -> None:
+        self._stream.close()
+        with suppress(FileNotFoundError):
+            os.remove(self._temp)
+
+
 def write_shard(job: ShardJob, index: int, start: int, stop: int) -> ShardResult:
     """Write shard `index` holding split images [start, stop), unless it is already complete."""
-    import webdataset as wds
-
     name = shard_name(index)
     done = _complete_shard(job, name, start)
     if done is not None:
         return done
-    shard_url = join_url(job.split_url, name)
-    temp = make_temp_file(shard_url)
-    count = skipped = 0
+    shard = ShardWriter(join_url(job.split_url, name), job.storage, start)
+    skipped = 0
     try:
-        # We own the file: TarWriter does not close streams it did not open, and s3fs would only
-        # upload on close; so write locally, then rename or upload the finished file.
-        with open(temp, "wb") as stream:
-            writer = wds.TarWriter(stream, encoder=False, mtime=0, user="flowray", group="flowray")
-            try:
-                for offset, item in enumerate(job.source.read(job.split, range(start, stop))):
-                    key = shard_key(job.split, start + offset)
-                    if item.error is not None or item.image is None:
-                        if job.on_error == "fail":
-                            raise PrepareError(
-                                f"{job.source.description}: {item.key} (would be {key}): "
-                                f"{item.error}",
-                                hint="fix or remove the file, or pass --on-error skip",
-                            )
-                        logger.warning("skipped input %s (%s): %s", item.key, key, item.error)
-                        skipped += 1
-                        continue
-                    sample = {"__key__": key, "png": encode_png(item.image)}
-                    if item.label is not None:
-                        sample["cls"] = str(item.label).encode("ascii")
-                    writer.write(sample)
-                    count += 1
-            finally:
-                writer.close()  # before the stream closes, also on error (the temp is dropped)
-        with open(temp, "rb") as file:
-            info = ShardInfo(name, count, _sha256(file), os.path.getsize(temp), start)
-        replace_with(temp, shard_url, job.storage)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+        for offset, item in enumerate(job.source.read(job.split, range(start, stop))):
+            key = shard_key(job.split, start + offset)
+            if item.error is not None or item.image is None:
+                if job.on_error == "fail":
+                    raise PrepareError(
+                        f"{job.source.description}: {item.key} (would be {key}): {item.error}",
+                        hint="fix or remove the file, or pass --on-error skip",
+                    )
+                logger.warning("skipped input %s (%s): %s", item.key, key, item.error)
+                skipped += 1
+                continue
+            sample = {"__key__": key, "png": encode_png(item.image)}
+            if item.label is not None:
+                sample["cls"] = str(item.label).encode("ascii")
+            shard.write(sample)
+        info = shard.close()
+    except BaseException:
+        shard.abort()
+        raise
     marker = {"fingerprint": job.fingerprint, "shard": to_dict(info), "skipped_inputs": skipped}
     write_bytes_atomic(_marker_url(job, name), json.dumps(marker, indent=1).encode(), job.storage)
     return ShardResult(info, written=True, skipped_inputs=skipped)
@@ -447,11 +448,8 @@ class PrepareResult:
 def _samples_per_shard(
     source: ImageSource, split: str, count: int, shard_samples: int, shard_bytes: int | None
 ) -> int:
-    """Samples per shard: shard_samples, lowered so a shard stays near shard_bytes.
-
-    The size per sample is estimated from the split's first images (PNG size rounded up to tar
-    blocks, plus headers), so the plan is the same on every rerun.
-    """
+    """Samples per shard: shard_samples, lowered so a shard stays near shard_bytes, estimated
+    from the split's first images (so the plan is the same on every rerun)."""
     if shard_bytes is None or count == 0:
         return max(1, min(shard_samples, count or 1))
     probe = [i for i in source.read(split, range(min(count, 32))) if i.image is not None]
@@ -478,25 +476,15 @@ def prepare(
     on_error: OnError = "fail",
     progress: Callable[[ShardEvent], None] | None = None,
 ) -> PrepareResult:
-    """Write `source` as shards + manifest per split under `out_url` (see the module docstring).
+    """Write `source` as shards + manifest per split under `<out_url>/<split>`.
 
     Args:
-        source: from `pipeline.data.sources.open_source` or a source class.
-        out_url: local path, file:// or s3:// prefix; each split goes to `<out_url>/<split>`.
-        splits: the splits to write (default: all the source has).
-        shard_samples: most samples per shard.
-        shard_bytes: target bytes per shard (estimated up front, so a shard may differ a little);
-            None for no byte target.
-        limit: at most this many images per split (the first ones), for demos and tests.
-        workers: 0 writes in this process; N > 0 runs Ray tasks, N at a time (Ray must be
-            initialised, or Ray starts a local instance).
-        on_error: a bad source image (undecodable, or over the source's `ImageLimits`: too many
-            bytes or pixels) stops prepare ("fail") or is logged with its path, counted in
+        shard_bytes: target bytes per shard (estimated up front); None for no byte target.
+        limit: at most this many images per split (the first ones).
+        workers: 0 writes in this process; N > 0 runs one Ray task per shard, N at a time.
+        on_error: a bad source image stops prepare ("fail") or is logged, counted in
             `Manifest.skipped_inputs` and left out ("skip"; its key stays unused).
         progress: called after each shard, in completion order.
-
-    Returns:
-        What was written and skipped, with each split's manifest.
     """
     if shard_samples < 1:
         raise ValueError(f"shard_samples: expected at least 1, found {shard_samples}")
@@ -594,8 +582,7 @@ def _prepare_split(
 
 
 def _sweep_leftovers(split_url: str, storage: StorageConfig | None) -> None:
-    """A prepare killed before left its temps here; they are ours to remove (not a live
-    writer's, see storage.sweep_temp_files)."""
+    """Remove the temps a killed prepare left (`sweep_temp_files` spares live writers')."""
     for folder in (split_url, join_url(split_url, PARTS_DIR)):
         removed = sweep_temp_files(folder, storage)
         if removed:
@@ -621,8 +608,7 @@ def _split_fingerprint(source: ImageSource, split: str, count: int, per_shard: i
     }
     limits = getattr(source, "limits", None)
     if limits is not None and limits != ImageLimits():
-        # Other limits skip other images: other shards. Default limits leave the fingerprint of
-        # splits prepared before limits existed unchanged.
+        # Other limits skip other images; default limits add no key, keeping older fingerprints.
         fields["limits"] = to_dict(limits)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -632,10 +618,8 @@ def _previous_manifest(
 ) -> Manifest | None:
     """The manifest of an earlier run with the same settings, None when there is none; an
     earlier run with other settings is refused (its shards would mix with ours)."""
-    if not exists(manifest_url, storage):
-        return None
-    previous = parse_manifest(read_bytes(manifest_url, storage), manifest_url)
-    if previous.fingerprint != fingerprint:
+    previous = existing_manifest(manifest_url, storage)
+    if previous is not None and previous.fingerprint != fingerprint:
         raise PrepareError(
             f"{split_url} already holds a split prepared with other settings "
             f"(source {previous.source}, {previous.count} images of shape {list(previous.shape)})",
@@ -651,7 +635,17 @@ def _commit_manifest(
     Returns the manifest in force and whether it was written."""
     if previous is not None and dataclasses.replace(manifest, created=previous.created) == previous:
         return previous, False
-    # Last, and atomically: a manifest present means every shard it lists is complete.
-    data = json.dumps(to_dict(manifest), indent=1).encode()
-    write_bytes_atomic(manifest_url, data, storage)
+    write_manifest(manifest_url, manifest, storage)
     return manifest, True
+
+
+def existing_manifest(manifest_url: str, storage: StorageConfig | None) -> Manifest | None:
+    """The manifest at `manifest_url`, None when there is none."""
+    if not exists(manifest_url, storage):
+        return None
+    return parse_manifest(read_bytes(manifest_url, storage), manifest_url)
+
+
+def write_manifest(manifest_url: str, manifest: Manifest, storage: StorageConfig | None) -> None:
+    """Last, and atomically: a manifest present means every shard it lists is complete."""
+    write_bytes_atomic(manifest_url, json.dumps(to_dict(manifest), indent=1).encode(), storage)
