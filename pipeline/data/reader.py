@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import tarfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -163,6 +164,166 @@ class _EndAware(tarfile.TarInfo):
             raise
 
 
+READ_CHUNK = 1 << 20  # bytes asked of a shard's stream per read
+_BLOCK = tarfile.BLOCKSIZE
+_END_BLOCK = bytes(_BLOCK)
+_OCTAL = re.compile(rb" *[0-7]* *(?:\0.*)?", re.DOTALL)  # a number field nti reads as octal
+# mode, uid, gid, size, mtime, chksum, devmajor, devminor: (start, end) in the header
+_NUMBERS = (
+    (100, 108),
+    (108, 116),
+    (116, 124),
+    (124, 136),
+    (136, 148),
+    (148, 156),
+    (329, 337),
+    (337, 345),
+)
+_ENCODING = tarfile.ENCODING
+
+
+def _nts(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode(_ENCODING, "surrogateescape")
+
+
+def _octal(field: bytes) -> int:
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _plain_header(block: bytes) -> tuple[str, int, bool] | None:
+    """(name, size, is_file) of a header that tarfile reads without state: a regular file or a
+    directory, octal number fields and an unsigned checksum that matches. None for any other
+    header (pax, GNU long names, links, base-256 numbers, a bad checksum), left to tarfile."""
+    kind = block[156:157]
+    if kind not in (b"0", b"\0", b"5") or not all(
+        _OCTAL.fullmatch(block, start, end) for start, end in _NUMBERS
+    ):
+        return None
+    if _octal(block[148:156]) != 256 + sum(block) - sum(block[148:156]):
+        return None
+    name, prefix = _nts(block[:100]), _nts(block[345:500])
+    is_file = kind != b"5" and not (kind == b"\0" and name.endswith("/"))
+    return f"{prefix}/{name}" if prefix and is_file else name, _octal(block[124:136]), is_file
+
+
+class _Buffered:
+    """Exact-size reads from a stream read in large chunks (few calls through the layers below:
+    hashing, retries, fsspec)."""
+
+    def __init__(self, stream: Any, chunk: int) -> None:
+        self.stream, self.chunk = stream, chunk
+        self.data, self.position = b"", 0
+
+    def take(self, size: int) -> bytes:
+        """The next `size` bytes, fewer at the end of the stream."""
+        end = self.position + size
+        if end <= len(self.data):
+            taken, self.position = self.data[self.position : end], end
+            return taken
+        parts, have = [self.data[self.position :]], len(self.data) - self.position
+        self.data, self.position = b"", 0
+        while have < size:
+            chunk = self.stream.read(max(self.chunk, size - have))
+            if not chunk:
+                break
+            need = size - have
+            if len(chunk) > need:
+                self.data, self.position, chunk = chunk, need, chunk[:need]
+            parts.append(chunk)
+            have += len(chunk)
+        return b"".join(parts)
+
+    def skip(self, size: int) -> bool:
+        """Passes `size` bytes unread; False when the stream ends first."""
+        while size > 0:
+            step = min(size, self.chunk)
+            got = len(self.take(step))
+            if got < step:
+                return False
+            size -= got
+        return True
+
+    def rest(self) -> _Chained:
+        """The unread bytes, those buffered first."""
+        return _Chained(self.data[self.position :], self.stream)
+
+
+class _Chained:
+    """A stream of `head` then `stream`."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size < 0:
+            taken, self.head = self.head + self.stream.read(), b""
+        else:
+            taken, self.head = self.head[:size], self.head[size:]
+        return taken
+
+
+def _truncated() -> tarfile.ReadError:
+    return tarfile.ReadError("unexpected end of data")
+
+
+def _tar_files(stream: Any) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+    """The regular files of a tar stream, in order: (name, size, read its data), as tarfile's
+    stream mode gives them. Plain ustar headers are parsed here (`_plain_header`); from the
+    first other header on, tarfile reads the rest. Data not read is passed unread. Raises
+    tarfile.ReadError as tarfile does, and when the archive stops before its end blocks."""
+    buffered, first, end = _Buffered(stream, READ_CHUNK), True, ""
+    while True:
+        block = buffered.take(_BLOCK)
+        if block == _END_BLOCK:
+            break
+        header = _plain_header(block) if len(block) == _BLOCK else None
+        if header is None:
+            try:
+                tarfile.TarInfo.frombuf(block, _ENCODING, "surrogateescape")
+            except tarfile.HeaderError as err:
+                if first:  # as tarfile.open raises at a bad first header
+                    raise tarfile.ReadError(
+                        "empty file" if isinstance(err, tarfile.EmptyHeaderError) else str(err)
+                    ) from None
+                end = f"{type(err).__name__}: {err}"
+                break
+            end = yield from _tarfile_files(_Chained(block, buffered.rest()))
+            break
+        first = False
+        name, size, is_file = header
+        if not is_file:
+            continue
+        padded = -size % _BLOCK
+        unread = [True]
+
+        def read(size: int = size, unread: list[bool] = unread) -> bytes:
+            unread[0] = False
+            data = buffered.take(size)
+            if len(data) < size:
+                raise _truncated()
+            return data
+
+        yield name, size, read
+        if not buffered.skip(padded + (size if unread[0] else 0)):
+            raise _truncated()
+    if end:
+        raise tarfile.ReadError(f"archive ends without its end-of-archive blocks ({end})")
+
+
+def _tarfile_files(stream: Any) -> Generator[tuple[str, int, Callable[[], bytes]], None, str]:
+    """`_tar_files` through tarfile (any header it knows); returns how the archive ended ("" at
+    its end blocks)."""
+    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAware) as archive:
+        archive.flowray_end = "no end"  # type: ignore[attr-defined]
+        for member in archive:
+            if member.isfile():
+                extracted = archive.extractfile(member)
+                yield member.name, member.size, extracted.read if extracted else bytes
+        return archive.flowray_end  # type: ignore[attr-defined]
+
+
 def tar_samples(
     stream: Any, max_bytes: int, wanted: Callable[[str], bool] | None = None
 ) -> Iterator[TarSample]:
@@ -172,40 +333,30 @@ def tar_samples(
     wanted member larger than `max_bytes` (from its tar header) is not read and makes the sample
     `oversized`. Raises tarfile.TarError / EOFError on a truncated or unreadable archive, also
     one that stops at a bad or missing header instead of its end-of-archive blocks (the samples
-    before it are yielded first).
+    before it are yielded first; the sample in progress, which may lack members cut off, is not).
     """
     key: str | None = None
     members: dict[str, bytes] = {}
     unread: list[str] = []
     oversized = ""
-    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAware) as archive:
-        archive.flowray_end = "no end"  # type: ignore[attr-defined]
-        for member in archive:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            stem, _, extension = base.partition(".")
-            extension = extension.lower()
-            member_key = f"{folder}/{stem}" if folder else stem
-            if member_key != key:
-                if key is not None:
-                    yield TarSample(key, members, tuple(unread), oversized)
-                key, members, unread, oversized = member_key, {}, [], ""
-            if wanted is not None and not wanted(extension):
-                unread.append(extension)
-                continue
-            if member.size > max_bytes:
-                oversized = (
-                    f"member {base} of {member.size:,} bytes is larger than the limit of "
-                    f"{max_bytes:,} bytes (max_bytes)"
-                )
-                continue
-            extracted = archive.extractfile(member)
-            members[extension] = extracted.read() if extracted else b""
-        end = archive.flowray_end  # type: ignore[attr-defined]
-    if end:
-        # The sample in progress may lack members that were cut off: it is not yielded.
-        raise tarfile.ReadError(f"archive ends without its end-of-archive blocks ({end})")
+    for path, size, read in _tar_files(stream):
+        folder, _, base = path.rpartition("/")
+        stem, _, extension = base.partition(".")
+        extension = extension.lower()
+        member_key = f"{folder}/{stem}" if folder else stem
+        if member_key != key:
+            if key is not None:
+                yield TarSample(key, members, tuple(unread), oversized)
+            key, members, unread, oversized = member_key, {}, [], ""
+        if wanted is not None and not wanted(extension):
+            unread.append(extension)
+        elif size > max_bytes:
+            oversized = (
+                f"member {base} of {size:,} bytes is larger than the limit of "
+                f"{max_bytes:,} bytes (max_bytes)"
+            )
+        else:
+            members[extension] = read()
     if key is not None:
         yield TarSample(key, members, tuple(unread), oversized)
 

@@ -104,6 +104,7 @@ def test_the_reader_leaves_a_replaced_shard_out_with_its_reason(tmp_path, monkey
         return _CutOnce(fs, _replace(url, None)), path
 
     monkeypatch.setattr(reader, "fsspec_filesystem", cut_filesystem)
+    monkeypatch.setattr(reader, "READ_CHUNK", 4096)  # the shard takes several reads
     tally = SkipTally()
     options = ReadOptions(shape=(1, 16, 16), on_error="skip", retry=NO_WAIT)
     rows = list(iter_shard(ref, options, tally.add_outcome))
