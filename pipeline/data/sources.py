@@ -1,33 +1,15 @@
 """Image sources for `flowray prepare`: IDX files, .npy arrays, image folder trees and foreign
-WebDataset shards, local or S3.
+WebDataset shards, local or S3, each an `ImageSource` (`pipeline.data.shards`).
 
-A source is a small picklable description (URLs, target shape, a file list): it is sent to the Ray
-tasks that write shards, and each task reads only the images of its own shards. Nothing reads a
-whole large source into memory: raw IDX and .npy files are read by seeking to the requested rows,
-folder images one file at a time, WebDataset shards as streams (gzipped IDX files, tens of MB, are
-decompressed once per process).
+A source is a small picklable description sent to the Ray tasks that write shards; each task
+reads only its own images: raw IDX and .npy rows by seeking, folder images one file at a time,
+shards as streams (gzipped IDX files, tens of MB, are decompressed once per process).
 
-The contract (`pipeline.data.shards.ImageSource`, what prepare reads):
-    splits()             -> {"train": 60000, "test": 10000}   split name -> number of images
-    read(split, indices) -> SourceImage(key, image, label, error) per index, in order; indices
-                            must be ascending. `image` is uint8 [C, H, W] in the target shape;
-                            `key` says where it came from ("cats/0001.jpg", "t10k-images...gz#42").
-                            An image that cannot be used comes back with image=None and `error`
-                            set, so the caller's on_error policy decides (folders and webdataset).
-    shape, classes, has_labels, description
-
-One image path: raw pixels (IDX, .npy) go through `images.fit_array`, encoded files (folder files,
-shard members) through `images.decode_fitted` (limits checked from the header, turned upright by
-EXIF), both ending in `fit_image`: converted to the target channels (1: luminance, 3: RGB; alpha
-composited over white; 16-bit scaled by its type's range), centre-cropped to the target aspect
-ratio and resized (Lanczos). Images already in the target shape pass through untouched. Shard
-members become pixels through the reader's `sample_row`, so prepared pixels equal an in-place
-read of the same shards.
-
-Encoded images are bad inputs, not crashes, when they break `ImageLimits`: a file larger than
-`max_bytes` (folder files: known from the listing, so never downloaded) or a header declaring more
-than `max_pixels` pixels (a decompression bomb). Storage faults are retried
-(`pipeline.data.streams`) and never make an image a bad input.
+One image path: raw pixels go through `images.fit_array`, encoded files through
+`images.decode_fitted` (limits checked from the header, EXIF orientation), shard members through
+the reader's `sample_row`, so prepared pixels equal an in-place read of the same shards. An
+encoded image over `ImageLimits` or undecodable is a bad input (image=None, `error` set) for the
+caller's on_error policy; storage faults are retried and never make an image a bad input.
 """
 
 from __future__ import annotations
@@ -66,11 +48,9 @@ from pipeline.storage import StorageConfig, fsspec_filesystem, is_s3, join_url
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
     "FolderSource",
-    "FractionSplit",
     "IdxSource",
     "NpySource",
     "SourceError",
-    "WebDatasetSource",
     "default_idx_dir",
     "open_source",
 ]
@@ -83,8 +63,7 @@ class SourceError(FlowrayError, ValueError):
 
 
 def check_target(channels: int | None, size: tuple[int, int] | None, needs_size: str = "") -> None:
-    """Refuse a target that is no image shape; `needs_size` names a source whose images differ
-    in size, which therefore needs one."""
+    """Refuse a target that is no image shape; `needs_size` names a source that needs a size."""
     if channels is not None and channels not in (1, 3):
         raise SourceError(f"channels: expected 1 or 3, found {channels}")
     if size is not None and (len(size) != 2 or min(size) < 1):
@@ -131,9 +110,6 @@ def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
         yield start, prev + 1
 
 
-# ----------------------------------------------------------------------------- IDX
-
-
 class _Array(NamedTuple):
     """A C-ordered array stored from byte `offset` of a file (IDX, .npy): rows read by seeking."""
 
@@ -178,9 +154,8 @@ def _array_images(
 
 @functools.lru_cache(maxsize=4)
 def _gunzipped(url: str, storage: StorageConfig | None) -> bytes:
-    """A .gz IDX file decompressed, once per process: gzip cannot seek, and re-decompressing from
-    the start for every shard made writing quadratic. IDX files are tens to hundreds of MB; store
-    them uncompressed to read them by seeking instead."""
+    """A .gz IDX file decompressed once per process: gzip cannot seek, and decompressing from
+    the start for every shard would make writing quadratic."""
     fs, path = fsspec_filesystem(url, storage)
     with fs.open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as file:
         return file.read()
@@ -267,9 +242,6 @@ class IdxSource:
         return _array_images(images, labels, "NHW", self.shape, self.storage, indices)
 
 
-# ----------------------------------------------------------------------------- .npy
-
-
 def _read_npy_header(url: str, storage: StorageConfig | None) -> _Array:
     fs, path = fsspec_filesystem(url, storage)
     if not fs.exists(path):
@@ -290,12 +262,9 @@ def _read_npy_header(url: str, storage: StorageConfig | None) -> _Array:
 
 
 class NpySource:
-    """Images in a .npy array ([N, H, W], [N, H, W, C] or [N, C, H, W], uint8, C in 1, 3, 4) and
-    optional integer labels [N] in a second .npy. One split, "train" (see `FractionSplit`).
-
-    Layout: 3-D is greyscale; 4-D is channels-last when the last axis is 1, 3 or 4, else
-    channels-first when axis 1 is. Rows are read by seeking, so the arrays can live on S3.
-    """
+    """Images in a .npy array ([N, H, W], [N, H, W, C] or [N, C, H, W], uint8, C in 1, 3, 4;
+    channels-last when the last axis allows) and optional integer labels [N] in a second .npy.
+    One split, "train"."""
 
     def __init__(
         self,
@@ -346,18 +315,12 @@ class NpySource:
         )
 
 
-# ----------------------------------------------------------------------------- folders
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class FolderSource:
     """A tree of JPEG/PNG files, local or on S3, in sorted path order. One split, "train".
-
-    Labels: when every image sits exactly one folder below the root (root/<class>/<file>), the
-    sorted folder names are the classes and an image's label is its class's index; otherwise the
-    images are unlabelled.
-    """
+    When every image sits in root/<class>/<file>, the sorted folder names are the classes."""
 
     def __init__(
         self,
@@ -408,21 +371,17 @@ class FolderSource:
             try:
                 pixels = self._read_one(fs, f"{root.rstrip('/')}/{relative}", self.sizes[index])
             except BadImage as err:
-                # A bad input (undecodable, over a limit), not a fault: the caller's policy decides.
                 yield SourceImage(relative, None, label, str(err))
                 continue
             yield SourceImage(relative, pixels, label)
 
     def _read_one(self, fs: Any, path: str, listed_size: int) -> np.ndarray:
-        """One file as uint8 [C, H, W]; BadImage for bad inputs. Storage faults are retried and,
-        when they last, raised (TransientReadError): they say nothing about the image."""
+        """One file as uint8 [C, H, W]; BadImage for bad inputs, storage faults retried."""
         self.limits.check_bytes(listed_size)  # before downloading it
         data = with_retries(lambda: fs.cat_file(path), self.retry, path)
         channels, *size = self.shape
         return decode_fitted(data, channels, tuple(size), self.limits).pixels
 
-
-# ----------------------------------------------------------------------------- webdataset
 
 _CENSUS_THREADS = 8  # shards counted at once: I/O bound, each a stream of its own
 
@@ -462,17 +421,13 @@ def _count(ref: ShardRef, options: ReadOptions) -> _Census:
 
 class WebDatasetSource:
     """Foreign WebDataset shards, re-sharded by prepare: `webdataset:<spec>`, any spec that
-    `pipeline.data.inputs.resolve_input` takes but a prepared split. One split, "train".
+    `resolve_input` takes but a prepared split. One split, "train".
 
-    The input is listed once; then a census streams each shard once, reading only the `cls`
-    members, to count its samples (a prepared split's indices need counts up front) and to learn
-    whether every sample is labelled; the shards are read again when the images are written.
-    A bad sample (no image member, undecodable, over the limits, a bad `cls`) comes back with
-    `error` set, keyed "<shard URL>#<key>". A shard the census could not read to its end, or
-    that a pattern or list names but does not exist, adds one more bad input ("<shard URL>#*")
-    after its readable samples, so "fail" stops prepare naming it and "skip" counts it. A shard
-    that changed after it was listed raises SourceError: the description carries a digest of
-    the listing, so prepare refuses a rerun over changed shards instead of mixing them.
+    A census streams each shard once (reading only `cls` members) to count its samples and learn
+    whether all are labelled. A bad sample comes back with `error` set, keyed "<shard URL>#<key>";
+    a shard the census could not read to its end, or one that is missing, adds one bad input
+    "<shard URL>#*". A shard changed since it was listed raises SourceError, and the description
+    carries a digest of the listing, so a rerun over changed shards is refused.
     """
 
     def __init__(
@@ -558,15 +513,9 @@ class WebDatasetSource:
         return SourceImage(key, row["image"], row["label"] if self.has_labels else None)
 
 
-# ----------------------------------------------------------------------------- splits
-
-
 class FractionSplit:
-    """Carve a "val" split out of a one-split source: a seeded random `val_fraction` of its images.
-
-    The assignment depends only on (number of images, val_fraction, seed), so reruns agree; each
-    split keeps the source's order.
-    """
+    """Carve a "val" split out of a one-split source: a seeded random `val_fraction` of its
+    images, depending only on (count, val_fraction, seed); each split keeps the source's order."""
 
     def __init__(self, base: ImageSource, val_fraction: float, seed: int = 0) -> None:
         splits = base.splits()
@@ -594,9 +543,6 @@ class FractionSplit:
         return self.base.read(self._base_split, [int(members[i]) for i in indices])
 
 
-# ----------------------------------------------------------------------------- specs
-
-
 def open_source(
     spec: str,
     storage: StorageConfig | None = None,
@@ -606,13 +552,9 @@ def open_source(
     seed: int = 0,
     limits: ImageLimits | None = None,
 ) -> ImageSource:
-    """A source from a spec: `idx:<folder>`, `folder:<url>`, `npy:<images.npy>[,<labels.npy>]`
-    or `webdataset:<brace pattern | prefix | list file | .tar>` (foreign WebDataset shards).
-
-    `idx:` alone means `default_idx_dir()`. Local paths and s3:// URLs both work. `limits` bound
-    the image files of folder and webdataset sources (IDX and .npy hold raw pixels of a declared
-    shape).
-    """
+    """A source from a spec: `idx:<folder>` (alone: `default_idx_dir()`), `folder:<url>`,
+    `npy:<images.npy>[,<labels.npy>]` or `webdataset:<brace pattern | prefix | list file | .tar>`;
+    `limits` bound the encoded images of folder and webdataset sources."""
     kind, _, location = spec.partition(":")
     if kind == "idx":
         location = location or default_idx_dir()
