@@ -35,18 +35,6 @@ from pipeline.config import ConfigError, apply_overrides
 
 __all__ = ["build_parser", "main", "settings_for"]
 
-# Deprecated options, each a shorthand for `--set <key>=<value>` (lists comma-separated).
-SHORTHANDS = {
-    "--minutes": "minutes",
-    "--seconds": "seconds",
-    "--repeats": "repeats",
-    "--levers": "levers",
-    "--parallel": "parallel",
-    "--threads": "threads",
-    "--scaling-sizes": "sizes",
-    "--serving-requests": "requests",
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
     choices = [*SUITES, "all"]
@@ -81,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--list-settings", action="store_true", help="print each suite's settings and exit"
     )
     add_verbose_argument(parser)
-    for option, key in SHORTHANDS.items():
-        parser.add_argument(option, dest=f"shorthand_{key}", help=argparse.SUPPRESS)
     return parser
 
 
@@ -103,10 +89,6 @@ def _resolve(
     """Each suite's settings; an override no selected suite knows is a usage error. --config
     names the preset of every selected suite that builds one."""
     overrides = list(args.overrides)
-    for key in SHORTHANDS.values():
-        value = getattr(args, f"shorthand_{key}")
-        if value is not None:
-            overrides.append(f"{key}=[{value}]" if key in ("levers", "sizes") else f"{key}={value}")
     fields = {name: {f.name for f in dataclasses.fields(_module(name).Settings)} for name in suites}
     unknown = [o for o in overrides if not any(o.split("=")[0] in f for f in fields.values())]
     if unknown:

@@ -106,14 +106,10 @@ def load_average() -> float:
 
 def _cpu_model() -> str:
     # platform.processor() is "" or "x86_64" on Linux: the model name is in /proc/cpuinfo.
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown"
 
 
 def _version(package: str) -> str | None:

@@ -46,6 +46,16 @@ __all__ = ["SMOKE", "TARGET_BITS_PER_DIM", "Settings", "measure", "race"]
 
 TARGET_BITS_PER_DIM = 3.70  # flowray's test bits/dim at 10 minutes
 LN2 = math.log(2)
+# The training recipe's settings that the report repeats (config.optim's fields).
+RECIPE = (
+    "optimizer",
+    "lr",
+    "warmup_steps",
+    "schedule",
+    "min_lr_ratio",
+    "max_grad_norm",
+    "ema_decay",
+)
 
 
 def normflows_glow(levels: int, steps: int, hidden: int, image_shape: Sequence[int]) -> nn.Module:
@@ -104,18 +114,16 @@ def normflows_step(
     """`pipeline.train.step.train_step` for a normflows model: same loss, checks and clipping."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    y = dequantize(images, n_bits, generator)
-    loss = normflows_bits_per_dim(model, y, n_bits).mean()
-    if not torch.isfinite(loss):
-        return StepMetrics(float(loss.detach()), math.nan, skipped=True)
-    loss.backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
-    if not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        return StepMetrics(float(loss.detach()), float(norm), skipped=True)
-    optimizer.step()
-    return StepMetrics(float(loss.detach()), float(norm), skipped=False)
+    loss = normflows_bits_per_dim(model, dequantize(images, n_bits, generator), n_bits).mean()
+    norm = torch.tensor(math.nan)
+    if torch.isfinite(loss):
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    skipped = not bool(torch.isfinite(norm))
+    if not skipped:
+        optimizer.step()
+    return StepMetrics(float(loss.detach()), float(norm), skipped=skipped)
 
 
 @torch.no_grad()
@@ -203,19 +211,13 @@ def measure(settings: Settings, run: Run) -> Result:
         f"{size} GlowBlocks, {model.hidden_channels} hidden, affine channel coupling (sigmoid "
         "scale), DiagGaussian bases, no logit"
     )
-    ours, theirs, optim = models["flowray"], models["normflows"], config.optim
+    ours, theirs = models["flowray"], models["normflows"]
     figures: dict[str, Any] = {
         "settings": {
             "minutes": settings.minutes,
             "batch_size": global_batch(config),
             "threads": threads,
-            "optimizer": optim.optimizer,
-            "lr": optim.lr,
-            "warmup_steps": optim.warmup_steps,
-            "schedule": optim.schedule,
-            "min_lr_ratio": optim.min_lr_ratio,
-            "max_grad_norm": optim.max_grad_norm,
-            "ema_decay": optim.ema_decay,
+            **{key: getattr(config.optim, key) for key in RECIPE},
             "train_images": len(train),
             "test_images": len(test),
             "eval_seed": config.eval_seed,
