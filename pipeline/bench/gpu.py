@@ -1,24 +1,17 @@
-"""The GPU check: `python -m pipeline.bench.gpu [--out gpu.md]` (or `flowray bench gpu`).
+"""The GPU check: `python -m pipeline.bench.gpu --output gpu.md` (or `flowray bench gpu`).
 
-For a bare GPU box with PyTorch (CUDA), numpy, pandas, pyyaml, safetensors, pyarrow and Pillow
-only: it imports no Ray, MLflow, webdataset, s3fs, fsspec or psutil. On one GPU, with a
-world-size-1 NCCL process group so that the training collectives reduce GPU tensors, it
-
-    trains     the rgb32 preset's model (jobs/configs/rgb32.yaml) for --steps steps through the
-               Ray worker's own core (pipeline.train.core: placement, train step, EMA, the
-               all-reduces), in fp32, bf16, fp32 wrapped in DDP, and bf16 compiled: images/s and
-               held-out bits/dim of the EMA weights after the steps (keyed noise, as validation);
-    scores     100,000 synthetic images through predict_frame (the scoring actors' code):
-               images/s, and its ratio to the flow's raw forward pass at the same batch size;
-    samples    images/s of Flow.sample;
-    checks     a checkpoint written on the GPU loads on the CPU with exactly the same log p (both
-               computed on the CPU; the GPU-vs-CPU arithmetic gap is reported) and resumes
-               there, and a CPU checkpoint resumes on the GPU;
-
-then prints one Markdown table (and writes it to --out after every phase; the compiled run comes
-last, so a compile that overruns loses nothing else). Without a GPU it says so and exits 0.
-`--device cpu --small` (`flowray bench gpu --smoke --set device=cpu`) runs every phase at toy
-sizes on the CPU (the test suite does this).
+For a bare GPU box with PyTorch (CUDA), numpy, pandas, pyyaml, safetensors, pyarrow and Pillow:
+it imports no Ray, MLflow, webdataset, s3fs, fsspec or psutil. In a world-size-1 process group
+(NCCL on CUDA: the training collectives reduce GPU tensors), within `budget_s`, it trains the
+preset's model through the Ray worker's own core (run_step, a read every sync_every steps) once
+per entry of `OPTIONS`, each from the same start on the same batches for the same seconds
+(images/s, held-out bits/dim of the EMA weights, host syncs per step); profiles one training
+step and one scoring batch (top kernels and host ops, launches, the device's idle share);
+scores through predict_frame against the raw forward at the same batch; samples; and round-trips
+a checkpoint GPU -> CPU -> GPU. Compiled options come last, so a compile that overruns loses
+nothing else; options a CPU lacks print "n/a (cuda only)". The tables are rewritten to --output
+(and its .json) after every phase. Without a GPU it says so and exits 0; `--device cpu --small`
+(`flowray bench gpu --smoke --set device=cpu`) runs it all at toy sizes on the CPU (the tests do).
 The images are synthetic (smooth random colour fields): the figures compare settings with one
 another; they are not a dataset's bits/dim.
 """
@@ -27,69 +20,71 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from flowmodel import Flow, dequantize
+from flowmodel.typed import from_dict, to_dict
 from pipeline.bench.harness import Result, Run, Table, preset_flow, timed
-from pipeline.config import load_config
+from pipeline.config import apply_overrides, load_config
 from pipeline.model.likelihood import keyed_noise, predict_frame
-from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.core import Training, run_step, start_training
-from pipeline.train.distributed import check_identical_start
-from pipeline.train.step import evaluate_bits_per_dim
+from pipeline.train.loop_state import LoopState, record_outcome, settle
+from pipeline.train.step import evaluate_bits_per_dim, flow_bits_per_dim
 
-__all__ = ["SMOKE", "Settings", "main", "measure", "run"]
+__all__ = ["OPTIONS", "SMOKE", "Option", "Settings", "main", "measure", "run"]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    device: auto (CUDA if any), cuda[:N] or cpu.
-    steps: training steps per run.
-    timed_from: steps before this one are not timed (allocation, autotuning).
-    batch_size: training batch size.
-    train_images: synthetic training images.
-    eval_images: held-out synthetic images.
-    score_images: images scored.
-    score_batch: images per scoring batch.
-    sweep: batch sizes of the raw forward sweep.
-    sample_images: images sampled.
-    compile: also train bf16 compiled (last).
-    small: a shrunken model (the smoke run).
-    compile_after_seconds: the compiled run is skipped when it would start later than this.
-    preset: a preset name or YAML path: the model and optimizer.
-    train_only: only fp32 against bf16, steps interleaved (the CPU precision comparison).
-    """
+    """What `--set key=value` changes. The option runs: each trains `train_seconds` after
+    `warmup_steps` untimed steps (compiling, CUDA graph capture) and `sync_every` steps whose
+    host syncs are counted; one that would overrun `budget_s` (with `compile_allowance_s` more
+    when compiled) is not run. `options`: names from `OPTIONS` (empty: all; eager always runs);
+    `lr_scaling`: the batch options' lr * sqrt(k) or lr * k. `train_only`: only the fp32 vs bf16
+    race over `steps` interleaved steps, timed from `timed_from` (the CPU precision comparison)."""
 
-    device: str = "auto"
-    steps: int = 400
-    timed_from: int = 50
-    batch_size: int = 256
+    device: str = "auto"  # auto (CUDA if any), cuda[:N] or cpu
+    preset: str = "rgb32"  # a preset name or YAML: the model, the optimizer and its lr
+    budget_s: float = 480.0
+    train_seconds: float = 15.0
+    warmup_steps: int = 3
+    sync_every: int = 10  # the worker's read interval (TrainConfig.sync_every)
+    lr_warmup_steps: int = 50
+    lr_scaling: Literal["sqrt", "linear"] = "sqrt"
+    options: tuple[str, ...] = ()
+    compile: bool = True  # run the compiled options
+    compile_allowance_s: float = 75.0
+    batch_size: int = 256  # the baseline's
     train_images: int = 20_000
-    eval_images: int = 2_000
+    eval_images: int = 2_000  # held out
     score_images: int = 100_000
     score_batch: int = 8_192
-    sweep: tuple[int, ...] = (1_024, 4_096, 16_384)
+    sweep: tuple[int, ...] = (1_024, 4_096, 16_384)  # batch sizes of the raw forward sweep
     sample_images: int = 10_000
-    compile: bool = True
-    small: bool = False
-    compile_after_seconds: float = 200.0
-    preset: str = "rgb32"
+    profile_rows: int = 10  # top lines per profile section
+    small: bool = False  # a shrunken model (the smoke run)
     train_only: bool = False
+    steps: int = 400
+    timed_from: int = 50
 
     @property
     def torch_device(self) -> torch.device:
@@ -100,8 +95,10 @@ class Settings:
 
 
 SMOKE = {
-    "steps": 2,
-    "timed_from": 1,
+    "train_seconds": 0.0,  # one read interval per option
+    "warmup_steps": 1,
+    "sync_every": 2,
+    "lr_warmup_steps": 2,
     "batch_size": 8,
     "train_images": 64,
     "eval_images": 32,
@@ -109,26 +106,75 @@ SMOKE = {
     "score_batch": 32,
     "sweep": [16, 32],
     "sample_images": 8,
+    "profile_rows": 3,
     "compile": False,
     "small": True,
+    "steps": 2,
+    "timed_from": 1,
 }
 
 NO_GPU = "no CUDA device on this machine: the GPU bench did not run (--device cpu --small runs its CPU smoke)"
+NA = "n/a (cuda only)"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One training setting against the eager baseline (the preset in fp32 at the baseline
+    batch, with torch's defaults: cuDNN convolutions in TF32, matmuls in fp32). `compile` is a
+    torch.compile mode for the step's forward and backward: "default" is the worker's own
+    `compile: true`; "reduce-overhead" adds CUDA graphs. `batch_factor` k multiplies the batch
+    and scales the lr (`Settings.lr_scaling`); `tf32` sets matmul and cuDNN TF32 (None: as is)."""
+
+    name: str
+    cuda_only: bool = False
+    precision: str = "fp32"
+    batch_factor: int = 1
+    channels_last: bool = False
+    fused_adam: bool = False
+    tf32: bool | None = None
+    compile: str | None = None
+    ddp: bool = False
+
+
+ALL = {"batch_factor": 4, "channels_last": True, "fused_adam": True, "tf32": True}
+OPTIONS = (
+    Option("eager"),
+    Option("bf16", precision="bf16"),
+    Option("channels_last", channels_last=True),
+    Option("fused_adam", cuda_only=True, fused_adam=True),
+    Option("tf32", cuda_only=True, tf32=True),
+    Option("no_tf32", cuda_only=True, tf32=False),
+    Option("ddp", ddp=True),  # DDP in a world of 1: the wrapper's own cost
+    Option("batch_x4", batch_factor=4),
+    Option("batch_x16", batch_factor=16),
+    # Compiled last (a minute each): every option above at batch x4, under CUDA graphs, first.
+    Option("all", cuda_only=True, compile="reduce-overhead", **ALL),
+    Option("cuda_graphs", cuda_only=True, compile="reduce-overhead"),
+    Option("compiled", cuda_only=True, compile="default"),
+)
 
 
 @dataclass
 class Report:
-    """Rows of the table (what, images/s, bits/dim, notes; printed as they come), and the figures
-    behind them (for `flowray bench`'s JSON)."""
+    """The main table's rows (what, images/s, bits/dim, host syncs per step, notes; printed as
+    they come), the profile table, and the figures for the JSON."""
 
     rows: list[list[str]] = field(default_factory=list)
+    profile: Table = field(
+        default_factory=lambda: Table(["profile", "kernel or op", "self ms", "calls"])
+    )
     figures: dict[str, float] = field(default_factory=dict)
 
-    def add(self, what: str, rate: float | None, bits: float | None, note: str = "") -> None:
-        rate_text = f"{rate:,.0f}" if rate is not None and math.isfinite(rate) else "-"
-        bits_text = f"{bits:.4f}" if bits is not None and math.isfinite(bits) else "-"
-        self.rows.append([what, rate_text, bits_text, note])
-        print(f"  {what}: {rate_text} images/s, {bits_text} bits/dim {note}".rstrip(), flush=True)
+    def add(self, what: str, rate: Any, bits: Any, note: str = "", syncs: Any = "-") -> None:
+        """Floats formatted (None or NaN: "-"), strings as they are."""
+        cells = [(rate, ",.0f"), (bits, ".4f"), (syncs, ".2f")]
+        text = [
+            v if isinstance(v, str) else "-" if v is None or v != v else format(v, f)
+            for v, f in cells
+        ]
+        row = [what, *text, note]
+        self.rows.append(row)
+        print("  " + " | ".join(row), flush=True)
 
 
 def smooth_images(count: int, shape: tuple[int, int, int], seed: int) -> np.ndarray:
@@ -147,18 +193,58 @@ def batches(images: np.ndarray, size: int, prefix: str) -> Iterator[tuple[list[s
         yield [f"{prefix}-{start + i}" for i in range(len(chunk))], torch.from_numpy(chunk)
 
 
+def host_syncs(work: Callable[[], Any], device: torch.device) -> float:
+    """Synchronizing CUDA calls during `work()` (.item(), copies to the host, stream syncs),
+    counted by torch's sync debug mode, which warns at each; NaN off CUDA (`work` still runs)."""
+    if device.type != "cuda":
+        work()
+        return math.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            work()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return float(sum("synchroniz" in str(warning.message) for warning in caught))
+
+
+@contextmanager
+def tf32(on: bool | None) -> Iterator[None]:
+    """TF32 for matmuls and cuDNN on or off inside the block (None: as they are)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if on is not None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 # ----------------------------------------------------------------------------- training
 
 
-def base_config(settings: Settings) -> TrainConfig:
-    """The preset (rgb32) with warmup shortened to the run's length; a smaller model if small."""
+def base_config(settings: Settings, warmup_steps: int | None = None) -> TrainConfig:
+    """The preset at the baseline batch and the check's read interval and warm-up; a smaller
+    model if small."""
     overrides = [
-        f"optim.warmup_steps={max(1, settings.steps // 8)}",
+        f"optim.warmup_steps={warmup_steps or settings.lr_warmup_steps}",
         f"batch_size={settings.batch_size}",
+        f"sync_every={settings.sync_every}",
     ]
     if settings.small:
         overrides += ["model.steps_per_level=1", "model.hidden_channels=8"]
     return load_config(TrainConfig, settings.preset, overrides)
+
+
+def option_config(option: Option, settings: Settings) -> TrainConfig:
+    """The baseline with the option's precision, compile switch, batch and scaled lr."""
+    base, k = base_config(settings), option.batch_factor
+    scale = math.sqrt(k) if settings.lr_scaling == "sqrt" else float(k)
+    optim = replace(base.optim, lr=base.optim.lr * scale)
+    compile = option.compile == "default"  # reduce-overhead is set on the built step
+    batch = base.batch_size * k
+    return replace(base, precision=option.precision, compile=compile, batch_size=batch, optim=optim)
 
 
 def fresh_flow(config: TrainConfig, images: np.ndarray) -> Flow:
@@ -166,80 +252,131 @@ def fresh_flow(config: TrainConfig, images: np.ndarray) -> Flow:
     return preset_flow(config.model, torch.from_numpy(images[:512]), config.seed)
 
 
-def train_run(
-    config: TrainConfig, data: dict[str, np.ndarray], settings: Settings, ddp: bool = False
-) -> tuple[Training, dict[str, float]]:
-    """`settings.steps` steps of the worker's core on `settings.device`; images/s over the
-    timed steps, the first step's seconds (compiling, if any), and held-out EMA bits/dim."""
-    device, steps = settings.torch_device, settings.steps
-    flow = fresh_flow(config, data["train"]).to(device)
-    check_identical_start(flow, device)  # an all_gather of a device tensor
+def start(
+    option: Option, config: TrainConfig, images: np.ndarray, device: torch.device
+) -> Training:
+    """The worker's Training for `option`: its memory format, optimizer, wrapper and step."""
+    flow = fresh_flow(config, images).to(device)
+    if option.channels_last:
+        flow = flow.to(memory_format=torch.channels_last)
     wrap = None
-    if ddp:
+    if option.ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device] if device.type == "cuda" else None
         wrap = lambda placed: DistributedDataParallel(placed, device_ids=ids)  # noqa: E731
+    if option.compile:
+        torch._dynamo.reset()  # each option compiles its own step
     training = start_training(flow, config, device, wrap=wrap)
+    if option.fused_adam:
+        training.optimizer = torch.optim.Adam(
+            training.model.parameters(),
+            lr=config.optim.lr,
+            weight_decay=config.optim.weight_decay,
+            fused=True,
+        )
+    if option.compile == "reduce-overhead":
+        training.loss.compiled = torch.compile(flow_bits_per_dim, mode="reduce-overhead")
+        training.loss.note = "training step: torch.compile, mode reduce-overhead (CUDA graphs)"
+    return training
+
+
+def train_option(
+    option: Option, data: dict[str, np.ndarray], settings: Settings
+) -> tuple[Training, dict[str, float]]:
+    """`option` trained as the worker does: `warmup_steps` untimed steps, `sync_every` steps
+    with their host syncs counted, then steps for `train_seconds` of wall clock, read every
+    `sync_every` steps (the clock is read at reads, when the device has caught up). Figures:
+    images/s over the timed steps, held-out bits/dim of the EMA weights, syncs per step."""
+    config, device = option_config(option, settings), settings.torch_device
+    training = start(option, config, data["train"], device)
     pool = torch.from_numpy(data["train"]).to(device)  # on the device: no copy per step
-    order = torch.Generator().manual_seed(1)
-    first, elapsed, losses = math.nan, 0.0, []
-    for step in range(steps):
-        index = torch.randint(0, len(pool), (config.batch_size,), generator=order).to(device)
-        seconds, metrics = timed(partial(run_step, training, config, pool[index], step), device)
-        first = seconds if step == 0 else first
-        elapsed += seconds if step >= settings.timed_from else 0.0
-        losses.append(metrics.bits_per_dim)
-    timed_steps = steps - settings.timed_from
+    order = torch.Generator(device=device).manual_seed(1)  # the same batches for every option
+    state = LoopState()
+
+    def step() -> None:
+        index = torch.randint(0, len(pool), (config.batch_size,), generator=order, device=device)
+        images = pool[index]
+        if option.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        record_outcome(state, run_step(training, config, images, state.step))
+        if state.step % config.sync_every == 0:
+            settle(state, global_batch=config.batch_size, max_skipped=config.max_nonfinite_steps)
+
+    first, _ = timed(lambda: [step() for _ in range(settings.warmup_steps)], device)
+    syncs = host_syncs(lambda: [step() for _ in range(config.sync_every)], device)
+    settle(state, global_batch=config.batch_size, max_skipped=config.max_nonfinite_steps)
+    started, from_step = time.perf_counter(), state.step
+    while True:
+        step()
+        elapsed = time.perf_counter() - started
+        if state.step % config.sync_every == 0 and elapsed >= settings.train_seconds:
+            break
     bits, _ = evaluate_bits_per_dim(training.ema.model, batches(data["eval"], 500, "eval"))
     return training, {
-        "images_per_second": timed_steps * config.batch_size / elapsed if elapsed else math.nan,
-        "first_step_seconds": first,
-        "train_bits_per_dim": float(np.mean(losses[-20:])),
+        "images_per_second": (state.step - from_step) * config.batch_size / elapsed,
         "eval_bits_per_dim": bits,
+        "syncs_per_step": syncs / config.sync_every,
+        "steps": state.step,
+        "seconds": elapsed,
+        "untimed_seconds": first,
+        "lr": config.optim.lr,
+        "batch_size": config.batch_size,
     }
 
 
-def train_phase(
-    data: dict[str, np.ndarray], settings: Settings, report: Report, compiled: bool = False
+def option_phase(
+    options: list[Option],
+    data: dict[str, np.ndarray],
+    settings: Settings,
+    report: Report,
+    left: Callable[[], float],
 ) -> Training | None:
-    """fp32, bf16, fp32 under DDP and fp32 at 4x the batch (or, `compiled`, bf16 compiled): a row
-    each. Returns the first run's Training (the fp32 one, which the checkpoint phase saves)."""
-    base, first = base_config(settings), None
-    runs = [("train fp32", base, False), ("train bf16", replace(base, precision="bf16"), False)]
-    backend = "nccl" if settings.torch_device.type == "cuda" else "gloo"
-    runs.append((f"train fp32, DDP (world 1, {backend})", base, True))
-    # A quarter of the steps at 4x the batch: what a GPU does when the batch fills it.
-    big = replace(base, batch_size=4 * settings.batch_size)
-    runs.append((f"train fp32, batch {big.batch_size}", big, False))
-    if compiled:
-        runs = [("train bf16, compiled", replace(base, precision="bf16", compile=True), False)]
-    for name, config, ddp in runs:
-        quarter = replace(settings, steps=max(2, settings.steps // 4), timed_from=1)
-        run_settings = quarter if config.batch_size != settings.batch_size else settings
-        training, figures = train_run(config, data, run_settings, ddp=ddp)
-        rate, bits = figures["images_per_second"], figures["eval_bits_per_dim"]
-        baseline = report.figures.setdefault("train fp32: images_per_second", rate)
-        baseline_bits = report.figures.setdefault("train fp32: eval_bits_per_dim", bits)
-        steps = f"{run_settings.steps} steps of batch {config.batch_size}"
-        note = steps
-        if name != "train fp32" and run_settings is settings:
-            note = f"x{rate / baseline:.2f} of fp32; {bits - baseline_bits:+.5f} bits/dim"
-        elif name != "train fp32":  # fewer steps: its bits/dim do not compare
-            note = f"x{rate / baseline:.2f} of fp32 images/s; {steps}"
-        if config.compile:
-            note += f"; {training.loss.note}; first step {figures['first_step_seconds']:.0f} s"
-        report.add(name, rate, bits, note)
-        report.figures.update({f"{name}: {key}": value for key, value in figures.items()})
-        first = first or training
-    return first
+    """A row per option (n/a, not run, failed or measured); the eager baseline's Training."""
+    kept = None
+    for option in options:
+        name, compiled = f"train {option.name}", option.compile is not None
+        need = settings.train_seconds + compiled * settings.compile_allowance_s
+        if option.cuda_only and settings.torch_device.type != "cuda":
+            report.add(name, "n/a", "n/a", NA, "n/a")
+        elif compiled and not settings.compile:
+            report.add(name, None, None, "not run (compile: false)")
+        elif left() < need:
+            report.add(
+                name, None, None, f"not run (budget: {left():.0f} s left, {need:.0f} needed)"
+            )
+        else:
+            with tf32(option.tf32):
+                done = guarded(report, name, train_option, option, data, settings)
+            if done is not None:
+                option_row(name, option, *done, report)
+                kept = done[0] if option.name == "eager" else kept
+    return kept
+
+
+def option_row(
+    name: str, option: Option, training: Training, figures: dict[str, float], report: Report
+) -> None:
+    report.figures.update({f"{name}: {key}": value for key, value in figures.items()})
+    rate, bits = figures["images_per_second"], figures["eval_bits_per_dim"]
+    base_rate = report.figures.get("train eager: images_per_second", math.nan)
+    base_bits = report.figures.get("train eager: eval_bits_per_dim", math.nan)
+    note = (
+        f"x{rate / base_rate:.2f} of eager, {bits - base_bits:+.4f} bits/dim; "
+        f"{figures['steps']} steps of batch {figures['batch_size']}, lr {figures['lr']:.2g}, "
+        f"timed {figures['seconds']:.0f} s (untimed first steps {figures['untimed_seconds']:.1f} s)"
+    )
+    if option.compile:
+        note += f"; {training.loss.note}"
+    syncs = figures["syncs_per_step"]
+    report.add(name, rate, bits, note, syncs if math.isfinite(syncs) else "n/a")
 
 
 def precision_race(data: dict[str, np.ndarray], settings: Settings, report: Report) -> None:
     """fp32 and bf16 from the same start on the same batches, their steps interleaved so that
     both see the same load (a shared machine drifts between sequential runs): the median step
     time of each (after `timed_from` steps), and held-out EMA bits/dim after `steps` steps."""
-    base, device = base_config(settings), settings.torch_device
+    base, device = base_config(settings, max(1, settings.steps // 8)), settings.torch_device
     configs = {"fp32": base, "bf16": replace(base, precision="bf16")}
     trainings = {
         name: start_training(fresh_flow(config, data["train"]), config, device)
@@ -266,6 +403,41 @@ def precision_race(data: dict[str, np.ndarray], settings: Settings, report: Repo
         )
 
 
+# ----------------------------------------------------------------------------- profiles
+
+
+def profile(
+    what: str, work: Callable[[], Any], device: torch.device, count: int, report: Report
+) -> None:
+    """torch.profiler over one `work()` after a warm-up call: the top `count` kernels by self
+    device time (CUDA), the top `count` host ops by self CPU time, and a note: the wall time, the
+    device's busy time and idle share (the host gaps: launches, Python, waits) and the launches."""
+    cuda, rows = device.type == "cuda", report.profile.rows
+    work()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    with torch.profiler.profile(activities=activities) as profiled:
+        wall, _ = timed(work, device)
+    events = profiled.key_averages()
+    kernels = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:count]
+    rows += [[f"{what}: device", e.key[:90], e.self_device_time_total / 1e3, e.count] for e in top]
+    if not cuda:
+        rows.append([f"{what}: device", NA, "-", "-"])
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:count]
+    rows += [[f"{what}: host", e.key[:90], e.self_cpu_time_total / 1e3, e.count] for e in host]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6 if cuda else math.nan
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+    gaps = f"device busy {busy * 1e3:.1f} ms ({1 - busy / wall:.0%} idle: host gaps)"
+    note = (
+        f"{what}: {wall * 1e3:.1f} ms wall under the profiler; "
+        f"{gaps if cuda else 'device busy: ' + NA}; {launches} kernel launches"
+    )
+    report.profile.notes.append(note)
+    report.figures.update({f"profile {what}: wall_s": wall, f"profile {what}: busy_s": busy})
+    print("  " + note, flush=True)
+
+
 # ----------------------------------------------------------------------------- scoring, sampling
 
 
@@ -282,8 +454,8 @@ def raw_forward_rate(flow: Flow, images: np.ndarray, batch: int, device: torch.d
 def score_rate(
     flow: Flow, images: np.ndarray, batch: int, device: torch.device
 ) -> tuple[float, np.ndarray]:
-    """Images/s of predict_frame (keyed noise on the CPU, y to the device, forward) over all
-    `images` in batches of `batch`, and the bits/dim it gave."""
+    """Images/s of predict_frame (keyed noise, y on the device, forward) over all `images` in
+    batches of `batch`, and the bits/dim it gave."""
     keys = [f"img-{i}" for i in range(len(images))]
     predict_frame(flow, images[:batch], keys[:batch], 0, 1)  # warm-up
     frames: list[Any] = []
@@ -299,7 +471,8 @@ def score_rate(
 
 
 def score_phase(flow: Flow, settings: Settings, report: Report) -> None:
-    """predict_frame on `score_images` images in fp32 and bf16, against the raw forward pass."""
+    """predict_frame in fp32 and bf16 against the raw forward pass at the same batch, a sweep of
+    the raw forward, keyed noise on the CPU and the device, and a profile of one batch."""
     device, batch = settings.torch_device, settings.score_batch
     images = smooth_images(settings.score_images, flow.config.image_shape, seed=2)
     flow = flow.to(device).eval()
@@ -314,23 +487,27 @@ def score_phase(flow: Flow, settings: Settings, report: Report) -> None:
     raw_bf16 = raw_forward_rate(flow, images, batch, device)
     flow.set_precision("fp32")
     drift = float(np.abs(bits_bf16 - bits).max())
-    note = f"raw forward {raw_bf16:,.0f}/s; max per-image difference to fp32 {drift:.2e} bits/dim"
+    note = f"raw forward {raw_bf16:,.0f}/s, ratio {rate_bf16 / raw_bf16:.2f}; max per-image difference to fp32 {drift:.2e} bits/dim"
     report.add("score bf16 (predict_frame)", rate_bf16, float(bits_bf16.mean()), note)
     sweep = {size: raw_forward_rate(flow, images, size, device) for size in settings.sweep}
     text = ", ".join(f"{size:,}: {value:,.0f}/s" for size, value in sweep.items())
     report.add("raw forward fp32 by batch size", max(sweep.values()), None, text)
-    keys = [f"img-{i}" for i in range(min(len(images), 20_000))]
-    shape = flow.config.image_shape
+    keys, shape = [f"img-{i}" for i in range(min(len(images), 20_000))], flow.config.image_shape
     seconds, on_cpu = timed(lambda: keyed_noise(keys, shape, 0), device)
-    report.add("keyed noise, CPU generator per key", len(keys) / seconds, None)
+    report.add("keyed noise on the CPU", len(keys) / seconds, None)
     seconds, on_device = timed(lambda: keyed_noise(keys, shape, 0, device), device)
-    same = torch.equal(on_device.cpu(), on_cpu)
-    assert same, "keyed noise: expected the same numbers on the device as on the CPU"
-    note = f"pipeline.model.mersenne on {device.type}: equal to the CPU's, bit for bit"
-    if device.type == "cpu":
-        note = "the device is the CPU: the per-key loop again"
-    report.add("keyed noise, vectorised generator", len(keys) / seconds, None, note)
+    assert torch.equal(on_device.cpu(), on_cpu), (
+        "keyed noise: expected the CPU's numbers, bit for bit"
+    )
+    report.add(
+        f"keyed noise on {device.type}",
+        len(keys) / seconds,
+        None,
+        "equal to the CPU's, bit for bit",
+    )
     report.figures.update({"score_fp32": rate, "raw_forward_fp32": raw, "score_bf16": rate_bf16})
+    one = partial(predict_frame, flow, images[:batch], keys[:batch], 0, 1)
+    profile(f"scoring batch of {batch}", one, device, settings.profile_rows, report)
 
 
 def sample_phase(flow: Flow, settings: Settings, report: Report) -> None:
@@ -378,21 +555,14 @@ def resume_one_step(
     """Load a checkpoint (on the CPU, as the worker does) and take one step on `device`."""
     flow, ema, saved = load_checkpoint(directory)
     training = start_training(flow, config, device, restored=(ema, saved))
-    metrics = run_step(training, config, torch.from_numpy(images), saved.step)
+    metrics = run_step(training, config, torch.from_numpy(images), saved.step).read()
     assert math.isfinite(metrics.bits_per_dim) and not metrics.skipped, metrics
     return training
 
 
 def save(directory: Path, training: Training, config: TrainConfig, step: int) -> None:
-    state = TrainState(
-        step=step,
-        images_seen=step * config.batch_size,
-        skipped_steps=0,
-        optimizer=training.optimizer.state_dict(),  # moments on the training device
-        rng=torch.get_rng_state(),
-        history={"train": [], "validation": []},
-        ema_updates=training.ema.updates,
-    )
+    optimizer = training.optimizer.state_dict()  # moments on the training device
+    state = LoopState(step=step).saved(optimizer, torch.get_rng_state(), training.ema.updates)
     save_checkpoint(directory, training.flow, training.ema.model, state, config.to_dict())
 
 
@@ -401,15 +571,15 @@ def checkpoint_phase(
 ) -> None:
     """Device checkpoint -> CPU (the same log p, one step), that CPU state -> device (one step)."""
     config, cpu, kind = base_config(settings), torch.device("cpu"), settings.torch_device.type
-    batch = data["train"][:4]
+    batch, step = data["train"][:4], training.ema.updates
     with tempfile.TemporaryDirectory() as tmp:
         on_device, on_cpu = Path(tmp) / "device", Path(tmp) / "cpu"
-        save(on_device, training, config, settings.steps)
+        save(on_device, training, config, step)
         _, ema, _ = load_checkpoint(on_device)
         exact, arithmetic = checkpoint_gaps(training.ema.model, ema, data["eval"][:64])
         assert exact == 0.0, f"reloaded log p: expected identical, found a gap of {exact:.2e}"
         resumed = resume_one_step(on_device, config, cpu, batch)
-        save(on_cpu, resumed, config, settings.steps + 1)
+        save(on_cpu, resumed, config, step + 1)
         resume_one_step(on_cpu, config, settings.torch_device, batch)
     note = (
         f"{kind} -> cpu: same log p on the cpu (gap {exact:.0e}); {kind} vs cpu arithmetic "
@@ -425,69 +595,92 @@ def checkpoint_phase(
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        where = f"{name}, CUDA {torch.version.cuda} (cuDNN fp32 convolutions in TF32, the default)"
+        driver = torch.cuda.get_device_properties(device)
+        where = f"{name} ({driver.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
     else:
         where = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     return f"{where}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
-def table(report: Report, settings: Settings, seconds: float) -> Table:
+def tables(report: Report, settings: Settings, seconds: float) -> list[Table]:
     when = time.strftime("%Y-%m-%d %H:%M %Z")
     toy = " (small: a shrunken model, toy sizes)" if settings.small else ""
     title = f"GPU bench on {machine(settings.torch_device)}; {when}; {seconds:.0f} s{toy}"
-    return Table(["what", "images/s", "bits/dim", "notes"], report.rows, title=title)
+    headers = ["what", "images/s", "bits/dim", "host syncs/step", "notes"]
+    return [Table(headers, report.rows, title=title), report.profile]
+
+
+def guarded(report: Report, what: str, work: Callable[..., Any], *args: Any) -> Any:
+    """`work(*args)`; on an error, a "failed" row and None: one failure must not cost a one-shot
+    GPU run its other figures."""
+    try:
+        return work(*args)
+    except Exception as err:
+        traceback.print_exc()
+        failure = f"failed: {type(err).__name__}: {str(err).strip()[:200]}"
+        report.add(what, None, None, failure)
+        return None
+
+
+def chosen(settings: Settings) -> list[Option]:
+    """The options `settings.options` names (all when empty), the eager baseline always."""
+    known = [option.name for option in OPTIONS]
+    if unknown := set(settings.options) - set(known):
+        raise ValueError(f"options: expected names from {known}, found {sorted(unknown)}")
+    wanted = set(settings.options or known) | {"eager"}
+    return [option for option in OPTIONS if option.name in wanted]
 
 
 def phases(settings: Settings, report: Report) -> Iterator[str]:
-    """Runs the phases one by one, yielding after each (so that the table can be written)."""
-    config = base_config(settings)
+    """Runs the phases one by one, yielding after each (so that the tables can be written)."""
+    config, device, started = base_config(settings), settings.torch_device, time.perf_counter()
     shape = config.model.image_shape
     data = {
         "train": smooth_images(settings.train_images, shape, seed=0),
         "eval": smooth_images(settings.eval_images, shape, seed=1),
     }
-    print(f"GPU bench: {machine(settings.torch_device)}; {config.model}", flush=True)
-    started = time.perf_counter()
+    print(f"GPU bench: {machine(device)}; {config.model}", flush=True)
     if settings.train_only:  # the CPU precision comparison
         precision_race(data, settings, report)
         yield "race"
         return
-    training = train_phase(data, settings, report)
-    assert training is not None
+    left = lambda: settings.budget_s - (time.perf_counter() - started)  # noqa: E731
+    options = chosen(settings)
+    training = option_phase([o for o in options if not o.compile], data, settings, report, left)
     yield "train"
-    score_phase(training.ema.model, settings, report)
-    yield "score"
-    sample_phase(training.ema.model, settings, report)
-    checkpoint_phase(training, data, settings, report)
-    yield "sample and checkpoint"
-    late = time.perf_counter() - started > settings.compile_after_seconds
-    if not settings.compile or late:
-        reason = "--no-compile" if not settings.compile else "the other phases took too long"
-        report.add("train bf16, compiled", None, None, f"not run ({reason})")
-    else:
-        train_phase(data, settings, report, compiled=True)
+    if training is not None:
+        batch = torch.from_numpy(data["train"][: config.batch_size]).to(device)
+        step = lambda: run_step(training, config, batch, 0).read()  # noqa: E731 (one read, as the worker's)
+        what, rows = f"training step of {config.batch_size}", settings.profile_rows
+        guarded(report, "profile", profile, what, step, device, rows, report)
+        guarded(report, "score", score_phase, copy.deepcopy(training.ema.model), settings, report)
+        yield "score"
+        guarded(report, "sample", sample_phase, training.ema.model, settings, report)
+        guarded(report, "checkpoint", checkpoint_phase, training, data, settings, report)
+        yield "sample and checkpoint"
+    option_phase([o for o in options if o.compile], data, settings, report, left)
     yield "compiled"
 
 
 def run(settings: Settings, out: Path | None = None) -> Result:
     """Every phase on `settings.device` in a world-size-1 process group (NCCL on CUDA, gloo on
-    the CPU); the table is rewritten to `out` after each phase."""
-    started = time.perf_counter()
-    device = settings.torch_device
+    the CPU); the tables are rewritten to `out` (Markdown) and its .json after each phase."""
+    started, device, report = time.perf_counter(), settings.torch_device, Report()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # NCCL for CUDA tensors; gloo for CPU ones (the checkpoint phase resumes a step on the CPU).
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    report = Report()
     try:
         for _ in phases(settings, report):
-            done = table(report, settings, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            result = Result({"figures": report.figures}, tables(report, settings, seconds))
             if out is not None:
-                out.write_text(done.markdown() + "\n")
+                out.write_text(result.markdown() + "\n")
+                out.with_suffix(".json").write_text(json.dumps(result.report(), default=str))
     finally:
         dist.destroy_process_group()
-    return Result({"figures": report.figures}, [done])
+    return result
 
 
 def resolved(settings: Settings) -> Settings | None:
@@ -509,37 +702,30 @@ def measure(settings: Settings, run_in: Run) -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0, or 1 when a phase or an option failed (its row says how)."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.bench.gpu", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if any), cuda[:N] or cpu")
     parser.add_argument("--small", action="store_true", help="toy sizes, a shrunken model")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run")
-    parser.add_argument("--batch-size", type=int, default=None, help="training batch size")
-    parser.add_argument("--config", default="rgb32", help="preset name or YAML (model, optim)")
     parser.add_argument(
-        "--train-only", action="store_true", help="only fp32 vs bf16, steps interleaved"
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Settings field, e.g. --set train_seconds=300 --set options=[eager,all]",
     )
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
-    parser.add_argument("--output", "--out", default=None, help="also write the table to this file")
+    parser.add_argument("--output", "--out", help="also write the tables here (and .json)")
     args = parser.parse_args(argv)
-    settings = Settings(**SMOKE) if args.small else Settings()
-    settings = replace(settings, preset=args.config, train_only=args.train_only)
-    settings = replace(
-        settings, device=args.device, compile=settings.compile and not args.no_compile
-    )
-    if args.steps is not None:
-        timed_from = max(1, min(settings.timed_from, args.steps // 5))
-        settings = replace(settings, steps=args.steps, timed_from=timed_from)
-    if args.batch_size is not None:
-        settings = replace(settings, batch_size=args.batch_size)
-    on_device = resolved(settings)
-    if on_device is None:
+    data = {**to_dict(Settings()), **(SMOKE if args.small else {}), "device": args.device}
+    settings = resolved(from_dict(Settings, apply_overrides(data, args.overrides)))
+    if settings is None:
         print(NO_GPU, flush=True)
         return 0
-    result = run(on_device, Path(args.output) if args.output else None)
+    result = run(settings, Path(args.output) if args.output else None)
     print("\n" + result.markdown(), flush=True)
-    return 0
+    return 1 if any(row[-1].startswith("failed:") for row in result.tables[0].rows) else 0
 
 
 if __name__ == "__main__":
