@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="the validation split: a prepared split or WebDataset shards (required)",
     )
-    calibrate.add_argument("--images", type=int, default=20_000, help="score at most this many")
+    calibrate.add_argument("--images", type=int, default=10_000, help="score at most this many")
     calibrate.add_argument("--seed", type=int, default=0, help="dequantization seed")
     calibrate.add_argument("--draws", type=int, default=1, help="dequantization draws per image")
     calibrate.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")

@@ -520,7 +520,7 @@ def _finish(
 
 
 def _calibration(config: TrainConfig, ema_flow: Flow) -> Any:
-    """The EMA flow's calibration on (the first 20,000 images of) the validation split, stored
+    """The EMA flow's calibration on (the first 10,000 images of) the validation split, stored
     with the version (pipeline.model.calibration); None, with a warning, when the split cannot
     be read now: the version is registered without it."""
     from pipeline.data.reader import iter_input
