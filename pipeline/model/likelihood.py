@@ -29,8 +29,10 @@ __all__ = [
     "CHUNK_DIMS",
     "key_seeds",
     "keyed_bits_per_dim",
+    "keyed_log_prob_levels",
     "keyed_noise",
     "predict_frame",
+    "predict_levels",
     "to_device",
 ]
 
@@ -58,22 +60,71 @@ def keyed_bits_per_dim(
     """Per-image bits/dim with keyed dequantization noise (see keyed_noise): [B], on the flow's
     device. `images` may be on any device (they move to the flow's; see the module docstring).
     The noise scheme is the flow's unless `scheme` names another."""
+    return keyed_log_prob_levels(flow, keys, images, seed, scheme)[0]
+
+
+@torch.no_grad()
+def keyed_log_prob_levels(
+    flow: Flow, keys: Sequence[str], images: Tensor, seed: int, scheme: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """`keyed_bits_per_dim` [B] and log p(y) split by level (`Flow.log_prob_levels`, nats)
+    [B, L], from one forward pass per chunk, on the flow's device."""
     flow._check_images(images)
     scheme = scheme or noise_scheme_of(flow)
     device = flow.top_prior.mu.device
     on_cpu = device.type == "cpu"
     step = max(len(keys), 1) if on_cpu else max(1, CHUNK_DIMS // flow.config.dims)
-    pieces = []
+    bits, levels = [], []
     for start in range(0, len(keys), step):
         chunk = to_device(images[start : start + step], device)
         shape = tuple(images.shape[1:])
         noise = keyed_noise(keys[start : start + step], shape, seed, device, scheme)
         y = dequantize(chunk, flow.config.n_bits, noise=noise, dtype=flow._dtype())
-        log_prob = flow.log_prob(y, check=False)  # y is dequantize's: in range
-        pieces.append(bits_per_dim_from_log_prob(log_prob, flow.config))
-    if not pieces:
-        return torch.empty(0, device=device)
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        log_prob, by_level = flow.log_prob_levels(y, check=False)  # y is dequantize's: in range
+        bits.append(bits_per_dim_from_log_prob(log_prob, flow.config))
+        levels.append(by_level)
+    if not bits:
+        return torch.empty(0, device=device), torch.empty(0, flow.config.levels, device=device)
+    return torch.cat(bits), torch.cat(levels)
+
+
+def predict_levels(
+    flow: Flow,
+    images: np.ndarray,
+    keys: list[str],
+    seed: int,
+    draws: int,
+    scheme: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: log-likelihood in nats (of the discrete image, log P(x) bound) [B], and the
+    bits/dim of each level of the flow [B, L], both float64.
+
+    With draws > 1, the K dequantizations are averaged in probability space (log-mean-exp), a
+    tighter bound than one draw (Ho et al. 2019, Flow++, section 3.1 / importance weighting).
+    The images stay on the CPU (where the noise is drawn); the flow may be on any device. The
+    noise scheme is the flow's unless `scheme` names another.
+
+    Level l's bits/dim is -c_l / (D_l ln 2) over its D_l latent dims, where c_l is its share of
+    log P(x): its `Flow.log_prob_levels` term averaged over the K draws, less its dims' share of
+    the cell volume, D_l n_bits ln 2. The log-mean-exp's gain over the mean of the draws (>= 0, a
+    dequantization effect, per pixel) and float rounding go to level 0 with the other per-pixel
+    terms, so the c_l sum to log P(x) and bits/dim is the D_l-weighted mean of the levels'.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(images))  # (B, C, H, W) uint8
+    dims, ln2 = flow.config.dims, math.log(2)
+    per_draw = []
+    for draw in range(draws):
+        draw_keys = keys if draw == 0 else [f"{key}#{draw}" for key in keys]
+        bits, levels = keyed_log_prob_levels(flow, draw_keys, tensor, seed, scheme)
+        per_draw.append(torch.cat([bits[:, None], levels], 1))  # (B, 1 + L)
+    # One copy back (one device sync) for all draws; float64 for the log-mean-exp.
+    stacked = torch.stack(per_draw).cpu().double()  # (draws, B, 1 + L)
+    # log P(x) = -bpd * D * ln 2 per draw; average probabilities across draws.
+    log_likelihood = torch.logsumexp(stacked[..., 0] * (-dims * ln2), 0) - math.log(draws)
+    level_dims = torch.tensor([c * h * w for c, h, w in flow.latent_shapes], dtype=torch.float64)
+    shares = stacked[..., 1:].mean(0) - level_dims * flow.config.n_bits * ln2
+    shares[:, 0] += log_likelihood - shares.sum(1)  # (B, L)
+    return log_likelihood.numpy(), (-shares / (level_dims * ln2)).numpy()
 
 
 def predict_frame(
@@ -84,24 +135,8 @@ def predict_frame(
     draws: int,
     scheme: str | None = None,
 ) -> pd.DataFrame:
-    """Per image: log-likelihood in nats (of the discrete image, log P(x) bound) and bits/dim.
-
-    With draws > 1, the K dequantizations are averaged in probability space (log-mean-exp), a
-    tighter bound than one draw (Ho et al. 2019, Flow++, section 3.1 / importance weighting).
-    The images stay on the CPU (where the noise is drawn); the flow may be on any device. The
-    noise scheme is the flow's unless `scheme` names another.
-    """
-    tensor = torch.from_numpy(np.ascontiguousarray(images))  # (B, C, H, W) uint8
-    dims, ln2 = flow.config.dims, math.log(2)
-    per_draw = []
-    for draw in range(draws):
-        draw_keys = keys if draw == 0 else [f"{key}#{draw}" for key in keys]
-        per_draw.append(keyed_bits_per_dim(flow, draw_keys, tensor, seed, scheme))
-    # One copy back (one device sync) for all draws; float64 for the log-mean-exp.
-    stacked = torch.stack(per_draw).cpu().double()  # (draws, B)
-    # log P(x) = -bpd * D * ln 2 per draw; average probabilities across draws.
-    log_likelihood = torch.logsumexp(stacked * (-dims * ln2), 0) - math.log(draws)
-    bits = -log_likelihood / (dims * ln2)
-    return pd.DataFrame(
-        {"key": keys, "log_likelihood": log_likelihood.numpy(), "bits_per_dim": bits.numpy()}
-    )
+    """Per image: log-likelihood in nats (of the discrete image, log P(x) bound) and bits/dim;
+    see `predict_levels`."""
+    log_likelihood, _ = predict_levels(flow, images, keys, seed, draws, scheme)
+    bits = -log_likelihood / (flow.config.dims * math.log(2))
+    return pd.DataFrame({"key": keys, "log_likelihood": log_likelihood, "bits_per_dim": bits})

@@ -1,13 +1,20 @@
 """The per-image scores of a flow, one definition for scoring, serving and calibration.
 
     log_likelihood     log P(x) in nats of the discrete image (keyed dequantization, K draws;
-                       pipeline.model.likelihood.predict_frame)
+                       pipeline.model.likelihood.predict_levels, which also splits it by level)
     bits_per_dim       -log2 P(x) / D
     png_bits_per_dim   L(x) / D: the bits of x's PNG at maximum compression, a generic lossless
                        compressor's code length (the complexity term)
-    ood_score          bits_per_dim - png_bits_per_dim (Serra et al. 2020, "Input complexity and
-                       out-of-distribution detection with likelihood-based generative models"):
-                       how much worse the flow codes x than a generic compressor; high = unusual
+    ood_score          bits_per_dim - png_bits_per_dim + the final level's bits/dim: how much
+                       worse the flow codes x than a generic compressor (Serra et al. 2020,
+                       "Input complexity and out-of-distribution detection with likelihood-based
+                       generative models"), plus the bits/dim of the flow's final, coarsest level
+                       alone (Schirrmeister et al. 2020, "Understanding anomaly detection with
+                       deep invertible networks through hierarchies of distributions and
+                       features"); high = unusual. The first term flags images whose texture or
+                       complexity is foreign (noise, photos, flat images), the second those whose
+                       shapes are (digits, inverted clothes), where the first is fooled by the
+                       fine levels' reward for black backgrounds; docs/ood.md has the table.
 
 The scoring actors (pipeline.batch.scoring.actors), the REST and Ray Serve scorer and the
 calibration at registration all call `score_images`, so a threshold chosen on one is valid on the
@@ -17,13 +24,14 @@ others.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 
 from flowmodel import Flow
-from pipeline.model.likelihood import predict_frame
+from pipeline.model.likelihood import predict_levels
 
-__all__ = ["SCORE_COLUMNS", "add_png_complexity", "max_png_bytes", "score_images"]
+__all__ = ["SCORE_COLUMNS", "add_png_complexity", "max_png_bytes", "ood_score", "score_images"]
 
 SCORE_COLUMNS = ("log_likelihood", "bits_per_dim", "png_bits_per_dim", "ood_score")
 
@@ -56,6 +64,14 @@ def add_png_complexity(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def ood_score(
+    bits_per_dim: np.ndarray, level_bits_per_dim: np.ndarray, png_bits_per_dim: np.ndarray
+) -> np.ndarray:
+    """bits_per_dim - png_bits_per_dim + the final level's bits/dim (see the module docstring):
+    [B] from [B], [B, L] (`predict_levels`) and [B]."""
+    return bits_per_dim - png_bits_per_dim + level_bits_per_dim[:, -1]
+
+
 def score_images(
     flow: Flow,
     images: np.ndarray,
@@ -64,19 +80,20 @@ def score_images(
     draws: int,
     png_bits_per_dim: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """SCORE_COLUMNS of uint8 `images` [B, C, H, W], float64 arrays of length B.
+    """SCORE_COLUMNS of uint8 `images` [B, C, H, W], float64 arrays of length B, from one forward
+    pass per draw.
 
     `png_bits_per_dim` is the complexity term when it was computed already (by read tasks,
     `add_png_complexity`); otherwise it is computed here.
     """
     if png_bits_per_dim is None:
         png_bits_per_dim = add_png_complexity({"image": images})["png_bits_per_dim"]
-    frame = predict_frame(flow, images, keys, seed, draws)
-    bits = frame["bits_per_dim"].to_numpy()
+    log_likelihood, levels = predict_levels(flow, images, keys, seed, draws)
+    bits = -log_likelihood / (flow.config.dims * math.log(2))
     png_bits = np.asarray(png_bits_per_dim, dtype=np.float64)
     return {
-        "log_likelihood": frame["log_likelihood"].to_numpy(),
+        "log_likelihood": log_likelihood,
         "bits_per_dim": bits,
         "png_bits_per_dim": png_bits,
-        "ood_score": bits - png_bits,
+        "ood_score": ood_score(bits, levels, png_bits),
     }
