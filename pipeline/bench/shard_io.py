@@ -24,6 +24,7 @@ import json
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,25 +129,16 @@ def _prepared(
     images = min(settings.images, source.splits()[split])
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in backends}
     megabytes: dict[str, float] = {}
+    options = {"splits": [split], "limit": images, "shard_samples": settings.shard_samples}
     for repeat in range(settings.repeats):
         for name, where in backends.items():
             out = join_url(where.root, f"run-{repeat}")
-            seconds, written = timed(
-                lambda out=out, where=where: prepare(
-                    source,
-                    out,
-                    where.storage,
-                    splits=[split],
-                    limit=images,
-                    shard_samples=settings.shard_samples,
-                )
-            )
+            seconds, written = timed(partial(prepare, source, out, where.storage, **options))
             result = written.splits[split]
             megabytes[name] = sum(s.bytes for s in result.manifest.shards) / 1e6
             reads = _reads(join_url(out, split), source.shape, where, 1, settings.with_ray)
-            figures = {"write": result.images_written / seconds, "read_iter": reads["iter"]}
-            if "ray" in reads:
-                figures["read_ray"] = reads["ray"]
+            figures = {"write": result.images_written / seconds}
+            figures |= {f"read_{reader}": value for reader, value in reads.items()}
             for key, value in figures.items():
                 samples[name].setdefault(key, []).append(value)
     return {
@@ -204,11 +196,8 @@ def _foreign(base: Path, backends: dict[str, _Where], settings: Settings) -> dic
                 fs, key = fsspec_filesystem(join_url(foreign, path.name), storage)
                 fs.put_file(str(path), key)
         source = open_source(f"webdataset:{foreign}", storage, channels=3, size=SHAPE[1:])
-        seconds, written = timed(
-            lambda source=source, out=out, storage=storage: prepare(
-                source, out, storage, shard_samples=PER_SHARD, shard_bytes=None
-            )
-        )
+        reshard = partial(prepare, source, out, storage, shard_samples=PER_SHARD, shard_bytes=None)
+        seconds, written = timed(reshard)
         manifest = written.splits["train"].manifest
         in_place = _reads(foreign, SHAPE, where, repeats, settings.with_ray)
         png = _reads(join_url(out, "train"), SHAPE, where, repeats, settings.with_ray)
