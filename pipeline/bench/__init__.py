@@ -38,6 +38,7 @@ SUITES: dict[str, Suite] = {
         "pipeline.bench.shard_io", "shard write/read, foreign shards, listing; disk and S3"
     ),
     "serving": Suite("pipeline.bench.serving", "flowray serve at 1, 8 and 64 concurrent clients"),
+    "ood": Suite("pipeline.bench.ood", "OOD scores' AUROC and FPR95 on foreign image sets"),
     "gpu": Suite("pipeline.bench.gpu", "training, scoring, sampling, checkpoints on one GPU"),
     "ablation": Suite(
         "pipeline.bench.ablation", "one training lever at a time against the preset", False
