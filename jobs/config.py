@@ -5,12 +5,10 @@ a field with its default and its "Attributes:" docstring entry, and becomes a fl
     args = parser.parse_args(argv)
     config = config_from_args(ScoreConfig, args)   # --config, then --set, then the flags
 
-One precedence for every job: the `--config` file (or preset), then `--set key=value`
-overrides, then flags; a flag not given changes nothing. A flat config (score, sample, serve,
-prepare) gets one flag per field (`batch_size` -> `--batch-size`; a bool that defaults to off
--> `--<name>`, one that defaults to on -> `--no-<name>`); nested sections are reached with `--set`
-(`--set storage.read_timeout=60`), except the flags every job names the same way
-(`STANDARD_FLAGS`). The loader is `pipeline.config`.
+One precedence for every job: `--config` file (or preset), then `--set key=value`, then flags (a
+flag not given changes nothing). A flat config gets one flag per field (`batch_size` ->
+`--batch-size`; a bool -> `--<name>`, or `--no-<name>` when it defaults to on); sections are
+reached with `--set storage.read_timeout=60`, except `STANDARD_FLAGS`.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from flowmodel.typed import field_docs
 from pipeline.config import load_config
 
 __all__ = [
-    "STANDARD_FLAGS",
     "HelpFormatter",
     "add_address_argument",
     "add_config_arguments",
@@ -51,13 +48,9 @@ _DEST = "config:"  # argparse dest prefix of an option that sets a config key
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """The help style of every command: each option ends with exactly one `(default: ...)`.
-
-    A help text that already says its default (the config options below, or a default described
-    in words: "(default: $RAY_ADDRESS, else a local Ray)") is left alone; otherwise the option's
-    argparse default is added: on/off for flags, "none" for an empty list, nothing for None (such
-    an option says in its text what happens without it).
-    """
+    """The help style of every command: each option ends with exactly one `(default: ...)`,
+    added unless the text says it already (on/off for flags, "none" for an empty list, nothing
+    for None: such an option says in its text what happens without it)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -116,7 +109,6 @@ def add_config_options(
         every_field: a flag for each top-level field that is not a section (a flat config).
         flags: dotted key -> option strings, for keys inside sections and for a field whose
             flag is not `--<field-name>`; STANDARD_FLAGS are added where `cls` has them.
-        A field without a default shows "(required unless in --config)".
     """
     chosen: dict[str, tuple[str, ...]] = {}
     hints = get_type_hints(cls)
@@ -170,21 +162,16 @@ def config_from_args(
 
 
 def setup_logging(verbose: bool | None, level: int = logging.INFO) -> None:
-    """flowray's log lines from `level` up (DEBUG with -v); MLflow's own INFO lines ("Creating
-    initial MLflow database tables...") only with -v."""
+    """flowray's log lines from `level` up (DEBUG with -v); MLflow's own INFO lines only with -v."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     mlflow_level = "INFO" if verbose else "WARNING"
-    # MLflow sets its loggers' level from this variable when it is imported; a logger already
-    # set up is set here.
+    # MLflow reads this when it is imported; a logger already set up is set here.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", mlflow_level)
     logging.getLogger("mlflow").setLevel(mlflow_level)
     logging.getLogger("alembic").setLevel(mlflow_level)
-
-
-# ----------------------------------------------------------------------------- the generator
 
 
 def _is_section(tp: Any) -> bool:

@@ -3,14 +3,9 @@
 Fashion-MNIST -> shards on local disk -> Ray Train (2 workers, time-bounded) -> MLflow in SQLite,
 model registered -> the test split scored -> samples drawn -> a short summary.
 
-Everything lives under --workdir, the work folder every other command uses by default
-($FLOWRAY_WORKDIR, else flowray-work): afterwards `flowray models list`, `flowray score --model
-models:/fashion-flow@champion ...`, `flowray sample` and `flowray serve` find its model from the
-same folder. Running it again reuses the shards (prepare skips verified shards) and resumes the
-same training run: --minutes is the run's whole training budget, so a rerun with the same
---minutes only finishes what a kill interrupted, and a larger one trains on up to it; then it
-registers, scores and samples as the first run did.
-`make clean-demo` removes the workdir and nothing else.
+Everything lives under --workdir, the work folder every other command uses by default, so
+`flowray models list`, score, sample and serve find its model afterwards. A rerun reuses the
+shards and resumes the training run: --minutes is the run's whole training budget.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from jobs.config import add_verbose_argument, job_parser, setup_logging
 from jobs.errors import run_main
-from jobs.prepare import ShardProgress, summary_lines
+from jobs.prepare import print_progress, summary_lines
 from pipeline.config import load_config
 from pipeline.tracking.connection import default_workdir
 
@@ -105,7 +100,17 @@ def run(args: argparse.Namespace) -> int:
     _step(f"4/4 sample {args.num} images from {model_uri}")
     sampled = _sample(model_uri, trained.model_version, args.num, workdir, tracking_uri)
     minutes = (time.monotonic() - started) / 60
-    print(_summary(args, minutes, trained, scored, sampled, model_uri, workdir, tracking_uri))
+    print(f"""
+== flowray demo done in {minutes:.1f} minutes
+  test bits/dim      {scored.mean_bits_per_dim:.4f} (all {scored.images_scored + scored.images_skipped:,} test images scored; validation during training {trained.val_bits_per_dim:.4f})
+  training           {trained.steps} steps, {trained.images_per_second:.0f} images/s (median, {args.workers} workers)
+  model              {trained.model_name}: registered v{trained.model_version}, {trained.promotion_reason}  ({model_uri})
+  scores (Parquet)   {scored.output}
+  pictures           {scored.summary_url or scored.output}  (bits/dim histogram, least likely images)
+                     {sampled.output}  (sample grids)
+                     {workdir / "pictures"}  (training curves)
+  MLflow UI          {Path(sys.executable).parent / "mlflow"} ui --backend-store-uri {tracking_uri} --port 5000
+""")
     return 0
 
 
@@ -114,7 +119,7 @@ def _prepare(source: str, data: Path, limit: int | None) -> None:
     from pipeline.data.sources import open_source
 
     prepared = prepare(
-        open_source(source), str(data), shard_samples=10_000, limit=limit, progress=ShardProgress()
+        open_source(source), str(data), shard_samples=10_000, limit=limit, progress=print_progress
     )
     for line in summary_lines(prepared):
         print(f"  {line}")
@@ -186,29 +191,6 @@ def _sample(model_uri: str, version: str, n: int, workdir: Path, tracking_uri: s
     )
     print(f"  {sampled.line()}")
     return sampled
-
-
-def _summary(
-    args: argparse.Namespace,
-    minutes: float,
-    trained: TrainResult,
-    scored: ScoreResult,
-    sampled: SampleResult,
-    model_uri: str,
-    workdir: Path,
-    tracking_uri: str,
-) -> str:
-    return f"""
-== flowray demo done in {minutes:.1f} minutes
-  test bits/dim      {scored.mean_bits_per_dim:.4f} (all {scored.images_scored + scored.images_skipped:,} test images scored; validation during training {trained.val_bits_per_dim:.4f})
-  training           {trained.steps} steps, {trained.images_per_second:.0f} images/s (median, {args.workers} workers)
-  model              {trained.model_name}: registered v{trained.model_version}, {trained.promotion_reason}  ({model_uri})
-  scores (Parquet)   {scored.output}
-  pictures           {scored.summary_url or scored.output}  (bits/dim histogram, least likely images)
-                     {sampled.output}  (sample grids)
-                     {workdir / "pictures"}  (training curves)
-  MLflow UI          {Path(sys.executable).parent / "mlflow"} ui --backend-store-uri {tracking_uri} --port 5000
-"""
 
 
 if __name__ == "__main__":

@@ -5,9 +5,7 @@ folders or .npy arrays, on local disk or S3. Reruns complete what is missing and
     flowray prepare --source folder:s3://photos/raw --size 64x64 --val-fraction 0.1 \\
         --output s3://datasets/photos --endpoint-url http://127.0.0.1:9000 --tasks 4
 
-The options are `PrepareConfig`'s fields (also `--config <file>` and `--set key=value`). The work
-is `pipeline.data.shards.prepare`; this module connects to Ray when --tasks > 0, prints progress
-and a summary, and turns the errors users meet into one line and a hint (exit code 2).
+The options are `PrepareConfig`'s fields; the work is `pipeline.data.shards.prepare`.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import argparse
 import logging
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +26,7 @@ from jobs.config import (
     job_parser,
     setup_logging,
 )
-from jobs.errors import JobExit, user_errors
+from jobs.errors import run_main
 from pipeline.data.images import ImageLimits
 from pipeline.data.shards import PrepareResult, ShardEvent, prepare
 from pipeline.data.sources import default_idx_dir, open_source
@@ -50,7 +47,7 @@ _UNITS = {
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """ "64x64" (or "64,64") -> (64, 64)."""
+    """ "64x64" or "64,64" -> (64, 64)."""
     match = re.fullmatch(r"(\d+)[x,](\d+)", text.strip().lower())
     if not match or min(int(match[1]), int(match[2])) < 1:
         raise ValueError(f"expected HxW such as 64x64, found {text!r}")
@@ -157,20 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ShardProgress:
-    """Prints one line per shard and keeps the images/s figure honest (written images only)."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-
-    def __call__(self, event: ShardEvent) -> None:
-        state = "written" if event.written else "skipped (complete)"
-        rate = event.images_done / max(event.elapsed, 1e-9)
-        print(
-            f"  {event.split} {event.name} {state}: {event.count} images, "
-            f"{event.bytes / 1e6:.1f} MB [{event.done}/{event.total}] {rate:,.0f} images/s",
-            flush=True,
-        )
+def print_progress(event: ShardEvent) -> None:
+    """One line per shard as it finishes."""
+    state = "written" if event.written else "skipped (complete)"
+    rate = event.images_done / max(event.elapsed, 1e-9)
+    print(
+        f"  {event.split} {event.name} {state}: {event.count} images, "
+        f"{event.bytes / 1e6:.1f} MB [{event.done}/{event.total}] {rate:,.0f} images/s",
+        flush=True,
+    )
 
 
 def summary_lines(result: PrepareResult) -> list[str]:
@@ -193,7 +185,7 @@ def summary_lines(result: PrepareResult) -> list[str]:
     return lines
 
 
-def _run(config: PrepareConfig, address: str | None) -> None:
+def _run(config: PrepareConfig, address: str | None) -> int:
     storage = config.storage
     # Fail in seconds on a wrong endpoint, missing credentials or bucket, before any work.
     for url in {config.output, config.source.partition(":")[2].split(",")[0]}:
@@ -238,22 +230,20 @@ def _run(config: PrepareConfig, address: str | None) -> None:
         limit=config.limit,
         workers=config.tasks,
         on_error=config.on_error,
-        progress=ShardProgress(),
+        progress=print_progress,
     )
     print("done:")
     for line in summary_lines(result):
         print(f"  {line}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.verbose, logging.WARNING)
-    try:
-        with user_errors("flowray prepare"):
-            _run(config_from_args(PrepareConfig, args), args.address)
-    except JobExit as exit_:
-        return int(exit_.code or 2)
-    return 0
+    return run_main(
+        "flowray prepare", lambda: _run(config_from_args(PrepareConfig, args), args.address)
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,8 @@
-"""Job configuration files: a YAML preset, then `key.path=value` overrides, then a job's own
-options, then typed validation. The one config loader of every job, its benchmarks and its tests.
+"""The one config loader: a YAML file or preset, then `key.path=value` overrides (parsed as YAML
+scalars, as a file would give them), then a job's own options, then typed validation that names
+the dotted key of an unknown key or wrong type.
 
     config = load_config(TrainConfig, "fashion-mnist", ["optim.lr=3e-4"], {"run.address": address})
-
-Override values are parsed as YAML scalars (3e-4 -> float, true -> bool, [1, 28, 28] -> list), so
-the typed validator sees the same types a YAML file would give. Unknown keys and wrong types fail
-before anything starts, naming the dotted key.
 """
 
 from __future__ import annotations
@@ -90,10 +87,8 @@ def load_config(
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
 ) -> T:
-    """The typed config of a job: YAML at `path` (a file or preset name; None = defaults only),
-    then `--set` overrides, then `flags` (dotted key -> value from a job's own options; None
-    means "not given" and leaves the value alone, and values are used as they are, not parsed as
-    YAML), validated by `from_dict`."""
+    """YAML at `path` (a file or preset name; None: defaults only), then `--set` overrides, then
+    `flags` (dotted key -> value, used as it is; None: not given), validated by `from_dict`."""
     data: dict[str, Any] = {}
     if path:
         file = preset_path(path)

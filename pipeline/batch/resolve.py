@@ -3,14 +3,7 @@ actors and tasks, and the name and version that key the jobs' outputs, tags and 
 
     models:/<name>@<alias>, models:/<name>/<version>   name and version from the registry
     runs:/<run id>/<path>                              "run-<first 12 of the run id>", weights hash
-    a local model directory                            "local", weights hash
-
-The weights hash is the first 12 hex digits of the sha256 of the safetensors weights
-(`FlowPayload.digest`), so two different local models never share an output folder.
-
-Errors of the lookup and the download (MLflow's, the artifact store's) reach the user with the
-secrets in their text redacted (`pipeline.storage.redact`): a presigned artifact URL carries its
-signature and credential in the query string, a tracking URI may carry `user:password@`.
+    a local model directory                            "local", weights hash (`FlowPayload.digest`)
 """
 
 from __future__ import annotations
@@ -40,24 +33,20 @@ class BatchModel:
 
     @property
     def label(self) -> str:
-        """`<name> v<version>`, as titles and log lines show the model."""
         return f"{self.name} v{self.version}"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the images the flow models."""
         channels, height, width = self.flow.config.image_shape
         return channels, height, width
 
 
 def resolve_batch_model(reference: str) -> BatchModel:
-    """Load the model behind `reference` and name it (see the module docstring).
-
-    MLflow's tracking URI must be set first (registry and runs:/ references read it).
+    """Load the model behind `reference` and name it; MLflow's tracking URI must be set first.
 
     Raises:
-        ModelNotFound: the reference names no model (the message lists what exists), or its
-            artifacts could not be downloaded; the message is redacted.
+        ModelNotFound: the reference names no model, or its artifacts could not be downloaded;
+            the message is redacted (a presigned URL or tracking URI may carry secrets).
     """
     from pipeline.tracking.registry import ModelNotFound, resolve_model
 

@@ -80,7 +80,7 @@ class SampleConfig:
         output: prefix (local or s3://) for the shards, manifest and grid.
         n: number of images.
         temperature: z ~ N(0, temperature^2 I) for the shards (below 1: smoother, more typical).
-        seed: every chunk's generator derives from it.
+        seed: every chunk's generator derives from it (see module docstring).
         chunk_size: images per chunk, the unit of seeding and of one Ray task.
         tasks: chunks in flight at once; 0 = two per CPU of the cluster (Ray runs one per CPU,
             the other waits ready, so no CPU idles while the driver writes shards).

@@ -2,10 +2,7 @@
 errors when the server is down.
 
 The embedded default is `sqlite:///<workdir>/mlflow.db` with artifacts in `<workdir>/mlartifacts`
-(MLflow 3 refuses a ./mlruns file store). An `http(s)://` tracking server works the same way.
-The work folder is one for every command and `make demo`: $FLOWRAY_WORKDIR, else `flowray-work`
-in the current folder (`default_workdir`), so whatever the demo registers, `flowray models list`,
-`score`, `sample` and `serve` find from the same folder.
+(MLflow 3 refuses a ./mlruns file store); the work folder is the same for every command.
 """
 
 from __future__ import annotations
@@ -45,14 +42,12 @@ class TrackingError(FlowrayError, RuntimeError):
 
 
 def default_workdir() -> str:
-    """The work folder of the embedded default: $FLOWRAY_WORKDIR, else `flowray-work` (relative
-    paths are relative to the current folder)."""
+    """$FLOWRAY_WORKDIR, else `flowray-work` in the current folder."""
     return os.environ.get(WORKDIR_VARIABLE) or DEFAULT_WORKDIR
 
 
 def default_tracking_uri(workdir: str | Path | None = None) -> str:
-    """`sqlite:///<absolute workdir>/mlflow.db` (workdir: `default_workdir()`); the folder is
-    created."""
+    """`sqlite:///<absolute workdir>/mlflow.db`, the folder created."""
     folder = Path(workdir or default_workdir()).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
@@ -71,9 +66,8 @@ def resolve_tracking_uri(configured: str | None, workdir: str | Path | None = No
 
 @contextmanager
 def quiet_mlflow() -> Iterator[None]:
-    """MLflow's INFO lines and artifact progress bars off for the block: "Creating initial MLflow
-    database tables...", "Validating input example against model signature", a download bar for
-    a model's two artifacts: lines a job's user can do nothing with. Warnings still show."""
+    """MLflow's INFO lines and artifact progress bars off for the block (lines a job's user can
+    do nothing with); warnings still show."""
     logger = logging.getLogger("mlflow")
     level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     logger.setLevel(logging.WARNING)
@@ -89,10 +83,8 @@ def quiet_mlflow() -> Iterator[None]:
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """Set the tracking URI and return the experiment id of `name`, creating it if needed.
-
-    For a SQLite store the artifact root is `<db folder>/mlartifacts` (absolute), never ./mlruns.
-    """
+    """Set the tracking URI and return the experiment id of `name`, creating it if needed (for a
+    SQLite store with the artifact root `<db folder>/mlartifacts`, never ./mlruns)."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -126,12 +118,9 @@ MAX_PARAM_LENGTH = 6000
 
 
 def log_config_params(run_id: str, config: Any, *, exclude: Iterable[str] = ()) -> None:
-    """Log a typed config as the run's params: one param per dotted key (`optim.lr`).
-
-    Strings are logged as they are (less any `user:password@` in a URL), everything else as JSON (`null`, `[28, 28]`), cut to MLflow's
-    length limit. `exclude` drops top-level sections (e.g. `storage`, which holds no results).
-    `MlflowClient.log_batch` splits the params into batches the server accepts.
-    """
+    """Log a typed config as the run's params, one per dotted key (`optim.lr`): strings as they
+    are, less any `user:password@`, everything else as JSON, cut to MLflow's length limit.
+    `exclude` drops top-level sections."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
