@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowmodel.layers import Bijection
+from flowmodel.layers import Bijection, zero_conv
 
 __all__ = ["VariationalDequantization"]
 
@@ -70,9 +70,7 @@ class VariationalDequantization(Bijection):
         self.levels = 2**n_bits
         self.bins = bins
         self.min_width = min_width
-        last = nn.Conv2d(hidden, channels * bins, 3, padding=1)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        last = zero_conv(hidden, channels * bins)  # before the other convs: fixes their random init
         self.net = nn.Sequential(
             nn.Conv2d(channels, hidden, 3, padding=1),
             nn.ReLU(inplace=True),

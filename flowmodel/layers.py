@@ -21,18 +21,18 @@ __all__ = [
     "ActNorm",
     "Bijection",
     "Coupling",
-    "GatedResidualBlock",
     "GaussianSplit",
     "InvConv1x1",
     "LearnedPrior",
     "Logit",
     "Shift",
     "Squeeze",
+    "zero_conv",
 ]
 
 
 class Bijection(nn.Module):
-    """Base class: `forward(x) -> (z, logdet)`, `inverse(z) -> (x, logdet)`, logdet of shape [B]."""
+    """Base class of the contract above."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -42,8 +42,17 @@ class Bijection(nn.Module):
 
 
 def _per_sample(value: Tensor, x: Tensor) -> Tensor:
-    """Broadcast a scalar log-det (the same for every sample) to shape [B]."""
+    """A scalar log-det (the same for every sample) as shape [B]."""
     return value.expand(x.shape[0])
+
+
+def zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A 3x3 convolution that starts at zero, so the layer it ends starts as the identity (or as
+    N(0, I) for a prior; Glow, section 3.3)."""
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 class Shift(Bijection):
@@ -181,33 +190,22 @@ class InvConv1x1(Bijection):
 
 
 def conditioner(in_channels: int, out_channels: int, hidden: int, depth: int) -> nn.Sequential:
-    """3x3 conv -> (depth - 1) x [1x1 conv] -> zero-initialised 3x3 conv, ReLU between.
-
-    The last layer starts at zero, so every coupling starts as the identity (Glow, section 3.3).
-    """
-    # In-place ReLUs: a conv needs its input, not its output, for backward, so nothing is lost
-    # and one activation-sized buffer per layer is saved (ReLU is memory-bound: out of place it
-    # costs ~15% of a step).
+    """3x3 conv -> (depth - 1) x [1x1 conv] -> `zero_conv`, ReLU between."""
+    # In-place ReLUs: a conv needs its input, not its output, for backward, so one
+    # activation-sized buffer per layer is saved (out of place, ReLU costs ~15% of a step).
     layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True)]
     for _ in range(depth - 1):
         layers += [nn.Conv2d(hidden, hidden, 1), nn.ReLU(inplace=True)]
-    last = nn.Conv2d(hidden, out_channels, 3, padding=1)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    layers.append(last)
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, zero_conv(hidden, out_channels))
 
 
 class GatedResidualBlock(nn.Module):
     """h + gate(h): ELU -> 3x3 conv (width -> bottleneck) -> ELU -> 1x1 conv (-> 2 width) -> a * sigmoid(b).
 
-    Flow++'s gated residual convolution (Ho et al. 2019, section 3.3; the gated resnet of
-    PixelCNN++, Salimans et al. 2017) with a bottleneck on the 3x3 conv: a full width x width 3x3
-    conv costs 9 width^2 MACs per pixel, several times a whole 3-layer `conditioner`, and the
-    14x14 level dominates the step on CPU. No normalisation layer: batch statistics would make an
-    image's score depend on its batch, and ActNorm already precedes each coupling. The gated
-    output is added to the residual stream, so a block's output at init is not zero (the
-    conditioner's zero-initialised last conv keeps the coupling the identity instead).
+    Flow++'s gated residual convolution (Ho et al. 2019, section 3.3; PixelCNN++, Salimans et
+    al. 2017) with a bottleneck on the 3x3 conv, which at full width would cost several times a
+    whole `conditioner`. No normalisation layer: batch statistics would make an image's score
+    depend on its batch.
     """
 
     def __init__(self, width: int, bottleneck: int) -> None:
@@ -224,17 +222,11 @@ class GatedResidualBlock(nn.Module):
 def gated_resnet_conditioner(
     in_channels: int, out_channels: int, hidden: int, depth: int
 ) -> nn.Sequential:
-    """3x3 conv -> depth x GatedResidualBlock -> ELU -> zero-initialised 3x3 conv.
-
-    Each block's 3x3 conv runs at max(hidden // 4, 8) channels (see GatedResidualBlock for why).
-    """
+    """3x3 conv -> depth x GatedResidualBlock (bottleneck max(hidden // 4, 8)) -> ELU ->
+    `zero_conv`."""
     layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1)]
     layers += [GatedResidualBlock(hidden, max(hidden // 4, 8)) for _ in range(depth)]
-    last = nn.Conv2d(hidden, out_channels, 3, padding=1)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    layers += [nn.ELU(), last]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, nn.ELU(), zero_conv(hidden, out_channels))
 
 
 CONDITIONERS = {"conv": conditioner, "gated_resnet": gated_resnet_conditioner}
@@ -249,13 +241,12 @@ class Coupling(Bijection):
 
     Args:
         channels: C of the input.
-        hidden: conditioner width; depth: conditioner hidden layers (gated residual blocks for
-            conditioner="gated_resnet").
+        hidden, depth: the conditioner's width and hidden layers (or gated residual blocks).
         mask: "channel" (first/second half of channels) or "checkerboard" (spatial parity).
         parity: which half (or which squares) is conditioned on; alternate it between steps.
         affine: False gives additive coupling (log_s = 0).
         clamp: bound of the log-scale.
-        conditioner: "conv" (`conditioner`) or "gated_resnet" (`gated_resnet_conditioner`).
+        conditioner: a key of CONDITIONERS.
     """
 
     def __init__(
@@ -288,16 +279,15 @@ class Coupling(Bijection):
         else:
             n_in, n_out = channels, channels
         self.net = CONDITIONERS[conditioner](n_in, n_out * (2 if affine else 1), hidden, depth)
-        # Mixed precision: the dtype the conditioner runs in under autocast (None: as its input).
-        # Set through `Flow.set_precision`; an attribute, not state, so checkpoints never hold it.
+        # The conditioner's autocast dtype (None: its input's), set by `Flow.set_precision`; not
+        # state, so checkpoints never hold it.
         self.autocast_dtype: torch.dtype | None = None
 
     def _conditioner(self, x_a: Tensor) -> Tensor:
         if self.autocast_dtype is None:
             return self.net(x_a)
-        # Only the conditioner's convolutions run in low precision (most of the FLOPs); its output
-        # returns to the input's dtype before the scale, shift and log-det are formed, so those,
-        # the priors, the logit and the loss all stay float32.
+        # Only the conditioner (most of the FLOPs) runs in low precision: the scale, shift and
+        # log-det are formed in the input's dtype.
         with torch.autocast(device_type=x_a.device.type, dtype=self.autocast_dtype):
             h = self.net(x_a)
         return h.to(x_a.dtype)
@@ -323,24 +313,23 @@ class Coupling(Bijection):
         cols = torch.arange(w, device=x.device)[None, :]
         return ((rows + cols + self.parity) % 2).to(x.dtype)[None, None]  # (1, 1, H, W)
 
+    @staticmethod
+    def _couple(x: Tensor, shift: Tensor, log_s: Tensor | None, sign: int) -> tuple[Tensor, Tensor]:
+        """x * exp(log_s) + shift (sign +1) or its inverse (sign -1), and the log-det."""
+        if log_s is None:
+            return x + sign * shift, x.new_zeros(x.shape[0])
+        z = x * torch.exp(log_s) + shift if sign > 0 else (x - shift) * torch.exp(-log_s)
+        return z, sign * log_s.flatten(1).sum(1)
+
     def _transform(self, x: Tensor, sign: int) -> tuple[Tensor, Tensor]:
         if self.mask_kind == "channel":
             x_a, x_b = self._split(x)
-            shift, log_s = self._params(x_a)
-            if log_s is None:
-                z_b = x_b + sign * shift
-                return self._merge(x_a, z_b), x.new_zeros(x.shape[0])
-            z_b = x_b * torch.exp(log_s) + shift if sign > 0 else (x_b - shift) * torch.exp(-log_s)
-            return self._merge(x_a, z_b), sign * log_s.flatten(1).sum(1)
+            z_b, ldj = self._couple(x_b, *self._params(x_a), sign)
+            return self._merge(x_a, z_b), ldj
         keep = self._board(x)  # 1 where conditioned, 0 where transformed
         shift, log_s = self._params(x * keep)
         free = 1 - keep
-        shift = shift * free
-        if log_s is None:
-            return x + sign * shift, x.new_zeros(x.shape[0])
-        log_s = log_s * free
-        z = x * torch.exp(log_s) + shift if sign > 0 else (x - shift) * torch.exp(-log_s)
-        return z, sign * log_s.flatten(1).sum(1)
+        return self._couple(x, shift * free, None if log_s is None else log_s * free, sign)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._transform(x, +1)
@@ -356,19 +345,16 @@ class GaussianSplit(Bijection):
     (x1, eps) with eps = (x2 - mu) * exp(-log_sigma), so N(eps; 0, I) times exp(logdet) is exactly
     the prior N(x2; mu, sigma). The flow then factors eps out. Starts as N(0, I).
 
-    `clamp` soft-clamps log_sigma to (-clamp, clamp) with tanh, as the couplings' log-scales: the
-    conv extrapolates freely on inputs unlike its training data, and an unbounded log_sigma of
-    -90 already overflows exp(-log_sigma) in float32 (inf bits/dim, or NaN where x2 == mu).
-    None (the default, `FlowConfig.split_clamp`): unbounded.
+    `clamp` soft-clamps log_sigma to (-clamp, clamp) with tanh, as the couplings' log-scales: on
+    inputs unlike its training data the conv extrapolates freely, and a log_sigma of -90 already
+    overflows exp(-log_sigma) in float32. None: unbounded.
     """
 
     def __init__(self, channels: int, clamp: float | None = None) -> None:
         super().__init__()
         self.n_keep = channels // 2
         self.clamp = clamp
-        self.prior = nn.Conv2d(self.n_keep, 2 * (channels - self.n_keep), 3, padding=1)
-        nn.init.zeros_(self.prior.weight)
-        nn.init.zeros_(self.prior.bias)
+        self.prior = zero_conv(self.n_keep, 2 * (channels - self.n_keep))
 
     def _prior(self, x1: Tensor) -> tuple[Tensor, Tensor]:
         mu, log_sigma = self.prior(x1).chunk(2, dim=1)

@@ -5,18 +5,14 @@
                            {"predictions": [{"key", "log_likelihood", "bits_per_dim",
                              "png_bits_per_dim", "ood_score", "model", "version", "batch_size"}]}
 
-A body is read chunk by chunk within the limits (pipeline.serve.requests: a declared or
-streamed body over them gets 413 before it is read whole), then parsed and decoded in one of
-`decode_threads` worker threads, so a large image never holds the event loop and /health keeps
-answering. Each image of a request goes through `score_batch`, a @serve.batch method: images of
-concurrent requests share one forward pass of up to `max_batch_size` images, waiting at most
-`batch_wait_ms` for a batch to fill. The pass runs in a worker thread, so the replica keeps
-accepting requests (the next batch fills) while torch computes.
+A body is read within the limits (pipeline.serve.requests), then parsed and decoded in one of
+`decode_threads` threads, so a large image never holds the event loop. Images of concurrent
+requests share one forward pass in `score_batch` (@serve.batch), which runs in a thread, so the
+replica keeps accepting requests while torch computes.
 
-A bits/dim (and so the log-likelihood and OOD score) can be infinite or NaN for an image far from
-the data: strict JSON has no such numbers, so they are answered as the strings "Infinity",
-"-Infinity" and "NaN" (pipeline.batch.scoring.report.json_number), which Python's float() and
-JavaScript's Number() read back; finite values stay numbers.
+Strict JSON has no infinity or NaN, which a score can be for an image far from the data: they are
+answered as the strings "Infinity", "-Infinity" and "NaN", which Python's float() and
+JavaScript's Number() read back.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route parameters' annotations at
@@ -85,12 +81,10 @@ class FlowScoring:
         return await asyncio.to_thread(model.score, items)
 
     def __del__(self) -> None:
-        holder = getattr(self, "holder", None)
-        if holder is not None:
-            holder.stop()
-        decoder = getattr(self, "decoder", None)
-        if decoder is not None:
-            decoder.shutdown(wait=False)
+        if hasattr(self, "holder"):
+            self.holder.stop()
+        if hasattr(self, "decoder"):
+            self.decoder.shutdown(wait=False)
 
 
 def build_app(config: ServeConfig) -> Any:

@@ -1,16 +1,13 @@
 """The served model: resolved by reference, scored with the score job's own scorer, and
 reloaded when the registry alias it was asked for moves.
 
-A replica holds one `ServedModel` at a time. `ModelHolder` polls the registry every
-`reload_interval_s` in a background thread; when `models:/<name>@<alias>` points at another
-version, it loads that version beside the old one and swaps the reference, so requests in flight
-finish on the model they started with and no request waits for a load. A failed check or load
-is logged and the old model keeps serving.
+`ModelHolder` polls the registry every `reload_interval_s` in a background thread; when
+`models:/<name>@<alias>` points at another version, it loads that version beside the old one and
+swaps the reference, so requests in flight finish on their model and none waits for a load. A
+failed check or load is logged and the old model keeps serving.
 
-A replica serves one image shape for its whole life: its clients send images of that shape (a
-PNG is fitted to it, JSON is checked against it) and a batch stacks them. When the alias moves to
-a version of another shape (the registry refuses that, but a version registered around it can),
-the replica does not reload: it logs why, once per version, and keeps serving the old model.
+A replica serves one image shape for its whole life (its clients send that shape, and a batch
+stacks them): an alias moved to a version of another shape is not loaded, logged once per version.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ from pipeline.batch.scoring.report import json_number
 from pipeline.model.scores import SCORE_COLUMNS
 from pipeline.serve.requests import ScoreItem
 
-__all__ = ["ModelHolder", "ServedModel", "alias_of", "load_served_model"]
+__all__ = ["ModelHolder", "ServedModel", "load_served_model"]
 
 log = logging.getLogger("ray.serve")  # Ray Serve's logger: lines land in the replica's log
 
@@ -40,8 +37,8 @@ class ServedModel:
     scorer: Any  # pipeline.batch.scoring.actors.Scorer
 
     def score(self, items: list[ScoreItem]) -> list[dict[str, Any]]:
-        """One forward pass over `items`: per item the score job's columns, plus the model
-        version that answered and how many images shared the pass."""
+        """One forward pass: per item the score job's columns, the model version that answered
+        and how many images shared the pass."""
         count = len(items)
         batch = {  # the reader's row layout, which the score job's Scorer takes
             "key": np.array([item.key for item in items], dtype=object),
@@ -53,7 +50,6 @@ class ServedModel:
         return [
             {
                 "key": str(out["key"][i]),
-                # inf / NaN as strings: strict JSON has no such numbers (deployment docstring).
                 **{column: json_number(out[column][i]) for column in SCORE_COLUMNS},
                 "model": self.name,
                 "version": self.version,
@@ -64,7 +60,7 @@ class ServedModel:
 
 
 def load_served_model(reference: str, seed: int, draws: int) -> ServedModel:
-    """Resolve `reference` (the batch jobs' resolver) and build its scorer on the CPU."""
+    """Resolve `reference` as the batch jobs do and build its scorer on the CPU."""
     from pipeline.batch.resolve import resolve_batch_model
     from pipeline.batch.scoring.actors import Scorer
 
@@ -82,7 +78,7 @@ def alias_of(reference: str) -> tuple[str, str] | None:
 
 
 class ModelHolder:
-    """The current `ServedModel` of a replica, reloaded when its alias moves (module docstring)."""
+    """The current `ServedModel` of a replica, reloaded when its alias moves."""
 
     def __init__(self, reference: str, seed: int, draws: int, reload_interval_s: float) -> None:
         self.reference, self.seed, self.draws = reference, seed, draws

@@ -6,23 +6,17 @@
                          {"image": [[[...]]], "key": "k"}            one image, uint8 [C, H, W]
                          {"images": [[[[...]]]], "keys": ["a", ...]}  a batch, uint8 [B, C, H, W]
 
-Encoded images of another size or mode are fitted to the model's shape the way `flowray prepare`
-fits folder images (EXIF orientation, channels, centre crop, resize); an image already in the
-model's shape and mode passes unchanged, so its pixels are the ones a score job decodes. JSON
-pixels are integers 0..255 of any width (pipeline.model.pyfunc.as_uint8_images). Without a key,
-an image's key is a digest of its pixels (pipeline.model.pyfunc.content_key), as in the MLflow
-model.
+Encoded images are fitted to the model's shape as `flowray prepare` fits folder images (an image
+already in that shape and mode passes unchanged); JSON pixels are integers 0..255. Without a key,
+an image's key is a digest of its pixels, as in the MLflow model.
 
-Limits (`RequestLimits`, from ServeConfig), each answered with 413 and what was found:
-- the body's bytes: max_image_bytes for an encoded image, max_json_bytes for JSON (a parsed
-  number costs ~36 bytes of Python objects, so JSON gets the smaller limit). A declared
-  Content-Length over the limit is refused before any of the body is read; a body without one
-  (chunked) is counted as it arrives and refused as soon as it passes the limit.
-- an encoded image's pixels, from its header, before decoding: max_pixels (4096 x 4096 by
-  default, tighter than prepare's 8192 x 8192: a replica decodes several requests at once), and a
-  quarter of that for 16-bit and 32-bit modes, whose conversion to 8 bits goes through float64.
-Parsing and decoding are CPU work that must not run on the event loop: the deployment calls
-`parse_request` in a worker thread.
+Limits (`RequestLimits`), each answered with 413 and what was found:
+- the body's bytes (max_json_bytes for JSON: a parsed number costs ~36 bytes of Python objects;
+  max_image_bytes otherwise). A declared Content-Length over it is refused before the body is
+  read; a chunked body is refused as soon as it passes it.
+- an encoded image's pixels, from its header, before decoding: max_pixels (tighter than
+  prepare's: a replica decodes several requests at once), a quarter of it for 16- and 32-bit
+  modes, whose conversion to 8 bits goes through float64.
 """
 
 from __future__ import annotations
@@ -87,11 +81,17 @@ def media_type(content_type: str) -> str:
     )
 
 
-def body_limit(mime: str, limits: RequestLimits) -> tuple[int, str]:
-    """(bytes, the limit's name) for a body of media type `mime`."""
-    if mime == JSON_TYPE:
-        return limits.max_json_bytes, "max_json_bytes"
-    return limits.max_image_bytes, "max_image_bytes"
+def _check_size(size: int, mime: str, limits: RequestLimits, found: str) -> None:
+    """BadRequest 413 when a body of `size` bytes passes the limit for `mime`; `found` says what
+    was found."""
+    json_body = mime == JSON_TYPE
+    limit = limits.max_json_bytes if json_body else limits.max_image_bytes
+    if size > limit:
+        name = "max_json_bytes" if json_body else "max_image_bytes"
+        raise BadRequest(
+            f"body: expected at most {limit:,} bytes for {mime} ({name}), found {found}",
+            status=TOO_LARGE,
+        )
 
 
 async def read_body(request: Any, mime: str, limits: RequestLimits) -> bytes:
@@ -101,7 +101,6 @@ async def read_body(request: Any, mime: str, limits: RequestLimits) -> bytes:
         BadRequest: 413 when the Content-Length declares more than the limit (nothing is read)
             or the body passes it while arriving; 400 for a Content-Length that is not a number.
     """
-    limit, name = body_limit(mime, limits)
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -110,21 +109,11 @@ async def read_body(request: Any, mime: str, limits: RequestLimits) -> bytes:
             raise BadRequest(
                 f"Content-Length: expected a number of bytes, found {declared!r}"
             ) from None
-        if size > limit:
-            raise BadRequest(
-                f"body: expected at most {limit:,} bytes for {mime} ({name}), found a "
-                f"Content-Length of {size:,}",
-                status=TOO_LARGE,
-            )
+        _check_size(size, mime, limits, f"a Content-Length of {size:,}")
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
-        if total > limit:
-            raise BadRequest(
-                f"body: expected at most {limit:,} bytes for {mime} ({name}), found more "
-                f"({total:,} bytes received so far)",
-                status=TOO_LARGE,
-            )
+        _check_size(total, mime, limits, f"more ({total:,} bytes received so far)")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -145,12 +134,7 @@ def parse_request(
     """
     limits = limits or RequestLimits()
     mime = media_type(content_type)
-    limit, name = body_limit(mime, limits)
-    if len(body) > limit:
-        raise BadRequest(
-            f"body: expected at most {limit:,} bytes for {mime} ({name}), found {len(body):,}",
-            status=TOO_LARGE,
-        )
+    _check_size(len(body), mime, limits, f"{len(body):,}")
     if mime == JSON_TYPE:
         return _from_json(body, shape)
     image = decode_fitted(body, shape, limits)
@@ -160,8 +144,8 @@ def parse_request(
 def decode_fitted(
     data: bytes, shape: Sequence[int], limits: RequestLimits | None = None
 ) -> np.ndarray:
-    """Encoded image bytes as uint8 [C, H, W] in `shape` (see the module docstring), its pixels
-    checked against `limits` from the header, before decoding."""
+    """Encoded image bytes as uint8 [C, H, W] in `shape`, its pixels checked against `limits`
+    from the header, before decoding."""
     from PIL import ImageOps
 
     limits = limits or RequestLimits()
@@ -172,8 +156,8 @@ def decode_fitted(
             _check_pixels(image.size, image.mode, limits)
             image.load()
             return fit_image(ImageOps.exif_transpose(image), channels, (height, width))
-    except BadRequest:
-        raise  # a limit: already says what it is (and BadRequest is a ValueError)
+    except BadRequest:  # a ValueError that already says what it is
+        raise
     except BadImage as err:
         raise BadRequest(f"image: {err}") from err
     except (OSError, ValueError, SyntaxError) as err:  # Pillow's truncated or corrupt data

@@ -1,12 +1,7 @@
-"""Start and stop the served model on Ray Serve (the part of `flowray serve` that is not options).
+"""Start and stop the served model on Ray Serve, once Ray is connected (a local Ray or a cluster).
 
-    info = start(config)     # the model resolved here first, then Serve started and the app run
-    ...                      # requests at info.url + "/score"
-    stop(config, shutdown=True)
-
-Ray must be connected first (a local Ray or a cluster). The model is resolved on the driver before
-anything is deployed, so a reference that names nothing fails in seconds with the registry's
-aliases listed, instead of after Ray Serve's retries of a failing replica.
+The model is resolved on the driver before anything is deployed, so a reference that names
+nothing fails in seconds with the registry's aliases listed, not after Serve's retries.
 """
 
 from __future__ import annotations
@@ -21,8 +16,6 @@ __all__ = ["PortInUse", "ServingInfo", "check_model", "check_port_free", "start"
 
 
 class PortInUse(FlowrayError, ValueError):
-    """The HTTP port asked for is taken on this machine."""
-
     hint = "pass another --port, or stop what listens there"
 
 
@@ -36,7 +29,7 @@ class ServingInfo:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Raise PortInUse when `host:port` cannot be bound here (a local Ray's proxy would fail)."""
+    """Raise PortInUse when `host:port` cannot be bound here (a local Serve proxy would fail)."""
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
@@ -47,8 +40,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def check_model(config: ServeConfig) -> None:
-    """Resolve `config.model` here (needs no Ray): ModelNotFound, with the registry's aliases
-    listed, in seconds instead of from a replica that Ray Serve retries."""
+    """Resolve `config.model` here, with no Ray (ModelNotFound lists the registry's aliases)."""
     import mlflow
 
     from pipeline.batch.resolve import resolve_batch_model
@@ -59,8 +51,7 @@ def check_model(config: ServeConfig) -> None:
 
 def start(config: ServeConfig, model_checked: bool = False) -> ServingInfo:
     """Deploy `config`'s model as the Serve application `config.app_name`; returns once a
-    replica answers. `config.tracking_uri` must be resolved (replicas read it as given). The
-    model is checked first (`check_model`) unless the caller did."""
+    replica answers. `config.tracking_uri` must be resolved (replicas read it as given)."""
     from ray import serve
 
     from pipeline.serve.deployment import build_app
@@ -72,13 +63,8 @@ def start(config: ServeConfig, model_checked: bool = False) -> ServingInfo:
         build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False
     )
     health = handle.health.remote().result()
-    return ServingInfo(
-        config.url,
-        health["reference"],
-        health["model"],
-        health["version"],
-        tuple(health["image_shape"]),
-    )
+    shape = tuple(health["image_shape"])
+    return ServingInfo(config.url, health["reference"], health["model"], health["version"], shape)
 
 
 def stop(config: ServeConfig, shutdown: bool) -> None:

@@ -1,17 +1,12 @@
 """The Polyak (exponential moving) average of a model's weights: the model that is evaluated,
-checkpointed and shipped. Ray-free; the Ray Train worker loop and the benchmark suites share it.
-
-At update t (1-based) every floating parameter moves towards the trained one,
+checkpointed and shipped. At update t (1-based) every floating parameter moves towards the
+trained one,
 
     average <- average + (1 - d_t) * (current - average),    d_t = min(decay, (1 + t) / (10 + t)),
 
-so the warm-up keeps a short run from being dominated by its random start; buffers (ActNorm's
-`initialized` flag, fixed permutations) are copied as they are. decay = 0 turns averaging off:
-the average is then the latest weights.
-
-The update count t lives on the average's device, so that a training step that was skipped on
-the device (`applied` False) leaves the average and t as they were without the host reading
-anything: t and d_t are computed in float64 there, the same IEEE operations as in Python.
+so the warm-up keeps a short run from being dominated by its random start; buffers are copied.
+decay = 0 turns averaging off. The count t lives on the average's device (float64, the same IEEE
+operations as in Python), so a step skipped on the device leaves it with no host read.
 """
 
 from __future__ import annotations
@@ -28,16 +23,13 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def ema_decay(decay: float, updates: int) -> float:
-    """The decay used at update number `updates` (1-based): min(decay, (1 + t) / (10 + t))."""
     return min(decay, (1 + updates) / (10 + updates))
 
 
 class EMA(Generic[M]):
-    """An averaged copy of `model`, made where the model is now: create it after the model has
-    been moved to its device, so the copy shares its device and dtype (updates never move data).
-
-    Any module works (flowray's Flow, normflows' models in the benchmarks). `state_dict()` holds
-    the averaged weights and the update count, so a resumed run continues the same warm-up.
+    """An averaged copy of any `model`, made where the model is now: create it after the model
+    is on its device, so updates never move data. `state_dict()` holds the update count too, so
+    a resumed run continues the same warm-up.
     """
 
     def __init__(self, model: M, decay: float) -> None:
@@ -50,7 +42,6 @@ class EMA(Generic[M]):
 
     @property
     def updates(self) -> int:
-        """Updates applied so far (a host read of the device's count)."""
         return int(self.count)
 
     @updates.setter
@@ -59,14 +50,9 @@ class EMA(Generic[M]):
 
     @torch.no_grad()
     def update(self, model: M, applied: Tensor | None = None) -> None:
-        """One averaging step towards `model` (the module being trained, not a DDP wrapper).
-
-        With `applied` (a bool tensor on the device: the training step was applied), a False
-        leaves the average and the count as they were: the weight is 0, and `model`'s
-        parameters are then its previous, finite ones (`train_step` restored them), so
-        average + 0 * (current - average) is the average. No host read either way. On the CPU
-        the host reads the count and the verdict, which waits for nothing there, and the update
-        is one fused lerp with the weight as a Python number.
+        """One averaging step towards `model` (not a DDP wrapper). `applied` False (a bool tensor
+        on the device: the step was skipped) makes the weight 0, which leaves the average and
+        the count as they were with no host read. On the CPU the host reads them instead.
         """
         averages, currents = list(self.model.parameters()), list(model.parameters())
         if len(averages) != len(currents):
@@ -86,13 +72,8 @@ class EMA(Generic[M]):
         t = self.count + step  # the update number, were it applied
         weight = step * (1 - torch.clamp((1 + t) / (10 + t), max=self.decay))
         self.count.add_(step)
-        # One kernel per tensor with a device weight: the same arithmetic as lerp_ with the
-        # weight as a Python number (the float64 weight is rounded to the parameters' dtype, as
-        # a Python number is).
-        by_dtype: dict[torch.dtype, Tensor] = {}
-        for average in averages:
-            if average.dtype not in by_dtype:
-                by_dtype[average.dtype] = weight.to(average.dtype)
+        # The float64 weight rounded to each parameter's dtype, as a Python number would be.
+        by_dtype = {dtype: weight.to(dtype) for dtype in {a.dtype for a in averages}}
         torch._foreach_lerp_(
             averages, [c.detach() for c in currents], [by_dtype[a.dtype] for a in averages]
         )
@@ -106,6 +87,5 @@ class EMA(Generic[M]):
         return {"model": self.model.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Averaged weights (copied onto this copy's device and dtype) and the update count."""
         self.model.load_state_dict(state["model"])
         self.updates = int(state["updates"])

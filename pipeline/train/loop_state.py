@@ -1,11 +1,9 @@
 """The training loop's counting, Ray-free: steps, images, skipped steps, the history of bits/dim,
-when the last checkpoint and evaluation were, and the time left. `pipeline.train.worker` keeps one
-`LoopState` per worker and restores it from a checkpoint's `TrainState`.
+the last checkpoint and evaluation, and the time left.
 
 Steps are counted as they run (`record_outcome`), but their figures stay on the device until
-`settle` reads all of them at once (one host read): the skipped-step counts, the images seen, the
-history and the non-finite guard are then brought up to date, step by step, as if each had been
-read when it ran. The guard therefore stops a run at the first settle after its limit is reached.
+`settle` reads all of them at once and counts them step by step, as if each had been read when it
+ran. The non-finite guard therefore stops a run at the first settle after its limit is reached.
 """
 
 from __future__ import annotations
@@ -42,8 +40,8 @@ class NonFiniteLoss(FloatingPointError):
 
 @dataclass
 class LoopState:
-    """The step loop's counters and history: what a checkpoint restores besides the weights,
-    plus what this worker remembers between steps."""
+    """The step loop's counters and history: what a checkpoint restores besides the weights, and
+    what this worker remembers between steps."""
 
     step: int = 0
     images_seen: int = 0
@@ -74,7 +72,6 @@ class LoopState:
         )
 
     def saved(self, optimizer: dict[str, Any], rng: torch.Tensor, ema_updates: int) -> TrainState:
-        """The checkpoint's TrainState: these counters with the optimizer, RNG and EMA state."""
         return TrainState(
             step=self.step,
             images_seen=self.images_seen,
@@ -89,12 +86,10 @@ class LoopState:
         )
 
     def evaluated_at_step(self) -> bool:
-        """Whether the history holds a validation figure for the current step."""
         return any(int(step) == self.step for step, _ in self.history["validation"])
 
     def report_metrics(self) -> dict[str, float]:
-        """What `ray.train.report` carries: validation bits/dim only when evaluated at this step
-        (the key is left out otherwise, rather than reported as NaN)."""
+        """What `ray.train.report` carries: validation bits/dim only when evaluated at this step."""
         metrics: dict[str, float] = {"step": self.step, "skipped_steps": self.skipped_steps}
         if self.last_eval_step == self.step:
             metrics["val_bits_per_dim"] = self.val_bits_per_dim
@@ -102,14 +97,13 @@ class LoopState:
 
 
 def record_outcome(state: LoopState, outcome: StepOutcome) -> None:
-    """Count one finished step whose figures are still on the device (`settle` reads them)."""
     state.step += 1
     state.unread.append(outcome)
 
 
 def settle(state: LoopState, *, global_batch: int, max_skipped: int) -> StepMetrics | None:
     """Read the figures of the steps counted since the last settle (one host read) and count
-    them in order (skips, images, history, the non-finite guard); the last step's figures (None when there were none).
+    them in order; returns the last step's figures (None when there were none).
 
     Raises:
         NonFiniteLoss: `max_skipped` consecutive skipped steps, at the step that reached it.

@@ -1,14 +1,10 @@
 """What a rerun resumes from, read on the driver before Ray starts: the latest checkpoint's
 config (a changed model or data config is refused, naming the keys) and its epoch.
 
-Restored on resume: weights, EMA weights and update count, optimizer, step, image and skip
-counters, history, RNG, the epoch and the position inside it (`epoch_step`, the batches of the
-epoch consumed). The data order is a function of (seed, epoch) (pipeline.train.data_order): the
-resumed epoch's stream is the one the uninterrupted run read, and each worker skips the batches
-of it consumed before. With one worker that is exactly the uninterrupted run's batches; with
-several, which rows go to which worker is Ray's streaming split's choice, so the skipped rows are
-the right number but not necessarily the same rows. The dequantization noise generator restarts
-from seed, rank and step.
+A resume restores everything of `TrainState` and skips the batches of the epoch consumed before
+(pipeline.train.data_order). With one worker those are exactly the uninterrupted run's batches;
+with several, Ray's streaming split chooses which rows go to which worker, so the right number
+of rows is skipped but not necessarily the same rows.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ __all__ = [
 ]
 
 # Keys that may change between a run and its resume: budgets, cadences, where things are logged
-# or stored, and test hooks. Everything else (model, data, optim, batch, seeds, ...) must match.
+# or stored, and the test hooks older checkpoints' configs hold. Everything else must match.
 MAY_CHANGE = (
     "max_minutes",
     "max_steps",
@@ -50,7 +46,6 @@ MAY_CHANGE = (
     "scaling.placement_strategy",
 )
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -63,9 +58,8 @@ def _may_change(key: str) -> bool:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ (or exist on one side only), the keys in MAY_CHANGE left
-    out. A key on one side only counts at its default: a checkpoint written before a setting
-    existed (optim.schedule, say) resumes under that setting's default."""
+    """Dotted keys whose values differ, the keys in MAY_CHANGE left out. A key on one side only
+    counts at its default, so a checkpoint without a newer setting resumes under its default."""
     from pipeline.train.config import TrainConfig
 
     defaults = flatten(TrainConfig().to_dict())
@@ -80,8 +74,6 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 @dataclass(frozen=True)
 class SavedRun:
-    """The latest checkpoint of a run: where it is, its config and how far it got."""
-
     path: str
     config: dict[str, Any]
     step: int
@@ -90,11 +82,8 @@ class SavedRun:
 
 def latest_saved_run(run_url: str, storage: StorageConfig | None = None) -> SavedRun | None:
     """The newest complete `checkpoint_<timestamp>` under `run_url` (Ray Train's names sort by
-    time), or None for a run that has none yet.
-
-    A folder that a kill left half-written (`checkpoint_problem`, or files that do not load) is
-    skipped with a warning naming what is wrong, for the previous one: Ray Train registers a
-    checkpoint only once it is copied whole, so the previous one is also the one it restores.
+    time), or None. A half-written folder is skipped with a warning naming what is wrong, for the
+    previous one, which is also the one Ray Train restores (it registers only whole copies).
     """
     fs, path = fsspec_filesystem(run_url, storage)
     entries = fs.glob(f"{path.rstrip('/')}/checkpoint_*", detail=True)
@@ -126,12 +115,11 @@ def _read_saved_run(fs: Any, directory: str) -> SavedRun:
         path=directory,
         config=json.loads(fs.cat_file(f"{directory}/train_config.json")),
         step=int(raw["step"]),
-        epoch=int(raw.get("epoch", 0)),  # checkpoints from before the epoch was saved: 0
+        epoch=int(raw.get("epoch", 0)),
     )
 
 
 def check_resume(saved: SavedRun, current: dict[str, Any]) -> None:
-    """Refuses a rerun whose config differs from the checkpoint's in keys that cannot change."""
     differences = config_differences(saved.config, current)
     if differences:
         old, new = flatten(saved.config), flatten(current)
