@@ -7,6 +7,7 @@ the dotted key of an unknown key or wrong type.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,7 +55,7 @@ def preset_path(name_or_path: str) -> Path:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides to a nested dict (copied); values parse as YAML scalars."""
-    result = _copy(data)
+    result = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -75,10 +76,6 @@ def _set(data: dict[str, Any], key: str, value: Any, source: str) -> None:
             )
         node = child
     node[parts[-1]] = value
-
-
-def _copy(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
 def load_config(

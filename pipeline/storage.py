@@ -283,32 +283,35 @@ def _storage_error(url: str, storage: StorageConfig | None, err: BaseException) 
             "or use anonymous access for public buckets",
             exit_code=_USAGE,
         )
-    if any(
-        s in text
-        for s in (
-            "EndpointConnectionError",
-            "Could not connect",
-            "Connect call failed",
-            "ClientConnectorError",
-            "Cannot connect",
-        )
-    ):
+    if any(s in text for s in _UNREACHABLE):
         return StorageError(
             f"S3 endpoint {storage.endpoint_url or 'aws'} is unreachable ({url})",
             hint="start it (make s3-up) or pass the right --endpoint-url / AWS_ENDPOINT_URL",
         )
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        bucket = _s3_path(url).split("/", 1)[0] if is_s3(url) else url
-        return StorageError(
-            f"bucket {bucket!r} does not exist at {storage.describe()}",
-            hint="create it first, or check the URL",
-            exit_code=_USAGE,
-        )
+        return _no_bucket(_s3_path(url).split("/", 1)[0] if is_s3(url) else url, storage)
     if isinstance(err, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text:
         return StorageError(
             f"access denied to {url} ({name})", hint="check the credentials and the bucket policy"
         )
     return StorageError(f"cannot access {url}: {text}")
+
+
+_UNREACHABLE = (
+    "EndpointConnectionError",
+    "Could not connect",
+    "Connect call failed",
+    "ClientConnectorError",
+    "Cannot connect",
+)
+
+
+def _no_bucket(bucket: str, storage: StorageConfig | None) -> StorageError:
+    return StorageError(
+        f"bucket {bucket!r} does not exist at {(storage or StorageConfig()).describe()}",
+        hint="create it first, or check the URL",
+        exit_code=_USAGE,
+    )
 
 
 def check_access(url: str, storage: StorageConfig | None = None) -> None:
@@ -323,11 +326,7 @@ def check_access(url: str, storage: StorageConfig | None = None) -> None:
         try:
             fs.ls(bucket, detail=False)
         except FileNotFoundError as err:
-            raise StorageError(
-                f"bucket {bucket!r} does not exist at {(storage or StorageConfig()).describe()}",
-                hint="create it first, or check the URL",
-                exit_code=_USAGE,
-            ) from err
+            raise _no_bucket(bucket, storage) from err
 
 
 def exists(url: str, storage: StorageConfig | None = None) -> bool:

@@ -116,12 +116,6 @@ class Manifest:
     skipped_inputs: int = 0  # source images that could not be decoded (on_error="skip")
     format: str = FORMAT
 
-    def shard(self, name: str) -> ShardInfo:
-        for info in self.shards:
-            if info.name == name:
-                return info
-        raise KeyError(f"no shard {name!r} in the manifest of split {self.split!r}")
-
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
