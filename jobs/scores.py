@@ -174,8 +174,9 @@ def _drift(args: argparse.Namespace) -> int:
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
     calibration = load_calibration(name, version)
-    if calibration is None:
-        print(drift_unknown(name, version, registered=True))
+    problem = calibration.problem() if calibration is not None else ""
+    if calibration is None or problem:
+        print(drift_unknown(name, version, True, problem))
         return 0
     files, what = None, "every file"
     if args.run:

@@ -53,6 +53,7 @@ __all__ = [
     "calibrate_flow",
     "flags",
     "ks_2samp",
+    "ood_score_definition",
     "verdict",
 ]
 
@@ -86,6 +87,16 @@ class Calibration:
     bits_std: float
     quantile: float = DEFAULT_QUANTILE  # the default flag quantile
     source: dict[str, Any] = field(default_factory=dict)
+
+    def problem(self) -> str:
+        """Why these values cannot judge today's scores ("" when they can): they were made with
+        another ood_score formula than the one pipeline.model.scores computes now."""
+        made, now = self.source.get("ood_score", ""), ood_score_definition()
+        if made == now:
+            return ""
+        return (
+            f"was made with ood_score {made or '(unnamed)'}, scoring computes {now or '(unnamed)'}"
+        )
 
     def threshold(self, quantile: float | None = None) -> float:
         """t_q: the `quantile` (default `self.quantile`) of the validation ood_score."""
@@ -191,8 +202,16 @@ def calibrate_flow(
         ood.append(scores["ood_score"])
     if not bits:
         raise ValueError("calibration: expected images to score, found none")
-    made = {"seed": seed, "draws": draws, **(source or {})}
+    made = {"seed": seed, "draws": draws, "ood_score": ood_score_definition(), **(source or {})}
     return calibrate(np.concatenate(bits), np.concatenate(ood), source=made)
+
+
+def ood_score_definition() -> str:
+    """The name pipeline.model.scores gives its ood_score formula (`OOD_SCORE`; "" while it names
+    none): a calibration holds ood_scores of one formula only."""
+    from pipeline.model import scores
+
+    return str(getattr(scores, "OOD_SCORE", ""))
 
 
 def _batches(rows: Iterable[dict[str, Any]], limit: int, size: int) -> Iterator[list[dict]]:

@@ -113,7 +113,7 @@ from pipeline.batch.scoring.output import (
     remove_files,
     shard_file,
 )
-from pipeline.batch.scoring.report import ScoreStats, report
+from pipeline.batch.scoring.report import ScoreStats, drift_unknown, report
 from pipeline.data.inputs import InputPlan, resolve_input
 from pipeline.data.tally import SkipTally
 from pipeline.model.calibration import Calibration, DropTally
@@ -159,6 +159,7 @@ class _Plan:
     changed: int = 0  # foreign shards rewritten since their file was written
     orphans: tuple[str, ...] = ()  # files of shards the input no longer lists
     calibration: Calibration | None = None  # the model version's (registry), if it has one
+    unknown: str = ""  # the verdict line without one ("drift: unknown (...)")
 
     @property
     def already_done(self) -> int:
@@ -255,11 +256,18 @@ def _plan(config: ScoreConfig) -> _Plan:
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     model = resolve_batch_model(config.model)
-    calibration = None
-    if config.model.startswith("models:/"):
+    calibration, registered = None, config.model.startswith("models:/")
+    if registered:
         from pipeline.tracking.registry import load_calibration
 
         calibration = load_calibration(model.name, model.version)
+    problem = calibration.problem() if calibration is not None else ""
+    unknown = drift_unknown(model.name, model.version, registered, problem)
+    if calibration is not None and not problem:  # the verdict's line, unless nothing is scored
+        unknown = "drift: unknown (no images scored in this run)"
+    if problem:
+        logger.warning("%s", unknown)
+        calibration = None
     manifest = source.manifest
     if manifest is not None and tuple(manifest.shape) != model.image_shape:
         raise ScoreError(
@@ -307,6 +315,7 @@ def _plan(config: ScoreConfig) -> _Plan:
         changed=changed,
         orphans=orphan_files(names, {ref.stem for ref in source.shards}),
         calibration=calibration,
+        unknown=unknown,
     )
     logger.info(
         "listed %d shards in %.2f s: %d new, %d changed, %d already done",
@@ -461,4 +470,5 @@ def _result(plan: _Plan, collected: _Collected) -> ScoreResult:
         shards_new=plan.new,
         shards_changed=plan.changed,
         files_written=collected.files,
+        drift=plan.unknown,
     )

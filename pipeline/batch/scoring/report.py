@@ -165,8 +165,10 @@ def report(
     if calibration is not None and drop is not None and drop.count:
         drift = verdict(calibration, drop, config.flag_quantile)
         metrics |= drift.metrics()
-    level, line = (drift.level, drift.line()) if drift else ("unknown", _unknown(config, result))
-    result = dataclasses.replace(result, drift_level=level, drift=line)
+        result = dataclasses.replace(result, drift_level=drift.level, drift=drift.line())
+    elif not result.images_scored:
+        result = dataclasses.replace(result, drift="drift: unknown (no images scored in this run)")
+    level, line = result.drift_level, result.drift
     if stats.non_finite:
         logger.warning(
             "%d of %d images have a non-finite bits/dim (kept as such in the files, ranked least "
@@ -205,21 +207,16 @@ def report(
     return dataclasses.replace(result, summary_url=summary_url, mlflow_run_id=run_id)
 
 
-def drift_unknown(name: str, version: str, registered: bool) -> str:
-    """The verdict line of a model version without a calibration."""
+def drift_unknown(name: str, version: str, registered: bool, problem: str = "") -> str:
+    """The verdict line of a model version without a usable calibration (`problem`: what is
+    wrong with the one it has, `Calibration.problem`)."""
     if not registered:
         return "drift: unknown (a model outside the registry has no calibration)"
+    what = f"its calibration {problem}" if problem else "model version has no calibration"
     return (
-        f"drift: unknown (model version has no calibration: run flowray models calibrate {name} "
-        f"{version} --data <its validation split>)"
+        f"drift: unknown ({what}: run flowray models calibrate {name} {version} --data <its "
+        "validation split>)"
     )
-
-
-def _unknown(config: ScoreConfig, result: ScoreResult) -> str:
-    if not result.images_scored:
-        return "drift: unknown (no images scored in this run)"
-    registered = config.model.startswith("models:/")
-    return drift_unknown(result.model_name, result.model_version, registered)
 
 
 def _drift_histogram(

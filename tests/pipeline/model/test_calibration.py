@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,6 +18,7 @@ from pipeline.model.calibration import (
     calibrate,
     flags,
     ks_2samp,
+    ood_score_definition,
     verdict,
 )
 
@@ -167,3 +169,14 @@ def test_the_ks_sample_is_bounded_and_drawn_from_the_whole_drop() -> None:
         drop.add(values, values)
     assert len(drop.sample) == 100 and drop.count == 1000
     assert (drop.sample < 500).sum() > 25 and (drop.sample >= 500).sum() > 25
+
+
+def test_a_calibration_of_another_ood_score_formula_says_so() -> None:
+    now = ood_score_definition()
+    same = dataclasses.replace(validation(), source={"ood_score": now})
+    other = dataclasses.replace(validation(), source={"ood_score": now + "-older"})
+    assert same.problem() == ""
+    assert (
+        other.problem()
+        == f"was made with ood_score {now}-older, scoring computes {now or '(unnamed)'}"
+    )
