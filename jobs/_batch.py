@@ -1,5 +1,5 @@
-"""What the batch entry points (score, sample, models) share: the Ray connection, a GPU check
-for a local Ray and a quick tracking-server check."""
+"""What the batch entry points share: the Ray connection, a GPU check for a local Ray and a quick
+tracking-server check."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ __all__ = ["check_local_gpus", "check_tracking_server", "connect_ray"]
 
 
 def connect_ray(address: str | None, verbose: bool = False) -> None:
-    """Join `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a local Ray here
-    (with Ray's lines a user cannot act on off unless `verbose`, as `flowray train` does)."""
+    """Join `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a quiet local Ray."""
     import ray
 
     if ray.is_initialized():
@@ -36,9 +35,8 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
 
 
 def check_local_gpus(option: str, requested: float, address: str | None) -> None:
-    """A local Ray gets this machine's GPUs: asking for more fails here, naming the fix, instead
-    of leaving the job's actors or tasks waiting for ever on a GPU that is not there. A cluster
-    joined by address is not checked: its autoscaler may add GPU nodes on demand."""
+    """Asking a local Ray for more GPUs than this machine has fails here, instead of leaving tasks
+    waiting for ever; a cluster is not checked (its autoscaler may add GPU nodes)."""
     if requested <= 0 or address or os.environ.get("RAY_ADDRESS"):
         return
     import torch
@@ -54,10 +52,8 @@ def check_local_gpus(option: str, requested: float, address: str | None) -> None
 
 
 def check_tracking_server(uri: str, timeout: float = 3.0) -> None:
-    """Fail in seconds, not after minutes of MLflow retries, when a tracking server is down.
-
-    A `user:password@` in the URI is sent as HTTP basic auth, as MLflow does, never as part of
-    the host name."""
+    """Fail in seconds, not after minutes of MLflow retries, when a tracking server is down; a
+    `user:password@` in the URI is sent as HTTP basic auth, as MLflow does."""
     if not uri.startswith(("http://", "https://")):
         return
     parts = urllib.parse.urlsplit(uri)

@@ -101,7 +101,6 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _connect(address: str | None) -> None:
-    """A cluster (`address`, $RAY_ADDRESS), else a local Ray with this machine's CPUs."""
     import ray
 
     if ray.is_initialized():

@@ -1,8 +1,5 @@
-"""The base of every error a user can fix: `FlowrayError` (message + hint).
-
-Defined in flowmodel.errors, so that flowmodel's ConfigError can derive from it without flowmodel
-importing pipeline; this is the same class, re-exported where pipeline code looks for it.
-"""
+"""`FlowrayError` (message + hint), the base of every error a user can fix; defined in
+flowmodel.errors so that flowmodel's ConfigError derives from it without importing pipeline."""
 
 from __future__ import annotations
 

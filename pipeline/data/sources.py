@@ -18,6 +18,7 @@ import bisect
 import functools
 import gzip
 import io
+import itertools
 import logging
 import os
 import tarfile
@@ -461,10 +462,7 @@ class WebDatasetSource:
         self.has_labels = bool(census) and all(c.labelled for c in census)
         # Index layout: per shard its samples, then one index for its damage when it has any;
         # then one index per missing shard.
-        sizes = [c.count + (1 if c.damage else 0) for c in census]
-        self._starts = [0]
-        for n in sizes:
-            self._starts.append(self._starts[-1] + n)
+        self._starts = [0, *itertools.accumulate(c.count + bool(c.damage) for c in census)]
         self._total = self._starts[-1] + len(self.plan.missing)
         self.description, self.classes = f"webdataset:{spec}#{self.plan.digest()}", None
 
