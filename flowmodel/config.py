@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,10 +15,10 @@ __all__ = ["FlowConfig"]
 class FlowConfig:
     """Architecture of a Glow-style multiscale flow.
 
-    Each level squeezes (C, H, W) -> (4C, H/2, W/2), runs `steps_per_level` steps of
-    ActNorm -> invertible 1x1 conv -> coupling, then factors out half of the channels under a
-    learned conditional Gaussian prior (the last level keeps everything under a learned
-    unconditional prior). So H and W must be divisible by 2**levels.
+    Each level squeezes (C, H, W) -> (4C, H/2, W/2), runs `steps_per_level` steps of ActNorm ->
+    invertible 1x1 conv -> coupling, then factors out half of the channels under a learned
+    conditional Gaussian prior (the last level keeps all under a learned prior), so H and W must
+    be divisible by 2**levels.
 
     Attributes:
         image_shape: (C, H, W) of the uint8 images.
@@ -34,18 +35,14 @@ class FlowConfig:
         logit_alpha: alpha of the logit preprocessing, in [0, 0.5).
         scale_clamp: affine log-scales are soft-clamped to (-scale_clamp, scale_clamp) with tanh.
         split_clamp: soft-clamps the split priors' log-sigmas to (-split_clamp, split_clamp) with
-            tanh, as scale_clamp does for the couplings; None (the default, and what every model
-            saved before the field existed was trained with): unbounded. An option, not the
-            default, because the clamp costs the demo model bits/dim (docs/model.md, "Where the
-            model can overflow": what it guards against, and what it does not).
+            tanh, as scale_clamp does for the couplings; None: unbounded. Not the default: it
+            costs the demo model bits/dim (docs/model.md, "Where the model can overflow").
         conditioner: the coupling networks: "conv" (3x3 conv, 1x1 convs, zero 3x3 conv; ReLU) or
             "gated_resnet" (3x3 conv, `coupling_depth` gated residual blocks, zero 3x3 conv; Flow++,
-            Ho et al. 2019, section 3.3). The default builds the same parameters as before the
-            field existed, so every saved model loads.
+            Ho et al. 2019, section 3.3).
         dequantization: "uniform" (y = (x + eps) / 2**n_bits, eps ~ U[0, 1)) or "variational":
-            the flow's first layer reshapes eps inside each integer cell with a learned monotone
-            map conditioned on x (Flow++, section 3.1), see flowmodel.dequantization. The
-            reported bits/dim stay an upper bound on -log2 P(x) / D either way.
+            a learned monotone map of eps inside each integer cell, conditioned on x (Flow++,
+            section 3.1; flowmodel.dequantization). The bits/dim stay an upper bound either way.
     """
 
     image_shape: tuple[int, int, int] = (1, 28, 28)
@@ -99,8 +96,7 @@ class FlowConfig:
     @property
     def dims(self) -> int:
         """D = C * H * W, the number of dimensions that bits/dim divides by."""
-        channels, height, width = self.image_shape
-        return channels * height * width
+        return math.prod(self.image_shape)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -11,18 +11,13 @@ with g(.; x) a monotone bijection of [0, 1] onto itself conditioned on the whole
 in u (Mueller et al. 2019, "Neural importance sampling", section 3.1). Its derivative on bin k is
 K w_k, so log|det dy'/dy| = sum log(K w_k): the 1/L and L of the two scalings cancel.
 
-Why the bits/dim stay an honest bound for the same discrete model. Let T be this map and p the
-density of the rest of the flow, so the whole flow's density is p_T(y) = p(T(y)) |det T'(y)|.
-T maps each integer cell [x, x + 1) / L onto itself, so the mass of cell x under p_T is
-integral_cell p(T(y)) |det T'(y)| dy = integral_cell p(y') dy' = P(x), the cell mass of p itself.
-The uniform-dequantization bound the flow reports, E_eps[-log p_T(y)] - D ln L >= -log P(x)
-(Jensen; Theis et al. 2016), is therefore a bound on -log P(x) for P the discrete model of p.
-Written in u it is Flow++'s variational bound: with q(u | x) the pushforward of U[0, 1)^D by g,
-q(u | x) = 1 / prod g'(eps), so -log p_T(y) = -log p(y') + log q(u | x) up to the same D ln L, and
-E_eps[...] = E_q[-log p((x + u) / L) L^-D + log q(u | x)] >= -log P(x). Every Jacobian is counted;
-the importance-weighted bound over K noise draws stays valid for the same reason. Unlike Flow++'s
-q, this one is factorised over elements given x (g acts element-wise; only its parameters see
-the neighbourhood of x): cheaper, and it still removes the uniform noise's worst waste.
+Why the bits/dim stay an honest bound. Let p be the density of the rest of the flow, so the whole
+flow's is p_T(y) = p(T(y)) |det T'(y)|. T maps each integer cell onto itself, so the mass of cell
+x under p_T is the cell mass P(x) of p itself, and the uniform-dequantization bound the flow
+reports, E_eps[-log p_T(y)] - D ln L >= -log P(x) (Jensen; Theis et al. 2016), bounds -log P(x).
+In u it is Flow++'s variational bound with q(u | x) = 1 / prod g'(eps); the importance-weighted
+bound over K draws holds for the same reason. Unlike Flow++'s q, this one is factorised over
+elements given x: cheaper, and it still removes the uniform noise's worst waste.
 
 Float32 cell edges: y L is exact (L is a power of two), so floor and frac are exact; x + u can
 round up to x + 1 when u is within an ulp of 1, so y' is clamped to the largest float below the

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.images import BadImage, ImageLimits, fit_image, open_image
+from pipeline.data.images import BadImage, ImageLimits, open_image
+from pipeline.data.images import decode_fitted as decode_fitted_image
 from pipeline.errors import FlowrayError
 from pipeline.model.pyfunc import as_uint8_images, image_keys
 from pipeline.serve.config import RequestLimits
@@ -144,24 +145,18 @@ def parse_request(
 def decode_fitted(
     data: bytes, shape: Sequence[int], limits: RequestLimits | None = None
 ) -> np.ndarray:
-    """Encoded image bytes as uint8 [C, H, W] in `shape`, its pixels checked against `limits`
-    from the header, before decoding."""
-    from PIL import ImageOps
-
+    """Encoded image bytes as uint8 [C, H, W] in `shape` (`images.decode_fitted`, prepare's
+    path), its pixels checked against `limits` from the header, before decoding."""
     limits = limits or RequestLimits()
     channels, height, width = shape
+    # Pillow's own bomb check stays; the pixel limit is this server's (`_check_pixels`).
+    unlimited = ImageLimits(max_pixels=2**62, max_bytes=len(data) or 1)
     try:
-        # Pillow's own bomb check stays; the pixel limit is this server's, checked below.
-        with open_image(data, ImageLimits(max_pixels=2**62, max_bytes=len(data) or 1)) as image:
+        with open_image(data, unlimited) as image:
             _check_pixels(image.size, image.mode, limits)
-            image.load()
-            return fit_image(ImageOps.exif_transpose(image), channels, (height, width))
-    except BadRequest:  # a ValueError that already says what it is
-        raise
+        return decode_fitted_image(data, channels, (height, width), unlimited).pixels
     except BadImage as err:
         raise BadRequest(f"image: {err}") from err
-    except (OSError, ValueError, SyntaxError) as err:  # Pillow's truncated or corrupt data
-        raise BadRequest(f"image: cannot decode image: {err}") from err
 
 
 def _check_pixels(size: tuple[int, int], mode: str, limits: RequestLimits) -> None:

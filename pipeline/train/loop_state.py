@@ -9,7 +9,7 @@ ran. The non-finite guard therefore stops a run at the first settle after its li
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 NONFINITE_STOP = "nonfinite_stop"  # the report key that carries a non-finite stop to the driver
+# What LoopState and a checkpoint's TrainState share: every TrainState field but these three.
+COUNTERS = [f.name for f in fields(TrainState) if f.name not in ("optimizer", "rng", "ema_updates")]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -60,30 +62,12 @@ class LoopState:
 
     @classmethod
     def resumed(cls, saved: TrainState) -> LoopState:
-        return cls(
-            step=saved.step,
-            images_seen=saved.images_seen,
-            skipped_steps=saved.skipped_steps,
-            history=saved.history,
-            last_checkpoint_step=saved.step,
-            epoch=saved.epoch,
-            elapsed_seconds=saved.elapsed_seconds,
-            epoch_step=saved.epoch_step,
-        )
+        counters = {name: getattr(saved, name) for name in COUNTERS}
+        return cls(**counters, last_checkpoint_step=saved.step)
 
     def saved(self, optimizer: dict[str, Any], rng: torch.Tensor, ema_updates: int) -> TrainState:
-        return TrainState(
-            step=self.step,
-            images_seen=self.images_seen,
-            skipped_steps=self.skipped_steps,
-            optimizer=optimizer,
-            rng=rng,
-            history=self.history,
-            ema_updates=ema_updates,
-            epoch=self.epoch,
-            elapsed_seconds=self.elapsed_seconds,
-            epoch_step=self.epoch_step,
-        )
+        counters = {name: getattr(self, name) for name in COUNTERS}
+        return TrainState(**counters, optimizer=optimizer, rng=rng, ema_updates=ema_updates)
 
     def evaluated_at_step(self) -> bool:
         return any(int(step) == self.step for step, _ in self.history["validation"])

@@ -90,12 +90,12 @@ class RunLogger:
         finite = [
             Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))
         ]
-        self._sender.put_metrics(finite)
+        self._sender.put(finite)
 
     def image(self, image: np.ndarray, key: str, step: int) -> None:
         """Queues an RGB uint8 image under `key` at `step`."""
         if self._sender is not None:
-            self._sender.put_image((image, key, step))
+            self._sender.put([(image, key, step)], images=True)
 
     def flush(self, timeout: float = CLOSE_SECONDS) -> bool:
         """Waits until the queue is sent or `timeout` passes; True when sent."""
@@ -138,30 +138,25 @@ class _Sender:
             self.thread = threading.Thread(target=self._run, name="flowray-mlflow", daemon=True)
             self.thread.start()
 
-    def put_metrics(self, metrics: list[Any]) -> None:
+    def put(self, items: list[Any], images: bool = False) -> None:
+        """Queues metrics (or images), dropping the oldest past the queue's bound."""
+        queue = self.images if images else self.metrics
         with self.condition:
             if self.closing:
-                self.dropped_metrics += len(metrics)
-                return
-            self.metrics.extend(metrics)
-            excess = len(self.metrics) - MAX_BUFFERED_METRICS
-            for _ in range(max(excess, 0)):
-                self.metrics.popleft()
-            self.dropped_metrics += max(excess, 0)
-            self._start()
-            self.condition.notify_all()
-
-    def put_image(self, item: tuple[np.ndarray, str, int]) -> None:
-        with self.condition:
-            if self.closing:
-                self.dropped_images += 1
-                return
-            self.images.append(item)
-            if len(self.images) > MAX_BUFFERED_IMAGES:
-                self.images.popleft()
-                self.dropped_images += 1
-            self._start()
-            self.condition.notify_all()
+                dropped = len(items)
+            else:
+                queue.extend(items)
+                dropped = max(
+                    len(queue) - (MAX_BUFFERED_IMAGES if images else MAX_BUFFERED_METRICS), 0
+                )
+                for _ in range(dropped):
+                    queue.popleft()
+                self._start()
+                self.condition.notify_all()
+            if images:
+                self.dropped_images += dropped
+            else:
+                self.dropped_metrics += dropped
 
     def queued(self) -> int:
         with self.condition:
