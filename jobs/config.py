@@ -19,7 +19,7 @@ import logging
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from flowmodel.typed import field_docs
@@ -32,6 +32,7 @@ __all__ = [
     "add_config_options",
     "add_verbose_argument",
     "config_flags",
+    "config_parser",
     "config_from_args",
     "job_parser",
     "setup_logging",
@@ -75,6 +76,27 @@ def job_parser(prog: str, description: str, **kwargs: Any) -> argparse.ArgumentP
         allow_abbrev=False,
         **kwargs,
     )
+
+
+def config_parser(
+    prog: str,
+    description: str,
+    cls: type,
+    *,
+    flags: Mapping[str, Sequence[str]] | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    address: str = "",
+) -> argparse.ArgumentParser:
+    """The parser of a job with a flat config: --config/--set, a flag per field of `cls`, the
+    job's `extra` options, then --address and -v."""
+    parser = job_parser(prog, description)
+    add_config_arguments(parser, None)
+    add_config_options(parser, cls, flags=flags)
+    if extra is not None:
+        extra(parser)
+    add_address_argument(parser, address)
+    add_verbose_argument(parser)
+    return parser
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:

@@ -17,15 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from jobs.config import (
-    add_address_argument,
-    add_config_arguments,
-    add_config_options,
-    add_verbose_argument,
-    config_from_args,
-    job_parser,
-    setup_logging,
-)
+from jobs.config import config_from_args, config_parser, setup_logging
 from jobs.errors import run_main
 from pipeline.data.images import ImageLimits
 from pipeline.data.shards import PrepareResult, ShardEvent, prepare
@@ -142,16 +134,13 @@ class PrepareConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = job_parser(
+    return config_parser(
         "flowray prepare",
         "Write WebDataset image shards and a manifest per split "
         "(<output>/<split>/shard-NNNNNN.tar, manifest.json).",
+        PrepareConfig,
+        address="for --tasks > 0",
     )
-    add_config_arguments(parser, None)
-    add_config_options(parser, PrepareConfig)
-    add_address_argument(parser, "for --tasks > 0")
-    add_verbose_argument(parser)
-    return parser
 
 
 def print_progress(event: ShardEvent) -> None:

@@ -12,15 +12,7 @@ import argparse
 import sys
 
 from jobs._batch import check_local_gpus, check_tracking_server, connect_ray
-from jobs.config import (
-    add_address_argument,
-    add_config_arguments,
-    add_config_options,
-    add_verbose_argument,
-    config_from_args,
-    job_parser,
-    setup_logging,
-)
+from jobs.config import config_from_args, config_parser, setup_logging
 from jobs.errors import run_main
 
 PROG = "flowray sample"
@@ -29,14 +21,8 @@ PROG = "flowray sample"
 def parser() -> argparse.ArgumentParser:
     from pipeline.batch.sampling import SampleConfig
 
-    p = job_parser(
-        PROG, "Generate images with Ray tasks into PNG WebDataset shards + manifest + grid."
-    )
-    add_config_arguments(p, None)
-    add_config_options(p, SampleConfig, flags={"n": ("-n", "--num")})
-    add_address_argument(p)
-    add_verbose_argument(p)
-    return p
+    description = "Generate images with Ray tasks into PNG WebDataset shards + manifest + grid."
+    return config_parser(PROG, description, SampleConfig, flags={"n": ("-n", "--num")})
 
 
 def main(argv: list[str] | None = None) -> int:

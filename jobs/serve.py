@@ -20,15 +20,7 @@ import threading
 from dataclasses import replace
 
 from jobs._batch import check_tracking_server
-from jobs.config import (
-    add_address_argument,
-    add_config_arguments,
-    add_config_options,
-    add_verbose_argument,
-    config_from_args,
-    job_parser,
-    setup_logging,
-)
+from jobs.config import config_from_args, config_parser, setup_logging
 from jobs.errors import UserError, run_main
 
 PROG = "flowray serve"
@@ -37,23 +29,22 @@ PROG = "flowray serve"
 def parser() -> argparse.ArgumentParser:
     from pipeline.serve.config import ServeConfig
 
-    p = job_parser(
+    def detach(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--detach",
+            action="store_true",
+            help="deploy to the cluster (--address) and return, leaving the application running",
+        )
+
+    return config_parser(
         PROG,
         "Serve a registered flow on Ray Serve: POST a PNG/JPEG image, or JSON integer pixels, to "
         "<url>/score for its log-likelihood, bits/dim and OOD score (the score job's figures); "
         "GET <url>/health names the version answering. Requests are batched; a "
         "models:/<name>@<alias> model reloads when the alias moves.",
+        ServeConfig,
+        extra=detach,
     )
-    add_config_arguments(p, None)
-    add_config_options(p, ServeConfig)
-    p.add_argument(
-        "--detach",
-        action="store_true",
-        help="deploy to the cluster (--address) and return, leaving the application running",
-    )
-    add_address_argument(p)
-    add_verbose_argument(p)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
