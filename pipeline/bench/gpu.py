@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -169,7 +170,7 @@ class Report:
         """Floats formatted (None or NaN: "-"), strings as they are."""
         cells = [(rate, ",.0f"), (bits, ".4f"), (syncs, ".2f")]
         text = [
-            v if isinstance(v, str) else "-" if v is None or v != v else format(v, f)
+            v if isinstance(v, str) else format(v, f) if v is not None and math.isfinite(v) else "-"
             for v, f in cells
         ]
         row = [what, *text, note]
@@ -266,7 +267,9 @@ def start(
         ids = [device] if device.type == "cuda" else None
         wrap = lambda placed: DistributedDataParallel(placed, device_ids=ids)  # noqa: E731
     if option.compile:
-        torch._dynamo.reset()  # each option compiles its own step
+        from torch import _dynamo
+
+        _dynamo.reset()  # each option compiles its own step
     training = start_training(flow, config, device, wrap=wrap)
     if option.fused_adam:
         training.optimizer = torch.optim.Adam(
@@ -331,8 +334,9 @@ def option_phase(
     settings: Settings,
     report: Report,
     left: Callable[[], float],
-) -> Training | None:
-    """A row per option (n/a, not run, failed or measured); the eager baseline's Training."""
+) -> Iterator[str]:
+    """A row per option (n/a, not run, failed or measured), yielding after each; returns the
+    eager baseline's Training (None if it did not run)."""
     kept = None
     for option in options:
         name, compiled = f"train {option.name}", option.compile is not None
@@ -351,6 +355,7 @@ def option_phase(
             if done is not None:
                 option_row(name, option, *done, report)
                 kept = done[0] if option.name == "eager" else kept
+        yield name
     return kept
 
 
@@ -506,7 +511,8 @@ def score_phase(flow: Flow, settings: Settings, report: Report) -> None:
         "equal to the CPU's, bit for bit",
     )
     report.figures.update({"score_fp32": rate, "raw_forward_fp32": raw, "score_bf16": rate_bf16})
-    one = partial(predict_frame, flow, images[:batch], keys[:batch], 0, 1)
+    first = images[:batch]
+    one = partial(predict_frame, flow, first, [f"one-{i}" for i in range(len(first))], 0, 1)
     profile(f"scoring batch of {batch}", one, device, settings.profile_rows, report)
 
 
@@ -594,9 +600,16 @@ def checkpoint_phase(
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        driver = torch.cuda.get_device_properties(device)
-        where = f"{name} ({driver.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        try:
+            driver = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            driver = ""
+        where = (
+            f"{torch.cuda.get_device_name(device)} ({memory:.0f} GiB), driver "
+            f"{(driver.split() or ['unknown'])[0]}, CUDA {torch.version.cuda}"
+        )
     else:
         where = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     return f"{where}; torch {torch.__version__}; Python {platform.python_version()}"
@@ -646,8 +659,9 @@ def phases(settings: Settings, report: Report) -> Iterator[str]:
         return
     left = lambda: settings.budget_s - (time.perf_counter() - started)  # noqa: E731
     options = chosen(settings)
-    training = option_phase([o for o in options if not o.compile], data, settings, report, left)
-    yield "train"
+    training = yield from option_phase(
+        [o for o in options if not o.compile], data, settings, report, left
+    )
     if training is not None:
         batch = torch.from_numpy(data["train"][: config.batch_size]).to(device)
         step = lambda: run_step(training, config, batch, 0).read()  # noqa: E731 (one read, as the worker's)
@@ -658,8 +672,7 @@ def phases(settings: Settings, report: Report) -> Iterator[str]:
         guarded(report, "sample", sample_phase, training.ema.model, settings, report)
         guarded(report, "checkpoint", checkpoint_phase, training, data, settings, report)
         yield "sample and checkpoint"
-    option_phase([o for o in options if o.compile], data, settings, report, left)
-    yield "compiled"
+    yield from option_phase([o for o in options if o.compile], data, settings, report, left)
 
 
 def run(settings: Settings, out: Path | None = None) -> Result:
