@@ -25,6 +25,9 @@ The verdict on a drop of n images against m validation images (`verdict`):
     suspected    else some test has p < 1e-3 and a small effect: r >= 1.5, D >= 0.1 or d >= 0.2
     none         else
 
+A calibration records the ood_score formula it was made with (`ood_score_definition`); one of
+another formula judges nothing (`Calibration.problem`).
+
 Significance alone would call a million-image drop drifted for a shift nobody cares about (and a
 threshold estimated on m images is itself uncertain by about sqrt(q (1 - q) / m)); effect size
 alone would call a 20-image drop drifted by chance. Requiring both keeps a drop of the model's
@@ -230,15 +233,16 @@ def _batches(rows: Iterable[dict[str, Any]], limit: int, size: int) -> Iterator[
 class DropTally:
     """A drop's figures for `verdict`, streamed in bounded memory: images, flagged, the sum and
     sum of squares of finite bits/dim (about `center`, for precision), and a uniform sample of
-    at most `keep` ood_scores for the KS test (random priorities, the `keep` lowest kept)."""
+    at most `keep` ood_scores for the KS test (random priorities, the `keep` lowest kept; the
+    pool is cut back to `keep` whenever it doubles, so each score is copied O(1) times)."""
 
     def __init__(self, threshold: float, center: float = 0.0, keep: int = 1_000_000) -> None:
         self.threshold, self.center, self.keep = threshold, center, keep
         self.count = self.flagged = self.finite = 0
         self.total = self.squares = 0.0
         self._rng = np.random.default_rng(0)
-        self._sample = np.zeros(0)
-        self._priority = np.zeros(0)
+        self._pool: list[tuple[np.ndarray, np.ndarray]] = []  # (ood_score, priority) parts
+        self._pooled = 0
 
     def add(self, bits_per_dim: np.ndarray, ood_score: np.ndarray) -> None:
         bits = np.asarray(bits_per_dim, dtype=np.float64)
@@ -249,17 +253,24 @@ class DropTally:
         self.finite += len(shifted)
         self.total += float(shifted.sum())
         self.squares += float((shifted**2).sum())
-        sample = np.concatenate([self._sample, np.where(np.isnan(ood), np.inf, ood)])
-        priority = np.concatenate([self._priority, self._rng.random(len(ood))])
+        self._pool.append((np.where(np.isnan(ood), np.inf, ood), self._rng.random(len(ood))))
+        self._pooled += len(ood)
+        if self._pooled > 2 * self.keep:
+            self._cut()
+
+    def _cut(self) -> None:
+        sample = np.concatenate([part for part, _ in self._pool] or [np.zeros(0)])
+        priority = np.concatenate([part for _, part in self._pool] or [np.zeros(0)])
         if len(sample) > self.keep:
             lowest = np.argpartition(priority, self.keep)[: self.keep]
             sample, priority = sample[lowest], priority[lowest]
-        self._sample, self._priority = sample, priority
+        self._pool, self._pooled = [(sample, priority)], len(sample)
 
     @property
     def sample(self) -> np.ndarray:
         """The ood_scores kept for the KS test (all of them while count <= keep)."""
-        return self._sample
+        self._cut()
+        return self._pool[0][0]
 
     @property
     def bits_mean(self) -> float:
