@@ -1,11 +1,15 @@
-"""Scoring: Ray Data scoring (`flowray score`) against the same work in-process.
+"""Scoring: Ray Data scoring (`flowray score`) against the same work in one process.
 
-Figures (medians over repeats):
-- raw forward: `predict_frame` (keyed dequantization, the scorer's math) on images already decoded
-  in memory, in this process, with torch using every core.
-- in-process, the same work: the raw forward plus the OOD score's complexity term (each image's
-  maximum-compression PNG, `max_png_bytes`, coded on one thread as in an actor). The baseline the
-  Ray Data figures are divided by.
+Figures (medians over repeats), at N and growth x N images:
+- in-process, the same work: the job's work in this process on every core. A reader thread runs
+  the production reader (`iter_input`: read the shards, check size, sha256 and counts, decode)
+  and hands batches to the main thread, which scores them (`score_images`: the forward pass with
+  torch's threads on every core, and the PNG complexity term) and writes a Parquet file per shard
+  through the job's own `ShardCollector`. The thread overlaps reading (Python, holding the GIL)
+  with the forward pass (which releases it): the best simple way to use every core in one
+  process. The baseline the Ray Data figures are divided by.
+- raw forward: `predict_frame` alone (keyed dequantization, the scorer's math) on N images
+  already decoded in memory, all cores: the ceiling, apart.
 - Ray Data scoring, input on local disk and on S3 (moto on loopback):
   `pipeline.batch.scoring.job.score` end to end (read, PNG decode, forward, PNG complexity,
   Parquet per shard). Its images/s counts from the start of execution, actor start-up included,
@@ -23,7 +27,11 @@ training), or the local model directory given.
 
 from __future__ import annotations
 
+import itertools
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,27 +83,95 @@ class Settings:
 SMOKE = {"images": 128, "repeats": 1, "growth": 2}
 
 
-def _in_process(model_dir: str, split: str, batch_size: int) -> tuple[float, float]:
-    """Images/s over decoded in-memory images, all cores, this process: of predict_frame alone
-    (the raw forward), and of predict_frame plus each image's maximum-compression PNG."""
+def _raw_forward(flow: Any, split: str, batch_size: int) -> float:
+    """Images/s of predict_frame alone over the split's images decoded in memory, all cores."""
     from pipeline.data.reader import iter_input
-    from pipeline.model.artifact import load_flow
     from pipeline.model.likelihood import predict_frame
-    from pipeline.model.scores import max_png_bytes
 
-    flow = load_flow(model_dir)
     rows = list(iter_input(split, shape=flow.config.image_shape))
     keys = [row["key"] for row in rows]
     images = np.stack([row["image"] for row in rows])  # (N, C, H, W)
     with torch_threads(None):
-        forward, _ = timed(
+        seconds, _ = timed(
             lambda: [
                 predict_frame(flow, images[i : i + batch_size], keys[i : i + batch_size], 0, 1)
                 for i in range(0, len(keys), batch_size)
             ]
         )
-        png, _ = timed(lambda: [max_png_bytes(image) for image in images])
-    return len(keys) / forward, len(keys) / (forward + png)
+    return len(keys) / seconds
+
+
+def _batches(split: Any, shape: tuple[int, int, int], size: int) -> Iterator[dict[str, Any]]:
+    """The split's rows through the production reader, as column batches of `size` rows."""
+    from pipeline.data.reader import iter_input
+
+    rows = iter_input(split, shape=shape)
+    while batch := list(itertools.islice(rows, size)):
+        columns = {name: [row[name] for row in batch] for name in batch[0]}
+        yield {**columns, "image": np.stack(columns["image"])}  # (B, C, H, W)
+
+
+def _ahead(batches: Iterator[Any], depth: int = 4) -> Iterator[Any]:
+    """`batches`, produced by a thread up to `depth` ahead of the consumer."""
+    handed: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                handed.put(batch)
+            handed.put(done)
+        except BaseException as err:  # raised in the consumer
+            handed.put(err)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (batch := handed.get()) is not done:
+        if isinstance(batch, BaseException):
+            raise batch
+        yield batch
+
+
+def _same_work(flow: Any, model: str, split: str, batch_size: int, output: Path) -> float:
+    """Images/s of the job's work in this process (module docstring): read, check, decode,
+    score, Parquet per shard."""
+    import pandas as pd
+
+    from pipeline.batch.scoring.config import ScoreConfig
+    from pipeline.batch.scoring.output import ShardCollector
+    from pipeline.data.inputs import resolve_input
+    from pipeline.model.scores import score_images
+
+    config = ScoreConfig(model=model, input=split, output=str(output))  # the job's seed, draws
+    plan = resolve_input(split)
+    targets = {ref.url: ref.expect.count for ref in plan.shards if ref.expect is not None}
+
+    def work() -> int:
+        collector = ShardCollector(str(output), targets, config.storage)
+        count = 0
+        for batch in _ahead(_batches(plan, flow.config.image_shape, batch_size)):
+            keys = [str(key) for key in batch["key"]]
+            scores = score_images(flow, batch["image"], keys, config.seed, config.draws)
+            passed = ("shard", "label", "orig_width", "orig_height", "shard_rows")
+            collector.add(pd.DataFrame({"key": keys, **{n: batch[n] for n in passed}, **scores}))
+            count += len(keys)
+        collector.close(None)
+        return count
+
+    with torch_threads(None):
+        seconds, count = timed(work)
+    return count / seconds
+
+
+def _to_s3(local: str, url: str, storage: StorageConfig) -> str:
+    """A prepared split copied to `url` (manifest and shards): larger than the harness
+    prepares on S3 directly."""
+    from pipeline.storage import fsspec_filesystem, join_url
+
+    fs, _ = fsspec_filesystem(url, storage)
+    for file in sorted(Path(local).iterdir()):
+        if file.is_file() and not file.name.startswith((".", "_")):
+            fs.put_file(str(file), fsspec_filesystem(join_url(url, file.name), storage)[1])
+    return url
 
 
 def _intercept(small: int, small_seconds: float, large: int, large_seconds: float) -> float:
@@ -127,47 +203,64 @@ def _score(
 
 def measure(settings: Settings, run: Run) -> Result:
     """The figures in the module docstring; medians over `repeats`."""
+    from pipeline.model.artifact import load_flow
+
     base, n, growth = run.workdir, settings.images, settings.growth
     base.mkdir(parents=True, exist_ok=True)
     model_config = load_config(TrainConfig, settings.preset).model
     model = settings.model or saved_preset_model(base, model_config)
+    flow = load_flow(model)
+    sizes = {"": n, f"_{growth}x": n * growth}
     figures: dict[str, list[float]] = {}
     peaks: dict[str, list[float]] = {"n": [], f"{growth}n": []}
     startups: list[float] = []
     # Stand-in credentials before Ray starts: its workers inherit them.
     with loopback_s3() as s3, local_ray():
-        local = prepared_fashion_mnist(str(base / f"data-{n}"), n)
-        large = prepared_fashion_mnist(str(base / f"data-{n * growth}"), n * growth)
-        remote = prepared_fashion_mnist(f"s3://{BENCH_BUCKET}/data-{n}", n, storage=s3)
+        local = {
+            tag: prepared_fashion_mnist(str(base / f"data-{size}"), size)
+            for tag, size in sizes.items()
+        }
+        remote = {
+            "": prepared_fashion_mnist(f"s3://{BENCH_BUCKET}/data-{n}", n, storage=s3),
+            f"_{growth}x": _to_s3(
+                local[f"_{growth}x"], f"s3://{BENCH_BUCKET}/data-{n * growth}", s3
+            ),
+        }
         # The first job on a fresh Ray also starts its worker processes: timed apart.
-        first = _score(settings, model, local, base, s3, "first")
+        first = _score(settings, model, local[""], base, s3, "first")
         for _ in range(settings.repeats):
-            raw, same_work = _in_process(model, local, settings.batch_size)
-            small = _score(settings, model, local, base, s3, "local")
-            on_s3 = _score(settings, model, remote, base, s3, "s3")
-            big = _score(settings, model, large, base, s3, "large")
-            for name, value in (
-                ("raw_forward", raw),
-                ("in_process", same_work),
-                ("score_local", small["rate"]),
-                ("score_s3", on_s3["rate"]),
-                (f"score_local_{growth}x", big["rate"]),
-            ):
-                figures.setdefault(name, []).append(value)
-            peaks["n"].append(small["pss"])
-            peaks[f"{growth}n"].append(big["pss"])
-            startups.append(_intercept(n, small["seconds"], n * growth, big["seconds"]))
+            figures.setdefault("raw_forward", []).append(
+                _raw_forward(flow, local[""], settings.batch_size)
+            )
+            seconds = {}
+            for tag in sizes:  # side by side: the baseline, then the job on disk and on S3
+                output = base / "in-process" / f"{time.monotonic_ns()}"
+                same = _same_work(flow, model, local[tag], settings.batch_size, output)
+                on_disk = _score(settings, model, local[tag], base, s3, f"local{tag}")
+                on_s3 = _score(settings, model, remote[tag], base, s3, f"s3{tag}")
+                for name, value in (
+                    (f"in_process{tag}", same),
+                    (f"score_local{tag}", on_disk["rate"]),
+                    (f"score_s3{tag}", on_s3["rate"]),
+                ):
+                    figures.setdefault(name, []).append(value)
+                peaks["n" if not tag else f"{growth}n"].append(on_disk["pss"])
+                seconds[tag] = on_disk["seconds"]
+            startups.append(_intercept(n, seconds[""], n * growth, seconds[f"_{growth}x"]))
     results = {name: median(values) for name, values in figures.items()}
-    baseline = results["in_process"]
     report: dict[str, Any] = {
         "images": n,
         "repeats": settings.repeats,
         "growth": growth,
         "results": results,
-        "ratio_local": results["score_local"] / baseline,
-        "ratio_s3": results["score_s3"] / baseline,
-        f"ratio_local_{growth}x": results[f"score_local_{growth}x"] / baseline,
+        **{
+            f"ratio_{where}{tag}": results[f"score_{where}{tag}"] / results[f"in_process{tag}"]
+            for tag in sizes
+            for where in ("local", "s3")
+        },
         "s3_vs_local": results["score_s3"] / results["score_local"],
+        f"s3_vs_local_{growth}x": results[f"score_s3_{growth}x"]
+        / results[f"score_local_{growth}x"],
         "startup_seconds": median(startups),
         "first_job_seconds": first["seconds"],
         "memory_mb": {name: median(values) for name, values in peaks.items()},
@@ -177,39 +270,37 @@ def measure(settings: Settings, run: Run) -> Result:
 
 def _table(report: dict[str, Any]) -> Table:
     results, memory, growth, n = (report[k] for k in ("results", "memory_mb", "growth", "images"))
-    baseline = results["in_process"]
-    return Table(
-        ["measurement", "images", "images/s (median)", "vs in-process", "peak PSS MB"],
-        [
-            [
-                "raw forward (in-process, all cores)",
-                n,
-                results["raw_forward"],
-                results["raw_forward"] / baseline,
-                "-",
-            ],
-            ["in-process, forward + PNG complexity (all cores)", n, baseline, 1.0, "-"],
+    rows = [["raw forward (decoded in memory, all cores)", n, results["raw_forward"], "-", "-"]]
+    for tag, size, peak in (
+        ("", n, memory["n"]),
+        (f"_{growth}x", n * growth, memory[f"{growth}n"]),
+    ):
+        rows += [
+            ["in-process, the same work (all cores)", size, results[f"in_process{tag}"], 1.0, "-"],
             [
                 "Ray Data score, local disk",
-                n,
-                results["score_local"],
-                report["ratio_local"],
-                memory["n"],
+                size,
+                results[f"score_local{tag}"],
+                report[f"ratio_local{tag}"],
+                peak,
             ],
-            ["Ray Data score, S3 (moto)", n, results["score_s3"], report["ratio_s3"], "-"],
             [
-                f"Ray Data score, local disk, {growth}x input",
-                n * growth,
-                results[f"score_local_{growth}x"],
-                report[f"ratio_local_{growth}x"],
-                memory[f"{growth}n"],
+                "Ray Data score, S3 (moto)",
+                size,
+                results[f"score_s3{tag}"],
+                report[f"ratio_s3{tag}"],
+                "-",
             ],
-        ],
+        ]
+    return Table(
+        ["measurement", "images", "images/s (median)", "vs in-process", "peak PSS MB"],
+        rows,
         [
             f"Median of {report['repeats']} runs; Ray Data figures include actor start-up. "
             f"Start-up (intercept of the two local runs' wall times): "
             f"{report['startup_seconds']:.1f} s; the first job on the fresh Ray, untimed above, "
-            f"took {report['first_job_seconds']:.1f} s for {n:,} images. "
-            f"S3 / local disk: {report['s3_vs_local']:.2f}."
+            f"took {report['first_job_seconds']:.1f} s for {n:,} images. S3 / local disk: "
+            f"{report['s3_vs_local']:.2f} at {n:,} images, "
+            f"{report[f's3_vs_local_{growth}x']:.2f} at {n * growth:,}."
         ],
     )

@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _WIDE_GREY_MAX = 65535  # the range of a 16-bit sample; 65535 / 257 == 255
 
 
@@ -89,7 +90,9 @@ def open_image(data: bytes, limits: ImageLimits | None = None) -> PILImage.Image
     limits = limits or ImageLimits()
     limits.check_bytes(len(data))
     try:
-        image = Image.open(io.BytesIO(data))
+        # A PNG is tried as PNG alone: the other formats' probes cost more than its decoding.
+        formats = ("PNG",) if data.startswith(_PNG_SIGNATURE) else None
+        image = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as err:
         found = re.search(r"\((\d+) pixels\)", str(err))
         pixels = f"{int(found[1]):,} pixels" if found else "more pixels"
@@ -135,11 +138,12 @@ def decode_image(
                 f"image size {found_height}x{found_width}, expected {height}x{width} (HxW)"
             )
         try:
-            image.load()
-            array = np.asarray(image)
+            pixels = image.tobytes()
         except (OSError, SyntaxError, ValueError) as err:
             raise BadImage(f"cannot decode image: {err}") from err
-    return _chw(array)
+    if channels == 1:  # (1, H, W) as it comes: no transpose
+        return np.frombuffer(pixels, np.uint8).reshape(shape).copy()
+    return _chw(np.frombuffer(pixels, np.uint8).reshape(height, width, channels))
 
 
 def _chw(array: np.ndarray) -> np.ndarray:
