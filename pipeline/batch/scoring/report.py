@@ -9,8 +9,8 @@ the outputs, and the MLflow summary run.
                                                               validation's (with a calibration)
 
 summary.json also lists the run's Parquet files (`files`: what `flowray scores drift --run` reads)
-and its drift verdict (`drift`: level, line and figures, pipeline.model.calibration), which the
-MLflow run gets as `drift_*` metrics and the tag `flowray.drift`.
+and its drift verdict (`drift`: level and line, pipeline.model.calibration; its figures are the
+`drift_*` metrics, also on the MLflow run, with the tag `flowray.drift`).
 
 A bits/dim that is not finite (+inf when the flow's density underflows to zero on an image far
 from the data, NaN when it breaks) stays so in the Parquet files. Here such images are counted
@@ -161,11 +161,12 @@ def report(
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     summary_url = join_url(result.output, SUMMARY_DIR, stamp)
     metrics = _metrics(result, stats)
-    drift = None
+    pictures = {}
     if calibration is not None and drop is not None and drop.count:
         drift = verdict(calibration, drop, config.flag_quantile)
         metrics |= drift.metrics()
         result = dataclasses.replace(result, drift_level=drift.level, drift=drift.line())
+        pictures["ood_score_histogram.png"] = _drift_histogram(result, drift, calibration, drop)
     elif not result.images_scored:
         result = dataclasses.replace(result, drift="drift: unknown (no images scored in this run)")
     level, line = result.drift_level, result.drift
@@ -177,9 +178,7 @@ def report(
             stats.count,
             stats.finite,
         )
-    files = _pictures(result, stats, shape)
-    if drift is not None and calibration is not None and drop is not None:
-        files["ood_score_histogram.png"] = _drift_histogram(result, drift, calibration, drop)
+    files = _pictures(result, stats, shape) | pictures
     summary = {
         "model": redact_url(config.model),
         "model_name": result.model_name,
@@ -227,7 +226,7 @@ def _drift_histogram(
     return score_histograms(
         {"validation": calibration.ood_score, "this run": drop.sample},
         f"ood_score under {result.model_name} v{result.model_version}: {drift.level}",
-        "ood_score (bits/dim minus PNG bits/dim; higher = more unusual)",
+        "ood_score (pipeline.model.scores; higher = more unusual)",
         {f"flag threshold (q={1 - drift.expected_share:g})": drift.threshold},
     )
 
