@@ -167,18 +167,9 @@ class _EndAware(tarfile.TarInfo):
 READ_CHUNK = 1 << 20  # bytes asked of a shard's stream per read
 _BLOCK = tarfile.BLOCKSIZE
 _END_BLOCK = bytes(_BLOCK)
-_OCTAL = re.compile(rb" *[0-7]* *(?:\0.*)?", re.DOTALL)  # a number field nti reads as octal
-# mode, uid, gid, size, mtime, chksum, devmajor, devminor: (start, end) in the header
-_NUMBERS = (
-    (100, 108),
-    (108, 116),
-    (116, 124),
-    (124, 136),
-    (136, 148),
-    (148, 156),
-    (329, 337),
-    (337, 345),
-)
+# A byte of the number fields (mode, uid, gid, size, mtime, chksum at 100:156; devmajor, devminor
+# at 329:345) that nti may refuse: not an octal digit, space or NUL, or a space between digits.
+_NOT_OCTAL = re.compile(rb"[^ 0-7\0]|[0-7] +[0-7]")
 _ENCODING = tarfile.ENCODING
 
 
@@ -195,8 +186,10 @@ def _plain_header(block: bytes) -> tuple[str, int, bool] | None:
     directory, octal number fields and an unsigned checksum that matches. None for any other
     header (pax, GNU long names, links, base-256 numbers, a bad checksum), left to tarfile."""
     kind = block[156:157]
-    if kind not in (b"0", b"\0", b"5") or not all(
-        _OCTAL.fullmatch(block, start, end) for start, end in _NUMBERS
+    if (
+        kind not in (b"0", b"\0", b"5")
+        or _NOT_OCTAL.search(block, 100, 156)
+        or _NOT_OCTAL.search(block, 329, 345)
     ):
         return None
     if _octal(block[148:156]) != 256 + sum(block) - sum(block[148:156]):
