@@ -146,7 +146,6 @@ def new_submission_id(command: str) -> str:
     return f"flowray-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-# -- runtime_env ------------------------------------------------------------------------------------
 def repo_root() -> Path | None:
     """The flowray checkout this module runs from (pyproject.toml and jobs/ beside pipeline/), or
     None for an installed copy: then the cluster's image must have flowray installed."""
@@ -196,7 +195,6 @@ def describe(spec: JobSpec, url: str) -> str:
     return "\n".join(lines)
 
 
-# -- the job server ---------------------------------------------------------------------------------
 def dashboard_url(address: str | None, environ: Mapping[str, str]) -> str:
     """The job server's http(s) URL for `address`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS;
     a host:port is a GCS address, whose dashboard is looked up as `ray job submit` does."""
