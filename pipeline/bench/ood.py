@@ -2,11 +2,12 @@
 from foreign ones, as AUROC and FPR at 95% TPR, score by score side by side (docs/ood.md).
 
 The foreign sets are made here from what any machine with the package has (no downloads), each
-`images` strong and seeded: digits drawn with Pillow's font (MNIST-like), patches of
-scikit-image's photos, smooth images (constants, gradients, blobs: raw bits/dim rates them as more
-likely than the data), uniform noise, and Fashion-MNIST inverted and upside down. A control set of
-held-out Fashion-MNIST test images shows the noise floor (AUROC ~0.5). The in-distribution set
-and the reference (the scores' validation statistics) are disjoint parts of the test split.
+`images` strong and seeded: digits drawn with Pillow's font (MNIST-like: raw bits/dim rates them
+as more likely than the data), patches of scikit-image's photos, smooth images (constants,
+gradients, blobs: within the data's range of bits/dim), uniform noise, and Fashion-MNIST inverted
+and upside down. A control set of held-out Fashion-MNIST test images shows the noise floor
+(AUROC ~0.5). The in-distribution set and the reference (the scores' validation statistics) are
+disjoint parts of the test split.
 """
 
 from __future__ import annotations
