@@ -31,6 +31,16 @@ class ConfigError(FlowrayError, ValueError):
     hint = "see the job's --help; config keys are the dataclass fields of the job's config"
 
 
+# What each scalar type is called in errors, and the Python types it accepts (never a bool for a
+# number: YAML's `true` is not 1).
+_SCALARS: dict[type, tuple[str, type | tuple[type, ...]]] = {
+    bool: ("true or false", bool),
+    int: ("an integer", int),
+    float: ("a number", (int, float)),
+    str: ("a string", str),
+}
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -82,22 +92,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, tp):
             return value
         return from_dict(tp, value, prefix=f"{key}.")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, found {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, found {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, found {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, found {value!r}")
+    if tp in _SCALARS:
+        what, accepted = _SCALARS[tp]
+        if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected {what}, found {value!r}")
+        return float(value) if tp is float else value
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
 

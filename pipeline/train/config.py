@@ -53,9 +53,8 @@ class OptimSettings:
     optimizer: Literal["adam", "adamax"] = "adam"
     lr: float = 1e-3
     warmup_steps: int = 200  # linear warmup from 0 to lr
-    # After warm-up: "constant" keeps lr; "cosine" and "linear" decay it to min_lr_ratio * lr at
-    # the end of the budget (max_steps, or max_minutes of elapsed training time if that binds
-    # first): pipeline.train.step.learning_rate.
+    # "constant" keeps lr; "cosine" and "linear" decay it to min_lr_ratio * lr at the end of the
+    # budget (max_steps or max_minutes, whichever binds first): step.learning_rate.
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 50.0
@@ -77,8 +76,7 @@ class ScalingSettings:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # dead workers replaced, resuming from the latest checkpoint
-    # PACK fills a node before the next; SPREAD puts workers on different nodes when it can, and
-    # still fits them on the nodes that are left after one is lost.
+    # PACK fills a node before the next; SPREAD puts workers on different nodes when it can.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def __post_init__(self) -> None:
@@ -157,24 +155,17 @@ class TrainConfig:
     init_images: int = 512  # images for the data-dependent ActNorm initialisation
     max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
     sample_temperature: float = 0.7
-    # "bf16": the coupling conditioners run under bfloat16 autocast (log-dets, priors, the logit
-    # and the loss stay float32); evaluation, checkpoints and shipped models are float32 always.
+    # "bf16": the coupling conditioners run under bfloat16 autocast; the log-dets, the loss,
+    # evaluation, checkpoints and shipped models stay float32.
     precision: Precision = "fp32"
-    # torch.compile the training step's forward and backward; if compiling fails the run says so
-    # in one line and goes on eager. Off by default: compiling costs minutes at start.
+    # torch.compile the training step (eager, said in one line, if compiling fails). Off by
+    # default: compiling costs minutes at start.
     compile: bool = False
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        counts = (
-            "batch_size",
-            "max_steps",
-            "eval_every",
-            "checkpoint_every",
-            "log_every",
-            "sync_every",
-        )
-        for name in counts:
+        cadences = ("eval_every", "checkpoint_every", "log_every", "sync_every")
+        for name in ("batch_size", "max_steps", *cadences):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
         if self.max_minutes is not None and self.max_minutes <= 0:

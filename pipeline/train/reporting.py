@@ -4,6 +4,7 @@ progress messages to the driver, and the sample grid drawn at each evaluation.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -141,14 +142,13 @@ class _Sender:
     def put(self, items: list[Any], images: bool = False) -> None:
         """Queues metrics (or images), dropping the oldest past the queue's bound."""
         queue = self.images if images else self.metrics
+        bound = MAX_BUFFERED_IMAGES if images else MAX_BUFFERED_METRICS
         with self.condition:
             if self.closing:
                 dropped = len(items)
             else:
                 queue.extend(items)
-                dropped = max(
-                    len(queue) - (MAX_BUFFERED_IMAGES if images else MAX_BUFFERED_METRICS), 0
-                )
+                dropped = max(len(queue) - bound, 0)
                 for _ in range(dropped):
                     queue.popleft()
                 self._start()
@@ -210,11 +210,7 @@ class _Sender:
                 # Turns: a run that logs every step keeps metrics queued, and images sent only
                 # once it is empty would wait until dropped.
                 image_turn = bool(self.images) and (image_next or not self.metrics)
-                chunk = (
-                    []
-                    if image_turn
-                    else [self.metrics[i] for i in range(min(LOG_BATCH_LIMIT, len(self.metrics)))]
-                )
+                chunk = [] if image_turn else list(itertools.islice(self.metrics, LOG_BATCH_LIMIT))
                 image = self.images[0] if image_turn else None
                 self.busy = True
             try:
@@ -226,7 +222,13 @@ class _Sender:
             except Exception as error:
                 with self.condition:
                     self.busy = False
-                    self._went_away(error)
+                    if not self.failing:
+                        self.failing = True
+                        self.note(
+                            f"MLflow not answering ({type(error).__name__}: {str(error)[:200]}); "
+                            f"training goes on, metrics buffered (up to {MAX_BUFFERED_METRICS}) "
+                            "until it answers"
+                        )
                     self.condition.notify_all()
                     pause = RETRY_SECONDS[min(tries, len(RETRY_SECONDS) - 1)]
                     tries += 1
@@ -252,14 +254,6 @@ class _Sender:
                         lambda: self.closing or len(self.metrics) >= LOG_BATCH_LIMIT,
                         SEND_INTERVAL_SECONDS,
                     )
-
-    def _went_away(self, error: Exception) -> None:  # under the condition
-        if not self.failing:
-            self.failing = True
-            self.note(
-                f"MLflow not answering ({type(error).__name__}: {str(error)[:200]}); training goes "
-                f"on, metrics buffered (up to {MAX_BUFFERED_METRICS}) until it answers"
-            )
 
 
 def sample_grid(flow: Flow, temperature: float, step: int) -> np.ndarray:

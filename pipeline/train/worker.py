@@ -27,6 +27,7 @@ import torch
 
 from flowmodel import Flow, build_flow
 from flowmodel.typed import from_dict
+from pipeline.storage import exists, join_url, write_bytes_atomic
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.core import Training, run_step, start_training
@@ -100,6 +101,10 @@ class _Worker:
     def is_chief(self) -> bool:
         return self.rank == 0
 
+    def run_file(self, name: str) -> str:
+        """The URL of `name` in the run's folder."""
+        return join_url(self.config.run.storage_path, self.config.run.name, name)
+
 
 @dataclass
 class _Clock:
@@ -125,18 +130,9 @@ def _rows(config: TrainConfig, url: str) -> Iterator[dict[str, Any]]:
 
 
 def _validation_batches(config: TrainConfig) -> Iterator[tuple[list[str], torch.Tensor]]:
-    keys: list[str] = []
-    images: list[np.ndarray] = []
-    for row in itertools.islice(
-        _rows(config, config.data.validation), config.data.validation_limit
-    ):
-        keys.append(row["key"])
-        images.append(row["image"])
-        if len(keys) == config.eval_batch_size:
-            yield keys, torch.from_numpy(np.stack(images))
-            keys, images = [], []
-    if keys:
-        yield keys, torch.from_numpy(np.stack(images))
+    rows = itertools.islice(_rows(config, config.data.validation), config.data.validation_limit)
+    while batch := list(itertools.islice(rows, config.eval_batch_size)):
+        yield [row["key"] for row in batch], torch.from_numpy(np.stack([r["image"] for r in batch]))
 
 
 def _init_batch(config: TrainConfig) -> torch.Tensor:
@@ -149,9 +145,7 @@ def _maybe_inject_fault(worker: _Worker, step: int) -> None:
     config, rank = worker.config, worker.rank
     if step != worker.hooks.fail_at_step or rank != worker.world - 1:
         return
-    from pipeline.storage import exists, join_url, write_bytes_atomic
-
-    marker = join_url(config.run.storage_path, config.run.name, "fault-injected")
+    marker = worker.run_file("fault-injected")
     if exists(marker, config.storage):
         return
     write_bytes_atomic(marker, f"worker {rank} killed at step {step}\n".encode(), config.storage)
@@ -164,16 +158,13 @@ HOLD_LIMIT_SECONDS = 1800.0
 
 
 def _maybe_hold(worker: _Worker, step: int) -> None:
-    config = worker.config
     if step != worker.hooks.hold_at_step:
         return
-    from pipeline.storage import exists, join_url
-
-    marker = join_url(config.run.storage_path, config.run.name, "release-hold")
+    marker = worker.run_file("release-hold")
     if worker.is_chief:
         say(f"holding at step {step} until {marker} exists")
     deadline = time.monotonic() + HOLD_LIMIT_SECONDS
-    while not exists(marker, config.storage):
+    while not exists(marker, worker.config.storage):
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"hold_at_step={step}: {marker} did not appear in {HOLD_LIMIT_SECONDS:.0f} s"
@@ -220,13 +211,11 @@ def _report_stop(worker: _Worker, stop: NonFiniteLoss) -> None:
     """Ray Train retries every raised error, and a retry would resume into the same divergence.
     So the workers (all stopped at the same step) return normally, and rank 0 leaves the reason
     in the run's folder, where the driver reads it after `fit()` and raises it as final."""
-    from pipeline.storage import join_url, write_bytes_atomic
-
-    config = worker.config
     if worker.is_chief:
         say(f"stopped: {stop}")
-        marker = join_url(config.run.storage_path, config.run.name, NONFINITE_STOP)
-        write_bytes_atomic(marker, str(stop).encode(), config.storage)
+        write_bytes_atomic(
+            worker.run_file(NONFINITE_STOP), str(stop).encode(), worker.config.storage
+        )
 
 
 def _load_or_build(worker: _Worker, checkpoint: Any) -> tuple[Flow, tuple[Flow, TrainState] | None]:
