@@ -3,9 +3,9 @@ Fashion-MNIST test split (`flowray bench ablation`).
 
 Each lever is the preset with a few config overrides (`LEVERS`: each a change from the preset),
 trained in a subprocess of its own (`python -m pipeline.bench.ablation <spec.json> <result.json>`)
-for `minutes` of step time by the races' loop (`harness.Racer`: the Ray Train job's step, optimizer,
-schedule, clipping and EMA at its global batch), then its EMA weights evaluated on the test split
-with keyed dequantization noise (the figure the demo and scoring report). The parent runs
+for `minutes` of step time by the in-process training loop (`harness.Racer`: the Ray Train job's
+step, optimizer, schedule, clipping and EMA at its global batch), then its EMA weights evaluated on
+the test split with keyed dequantization noise (the figure the demo and scoring report). The parent runs
 `parallel` children at a time with `threads` torch threads each and assembles one table.
 
 A lever whose config key this build lacks is shown as skipped with the reason; a combination drops
