@@ -46,6 +46,7 @@ def _frame(keys, shards, bits, ood=None) -> pd.DataFrame:
             "bits_per_dim": bits,
             "png_bits_per_dim": np.zeros(len(keys)),
             "ood_score": bits if ood is None else np.asarray(ood, dtype=np.float64),
+            "flagged": np.zeros(len(keys), dtype=bool),
             "orig_width": np.full(len(keys), -1),
             "orig_height": np.full(len(keys), -1),
         }
