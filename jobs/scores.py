@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
         "--run",
         default=None,
         help="only the files one scoring run wrote: its _summary/<UTC time> folder name, or "
-        "latest (default: every file of the version)",
+        "latest (the newest run that scored images; default: every file of the version)",
     )
     drift.add_argument(
         "--flag-quantile",
