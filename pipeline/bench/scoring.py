@@ -174,6 +174,38 @@ def _to_s3(local: str, url: str, storage: StorageConfig) -> str:
     return url
 
 
+def _read_cost(split: str, shape: tuple[int, int, int], rows_per_block: int) -> dict[str, Any]:
+    """The read task's cost per image, in a Ray worker: its code (`ray_source` blocks of the
+    reader's rows) over `split`, median of 3 runs, then once under cProfile: its top entries."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def read_task() -> dict[str, Any]:
+        import cProfile
+        import io
+        import pstats
+
+        from pipeline.data.ray_source import _read_task
+        from pipeline.data.reader import ReadOptions, _job
+
+        job = _job(split, None, ReadOptions(shape), None)
+        urls = list(job.refs)
+
+        def run() -> int:
+            return sum(b.num_rows for b in _read_task(job.rows, urls, None, False, rows_per_block))
+
+        run()  # warm: imports, page cache
+        runs = [timed(run) for _ in range(3)]
+        profile = cProfile.Profile()
+        profile.runcall(run)
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(8)
+        top = [line for line in text.getvalue().splitlines() if line.strip()][-9:]
+        return {"us_per_image": median([t / n * 1e6 for t, n in runs]), "profile_top": top}
+
+    return ray.get(read_task.remote())
+
+
 def _intercept(small: int, small_seconds: float, large: int, large_seconds: float) -> float:
     """Seconds at zero images of the line through two (images, seconds) runs: the fixed cost."""
     per_image = (large_seconds - small_seconds) / (large - small)
@@ -247,6 +279,7 @@ def measure(settings: Settings, run: Run) -> Result:
                 peaks["n" if not tag else f"{growth}n"].append(on_disk["pss"])
                 seconds[tag] = on_disk["seconds"]
             startups.append(_intercept(n, seconds[""], n * growth, seconds[f"_{growth}x"]))
+        read = _read_cost(local[""], flow.config.image_shape, settings.batch_size)
     results = {name: median(values) for name, values in figures.items()}
     report: dict[str, Any] = {
         "images": n,
@@ -264,6 +297,7 @@ def measure(settings: Settings, run: Run) -> Result:
         "startup_seconds": median(startups),
         "first_job_seconds": first["seconds"],
         "memory_mb": {name: median(values) for name, values in peaks.items()},
+        "read_task": read,
     }
     return Result(report, [_table(report)])
 
@@ -301,6 +335,10 @@ def _table(report: dict[str, Any]) -> Table:
             f"{report['startup_seconds']:.1f} s; the first job on the fresh Ray, untimed above, "
             f"took {report['first_job_seconds']:.1f} s for {n:,} images. S3 / local disk: "
             f"{report['s3_vs_local']:.2f} at {n:,} images, "
-            f"{report[f's3_vs_local_{growth}x']:.2f} at {n * growth:,}."
+            f"{report[f's3_vs_local_{growth}x']:.2f} at {n * growth:,}.",
+            f"Read task (its code in a Ray worker, {n:,} images, median of 3): "
+            f"{report['read_task']['us_per_image']:.0f} us per image; cProfile's top entries "
+            "by own time:\n\n"
+            + "\n".join(f"    {line}" for line in report["read_task"]["profile_top"]),
         ],
     )

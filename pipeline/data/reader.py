@@ -56,6 +56,7 @@ import hashlib
 import logging
 import re
 import tarfile
+import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -167,9 +168,8 @@ class _EndAware(tarfile.TarInfo):
 READ_CHUNK = 1 << 20  # bytes asked of a shard's stream per read
 _BLOCK = tarfile.BLOCKSIZE
 _END_BLOCK = bytes(_BLOCK)
-# A byte of the number fields (mode, uid, gid, size, mtime, chksum at 100:156; devmajor, devminor
-# at 329:345) that nti may refuse: not an octal digit, space or NUL, or a space between digits.
-_NOT_OCTAL = re.compile(rb"[^ 0-7\0]|[0-7] +[0-7]")
+_OCTAL_BYTES = b" 01234567\0"
+_SPACE_BETWEEN_DIGITS = re.compile(rb"[0-7] +[0-7]")
 _ENCODING = tarfile.ENCODING
 
 
@@ -181,18 +181,28 @@ def _octal(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
+def _byte_sum(data: bytes) -> int:
+    """The sum of `data`'s bytes, up to 256 of them (adler32's low half is 1 + that sum modulo
+    65521, and 256 x 255 is less)."""
+    return (zlib.adler32(data) & 0xFFFF) - 1
+
+
 def _plain_header(block: bytes) -> tuple[str, int, bool] | None:
     """(name, size, is_file) of a header that tarfile reads without state: a regular file or a
     directory, octal number fields and an unsigned checksum that matches. None for any other
     header (pax, GNU long names, links, base-256 numbers, a bad checksum), left to tarfile."""
     kind = block[156:157]
+    # mode, uid, gid, size, mtime, chksum, devmajor, devminor: as nti reads them, or refused
+    numbers = block[100:156] + block[329:345]
     if (
         kind not in (b"0", b"\0", b"5")
-        or _NOT_OCTAL.search(block, 100, 156)
-        or _NOT_OCTAL.search(block, 329, 345)
+        or numbers.translate(None, _OCTAL_BYTES)
+        or _SPACE_BETWEEN_DIGITS.search(numbers)
     ):
         return None
-    if _octal(block[148:156]) != 256 + sum(block) - sum(block[148:156]):
+    # tarfile's unsigned checksum: every byte, the chksum field's 8 counted as spaces
+    unsigned = 256 + _byte_sum(block[:148]) + _byte_sum(block[156:334]) + _byte_sum(block[334:])
+    if _octal(block[148:156]) != unsigned:
         return None
     name, prefix = _nts(block[:100]), _nts(block[345:500])
     is_file = kind != b"5" and not (kind == b"\0" and name.endswith("/"))

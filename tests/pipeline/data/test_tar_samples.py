@@ -67,9 +67,16 @@ def test_every_tar_format_gives_the_same_samples(form):
 def test_a_cut_or_garbled_tar_ends_as_tarfile_alone_ends_it(form, monkeypatch):
     data = _tar(form)
     cases = [data[:cut] for cut in range(0, len(data), 97)]
-    cases += [data[:1024] + bytes([data[1024] ^ 1]) + data[1025:], data[:2048] + b"x" * 512]
+    header = 1536  # a.cls's: a byte of its name flipped, then of its mode (checksum fixed)
+    cases += [data[:header] + b"b" + data[header + 1 :], data[:2048] + b"x" * 512]
+    mode = bytearray(data[header : header + 512])
+    mode[100:108], mode[148:156] = b"0 00644\0", b" " * 8
+    mode[148:156] = b"%06o\0 " % sum(mode)
+    cases.append(data[:header] + bytes(mode) + data[header + 512 :])
     fast = [_read(case) for case in cases]
     monkeypatch.setattr(reader, "_plain_header", lambda block: None)  # every header to tarfile
     assert fast == [_read(case) for case in cases]
     assert any(end.startswith("ReadError: archive ends without") for _, end in fast)
     assert any(end == "ReadError: unexpected end of data" for _, end in fast)
+    assert fast[-3][1].endswith("(InvalidHeaderError: bad checksum)")
+    assert fast[-1][1].endswith("(InvalidHeaderError: invalid header)")
