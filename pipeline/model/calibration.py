@@ -210,11 +210,11 @@ def calibrate_flow(
 
 
 def ood_score_definition() -> str:
-    """The name pipeline.model.scores gives its ood_score formula (`OOD_SCORE`; "" while it names
-    none): a calibration holds ood_scores of one formula only."""
-    from pipeline.model import scores
+    """The name of the ood_score formula pipeline.model.scores computes (`OOD_SCORE`): a
+    calibration holds ood_scores of one formula only."""
+    from pipeline.model.scores import OOD_SCORE
 
-    return str(getattr(scores, "OOD_SCORE", ""))
+    return OOD_SCORE
 
 
 def _batches(rows: Iterable[dict[str, Any]], limit: int, size: int) -> Iterator[list[dict]]:
