@@ -302,41 +302,30 @@ def submit(
     waited, delay = 0.0, 1.0
     while True:
         try:
-            return _submit_once(client, spec)
-        except _NoAgentYet as err:
+            return client.submit_job(
+                entrypoint=spec.entrypoint,
+                runtime_env=spec.runtime_env or None,
+                submission_id=spec.submission_id,
+                metadata={"flowray_command": spec.command},
+            )
+        except Exception as err:
+            if "No available agent" not in str(err):  # else: a fresh cluster's agent not up yet
+                if _is_auth_error(err):
+                    raise SubmitError(
+                        f"the Ray job server refused the job: {_first_line(err)}", hint=_AUTH_HINT
+                    ) from None
+                raise SubmitError(
+                    f"the Ray job server did not accept the job: {_first_line(err)}",
+                    hint="check the cluster's dashboard log (dashboard.log on the head node)",
+                ) from None
             if waited >= agent_wait_s:
                 raise SubmitError(
-                    f"the Ray job server has no job agent after {waited:.0f} s: {err}",
+                    f"the Ray job server has no job agent after {waited:.0f} s: {_first_line(err)}",
                     hint="the head node's dashboard agent did not start: see dashboard_agent.log "
                     "on the head node, or restart the cluster",
                 ) from None
-            sleep(delay)
-            waited, delay = waited + delay, min(delay * 2, 8.0)
-
-
-class _NoAgentYet(Exception):
-    """The job server has no agent to run jobs yet."""
-
-
-def _submit_once(client: JobClient, spec: JobSpec) -> str:
-    try:
-        return client.submit_job(
-            entrypoint=spec.entrypoint,
-            runtime_env=spec.runtime_env or None,
-            submission_id=spec.submission_id,
-            metadata={"flowray_command": spec.command},
-        )
-    except Exception as err:
-        if "No available agent" in str(err):
-            raise _NoAgentYet(_first_line(err)) from None
-        if _is_auth_error(err):
-            raise SubmitError(
-                f"the Ray job server refused the job: {_first_line(err)}", hint=_AUTH_HINT
-            ) from None
-        raise SubmitError(
-            f"the Ray job server did not accept the job: {_first_line(err)}",
-            hint="check the cluster's dashboard log (dashboard.log on the head node)",
-        ) from None
+        sleep(delay)
+        waited, delay = waited + delay, min(delay * 2, 8.0)
 
 
 def status_name(status: Any) -> str:
