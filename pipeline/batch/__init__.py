@@ -5,7 +5,6 @@ key) and sample generation, resolving the model the same way for both.
     scoring/         score(): plan -> actors -> collect -> report (its __init__ lists the modules)
     top              the least likely images of an output, in bounded memory
     sampling         generate(): Ray tasks draw chunks; the MLflow run
-      sample_shards    PNG samples into tar shards, atomically
 
 May import: flowmodel, pipeline.batch.scoring, pipeline.{model,data,tracking},
 pipeline.{errors,config,storage,plots,submission,local_ray}.
