@@ -61,7 +61,8 @@ def test_a_job_without_a_config_file_takes_options_into_nested_sections() -> Non
     ("path", "overrides", "message"),
     [
         ("no-such-preset", [], r"^config 'no-such-preset': no such file and no such preset "
-         r"\(presets: fashion-mnist, fashion-mnist-long, imagenet64-gpu, rgb32\)$"),
+         r"\(presets: fashion-mnist, fashion-mnist-gpu, fashion-mnist-long, "
+         r"imagenet64-gpu, rgb32, rgb32-gpu\)$"),
         (None, ["max_steps"], r"^--set 'max_steps': expected key\.path=value$"),
         ("fashion-mnist", ["max_steps.limit=3"], r"^--set 'max_steps\.limit=3': expected "
          r"max_steps to be a section, found the value 20000$"),
