@@ -152,8 +152,8 @@ def test_settings_come_from_defaults_smoke_sizes_and_overrides() -> None:
     args = parser.parse_args(["io", "--config", "rgb32", "--set", "repeats=2"])
     assert _resolve(parser, ["io", "quality"], args)["quality"].preset == "rgb32"
     assert _resolve(parser, ["io"], args)["io"].repeats == 2
-    args = parser.parse_args(["--suite", "io", "--out", "x", "--repeats", "5"])
-    assert (args.suite_option, args.output, args.shorthand_repeats) == ("io", "x", "5")
+    args = parser.parse_args(["--suite", "io", "--out", "x"])
+    assert (args.suite_option, args.output) == ("io", "x")
 
 
 @pytest.mark.parametrize(
@@ -172,33 +172,3 @@ def test_usage_errors_exit_2_before_anything_runs(argv: list[str], tmp_path: Pat
         main([*argv, "--output", str(tmp_path)])
     assert done.value.code == 2
     assert not any(tmp_path.iterdir())
-
-
-def test_race_contender_warms_up_counts_skips_and_averages_only_good_steps() -> None:
-    import torch
-
-    from pipeline.bench.race import make_contender
-    from pipeline.train.config import TrainConfig
-    from pipeline.train.step import StepMetrics
-
-    config = TrainConfig.from_dict({"optim": {"lr": 1.0, "warmup_steps": 4, "ema_decay": 0.5}})
-    rates: list[float] = []
-
-    def every_second_step_skipped(model, batch, optimizer, generator) -> StepMetrics:
-        rates.append(optimizer.param_groups[0]["lr"])
-        return StepMetrics(float(len(rates)), 1.0, skipped=len(rates) % 2 == 0)
-
-    racer = make_contender(
-        torch.nn.Linear(1, 1, bias=False),
-        every_second_step_skipped,
-        torch.zeros(8, 1, 1, 1, dtype=torch.uint8),
-        config,
-        batch_size=2,
-        seconds=1e9,
-        max_steps=4,
-    )
-    while not racer.trainer.done:
-        racer.trainer.advance()
-    assert rates == [0.25, 0.5, 0.75, 1.0]
-    assert (racer.skipped, racer.ema.updates) == (2, 2)
-    assert (racer.trainer.result().steps, racer.trainer.result().last_loss) == (4, 4.0)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from flowmodel import FlowConfig, build_flow
-from pipeline.bench.race import TimedTrainer
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.config import OptimSettings, TrainConfig
 from pipeline.train.resume import config_differences
@@ -62,15 +61,6 @@ def test_progress_follows_whichever_budget_binds_first() -> None:
 def test_min_lr_ratio_is_checked() -> None:
     with pytest.raises(ValueError, match="min_lr_ratio"):
         OptimSettings(min_lr_ratio=1.5)
-
-
-def test_bench_trainer_progress_is_step_time_or_steps() -> None:
-    trainer = TimedTrainer(
-        lambda batch, index: 0.0, torch.zeros(8, 1, 2, 2), 2, seconds=3600.0, max_steps=10
-    )
-    for _ in range(4):
-        trainer.advance()
-    assert trainer.progress == pytest.approx(0.4)  # the step budget binds: 4 of 10
 
 
 def test_old_checkpoints_without_the_schedule_keys_resume_under_the_default() -> None:
