@@ -1,8 +1,6 @@
 """Typed configs from plain dicts: unknown keys and wrong types fail with the key's dotted name.
-
-Every config in flowray (FlowConfig here; TrainConfig, ScoreConfig, SampleConfig in pipeline) is a
-frozen dataclass parsed by `from_dict`, so YAML files, CLI overrides, MLflow params and checkpoint
-JSON all go through one validator.
+Every config in flowray is a frozen dataclass parsed by `from_dict`, so YAML files, CLI overrides,
+MLflow params and checkpoint JSON all go through one validator.
 """
 
 from __future__ import annotations
@@ -22,11 +20,8 @@ __all__ = ["ConfigError", "field_docs", "flatten", "from_dict", "to_dict"]
 
 
 class ConfigError(FlowrayError, ValueError):
-    """A config value is missing, unknown or of the wrong type; the message names the key.
-
-    A ValueError too: callers and tests catch a bad config value as ValueError, the same as the
-    ValueErrors that config classes raise from `__post_init__` (which `from_dict` turns into this).
-    """
+    """A config value is missing, unknown or of the wrong type; the message names the key. A
+    ValueError too, like those that config classes raise from `__post_init__`."""
 
     hint = "see the job's --help; config keys are the dataclass fields of the job's config"
 
@@ -104,8 +99,7 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping, checking keys and types; defaults fill the rest.
 
     Raises:
-        ConfigError: an unknown key, a missing required key, or a value of the wrong type. The
-            message names the dotted key, what was expected and what was found.
+        ConfigError: an unknown or missing key, or a value of the wrong type.
     """
     if not isinstance(data, dict):
         raise ConfigError(

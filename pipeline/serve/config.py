@@ -1,5 +1,4 @@
-"""What `flowray serve` is asked: the model, the HTTP address, batching, reloading and the limits
-on a request."""
+"""What `flowray serve` is asked: the model, the HTTP address, batching, reloading and limits."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ __all__ = ["RequestLimits", "ServeConfig"]
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may hold (pipeline.serve.requests says how each is checked).
+    """What one request may hold (checked by pipeline.serve.requests).
 
     Attributes:
         max_image_bytes: bytes of an encoded image body.
@@ -31,7 +30,7 @@ class RequestLimits:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """One served model. `model` is required; the rest has defaults.
+    """One served model.
 
     Attributes:
         model: models:/<name>@<alias> (reloaded when the alias moves), models:/<name>/<version>,
@@ -113,5 +112,4 @@ class ServeConfig:
 
     @property
     def url(self) -> str:
-        """The base URL of the application's routes."""
         return f"http://{self.host}:{self.port}{self.route_prefix.rstrip('/')}"
