@@ -181,7 +181,7 @@ def _drift(args: argparse.Namespace) -> int:
     files, what = None, "every file"
     if args.run:
         run, files = run_files(prefix, storage, args.run)
-        what = f"the {len(files)} files of run {run}"
+        what = f"the {len(files)} file(s) of run {run}"
     drift = output_drift(prefix, storage, calibration, files, args.flag_quantile)
     print(f"model={name} version={version}: {what} under {prefix}")
     print(drift.line())

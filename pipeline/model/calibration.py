@@ -395,7 +395,7 @@ def verdict(calibration: Calibration, drop: DropTally, quantile: float | None = 
         raise ValueError("drift: expected a drop of at least one image, found none")
     if not math.isclose(drop.threshold, threshold, rel_tol=0, abs_tol=1e-12):
         raise ValueError(f"drift: the drop was flagged at {drop.threshold}, expected {threshold}")
-    expected = 1.0 - q
+    expected = round(1.0 - q, 12)  # 0.05, not 0.050000000000000044
     flag_p = binomial_sf(drop.flagged, drop.count, expected)
     ks_d, ks_p = ks_2samp(drop.sample, calibration.ood_score)
     m, s_val = calibration.count, calibration.bits_std
