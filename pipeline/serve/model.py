@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -123,7 +123,7 @@ class ModelHolder:
         loaded = load_served_model(f"models:/{name}/{version}", self.seed, self.draws)
         if loaded.image_shape != self.current.image_shape:  # a version without the tag
             return self._refuse(version, _shape_text(loaded.image_shape))
-        previous, self.current = self.current.version, _renamed(loaded, self.reference)
+        previous, self.current = self.current.version, replace(loaded, reference=self.reference)
         log.info(
             "flowray: %s moved from v%s to v%s; now serving v%s",
             self.reference,
@@ -151,7 +151,3 @@ class ModelHolder:
 def _shape_text(shape: tuple[int, ...]) -> str:
     """(C, H, W) as the registry's image_shape tag writes it: "1x28x28"."""
     return "x".join(str(size) for size in shape)
-
-
-def _renamed(model: ServedModel, reference: str) -> ServedModel:
-    return ServedModel(reference, model.name, model.version, model.image_shape, model.scorer)

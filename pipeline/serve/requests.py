@@ -36,7 +36,6 @@ from pipeline.serve.config import RequestLimits
 
 __all__ = [
     "BadRequest",
-    "RequestLimits",
     "ScoreItem",
     "decode_fitted",
     "media_type",
