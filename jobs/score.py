@@ -31,16 +31,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from jobs._batch import check_local_gpus, check_tracking_server, connect_ray
-from jobs.config import (
-    add_address_argument,
-    add_config_arguments,
-    add_config_options,
-    add_verbose_argument,
-    config_flags,
-    config_from_args,
-    job_parser,
-    setup_logging,
-)
+from jobs.config import config_flags, config_from_args, config_parser, setup_logging
 from jobs.errors import EXIT_DRIFT, EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, run_main
 
 if TYPE_CHECKING:
@@ -54,19 +45,14 @@ EXIT_CODES = {"complete": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILU
 def parser() -> argparse.ArgumentParser:
     from pipeline.batch.scoring.config import ScoreConfig
 
-    p = job_parser(
-        PROG,
+    description = (
         "Score every image of an input (a prepared split, or WebDataset shards read in place): "
         "log-likelihood (nats), bits/dim and a complexity-corrected OOD score, as Parquet per "
         "shard under <output>/model=<name>/version=<v>/. Shards already scored (at their "
         f"current version) are skipped. The model: --model, else ${MODEL_VARIABLE}, else the "
-        "--config file's.",
+        "--config file's."
     )
-    add_config_arguments(p, None)
-    add_config_options(p, ScoreConfig)
-    add_address_argument(p)
-    add_verbose_argument(p)
-    return p
+    return config_parser(PROG, description, ScoreConfig)
 
 
 def model_option(args: argparse.Namespace) -> str | None:

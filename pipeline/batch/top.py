@@ -7,7 +7,7 @@
 Reads `<output>/model=<name>/version=<v>/*.parquet` (pipeline.batch.scoring.output) with pyarrow,
 file by file and batch by batch (`batch_rows` rows of the few columns needed), keeping a running
 top n: memory is O(n + batch_rows), whatever the dataset's size. Higher is worse for both
-scores: bits_per_dim (least likely) and ood_score (Serra et al. 2020: most out-of-distribution).
+scores: bits_per_dim (least likely) and ood_score (pipeline.model.scores: most out-of-distribution).
 A non-finite score (+inf: a density that underflowed; NaN; -inf) ranks above every finite one,
 +inf first, then NaN, then -inf: the flow's density broke down on that image, which makes it
 unusual either way; `non_finite_scores` counts them. Ties are broken by shard, then key, so the

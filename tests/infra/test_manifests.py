@@ -214,6 +214,7 @@ def test_train_rayjob_runs_the_train_job_on_its_own_gpu_cluster():
 SCORE_ARGS = re.compile(
     r"python -m jobs\.score( --model models:/fashion-flow@champion)? "
     r"--input s3://\$\{FLOWRAY_BUCKET\}/\S+ --output s3://\$\{FLOWRAY_BUCKET\}/\S+"
+    r"( --fail-on-drift (off|suspected|detected))?"
 )
 
 

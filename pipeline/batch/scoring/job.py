@@ -13,15 +13,10 @@ name), label (-1 when none), log_likelihood (nats, of the discrete image: the de
 bound, K draws averaged in probability space), bits_per_dim, png_bits_per_dim, ood_score, and
 orig_width / orig_height (the image's size before fitting; -1 for prepared splits).
 
-OOD score (Serra et al. 2020, "Input complexity and out-of-distribution detection with
-likelihood-based generative models", eq. 2): S(x) = -log2 p(x) - L(x), with L(x) the length in bits
-of x under a generic lossless compressor; per dimension, ood_score = bits_per_dim - L(x) / D.
-L(x) is the PNG of the decoded image re-encoded at maximum compression (zlib level 9), not the
-stored PNG's length (`nbytes`): the stored bytes depend on how `prepare` encoded the shards (its
-level, a future encoder), while the paper's complexity estimate is the best the compressor does,
-so re-encoding makes the score a property of the image and the model only. It costs ~0.1 ms per
-28x28 image, small next to the flow's forward pass. PNG's fixed overhead (signature, IHDR, IEND,
-~70 bytes) is included: a constant shift for a given image shape, so rankings do not change.
+OOD score: pipeline.model.scores (the complexity-corrected bits/dim of Serra et al. 2020 plus the
+flow's coarsest level, docs/ood.md). Its complexity term L(x) is the decoded image re-encoded as
+PNG at maximum compression, not the stored PNG's length, so the score is a property of the image
+and the model only, whatever encoder wrote the shards.
 
 Output layout:
 
