@@ -39,7 +39,7 @@ EXIT_CODES = (
     (2, "usage or configuration error: nothing was done"),
     (3, "finished with items left out (each reported)"),
     (4, "refused by a rule, nothing changed (models promote of a version that is not better)"),
-    (5, "drift detected at the level asked to fail at (score --fail-on-drift, scores drift --fail-on)"),
+    (5, "drift at the level asked to fail at (score --fail-on-drift, scores drift --fail-on)"),
 )
 USAGE_ERROR = 2
 # The same as pipeline.tracking.connection.DEFAULT_WORKDIR (not imported: --help stays light).

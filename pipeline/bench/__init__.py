@@ -31,7 +31,9 @@ SUITES: dict[str, Suite] = {
     "training": Suite(
         "pipeline.bench.training", "training images/s: in-process, Ray Train 1 and 2 workers"
     ),
-    "scoring": Suite("pipeline.bench.scoring", "Ray Data scoring against the in-process forward"),
+    "scoring": Suite(
+        "pipeline.bench.scoring", "Ray Data scoring against the same work in one process"
+    ),
     "sampling": Suite("pipeline.bench.sampling", "flowray sample against Flow.sample in-process"),
     "scaling": Suite("pipeline.bench.scaling", "scoring time and memory at growing sizes"),
     "io": Suite(

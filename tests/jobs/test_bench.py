@@ -83,10 +83,13 @@ def _check_scoring(report: dict[str, Any]) -> None:
         "in_process",
         "score_local",
         "score_s3",
+        "in_process_2x",
         "score_local_2x",
+        "score_s3_2x",
     }
     for key, value in report["results"].items():
         assert _positive(value), key
+    assert report["read_task"]["us_per_image"] > 0
 
 
 def _check_sampling(report: dict[str, Any]) -> None:

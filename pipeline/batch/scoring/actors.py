@@ -121,7 +121,7 @@ def actor_batch_size(config: ScoreConfig, dims: int) -> int:
 
 def local_cpus() -> int:
     """Logical CPUs of a local Ray started for the batch jobs: one per core plus one. The pool
-    is "CPUs less one for the read tasks" (`pool_size`), and reading (PNG decode, ~0.1 ms per
+    is "CPUs less one for the read tasks" (`pool_size`), and reading (PNG decode, ~0.07 ms per
     28x28 image) is light next to the flow's forward pass, so every core runs a model actor and
     the reader shares them. (Read tasks holding no CPU instead would exceed Ray's soft limit of
     one worker process per CPU, and Ray then starts a fresh worker for each read task.)"""

@@ -19,6 +19,7 @@ from pipeline.data.reader import iter_input
 from pipeline.data.shards import prepare
 from pipeline.data.sources import open_source
 from pipeline.storage import fsspec_filesystem
+from pipeline.tracking.registry import load_calibration
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.driver import PreflightError, TrainingStopped, train
@@ -98,6 +99,14 @@ def test_two_workers_survive_a_dead_worker_register_and_resume(
         np.stack([r["image"] for r in rows]), params={"seed": 0, "keys": [r["key"] for r in rows]}
     )
     assert float(frame["bits_per_dim"].mean()) == pytest.approx(first.val_bits_per_dim, abs=1e-4)
+
+    # Registration calibrated the version on the whole validation split (its flag threshold).
+    calibration = load_calibration("tiny-flow", "1")
+    assert calibration is not None
+    assert calibration.count == len(list(iter_input(f"{shards}/test", shape=(1, 28, 28))))
+    assert float(version.tags["calibration.threshold"]) == pytest.approx(
+        calibration.threshold(), abs=1e-6
+    )
 
     # Rerunning the same command with a higher step budget resumes at step 30, in the same MLflow run.
     second = train(tiny_config(tmp_path, str(shards), str(runs), max_steps=50))
