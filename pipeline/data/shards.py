@@ -332,6 +332,9 @@ class ShardWriter:
         return info
 
     def abort(self) -> None:
+        # The tar first: closed later by the garbage collector, it would write to a closed file.
+        with suppress(OSError, ValueError):
+            self._tar.close()
         self._stream.close()
         with suppress(FileNotFoundError):
             os.remove(self._temp)
