@@ -23,6 +23,8 @@ from pipeline.storage import redact_url
 from pipeline.train.config import TrainConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ray.train import Result
     from ray.train.torch import TorchTrainer
 
@@ -153,21 +155,20 @@ def _checked_input(config: TrainConfig, role: str, url: str) -> InputPlan:
     return plan
 
 
+def _decoded_rows(config: TrainConfig, data: InputPlan | str) -> Iterator[dict[str, Any]]:
+    """The rows of `data` at the model's image shape, undecodable images skipped (logged)."""
+    from pipeline.data.reader import iter_input
+    from pipeline.data.tally import SkipTally
+
+    shape = tuple(config.model.image_shape)
+    return iter_input(data, config.storage, shape=shape, on_error="skip", tally=SkipTally())
+
+
 def _first_images(config: TrainConfig, plan: InputPlan, wanted: int) -> int:
     """How many of the first `wanted` images of `plan` decode (at most `wanted`)."""
     import itertools
 
-    from pipeline.data.reader import iter_input
-    from pipeline.data.tally import SkipTally
-
-    rows = iter_input(
-        plan,
-        config.storage,
-        shape=tuple(config.model.image_shape),
-        on_error="skip",
-        tally=SkipTally(),
-    )
-    return sum(1 for _ in itertools.islice(rows, wanted))
+    return sum(1 for _ in itertools.islice(_decoded_rows(config, plan), wanted))
 
 
 def _readable_images(url: str, manifest: Any, storage: Any) -> int:
@@ -523,19 +524,11 @@ def _calibration(config: TrainConfig, ema_flow: Flow) -> Any:
     """The EMA flow's calibration on (the first 10,000 images of) the validation split, stored
     with the version (pipeline.model.calibration); None, with a warning, when the split cannot
     be read now: the version is registered without it."""
-    from pipeline.data.reader import iter_input
-    from pipeline.data.tally import SkipTally
     from pipeline.model.calibration import calibrate_flow
 
     url = config.data.validation
     try:
-        rows = iter_input(
-            url,
-            config.storage,
-            shape=tuple(config.model.image_shape),
-            on_error="skip",
-            tally=SkipTally(),
-        )
+        rows = _decoded_rows(config, url)
         return calibrate_flow(ema_flow, rows, config.eval_seed, 1, source={"data": redact_url(url)})
     except (FlowrayError, OSError, ValueError) as error:
         logging.getLogger(__name__).warning(
