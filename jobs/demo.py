@@ -175,6 +175,8 @@ def _score(model_uri: str, workdir: Path, tracking_uri: str) -> ScoreResult:
         )
     )
     print(f"  {scored.line()}")
+    if scored.drift:  # against the calibration made at registration (the same split here)
+        print(f"  {scored.drift}")
     return scored
 
 
