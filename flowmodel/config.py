@@ -8,8 +8,6 @@ from typing import Any, Literal
 
 from flowmodel.typed import from_dict, to_dict
 
-__all__ = ["FlowConfig"]
-
 
 @dataclass(frozen=True)
 class FlowConfig:

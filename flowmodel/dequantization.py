@@ -32,8 +32,6 @@ from torch import Tensor, nn
 
 from flowmodel.layers import Bijection, zero_conv
 
-__all__ = ["VariationalDequantization"]
-
 
 class VariationalDequantization(Bijection):
     """The cell-preserving bijection y -> y' = (x + g(eps; x)) / 2**n_bits described above.

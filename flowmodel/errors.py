@@ -3,8 +3,6 @@ because flowmodel's config errors are such errors and flowmodel imports nothing 
 
 from __future__ import annotations
 
-__all__ = ["FlowrayError"]
-
 
 class FlowrayError(Exception):
     """`str(err)` says what was expected and what was found; `hint` (a class's, or the one

@@ -29,16 +29,6 @@ from flowmodel.layers import (
     Squeeze,
 )
 
-__all__ = [
-    "PRECISIONS",
-    "Flow",
-    "FlowStep",
-    "Precision",
-    "build_flow",
-    "dequantize",
-    "standard_normal_log_prob",
-]
-
 LOG_2PI = math.log(2 * math.pi)
 
 Precision = Literal["fp32", "bf16"]

@@ -17,19 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "ActNorm",
-    "Bijection",
-    "Coupling",
-    "GaussianSplit",
-    "InvConv1x1",
-    "LearnedPrior",
-    "Logit",
-    "Shift",
-    "Squeeze",
-    "zero_conv",
-]
-
 
 class Bijection(nn.Module):
     """Base class of the contract above."""

@@ -16,8 +16,6 @@ from flowmodel.errors import FlowrayError
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "field_docs", "flatten", "from_dict", "to_dict"]
-
 
 class ConfigError(FlowrayError, ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the key. A

@@ -11,9 +11,9 @@ connects to Ray where it needs it and calls the pipeline; the work itself lives 
     prepare, train, score, sample, serve, models, scores, submit, demo, bench: one per command
 
 May import: flowmodel, pipeline.{batch,train,serve,model,data,tracking},
-pipeline.{errors,config,storage,plots,submission,local_ray}.
+pipeline.{config,storage,plots,submission,local_ray}.
 jobs.bench may import: flowmodel, pipeline (the benchmarks too: it is their command).
 jobs._batch may import: pipeline.{batch,model,data,tracking},
-pipeline.{errors,config,storage,plots,submission,local_ray} (score, sample, serve and models start
+pipeline.{config,storage,plots,submission,local_ray} (score, sample, serve and models start
 without the training code).
 """

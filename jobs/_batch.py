@@ -13,8 +13,6 @@ import urllib.request
 from jobs.errors import EXIT_FAILURE, UserError
 from pipeline.storage import redact_url
 
-__all__ = ["check_local_gpus", "check_tracking_server", "connect_ray"]
-
 
 def connect_ray(address: str | None, verbose: bool = False) -> None:
     """Join `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a quiet local Ray."""

@@ -33,8 +33,6 @@ from jobs.config import add_verbose_argument, job_parser
 from pipeline.bench import SUITES
 from pipeline.config import ConfigError, apply_overrides
 
-__all__ = ["build_parser", "main", "settings_for"]
-
 
 def build_parser() -> argparse.ArgumentParser:
     choices = [*SUITES, "all"]

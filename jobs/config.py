@@ -25,19 +25,6 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 from flowmodel.typed import field_docs
 from pipeline.config import load_config
 
-__all__ = [
-    "HelpFormatter",
-    "add_address_argument",
-    "add_config_arguments",
-    "add_config_options",
-    "add_verbose_argument",
-    "config_flags",
-    "config_parser",
-    "config_from_args",
-    "job_parser",
-    "setup_logging",
-]
-
 T = TypeVar("T")
 
 # Dotted config keys that every job spells the same way, whichever section holds them.

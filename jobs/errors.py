@@ -30,24 +30,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from pipeline.errors import FlowrayError
-
-__all__ = [
-    "EXIT_FAILURE",
-    "EXIT_DRIFT",
-    "EXIT_OK",
-    "EXIT_PARTIAL",
-    "EXIT_REFUSED",
-    "EXIT_USAGE",
-    "USER_ERRORS",
-    "JobExit",
-    "UserError",
-    "exit_code_of",
-    "report",
-    "run_main",
-    "user_cause",
-    "user_errors",
-]
+from flowmodel.errors import FlowrayError
 
 # Exit codes, the same for every command (documented in `flowray --help` and docs/cli.md).
 EXIT_OK = 0  # done: every item processed

@@ -24,8 +24,6 @@ from pipeline.data.shards import PrepareResult, ShardEvent, prepare
 from pipeline.data.sources import default_idx_dir, open_source
 from pipeline.storage import StorageConfig, check_access, is_s3, join_url
 
-__all__ = ["PrepareConfig", "build_parser", "main"]
-
 _UNITS = {
     "": 1,
     "b": 1,

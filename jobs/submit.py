@@ -43,8 +43,6 @@ from pipeline.submission import (
     submit,
 )
 
-__all__ = ["build_parser", "main"]
-
 PROG = "flowray submit"
 EXIT_INTERRUPTED = 130
 

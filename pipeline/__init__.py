@@ -8,7 +8,7 @@
     serve/     online scoring on Ray Serve
     bench/     benchmark suites, out of the production path
 
-Shared at the top: errors (FlowrayError), config (YAML presets + overrides -> typed configs),
+Shared at the top: config (YAML presets + overrides -> typed configs),
 storage (URLs -> filesystems, atomic and write-once writes), plots, submission (Ray Jobs API),
 local_ray (a local Ray without the console lines a user cannot act on).
 

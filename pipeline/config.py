@@ -16,8 +16,6 @@ import yaml
 
 from flowmodel.typed import ConfigError, from_dict
 
-__all__ = ["PRESETS", "ConfigError", "apply_overrides", "load_config", "preset_path"]
-
 T = TypeVar("T")
 # The presets ship with the jobs package (package data); this module only reads them.
 PRESETS = Path(__file__).resolve().parents[1] / "jobs" / "configs"

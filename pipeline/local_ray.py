@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["quiet_local_ray"]
-
 
 def quiet_local_ray(verbose: bool) -> None:
     """Before a local `ray.init()` (its processes inherit this environment), unless `verbose`:

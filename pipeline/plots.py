@@ -9,16 +9,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = [
-    "bits_per_dim_histogram",
-    "captioned_images_png",
-    "image_grid",
-    "png_bytes",
-    "score_histograms",
-    "titled_grid_png",
-    "training_curves",
-]
-
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
     """uint8 [N, C, H, W] (C = 1 or 3) -> one uint8 image [rows*(H+pad)+pad, ..., 3] (RGB)."""

@@ -35,38 +35,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from pipeline.errors import FlowrayError
+from flowmodel.errors import FlowrayError
 
 if TYPE_CHECKING:
     import fsspec
     import pyarrow.fs
-
-__all__ = [
-    "StorageConfig",
-    "StorageError",
-    "NAME_MAX",
-    "WriteOnceUnsupported",
-    "arrow_filesystem",
-    "check_access",
-    "check_write_once",
-    "exists",
-    "fsspec_filesystem",
-    "is_s3",
-    "is_temp_name",
-    "join_url",
-    "list_files",
-    "list_names",
-    "make_temp_file",
-    "put_file_atomic",
-    "read_bytes",
-    "redact",
-    "redact_url",
-    "replace_with",
-    "staging_dir",
-    "sweep_temp_files",
-    "write_bytes_atomic",
-    "write_once",
-]
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 # `user:password@` (or `user@`) right after a scheme; no "/" before the "@" ("s3://b/key@v2" stays).

@@ -36,31 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from pipeline.errors import FlowrayError
+from flowmodel.errors import FlowrayError
 from pipeline.storage import redact_url
-
-__all__ = [
-    "CREDENTIAL_VARIABLES",
-    "FORWARDED_VARIABLES",
-    "JOB_COMMANDS",
-    "JobSpec",
-    "SubmitError",
-    "connect",
-    "dashboard_url",
-    "describe",
-    "entrypoint",
-    "final_message",
-    "follow",
-    "job_environment",
-    "job_exit_code",
-    "new_submission_id",
-    "redacted",
-    "repo_root",
-    "runtime_env",
-    "secret_values",
-    "stop",
-    "submit",
-]
 
 JOB_COMMANDS = ("train", "score", "sample", "prepare")
 # Never uploaded with the sources: environments, local state, outputs (Ray also honours .gitignore).

@@ -2,7 +2,7 @@
 every import in flowmodel/, pipeline/ and jobs/ keeps to it; no module imports itself back.
 
 How the rules are read. A package's docstring holds one sentence `May import: <names>.` (the
-colon is optional), where names are project modules or packages (`pipeline.{errors,storage}` is
+colon is optional), where names are project modules or packages (`pipeline.{config,storage}` is
 shorthand for both), remarks in parentheses are ignored, and names after "never" or "not" are
 exclusions. A module that needs other rules than its package gets its own sentence in the
 package's docstring: `jobs._batch may import: <names>.` A module may always import the modules
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ("flowmodel", "pipeline", "jobs")
 
 # The direction of DESIGN.md: jobs -> batch/train/serve/bench -> model/data/tracking -> the shared
-# top-level modules of pipeline (errors, config, storage, plots, submission, local_ray) ->
+# top-level modules of pipeline (config, storage, plots, submission, local_ray) ->
 # flowmodel. A room is a top-level package, or a subpackage of pipeline with everything under it;
 # "pipeline" itself is the room of the shared top-level modules.
 LAYERS = {

@@ -7,7 +7,7 @@ key) and sample generation, resolving the model the same way for both.
     sampling         generate(): Ray tasks draw chunks; the MLflow run
 
 May import: flowmodel, pipeline.batch.scoring, pipeline.{model,data,tracking},
-pipeline.{errors,config,storage,plots,submission,local_ray}.
+pipeline.{config,storage,plots,submission,local_ray}.
 """
 
 from __future__ import annotations

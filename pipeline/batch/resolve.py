@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowmodel import Flow
-from pipeline.errors import FlowrayError
+from flowmodel.errors import FlowrayError
 from pipeline.model.artifact import FlowPayload
 from pipeline.storage import redact
-
-__all__ = ["LOCAL_NAME", "BatchModel", "resolve_batch_model"]
 
 LOCAL_NAME = "local"
 RUNS_PREFIX = "runs:/"

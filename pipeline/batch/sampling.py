@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 import torch
 
 from flowmodel import Flow
+from flowmodel.errors import FlowrayError
 from pipeline.batch.resolve import BatchModel, resolve_batch_model
 from pipeline.data.images import encode_png
 from pipeline.data.shards import (
@@ -48,7 +49,6 @@ from pipeline.data.shards import (
     shard_name,
     write_manifest,
 )
-from pipeline.errors import FlowrayError
 from pipeline.model.artifact import FlowPayload
 from pipeline.storage import (
     StorageConfig,
@@ -58,8 +58,6 @@ from pipeline.storage import (
     sweep_temp_files,
     write_bytes_atomic,
 )
-
-__all__ = ["SPLIT", "SampleConfig", "SampleError", "SampleResult", "chunk_seed", "generate"]
 
 logger = logging.getLogger(__name__)
 

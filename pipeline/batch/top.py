@@ -38,17 +38,6 @@ from pipeline.batch.scoring.config import ScoreError
 from pipeline.model.calibration import Calibration, Drift, DropTally, verdict
 from pipeline.storage import StorageConfig, arrow_filesystem, join_url, list_files, read_bytes
 
-__all__ = [
-    "BY",
-    "TopResult",
-    "TopRow",
-    "draw_top",
-    "model_prefix",
-    "output_drift",
-    "run_files",
-    "top_scores",
-]
-
 logger = logging.getLogger(__name__)
 
 By = Literal["bits_per_dim", "ood_score"]

@@ -40,8 +40,6 @@ from pipeline.bench.harness import (
     torch_threads,
 )
 
-__all__ = ["LEVERS", "SMOKE", "Lever", "ResolvedLever", "Settings", "measure", "resolve", "table"]
-
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -51,8 +51,6 @@ from pipeline.train.core import Training, run_step, start_training
 from pipeline.train.loop_state import LoopState, record_outcome, settle
 from pipeline.train.step import evaluate_bits_per_dim, flow_bits_per_dim
 
-__all__ = ["OPTIONS", "SMOKE", "Option", "Settings", "main", "measure", "run"]
-
 
 @dataclass(frozen=True)
 class Settings:

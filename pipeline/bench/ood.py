@@ -38,8 +38,6 @@ from pipeline.model.scores import add_png_complexity, ood_score
 from pipeline.tracking.connection import resolve_tracking_uri
 from pipeline.train.config import TrainConfig
 
-__all__ = ["SCORES", "SETS", "SMOKE", "Settings", "auroc", "fpr_at_95_tpr", "measure"]
-
 SIDE = 28  # the sets are 28x28 grayscale, Fashion-MNIST's shape
 
 

@@ -42,8 +42,6 @@ from pipeline.model.likelihood import keyed_noise
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import StepMetrics
 
-__all__ = ["SMOKE", "TARGET_BITS_PER_DIM", "Settings", "measure", "race"]
-
 TARGET_BITS_PER_DIM = 3.70  # flowray's test bits/dim at 10 minutes
 LN2 = math.log(2)
 # The training recipe's settings that the report repeats (config.optim's fields).

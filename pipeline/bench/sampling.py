@@ -31,8 +31,6 @@ from pipeline.bench.harness import (
     torch_threads,
 )
 
-__all__ = ["SMOKE", "Settings", "measure"]
-
 
 @dataclass(frozen=True)
 class Settings:

@@ -32,8 +32,6 @@ from pipeline.bench.harness import (
     timed,
 )
 
-__all__ = ["MEMORY_TOLERANCE", "SMOKE", "Settings", "measure", "role_table"]
-
 MEMORY_TOLERANCE = 0.2  # peak memory may grow at most 20% from the smallest size
 
 

@@ -56,8 +56,6 @@ from pipeline.config import load_config
 from pipeline.storage import StorageConfig
 from pipeline.train.config import TrainConfig
 
-__all__ = ["SMOKE", "Settings", "measure"]
-
 
 @dataclass(frozen=True)
 class Settings:

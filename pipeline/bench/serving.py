@@ -33,8 +33,6 @@ from pipeline.bench.harness import (
     timed,
 )
 
-__all__ = ["SMOKE", "Settings", "measure"]
-
 
 @dataclass(frozen=True)
 class Settings:

@@ -48,8 +48,6 @@ from pipeline.data.shards import ImageSource, prepare
 from pipeline.data.sources import NpySource, SourceError, open_source
 from pipeline.storage import StorageConfig, fsspec_filesystem, join_url
 
-__all__ = ["SMOKE", "Settings", "measure"]
-
 SHAPE = (3, 64, 64)  # what foreign shards are fitted to
 PER_SHARD = 250  # JPEG photos per foreign shard
 # (height, width) of the photos, cycled: what web-scale image shards typically hold.

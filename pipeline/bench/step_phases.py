@@ -40,8 +40,6 @@ from pipeline.train.core import run_step, start_training
 from pipeline.train.ema import EMA
 from pipeline.train.step import flow_bits_per_dim, make_optimizer
 
-__all__ = ["PHASES", "SMOKE", "Settings", "ddp_rate", "measure", "phases"]
-
 PHASES = ("dequantize", "forward", "backward", "clip", "optimizer", "ema")
 
 

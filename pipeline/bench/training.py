@@ -41,8 +41,6 @@ from pipeline.bench.harness import (
 from pipeline.bench.quality import race
 from pipeline.train.config import TrainConfig
 
-__all__ = ["SMOKE", "TARGETS", "Settings", "measure"]
-
 TARGETS = {  # name: (the ratio, its least value)
     "ray_overhead": ("ray_2_workers_vs_in_process", 0.9),
     "flowray_vs_normflows": ("flowray_vs_normflows", 1.3),

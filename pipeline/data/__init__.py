@@ -15,7 +15,7 @@ entries it checks, and anyone else's shards, fitted in place), and what `prepare
 
 Imports point one way: tally, streams, images -> shards -> inputs -> reader -> sources.
 
-May import: flowmodel, pipeline.errors, pipeline.storage. Ray is imported lazily, inside the
+May import: flowmodel, pipeline.storage. Ray is imported lazily, inside the
 functions that build Ray Data datasets or run Ray tasks.
 """
 

@@ -30,18 +30,6 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-__all__ = [
-    "BadImage",
-    "FittedImage",
-    "ImageLimits",
-    "decode_fitted",
-    "decode_image",
-    "encode_png",
-    "fit_array",
-    "fit_image",
-    "open_image",
-]
-
 _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _WIDE_GREY_MAX = 65535  # the range of a 16-bit sample; 65535 / 257 == 255

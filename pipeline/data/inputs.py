@@ -50,6 +50,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from flowmodel.errors import FlowrayError
 from pipeline.data.shards import (
     MANIFEST_NAME,
     Manifest,
@@ -59,17 +60,7 @@ from pipeline.data.shards import (
     is_shard_file,
     parse_manifest,
 )
-from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, _translated, fsspec_filesystem, is_s3, join_url
-
-__all__ = [
-    "InputError",
-    "InputPlan",
-    "ShardRef",
-    "resolve_input",
-    "shard_stem",
-    "version_of",
-]
 
 InputKind = Literal["prepared", "foreign"]
 

@@ -12,8 +12,6 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TaskPlan", "tasks_datasource"]
-
 # (shard URLs of one task, seed, shuffle) -> the rows of those shards, in order.
 ReadShards = Callable[[list[str], "int | None", bool], Iterator[dict]]
 

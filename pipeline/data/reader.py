@@ -75,23 +75,6 @@ if TYPE_CHECKING:
 
     from pipeline.data.tally import SkipTally
 
-__all__ = [
-    "COLUMNS",
-    "IMAGE_MEMBERS",
-    "BadSample",
-    "ReadOptions",
-    "Report",
-    "ShardChanged",
-    "TarSample",
-    "fetch_images",
-    "iter_input",
-    "iter_shard",
-    "open_shard",
-    "read_input",
-    "sample_row",
-    "tar_samples",
-]
-
 logger = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")

@@ -33,10 +33,10 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from flowmodel.errors import FlowrayError
 from flowmodel.typed import ConfigError, from_dict, to_dict
 from pipeline.data.images import ImageLimits, encode_png
 from pipeline.data.tally import OnError
-from pipeline.errors import FlowrayError
 from pipeline.storage import (
     StorageConfig,
     exists,
@@ -49,29 +49,6 @@ from pipeline.storage import (
     sweep_temp_files,
     write_bytes_atomic,
 )
-
-__all__ = [
-    "FORMAT",
-    "MANIFEST_NAME",
-    "ImageSource",
-    "Manifest",
-    "ManifestError",
-    "PrepareError",
-    "PrepareResult",
-    "ShardEvent",
-    "ShardInfo",
-    "ShardWriter",
-    "SourceImage",
-    "compare_shards",
-    "existing_manifest",
-    "is_shard_file",
-    "load_manifest",
-    "parse_manifest",
-    "prepare",
-    "shard_key",
-    "shard_name",
-    "write_manifest",
-]
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 
+from flowmodel.errors import FlowrayError
 from pipeline.data.images import BadImage, ImageLimits, decode_fitted, fit_array
 from pipeline.data.inputs import InputPlan, ShardRef, resolve_input
 from pipeline.data.reader import (
@@ -43,18 +44,7 @@ from pipeline.data.reader import (
 )
 from pipeline.data.shards import ImageSource, SourceImage
 from pipeline.data.streams import RetryPolicy, with_retries
-from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, fsspec_filesystem, is_s3, join_url
-
-__all__ = [
-    "DEFAULT_FASHION_MNIST_DIR",
-    "FolderSource",
-    "IdxSource",
-    "NpySource",
-    "SourceError",
-    "default_idx_dir",
-    "open_source",
-]
 
 logger = logging.getLogger(__name__)
 

@@ -40,15 +40,6 @@ from typing import Any, TypeVar
 
 from pipeline.storage import StorageError
 
-__all__ = [
-    "ObjectReplaced",
-    "ResumingReader",
-    "RetryPolicy",
-    "TransientReadError",
-    "is_transient",
-    "with_retries",
-]
-
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 

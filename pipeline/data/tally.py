@@ -27,9 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.errors import FlowrayError
-
-__all__ = ["WHOLE_SHARD", "CorruptDataError", "OnError", "ShardOutcome", "SkipTally", "Skipped"]
+from flowmodel.errors import FlowrayError
 
 OnError = Literal["skip", "fail"]
 WHOLE_SHARD = "*"  # the key of a problem that concerns a whole shard

@@ -32,8 +32,6 @@ from safetensors.torch import save as save_tensors
 from flowmodel import Flow, FlowConfig, build_flow
 from pipeline.model.noise import MT19937_V1, noise_scheme_of, with_noise_scheme
 
-__all__ = ["CONFIG_FILE", "SCHEME_KEY", "WEIGHTS_FILE", "FlowPayload", "load_flow", "save_flow"]
-
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "flow_config.json"
 SCHEME_KEY = "noise_scheme"  # in flow_config.json, beside the FlowConfig keys

@@ -46,21 +46,6 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "DEFAULT_QUANTILE",
-    "LEVELS",
-    "Calibration",
-    "Drift",
-    "DropTally",
-    "binomial_sf",
-    "calibrate",
-    "calibrate_flow",
-    "flags",
-    "ks_2samp",
-    "ood_score_definition",
-    "verdict",
-]
-
 DEFAULT_QUANTILE = 0.95
 MAX_VALUES = 20_000  # values of each score kept (past that, a quantile grid)
 CALIBRATION_IMAGES = 10_000  # validation images scored by default: t_0.95 to +-0.22% coverage

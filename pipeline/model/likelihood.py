@@ -23,18 +23,7 @@ import torch
 from torch import Tensor
 
 from flowmodel import Flow, bits_per_dim_from_log_prob, dequantize
-from pipeline.model.noise import key_seeds, keyed_noise, noise_scheme_of
-
-__all__ = [
-    "CHUNK_DIMS",
-    "key_seeds",
-    "keyed_bits_per_dim",
-    "keyed_log_prob_levels",
-    "keyed_noise",
-    "predict_frame",
-    "predict_levels",
-    "to_device",
-]
+from pipeline.model.noise import keyed_noise, noise_scheme_of
 
 # Values of y per chunk on an accelerator (64 MiB of float32; 5,461 images of 3x32x32): large
 # enough to fill a GPU, small enough for the generator's int64 words (272 MB at this size). On

@@ -23,8 +23,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["seed_states", "uniform_float64"]
-
 N, M = 624, 397
 MATRIX_A, UPPER, LOWER, WORD = 0x9908B0DF, 0x80000000, 0x7FFFFFFF, 0xFFFFFFFF
 

@@ -28,19 +28,6 @@ from torch import Tensor
 from flowmodel import Flow
 from pipeline.model import mersenne, splitmix
 
-__all__ = [
-    "MT19937_V1",
-    "NOISE_SCHEME",
-    "NOISE_SCHEMES",
-    "SPLITMIX64_V2",
-    "check_noise_scheme",
-    "key_seeds",
-    "key_seeds64",
-    "keyed_noise",
-    "noise_scheme_of",
-    "with_noise_scheme",
-]
-
 MT19937_V1 = "mt19937-v1"
 SPLITMIX64_V2 = "splitmix64-v2"
 NOISE_SCHEMES = (MT19937_V1, SPLITMIX64_V2)

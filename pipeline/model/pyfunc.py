@@ -28,8 +28,6 @@ from mlflow.exceptions import MlflowException
 from pipeline.model.artifact import load_flow
 from pipeline.model.likelihood import predict_frame
 
-__all__ = ["FlowPyfunc", "as_uint8_images", "content_key", "image_keys"]
-
 PIXEL_MAX = 255
 
 

@@ -31,15 +31,6 @@ import numpy as np
 from flowmodel import Flow
 from pipeline.model.likelihood import predict_levels
 
-__all__ = [
-    "OOD_SCORE",
-    "SCORE_COLUMNS",
-    "add_png_complexity",
-    "max_png_bytes",
-    "ood_score",
-    "score_images",
-]
-
 SCORE_COLUMNS = ("log_likelihood", "bits_per_dim", "png_bits_per_dim", "ood_score")
 # The name of ood_score's formula: calibrations record it, and one of another formula judges nothing.
 OOD_SCORE = "bits-png+final-level"

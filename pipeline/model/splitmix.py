@@ -37,8 +37,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["reference", "uniform_float64", "uniform_float64_numpy"]
-
 GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 SHIFTS = (30, 27, 31)
 WORD = (1 << 64) - 1

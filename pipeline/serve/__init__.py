@@ -5,7 +5,7 @@ An answer is the score job's row for the same image: the scores come from the sc
 so the two never drift apart.
 
 May import: flowmodel, pipeline.batch (the scorer and the model resolver),
-pipeline.{model,data,tracking}, pipeline.{errors,config,storage,plots,submission,local_ray}.
+pipeline.{model,data,tracking}, pipeline.{config,storage,plots,submission,local_ray}.
 """
 
 from __future__ import annotations

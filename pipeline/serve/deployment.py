@@ -30,8 +30,6 @@ from pipeline.serve.config import ServeConfig
 from pipeline.serve.model import ModelHolder
 from pipeline.serve.requests import BadRequest, ScoreItem, media_type, parse_request, read_body
 
-__all__ = ["FlowScoring", "build_app"]
-
 api = FastAPI(title="flowray", description="log-likelihood, bits/dim and OOD score of images")
 
 

@@ -23,8 +23,6 @@ from pipeline.batch.scoring.report import json_number
 from pipeline.model.scores import SCORE_COLUMNS
 from pipeline.serve.requests import ScoreItem
 
-__all__ = ["ModelHolder", "ServedModel", "load_served_model"]
-
 log = logging.getLogger("ray.serve")  # Ray Serve's logger: lines land in the replica's log
 
 

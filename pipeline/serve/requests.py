@@ -28,20 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from flowmodel.errors import FlowrayError
 from pipeline.data.images import BadImage, ImageLimits, open_image
 from pipeline.data.images import decode_fitted as decode_fitted_image
-from pipeline.errors import FlowrayError
 from pipeline.model.pyfunc import as_uint8_images, image_keys
 from pipeline.serve.config import RequestLimits
-
-__all__ = [
-    "BadRequest",
-    "ScoreItem",
-    "decode_fitted",
-    "media_type",
-    "parse_request",
-    "read_body",
-]
 
 ENCODED_TYPES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
 JSON_TYPE = "application/json"

@@ -9,10 +9,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from pipeline.errors import FlowrayError
+from flowmodel.errors import FlowrayError
 from pipeline.serve.config import ServeConfig
-
-__all__ = ["PortInUse", "ServingInfo", "check_model", "check_port_free", "start", "stop"]
 
 
 class PortInUse(FlowrayError, ValueError):

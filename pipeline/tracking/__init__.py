@@ -2,7 +2,7 @@
 a pyfunc with its signature and input example) and the model registry (versions, the candidate
 and champion aliases).
 
-May import: flowmodel, pipeline.model, pipeline.{errors,storage}.
+May import: flowmodel, pipeline.model, pipeline.storage.
 """
 
 from __future__ import annotations

@@ -15,21 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flowmodel.errors import FlowrayError
 from flowmodel.typed import flatten, to_dict
-from pipeline.errors import FlowrayError
 from pipeline.storage import redact_url
-
-__all__ = [
-    "DEFAULT_WORKDIR",
-    "WORKDIR_VARIABLE",
-    "TrackingError",
-    "default_tracking_uri",
-    "default_workdir",
-    "ensure_experiment",
-    "log_config_params",
-    "quiet_mlflow",
-    "resolve_tracking_uri",
-]
 
 DEFAULT_WORKDIR = "flowray-work"
 WORKDIR_VARIABLE = "FLOWRAY_WORKDIR"

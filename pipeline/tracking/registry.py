@@ -17,8 +17,8 @@ ood_score quantiles (`store_calibration`, `load_calibration`). Training stores i
 
 A registered version's model is a flow logged to MLflow (`log_flow_model`): a pyfunc "model from
 code" with a signature and an input example. It holds the entry pipeline/model/pyfunc_entry.py, the `flow` artifact (model.safetensors +
-flow_config.json) and the code loading needs: flowmodel/ and a pipeline/ holding only __init__.py,
-errors.py and model/ (`SHIPPED_PIPELINE`). Nothing is pickled, so loading a model runs no code but
+flow_config.json) and the code loading needs: flowmodel/ and a pipeline/ holding only __init__.py
+and model/ (`SHIPPED_PIPELINE`). Nothing is pickled, so loading a model runs no code but
 ours, and a serving host needs no flowray install.
 
 Its signature is what `mlflow models serve` enforces: a uint8 tensor [-1, C, H, W] and the params
@@ -49,35 +49,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from flowmodel import Flow
-from pipeline.errors import FlowrayError
+from flowmodel.errors import FlowrayError
 from pipeline.model.artifact import load_flow, save_flow
 from pipeline.model.calibration import Calibration
 from pipeline.model.noise import noise_scheme_of
 from pipeline.storage import redact_url
 from pipeline.tracking.connection import quiet_mlflow
-
-__all__ = [
-    "CANDIDATE",
-    "CHAMPION",
-    "EXAMPLE_IMAGES",
-    "ModelNotFound",
-    "ModelVersionInfo",
-    "Promotion",
-    "RegisteredModelInfo",
-    "RegistrationError",
-    "ResolvedModel",
-    "SHIPPED_PIPELINE",
-    "ShapeMismatch",
-    "example_images",
-    "flow_signature",
-    "list_models",
-    "load_calibration",
-    "log_flow_model",
-    "promote",
-    "register_flow",
-    "resolve_model",
-    "store_calibration",
-]
 
 log = logging.getLogger(__name__)
 
@@ -431,9 +408,9 @@ def _searched() -> str:
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-# What of pipeline/ a logged model needs to load: pipeline.model imports only flowmodel and
-# pipeline.errors. Training, batch jobs, tracking and benchmarks stay out of served models.
-SHIPPED_PIPELINE = ("__init__.py", "errors.py", "model")
+# What of pipeline/ a logged model needs to load: pipeline.model imports only flowmodel.
+# Training, batch jobs, tracking and benchmarks stay out of served models.
+SHIPPED_PIPELINE = ("__init__.py", "model")
 EXAMPLE_IMAGES = 2  # enough to show the batch axis, small in the UI and in the MLmodel folder
 EXAMPLE_TEMPERATURE = 0.7  # the temperature sample grids use: images that look like the data
 

@@ -2,7 +2,7 @@
 step, ema, core, distributed, loop_state), what it reports, checkpoints, resume and data order.
 
 May import: flowmodel, pipeline.{model,data,tracking},
-pipeline.{errors,config,storage,plots,submission,local_ray}.
+pipeline.{config,storage,plots,submission,local_ray}.
 """
 
 from __future__ import annotations

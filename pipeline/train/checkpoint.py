@@ -32,14 +32,6 @@ from pipeline.storage import redact_url
 if TYPE_CHECKING:
     import fsspec
 
-__all__ = [
-    "COMPLETE_FILE",
-    "TrainState",
-    "checkpoint_problem",
-    "load_checkpoint",
-    "save_checkpoint",
-]
-
 COMPLETE_FILE = "complete.json"
 # The files of the layout above: what a checkpoint without COMPLETE_FILE must hold.
 LAYOUT_FILES = (

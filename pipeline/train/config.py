@@ -14,15 +14,6 @@ from flowmodel.typed import from_dict, to_dict
 from pipeline.storage import StorageConfig
 from pipeline.tracking.connection import default_workdir
 
-__all__ = [
-    "DataSettings",
-    "MlflowSettings",
-    "OptimSettings",
-    "RunSettings",
-    "ScalingSettings",
-    "TrainConfig",
-]
-
 
 def _in_workdir(*parts: str) -> str:
     return "/".join((default_workdir(), *parts))

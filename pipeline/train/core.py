@@ -33,8 +33,6 @@ from pipeline.train.step import (
     unwrap,
 )
 
-__all__ = ["StepLoss", "Training", "noise_generator", "run_step", "start_training"]
-
 
 def noise_generator(device: torch.device | str, seed: int) -> torch.Generator:
     """This worker's dequantization-noise generator: on `device` when torch has generators there

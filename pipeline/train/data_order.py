@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     from pipeline.train.config import TrainConfig
     from pipeline.train.loop_state import LoopState
 
-__all__ = ["EPOCH_FILE", "EpochBoard", "epoch_board", "record_batch"]
-
 EPOCH_FILE = "data_epoch"
 
 

@@ -14,14 +14,6 @@ import torch.distributed as dist
 
 from flowmodel import Flow
 
-__all__ = [
-    "all_agree_on_device",
-    "check_identical_start",
-    "is_distributed",
-    "parameter_checksum",
-    "slowest",
-]
-
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import FlowrayError
+from flowmodel.errors import FlowrayError
 from pipeline.storage import redact_url
 from pipeline.train.config import TrainConfig
 
@@ -33,15 +33,6 @@ if TYPE_CHECKING:
     from pipeline.data.tally import SkipTally
     from pipeline.train.checkpoint import TrainState
     from pipeline.train.worker import TrainHooks
-
-__all__ = [
-    "PreflightError",
-    "TrainResult",
-    "TrainingStopped",
-    "image_count",
-    "preflight",
-    "train",
-]
 
 RUN_TAG = "flowray.run_name"
 

@@ -17,8 +17,6 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EMA", "ema_decay"]
-
 M = TypeVar("M", bound=nn.Module)
 
 

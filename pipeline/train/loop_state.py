@@ -17,15 +17,6 @@ import torch
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.step import StepMetrics, StepOutcome, read_outcomes
 
-__all__ = [
-    "NONFINITE_STOP",
-    "LoopState",
-    "NonFiniteLoss",
-    "eta_seconds",
-    "record_outcome",
-    "settle",
-]
-
 NONFINITE_STOP = "nonfinite_stop"  # the report key that carries a non-finite stop to the driver
 # What LoopState and a checkpoint's TrainState share: every TrainState field but these three.
 COUNTERS = [f.name for f in fields(TrainState) if f.name not in ("optimizer", "rng", "ema_updates")]

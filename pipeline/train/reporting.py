@@ -21,17 +21,6 @@ import torch
 
 from flowmodel import Flow
 
-__all__ = [
-    "RunLogger",
-    "format_eta",
-    "quiet_ray_train_reports",
-    "sample_grid",
-    "say",
-    "start_system_metrics",
-    "stop_system_metrics",
-]
-
-
 GRID_SCALE = 3  # 28 x 28 samples are too small to see at 1:1 in MLflow's UI
 MAX_BUFFERED_METRICS = 100_000  # about 20 MB; past it the oldest go first
 MAX_BUFFERED_IMAGES = 4  # sample grids waiting to be sent; past it the oldest go first

@@ -14,18 +14,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from flowmodel.errors import FlowrayError
 from flowmodel.typed import flatten
-from pipeline.errors import FlowrayError
 from pipeline.storage import StorageConfig, fsspec_filesystem
 from pipeline.train.checkpoint import checkpoint_problem
-
-__all__ = [
-    "ResumeConfigError",
-    "SavedRun",
-    "check_resume",
-    "config_differences",
-    "latest_saved_run",
-]
 
 # Keys that may change between a run and its resume: budgets, cadences, where things are logged
 # or stored, and the test hooks older checkpoints' configs hold. Everything else must match.

@@ -15,24 +15,6 @@ from flowmodel import Flow, bits_per_dim_from_log_prob, dequantize, standard_nor
 from pipeline.model.likelihood import keyed_bits_per_dim
 from pipeline.train.config import OptimSettings
 
-__all__ = [
-    "Evaluation",
-    "LossFunction",
-    "StepMetrics",
-    "StepOutcome",
-    "batch_bits_per_dim",
-    "budget_progress",
-    "flow_bits_per_dim",
-    "learning_rate",
-    "evaluate",
-    "evaluate_bits_per_dim",
-    "make_optimizer",
-    "read_outcomes",
-    "set_learning_rate",
-    "train_step",
-    "unwrap",
-]
-
 
 @dataclass(frozen=True)
 class StepMetrics:

@@ -52,8 +52,6 @@ from pipeline.train.reporting import (
 )
 from pipeline.train.step import StepMetrics, budget_progress, evaluate
 
-__all__ = ["HOOKS_VARIABLE", "TrainHooks", "train_loop_per_worker"]
-
 HOOKS_VARIABLE = "FLOWRAY_TEST_HOOKS"
 
 T = TypeVar("T")

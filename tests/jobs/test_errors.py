@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from flowmodel import FlowConfig
+from flowmodel.errors import FlowrayError
 from jobs import cli
 from jobs.errors import (
     EXIT_FAILURE,
@@ -21,7 +22,6 @@ from jobs.errors import (
 from pipeline.config import load_config
 from pipeline.data.streams import TransientReadError
 from pipeline.data.tally import CorruptDataError
-from pipeline.errors import FlowrayError
 from pipeline.storage import StorageError, fsspec_filesystem
 from pipeline.submission import SubmitError
 from pipeline.tracking.connection import TrackingError

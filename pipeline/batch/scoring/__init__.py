@@ -10,7 +10,7 @@ Submodules are imported by name (`from pipeline.batch.scoring.job import score`)
 imports nothing itself.
 
 May import: flowmodel, pipeline.batch (the model resolver), pipeline.{model,data,tracking},
-pipeline.{errors,config,storage,plots,submission,local_ray}.
+pipeline.{config,storage,plots,submission,local_ray}.
 """
 
 from __future__ import annotations

@@ -29,15 +29,6 @@ from pipeline.model.artifact import FlowPayload
 from pipeline.model.likelihood import CHUNK_DIMS
 from pipeline.model.scores import add_png_complexity, score_images
 
-__all__ = [
-    "Scorer",
-    "actor_batch_size",
-    "buffer_limit",
-    "build_pipeline",
-    "local_cpus",
-    "pool_size",
-]
-
 # Bound on what the pipeline keeps in Ray's object store between the readers and the actors.
 # Unbounded, Ray Data lets the readers run ahead of the actors up to half the object store (itself
 # 30% of RAM by default): reading is ~5x faster than scoring on a CPU, so a 1M-image run would

@@ -6,10 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.errors import FlowrayError
+from flowmodel.errors import FlowrayError
 from pipeline.storage import StorageConfig
-
-__all__ = ["ScoreConfig", "ScoreError", "ScoreResult"]
 
 
 class ScoreError(FlowrayError, RuntimeError):

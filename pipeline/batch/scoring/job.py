@@ -123,8 +123,6 @@ from pipeline.storage import (
     sweep_temp_files,
 )
 
-__all__ = ["ScoreConfig", "ScoreError", "ScoreResult", "score"]
-
 logger = logging.getLogger(__name__)
 
 # Payloads saved before the noise scheme was recorded draw their noise with this one.

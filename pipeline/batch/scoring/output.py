@@ -68,27 +68,6 @@ from pipeline.data.tally import ShardOutcome
 from pipeline.model.calibration import flags
 from pipeline.storage import StorageConfig, join_url, read_bytes, write_once
 
-__all__ = [
-    "FLAG_THRESHOLD_KEY",
-    "OUTPUT_COLUMNS",
-    "PREPARED_SHARDS_KEY",
-    "SETTINGS_FILE",
-    "SHARD_SIZE_KEY",
-    "SHARD_URL_KEY",
-    "SHARD_VERSION_KEY",
-    "SKIPPED_COUNT_KEY",
-    "SKIPPED_KEYS_KEY",
-    "ShardCollector",
-    "ShardTarget",
-    "check_settings",
-    "file_stem",
-    "orphan_files",
-    "output_prefix",
-    "parquet_name",
-    "remove_files",
-    "shard_file",
-]
-
 logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = (

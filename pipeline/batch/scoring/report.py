@@ -38,8 +38,6 @@ from pipeline.data.tally import SkipTally
 from pipeline.model.calibration import Calibration, Drift, DropTally, verdict
 from pipeline.storage import join_url, redact_url, write_bytes_atomic
 
-__all__ = ["SUMMARY_DIR", "ScoreStats", "drift_unknown", "json_number", "report"]
-
 logger = logging.getLogger(__name__)
 
 SUMMARY_DIR = "_summary"

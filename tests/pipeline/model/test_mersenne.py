@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model.likelihood import key_seeds, keyed_noise
+from pipeline.model.likelihood import keyed_noise
 from pipeline.model.mersenne import uniform_float64
-from pipeline.model.noise import MT19937_V1
+from pipeline.model.noise import MT19937_V1, key_seeds
 from tests.pipeline.device_audit import AUDIT_DEVICE, AuditDevice, AuditTensor
 
 SEEDS = [0, 1, 5489, 2**32 + 7, 2**63 - 1, 123_456_789_012_345, *key_seeds(["a", "b"], 3)]
