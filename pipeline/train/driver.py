@@ -9,6 +9,8 @@ restores it through `get_checkpoint()`) and continues the same MLflow run.
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import logging
 import math
@@ -23,8 +25,6 @@ from pipeline.storage import redact_url
 from pipeline.train.config import TrainConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from ray.train import Result
     from ray.train.torch import TorchTrainer
 
@@ -65,7 +65,10 @@ def preflight(config: TrainConfig, local_ray: bool) -> dict[str, InputPlan]:
     """Check data and resources before Ray starts. Returns the two inputs, each listed once:
     a prepared split (its manifest checked) or foreign WebDataset shards (any input spec
     `pipeline.data.inputs.resolve_input` accepts)."""
+    from pipeline.train.worker import decoded_rows
+
     # Resources first: they fail without touching storage.
+
     cores = os.cpu_count() or 1
     if local_ray and config.scaling.num_workers * config.scaling.cpus_per_worker > cores:
         raise PreflightError(
@@ -96,7 +99,7 @@ def preflight(config: TrainConfig, local_ray: bool) -> dict[str, InputPlan]:
         usable = _readable_images(config.data.validation, validation.manifest, config.storage)
         found = f"{validation.manifest.count} in the manifest and {usable} in shards that can be read whole"
     else:  # foreign shards: counts are found by reading; one decodable image is enough here
-        usable = _first_images(config, validation, 1)
+        usable = len(list(itertools.islice(decoded_rows(config, validation), 1)))
         found = f"none that decodes in {len(validation.shards)} shard(s)"
     if usable == 0:
         raise PreflightError(
@@ -144,22 +147,6 @@ def _checked_input(config: TrainConfig, role: str, url: str) -> InputPlan:
             hint="set model.image_shape to the data's shape, or prepare the data at the model's size",
         )
     return plan
-
-
-def _decoded_rows(config: TrainConfig, data: InputPlan | str) -> Iterator[dict[str, Any]]:
-    """The rows of `data` at the model's image shape, undecodable images skipped (logged)."""
-    from pipeline.data.reader import iter_input
-    from pipeline.data.tally import SkipTally
-
-    shape = tuple(config.model.image_shape)
-    return iter_input(data, config.storage, shape=shape, on_error="skip", tally=SkipTally())
-
-
-def _first_images(config: TrainConfig, plan: InputPlan, wanted: int) -> int:
-    """How many of the first `wanted` images of `plan` decode (at most `wanted`)."""
-    import itertools
-
-    return sum(1 for _ in itertools.islice(_decoded_rows(config, plan), wanted))
 
 
 def _readable_images(url: str, manifest: Any, storage: Any) -> int:
@@ -283,15 +270,6 @@ def _init_ray(config: TrainConfig) -> None:
     )
 
 
-def _storage_args(config: TrainConfig) -> tuple[str, Any]:
-    from pipeline.storage import arrow_filesystem, is_s3
-
-    if is_s3(config.run.storage_path):
-        filesystem, path = arrow_filesystem(config.run.storage_path, config.storage)
-        return path, filesystem
-    return config.run.storage_path, None
-
-
 def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     """Run (or resume) the training job described by `config`; see the module docstring.
     `hooks`: the test seams (pipeline.train.worker.TrainHooks), else $FLOWRAY_TEST_HOOKS's."""
@@ -330,7 +308,7 @@ def _resume_epoch(config: TrainConfig) -> int:
     """For a rerun with checkpoints: its config checked against the latest checkpoint's (a model
     or data change is refused, naming the keys), and the epoch it had reached; 0 for a new run."""
     from pipeline.storage import join_url
-    from pipeline.train.resume import check_resume, latest_saved_run
+    from pipeline.train.checkpoint import check_resume, latest_saved_run
 
     saved = latest_saved_run(join_url(config.run.storage_path, config.run.name), config.storage)
     if saved is None:
@@ -346,8 +324,8 @@ def _trainer(
     tally: SkipTally | None,
     tracking_uri: str,
     run_id: str,
-    epoch: int = 0,
-    hooks: TrainHooks | None = None,
+    epoch: int,
+    hooks: TrainHooks,
 ) -> TorchTrainer:
     """The TorchTrainer: the shuffled training split as a Ray Data stream, the workers, and where
     checkpoints go (the same name and storage path resume the run)."""
@@ -357,6 +335,7 @@ def _trainer(
     from ray.data import DataContext
     from ray.train.torch import TorchTrainer
 
+    from pipeline.storage import arrow_filesystem, is_s3
     from pipeline.train.reporting import ray_train_log_level
 
     # The training split is read again every epoch; Ray Data's progress bars for it (drawn by
@@ -368,14 +347,16 @@ def _trainer(
         dataset = _training_dataset(config, plans["train"], tally, epoch)
     finally:
         context.enable_progress_bars = bars
-    storage_path, storage_filesystem = _storage_args(config)
+    storage_path, storage_filesystem = config.run.storage_path, None
+    if is_s3(storage_path):
+        storage_filesystem, storage_path = arrow_filesystem(storage_path, config.storage)
     return TorchTrainer(
         _loop,
         train_loop_config={
             "train": config.to_dict(),
             "tracking_uri": tracking_uri,
             "mlflow_run_id": run_id,
-            "hooks": asdict(hooks) if hooks else {},
+            "hooks": asdict(hooks),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,
@@ -401,13 +382,10 @@ def _trainer(
 def _training_dataset(
     config: TrainConfig, plan: InputPlan, tally: SkipTally | None, epoch: int
 ) -> Any:
-    """The shuffled training input as a Ray Data stream of images at the model's shape.
-
-    Its order is a function of (seed, epoch) (pipeline.train.data_order): the shard order is drawn
-    with seed + the epoch the workers announce, and the blocks keep that order (preserve_order:
-    a resume inside an epoch skips exactly the batches consumed before it). A dataset keeps the
-    DataContext it was created under, so this setting is for this dataset alone.
-    """
+    """The shuffled training input as a Ray Data stream of images at the model's shape, in an
+    order that is a function of (seed, epoch) (pipeline.train.data_order). preserve_order keeps
+    the blocks in that order, so a resume inside an epoch skips exactly the batches consumed
+    before it (set for this dataset alone, which keeps the DataContext it was created under)."""
     from ray.data import DataContext
 
     from pipeline.data.reader import read_input
@@ -516,10 +494,11 @@ def _calibration(config: TrainConfig, ema_flow: Flow) -> Any:
     with the version (pipeline.model.calibration); None, with a warning, when the split cannot
     be read now: the version is registered without it."""
     from pipeline.model.calibration import calibrate_flow
+    from pipeline.train.worker import decoded_rows
 
     url = config.data.validation
     try:
-        rows = _decoded_rows(config, url)
+        rows = decoded_rows(config, url)
         return calibrate_flow(ema_flow, rows, config.eval_seed, 1, source={"data": redact_url(url)})
     except (FlowrayError, OSError, ValueError) as error:
         logging.getLogger(__name__).warning(
@@ -542,6 +521,8 @@ def _log_final(
     """Final metrics, the bits/dim curves (also under <workdir>/pictures) and the EMA model on
     the run; returns the logged model's URI."""
     import mlflow
+    import numpy as np
+    from PIL import Image
 
     from pipeline.plots import training_curves
     from pipeline.tracking.registry import log_flow_model
@@ -554,21 +535,13 @@ def _log_final(
         curve = training_curves(
             state.history["train"], state.history["validation"], f"{config.run.name}: bits/dim"
         )
-        mlflow.log_image(_png_to_array(curve), "curves/bits_per_dim.png")
+        pixels = np.asarray(Image.open(io.BytesIO(curve)).convert("RGB"))
+        mlflow.log_image(pixels, "curves/bits_per_dim.png")
         if "://" not in config.workdir:  # also beside the other local outputs
             pictures = Path(config.workdir) / "pictures"
             pictures.mkdir(parents=True, exist_ok=True)
             (pictures / f"{config.run.name}-bits_per_dim.png").write_bytes(curve)
         return log_flow_model(ema_flow).model_uri
-
-
-def _png_to_array(data: bytes) -> Any:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def _loop(loop_config: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -52,7 +52,11 @@ from pipeline.train.reporting import (
 )
 from pipeline.train.step import StepMetrics, budget_progress, evaluate
 
+if TYPE_CHECKING:
+    from pipeline.data.inputs import InputPlan
+
 HOOKS_VARIABLE = "FLOWRAY_TEST_HOOKS"
+
 
 T = TypeVar("T")
 
@@ -116,26 +120,28 @@ class _Clock:
     window_wait: float = 0.0
 
 
-def _rows(config: TrainConfig, url: str) -> Iterator[dict[str, Any]]:
+def decoded_rows(
+    config: TrainConfig, data: InputPlan | str, on_error: str = "skip"
+) -> Iterator[dict[str, Any]]:
     """The rows of any input (a prepared split or foreign shards), fitted to the model's shape."""
     from pipeline.data.reader import iter_input
     from pipeline.data.tally import SkipTally
 
     shape = tuple(config.model.image_shape)
-    return iter_input(
-        url, config.storage, shape=shape, on_error=config.data.on_error, tally=SkipTally()
-    )
+    return iter_input(data, config.storage, shape=shape, on_error=on_error, tally=SkipTally())
 
 
 def _validation_batches(config: TrainConfig) -> Iterator[tuple[list[str], torch.Tensor]]:
-    rows = itertools.islice(_rows(config, config.data.validation), config.data.validation_limit)
+    rows = decoded_rows(config, config.data.validation, config.data.on_error)
+    rows = itertools.islice(rows, config.data.validation_limit)
     while batch := list(itertools.islice(rows, config.eval_batch_size)):
         yield [row["key"] for row in batch], torch.from_numpy(np.stack([r["image"] for r in batch]))
 
 
 def _init_batch(config: TrainConfig) -> torch.Tensor:
     """The first `init_images` training images in input order: the same on every worker."""
-    rows = itertools.islice(_rows(config, config.data.train), config.init_images)
+    rows = decoded_rows(config, config.data.train, config.data.on_error)
+    rows = itertools.islice(rows, config.init_images)
     return torch.from_numpy(np.stack([row["image"] for row in rows]))
 
 

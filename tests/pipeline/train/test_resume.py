@@ -17,14 +17,16 @@ import torch
 from flowmodel import FlowConfig, build_flow
 from pipeline.train.checkpoint import (
     COMPLETE_FILE,
+    ResumeConfigError,
     TrainState,
+    config_differences,
+    latest_saved_run,
     load_checkpoint,
     save_checkpoint,
 )
 from pipeline.train.config import TrainConfig
 from pipeline.train.data_order import EpochBoard
 from pipeline.train.driver import _resume_epoch, absolute_paths
-from pipeline.train.resume import ResumeConfigError, config_differences, latest_saved_run
 
 
 def test_only_keys_that_cannot_change_are_named() -> None:

@@ -10,9 +10,13 @@ import pytest
 import torch
 
 from flowmodel import FlowConfig, build_flow
-from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import (
+    TrainState,
+    config_differences,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipeline.train.config import OptimSettings, TrainConfig
-from pipeline.train.resume import config_differences
 from pipeline.train.step import budget_progress, learning_rate, set_learning_rate
 from pipeline.train.worker import train_loop_per_worker
 from tests.pipeline.train.fake_ray_train import FakeRayTrain
