@@ -1,15 +1,12 @@
 """One training lever at a time against the preset, at an equal budget of step time, on the
 Fashion-MNIST test split (`flowray bench ablation`).
 
-Each lever is the preset with a few config overrides (`LEVERS`: each a change from the preset),
-trained in a subprocess of its own (`python -m pipeline.bench.ablation <spec.json> <result.json>`)
-for `minutes` of step time by the in-process training loop (`harness.Racer`: the Ray Train job's
-step, optimizer, schedule, clipping and EMA at its global batch), then its EMA weights evaluated on
-the test split with keyed dequantization noise (the figure the demo and scoring report). The parent runs
-`parallel` children at a time with `threads` torch threads each and assembles one table.
-
-A lever whose config key this build lacks is shown as skipped with the reason; a combination drops
-such keys and says which. Imports torch, numpy and PyYAML only (no Ray, MLflow or normflows).
+Each lever (`LEVERS`: the preset with a few config overrides) is trained in a subprocess of its
+own (`python -m pipeline.bench.ablation <spec.json> <result.json>`) for `minutes` of step time by
+`harness.Racer`, then its EMA weights evaluated on the test split with keyed dequantization noise.
+The parent runs `parallel` children at a time with `threads` torch threads each. A lever whose
+config key this build lacks is shown as skipped with the reason; a combination drops such keys and
+says which. Imports torch, numpy and PyYAML only (no Ray, MLflow or normflows).
 """
 
 from __future__ import annotations
@@ -26,27 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from flowmodel.typed import ConfigError
-from pipeline.bench.harness import (
-    Racer,
-    Result,
-    Run,
-    Table,
-    fashion_mnist,
-    load_average,
-    preset_config,
-    preset_flow,
-    run_race,
-    timed,
-    torch_threads,
-)
+from pipeline.bench import harness
+from pipeline.bench.harness import Result, Run, Table
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class Lever:
-    """One row of the ablation: `overrides` ("key=value", as `flowray train --set` takes them)
-    applied to the preset; `change` says what that means, for the table."""
+    """One row: `overrides` ("key=value", as `flowray train --set` takes them) applied to the
+    preset; `change` says what that means."""
 
     name: str
     change: str
@@ -96,25 +82,14 @@ LEVERS: tuple[Lever, ...] = (
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    preset: the training preset the levers change.
-    levers: the levers to run (None: all of LEVERS).
-    minutes: step time per lever.
-    parallel: levers trained side by side.
-    threads: torch threads per lever (None: the cores shared evenly).
-    train_images: the first N training images (None: all).
-    test_images: the first N test images (None: all).
-    max_steps: also stop each lever after this many steps.
-    """
-
-    preset: str = "fashion-mnist"
-    levers: tuple[str, ...] | None = None
-    minutes: float = 10.0
-    parallel: int = 1
-    threads: int | None = None
-    train_images: int | None = None
-    test_images: int | None = None
-    max_steps: int | None = None
+    preset: str = "fashion-mnist"  # the training preset the levers change
+    levers: tuple[str, ...] | None = None  # None: all of LEVERS
+    minutes: float = 10.0  # step time per lever
+    parallel: int = 1  # levers trained side by side
+    threads: int | None = None  # torch threads per lever (None: the cores shared evenly)
+    train_images: int | None = None  # the first N (None: all)
+    test_images: int | None = None  # the first N (None: all)
+    max_steps: int | None = None  # also stop each lever after this many steps
 
 
 SMOKE = {
@@ -128,8 +103,7 @@ SMOKE = {
 
 @dataclass(frozen=True)
 class ResolvedLever:
-    """A lever against this build's config: the overrides that load, those that do not (with
-    why), and whether anything is left to run."""
+    """A lever against this build's config: the overrides that load, and those that do not (why)."""
 
     lever: Lever
     overrides: tuple[str, ...]
@@ -152,7 +126,7 @@ def resolve(lever: Lever, preset: str) -> ResolvedLever:
     kept, dropped = [], {}
     for override in lever.overrides:
         try:
-            preset_config(preset, [override])
+            harness.preset_config(preset, [override])
         except (ConfigError, ValueError) as err:
             dropped[override.split("=", 1)[0]] = str(err).splitlines()[0]
         else:
@@ -161,18 +135,17 @@ def resolve(lever: Lever, preset: str) -> ResolvedLever:
 
 
 def train_lever(settings: Settings, lever: str, overrides: Sequence[str]) -> dict[str, Any]:
-    """The lever's model trained in this process for `minutes` of step time, its EMA weights
-    evaluated on the test split: the figures of one table row."""
-    config = preset_config(settings.preset, overrides)
-    with torch_threads(settings.threads):
-        _, train = fashion_mnist("train", settings.train_images)
-        keys, test = fashion_mnist("test", settings.test_images)
-        flow = preset_flow(config.model, train[: config.init_images], config.seed)
+    """The figures of one table row, trained in this process."""
+    config = harness.preset_config(settings.preset, overrides)
+    with harness.torch_threads(settings.threads):
+        _, train = harness.fashion_mnist("train", settings.train_images)
+        keys, test = harness.fashion_mnist("test", settings.test_images)
+        flow = harness.preset_flow(config.model, train[: config.init_images], config.seed)
         budget = {"seconds": 60 * settings.minutes, "max_steps": settings.max_steps}
-        racer = Racer(flow, train, config, **budget)
-        load = [load_average()]
-        wall, _ = timed(lambda: run_race({lever: racer}, print))
-        load.append(load_average())
+        racer = harness.Racer(flow, train, config, **budget)
+        load = [harness.load_average()]
+        wall, _ = harness.timed(lambda: harness.run_race({lever: racer}, print))
+        load.append(harness.load_average())
         figures = racer.tested(keys, test)
     return {
         "lever": lever,
@@ -217,8 +190,7 @@ def _spawn(
 
 
 def measure(settings: Settings, run: Run) -> Result:
-    """Each lever trained in a subprocess, `parallel` at a time; results under
-    <output>/ablation/<lever>.json and .log."""
+    """Results under <output>/ablation/<lever>.json and .log."""
     known = {lever.name: lever for lever in LEVERS}
     unknown = [name for name in settings.levers or () if name not in known]
     if unknown:
@@ -253,7 +225,6 @@ def measure(settings: Settings, run: Run) -> Result:
 
 
 def table(report: dict[str, Any]) -> Table:
-    """Lever, what changed, steps, images/s, test bits/dim, and the delta against the baseline."""
     rows = report["levers"]
     base = next((r.get("test_bits_per_dim") for r in rows if r["lever"] == "baseline"), None)
 

@@ -1,19 +1,15 @@
 """The GPU check: `python -m pipeline.bench.gpu --output gpu.md` (or `flowray bench gpu`).
 
 For a bare GPU box with PyTorch (CUDA), numpy, pandas, pyyaml, safetensors, pyarrow and Pillow:
-it imports no Ray, MLflow, webdataset, s3fs, fsspec or psutil. In a world-size-1 process group
-(NCCL on CUDA: the training collectives reduce GPU tensors), within `budget_s`, it trains the
-preset's model through the Ray worker's own core (run_step, a read every sync_every steps) once
-per entry of `OPTIONS`, each from the same start on the same batches for the same seconds
-(images/s, held-out bits/dim of the EMA weights, host syncs per step); profiles one training
-step and one scoring batch (top kernels and host ops, launches, the device's idle share);
-scores through predict_frame against the raw forward at the same batch; samples; and round-trips
-a checkpoint GPU -> CPU -> GPU. Compiled options come last, so a compile that overruns loses
-nothing else; options a CPU lacks print "n/a (cuda only)". The tables are rewritten to --output
-(and its .json) after every phase. Without a GPU it says so and exits 0; `--device cpu --small`
-(`flowray bench gpu --smoke --set device=cpu`) runs it all at toy sizes on the CPU (the tests do).
-The images are synthetic (smooth random colour fields): the figures compare settings with one
-another; they are not a dataset's bits/dim.
+no Ray, MLflow, webdataset, s3fs, fsspec or psutil. In a world-size-1 process group (NCCL on
+CUDA), within `budget_s`, it trains the preset's model through the Ray worker's core (run_step)
+once per `OPTIONS` entry, from the same start on the same batches (images/s, held-out bits/dim of
+the EMA weights, host syncs per step); profiles a training step and a scoring batch; scores
+through predict_frame against the raw forward; samples; and round-trips a checkpoint GPU -> CPU
+-> GPU. Compiled options come last, so a compile that overruns loses nothing else. The tables
+are rewritten to --output (and .json) after every phase. Without a GPU it says so and exits 0;
+`--device cpu --small` runs it all at toy sizes on the CPU. The images are synthetic (smooth
+random colour fields): the figures compare settings, they are not a dataset's bits/dim.
 """
 
 from __future__ import annotations
@@ -54,12 +50,10 @@ from pipeline.train.step import evaluate_bits_per_dim, flow_bits_per_dim
 
 @dataclass(frozen=True)
 class Settings:
-    """What `--set key=value` changes. The option runs: each trains `train_seconds` after
-    `warmup_steps` untimed steps (compiling, CUDA graph capture) and `sync_every` steps whose
-    host syncs are counted; one that would overrun `budget_s` (with `compile_allowance_s` more
-    when compiled) is not run. `options`: names from `OPTIONS` (empty: all; eager always runs);
-    `lr_scaling`: the batch options' lr * sqrt(k) or lr * k. `train_only`: only the fp32 vs bf16
-    race over `steps` interleaved steps, timed from `timed_from` (the CPU precision comparison)."""
+    """Each option trains `train_seconds` after `warmup_steps` untimed steps (compiling, graph
+    capture) and `sync_every` steps whose host syncs are counted; one that would overrun
+    `budget_s` (plus `compile_allowance_s` when compiled) is not run. `train_only`: only the
+    fp32 vs bf16 race over `steps` interleaved steps, timed from `timed_from`."""
 
     device: str = "auto"  # auto (CUDA if any), cuda[:N] or cpu
     preset: str = "rgb32"  # a preset name or YAML: the model, the optimizer and its lr
@@ -68,8 +62,8 @@ class Settings:
     warmup_steps: int = 3
     sync_every: int = 10  # the worker's read interval (TrainConfig.sync_every)
     lr_warmup_steps: int = 50
-    lr_scaling: Literal["sqrt", "linear"] = "sqrt"
-    options: tuple[str, ...] = ()
+    lr_scaling: Literal["sqrt", "linear"] = "sqrt"  # the batch options' lr * sqrt(k) or * k
+    options: tuple[str, ...] = ()  # names from OPTIONS (empty: all; eager always runs)
     compile: bool = True  # run the compiled options
     compile_allowance_s: float = 75.0
     batch_size: int = 256  # the baseline's
@@ -118,11 +112,10 @@ NA = "n/a (cuda only)"
 
 @dataclass(frozen=True)
 class Option:
-    """One training setting against the eager baseline (the preset in fp32 at the baseline
-    batch, with torch's defaults: cuDNN convolutions in TF32, matmuls in fp32). `compile` is a
-    torch.compile mode for the step's forward and backward: "default" is the worker's own
-    `compile: true`; "reduce-overhead" adds CUDA graphs. `batch_factor` k multiplies the batch
-    and scales the lr (`Settings.lr_scaling`); `tf32` sets matmul and cuDNN TF32 (None: as is)."""
+    """One training setting against eager (the preset in fp32 at the baseline batch, torch's
+    defaults: cuDNN in TF32, matmuls in fp32). `compile`: a torch.compile mode ("default" is the
+    worker's `compile: true`; "reduce-overhead" adds CUDA graphs). `batch_factor` k multiplies
+    the batch and scales the lr; `tf32` sets matmul and cuDNN TF32 (None: as is)."""
 
     name: str
     cuda_only: bool = False
@@ -163,8 +156,7 @@ OPTIONS = (
 
 @dataclass
 class Report:
-    """The main table's rows (what, images/s, bits/dim, host syncs per step, notes; printed as
-    they come), the profile table, and the figures for the JSON."""
+    """The main table's rows (printed as they come), the profile table, the JSON's figures."""
 
     rows: list[list[str]] = field(default_factory=list)
     profile: Table = field(
@@ -201,8 +193,8 @@ def batches(images: np.ndarray, size: int, prefix: str) -> Iterator[tuple[list[s
 
 
 def host_syncs(work: Callable[[], Any], device: torch.device) -> float:
-    """Synchronizing CUDA calls during `work()` (.item(), copies to the host, stream syncs),
-    counted by torch's sync debug mode, which warns at each; NaN off CUDA (`work` still runs)."""
+    """Synchronizing CUDA calls during `work()`, counted by torch's sync debug mode (a warning
+    each); NaN off CUDA (`work` still runs)."""
     if device.type != "cuda":
         work()
         return math.nan
@@ -218,7 +210,6 @@ def host_syncs(work: Callable[[], Any], device: torch.device) -> float:
 
 @contextmanager
 def tf32(on: bool | None) -> Iterator[None]:
-    """TF32 for matmuls and cuDNN on or off inside the block (None: as they are)."""
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if on is not None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
@@ -232,8 +223,7 @@ def tf32(on: bool | None) -> Iterator[None]:
 
 
 def base_config(settings: Settings, warmup_steps: int | None = None) -> TrainConfig:
-    """The preset at the baseline batch and the check's read interval and warm-up; a smaller
-    model if small."""
+    """The preset at the baseline batch, read interval and warm-up; a smaller model if small."""
     overrides = [
         f"optim.warmup_steps={warmup_steps or settings.lr_warmup_steps}",
         f"batch_size={settings.batch_size}",
@@ -245,7 +235,6 @@ def base_config(settings: Settings, warmup_steps: int | None = None) -> TrainCon
 
 
 def option_config(option: Option, settings: Settings) -> TrainConfig:
-    """The baseline with the option's precision, compile switch, batch and scaled lr."""
     base, k = base_config(settings), option.batch_factor
     scale = math.sqrt(k) if settings.lr_scaling == "sqrt" else float(k)
     optim = replace(base.optim, lr=base.optim.lr * scale)
@@ -255,7 +244,7 @@ def option_config(option: Option, settings: Settings) -> TrainConfig:
 
 
 def fresh_flow(config: TrainConfig, images: np.ndarray) -> Flow:
-    """The same initialised flow every time: seeded weights, ActNorm set on the first images."""
+    """The same initialised flow every time."""
     return preset_flow(config.model, torch.from_numpy(images[:512]), config.seed)
 
 
@@ -293,10 +282,8 @@ def start(
 def train_option(
     option: Option, data: dict[str, np.ndarray], settings: Settings
 ) -> tuple[Training, dict[str, float]]:
-    """`option` trained as the worker does: `warmup_steps` untimed steps, `sync_every` steps
-    with their host syncs counted, then steps for `train_seconds` of wall clock, read every
-    `sync_every` steps (the clock is read at reads, when the device has caught up). Figures:
-    images/s over the timed steps, held-out bits/dim of the EMA weights, syncs per step."""
+    """`option` trained as the worker does (Settings); the clock is read at reads, every
+    `sync_every` steps, when the device has caught up."""
     config, device = option_config(option, settings), settings.torch_device
     training = start(option, config, data["train"], device)
     pool = torch.from_numpy(data["train"]).to(device)  # on the device: no copy per step
@@ -341,8 +328,7 @@ def option_phase(
     report: Report,
     left: Callable[[], float],
 ) -> Iterator[str]:
-    """A row per option (n/a, not run, failed or measured), yielding after each; returns the
-    eager baseline's Training (None if it did not run)."""
+    """A row per option, yielding after each; returns eager's Training (None if it did not run)."""
     kept = None
     for option in options:
         name, compiled = f"train {option.name}", option.compile is not None
@@ -384,9 +370,8 @@ def option_row(
 
 
 def precision_race(data: dict[str, np.ndarray], settings: Settings, report: Report) -> None:
-    """fp32 and bf16 from the same start on the same batches, their steps interleaved so that
-    both see the same load (a shared machine drifts between sequential runs): the median step
-    time of each (after `timed_from` steps), and held-out EMA bits/dim after `steps` steps."""
+    """fp32 and bf16 from the same start on the same batches, steps interleaved so that both see
+    the same load: median step time after `timed_from` steps, held-out EMA bits/dim."""
     base, device = base_config(settings, max(1, settings.steps // 8)), settings.torch_device
     configs = {"fp32": base, "bf16": replace(base, precision="bf16")}
     trainings = {
@@ -420,9 +405,9 @@ def precision_race(data: dict[str, np.ndarray], settings: Settings, report: Repo
 def profile(
     what: str, work: Callable[[], Any], device: torch.device, count: int, report: Report
 ) -> None:
-    """torch.profiler over one `work()` after a warm-up call: the top `count` kernels by self
-    device time (CUDA), the top `count` host ops by self CPU time, and a note: the wall time, the
-    device's busy time and idle share (the host gaps: launches, Python, waits) and the launches."""
+    """torch.profiler over one `work()` after a warm-up: the top `count` kernels by device time,
+    the top host ops by CPU time, and the wall time, the device's idle share (host gaps) and the
+    kernel launches."""
     cuda, rows = device.type == "cuda", report.profile.rows
     work()
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -453,7 +438,7 @@ def profile(
 
 
 def raw_forward_rate(flow: Flow, images: np.ndarray, batch: int, device: torch.device) -> float:
-    """Images/s of the flow's forward pass alone on already dequantized images on the device."""
+    """Images/s of the forward pass alone, on dequantized images already on the device."""
     y = dequantize(torch.from_numpy(images[:batch]), flow.config.n_bits).to(device)
     rounds = max(1, min(len(images), 4 * batch) // batch)
     with torch.no_grad():
@@ -465,8 +450,7 @@ def raw_forward_rate(flow: Flow, images: np.ndarray, batch: int, device: torch.d
 def score_rate(
     flow: Flow, images: np.ndarray, batch: int, device: torch.device
 ) -> tuple[float, np.ndarray]:
-    """Images/s of predict_frame (keyed noise, y on the device, forward) over all `images` in
-    batches of `batch`, and the bits/dim it gave."""
+    """Images/s of predict_frame over `images` in batches of `batch`, and its bits/dim."""
     keys = [f"img-{i}" for i in range(len(images))]
     predict_frame(flow, images[:batch], keys[:batch], 0, 1)  # warm-up
     frames: list[Any] = []
@@ -482,8 +466,8 @@ def score_rate(
 
 
 def score_phase(flow: Flow, settings: Settings, report: Report) -> None:
-    """predict_frame in fp32 and bf16 against the raw forward pass at the same batch, a sweep of
-    the raw forward, keyed noise on the CPU and the device, and a profile of one batch."""
+    """predict_frame in fp32 and bf16 against the raw forward at the same batch, a sweep of the
+    raw forward, keyed noise on the CPU and the device, and a profile of one batch."""
     device, batch = settings.torch_device, settings.score_batch
     images = smooth_images(settings.score_images, flow.config.image_shape, seed=2)
     flow = flow.to(device).eval()
@@ -507,15 +491,9 @@ def score_phase(flow: Flow, settings: Settings, report: Report) -> None:
     seconds, on_cpu = timed(lambda: keyed_noise(keys, shape, 0), device)
     report.add("keyed noise on the CPU", len(keys) / seconds, None)
     seconds, on_device = timed(lambda: keyed_noise(keys, shape, 0, device), device)
-    assert torch.equal(on_device.cpu(), on_cpu), (
-        "keyed noise: expected the CPU's numbers, bit for bit"
-    )
-    report.add(
-        f"keyed noise on {device.type}",
-        len(keys) / seconds,
-        None,
-        "equal to the CPU's, bit for bit",
-    )
+    same = "the CPU's numbers, bit for bit"
+    assert torch.equal(on_device.cpu(), on_cpu), f"keyed noise: expected {same}"
+    report.add(f"keyed noise on {device.type}", len(keys) / seconds, None, f"equal to {same}")
     report.figures.update({"score_fp32": rate, "raw_forward_fp32": raw, "score_bf16": rate_bf16})
     first = images[:batch]
     one = partial(predict_frame, flow, first, [f"one-{i}" for i in range(len(first))], 0, 1)
@@ -528,11 +506,11 @@ def sample_phase(flow: Flow, settings: Settings, report: Report) -> None:
     flow.sample(min(chunk, 8), 0.7, torch.Generator().manual_seed(0))  # warm-up
 
     def draw() -> list[torch.Tensor]:
-        starts = range(0, count, chunk)
-        return [
-            flow.sample(min(chunk, count - i), 0.7, torch.Generator().manual_seed(i))
-            for i in starts
+        seeded = [
+            (min(chunk, count - i), torch.Generator().manual_seed(i))
+            for i in range(0, count, chunk)
         ]
+        return [flow.sample(size, 0.7, generator) for size, generator in seeded]
 
     seconds, drawn = timed(draw, settings.torch_device)
     shapes = {tuple(images.shape[1:]) for images in drawn}
@@ -545,9 +523,9 @@ def sample_phase(flow: Flow, settings: Settings, report: Report) -> None:
 
 
 def checkpoint_gaps(device_flow: Flow, loaded: Flow, images: np.ndarray) -> tuple[float, float]:
-    """Largest per-image log p differences, in bits/dim, of the reloaded flow against (1) the
-    device flow's weights copied to the CPU, both computed on the CPU: 0 when the checkpoint holds
-    exactly the weights, and (2) the device flow computed on its device: the arithmetic gap."""
+    """Largest per-image log p gaps, in bits/dim, of the reloaded flow against (1) the device
+    flow copied to the CPU (0 when the checkpoint holds exactly the weights) and (2) the device
+    flow on its device (the arithmetic gap)."""
     y = dequantize(torch.from_numpy(images), loaded.config.n_bits, torch.Generator().manual_seed(0))
     device = next(device_flow.parameters()).device
     with torch.no_grad():
@@ -642,7 +620,6 @@ def guarded(report: Report, what: str, work: Callable[..., Any], *args: Any) -> 
 
 
 def chosen(settings: Settings) -> list[Option]:
-    """The options `settings.options` names (all when empty), the eager baseline always."""
     known = [option.name for option in OPTIONS]
     if unknown := set(settings.options) - set(known):
         raise ValueError(f"options: expected names from {known}, found {sorted(unknown)}")
@@ -651,7 +628,7 @@ def chosen(settings: Settings) -> list[Option]:
 
 
 def phases(settings: Settings, report: Report) -> Iterator[str]:
-    """Runs the phases one by one, yielding after each (so that the tables can be written)."""
+    """The phases, yielding after each (so that the tables can be written)."""
     config, device, started = base_config(settings), settings.torch_device, time.perf_counter()
     shape = config.model.image_shape
     data = {
@@ -703,7 +680,7 @@ def run(settings: Settings, out: Path | None = None) -> Result:
 
 
 def resolved(settings: Settings) -> Settings | None:
-    """`settings` on a concrete device, or None when they ask for a GPU this machine lacks."""
+    """`settings` on a concrete device; None when they ask for a GPU this machine lacks."""
     wanted = settings.device
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else ""
@@ -713,7 +690,6 @@ def resolved(settings: Settings) -> Settings | None:
 
 
 def measure(settings: Settings, run_in: Run) -> Result:
-    """`flowray bench gpu`: every phase on the GPU (`device=cpu` for the CPU smoke)."""
     on_device = resolved(settings)
     if on_device is None:
         return Result({"skipped": NO_GPU}, [Table([], notes=[NO_GPU])])

@@ -1,14 +1,10 @@
-"""What every benchmark suite shares: the machine, timing and medians, torch threads, the preset
-model, Fashion-MNIST (in memory and prepared as shards), the in-process training race, a local
-Ray, S3 on loopback, the memory of a process tree, and one table type rendered to Markdown and
-JSON.
+"""What every benchmark suite shares: timing and medians, torch threads, the preset model,
+Fashion-MNIST (in memory and as shards), the in-process training race, a local Ray, S3 on
+loopback, the memory of a process tree, and one table type rendered to Markdown and JSON.
 
-Numbers from a shared machine are only meaningful side by side, so suites report medians and
-ratios, and every report carries `machine()`: CPU, cores, versions, threads and the load average.
-
-Imports torch, numpy and pipeline modules that need nothing else at import time; Ray, moto,
-boto3 and psutil are imported inside the functions that use them, so the GPU and ablation suites
-run where only torch and the project's light dependencies are installed.
+Numbers from a shared machine mean something only side by side: suites report medians and ratios,
+and every report carries `machine()`. Ray, moto, boto3 and psutil are imported where used, so the
+GPU and ablation suites run where only torch and the light dependencies are installed.
 """
 
 from __future__ import annotations
@@ -72,12 +68,6 @@ def timed(work: Callable[[], T], device: torch.device | None = None) -> tuple[fl
     return time.perf_counter() - started, result
 
 
-def rate(work: Callable[[], int]) -> float:
-    """Items per second of `work`, which returns how many items it handled."""
-    seconds, count = timed(work)
-    return count / seconds
-
-
 @contextmanager
 def torch_threads(count: int | None) -> Iterator[int]:
     """torch's intra-op threads set to `count` (None: one per core) until the block ends."""
@@ -91,7 +81,6 @@ def torch_threads(count: int | None) -> Iterator[int]:
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
     import socket
 
     with socket.socket() as probe:
@@ -100,7 +89,6 @@ def free_port() -> int:
 
 
 def load_average() -> float:
-    """The one-minute load average, rounded for a report."""
     return round(os.getloadavg()[0], 2)
 
 
@@ -113,8 +101,6 @@ def _cpu_model() -> str:
 
 
 def _version(package: str) -> str | None:
-    """The version of `package`; None where it cannot be imported (the ablation and GPU suites
-    run without Ray or normflows)."""
     try:
         return importlib.import_module(package).__version__
     except ImportError:
@@ -122,7 +108,6 @@ def _version(package: str) -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 1,
@@ -177,8 +162,7 @@ class Table:
 
 @dataclass(frozen=True)
 class Run:
-    """Where a suite runs: `workdir` (which exists) holds what it keeps between runs (prepared
-    shards, models, stores), `output` the reports; `log` takes its progress lines."""
+    """`workdir` (which exists) holds what a suite keeps between runs, `output` the reports."""
 
     workdir: Path
     output: Path
@@ -187,7 +171,7 @@ class Run:
 
 @dataclass
 class Result:
-    """What a suite's `measure()` returns: its figures (the JSON report's keys) and its tables."""
+    """What a suite's `measure()` returns: the JSON report's keys and the tables."""
 
     figures: dict[str, Any]
     tables: list[Table]
@@ -209,9 +193,8 @@ def preset_config(preset: str, overrides: Sequence[str] = ()) -> TrainConfig:
 
 
 def fashion_mnist(split: str, limit: int | None = None) -> tuple[list[str], Tensor]:
-    """Keys and uint8 images [N, 1, 28, 28] of a Fashion-MNIST split, read by the production
-    `IdxSource` from FASHION_MNIST_DIR (else Debian's folder). The keys are those `prepare`
-    writes ("test-00000042"), so keyed dequantization noise here equals the scoring job's."""
+    """Keys and uint8 images [N, 1, 28, 28] of a Fashion-MNIST split (`IdxSource`). The keys are
+    those `prepare` writes, so keyed dequantization noise here equals the scoring job's."""
     from pipeline.data.shards import shard_key
     from pipeline.data.sources import IdxSource, default_idx_dir
 
@@ -222,8 +205,7 @@ def fashion_mnist(split: str, limit: int | None = None) -> tuple[list[str], Tens
 
 
 def preset_flow(model: FlowConfig, init_images: Tensor, seed: int = 0) -> Flow:
-    """The flow of `model`, seeded and given its data-dependent (ActNorm) initialisation on
-    `init_images` (uint8), as the training job builds it; throughput suites use it untrained."""
+    """The flow of `model`, seeded and ActNorm-initialised on `init_images`, as training builds it."""
     torch.manual_seed(seed)
     flow = build_flow(model)
     flow.initialize(init_images, generator=torch.Generator().manual_seed(seed))
@@ -231,8 +213,7 @@ def preset_flow(model: FlowConfig, init_images: Tensor, seed: int = 0) -> Flow:
 
 
 def saved_preset_model(folder: Path, model: FlowConfig | str) -> str:
-    """`preset_flow` of `model` (or of a preset's model) on 512 Fashion-MNIST test images, saved
-    as a model directory in `folder`."""
+    """`preset_flow` of `model` (or a preset's) on 512 test images, saved as a model directory."""
     from pipeline.model.artifact import save_flow
 
     model = preset_config(model).model if isinstance(model, str) else model
@@ -249,9 +230,9 @@ def prepared_fashion_mnist(
     shard_samples: int = 500,
     workers: int = 0,
 ) -> str:
-    """The first `images` of a Fashion-MNIST split as prepared shards under `out`; the split's URL.
-    Past the split's size, its images repeated with unique keys (a .npy through `NpySource`,
-    whose one split is "train"; local only). A finished split is found again, not rewritten."""
+    """The first `images` of a Fashion-MNIST split as shards under `out`; the split's URL. Past the
+    split's size, its images repeated with unique keys (local only, through `NpySource`, whose
+    one split is "train"). A finished split is found again, not rewritten."""
     from pipeline.data.shards import ManifestError, load_manifest, prepare
     from pipeline.data.sources import NpySource, open_source
 
@@ -280,7 +261,7 @@ def prepared_fashion_mnist(
 
 
 def global_batch(config: TrainConfig) -> int:
-    """The images one optimizer step of the Ray Train job sees: per-worker batch x workers."""
+    """Per-worker batch x workers: the images one optimizer step of the Ray Train job sees."""
     return config.batch_size * max(1, config.scaling.num_workers)
 
 
@@ -294,13 +275,11 @@ def batches(images: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
 
 
 class Racer:
-    """One model in an in-process training race, trained as the Ray Train job trains: by `step`
-    (`train_step`, or its like for another library's model) at the job's global batch, with the
-    preset's optimizer, the learning rate warmed up and decayed by `progress`, the preset's
-    clipping, an EMA updated after every step that was not skipped, seeded dequantization noise
-    and batch order. Only step time counts towards its budget, and the rate of each window of
-    `window_steps` steps is kept, so that start-up (the first window) and one-off stalls do not
-    move the median. `evaluate` scores the EMA weights as `evaluate_bits_per_dim` does."""
+    """One model in an in-process training race, trained as the Ray Train job trains: `step`
+    (`train_step` or its like for another library) at the global batch, the preset's optimizer,
+    schedule and clipping, an EMA after every step not skipped, seeded noise and batch order.
+    Only step time counts towards the budget; the rate of each `window_steps` window is kept,
+    so that start-up and one-off stalls do not move the median."""
 
     def __init__(
         self,
@@ -329,8 +308,7 @@ class Racer:
 
     @property
     def progress(self) -> float:
-        """The budget spent, in [0, 1]: step time against `seconds`, or steps against `max_steps`
-        when that binds first (the Ray loop decays by elapsed time against max_minutes)."""
+        """The budget spent, in [0, 1], as the Ray loop counts it."""
         return budget_progress(self.steps, self.max_steps, self.elapsed, self.seconds / 60)
 
     @property
@@ -344,10 +322,8 @@ class Racer:
         started = time.perf_counter()
         optim = self.config.optim
         set_learning_rate(self.optimizer, optim, self.steps, self.progress)
-        clip = optim.max_grad_norm
-        metrics = self.step(
-            self.model, batch, self.optimizer, max_grad_norm=clip, generator=self.noise
-        )
+        clip, noise = optim.max_grad_norm, self.noise
+        metrics = self.step(self.model, batch, self.optimizer, max_grad_norm=clip, generator=noise)
         if metrics.skipped:
             self.skipped += 1
         else:
@@ -363,13 +339,11 @@ class Racer:
 
     @property
     def images_per_second(self) -> float:
-        """The median window rate, the first (warm-up) window left out when there are others;
-        the overall rate before the first window ends."""
+        """The median window rate without the first (warm-up) window, when there are others."""
         rates = self.rates or [self.steps * self.batch_size / max(self.elapsed, 1e-9)]
         return median(rates[1:] if len(rates) > 1 else rates)
 
     def figures(self) -> dict[str, Any]:
-        """Parameters, steps, step seconds, images seen and per second, last loss, skips."""
         return {
             "params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "steps": self.steps,
@@ -391,7 +365,7 @@ class Racer:
 
 def run_race(racers: dict[str, Racer], log: Callable[[str], None] | None = None) -> None:
     """One step of each racer in turn until each has spent its budget: the load of a shared
-    machine drifts over minutes, and alternating steps gives every model the same conditions."""
+    machine drifts, and alternating steps gives every model the same conditions."""
     while not all(racer.done for racer in racers.values()):
         for name, racer in racers.items():
             if racer.done:
@@ -411,14 +385,10 @@ def run_race(racers: dict[str, Racer], log: Callable[[str], None] | None = None)
 def local_ray(
     cpus: int | None = None, *, dashboard: bool = False, worker_logs: bool = True
 ) -> Iterator[bool]:
-    """A local Ray until the block ends (never a cluster found through RAY_ADDRESS); a Ray
-    already running is used as it is. Yields whether it started one.
-
-    Args:
-        cpus: logical CPUs (default: `local_cpus()`, as `flowray score` starts Ray).
-        dashboard: Ray Train's placement-group cleaner needs the state API behind it.
-        worker_logs: print the workers' output here (off for Serve: a line per request).
-    """
+    """A local Ray until the block ends (never RAY_ADDRESS's cluster); one already running is
+    used as it is. Yields whether it started one. `cpus` defaults to `local_cpus()`, as `flowray
+    score` starts Ray; Ray Train's placement-group cleaner needs the `dashboard`; `worker_logs`
+    is off for Serve (a line per request)."""
     import ray
     from ray.data import DataContext
 
@@ -445,38 +415,32 @@ def local_ray(
 def loopback_s3() -> Iterator[StorageConfig]:
     """moto's S3 server on 127.0.0.1 with BENCH_BUCKET, and FAKE_S3_CREDENTIALS in the
     environment (a Ray started inside the block gives them to its workers); both undone after."""
+    from unittest import mock
+
     import boto3
     from moto.server import ThreadedMotoServer
 
-    saved = {name: os.environ.get(name) for name in [*FAKE_S3_CREDENTIALS, "AWS_SESSION_TOKEN"]}
-    os.environ.pop("AWS_SESSION_TOKEN", None)
-    os.environ.update(FAKE_S3_CREDENTIALS)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-            Bucket=BENCH_BUCKET
-        )
-        yield StorageConfig(endpoint_url=endpoint, region="us-east-1")
-    finally:
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with mock.patch.dict(os.environ, FAKE_S3_CREDENTIALS):  # the environment restored after
+        os.environ.pop("AWS_SESSION_TOKEN", None)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            s3.create_bucket(Bucket=BENCH_BUCKET)
+            yield StorageConfig(endpoint_url=endpoint, region="us-east-1")
+        finally:
+            server.stop()
 
 
 # ----------------------------------------------------------------------------- memory
 
 
 def process_role(process: Any, root: int) -> str:
-    """What a process is, for a memory breakdown: "driver" (`root`), a Ray actor's class or a
-    task worker from its process title ("ray::Scorer.__call__" -> "ray::Scorer", "ray::IDLE"),
-    else the executable's or helper script's name ("gcs_server", "raylet", "dashboard.py")."""
+    """What a process is: "driver" (`root`), a Ray actor's class or task worker from its title
+    ("ray::Scorer.__call__" -> "ray::Scorer"), else its executable's or script's name."""
     import psutil
 
     if process.pid == root:
@@ -495,14 +459,10 @@ def process_role(process: Any, root: int) -> str:
 
 
 class RssSampler:
-    """Peak memory of this process and all its descendants (the Ray processes a local
-    `ray.init()` starts), sampled with psutil every `interval` seconds while the block runs.
-
-    peak_rss_mb sums each process's RSS (shared pages counted in every process that maps them);
-    peak_pss_mb sums PSS (shared pages split between them, so Ray's object store counts once);
-    peak_pss_by_role_mb splits the peak sample's PSS by `process_role`. Linux only; elsewhere
-    all stay NaN (empty).
-    """
+    """Peak memory of this process and all its descendants (a local Ray's processes), sampled
+    every `interval` seconds while the block runs: summed RSS (shared pages counted in each
+    process), summed PSS (shared pages split, so Ray's object store counts once) and the peak
+    sample's PSS by `process_role`. Linux only; elsewhere NaN."""
 
     def __init__(self, interval: float = 0.5, root: int | None = None) -> None:
         self.interval = interval

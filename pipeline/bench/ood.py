@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,15 +22,8 @@ import numpy as np
 
 from flowmodel import Flow
 from pipeline.batch.resolve import resolve_batch_model
-from pipeline.bench.harness import (
-    Result,
-    Run,
-    Table,
-    fashion_mnist,
-    preset_flow,
-    timed,
-    torch_threads,
-)
+from pipeline.bench import harness
+from pipeline.bench.harness import Result, Run, Table
 from pipeline.config import load_config
 from pipeline.model.likelihood import predict_levels
 from pipeline.model.scores import add_png_complexity, ood_score
@@ -178,40 +170,28 @@ SCORES: dict[str, tuple[Callable[[Parts, Parts], np.ndarray], str]] = {
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    model: the model: a local model directory, models:/<name>@<alias>, models:/<name>/<version>
-        or runs:/... (None: the preset's model at its initialisation, untrained).
-    tracking_uri: MLflow of models:/ and runs:/ references (None: MLFLOW_TRACKING_URI, else the
-        work folder's).
-    preset: the training preset whose model is built when `model` is None.
-    images: images per foreign set.
-    in_distribution: Fashion-MNIST test images scored as the inliers.
-    reference: other test images, the typicality scores' reference (a validation set).
-    draws: dequantization draws per image, as the scoring job's `draws`.
-    seed: the foreign sets' and the dequantization noise's seed.
-    threads: torch threads (None: one per core).
-    """
-
+    # A local model directory, models:/<name>@<alias>, models:/<name>/<version> or runs:/...
+    # (None: the preset's model at its initialisation, untrained).
     model: str | None = None
-    tracking_uri: str | None = None
+    tracking_uri: str | None = None  # of models:/ and runs:/ (None: the env's, else the work's)
     preset: str = "fashion-mnist"
-    images: int = 500
-    in_distribution: int = 2000
-    reference: int = 2000
-    draws: int = 1
-    seed: int = 0
-    threads: int | None = None
+    images: int = 500  # per foreign set
+    in_distribution: int = 2000  # Fashion-MNIST test images scored as the inliers
+    reference: int = 2000  # other test images: the typicality scores' reference
+    draws: int = 1  # dequantization draws per image, as the scoring job's
+    seed: int = 0  # of the foreign sets and the dequantization noise
+    threads: int | None = None  # torch threads (None: one per core)
 
 
 SMOKE = {"images": 24, "in_distribution": 48, "reference": 48}
 
 
 def _flow(settings: Settings, run: Run) -> tuple[Flow, str]:
-    """The model to measure and its label."""
+    """The model and its label."""
     if settings.model is None:
         model = load_config(TrainConfig, settings.preset).model
-        _, images = fashion_mnist("train", 512)
-        return preset_flow(model, images).eval(), f"the {settings.preset} preset, untrained"
+        _, images = harness.fashion_mnist("train", 512)
+        return harness.preset_flow(model, images).eval(), f"the {settings.preset} preset, untrained"
     if settings.model.startswith(("models:/", "runs:/")):
         import mlflow
 
@@ -228,7 +208,6 @@ def _parts(flow: Flow, images: np.ndarray, keys: list[str], settings: Settings) 
 
 
 def measure(settings: Settings, run: Run) -> Result:
-    """Score the inliers, the reference and every set with one model; AUROC and FPR95 per score."""
     flow, label = _flow(settings, run)
     if tuple(flow.config.image_shape) != (1, SIDE, SIDE):
         raise ValueError(
@@ -236,7 +215,7 @@ def measure(settings: Settings, run: Run) -> Result:
             f"{list(flow.config.image_shape)}"
         )
     n, inliers, reference = settings.images, settings.in_distribution, settings.reference
-    keys, test = fashion_mnist("test", reference + inliers + 3 * n)
+    keys, test = harness.fashion_mnist("test", reference + inliers + 3 * n)
     if len(keys) < reference + inliers + 3 * n:
         raise ValueError(
             f"ood: expected reference + in_distribution + 3 x images <= {len(keys)} test images, "
@@ -244,9 +223,9 @@ def measure(settings: Settings, run: Run) -> Result:
         )
     images = test.numpy()
     held = images[reference + inliers :, 0]  # (3n, H, W): control, inverted, upside down
-    load = [round(os.getloadavg()[0], 2)]
-    with torch_threads(settings.threads):
-        seconds, (ref, ins) = timed(
+    load = [harness.load_average()]
+    with harness.torch_threads(settings.threads):
+        seconds, (ref, ins) = harness.timed(
             lambda: tuple(
                 _parts(flow, images[a:b], keys[a:b], settings)
                 for a, b in ((0, reference), (reference, reference + inliers))
@@ -257,17 +236,17 @@ def measure(settings: Settings, run: Run) -> Result:
             made = build(n, np.random.default_rng([settings.seed, index]), held)
             parts[name] = _parts(flow, made, [f"{name}-{i:05d}" for i in range(n)], settings)
             run.log(f"{name}: {n} images, mean bits/dim {parts[name].bits.mean():.3f}")
-    load.append(round(os.getloadavg()[0], 2))
+    load.append(harness.load_average())
     inlier_scores = {score: fn(ins, ref) for score, (fn, _) in SCORES.items()}
     results = {
         name: {
             score: {
-                "auroc": auroc(inlier_scores[score], fn(set_parts, ref)),
-                "fpr95": fpr_at_95_tpr(inlier_scores[score], fn(set_parts, ref)),
+                "auroc": auroc(inlier_scores[score], fn(p, ref)),
+                "fpr95": fpr_at_95_tpr(inlier_scores[score], fn(p, ref)),
             }
             for score, (fn, _) in SCORES.items()
         }
-        for name, set_parts in parts.items()
+        for name, p in parts.items()
     }
     foreign = [name for name in SETS if name != "fashion (control)"]
     figures: dict[str, Any] = {
@@ -305,14 +284,10 @@ def _tables(figures: dict[str, Any], settings: Settings) -> list[Table]:
         for key, title in (("auroc", "AUROC"), ("fpr95", "FPR at 95% TPR"))
     ]
     level_keys = [k for k in next(iter(figures["means"].values())) if k.startswith("level_")]
+    levels = [k.replace("_bits_per_dim", " bits/dim").replace("_", " ") for k in level_keys]
     tables.append(
         Table(
-            [
-                "set",
-                "bits/dim",
-                "PNG bits/dim",
-                *(k.replace("_bits_per_dim", " bits/dim").replace("_", " ") for k in level_keys),
-            ],
+            ["set", "bits/dim", "PNG bits/dim", *levels],
             [
                 [name, m["bits_per_dim"], m["png_bits_per_dim"], *(m[k] for k in level_keys)]
                 for name, m in figures["means"].items()

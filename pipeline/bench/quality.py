@@ -1,17 +1,11 @@
 """Model quality at a fixed budget of step time: flowray's preset model against normflows' Glow.
 
-Both race in this process (`harness.Racer`, steps alternating): the same threads, batch, data
-order, recipe and ActNorm initialisation batch; only the model differs:
-
-- flowray: `build_flow(config.model)` trained with `pipeline.train.step.train_step`, the step the
-  Ray Train job runs.
-- normflows: `MultiscaleFlow` of GlowBlock / Squeeze / Merge with DiagGaussian bases at the same
-  levels, steps and width (`normflows_glow`, parameter counts within 1%), inputs in [0, 1), trained
-  by `normflows_step`: the same loss, checks and clipping.
-
-Each trains for `minutes` of its own step time; then the test bits/dim of both models' EMA
-weights, with the same keyed dequantization noise: the same y = (x + u) / 256 for an image in both
-models, bits/dim by the same formula. The training suite races the same pair for throughput.
+Both race in this process (`harness.Racer`, steps alternating) with the same threads, batch, data
+order, recipe and ActNorm initialisation batch; only the model differs: flowray's preset trained
+by the Ray Train job's `train_step`, and normflows' Glow at the same levels, steps and width
+(`normflows_glow`, parameter counts within 1%) trained by `normflows_step` (the same loss, checks
+and clipping). After `minutes` of step time each: the test bits/dim of both EMA weights with the
+same keyed dequantization noise and formula. The training suite races the same pair for speed.
 """
 
 from __future__ import annotations
@@ -25,19 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from flowmodel import dequantize
-from pipeline.bench.harness import (
-    Racer,
-    Result,
-    Run,
-    Table,
-    fashion_mnist,
-    global_batch,
-    load_average,
-    preset_config,
-    preset_flow,
-    run_race,
-    torch_threads,
-)
+from pipeline.bench import harness
+from pipeline.bench.harness import Result, Run, Table
 from pipeline.model.likelihood import keyed_noise
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import StepMetrics
@@ -57,13 +40,9 @@ RECIPE = (
 
 
 def normflows_glow(levels: int, steps: int, hidden: int, image_shape: Sequence[int]) -> nn.Module:
-    """normflows' multiscale Glow, unconditional, as its Glow example builds it.
-
-    Per level: `steps` GlowBlocks (affine coupling with a 3x3-1x1-3x3 ConvNet, LU 1x1 conv,
-    ActNorm), a Squeeze, and a Merge between levels; a trainable diagonal Gaussian base per latent
-    (DiagGaussian, one mean and log-scale per element, as flowray's learned priors). Level i = 0 is
-    the coarsest. Inputs are dequantized images in [0, 1), no logit.
-    """
+    """normflows' multiscale Glow as its Glow example builds it: per level `steps` GlowBlocks, a
+    Squeeze, a Merge between levels, and a DiagGaussian base per latent (as flowray's learned
+    priors); level 0 is the coarsest. Inputs are dequantized images in [0, 1), no logit."""
     import normflows as nf
 
     channels, height, width = image_shape
@@ -128,7 +107,7 @@ def normflows_step(
 def normflows_test_bits_per_dim(
     model: nn.Module, batches: Sequence[tuple[Sequence[str], Tensor]], seed: int
 ) -> tuple[float, int]:
-    """`evaluate_bits_per_dim` for a normflows model: (mean bits/dim, image count), keyed noise."""
+    """`evaluate_bits_per_dim` for a normflows model."""
     model.eval()
     total, count = 0.0, 0
     for keys, images in batches:
@@ -138,68 +117,57 @@ def normflows_test_bits_per_dim(
     return total / count, count
 
 
-def race(config: TrainConfig, images: Tensor, **options: Any) -> dict[str, Racer]:
-    """flowray's preset model and normflows' Glow as racers on `images` (`options` go to `Racer`),
-    both initialised on the same first `init_images` (normflows' ActNorms on the first batch they
-    see)."""
+def race(config: TrainConfig, images: Tensor, **options: Any) -> dict[str, harness.Racer]:
+    """flowray's preset model and normflows' Glow as racers on `images`, both initialised on the
+    same first `init_images`."""
     init, model = images[: config.init_images], config.model
-    flow = preset_flow(model, init, config.seed)
+    flow = harness.preset_flow(model, init, config.seed)
     glow = normflows_glow(
         model.levels, model.steps_per_level, model.hidden_channels, model.image_shape
     )
-    with torch.no_grad():
+    with torch.no_grad():  # normflows' ActNorms initialise on the first batch they see
         noise = torch.Generator().manual_seed(config.seed)
         glow.log_prob(dequantize(init, model.n_bits, noise), None)
     normflows = {"step": normflows_step, "evaluate": normflows_test_bits_per_dim}
     return {
-        "flowray": Racer(flow, images, config, **options),
-        "normflows": Racer(glow, images, config, **normflows, **options),
+        "flowray": harness.Racer(flow, images, config, **options),
+        "normflows": harness.Racer(glow, images, config, **normflows, **options),
     }
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    preset: the training preset (model, batch, optimizer recipe, seeds).
-    minutes: step time per model (the wall time is twice that, plus evaluation).
-    train_images: the first N training images (None: all).
-    test_images: the first N test images (None: all).
-    max_steps: also stop after this many steps.
-    threads: torch threads for both (None: one per core).
-    """
-
-    preset: str = "fashion-mnist"
-    minutes: float = 10.0
-    train_images: int | None = None
-    test_images: int | None = None
-    max_steps: int | None = None
-    threads: int | None = None
+    preset: str = "fashion-mnist"  # the model, batch, optimizer recipe and seeds
+    minutes: float = 10.0  # step time per model (the wall time is twice that, plus evaluation)
+    train_images: int | None = None  # the first N (None: all)
+    test_images: int | None = None  # the first N (None: all)
+    max_steps: int | None = None  # also stop after this many steps
+    threads: int | None = None  # torch threads for both (None: one per core)
 
 
 SMOKE = {"minutes": 0.05, "train_images": 1024, "test_images": 256, "max_steps": 3}
 
 
 def measure(settings: Settings, run: Run) -> Result:
-    config = preset_config(settings.preset)
+    config = harness.preset_config(settings.preset)
     if config.model.n_bits != 8:
         raise ValueError(f"the comparison assumes 8-bit images, found n_bits={config.model.n_bits}")
-    _, train = fashion_mnist("train", settings.train_images)
-    keys, test = fashion_mnist("test", settings.test_images)
-    with torch_threads(settings.threads) as threads:
+    _, train = harness.fashion_mnist("train", settings.train_images)
+    keys, test = harness.fashion_mnist("test", settings.test_images)
+    with harness.torch_threads(settings.threads) as threads:
         racers = race(config, train, seconds=60 * settings.minutes, max_steps=settings.max_steps)
         for name, racer in racers.items():
             run.log(f"{name}: {racer.figures()['params']:,} parameters")
         run.log(f"training both for {settings.minutes:g} min of step time each, alternating steps")
-        load = [load_average()]
-        run_race(racers, run.log)
-        load.append(load_average())
+        load = [harness.load_average()]
+        harness.run_race(racers, run.log)
+        load.append(harness.load_average())
         models = {name: racer.tested(keys, test) for name, racer in racers.items()}
     for name, figures in models.items():
         run.log(f"{name}: test {figures['test_bits_per_dim']:.4f} bits/dim")
     model = config.model
-    preprocess = model.preprocess
-    if preprocess == "logit":
-        preprocess = f"logit (alpha {model.logit_alpha:g})"
+    logit = f"logit (alpha {model.logit_alpha:g})"
+    preprocess = logit if model.preprocess == "logit" else model.preprocess
     size = f"{model.levels} levels x {model.steps_per_level}"
     models["flowray"]["architecture"] = (
         f"{size} steps, {model.hidden_channels} hidden, {model.coupling} {model.mask} coupling, "
@@ -213,7 +181,7 @@ def measure(settings: Settings, run: Run) -> Result:
     figures: dict[str, Any] = {
         "settings": {
             "minutes": settings.minutes,
-            "batch_size": global_batch(config),
+            "batch_size": harness.global_batch(config),
             "threads": threads,
             **{key: getattr(config.optim, key) for key in RECIPE},
             "train_images": len(train),

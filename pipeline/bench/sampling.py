@@ -1,15 +1,9 @@
 """Sampling: `flowray sample` (Ray tasks, PNG shards) against the in-process inverse pass.
 
-Figures (medians over repeats, side by side in one process and one Ray):
-- in-process inverse pass: `Flow.sample` on chunks of the job's chunk size with per-chunk seeded
-  generators, torch using every core, uint8 images in memory: no Ray, no PNG, no files. The
-  ceiling for sampling.
-- `flowray sample`: `pipeline.batch.sampling.generate` end to end (model resolution, tasks, PNG
-  coding, shards, grid, manifest) over its whole wall time, and its draw phase alone
-  (`SampleResult.images_per_second`: tasks and shards).
-
-The model is the preset's at its data-dependent initialisation (throughput does not depend on
-training).
+The in-process inverse pass (`Flow.sample` on the job's chunks and seeds, every core, no Ray,
+PNG or files) is the ceiling; `flowray sample` (`pipeline.batch.sampling.generate`) is timed end to
+end and by its draw phase alone (tasks and shards). The model is the preset's at its
+initialisation (throughput does not depend on training).
 """
 
 from __future__ import annotations
@@ -20,29 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.bench.harness import (
-    Result,
-    Run,
-    Table,
-    local_ray,
-    median,
-    saved_preset_model,
-    timed,
-    torch_threads,
-)
+from pipeline.bench import harness
+from pipeline.bench.harness import Result, Run, Table
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    preset: the training preset whose model samples.
-    images: images per run.
-    repeats: runs; medians reported.
-    """
-
-    preset: str = "fashion-mnist"
-    images: int = 10_000
-    repeats: int = 3
+    preset: str = "fashion-mnist"  # the training preset whose model samples
+    images: int = 10_000  # per run
+    repeats: int = 3  # medians reported
 
 
 SMOKE = {"images": 64, "repeats": 1}
@@ -54,7 +34,7 @@ def measure(settings: Settings, run: Run) -> Result:
 
     defaults = SampleConfig(model="-", output="-")
     chunk, temperature = defaults.chunk_size, defaults.temperature
-    model = saved_preset_model(run.workdir, settings.preset)
+    model = harness.saved_preset_model(run.workdir, settings.preset)
     flow, images = load_flow(model), settings.images
 
     def in_process() -> None:
@@ -63,10 +43,10 @@ def measure(settings: Settings, run: Run) -> Result:
             flow.sample(count, temperature, torch.Generator().manual_seed(chunk_seed(0, index)))
 
     figures: dict[str, list[float]] = {"in_process": [], "job": [], "job_draw": []}
-    with local_ray():
+    with harness.local_ray():
         for _ in range(settings.repeats):
-            with torch_threads(None):
-                figures["in_process"].append(images / timed(in_process)[0])
+            with harness.torch_threads(None):
+                figures["in_process"].append(images / harness.timed(in_process)[0])
             config = SampleConfig(
                 model=model,
                 output=str(run.workdir / f"samples-{time.monotonic_ns()}"),
@@ -74,10 +54,10 @@ def measure(settings: Settings, run: Run) -> Result:
                 tracking_uri=f"sqlite:///{run.workdir / 'mlflow.db'}",
                 log_to_mlflow=False,
             )
-            seconds, result = timed(lambda config=config: generate(config))
+            seconds, result = harness.timed(lambda config=config: generate(config))
             figures["job"].append(images / seconds)
             figures["job_draw"].append(result.images_per_second)
-    results = {name: median(values) for name, values in figures.items()}
+    results = {name: harness.median(values) for name, values in figures.items()}
     ratio, ratio_draw = (results[k] / results["in_process"] for k in ("job", "job_draw"))
     table = Table(
         ["measurement", "images", "images/s (median)", "vs in-process"],

@@ -1,16 +1,10 @@
 """Scoring at growing sizes: wall time and peak memory of the whole job (driver + Ray processes).
 
-Data: the Fashion-MNIST test split, repeated with unique keys past its 10,000 images, prepared
-once per size under the work folder and found again by the next run (`prepared_fashion_mnist`).
-Scoring: `pipeline.batch.scoring.job.score` (the `flowray score` job: Ray Data read -> actor pool ->
-Parquet per shard) with the preset's model at its ActNorm-initialised weights, into a fresh output
-prefix per run. With `fresh_ray`, each size runs on its own local Ray, started as `flowray score`
-starts it, so that its memory is the job's alone. Memory: `RssSampler` over this process and all
-its descendants (GCS, raylet, workers, actors): peak summed PSS (shared object-store pages counted
-once) and RSS.
-
-Linearity: seconds per image at each size over that of the smallest (1.0 = linear); memory
-flatness: peak PSS over the smallest size's (target: within 1.2).
+`pipeline.batch.scoring.job.score` with the preset's model at its initialisation, on the
+Fashion-MNIST test split repeated with unique keys past its 10,000 images (prepared once per size
+and found again by the next run). With `fresh_ray`, each size runs on its own local Ray, so that
+its memory is the job's alone (`RssSampler`: peak summed PSS and RSS). Linearity: seconds per
+image against the smallest size's; memory flatness: peak PSS against the smallest size's.
 """
 
 from __future__ import annotations
@@ -21,42 +15,25 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.bench.harness import (
-    Result,
-    RssSampler,
-    Run,
-    Table,
-    local_ray,
-    prepared_fashion_mnist,
-    saved_preset_model,
-    timed,
-)
+from pipeline.bench import harness
+from pipeline.bench.harness import Result, Run, Table
 
 MEMORY_TOLERANCE = 0.2  # peak memory may grow at most 20% from the smallest size
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    preset: the training preset whose model scores.
-    sizes: images to score, one run each (1,000,000 takes about 15 minutes on 2 cores).
-    shard_samples: images per shard.
-    batch_size: ScoreConfig.batch_size.
-    fresh_ray: a local Ray per size (false: one for all sizes).
-    """
-
-    preset: str = "fashion-mnist"
-    sizes: tuple[int, ...] = (10_000, 30_000, 100_000)
-    shard_samples: int = 10_000
-    batch_size: int = 256
-    fresh_ray: bool = True
+    preset: str = "fashion-mnist"  # the training preset whose model scores
+    sizes: tuple[int, ...] = (10_000, 30_000, 100_000)  # a run each (1,000,000: ~15 min, 2 cores)
+    shard_samples: int = 10_000  # images per shard
+    batch_size: int = 256  # ScoreConfig.batch_size
+    fresh_ray: bool = True  # a local Ray per size (false: one for all sizes)
 
 
 SMOKE = {"sizes": [256, 512], "shard_samples": 128, "batch_size": 128, "fresh_ray": False}
 
 
 def _score_size(model: str, split: str, size: int, settings: Settings, run: Run) -> dict[str, Any]:
-    """One `flowray score` run over `split`: wall time, images/s and peak memory of the job."""
     from pipeline.batch.scoring.job import ScoreConfig, score
 
     output = run.workdir / f"scores-{time.strftime('%Y%m%d-%H%M%S')}-{size}"
@@ -69,8 +46,8 @@ def _score_size(model: str, split: str, size: int, settings: Settings, run: Run)
         tracking_uri=f"sqlite:///{run.workdir / 'mlflow.db'}",
     )
     run.log(f"scaling: scoring {size:,} images")
-    with RssSampler() as memory:
-        seconds, result = timed(lambda: score(config))
+    with harness.RssSampler() as memory:
+        seconds, result = harness.timed(lambda: score(config))
     shutil.rmtree(output, ignore_errors=True)  # this run's own scores, not needed
     run.log(f"scaling: {size:,} images in {seconds:.1f} s, peak PSS {memory.peak_pss_mb:,.0f} MB")
     return {
@@ -87,13 +64,13 @@ def _score_size(model: str, split: str, size: int, settings: Settings, run: Run)
 
 def measure(settings: Settings, run: Run) -> Result:
     sizes = sorted(settings.sizes)
-    model = saved_preset_model(run.workdir, settings.preset)
+    model = harness.saved_preset_model(run.workdir, settings.preset)
     rows: list[dict[str, Any]] = []
-    with local_ray():  # prepare's Ray tasks, and every size unless fresh_ray
+    with harness.local_ray():  # prepare's Ray tasks, and every size unless fresh_ray
         splits = {}
         for size in sizes:
             run.log(f"scaling: preparing {size:,} images")
-            splits[size] = prepared_fashion_mnist(
+            splits[size] = harness.prepared_fashion_mnist(
                 str(run.workdir / f"data-{size}"),
                 size,
                 shard_samples=settings.shard_samples,
@@ -102,7 +79,7 @@ def measure(settings: Settings, run: Run) -> Result:
         if not settings.fresh_ray:
             rows = [_score_size(model, splits[s], s, settings, run) for s in sizes]
     for size in sizes if settings.fresh_ray else ():
-        with local_ray():  # so that the memory measured is this size's job alone
+        with harness.local_ray():  # so that the memory measured is this size's job alone
             rows.append(_score_size(model, splits[size], size, settings, run))
     first = rows[0]
     for row in rows:
@@ -154,18 +131,12 @@ def measure(settings: Settings, run: Run) -> Result:
 
 
 def role_table(rows: list[dict[str, Any]], top: int = 8) -> Table:
-    """PSS by process role at each size's peak: the `top` roles by their share at the largest
-    size, the rest summed as "other"."""
-    largest = rows[-1].get("peak_pss_by_role_mb", {})
-    names = sorted(largest, key=lambda name: -largest[name])[:top]
-    body = []
-    for name in [*names, "other"]:
-        values = []
-        for row in rows:
-            by_role = row.get("peak_pss_by_role_mb", {})
-            if name == "other":
-                values.append(sum(v for k, v in by_role.items() if k not in names))
-            else:
-                values.append(by_role.get(name, 0.0))
-        body.append([name, *values])
+    """PSS by process role at each size's peak: the `top` roles at the largest size, the rest
+    summed as "other"."""
+    roles = [row.get("peak_pss_by_role_mb", {}) for row in rows]
+    names = sorted(roles[-1], key=lambda name: -roles[-1][name])[:top]
+    body = [[name, *(by_role.get(name, 0.0) for by_role in roles)] for name in names]
+    body.append(
+        ["other", *(sum(v for k, v in by_role.items() if k not in names) for by_role in roles)]
+    )
     return Table(["role", *(f"{row['images']:,} images" for row in rows)], body)

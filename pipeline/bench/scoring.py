@@ -1,28 +1,20 @@
-"""Scoring: Ray Data scoring (`flowray score`) against the same work in one process.
+"""Scoring: Ray Data scoring (`flowray score`) against the same work in one process, at N and
+growth x N images, medians over repeats:
 
-Figures (medians over repeats), at N and growth x N images:
-- in-process, the same work: the job's work in this process on every core. A reader thread runs
-  the production reader (`iter_input`: read the shards, check size, sha256 and counts, decode)
-  and hands batches to the main thread, which scores them (`score_images`: the forward pass with
-  torch's threads on every core, and the PNG complexity term) and writes a Parquet file per shard
-  through the job's own `ShardCollector`. The thread overlaps reading (Python, holding the GIL)
-  with the forward pass (which releases it): the best simple way to use every core in one
-  process. The baseline the Ray Data figures are divided by.
-- raw forward: `predict_frame` alone (keyed dequantization, the scorer's math) on N images
-  already decoded in memory, all cores: the ceiling, apart.
-- Ray Data scoring, input on local disk and on S3 (moto on loopback):
-  `pipeline.batch.scoring.job.score` end to end (read, PNG decode, forward, PNG complexity,
-  Parquet per shard). Its images/s counts from the start of execution, actor start-up included,
-  so small inputs understate it.
-- the first job on the fresh Ray runs before the timed ones, apart: it also starts Ray's worker
-  processes, which later jobs of the same driver reuse.
-- start-up: the intercept of the line through the two local runs' wall times (N and growth x N
-  images): what a run costs before and besides its per-image work.
-- peak memory of the whole job (driver + every Ray process: summed PSS over the process tree)
-  while scoring N and growth x N images: flat means inputs stream.
+- in-process, the same work (the baseline the Ray Data figures are divided by): a reader thread
+  runs the production reader (`iter_input`: read, check, decode) and hands batches to the main
+  thread, which scores them (`score_images`, every core) and writes Parquet per shard through the
+  job's `ShardCollector`. The thread overlaps reading (holding the GIL) with the forward pass
+  (which releases it): the best simple way to use every core in one process.
+- raw forward: `predict_frame` alone on images decoded in memory: the ceiling, apart.
+- Ray Data scoring (`pipeline.batch.scoring.job.score`), input on local disk and on S3 (moto):
+  images/s from the start of execution, actor start-up included. The first job on a fresh Ray
+  also starts its workers: it runs before the timed ones, apart.
+- start-up: the intercept of the line through the two local runs' wall times.
+- peak memory of the whole job (summed PSS over the process tree) at N and growth x N images:
+  flat means inputs stream.
 
-The model is the preset's at its data-dependent initialisation (throughput does not depend on
-training), or the local model directory given.
+The model is the preset's at its initialisation (throughput does not depend on training).
 """
 
 from __future__ import annotations
@@ -38,20 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench.harness import (
-    BENCH_BUCKET,
-    Result,
-    RssSampler,
-    Run,
-    Table,
-    local_ray,
-    loopback_s3,
-    median,
-    prepared_fashion_mnist,
-    saved_preset_model,
-    timed,
-    torch_threads,
-)
+from pipeline.bench import harness
+from pipeline.bench.harness import Result, Run, Table
 from pipeline.config import load_config
 from pipeline.storage import StorageConfig
 from pipeline.train.config import TrainConfig
@@ -59,23 +39,13 @@ from pipeline.train.config import TrainConfig
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    preset: the training preset whose model is scored.
-    model: a local model directory to score instead (None: the preset's, untrained).
-    images: images scored per run (N).
-    repeats: runs; medians reported.
-    growth: the memory check scores growth x N images.
-    batch_size: images per forward pass.
-    actors: scoring actors (0: as many as the CPUs allow).
-    """
-
-    preset: str = "fashion-mnist"
-    model: str | None = None
-    images: int = 1000
-    repeats: int = 3
-    growth: int = 10
+    preset: str = "fashion-mnist"  # the training preset whose model is scored
+    model: str | None = None  # a local model directory instead (None: the preset's, untrained)
+    images: int = 1000  # N, per run
+    repeats: int = 3  # medians reported
+    growth: int = 10  # the memory check also scores growth x N images
     batch_size: int = 256
-    actors: int = 0
+    actors: int = 0  # scoring actors (0: as many as the CPUs allow)
 
 
 SMOKE = {"images": 128, "repeats": 1, "growth": 2}
@@ -89,8 +59,8 @@ def _raw_forward(flow: Any, split: str, batch_size: int) -> float:
     rows = list(iter_input(split, shape=flow.config.image_shape))
     keys = [row["key"] for row in rows]
     images = np.stack([row["image"] for row in rows])  # (N, C, H, W)
-    with torch_threads(None):
-        seconds, _ = timed(
+    with harness.torch_threads(None):
+        seconds, _ = harness.timed(
             lambda: [
                 predict_frame(flow, images[i : i + batch_size], keys[i : i + batch_size], 0, 1)
                 for i in range(0, len(keys), batch_size)
@@ -130,8 +100,7 @@ def _ahead(batches: Iterator[Any], depth: int = 4) -> Iterator[Any]:
 
 
 def _same_work(flow: Any, model: str, split: str, batch_size: int, output: Path) -> float:
-    """Images/s of the job's work in this process (module docstring): read, check, decode,
-    score, Parquet per shard."""
+    """Images/s of the job's work in this process (module docstring)."""
     import pandas as pd
 
     from pipeline.batch.scoring.config import ScoreConfig
@@ -155,14 +124,13 @@ def _same_work(flow: Any, model: str, split: str, batch_size: int, output: Path)
         collector.close(None)
         return count
 
-    with torch_threads(None):
-        seconds, count = timed(work)
+    with harness.torch_threads(None):
+        seconds, count = harness.timed(work)
     return count / seconds
 
 
 def _to_s3(local: str, url: str, storage: StorageConfig) -> str:
-    """A prepared split copied to `url` (manifest and shards): larger than the harness
-    prepares on S3 directly."""
+    """A prepared split copied to `url`: larger than the harness prepares on S3 directly."""
     from pipeline.storage import fsspec_filesystem, join_url
 
     fs, _ = fsspec_filesystem(url, storage)
@@ -193,21 +161,15 @@ def _read_cost(split: str, shape: tuple[int, int, int], rows_per_block: int) -> 
             return sum(b.num_rows for b in _read_task(job.rows, urls, None, False, rows_per_block))
 
         run()  # warm: imports, page cache
-        runs = [timed(run) for _ in range(3)]
+        runs = [harness.timed(run) for _ in range(3)]
         profile = cProfile.Profile()
         profile.runcall(run)
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(8)
         top = [line for line in text.getvalue().splitlines() if line.strip()][-9:]
-        return {"us_per_image": median([t / n * 1e6 for t, n in runs]), "profile_top": top}
+        return {"us_per_image": harness.median([t / n * 1e6 for t, n in runs]), "profile_top": top}
 
     return ray.get(read_task.remote())
-
-
-def _intercept(small: int, small_seconds: float, large: int, large_seconds: float) -> float:
-    """Seconds at zero images of the line through two (images, seconds) runs: the fixed cost."""
-    per_image = (large_seconds - small_seconds) / (large - small)
-    return small_seconds - small * per_image
 
 
 def _score(
@@ -226,59 +188,56 @@ def _score(
         tracking_uri=f"sqlite:///{base / 'mlflow.db'}",
         log_to_mlflow=False,
     )
-    with RssSampler(interval=0.25) as memory:
-        seconds, result = timed(lambda: score(config))
+    with harness.RssSampler(interval=0.25) as memory:
+        seconds, result = harness.timed(lambda: score(config))
     return {"rate": result.images_per_second, "seconds": seconds, "pss": memory.peak_pss_mb}
 
 
 def measure(settings: Settings, run: Run) -> Result:
-    """The figures in the module docstring; medians over `repeats`."""
     from pipeline.model.artifact import load_flow
 
     base, n, growth = run.workdir, settings.images, settings.growth
-    base.mkdir(parents=True, exist_ok=True)
     model_config = load_config(TrainConfig, settings.preset).model
-    model = settings.model or saved_preset_model(base, model_config)
+    model = settings.model or harness.saved_preset_model(base, model_config)
     flow = load_flow(model)
     sizes = {"": n, f"_{growth}x": n * growth}
     figures: dict[str, list[float]] = {}
     peaks: dict[str, list[float]] = {"n": [], f"{growth}n": []}
     startups: list[float] = []
     # Stand-in credentials before Ray starts: its workers inherit them.
-    with loopback_s3() as s3, local_ray():
+    with harness.loopback_s3() as s3, harness.local_ray():
         local = {
-            tag: prepared_fashion_mnist(str(base / f"data-{size}"), size)
+            tag: harness.prepared_fashion_mnist(f"{base}/data-{size}", size)
             for tag, size in sizes.items()
         }
         remote = {
-            "": prepared_fashion_mnist(f"s3://{BENCH_BUCKET}/data-{n}", n, storage=s3),
+            "": harness.prepared_fashion_mnist(
+                f"s3://{harness.BENCH_BUCKET}/data-{n}", n, storage=s3
+            ),
             f"_{growth}x": _to_s3(
-                local[f"_{growth}x"], f"s3://{BENCH_BUCKET}/data-{n * growth}", s3
+                local[f"_{growth}x"], f"s3://{harness.BENCH_BUCKET}/data-{n * growth}", s3
             ),
         }
-        # The first job on a fresh Ray also starts its worker processes: timed apart.
-        first = _score(settings, model, local[""], base, s3, "first")
+        first = _score(settings, model, local[""], base, s3, "first")  # starts Ray's workers
         for _ in range(settings.repeats):
-            figures.setdefault("raw_forward", []).append(
-                _raw_forward(flow, local[""], settings.batch_size)
-            )
-            seconds = {}
+            runs = {"raw_forward": _raw_forward(flow, local[""], settings.batch_size)}
+            seconds = []
             for tag in sizes:  # side by side: the baseline, then the job on disk and on S3
                 output = base / "in-process" / f"{time.monotonic_ns()}"
                 same = _same_work(flow, model, local[tag], settings.batch_size, output)
                 on_disk = _score(settings, model, local[tag], base, s3, f"local{tag}")
                 on_s3 = _score(settings, model, remote[tag], base, s3, f"s3{tag}")
-                for name, value in (
-                    (f"in_process{tag}", same),
-                    (f"score_local{tag}", on_disk["rate"]),
-                    (f"score_s3{tag}", on_s3["rate"]),
-                ):
-                    figures.setdefault(name, []).append(value)
+                runs |= {f"in_process{tag}": same, f"score_local{tag}": on_disk["rate"]}
+                runs[f"score_s3{tag}"] = on_s3["rate"]
                 peaks["n" if not tag else f"{growth}n"].append(on_disk["pss"])
-                seconds[tag] = on_disk["seconds"]
-            startups.append(_intercept(n, seconds[""], n * growth, seconds[f"_{growth}x"]))
+                seconds.append(on_disk["seconds"])
+            for name, value in runs.items():
+                figures.setdefault(name, []).append(value)
+            # The intercept of the line through the two runs' (images, seconds): the fixed cost.
+            per_image = (seconds[1] - seconds[0]) / (n * growth - n)
+            startups.append(seconds[0] - n * per_image)
         read = _read_cost(local[""], flow.config.image_shape, settings.batch_size)
-    results = {name: median(values) for name, values in figures.items()}
+    results = {name: harness.median(values) for name, values in figures.items()}
     report: dict[str, Any] = {
         "images": n,
         "repeats": settings.repeats,
@@ -289,12 +248,13 @@ def measure(settings: Settings, run: Run) -> Result:
             for tag in sizes
             for where in ("local", "s3")
         },
-        "s3_vs_local": results["score_s3"] / results["score_local"],
-        f"s3_vs_local_{growth}x": results[f"score_s3_{growth}x"]
-        / results[f"score_local_{growth}x"],
-        "startup_seconds": median(startups),
+        **{
+            f"s3_vs_local{tag}": results[f"score_s3{tag}"] / results[f"score_local{tag}"]
+            for tag in sizes
+        },
+        "startup_seconds": harness.median(startups),
         "first_job_seconds": first["seconds"],
-        "memory_mb": {name: median(values) for name, values in peaks.items()},
+        "memory_mb": {name: harness.median(values) for name, values in peaks.items()},
         "read_task": read,
     }
     return Result(report, [_table(report)])
@@ -307,23 +267,13 @@ def _table(report: dict[str, Any]) -> Table:
         ("", n, memory["n"]),
         (f"_{growth}x", n * growth, memory[f"{growth}n"]),
     ):
+        local, s3 = (f"score_{where}{tag}" for where in ("local", "s3"))
         rows += [
             ["in-process, the same work (all cores)", size, results[f"in_process{tag}"], 1.0, "-"],
-            [
-                "Ray Data score, local disk",
-                size,
-                results[f"score_local{tag}"],
-                report[f"ratio_local{tag}"],
-                peak,
-            ],
-            [
-                "Ray Data score, S3 (moto)",
-                size,
-                results[f"score_s3{tag}"],
-                report[f"ratio_s3{tag}"],
-                "-",
-            ],
+            ["Ray Data score, local disk", size, results[local], report[f"ratio_local{tag}"], peak],
+            ["Ray Data score, S3 (moto)", size, results[s3], report[f"ratio_s3{tag}"], "-"],
         ]
+    profile = "\n".join(f"    {line}" for line in report["read_task"]["profile_top"])
     return Table(
         ["measurement", "images", "images/s (median)", "vs in-process", "peak PSS MB"],
         rows,
@@ -336,7 +286,6 @@ def _table(report: dict[str, Any]) -> Table:
             f"{report[f's3_vs_local_{growth}x']:.2f} at {n * growth:,}.",
             f"Read task (its code in a Ray worker, {n:,} images, median of 3): "
             f"{report['read_task']['us_per_image']:.0f} us per image; cProfile's top entries "
-            "by own time:\n\n"
-            + "\n".join(f"    {line}" for line in report["read_task"]["profile_top"]),
+            f"by own time:\n\n{profile}",
         ],
     )

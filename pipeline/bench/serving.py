@@ -1,15 +1,10 @@
 """Serving: `flowray serve`'s deployment on loopback at 1, 8 and 64 concurrent clients.
 
-- per level of concurrency: requests/s, p50 and p95 latency, the mean number of images that
-  shared a forward pass (@serve.batch), and errors. Each request is one Fashion-MNIST test image
-  as PNG bytes, POSTed to <url>/score over keep-alive HTTP on 127.0.0.1; the clients run as
-  asyncio tasks in this process, so on a small machine they share its cores with the server.
-- the ceiling: the same scorer called in this process on batches of `max_batch_size` decoded
-  images, without HTTP, Serve or PNG decoding (images/s).
-
-Each level stops after `requests` requests or `seconds`, whichever comes first, and sends nothing
-anywhere but 127.0.0.1. The model is the preset's at its data-dependent initialisation, served
-from a local directory (no registry, no reloading).
+Each request is one Fashion-MNIST test image as PNG bytes POSTed to <url>/score over keep-alive
+HTTP on 127.0.0.1; the clients are asyncio tasks in this process, so on a small machine they share
+its cores with the server. The ceiling: the same scorer called in this process on decoded images,
+without HTTP, Serve or PNG decoding. The model is the preset's at its initialisation, served from
+a local directory (no registry, no reloading).
 """
 
 from __future__ import annotations
@@ -22,35 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench.harness import (
-    Result,
-    Run,
-    Table,
-    fashion_mnist,
-    free_port,
-    local_ray,
-    saved_preset_model,
-    timed,
-)
+from pipeline.bench import harness
+from pipeline.bench.harness import Result, Run, Table
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    preset: the training preset whose model is served.
-    levels: concurrent clients, one run each.
-    requests: most requests per level.
-    seconds: most seconds per level.
-    images: distinct test images sent (and scored for the ceiling).
-    max_batch_size: ServeConfig.max_batch_size.
-    """
-
-    preset: str = "fashion-mnist"
-    levels: tuple[int, ...] = (1, 8, 64)
-    requests: int = 1000
-    seconds: float = 60.0
-    images: int = 256
-    max_batch_size: int = 32
+    preset: str = "fashion-mnist"  # the training preset whose model is served
+    levels: tuple[int, ...] = (1, 8, 64)  # concurrent clients, one run each
+    requests: int = 1000  # most requests per level
+    seconds: float = 60.0  # most seconds per level
+    images: int = 256  # distinct test images sent (and scored for the ceiling)
+    max_batch_size: int = 32  # ServeConfig.max_batch_size
 
 
 SMOKE = {"requests": 48, "seconds": 10.0, "images": 64}
@@ -61,18 +39,18 @@ def measure(settings: Settings, run: Run) -> Result:
     from pipeline.serve.config import ServeConfig
     from pipeline.serve.runner import start, stop
 
-    model = saved_preset_model(run.workdir, settings.preset)
-    decoded = fashion_mnist("test", settings.images)[1].numpy()
+    model = harness.saved_preset_model(run.workdir, settings.preset)
+    decoded = harness.fashion_mnist("test", settings.images)[1].numpy()
     pngs = [encode_png(image) for image in decoded]
     config = ServeConfig(
         model=model,
-        port=free_port(),
+        port=harness.free_port(),
         app_name="flowray-bench",
         reload_interval_s=0,
         max_batch_size=settings.max_batch_size,
         cpus_per_replica=1.0,
     )
-    with local_ray(worker_logs=False):
+    with harness.local_ray(worker_logs=False):
         info = start(config)
         try:
             rows = [
@@ -106,8 +84,8 @@ def measure(settings: Settings, run: Run) -> Result:
 async def _level(
     url: str, pngs: list[bytes], clients: int, requests: int, seconds: float
 ) -> dict[str, Any]:
-    """`clients` concurrent keep-alive clients POSTing PNGs until `requests` or `seconds`,
-    after a warm-up of one request per client (connections opened, replica warm)."""
+    """`clients` concurrent clients POSTing PNGs until `requests` or `seconds`, after a warm-up of
+    one request per client."""
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=clients)
@@ -134,7 +112,6 @@ async def _level(
 async def _drive(
     session: Any, url: str, pngs: list[bytes], clients: int, requests: int, seconds: float
 ) -> dict[str, Any]:
-    """Send up to `requests` requests from `clients` concurrent clients within `seconds`."""
     tally: dict[str, Any] = {"sent": 0, "errors": 0, "latencies": [], "batches": []}
     deadline = time.perf_counter() + seconds
 
@@ -158,14 +135,13 @@ async def _drive(
 
 
 def _ceiling(model_dir: str, decoded: np.ndarray, batch: int) -> float:
-    """Images/s of the served scorer in this process, on decoded images, no HTTP: the bound."""
     from pipeline.serve.model import load_served_model
     from pipeline.serve.requests import ScoreItem
 
     model = load_served_model(model_dir, seed=0, draws=1)
     items = [ScoreItem(image, str(i)) for i, image in enumerate(decoded)]
     model.score(items[:batch])  # warm-up
-    seconds, scored = timed(
+    seconds, scored = harness.timed(
         lambda: sum(len(model.score(items[i : i + batch])) for i in range(0, len(items), batch))
     )
     return scored / seconds

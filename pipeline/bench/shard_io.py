@@ -1,20 +1,15 @@
-"""Shard I/O: write and read throughput (images/s), local disk against S3 on loopback; foreign
-JPEG shards read in place against the same images prepared; the listing of many shards.
+"""Shard I/O, local disk against S3 on loopback (images/s):
 
-- prepared shards: each repeat writes `images` Fashion-MNIST images (random 28x28 images without
-  the IDX files) as shards to a fresh prefix with `prepare` (in this process), then reads them
-  back with `iter_input` (in this process) and, with `with_ray`, `read_input` through Ray Data.
-- foreign shards: `foreign_images` JPEG photos (patches of scikit-image's photos at 256x256 to
-  512x384, quality 90, as img2dataset-style tools store them) written by webdataset's
-  ShardWriter with .json and .txt beside each image, read in place with decode and fit to
-  3x64x64, next to the same images re-sharded by `prepare --source webdataset:` into 64x64 PNG
-  shards and read the same way. Their reads repeat min(repeats, 2) times: decoding dominates.
+- prepared shards: `images` Fashion-MNIST images (random ones without the IDX files) written by
+  `prepare` to a fresh prefix per repeat, read back by `iter_input` and (`with_ray`) Ray Data.
+- foreign shards: JPEG photos (as img2dataset-style tools store them) written by webdataset's
+  ShardWriter with .json and .txt beside each, read in place and fitted to 3x64x64, next to the
+  same images re-sharded by `prepare` into 64x64 PNG shards. Reads repeat min(repeats, 2) times.
 - listing: `resolve_input` over many tiny shards, as a prefix and as a brace pattern.
 
 The S3 endpoint is moto in this process: it shares the GIL with the client, so its figures are a
-lower bound for the client-side cost of the S3 code path, not a measure of a real object store;
-moto answers a 1000-key page of a listing in about a second on a loaded 2-core machine (AWS S3 in
-tens of milliseconds), so the S3 listing figure is mostly moto's.
+lower bound for the client-side cost of the S3 code path; moto answers a 1000-key listing page in
+about a second on a loaded 2-core machine (AWS S3 in tens of ms): the S3 listing is mostly moto's.
 """
 
 from __future__ import annotations
@@ -30,18 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench.harness import (
-    BENCH_BUCKET,
-    FAKE_S3_CREDENTIALS,
-    Result,
-    Run,
-    Table,
-    local_ray,
-    loopback_s3,
-    median,
-    rate,
-    timed,
-)
+from pipeline.bench import harness
+from pipeline.bench.harness import Result, Run, Table
 from pipeline.data.inputs import resolve_input
 from pipeline.data.reader import iter_input, read_input
 from pipeline.data.shards import ImageSource, prepare
@@ -57,23 +42,13 @@ BACKENDS = {"local": "local disk", "s3": "S3 (moto, loopback)"}
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    images: images written and read per run (0: skip the prepared shards).
-    repeats: runs per backend; medians reported.
-    shard_samples: images per prepared shard.
-    with_ray: also read through Ray Data.
-    foreign_images: JPEG photos in the foreign-shard runs (0: skip them).
-    listing_shards: tiny shards listed on local disk (0: skip).
-    listing_s3_shards: tiny shards listed on S3 (None: as many as on local disk; 0: skip).
-    """
-
-    images: int = 4000
-    repeats: int = 3
-    shard_samples: int = 500
-    with_ray: bool = True
-    foreign_images: int = 500
-    listing_shards: int = 10_000
-    listing_s3_shards: int | None = None
+    images: int = 4000  # written and read per run (0: skip the prepared shards)
+    repeats: int = 3  # runs per backend; medians reported
+    shard_samples: int = 500  # images per prepared shard
+    with_ray: bool = True  # also read through Ray Data
+    foreign_images: int = 500  # JPEG photos in the foreign-shard runs (0: skip them)
+    listing_shards: int = 10_000  # tiny shards listed on local disk (0: skip)
+    listing_s3_shards: int | None = None  # on S3 (None: as many as on local disk; 0: skip)
 
 
 SMOKE = {
@@ -116,7 +91,10 @@ def _reads(
         return sum(len(batch["key"]) for batch in dataset.iter_batches(batch_size=256))
 
     readers = {"iter": plain, **({"ray": through_ray} if ray else {})}
-    return {name: median([rate(read) for _ in range(repeats)]) for name, read in readers.items()}
+    runs = {name: [harness.timed(read) for _ in range(repeats)] for name, read in readers.items()}
+    return {
+        name: harness.median([count / seconds for seconds, count in r]) for name, r in runs.items()
+    }
 
 
 def _prepared(
@@ -131,7 +109,9 @@ def _prepared(
     for repeat in range(settings.repeats):
         for name, where in backends.items():
             out = join_url(where.root, f"run-{repeat}")
-            seconds, written = timed(partial(prepare, source, out, where.storage, **options))
+            seconds, written = harness.timed(
+                partial(prepare, source, out, where.storage, **options)
+            )
             result = written.splits[split]
             megabytes[name] = sum(s.bytes for s in result.manifest.shards) / 1e6
             reads = _reads(join_url(out, split), source.shape, where, 1, settings.with_ray)
@@ -140,13 +120,15 @@ def _prepared(
             for key, value in figures.items():
                 samples[name].setdefault(key, []).append(value)
     return {
-        name: {key: median(values) for key, values in figures.items()} | {"mb": megabytes[name]}
+        name: {key: harness.median(values) for key, values in figures.items()}
+        | {"mb": megabytes[name]}
         for name, figures in samples.items()
     }
 
 
 def _photos(count: int) -> list[tuple[str, bytes]]:
-    """(key, JPEG bytes) of `count` photo patches (random pixels without scikit-image)."""
+    """(key, JPEG bytes) of `count` photo patches, 256x256 to 512x384, quality 90 (random pixels
+    without scikit-image)."""
     from PIL import Image
 
     try:
@@ -195,7 +177,7 @@ def _foreign(base: Path, backends: dict[str, _Where], settings: Settings) -> dic
                 fs.put_file(str(path), key)
         source = open_source(f"webdataset:{foreign}", storage, channels=3, size=SHAPE[1:])
         reshard = partial(prepare, source, out, storage, shard_samples=PER_SHARD, shard_bytes=None)
-        seconds, written = timed(reshard)
+        seconds, written = harness.timed(reshard)
         manifest = written.splits["train"].manifest
         in_place = _reads(foreign, SHAPE, where, repeats, settings.with_ray)
         png = _reads(join_url(out, "train"), SHAPE, where, repeats, settings.with_ray)
@@ -210,9 +192,8 @@ def _foreign(base: Path, backends: dict[str, _Where], settings: Settings) -> dic
 
 
 def _tiny_shards(prefix: str, count: int, storage: StorageConfig | None) -> None:
-    """`count` empty tars (1 KiB each) under `prefix`. On S3 they are put through moto's backend
-    (thousands of PUTs over HTTP would cost minutes and measure nothing of ours); the listing
-    still goes over HTTP."""
+    """`count` empty tars under `prefix`; on S3 put through moto's backend (thousands of PUTs over
+    HTTP would cost minutes and measure nothing of ours); the listing still goes over HTTP."""
     empty = b"\0" * 1024  # an empty tar: its two end-of-archive blocks
     if storage is None:
         Path(prefix).mkdir(parents=True, exist_ok=True)
@@ -225,11 +206,10 @@ def _tiny_shards(prefix: str, count: int, storage: StorageConfig | None) -> None
     backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
     key = prefix.split("://", 1)[1].split("/", 1)[1]
     for i in range(count):
-        backend.put_object(BENCH_BUCKET, f"{key}/{i:06d}.tar", empty)
+        backend.put_object(harness.BENCH_BUCKET, f"{key}/{i:06d}.tar", empty)
 
 
 def _listing(base: Path, backends: dict[str, _Where], counts: dict[str, int]) -> dict[str, Any]:
-    """Seconds `resolve_input` takes over many tiny shards, as a prefix and as a pattern."""
     results = {}
     for name, where in backends.items():
         count = counts[name]
@@ -251,19 +231,20 @@ def _listing(base: Path, backends: dict[str, _Where], counts: dict[str, int]) ->
 
 
 def measure(settings: Settings, run: Run) -> Result:
-    """The figures in the module docstring, local disk and S3 (moto)."""
     base = run.workdir / f"io-{uuid.uuid4().hex[:8]}"
     base.mkdir(parents=True)
     report: dict[str, Any] = {"repeats": settings.repeats, "shard_samples": settings.shard_samples}
     with ExitStack() as stack:
-        s3 = stack.enter_context(loopback_s3())  # before Ray starts: its workers inherit it
-        started = settings.with_ray and stack.enter_context(local_ray())
+        s3 = stack.enter_context(harness.loopback_s3())  # before Ray starts: its workers inherit it
+        started = settings.with_ray and stack.enter_context(harness.local_ray())
         # A Ray already running lacks the stand-in credentials: the read tasks get them.
-        remote = None if started else {"runtime_env": {"env_vars": dict(FAKE_S3_CREDENTIALS)}}
+        remote = (
+            None if started else {"runtime_env": {"env_vars": dict(harness.FAKE_S3_CREDENTIALS)}}
+        )
         backends = {
             "local": _Where(str(base / "local"), None, None),
             # A prefix of its own: moto keeps one store per process, whatever the server.
-            "s3": _Where(f"s3://{BENCH_BUCKET}/{base.name}", s3, remote),
+            "s3": _Where(f"s3://{harness.BENCH_BUCKET}/{base.name}", s3, remote),
         }
         if settings.images:
             source = _source(settings.images, base)
@@ -275,62 +256,55 @@ def measure(settings: Settings, run: Run) -> Result:
         if settings.foreign_images:
             report["foreign"] = _foreign(base, backends, settings)
         s3_shards = settings.listing_s3_shards
-        counts = {
-            "local": settings.listing_shards,
-            "s3": settings.listing_shards if s3_shards is None else s3_shards,
-        }
+        counts = {"local": settings.listing_shards, "s3": s3_shards}
+        if s3_shards is None:
+            counts["s3"] = settings.listing_shards
         if any(counts.values()):
             report["listing"] = _listing(base, backends, counts)
     return Result(report, _tables(report))
 
 
+def _backend_table(
+    results: dict[str, dict[str, Any]], rates: dict[str, str], sizes: dict[str, str], note: str
+) -> Table:
+    """A row per backend: the `rates` it has (images/s, whole numbers), `sizes` (MB, one decimal)."""
+    shown = [key for key in rates if key in results["local"]]
+    rows = [
+        [BACKENDS[name], *(f"{f[k]:,.0f}" for k in shown), *(f"{f[k]:.1f}" for k in sizes)]
+        for name, f in results.items()
+    ]
+    return Table(["storage", *(rates[key] for key in shown), *sizes.values()], rows, [note])
+
+
 def _tables(report: dict[str, Any]) -> list[Table]:
-    """Images/s in whole numbers and MB to one decimal, per backend."""
-
-    def cells(figures: dict[str, Any], rates: list[str], sizes: list[str]) -> list[str]:
-        return [f"{figures[k]:,.0f}" for k in rates] + [f"{figures[k]:.1f}" for k in sizes]
-
     tables = []
     if "results" in report:
-        columns = {
-            "write": "write",
-            "read_iter": "read (iter_input)",
-            "read_ray": "read (Ray Data)",
-        }
-        rates = [key for key in columns if key in report["results"]["local"]]
+        rates = {"write": "write", "read_iter": "read (iter_input)", "read_ray": "read (Ray Data)"}
         tables.append(
-            Table(
-                ["storage", *(f"{columns[key]} images/s" for key in rates), "shards MB"],
-                [[BACKENDS[n], *cells(f, rates, ["mb"])] for n, f in report["results"].items()],
-                [
-                    f"{report['images']} images from {report['source']}, "
-                    f"{report['shard_samples']} per shard, median of {report['repeats']} runs."
-                ],
+            _backend_table(
+                report["results"],
+                {key: f"{header} images/s" for key, header in rates.items()},
+                {"mb": "shards MB"},
+                f"{report['images']} images from {report['source']}, "
+                f"{report['shard_samples']} per shard, median of {report['repeats']} runs.",
             )
         )
     if "foreign" in report:
         foreign = report["foreign"]
-        columns = {
+        rates = {
             "foreign_iter": "JPEG in place (iter)",
             "prepared_iter": "64x64 PNG prepared (iter)",
             "foreign_ray": "JPEG in place (Ray Data)",
             "prepared_ray": "PNG prepared (Ray Data)",
             "reshard": "re-shard (prepare)",
         }
-        rates = [key for key in columns if key in foreign["results"]["local"]]
-        sizes = ["jpeg_mb", "png_mb"]
-        tables.append(
-            Table(
-                ["storage", *(columns[key] for key in rates), "JPEG MB", "PNG MB"],
-                [[BACKENDS[n], *cells(f, rates, sizes)] for n, f in foreign["results"].items()],
-                [
-                    f"images/s: {foreign['images']} JPEG photos (256x256 to 384x512, quality 90) "
-                    f"in shards of {foreign['per_shard']}, decoded and fitted to 3x64x64 in place, "
-                    "versus the same images prepared as 3x64x64 PNG shards; re-shard is "
-                    "prepare's rate."
-                ],
-            )
+        note = (
+            f"images/s: {foreign['images']} JPEG photos (256x256 to 384x512, quality 90) in shards "
+            f"of {foreign['per_shard']}, decoded and fitted to 3x64x64 in place, versus the same "
+            "images prepared as 3x64x64 PNG shards; re-shard is prepare's rate."
         )
+        sizes = {"jpeg_mb": "JPEG MB", "png_mb": "PNG MB"}
+        tables.append(_backend_table(foreign["results"], rates, sizes, note))
     if "listing" in report:
         listing = report["listing"]
         tables.append(

@@ -1,15 +1,8 @@
-"""Where a training step's time goes, without Ray (`flowray bench step_phases`).
-
-- phases: dequantization, forward, backward, gradient clipping, optimizer step and EMA update of
-  `pipeline.train` (`make_optimizer`, the preset's model and batch), each timed on its own over
-  `steps` steps on Fashion-MNIST held in memory; medians in ms.
-- plain DDP: `workers` processes of one torch thread each, joined by a gloo process group on
-  loopback, each running `pipeline.train.core.run_step` (the Ray Train worker's step: the finite
-  check's all-reduce, DDP's gradient all-reduce, clipping, Adam, EMA) on its own slice of the
-  images for `ddp_seconds`, with and without DDP's gradient sync. What Ray Train adds on top is
-  the difference between this rate and the training suite's Ray 2-worker rate.
-
-Torch, numpy and the IDX files only: no Ray, no MLflow.
+"""Where a training step's time goes, without Ray (`flowray bench step_phases`): each phase of
+`pipeline.train`'s step (the preset's model, batch and optimizer) timed on its own, medians in ms;
+and `workers` one-thread processes in a gloo process group running the Ray Train worker's
+`run_step` under plain DDP, with and without the gradient sync. What Ray Train adds on top is the
+difference between this rate and the training suite's Ray 2-worker rate. No Ray, no MLflow.
 """
 
 from __future__ import annotations
@@ -17,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,17 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from flowmodel import dequantize
-from pipeline.bench.harness import (
-    Result,
-    Run,
-    Table,
-    fashion_mnist,
-    free_port,
-    median,
-    preset_config,
-    preset_flow,
-    torch_threads,
-)
+from pipeline.bench import harness
+from pipeline.bench.harness import Result, Run, Table
 from pipeline.train.config import TrainConfig
 from pipeline.train.core import run_step, start_training
 from pipeline.train.ema import EMA
@@ -45,23 +30,13 @@ PHASES = ("dequantize", "forward", "backward", "clip", "optimizer", "ema")
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    preset: the training preset (model, batch, optimizer).
-    config_overrides: `key=value` changes to the preset.
-    threads: torch threads for the phases.
-    batch: images per step (None: the preset's per-worker batch).
-    steps: steps timed for the phases.
-    workers: plain DDP processes.
-    ddp_seconds: seconds per plain DDP run (0: skip).
-    """
-
-    preset: str = "fashion-mnist"
-    config_overrides: tuple[str, ...] = ()
-    threads: int = 1
-    batch: int | None = None
-    steps: int = 60
-    workers: int = 2
-    ddp_seconds: float = 30.0
+    preset: str = "fashion-mnist"  # the model, batch and optimizer
+    config_overrides: tuple[str, ...] = ()  # `key=value` changes to the preset
+    threads: int = 1  # torch threads for the phases
+    batch: int | None = None  # images per step (None: the preset's per-worker batch)
+    steps: int = 60  # timed for the phases
+    workers: int = 2  # plain DDP processes
+    ddp_seconds: float = 30.0  # per plain DDP run (0: skip)
 
 
 SMOKE = {
@@ -73,9 +48,9 @@ SMOKE = {
 
 
 def phases(config: TrainConfig, images: torch.Tensor, batch: int, steps: int) -> dict[str, float]:
-    """Median ms of each phase of a training step (and of the whole step, "total"), in this
-    process at its current torch threads; the first fifth of the steps warm up."""
-    flow = preset_flow(config.model, images[: config.init_images], config.seed)
+    """Median ms of each phase of a training step and of the whole ("total"); the first fifth of
+    the steps warm up."""
+    flow = harness.preset_flow(config.model, images[: config.init_images], config.seed)
     ema = EMA(flow, config.optim.ema_decay)
     optimizer = make_optimizer(flow.parameters(), config.optim)
     noise = torch.Generator().manual_seed(config.seed)
@@ -101,17 +76,17 @@ def phases(config: TrainConfig, images: torch.Tensor, batch: int, steps: int) ->
             for name, begin, end in zip(PHASES, marks[:-1], marks[1:], strict=True):
                 times[name].append(1000 * (end - begin))
             times["total"].append(1000 * (marks[-1] - marks[0]))
-    return {name: median(values) for name, values in times.items()}
+    return {name: harness.median(values) for name, values in times.items()}
 
 
 def ddp_rate(
     config: TrainConfig, workers: int, batch: int, seconds: float, sync: bool = True
 ) -> dict[str, float]:
-    """Images/s (all workers together) and median ms per step of `workers` one-thread processes
-    running `run_step` under plain DDP for `seconds`; `sync=False` leaves the flow unwrapped (no
-    gradient all-reduce; the finite check's all-reduce stays). Rank 0's figures."""
+    """Images/s (all workers) and median ms per step (rank 0's) of `workers` one-thread processes
+    running `run_step` for `seconds`; `sync=False` leaves the flow unwrapped (no gradient
+    all-reduce; the finite check's all-reduce stays)."""
     results = mp.get_context("spawn").SimpleQueue()
-    args = (workers, free_port(), config, batch, seconds, sync, results)
+    args = (workers, harness.free_port(), config, batch, seconds, sync, results)
     mp.spawn(_ddp_worker, args=args, nprocs=workers)
     return results.get()
 
@@ -131,8 +106,8 @@ def _ddp_worker(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers
     )
     try:
-        _, images = fashion_mnist("train", limit=8192)
-        flow = preset_flow(config.model, images[: config.init_images], config.seed)
+        _, images = harness.fashion_mnist("train", limit=8192)
+        flow = harness.preset_flow(config.model, images[: config.init_images], config.seed)
         wrap = torch.nn.parallel.DistributedDataParallel if sync and workers > 1 else None
         training = start_training(flow, config, "cpu", rank=rank, wrap=wrap, say=lambda _: None)
         times: list[float] = []
@@ -148,7 +123,7 @@ def _ddp_worker(
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
         if rank == 0:
-            per_step = median(times[len(times) // 5 :])
+            per_step = harness.median(times[len(times) // 5 :])
             rate = batch * workers / per_step
             results.put({"steps": step, "ms_per_step": 1000 * per_step, "images_per_second": rate})
     finally:
@@ -156,10 +131,10 @@ def _ddp_worker(
 
 
 def measure(settings: Settings, run: Run) -> Result:
-    config = preset_config(settings.preset, settings.config_overrides)
+    config = harness.preset_config(settings.preset, settings.config_overrides)
     batch = settings.batch or config.batch_size
-    _, images = fashion_mnist("train", limit=4096)
-    with torch_threads(settings.threads):
+    _, images = harness.fashion_mnist("train", limit=4096)
+    with harness.torch_threads(settings.threads):
         ms = phases(config, images, batch, settings.steps)
     report: dict[str, Any] = {
         "settings": {
@@ -183,18 +158,11 @@ def measure(settings: Settings, run: Run) -> Result:
         )
     ]
     if settings.ddp_seconds > 0:
-        report["ddp"] = {
-            f"{'with' if sync else 'without'}_gradient_sync": ddp_rate(
-                config, settings.workers, batch, settings.ddp_seconds, sync=sync
-            )
-            for sync in (True, False)
-        }
+        run_ddp = partial(ddp_rate, config, settings.workers, batch, settings.ddp_seconds)
+        report["ddp"] = {f"{w}_gradient_sync": run_ddp(w == "with") for w in ("with", "without")}
+        what = f"{settings.workers} x 1 thread"
         rows = [
-            [
-                f"{settings.workers} x 1 thread, {name.replace('_', ' ')}",
-                f["ms_per_step"],
-                f["images_per_second"],
-            ]
+            [f"{what}, {name.replace('_', ' ')}", f["ms_per_step"], f["images_per_second"]]
             for name, f in report["ddp"].items()
         ]
         tables.append(Table(["plain torch DDP (gloo), no Ray", "ms/step", "images/s"], rows))

@@ -1,20 +1,13 @@
 """Training throughput: flowray's model through Ray Train (1 and 2 workers) against a plain
 in-process loop of the same model, and against normflows' Glow at a matched parameter count.
 
-All runs use the same global batch: the preset's per-worker batch times its worker count, split
-evenly over the Ray workers. Per repeat, in this order:
-
-- in-process: flowray against normflows (`race`), steps alternating, each for `seconds` of step
-  time, on Fashion-MNIST held in memory, torch using every core.
-- Ray Train, 1 worker with all cores, then 2 workers with 1 core each: `pipeline.train.driver.train`,
-  the production job (Ray Data reading the prepared shards, DDP for 2 workers, rank-0 MLflow
-  logging), for `seconds` of training; its logged per-window images/s, the first window (startup)
-  left out. Evaluation, checkpoints and registration happen after the timed windows. A run that
-  the non-finite guard stops keeps the windows it logged, and the report says why it stopped.
-
-Images/s of a run is the median of its per-window rates; a row is the median over repeats; a ratio
-is the median of the per-repeat ratios (a ratio of medians would pair figures measured under
-different loads). Targets: Ray 2 workers / in-process >= 0.9, flowray / normflows >= 1.3.
+All runs share the global batch (split evenly over the Ray workers). Per repeat: flowray against
+normflows in-process (`race`, steps alternating, every core, images in memory), then the
+production job (`pipeline.train.driver.train`: Ray Data, DDP for 2 workers, MLflow) with 1 worker
+on all cores and 2 workers on 1 core each, each for `seconds`; its logged per-window images/s,
+the first window (startup) left out. A run that the non-finite guard stops keeps the windows it
+logged, and the report says why it stopped. A ratio is the median of per-repeat ratios (a ratio
+of medians would pair figures measured under different loads).
 """
 
 from __future__ import annotations
@@ -25,19 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.harness import (
-    Result,
-    Run,
-    Table,
-    fashion_mnist,
-    global_batch,
-    local_ray,
-    median,
-    prepared_fashion_mnist,
-    preset_config,
-    run_race,
-    torch_threads,
-)
+from pipeline.bench import harness
+from pipeline.bench.harness import Result, Run, Table
 from pipeline.bench.quality import race
 from pipeline.train.config import TrainConfig
 
@@ -50,23 +32,13 @@ RAY_RUNS = {"ray_1_worker": 1, "ray_2_workers": 2}  # run kind: workers
 
 @dataclass(frozen=True)
 class Settings:
-    """Attributes:
-    preset: the training preset (model, per-worker batch x workers = the global batch, optimizer).
-    config_overrides: `key=value` changes to the preset.
-    seconds: training time per run (Ray runs: their max_minutes; startup comes on top).
-    repeats: runs of each kind; medians reported.
-    train_images: the first N training images (None: all).
-    max_steps: also stop each run after this many steps.
-    log_every: steps per logged images/s window in the Ray runs.
-    """
-
-    preset: str = "fashion-mnist"
-    config_overrides: tuple[str, ...] = ()
-    seconds: float = 60.0
-    repeats: int = 3
-    train_images: int | None = None
-    max_steps: int | None = None
-    log_every: int = 25
+    preset: str = "fashion-mnist"  # the model, global batch (per-worker x workers), optimizer
+    config_overrides: tuple[str, ...] = ()  # `key=value` changes to the preset
+    seconds: float = 60.0  # of training per run (Ray runs: max_minutes; startup on top)
+    repeats: int = 3  # runs of each kind; medians reported
+    train_images: int | None = None  # the first N (None: all)
+    max_steps: int | None = None  # also stop each run after this many steps
+    log_every: int = 25  # steps per logged images/s window in the Ray runs
 
 
 SMOKE = {
@@ -80,8 +52,8 @@ SMOKE = {
 
 
 def _thread_probe(cpus: float) -> int:
-    """torch threads in a fresh Ray worker holding `cpus` CPUs, as a Train worker is (Ray sets
-    OMP_NUM_THREADS from them; max_calls=1, as a reused worker keeps the threads of its first task)."""
+    """torch threads in a fresh Ray worker holding `cpus` CPUs, as a Train worker is (max_calls=1:
+    a reused worker keeps the threads of its first task)."""
     import ray
 
     @ray.remote(max_calls=1)
@@ -96,8 +68,8 @@ def _thread_probe(cpus: float) -> int:
 def _ray_run(
     config: TrainConfig, workdir: Path, name: str, workers: int, settings: Settings
 ) -> tuple[float, str]:
-    """One `train` run with `workers` workers sharing the global batch and the cores: the median
-    of its logged images/s (first window left out), and why it stopped early ("" if it did not)."""
+    """One `train` run with `workers` workers sharing the global batch and the cores: its images/s
+    and why it stopped early ("" if it did not)."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.train.driver import TrainingStopped, train
@@ -105,7 +77,7 @@ def _ray_run(
     cores = os.cpu_count() or 1
     run_config = replace(
         config,
-        batch_size=global_batch(config) // workers,
+        batch_size=harness.global_batch(config) // workers,
         max_steps=settings.max_steps or 1_000_000,
         max_minutes=settings.seconds / 60,
         eval_every=1_000_000,
@@ -130,13 +102,12 @@ def _ray_run(
     except TrainingStopped as error:
         stopped = str(error)
         run_id = _run_id(run_config.mlflow.tracking_uri, run_config.mlflow.experiment, name)
-    history = MlflowClient(run_config.mlflow.tracking_uri).get_metric_history(
-        run_id, "images_per_second"
-    )
+    client = MlflowClient(run_config.mlflow.tracking_uri)
+    history = client.get_metric_history(run_id, "images_per_second")
     rates = [m.value for m in sorted(history, key=lambda m: m.step)]
     if not rates:
         raise RuntimeError(f"{name} logged no images/s window before it stopped: {stopped}")
-    return median(rates[1:] if len(rates) > 1 else rates), stopped
+    return harness.median(rates[1:] if len(rates) > 1 else rates), stopped
 
 
 def _run_id(tracking_uri: str, experiment: str, run_name: str) -> str:
@@ -155,22 +126,22 @@ def _run_id(tracking_uri: str, experiment: str, run_name: str) -> str:
 
 
 def measure(settings: Settings, run: Run) -> Result:
-    config = preset_config(settings.preset, settings.config_overrides)
-    cores, batch = os.cpu_count() or 1, global_batch(config)
+    config = harness.preset_config(settings.preset, settings.config_overrides)
+    cores, batch = os.cpu_count() or 1, harness.global_batch(config)
     data, limit = str(run.workdir / f"data-{settings.train_images or 'all'}"), settings.train_images
-    train = prepared_fashion_mnist(data, limit, split="train", shard_samples=5000)
-    test = prepared_fashion_mnist(data, limit, shard_samples=5000)
+    train = harness.prepared_fashion_mnist(data, limit, split="train", shard_samples=5000)
+    test = harness.prepared_fashion_mnist(data, limit, shard_samples=5000)
     config = replace(
         config,
         data=replace(config.data, train=train, validation=test),
         init_images=min(config.init_images, limit or config.init_images),
     )
-    _, images = fashion_mnist("train", limit)
+    _, images = harness.fashion_mnist("train", limit)
     samples: dict[str, list[float]] = {"flowray_in_process": [], "normflows_in_process": []}
     samples |= {key: [] for key in RAY_RUNS}
     stopped: list[str] = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    with torch_threads(cores), local_ray(cores + 2, dashboard=True):
+    with harness.torch_threads(cores), harness.local_ray(cores + 2, dashboard=True):
         threads = {
             "ray_1_worker": f"1 worker x {_thread_probe(cores)} threads",
             "ray_2_workers": f"2 workers x {_thread_probe(cores // 2)} threads",
@@ -178,15 +149,9 @@ def measure(settings: Settings, run: Run) -> Result:
         for repeat in range(settings.repeats):
             step = f"repeat {repeat + 1}/{settings.repeats}"
             run.log(f"{step}: in-process flowray and normflows")
-            racers = race(
-                config,
-                images,
-                seconds=settings.seconds,
-                max_steps=settings.max_steps,
-                batch_size=batch,
-                window_steps=10,
-            )
-            run_race(racers)
+            budget = {"seconds": settings.seconds, "max_steps": settings.max_steps}
+            racers = race(config, images, **budget, batch_size=batch, window_steps=10)
+            harness.run_race(racers)
             for name, racer in racers.items():
                 samples[f"{name}_in_process"].append(racer.images_per_second)
             for key, workers in RAY_RUNS.items():
@@ -199,7 +164,7 @@ def measure(settings: Settings, run: Run) -> Result:
                     stopped.append(f"{key}, repeat {repeat + 1}: {reason}")
 
     def ratio(top: str, bottom: str) -> float:
-        return median([a / b for a, b in zip(samples[top], samples[bottom])])
+        return harness.median([a / b for a, b in zip(samples[top], samples[bottom])])
 
     ratios = {
         "ray_2_workers_vs_in_process": ratio("ray_2_workers", "flowray_in_process"),
@@ -218,7 +183,7 @@ def measure(settings: Settings, run: Run) -> Result:
         },
         "samples": samples,
         "stopped_early": stopped,
-        "images_per_second": {key: median(values) for key, values in samples.items()},
+        "images_per_second": {key: harness.median(values) for key, values in samples.items()},
         "ratios": ratios,
         "targets": {
             name: {"at_least": least, "met": bool(ratios[ratio] >= least)}
@@ -229,38 +194,29 @@ def measure(settings: Settings, run: Run) -> Result:
 
 
 def _table(report: dict[str, Any]) -> Table:
-    """One row per run kind: threads, parameters, images/s and its ratio to flowray in-process."""
     settings, rates, ratios = report["settings"], report["images_per_second"], report["ratios"]
     threads, params, targets = settings["threads"], settings["params"], report["targets"]
     one, two = threads["ray_1_worker"], threads["ray_2_workers"]
-    in_process = f"1 process x {threads['in_process']} threads"
+    local = f"1 process x {threads['in_process']} threads"
     vs_one, vs_two = ratios["ray_1_worker_vs_in_process"], ratios["ray_2_workers_vs_in_process"]
     vs_glow = 1 / ratios["flowray_vs_normflows"]
     rows = [  # run, threads, model, images/s key, ratio to flowray in-process
-        ["flowray, in-process loop", in_process, "flowray", "flowray_in_process", 1.0],
+        ["flowray, in-process loop", local, "flowray", "flowray_in_process", 1.0],
         ["flowray, Ray Train 1 worker", one, "flowray", "ray_1_worker", vs_one],
         ["flowray, Ray Train 2 workers (DDP)", two, "flowray", "ray_2_workers", vs_two],
-        [
-            "normflows Glow, in-process loop",
-            in_process,
-            "normflows",
-            "normflows_in_process",
-            vs_glow,
-        ],
+        ["normflows Glow, in-process loop", local, "normflows", "normflows_in_process", vs_glow],
     ]
     per_repeat = "; ".join(
         f"{key}: " + ", ".join(f"{v:,.0f}" for v in values)
         for key, values in report["samples"].items()
     )
 
-    def verdict(name: str, value: float) -> str:
-        target = targets[name]
-        return (
-            f"{value:.2f} (target >= {target['at_least']}: {'met' if target['met'] else 'missed'})"
-        )
+    def verdict(name: str) -> str:
+        target, met = targets[name], "met" if targets[name]["met"] else "missed"
+        return f"{ratios[TARGETS[name][0]]:.2f} (target >= {target['at_least']}: {met})"
 
     stopped = report["stopped_early"]
-    return Table(
+    table = Table(
         ["run", "threads", "params", "train images/s", "vs flowray in-process"],
         [[run, thr, params[model], rates[key], ratio] for run, thr, model, key, ratio in rows],
         [
@@ -270,13 +226,10 @@ def _table(report: dict[str, Any]) -> Table:
             f"column is the median of per-repeat ratios; {settings['train_images']:,} training "
             "images.",
             f"Per repeat, images/s: {per_repeat}.",
-            f"Ray overhead (2 workers / in-process): "
-            f"{verdict('ray_overhead', ratios['ray_2_workers_vs_in_process'])}; flowray / "
-            f"normflows: {verdict('flowray_vs_normflows', ratios['flowray_vs_normflows'])}.",
-            *(
-                [f"Stopped early (images/s measured until then): {'; '.join(stopped)}."]
-                if stopped
-                else []
-            ),
+            f"Ray overhead (2 workers / in-process): {verdict('ray_overhead')}; flowray / "
+            f"normflows: {verdict('flowray_vs_normflows')}.",
         ],
     )
+    if stopped:
+        table.notes.append(f"Stopped early (images/s measured until then): {'; '.join(stopped)}.")
+    return table
