@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -80,7 +80,9 @@ class Calibration:
     def problem(self) -> str:
         """Why these values cannot judge today's scores ("" when they can): they were made with
         another ood_score formula than the one pipeline.model.scores computes now."""
-        made, now = self.source.get("ood_score", ""), ood_score_definition()
+        from pipeline.model.scores import OOD_SCORE
+
+        made, now = self.source.get("ood_score", ""), OOD_SCORE
         if made == now:
             return ""
         return (
@@ -173,7 +175,7 @@ def calibrate_flow(
 ) -> Calibration:
     """Score the first `limit` of `rows` (dicts with `image` uint8 [C, H, W] and `key`, as
     pipeline.data.reader.iter_input yields them) with `score_images` and calibrate on them."""
-    from pipeline.model.scores import score_images
+    from pipeline.model.scores import OOD_SCORE, score_images
 
     bits: list[np.ndarray] = []
     ood: list[np.ndarray] = []
@@ -185,16 +187,8 @@ def calibrate_flow(
         ood.append(scores["ood_score"])
     if not bits:
         raise ValueError("calibration: expected images to score, found none")
-    made = {"seed": seed, "draws": draws, "ood_score": ood_score_definition(), **(source or {})}
+    made = {"seed": seed, "draws": draws, "ood_score": OOD_SCORE, **(source or {})}
     return calibrate(np.concatenate(bits), np.concatenate(ood), source=made)
-
-
-def ood_score_definition() -> str:
-    """The name of the ood_score formula pipeline.model.scores computes (`OOD_SCORE`): a
-    calibration holds ood_scores of one formula only."""
-    from pipeline.model.scores import OOD_SCORE
-
-    return OOD_SCORE
 
 
 class DropTally:
@@ -289,21 +283,11 @@ class Drift:
         )
 
     def metrics(self) -> dict[str, float]:
-        """The figures as MLflow metrics (drift_level: 0 none, 1 suspected, 2 detected)."""
-        return {
-            "drift_level": float(LEVELS.index(self.level)),
-            "drift_flagged_share": self.flagged_share,
-            "drift_expected_share": self.expected_share,
-            "drift_threshold": self.threshold,
-            "drift_flag_p_value": self.flag_p_value,
-            "drift_ks_statistic": self.ks_statistic,
-            "drift_ks_p_value": self.ks_p_value,
-            "drift_bits_mean": self.bits_mean,
-            "drift_validation_bits_mean": self.validation_bits_mean,
-            "drift_typicality_z": self.typicality_z,
-            "drift_typicality_p_value": self.typicality_p_value,
-            "drift_typicality_effect": self.typicality_effect,
-        }
+        """The figures as MLflow metrics `drift_<name>` (drift_level: 0 none, 1 suspected, 2
+        detected)."""
+        figures = {"level": float(LEVELS.index(self.level)), "flagged_share": self.flagged_share}
+        figures |= {f.name: getattr(self, f.name) for f in fields(self)[3:]}  # from expected_share
+        return {f"drift_{name}": value for name, value in figures.items()}
 
 
 def _p(value: float) -> str:

@@ -32,16 +32,6 @@ from pipeline.model.noise import keyed_noise, noise_scheme_of
 CHUNK_DIMS = 2**24
 
 
-def to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """`tensor` on `device`; a CPU tensor bound for CUDA goes through pinned memory,
-    asynchronously (the caller's next use of it on the GPU is ordered after the copy)."""
-    if tensor.device == device:
-        return tensor
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
 @torch.no_grad()
 def keyed_bits_per_dim(
     flow: Flow, keys: Sequence[str], images: Tensor, seed: int, scheme: str | None = None
@@ -61,12 +51,13 @@ def keyed_log_prob_levels(
     flow._check_images(images)
     scheme = scheme or noise_scheme_of(flow)
     device = flow.top_prior.mu.device
-    on_cpu = device.type == "cpu"
-    step = max(len(keys), 1) if on_cpu else max(1, CHUNK_DIMS // flow.config.dims)
-    bits, levels = [], []
+    step = max(len(keys), 1) if device.type == "cpu" else max(1, CHUNK_DIMS // flow.config.dims)
+    bits, levels, shape = [], [], tuple(images.shape[1:])
     for start in range(0, len(keys), step):
-        chunk = to_device(images[start : start + step], device)
-        shape = tuple(images.shape[1:])
+        chunk = images[start : start + step]
+        if device.type == "cuda" and chunk.device.type == "cpu":
+            chunk = chunk.pin_memory()  # copied asynchronously, ordered before its use on the GPU
+        chunk = chunk.to(device, non_blocking=True)
         noise = keyed_noise(keys[start : start + step], shape, seed, device, scheme)
         y = dequantize(chunk, flow.config.n_bits, noise=noise, dtype=flow._dtype())
         log_prob, by_level = flow.log_prob_levels(y, check=False)  # y is dequantize's: in range

@@ -56,21 +56,16 @@ def with_noise_scheme(flow: Flow, scheme: str) -> Flow:
     return flow
 
 
-def _digests(keys: Sequence[str], seed: int) -> bytes:
-    """The first 8 bytes of sha256(f"{seed}:{key}") of every key, concatenated."""
-    return b"".join(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8] for key in keys)
+def key_seeds64(keys: Sequence[str], seed: int) -> np.ndarray:
+    """splitmix64-v2's key seeds: uint64 [B], the first 8 bytes of sha256(f"{seed}:{key}") read
+    little-endian."""
+    digests = b"".join(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8] for key in keys)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 def key_seeds(keys: Sequence[str], seed: int) -> list[int]:
-    """mt19937-v1's per-key generator seeds: 63 bits of sha256(f"{seed}:{key}")."""
-    words = np.frombuffer(_digests(keys, seed), dtype="<u8")
-    return [int(word) >> 1 for word in words]
-
-
-def key_seeds64(keys: Sequence[str], seed: int) -> np.ndarray:
-    """splitmix64-v2's key seeds: uint64 [B], the first 8 bytes of sha256(f"{seed}:{key}") read
-    little-endian (the same bytes mt19937-v1 uses, all 64 bits of them)."""
-    return np.frombuffer(_digests(keys, seed), dtype="<u8").astype(np.uint64)
+    """mt19937-v1's per-key generator seeds: the top 63 of those 64 bits."""
+    return [int(word) >> 1 for word in key_seeds64(keys, seed)]
 
 
 def keyed_noise(

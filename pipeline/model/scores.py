@@ -40,14 +40,9 @@ def max_png_bytes(image: np.ndarray) -> bytes:
     """uint8 [C, H, W] (C = 1 or 3) as PNG at maximum zlib compression (level 9)."""
     from PIL import Image
 
-    if image.shape[0] == 1:
-        picture = Image.fromarray(image[0], "L")
-    else:
-        picture = Image.fromarray(
-            np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB"
-        )  # (H, W, C)
+    pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)  # (H, W[, C])
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", compress_level=9)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=9)
     return buffer.getvalue()
 
 

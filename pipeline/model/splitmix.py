@@ -16,13 +16,10 @@ a GPU give the same bits.
 
 One definition in torch int64 arithmetic (`uniform_float64`) runs on any device: multiplication
 wraps modulo 2**64, and a logical right shift is the arithmetic one with the sign-filled top bits
-masked off. On the CPU `uniform_float64_numpy` computes the same numbers in numpy uint64, where
-shifts are logical and no masks are needed. It is the faster of the two on a CPU (1.2 to 12 times
-torch's images/s on a quiet 16-core Xeon, one thread or sixteen: torch's int64 multiply and the
-mask passes cost more), and works in cache-sized blocks. It stays on one thread: spreading the
-blocks over threads is slower (the work is bound by writing the float64 result).
-tests/pipeline/model/test_splitmix.py checks the two agree bit for bit and against the reference
-below.
+masked off. On the CPU `uniform_float64_numpy` computes the same numbers in numpy uint64 (logical
+shifts, no masks: the faster of the two there), in cache-sized blocks, on one thread (the work is
+bound by writing the float64 result). tests/pipeline/model/test_noise.py checks the two agree bit
+for bit and against the definition above.
 
 References:
     Steele, Lea & Flood 2014, "Fast splittable pseudorandom number generators", OOPSLA
@@ -39,7 +36,6 @@ from torch import Tensor
 
 GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 SHIFTS = (30, 27, 31)
-WORD = (1 << 64) - 1
 BLOCK = 1 << 15  # values per block on the CPU: 256 KiB of uint64 per array, inside L2
 
 
@@ -51,15 +47,6 @@ def _signed(constant: int) -> int:
 def _logical_shift(z: Tensor, bits: int) -> Tensor:
     # int64 >> is arithmetic: mask off the copies of the sign bit.
     return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def reference(seed: int, index: int) -> float:
-    """u[seed, index] in plain Python integers: the definition the vector versions follow."""
-    z = (seed + (index + 1) * GAMMA) & WORD
-    z = ((z ^ (z >> SHIFTS[0])) * MIX1) & WORD
-    z = ((z ^ (z >> SHIFTS[1])) * MIX2) & WORD
-    z ^= z >> SHIFTS[2]
-    return (z >> 11) * 2.0**-53
 
 
 def uniform_float64(seeds: Tensor, count: int) -> Tensor:

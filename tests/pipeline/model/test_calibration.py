@@ -18,9 +18,9 @@ from pipeline.model.calibration import (
     calibrate,
     flags,
     ks_2samp,
-    ood_score_definition,
     verdict,
 )
+from pipeline.model.scores import OOD_SCORE
 
 VALIDATION = 10_000
 
@@ -172,7 +172,7 @@ def test_the_ks_sample_is_bounded_and_drawn_from_the_whole_drop() -> None:
 
 
 def test_a_calibration_of_another_ood_score_formula_says_so() -> None:
-    now = ood_score_definition()
+    now = OOD_SCORE
     same = dataclasses.replace(validation(), source={"ood_score": now})
     other = dataclasses.replace(validation(), source={"ood_score": now + "-older"})
     assert same.problem() == ""
