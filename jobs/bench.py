@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _module(name: str) -> Any:
-    return importlib.import_module(SUITES[name].module)
+    return importlib.import_module(f"pipeline.bench.{SUITES[name].module}")
 
 
 def settings_for(name: str, smoke: bool, overrides: list[str]) -> Any:

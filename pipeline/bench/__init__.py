@@ -17,7 +17,7 @@ __all__ = ["SUITES", "Suite"]
 
 @dataclass(frozen=True)
 class Suite:
-    """One suite: its module (imported only when it runs) and what it measures."""
+    """One suite: its module under pipeline.bench (imported only when it runs), what it measures."""
 
     module: str
     about: str
@@ -25,27 +25,15 @@ class Suite:
 
 
 SUITES: dict[str, Suite] = {
-    "quality": Suite(
-        "pipeline.bench.quality", "test bits/dim against normflows' Glow at equal time"
-    ),
-    "training": Suite(
-        "pipeline.bench.training", "training images/s: in-process, Ray Train 1 and 2 workers"
-    ),
-    "scoring": Suite(
-        "pipeline.bench.scoring", "Ray Data scoring against the same work in one process"
-    ),
-    "sampling": Suite("pipeline.bench.sampling", "flowray sample against Flow.sample in-process"),
-    "scaling": Suite("pipeline.bench.scaling", "scoring time and memory at growing sizes"),
-    "io": Suite(
-        "pipeline.bench.shard_io", "shard write/read, foreign shards, listing; disk and S3"
-    ),
-    "serving": Suite("pipeline.bench.serving", "flowray serve at 1, 8 and 64 concurrent clients"),
-    "ood": Suite("pipeline.bench.ood", "OOD scores' AUROC and FPR95 on foreign image sets"),
-    "gpu": Suite("pipeline.bench.gpu", "training, scoring, sampling, checkpoints on one GPU"),
-    "ablation": Suite(
-        "pipeline.bench.ablation", "one training lever at a time against the preset", False
-    ),
-    "step_phases": Suite(
-        "pipeline.bench.step_phases", "a training step's phases; plain torch DDP", False
-    ),
+    "quality": Suite("quality", "test bits/dim against normflows' Glow at equal time"),
+    "training": Suite("training", "training images/s: in-process, Ray Train 1 and 2 workers"),
+    "scoring": Suite("scoring", "Ray Data scoring against the same work in one process"),
+    "sampling": Suite("sampling", "flowray sample against Flow.sample in-process"),
+    "scaling": Suite("scaling", "scoring time and memory at growing sizes"),
+    "io": Suite("shard_io", "shard write/read, foreign shards, listing; disk and S3"),
+    "serving": Suite("serving", "flowray serve at 1, 8 and 64 concurrent clients"),
+    "ood": Suite("ood", "OOD scores' AUROC and FPR95 on foreign image sets"),
+    "gpu": Suite("gpu", "training, scoring, sampling, checkpoints on one GPU"),
+    "ablation": Suite("ablation", "one training lever at a time against the preset", False),
+    "step_phases": Suite("step_phases", "a training step's phases; plain torch DDP", False),
 }

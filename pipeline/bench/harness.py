@@ -415,24 +415,29 @@ def local_ray(
 def loopback_s3() -> Iterator[StorageConfig]:
     """moto's S3 server on 127.0.0.1 with BENCH_BUCKET, and FAKE_S3_CREDENTIALS in the
     environment (a Ray started inside the block gives them to its workers); both undone after."""
-    from unittest import mock
-
     import boto3
     from moto.server import ThreadedMotoServer
 
+    saved = {
+        name: os.environ.pop(name, None) for name in [*FAKE_S3_CREDENTIALS, "AWS_SESSION_TOKEN"]
+    }
+    os.environ.update(FAKE_S3_CREDENTIALS)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    with mock.patch.dict(os.environ, FAKE_S3_CREDENTIALS):  # the environment restored after
-        os.environ.pop("AWS_SESSION_TOKEN", None)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = f"http://{host}:{port}"
-            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            s3.create_bucket(Bucket=BENCH_BUCKET)
-            yield StorageConfig(endpoint_url=endpoint, region="us-east-1")
-        finally:
-            server.stop()
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket=BENCH_BUCKET)
+        yield StorageConfig(endpoint_url=endpoint, region="us-east-1")
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ----------------------------------------------------------------------------- memory
