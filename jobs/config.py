@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import types
@@ -62,6 +63,15 @@ def job_parser(prog: str, description: str, **kwargs: Any) -> argparse.ArgumentP
         formatter_class=HelpFormatter,
         allow_abbrev=False,
         **kwargs,
+    )
+
+
+def add_subcommands(parser: argparse.ArgumentParser, *names: str) -> Any:
+    """The subcommands of `parser` (`args.command`), each parser in the house help style."""
+    return parser.add_subparsers(
+        dest="command",
+        metavar="{" + ",".join(names) + "}",
+        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter),
     )
 
 
@@ -119,15 +129,14 @@ def add_config_options(
         flags: dotted key -> option strings, for keys inside sections and for a field whose
             flag is not `--<field-name>`; STANDARD_FLAGS are added where `cls` has them.
     """
-    chosen: dict[str, tuple[str, ...]] = {}
+    chosen: dict[str, Sequence[str]] = {}
     hints = get_type_hints(cls)
     if every_field:
         for item in dataclasses.fields(cls):
             if item.init and not _is_section(hints[item.name]):
                 chosen[item.name] = (f"--{item.name.replace('_', '-')}",)
-    for key, options in {**STANDARD_FLAGS, **(flags or {})}.items():
-        if key in chosen or _has_key(cls, key) or key in (flags or {}):
-            chosen[key] = tuple(options)
+    chosen.update({key: o for key, o in STANDARD_FLAGS.items() if _has_key(cls, key)})
+    chosen.update(flags or {})
     for key, options in chosen.items():
         _add_option(parser, cls, key, options)
 

@@ -20,7 +20,7 @@ import math
 import sys
 
 from jobs._batch import check_tracking_server
-from jobs.config import HelpFormatter, add_verbose_argument, job_parser, setup_logging
+from jobs.config import add_subcommands, add_verbose_argument, job_parser, setup_logging
 from jobs.errors import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE, UserError, run_main
 from pipeline.storage import redact_url
 
@@ -39,18 +39,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = job_parser(PROG, "Registered flows: list versions and aliases, promote a version.")
-    commands = p.add_subparsers(dest="command", metavar="{list,promote,calibrate}")
-    listing = commands.add_parser(
-        "list",
-        help="registered models, versions, val bits/dim, aliases",
-        formatter_class=HelpFormatter,
-    )
+    commands = add_subcommands(p, "list", "promote", "calibrate")
+    listing = commands.add_parser("list", help="registered models, versions, val bits/dim, aliases")
     listing.add_argument("--name", default=None, help="only this model (default: all)")
     _add_common(listing)
     promote = commands.add_parser(
         "promote",
         help="point an alias at a version if its val bits/dim is better",
-        formatter_class=HelpFormatter,
     )
     promote.add_argument("name", help="registered model name")
     promote.add_argument("version", help="version number to promote")
@@ -64,7 +59,6 @@ def parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser(
         "calibrate",
         help="score a version's validation split and store its calibration with the version",
-        formatter_class=HelpFormatter,
     )
     calibrate.add_argument("name", help="registered model name")
     calibrate.add_argument("version", help="version number to calibrate")

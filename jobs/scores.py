@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs.config import HelpFormatter, add_verbose_argument, job_parser, setup_logging
+from jobs.config import add_subcommands, add_verbose_argument, job_parser, setup_logging
 from jobs.errors import EXIT_DRIFT, EXIT_USAGE, run_main
 
 PROG = "flowray scores"
@@ -34,11 +34,10 @@ def _positive(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = job_parser(PROG, "Query scoring outputs (the Parquet files `flowray score` writes).")
-    commands = p.add_subparsers(dest="command", metavar="{top,drift}")
+    commands = add_subcommands(p, "top", "drift")
     top = commands.add_parser(
         "top",
         help="the least likely (or most OOD) images of a model version, with their shard URLs",
-        formatter_class=HelpFormatter,
     )
     top.add_argument(
         "--output", required=True, help="the --output given to `flowray score` (required)"
@@ -72,7 +71,6 @@ def parser() -> argparse.ArgumentParser:
     drift = commands.add_parser(
         "drift",
         help="the drift verdict of a version's scores (or of one run's) against its calibration",
-        formatter_class=HelpFormatter,
     )
     drift.add_argument("--output", required=True, help="the --output given to `flowray score`")
     drift.add_argument(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,25 +27,9 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> 
     return grid
 
 
-def png_bytes(image: np.ndarray, scale: int = 1) -> bytes:
-    """An RGB or gray uint8 image as PNG bytes, upscaled by `scale` with nearest neighbour."""
-    from PIL import Image
-
-    picture = Image.fromarray(image)
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def titled_grid_png(panels: Sequence[tuple[str, np.ndarray]], suptitle: str) -> bytes:
     """Several image grids side by side, each with its title (e.g. one per temperature)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), squeeze=False)
     for ax, (title, grid) in zip(axes[0], panels):
         ax.imshow(grid, interpolation="nearest")
@@ -58,11 +43,7 @@ def training_curves(
     train: Sequence[tuple[int, float]], validation: Sequence[tuple[int, float]], title: str
 ) -> bytes:
     """Train and validation bits/dim against step, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
         ax.plot(*zip(*train), label="train (batch mean)", alpha=0.6)
@@ -70,10 +51,7 @@ def training_curves(
         ax.plot(*zip(*validation), "o-", label="validation (whole split)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("bits per dimension")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _figure_png(fig)
+    return _axes_png(fig, ax, title)
 
 
 def bits_per_dim_histogram(
@@ -84,11 +62,7 @@ def bits_per_dim_histogram(
 ) -> bytes:
     """A histogram of per-image bits/dim from precomputed bin counts (len(edges) = len(counts) + 1),
     with optional labelled vertical lines (e.g. {"median": 3.1, "p99": 4.2}), as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     counts, edges = np.asarray(counts), np.asarray(edges, dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.stairs(counts, edges, fill=True, alpha=0.7, label=f"{int(counts.sum()):,} images")
@@ -96,10 +70,7 @@ def bits_per_dim_histogram(
         ax.axvline(value, color=f"C{i + 1}", linestyle="--", label=f"{name} {value:.3f}")
     ax.set_xlabel("bits per dimension (lower = more likely)")
     ax.set_ylabel("images per bin")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _figure_png(fig)
+    return _axes_png(fig, ax, title)
 
 
 def score_histograms(
@@ -112,11 +83,7 @@ def score_histograms(
     """Histograms of several samples of one score (e.g. a drop over the validation split) on
     shared bins, each normalised to a density so samples of any size compare; non-finite values
     are left out (counted in the legend). As PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     finite = {name: np.asarray(v, dtype=float) for name, v in series.items()}
     finite = {name: v[np.isfinite(v)] for name, v in finite.items()}
     values = np.concatenate([v for v in finite.values() if len(v)] or [np.zeros(1)])
@@ -130,21 +97,14 @@ def score_histograms(
         ax.axvline(value, color=f"C{i + 2}", linestyle="--", label=f"{name} {value:.3f}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density (share of images per unit)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _figure_png(fig)
+    return _axes_png(fig, ax, title)
 
 
 def captioned_images_png(
     images: np.ndarray, captions: Sequence[str], title: str, columns: int = 8
 ) -> bytes:
     """uint8 [N, C, H, W] images (C = 1 or 3) in a grid, each with its caption, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     if images.ndim != 4 or images.shape[1] not in (1, 3) or len(captions) != len(images):
         raise ValueError(
             f"images: expected uint8 [N, 1 or 3, H, W] and N captions, found "
@@ -166,11 +126,28 @@ def captioned_images_png(
     return _figure_png(fig)
 
 
-def _figure_png(fig: object) -> bytes:
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _axes_png(fig: Any, ax: Any, title: str) -> bytes:
+    """A one-axes figure finished in the house style (title, light grid, legend), as PNG."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _figure_png(fig)
+
+
+def _figure_png(fig: Any) -> bytes:
+    plt = _pyplot()
     buffer = io.BytesIO()
-    fig.tight_layout()  # type: ignore[attr-defined]
-    fig.savefig(buffer, format="png", dpi=110)  # type: ignore[attr-defined]
-    plt.close(fig)  # type: ignore[arg-type]
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
     return buffer.getvalue()

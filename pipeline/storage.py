@@ -32,6 +32,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -52,18 +53,17 @@ _QUERY_SECRET = re.compile(
     r"[^&#;\s\"'<>]+",
     re.IGNORECASE,
 )
-# Exit codes (jobs.errors, which pipeline does not import).
-_RUNTIME_FAILURE = 1
-_USAGE = 2
+_USAGE = 2  # the exit code of a usage error (jobs.errors, which pipeline does not import)
 
 
 class StorageError(FlowrayError, RuntimeError):
     """A storage URL cannot be used: a runtime failure (exit 1: an endpoint down, a refused
     request) unless the raiser says the user's URL or setup is wrong (2)."""
 
-    def __init__(self, message: str, hint: str = "", exit_code: int = _RUNTIME_FAILURE) -> None:
-        super().__init__(redact(message), redact(hint))
-        self.exit_code = exit_code
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "", exit_code: int | None = None) -> None:
+        super().__init__(redact(message), redact(hint), exit_code)
 
 
 @dataclass(frozen=True)
@@ -171,12 +171,9 @@ def fsspec_filesystem(
         return LocalFileSystem(), _local_path(url)
     import s3fs
 
-    client_kwargs: dict[str, Any] = {"region_name": storage.region}
-    if storage.endpoint_url:
-        client_kwargs["endpoint_url"] = storage.endpoint_url
     fs = s3fs.S3FileSystem(
         anon=storage.anon,
-        client_kwargs=client_kwargs,
+        client_kwargs={"region_name": storage.region, "endpoint_url": storage.endpoint_url},
         config_kwargs={
             "connect_timeout": storage.connect_timeout,
             "read_timeout": storage.read_timeout,
@@ -223,26 +220,22 @@ def join_url(base: str, *parts: str) -> str:
 
 
 @contextlib.contextmanager
-def _translated(url: str, storage: StorageConfig | None) -> Iterator[None]:
-    """Turn the errors users meet (no endpoint, no credentials, no bucket) into StorageError."""
-    try:
-        yield
-    except (StorageError, FileNotFoundError):
-        raise
-    except Exception as err:  # botocore/aiohttp errors have no common base worth importing
-        raise _storage_error(url, storage, err) from err
-
-
-@contextlib.contextmanager
-def _written(url: str) -> Iterator[None]:
-    """A write to S3 that finds nothing there lost its bucket mid-run (jobs check it at start,
-    and S3 has no folders): a runtime failure, not a usage error."""
+def _translated(url: str, storage: StorageConfig | None, writing: bool = False) -> Iterator[None]:
+    """Turn the errors users meet (no endpoint, no credentials, no bucket) into StorageError. A
+    write to S3 that finds nothing there lost its bucket mid-run (jobs check it at start, and S3
+    has no folders): a runtime failure, not a usage error."""
     try:
         yield
     except FileNotFoundError as err:
-        raise StorageError(
-            f"cannot write {url}: {err} (it was there when the job started)"
-        ) from err
+        if writing:
+            raise StorageError(
+                f"cannot write {url}: {err} (it was there when the job started)"
+            ) from err
+        raise
+    except StorageError:
+        raise
+    except Exception as err:  # botocore/aiohttp errors have no common base worth importing
+        raise _storage_error(url, storage, err) from err
 
 
 def _storage_error(url: str, storage: StorageConfig | None, err: BaseException) -> StorageError:
@@ -354,18 +347,13 @@ def _local_temp_name(path: str) -> str:
     return os.path.join(folder, f".{name}{tail}")
 
 
-def is_temp_name(name: str) -> bool:
-    """True for a temp file name made by this module (either naming)."""
-    return bool(_TEMP.match(name) or _OLD_TEMP.match(name))
-
-
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process: alive
-        return True
+    except PermissionError:  # another user's process
+        pass
     return True
 
 
@@ -424,13 +412,12 @@ def write_bytes_atomic(url: str, data: bytes, storage: StorageConfig | None = No
     """Write `data` to `url` so that readers see the old content or all of the new, never a part."""
     if is_s3(url):
         fs, key = fsspec_filesystem(url, storage)
-        with _translated(url, storage), _written(url):
+        with _translated(url, storage, writing=True):
             fs.pipe_file(key, data)
         return
     path = _local_path(url)
     with _local_temp(path) as temp:
-        with open(temp, "wb") as file:
-            file.write(data)
+        Path(temp).write_bytes(data)
         _replace_durably(temp, path)
 
 
@@ -460,8 +447,7 @@ def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> b
         return _put_if_absent(url, data, storage)
     path = _local_path(url)
     with _local_temp(path) as temp:
-        with open(temp, "wb") as file:
-            file.write(data)
+        Path(temp).write_bytes(data)
         try:
             return _link_durably(temp, path)
         except OSError as err:
@@ -592,7 +578,9 @@ def check_write_once(url: str, storage: StorageConfig | None = None) -> None:
             raise StorageError(f"write-once probe {probe} existed before it was created")
         refused = not create(probe, b"second", storage)
     finally:
-        _remove_quietly(probe, storage)
+        fs, path = fsspec_filesystem(probe, storage)
+        with contextlib.suppress(FileNotFoundError), _translated(probe, storage):
+            fs.rm_file(path)
     if refused:
         return
     store = f"S3 endpoint {(storage or StorageConfig()).describe()}" if is_s3(url) else "filesystem"
@@ -607,17 +595,11 @@ def check_write_once(url: str, storage: StorageConfig | None = None) -> None:
     )
 
 
-def _remove_quietly(url: str, storage: StorageConfig | None) -> None:
-    fs, path = fsspec_filesystem(url, storage)
-    with contextlib.suppress(FileNotFoundError), _translated(url, storage):
-        fs.rm_file(path)
-
-
 def put_file_atomic(local_file: str, url: str, storage: StorageConfig | None = None) -> None:
     """Copy a finished local file to `url` atomically (see `write_bytes_atomic`)."""
     if is_s3(url):
         fs, key = fsspec_filesystem(url, storage)
-        with _translated(url, storage), _written(url):
+        with _translated(url, storage, writing=True):
             fs.put_file(local_file, key)
         return
     path = _local_path(url)
@@ -639,12 +621,11 @@ def make_temp_file(url: str) -> str:
     """A new empty local temp file that `replace_with` can move to `url`: beside a local `url`
     (same filesystem, so a rename), in `staging_dir()` for an S3 one; a sweep finds either."""
     if is_s3(url):
-        final_name = url.rstrip("/").rsplit("/", 1)[-1] or "object"
-        name = _local_temp_name(os.path.join(staging_dir(), final_name))
+        path = os.path.join(staging_dir(), url.rstrip("/").rsplit("/", 1)[-1] or "object")
     else:
         path = _local_path(url)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        name = _local_temp_name(path)
+    name = _local_temp_name(path)
     # Not mkstemp: its 0600 mode would survive the rename; open() applies the umask instead.
     with open(name, "xb"):
         pass

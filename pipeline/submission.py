@@ -68,18 +68,14 @@ _AUTH_HINT = (
 )
 
 
-# Exit codes (jobs.errors, which pipeline does not import).
-_RUNTIME_FAILURE = 1
-_USAGE = 2
+_USAGE = 2  # the exit code of a usage error (jobs.errors, which pipeline does not import)
 
 
 class SubmitError(FlowrayError, RuntimeError):
     """A submission that cannot go ahead: a runtime failure (exit 1: the cluster unreachable or
     refusing) unless the raiser says the user's input is wrong (2)."""
 
-    def __init__(self, message: str, hint: str = "", exit_code: int = _RUNTIME_FAILURE) -> None:
-        super().__init__(message, hint)
-        self.exit_code = exit_code
+    exit_code = 1
 
 
 class JobClient(Protocol):
@@ -357,7 +353,7 @@ def job_exit_code(client: JobClient, job_id: str, status: str) -> int:
         code = None
     if isinstance(code, int) and not isinstance(code, bool) and 0 < code < 256:
         return code
-    return _RUNTIME_FAILURE
+    return 1  # a runtime failure (jobs.errors.EXIT_FAILURE)
 
 
 def stop(client: JobClient, job_id: str, wait_s: float = 60.0, poll_s: float = 1.0) -> str:
