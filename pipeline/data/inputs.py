@@ -54,15 +54,12 @@ from flowmodel.errors import FlowrayError
 from pipeline.data.shards import (
     MANIFEST_NAME,
     Manifest,
-    ManifestError,
     ShardInfo,
-    compare_shards,
+    check_shard_files,
     is_shard_file,
-    parse_manifest,
+    read_manifest,
 )
 from pipeline.storage import StorageConfig, _translated, fsspec_filesystem, is_s3, join_url
-
-InputKind = Literal["prepared", "foreign"]
 
 
 class InputError(FlowrayError, ValueError):
@@ -96,7 +93,7 @@ class InputPlan:
     """The shards of one input, listed once (see the module docstring)."""
 
     spec: str
-    kind: InputKind
+    kind: Literal["prepared", "foreign"]
     root: str
     shards: tuple[ShardRef, ...]
     listing_seconds: float
@@ -104,27 +101,14 @@ class InputPlan:
     missing: tuple[str, ...] = ()  # pattern/list URLs that do not exist (foreign only)
     extra: tuple[str, ...] = ()  # prepared: shard files present that the manifest does not list
 
-    @property
-    def is_prepared(self) -> bool:
-        return self.kind == "prepared"
-
-    def by_url(self) -> dict[str, ShardRef]:
-        return {ref.url: ref for ref in self.shards}
-
     def check_shards(self) -> None:
         """Raise ManifestError when a prepared split's shard files, as listed, disagree with its
         manifest (a listed shard missing or of another size, a shard file it does not list);
         foreign inputs have nothing to disagree with."""
-        if self.manifest is None:
-            return
-        files = {r.name: r.size for r in self.shards if r.size >= 0} | dict.fromkeys(self.extra, 0)
-        diff = compare_shards(self.manifest, files)
-        if diff:
-            raise ManifestError(
-                f"{join_url(self.root, MANIFEST_NAME)} disagrees with the shards present: "
-                f"{diff.describe()}",
-                hint="rerun `flowray prepare` with the same options to repair missing shards",
-            )
+        if self.manifest is not None:
+            files = {r.name: r.size for r in self.shards if r.size >= 0}
+            files |= dict.fromkeys(self.extra, 0)
+            check_shard_files(self.manifest, files, join_url(self.root, MANIFEST_NAME))
 
     def rooted(self, root: str) -> InputPlan | None:
         """This plan with its shards named by their paths under `root` (an output's recorded
@@ -179,10 +163,6 @@ def version_of(info: dict[str, Any]) -> str:
     return f"modified:{modified.isoformat()}" if hasattr(modified, "isoformat") else ""
 
 
-def _url_of(path: str, s3: bool) -> str:
-    return f"s3://{path}" if s3 else path
-
-
 def _is_hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
@@ -198,9 +178,9 @@ def _listing(url: str, storage: StorageConfig | None, recursive: bool) -> dict[s
                 entries = {e["name"]: e for e in fs.ls(path, detail=True)}
     except FileNotFoundError:
         return {}
-    s3 = is_s3(url)
+    scheme = "s3://" if is_s3(url) else ""
     return {
-        _url_of(name.rstrip("/"), s3): info
+        scheme + name.rstrip("/"): info
         for name, info in entries.items()
         if info.get("type") == "file"
     }
@@ -220,12 +200,15 @@ def _relative(url: str, root: str) -> str:
     return url[len(prefix) :] if url.startswith(prefix) else url.split("://")[-1].lstrip("/")
 
 
+def _ref(url: str, name: str, info: dict | None, expect: ShardInfo | None = None) -> ShardRef:
+    """A shard as its listing entry `info` gives it (None: listed by a manifest alone)."""
+    if info is None:
+        return ShardRef(url, name, -1, "", expect)
+    return ShardRef(url, name, int(info.get("size") or 0), version_of(info), expect)
+
+
 def _refs(urls: list[str], found: dict[str, dict], root: str) -> tuple[ShardRef, ...]:
-    return tuple(
-        ShardRef(u, _relative(u, root), int(found[u].get("size") or 0), version_of(found[u]))
-        for u in urls
-        if u in found
-    )
+    return tuple(_ref(u, _relative(u, root), found[u]) for u in urls if u in found)
 
 
 def _expand(pattern: str) -> list[str]:
@@ -315,26 +298,15 @@ def _read_list(spec: str, storage: StorageConfig | None) -> list[str]:
 
 
 def _prepared(spec: str, root: str, found: dict[str, dict], seconds: float, storage) -> InputPlan:
-    from pipeline.storage import read_bytes
-
-    where = join_url(root, MANIFEST_NAME)
-    manifest = parse_manifest(read_bytes(where, storage), where)
-    listed = {info.name for info in manifest.shards}
-    present = {
-        _relative(u, root): info for u, info in found.items() if "/" not in _relative(u, root)
-    }
+    manifest = read_manifest(join_url(root, MANIFEST_NAME), storage)
+    present = {_relative(u, root): info for u, info in found.items()}
     refs = tuple(
-        ShardRef(
-            join_url(root, info.name),
-            info.name,
-            int(present[info.name].get("size") or 0) if info.name in present else -1,
-            version_of(present[info.name]) if info.name in present else "",
-            info,
-        )
+        _ref(join_url(root, info.name), info.name, present.get(info.name), info)
         for info in manifest.shards
     )
-    extra = tuple(sorted(n for n in present if is_shard_file(n) and n not in listed))
-    return InputPlan(spec, "prepared", root, refs, seconds, manifest=manifest, extra=extra)
+    listed = {info.name for info in manifest.shards}
+    extra = sorted(n for n in present if "/" not in n and is_shard_file(n) and n not in listed)
+    return InputPlan(spec, "prepared", root, refs, seconds, manifest=manifest, extra=tuple(extra))
 
 
 def _from_prefix(spec: str, storage: StorageConfig | None) -> InputPlan:

@@ -54,11 +54,6 @@ class TaskPlan:
     read: ReadShards
 
 
-def _groups(order: list[int], parallelism: int) -> list[list[int]]:
-    count = max(1, min(parallelism, len(order)))
-    return [[int(i) for i in g] for g in np.array_split(np.array(order), count) if len(g)]
-
-
 def tasks_datasource(
     plan: TaskPlan,
     shuffle: bool,
@@ -101,17 +96,18 @@ def tasks_datasource(
                 np.random.default_rng(task_seed).shuffle(order)
             self._executions += 1
             tasks = []
-            for i, group in enumerate(_groups(order, parallelism)):
+            groups = np.array_split(np.array(order), max(1, min(parallelism, len(order))))
+            for i, group in enumerate(g for g in groups if len(g)):
+                urls = [plan.urls[j] for j in group]
                 rows = [plan.rows[j] for j in group]
                 count = sum(rows) if all(r is not None for r in rows) else None  # type: ignore[arg-type]
                 metadata = BlockMetadata(
                     num_rows=count,
                     size_bytes=None if count is None else count * (plan.bytes_per_row + 64),
-                    input_files=[plan.urls[j] for j in group],
+                    input_files=urls,
                     exec_stats=None,
                 )
                 group_seed = None if task_seed is None else task_seed * 100_003 + i
-                urls = [plan.urls[j] for j in group]
                 read = functools.partial(
                     _read_task, plan.read, urls, group_seed, shuffle, rows_per_block
                 )

@@ -53,6 +53,7 @@ For mixing across shards, add Ray Data's `local_shuffle_buffer_size=...` when it
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import re
 import tarfile
@@ -79,7 +80,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 COLUMNS = ("key", "shard", "image", "label", "nbytes", "orig_width", "orig_height", "shard_rows")
-Report = Callable[[ShardOutcome, Sequence[Skipped]], None]
 
 
 @dataclass(frozen=True)
@@ -192,46 +192,20 @@ def _plain_header(block: bytes) -> tuple[str, int, bool] | None:
     return f"{prefix}/{name}" if prefix and is_file else name, _octal(block[124:136]), is_file
 
 
-class _Buffered:
-    """Exact-size reads from a stream read in large chunks (few calls through the layers below:
-    hashing, retries, fsspec)."""
+class _Raw(io.RawIOBase):
+    """A stream with `read` alone as a raw stream, for io.BufferedReader: large reads (few calls
+    through the layers below: hashing, retries, fsspec), exact-size reads above."""
 
-    def __init__(self, stream: Any, chunk: int) -> None:
-        self.stream, self.chunk = stream, chunk
-        self.data, self.position = b"", 0
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
 
-    def take(self, size: int) -> bytes:
-        """The next `size` bytes, fewer at the end of the stream."""
-        end = self.position + size
-        if end <= len(self.data):
-            taken, self.position = self.data[self.position : end], end
-            return taken
-        parts, have = [self.data[self.position :]], len(self.data) - self.position
-        self.data, self.position = b"", 0
-        while have < size:
-            chunk = self.stream.read(max(self.chunk, size - have))
-            if not chunk:
-                break
-            need = size - have
-            if len(chunk) > need:
-                self.data, self.position, chunk = chunk, need, chunk[:need]
-            parts.append(chunk)
-            have += len(chunk)
-        return b"".join(parts)
-
-    def skip(self, size: int) -> bool:
-        """Passes `size` bytes unread; False when the stream ends first."""
-        while size > 0:
-            step = min(size, self.chunk)
-            got = len(self.take(step))
-            if got < step:
-                return False
-            size -= got
+    def readable(self) -> bool:
         return True
 
-    def rest(self) -> _Chained:
-        """The unread bytes, those buffered first."""
-        return _Chained(self.data[self.position :], self.stream)
+    def readinto(self, buffer: Any) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 class _Chained:
@@ -250,6 +224,16 @@ class _Chained:
         return taken
 
 
+def _skip(stream: io.BufferedReader, size: int) -> bool:
+    """Passes `size` bytes unread; False when the stream ends first."""
+    while size > 0:
+        step = min(size, READ_CHUNK)
+        if len(stream.read(step)) < step:
+            return False
+        size -= step
+    return True
+
+
 def _truncated() -> tarfile.ReadError:
     return tarfile.ReadError("unexpected end of data")
 
@@ -259,9 +243,9 @@ def _tar_files(stream: Any) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     stream mode gives them. Plain ustar headers are parsed here (`_plain_header`); from the
     first other header on, tarfile reads the rest. Data not read is passed unread. Raises
     tarfile.ReadError as tarfile does, and when the archive stops before its end blocks."""
-    buffered, first, end = _Buffered(stream, READ_CHUNK), True, ""
+    buffered, first, end = io.BufferedReader(_Raw(stream), READ_CHUNK), True, ""
     while True:
-        block = buffered.take(_BLOCK)
+        block = buffered.read(_BLOCK)
         if block == _END_BLOCK:
             break
         header = _plain_header(block) if len(block) == _BLOCK else None
@@ -275,7 +259,7 @@ def _tar_files(stream: Any) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
                     ) from None
                 end = f"{type(err).__name__}: {err}"
                 break
-            end = yield from _tarfile_files(_Chained(block, buffered.rest()))
+            end = yield from _tarfile_files(_Chained(block, buffered))
             break
         first = False
         name, size, is_file = header
@@ -286,13 +270,13 @@ def _tar_files(stream: Any) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
 
         def read(size: int = size, unread: list[bool] = unread) -> bytes:
             unread[0] = False
-            data = buffered.take(size)
+            data = buffered.read(size)
             if len(data) < size:
                 raise _truncated()
             return data
 
         yield name, size, read
-        if not buffered.skip(padded + (size if unread[0] else 0)):
+        if not _skip(buffered, padded + (size if unread[0] else 0)):
             raise _truncated()
     if end:
         raise tarfile.ReadError(f"archive ends without its end-of-archive blocks ({end})")
@@ -315,11 +299,10 @@ def tar_samples(
 ) -> Iterator[TarSample]:
     """The samples of a WebDataset tar stream, in order (see the module docstring).
 
-    Members whose extension `wanted` refuses are skipped unread (their bytes stream past); a
-    wanted member larger than `max_bytes` (from its tar header) is not read and makes the sample
-    `oversized`. Raises tarfile.TarError / EOFError on a truncated or unreadable archive, also
-    one that stops at a bad or missing header instead of its end-of-archive blocks (the samples
-    before it are yielded first; the sample in progress, which may lack members cut off, is not).
+    Members whose extension `wanted` refuses stream past unread; a wanted member larger than
+    `max_bytes` (from its tar header) is not read and makes the sample `oversized`. Raises
+    tarfile.TarError / EOFError on a truncated or unreadable archive, or one that stops before
+    its end-of-archive blocks (after the samples before it; the one in progress is not yielded).
     """
     key: str | None = None
     members: dict[str, bytes] = {}
@@ -351,7 +334,14 @@ class BadSample(Exception):
     """One sample cannot be used; the message says why."""
 
 
-def _image_member(sample: TarSample, options: ReadOptions) -> str:
+def sample_row(sample: TarSample, shard: str, options: ReadOptions, exact: bool = False) -> dict:
+    """The row of one sample (COLUMNS; `shard_rows` -1). `exact`: the image must already be of
+    `options.shape` (a shard with a manifest entry); otherwise it is fitted to it.
+
+    Raises:
+        BadSample: no image member, an oversized, undecodable or (exact) misshapen image, or a
+            bad `cls`.
+    """
     if sample.oversized:
         raise BadSample(sample.oversized)
     chosen = next((e for e in options.image_members if e in sample.members), None)
@@ -361,18 +351,6 @@ def _image_member(sample: TarSample, options: ReadOptions) -> str:
             f"no image member: expected one of {', '.join(options.image_members)}, found "
             f"{', '.join(found)}"
         )
-    return chosen
-
-
-def sample_row(sample: TarSample, shard: str, options: ReadOptions, exact: bool = False) -> dict:
-    """The row of one sample (COLUMNS; `shard_rows` -1). `exact`: the image must already be of
-    `options.shape` (a shard with a manifest entry); otherwise it is fitted to it.
-
-    Raises:
-        BadSample: no image member, an oversized, undecodable or (exact) misshapen image, or a
-            bad `cls`.
-    """
-    chosen = _image_member(sample, options)
     data = sample.members[chosen]
     try:
         if exact:
@@ -491,31 +469,23 @@ class ShardChanged(Exception):
 
 def open_shard(ref: ShardRef, options: ReadOptions) -> ResumingReader:
     """The shard's stream, checked against its manifest entry's size, or else against the
-    listing's size and version.
-
-    Raises:
-        FileNotFoundError: the shard is gone.
-        ShardChanged: it is not the file described.
-        TransientReadError: storage kept failing.
-    """
+    listing's size and version. Raises FileNotFoundError, ShardChanged or TransientReadError."""
     fs, path = fsspec_filesystem(ref.url, options.storage)
     stream = ResumingReader(fs, path, options.retry, what=ref.url)
-    version = stream.version
     if ref.expect is not None:
         if stream.size == ref.expect.bytes:
             return stream
-        reason, transient = _size_reason(stream.size, ref.expect.bytes), False
-    elif stream.size == ref.size and (not ref.version or version == ref.version):
+        reason = _size_reason(stream.size, ref.expect.bytes)
+    elif stream.size == ref.size and (not ref.version or stream.version == ref.version):
         return stream
     else:
         # Rewritten between the listing and now: what was planned is not what is there.
         reason = (
-            f"shard changed after it was listed ({stream.size:,} bytes, {version}; "
+            f"shard changed after it was listed ({stream.size:,} bytes, {stream.version}; "
             f"listed {ref.size:,} bytes, {ref.version}): a rerun reads it"
         )
-        transient = True
     stream.close()
-    raise ShardChanged(reason, transient)
+    raise ShardChanged(reason, transient=ref.expect is None)
 
 
 def _shard_rows(ref: ShardRef, options: ReadOptions, state: _ShardState) -> Iterator[dict]:
@@ -578,15 +548,13 @@ def _shard_rows(ref: ShardRef, options: ReadOptions, state: _ShardState) -> Iter
         )
 
 
-def iter_shard(ref: ShardRef, options: ReadOptions, report: Report | None = None) -> Iterator[dict]:
-    """The rows of one shard, checked against `ref.expect` when it has a manifest entry, fitted
-    to `options.shape` when it has none (see the module docstring).
-
-    Under "skip", problems are logged and `report(outcome, records)` is called once the shard
-    has been read to its end, before its last row is handed on; that row is handed on only when
-    the shard is complete, and carries `shard_rows`. Under "fail" the first problem raises
-    CorruptDataError (TransientReadError when storage keeps failing).
-    """
+def iter_shard(
+    ref: ShardRef,
+    options: ReadOptions,
+    report: Callable[[ShardOutcome, Sequence[Skipped]], None] | None = None,
+) -> Iterator[dict]:
+    """The rows of one shard (module docstring: checks, whole shards); `report(outcome, records)`
+    is called before its last row is handed on."""
     state = _ShardState(ref.url, options.on_error, ref.expect)
     held = None
     for row in _shard_rows(ref, options, state):
@@ -656,7 +624,7 @@ def _job(
                 hint="a prefix holds one prepared split; rerun prepare into a new --output",
             )
         logger.warning("%s: files the manifest does not list are ignored: %s", where, plan.extra)
-    by_url = plan.by_url()
+    by_url = {ref.url: ref for ref in plan.shards}
     unknown = [u for u in shards or () if u not in by_url]
     if unknown:
         raise ValueError(
@@ -794,12 +762,13 @@ def fetch_images(
                 if sample.key not in wanted:
                     continue
                 try:
-                    chosen = _image_member(sample, options)
-                    found[sample.key] = decode_fitted(
-                        sample.members[chosen], shape[0], shape[1:], options.limits
-                    )
-                except (BadSample, BadImage) as err:
+                    row = sample_row(sample, url, options)
+                except BadSample as err:
                     logger.warning("%s: key %s: %s", url, sample.key, err)
+                else:
+                    found[sample.key] = FittedImage(
+                        row["image"], row["orig_width"], row["orig_height"]
+                    )
                 if len(found) == len(wanted):
                     break
     except ObjectReplaced as err:  # the images found so far are of the file first opened

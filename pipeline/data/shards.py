@@ -18,7 +18,6 @@ shard it lists is complete. A prefix holding shards made with other settings is 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -27,7 +26,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol
 
@@ -148,9 +147,10 @@ def compare_shards(manifest: Manifest, files: dict[str, int]) -> ShardDiff:
     )
 
 
-def parse_manifest(data: bytes, where: str) -> Manifest:
+def read_manifest(where: str, storage: StorageConfig | None) -> Manifest:
+    """The manifest at `where`, parsed and checked (ManifestError when it is not valid)."""
     try:
-        manifest = from_dict(Manifest, json.loads(data))
+        manifest = from_dict(Manifest, json.loads(read_bytes(where, storage)))
     except (ConfigError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{where} is not a valid shard manifest: {err}") from err
     if manifest.format != FORMAT:
@@ -158,6 +158,16 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     if sum(info.count for info in manifest.shards) != manifest.count:
         raise ManifestError(f"{where}: shard counts do not add up to count={manifest.count}")
     return manifest
+
+
+def check_shard_files(manifest: Manifest, files: dict[str, int], where: str) -> None:
+    """ManifestError when the shard files present ({name: size}) disagree with `manifest`."""
+    diff = compare_shards(manifest, files)
+    if diff:
+        raise ManifestError(
+            f"{where} disagrees with the shards present: {diff.describe()}",
+            hint="rerun `flowray prepare` with the same options to repair missing shards",
+        )
 
 
 def load_manifest(
@@ -184,14 +194,9 @@ def load_manifest(
             hint="pass a split folder written by `flowray prepare`, e.g. <data>/train",
         )
     where = join_url(split_url, MANIFEST_NAME)
-    manifest = parse_manifest(read_bytes(where, storage), where)
+    manifest = read_manifest(where, storage)
     if check_shards:
-        diff = compare_shards(manifest, files)
-        if diff:
-            raise ManifestError(
-                f"{where} disagrees with the shards present: {diff.describe()}",
-                hint="rerun `flowray prepare` with the same options to repair missing shards",
-            )
+        check_shard_files(manifest, files, where)
     return manifest
 
 
@@ -511,7 +516,14 @@ def _prepare_split(
     ]
     fingerprint = _split_fingerprint(source, split, count, per_shard)
     manifest_url = join_url(split_url, MANIFEST_NAME)
-    previous = _previous_manifest(manifest_url, fingerprint, split_url, storage)
+    previous = existing_manifest(manifest_url, storage)
+    if previous is not None and previous.fingerprint != fingerprint:
+        # An earlier run with other settings: its shards would mix with ours.
+        raise PrepareError(
+            f"{split_url} already holds a split prepared with other settings "
+            f"(source {previous.source}, {previous.count} images of shape {list(previous.shape)})",
+            hint="write to a new --output, or rerun with the options used before",
+        )
     job = ShardJob(source, split, split_url, storage, fingerprint, on_error)
     finished: dict[int, ShardResult] = {}  # by shard index
 
@@ -543,7 +555,11 @@ def _prepare_split(
         classes=tuple(source.classes) if source.classes else None,
         skipped_inputs=sum(r.skipped_inputs for r in finished.values()),
     )
-    manifest, manifest_written = _commit_manifest(manifest, previous, manifest_url, storage)
+    if previous is not None and replace(manifest, created=previous.created) == previous:
+        manifest, manifest_written = previous, False  # the same, creation time aside
+    else:
+        write_manifest(manifest_url, manifest, storage)
+        manifest_written = True
     written = [r for r in finished.values() if r.written]
     return SplitResult(
         manifest=manifest,
@@ -587,37 +603,9 @@ def _split_fingerprint(source: ImageSource, split: str, count: int, per_shard: i
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _previous_manifest(
-    manifest_url: str, fingerprint: str, split_url: str, storage: StorageConfig | None
-) -> Manifest | None:
-    """The manifest of an earlier run with the same settings, None when there is none; an
-    earlier run with other settings is refused (its shards would mix with ours)."""
-    previous = existing_manifest(manifest_url, storage)
-    if previous is not None and previous.fingerprint != fingerprint:
-        raise PrepareError(
-            f"{split_url} already holds a split prepared with other settings "
-            f"(source {previous.source}, {previous.count} images of shape {list(previous.shape)})",
-            hint="write to a new --output, or rerun with the options used before",
-        )
-    return previous
-
-
-def _commit_manifest(
-    manifest: Manifest, previous: Manifest | None, manifest_url: str, storage: StorageConfig | None
-) -> tuple[Manifest, bool]:
-    """Write the manifest unless an identical one (creation time aside) is there already.
-    Returns the manifest in force and whether it was written."""
-    if previous is not None and dataclasses.replace(manifest, created=previous.created) == previous:
-        return previous, False
-    write_manifest(manifest_url, manifest, storage)
-    return manifest, True
-
-
 def existing_manifest(manifest_url: str, storage: StorageConfig | None) -> Manifest | None:
     """The manifest at `manifest_url`, None when there is none."""
-    if not exists(manifest_url, storage):
-        return None
-    return parse_manifest(read_bytes(manifest_url, storage), manifest_url)
+    return read_manifest(manifest_url, storage) if exists(manifest_url, storage) else None
 
 
 def write_manifest(manifest_url: str, manifest: Manifest, storage: StorageConfig | None) -> None:

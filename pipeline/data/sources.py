@@ -88,17 +88,11 @@ def default_idx_dir() -> str:
 
 def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
     """Ascending indices as (start, stop) runs of consecutive values, each at most _CHUNK_ROWS."""
-    start = prev = None
-    for index in _ascending(indices):
-        if start is None:
-            start = prev = index
-        elif index == prev + 1 and index - start < _CHUNK_ROWS:
-            prev = index
-        else:
-            yield start, prev + 1
-            start = prev = index
-    if start is not None:
-        yield start, prev + 1
+    # Consecutive values share value - position.
+    for _, run in itertools.groupby(enumerate(_ascending(indices)), lambda pair: pair[1] - pair[0]):
+        values = [value for _, value in run]
+        for first in range(0, len(values), _CHUNK_ROWS):
+            yield values[first], values[min(first + _CHUNK_ROWS, len(values)) - 1] + 1
 
 
 class _Array(NamedTuple):
@@ -356,22 +350,19 @@ class FolderSource:
             raise KeyError(split)
         fs, root = fsspec_filesystem(self.url, self.storage)
         class_index = {name: i for i, name in enumerate(self.classes or ())}
+        channels, *size = self.shape
         for index in _ascending(indices):
             relative = self.files[index]
+            path = f"{root.rstrip('/')}/{relative}"
             label = class_index[relative.split("/")[0]] if self.classes else None
             try:
-                pixels = self._read_one(fs, f"{root.rstrip('/')}/{relative}", self.sizes[index])
+                self.limits.check_bytes(self.sizes[index])  # before downloading it
+                data = with_retries(functools.partial(fs.cat_file, path), self.retry, path)
+                pixels = decode_fitted(data, channels, tuple(size), self.limits).pixels
             except BadImage as err:
                 yield SourceImage(relative, None, label, str(err))
-                continue
-            yield SourceImage(relative, pixels, label)
-
-    def _read_one(self, fs: Any, path: str, listed_size: int) -> np.ndarray:
-        """One file as uint8 [C, H, W]; BadImage for bad inputs, storage faults retried."""
-        self.limits.check_bytes(listed_size)  # before downloading it
-        data = with_retries(lambda: fs.cat_file(path), self.retry, path)
-        channels, *size = self.shape
-        return decode_fitted(data, channels, tuple(size), self.limits).pixels
+            else:
+                yield SourceImage(relative, pixels, label)
 
 
 _CENSUS_THREADS = 8  # shards counted at once: I/O bound, each a stream of its own
@@ -439,7 +430,7 @@ class WebDatasetSource:
             self.shape, storage, "fail", self.limits, retry or RetryPolicy(), tuple(image_members)
         )
         self.plan: InputPlan = resolve_input(spec, storage)
-        if self.plan.is_prepared:
+        if self.plan.manifest is not None:
             raise SourceError(
                 f"{spec} is a split prepared already (it holds manifest.json)",
                 hint="train or score it directly, or pass --source webdataset:<its *.tar shards>",
@@ -477,18 +468,14 @@ class WebDatasetSource:
 
     def _read_shard(self, position: int, ordinals: list[int]) -> Iterator[SourceImage]:
         ref, count = self.plan.shards[position], self.counts[position]
-        want = set(ordinals)
-        if count in want:  # the index after the samples: the shard's damage
-            want.discard(count)
-        last = max(want, default=-1)
+        want = set(ordinals) - {count}  # index `count`, after the samples: the shard's damage
         if want:
             with _stream(ref, self.options) as stream:
                 samples = tar_samples(stream, self.limits.max_bytes, self.options.wanted)
-                for ordinal, sample in enumerate(samples):
+                # Up to the last one wanted: the rest of the shard is another task's.
+                for ordinal, sample in enumerate(itertools.islice(samples, max(want) + 1)):
                     if ordinal in want:
                         yield self._image(ref, sample)
-                    if ordinal == last:
-                        break  # the rest of the shard is another task's
         if count in ordinals:
             yield SourceImage(f"{ref.url}#*", None, None, self.damage[position])
 
