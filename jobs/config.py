@@ -256,14 +256,11 @@ def _add_option(
     kwargs: dict[str, Any] = {"dest": _DEST + key, "default": None}
     inner = _unwrap_optional(tp)
     if inner is bool:
-        if default is True:
+        on = default is True
+        if on:
             options = [f"--no-{o[2:]}" for o in options if o.startswith("--")]
-            kwargs.update(action="store_const", const=False)
-            text += " (default: on; this flag turns it off)"
-        else:
-            kwargs.update(action="store_const", const=True)
-            text += " (default: off)"
-        parser.add_argument(*options, help=text, **kwargs)
+        text += " (default: on; this flag turns it off)" if on else " (default: off)"
+        parser.add_argument(*options, help=text, action="store_const", const=not on, **kwargs)
         return
     if default is not dataclasses.MISSING:
         text += f" (default: {_shown(default)})"

@@ -120,16 +120,6 @@ class PrepareConfig:
         if self.tasks < 0:
             raise ValueError(f"tasks: expected >= 0, found {self.tasks}")
 
-    @property
-    def split_names(self) -> list[str] | None:
-        if not self.splits:
-            return None
-        return [s.strip() for s in self.splits.split(",") if s.strip()] or None
-
-    @property
-    def image_limits(self) -> ImageLimits:
-        return ImageLimits(self.max_image_pixels, parse_bytes(self.max_image_bytes))
-
 
 def build_parser() -> argparse.ArgumentParser:
     return config_parser(
@@ -185,7 +175,7 @@ def _run(config: PrepareConfig, address: str | None) -> int:
         size=parse_size(config.size) if config.size else None,
         val_fraction=config.val_fraction,
         seed=config.seed,
-        limits=config.image_limits,
+        limits=ImageLimits(config.max_image_pixels, parse_bytes(config.max_image_bytes)),
     )
     shard_bytes = parse_bytes(config.shard_bytes)
     counts = source.splits()
@@ -211,7 +201,7 @@ def _run(config: PrepareConfig, address: str | None) -> int:
         source,
         config.output,
         storage,
-        splits=config.split_names,
+        splits=[s.strip() for s in (config.splits or "").split(",") if s.strip()] or None,
         shard_samples=config.shard_samples,
         shard_bytes=shard_bytes or None,
         limit=config.limit,

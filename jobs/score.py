@@ -5,22 +5,18 @@
 
 The input is a prepared split or the user's own WebDataset shards read in place: a brace pattern
 (`s3://b/photos/{000000..004999}.tar`), a prefix of *.tar, or a text file listing shard URLs.
-
 Runs locally (Ray started in-process) or on a cluster (`--address`, or under `ray job submit`).
-A rerun scores only shards without output (for foreign shards: without output for their current
-version, so a growing prefix costs only what arrived); see pipeline/batch/scoring/job.py.
+A rerun scores only shards without output (for foreign shards: at their current version), see
+pipeline/batch/scoring/job.py.
 
-Exit codes: 0 every shard scored; 3 (EXIT_PARTIAL) finished, but shards that could not be read
-whole were left out (each printed with its reason; a rerun retries them); 1 (EXIT_FAILURE) no
-shard of the split could be scored; 2 a usage or configuration error, nothing done; 5 (EXIT_DRIFT)
-every shard scored, but the run's drift verdict is at least --fail-on-drift (off by default).
-The run prints its verdict against the model version's calibration (`drift: none | suspected |
-detected (...)`, pipeline.model.calibration).
+Exit codes: 0 every shard scored; 3 shards that could not be read whole were left out (each
+printed; a rerun retries them); 1 no shard could be scored; 2 a usage error; 5 every shard
+scored, but the drift verdict against the version's calibration (`drift: none | suspected |
+detected (...)`, pipeline.model.calibration) reaches --fail-on-drift (off by default).
 
-The model is --model (or --set model=...), else $FLOWRAY_SCORE_MODEL, else the --config file's
-(command line over environment over file, as the AWS CLI does): scheduled jobs
-(infra/k8s/raycronjob-score.yaml) take it from their ConfigMap, pinned there to a version or to
-an alias the release process owns, instead of following whatever @champion anyone sets.
+The model is --model (or --set model=...), else $FLOWRAY_SCORE_MODEL, else the --config file's:
+scheduled jobs (infra/k8s/raycronjob-score.yaml) take it from their ConfigMap, pinned to a
+version or to an alias the release process owns.
 """
 
 from __future__ import annotations
@@ -71,8 +67,7 @@ def drift_exit(level: str, fail_on: str) -> bool:
 
 
 def print_result(result: ScoreResult, fail_on_drift: str = "off") -> int:
-    """The job's closing lines, and its exit code by `result.status` and the drift verdict
-    (module docstring)."""
+    """The job's closing lines, and its exit code (module docstring)."""
     print(result.line())
     print(result.drift or "drift: unknown (no images scored in this run)")
     for line in result.left_out_lines():

@@ -205,16 +205,12 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return job_exit_code(client, job_id, status)
 
 
-def _quiet_ray_packaging() -> None:
-    """Ray logs each .gitignore it honours and each default exclude while it packs working_dir;
-    keep its upload line, drop that chatter."""
-    for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    _quiet_ray_packaging()
+    # Ray logs each .gitignore it honours and each default exclude while it packs working_dir:
+    # keep its upload line, drop that chatter.
+    for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     return run_main(PROG, lambda: run(args, os.environ))
 
 

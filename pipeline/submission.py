@@ -106,12 +106,8 @@ class JobSpec:
 
     @property
     def entrypoint(self) -> str:
-        return entrypoint(self.command, self.args)
-
-
-def entrypoint(command: str, args: Sequence[str]) -> str:
-    """The shell command the job server runs; each argument quoted as the shell needs."""
-    return shlex.join(["python", "-m", f"jobs.{command}", *args])
+        """The shell command the job server runs; each argument quoted as the shell needs."""
+        return shlex.join(["python", "-m", f"jobs.{self.command}", *self.args])
 
 
 def new_submission_id(command: str) -> str:
@@ -333,13 +329,19 @@ async def _tail(client: JobClient, job_id: str, out: TextIO, secrets: Sequence[s
         out.flush()
 
 
+def _job_info(client: JobClient, job_id: str, name: str) -> Any:
+    """One field of the job's info; None when the job server gives none (a nicety: the status
+    is what matters)."""
+    try:
+        return getattr(client.get_job_info(job_id), name, None)
+    except Exception:
+        return None
+
+
 def final_message(client: JobClient, job_id: str, secrets: Sequence[str] = ()) -> str:
     """The job server's one-line reason for a job's end ('' when none), secrets masked."""
-    try:
-        message = getattr(client.get_job_info(job_id), "message", "") or ""
-    except Exception:  # the reason is a nicety; the status is what matters
-        return ""
-    return mask(message.strip().splitlines()[0], secrets) if message.strip() else ""
+    message = (_job_info(client, job_id, "message") or "").strip()
+    return mask(message.splitlines()[0], secrets) if message else ""
 
 
 def job_exit_code(client: JobClient, job_id: str, status: str) -> int:
@@ -347,10 +349,7 @@ def job_exit_code(client: JobClient, job_id: str, status: str) -> int:
     else the driver's own exit code when Ray reports a positive one (3: items left out), else 1."""
     if status == "SUCCEEDED":
         return 0
-    try:
-        code = getattr(client.get_job_info(job_id), "driver_exit_code", None)
-    except Exception:  # the details are a nicety; the status is what matters
-        code = None
+    code = _job_info(client, job_id, "driver_exit_code")
     if isinstance(code, int) and not isinstance(code, bool) and 0 < code < 256:
         return code
     return 1  # a runtime failure (jobs.errors.EXIT_FAILURE)

@@ -15,7 +15,6 @@ from pipeline.submission import (
     JobSpec,
     SubmitError,
     dashboard_url,
-    entrypoint,
     follow,
     job_environment,
     redacted,
@@ -66,10 +65,10 @@ def closed_port() -> int:
 
 # -- the job ----------------------------------------------------------------------------------------
 def test_entrypoint_runs_the_job_module_with_each_argument_quoted():
-    assert entrypoint("train", ["--config", "fashion-mnist", "--set", "run.name=a b"]) == (
+    assert JobSpec("train", ["--config", "fashion-mnist", "--set", "run.name=a b"]).entrypoint == (
         "python -m jobs.train --config fashion-mnist --set 'run.name=a b'"
     )
-    assert entrypoint("score", ["--input", "s3://b/x;rm -rf /"]) == (
+    assert JobSpec("score", ["--input", "s3://b/x;rm -rf /"]).entrypoint == (
         "python -m jobs.score --input 's3://b/x;rm -rf /'"
     )
 
