@@ -3,7 +3,8 @@ entries it checks, and anyone else's shards, fitted in place), and what `prepare
 
     tally.py       what readers report (ShardOutcome, SkipTally) and the error of bad data
                    (CorruptDataError, OnError, WHOLE_SHARD); imports nothing else of this package
-    streams.py     storage faults retried and resumed (ResumingReader), never taken for bad data
+    streams.py     storage faults retried and resumed (ResumingReader), never taken for bad data;
+                   a file's version (version_of)
     images.py      pixels: limits checked before decoding, decode, fit to a shape, encode PNG
     shards.py      the prepared-split format (Manifest, ShardInfo, names, checks) and `prepare`
     inputs.py      what an input names, listed once: a prepared split or foreign shards

@@ -68,11 +68,8 @@ class ImageLimits:
 
 
 def open_image(data: bytes, limits: ImageLimits | None = None) -> PILImage.Image:
-    """`data` opened by Pillow with only its header read, checked against `limits`.
-
-    Raises:
-        BadImage: too many bytes, not an image, or a header declaring too many pixels.
-    """
+    """`data` opened by Pillow with only its header read, checked against `limits` (BadImage:
+    too many bytes, not an image, or a header declaring too many pixels)."""
     from PIL import Image
 
     limits = limits or ImageLimits()
@@ -104,15 +101,9 @@ def open_image(data: bytes, limits: ImageLimits | None = None) -> PILImage.Image
 def decode_image(
     data: bytes, shape: tuple[int, int, int], limits: ImageLimits | None = None
 ) -> np.ndarray:
-    """PNG bytes as uint8 [C, H, W], checked against `shape` (mode L for C=1, RGB for C=3).
-
-    Mode and size are checked from the header, before decoding, so a member of the wrong size
-    (a bomb among them) costs no memory.
-
-    Raises:
-        BadImage (a ValueError): the bytes are not an image, break `limits`, or their mode or
-            size differ from `shape`.
-    """
+    """PNG bytes as uint8 [C, H, W], checked against `shape` (mode L for C=1, RGB for C=3)
+    from the header, before decoding: a member of the wrong size (a bomb among them) costs no
+    memory. BadImage when the bytes are not an image, break `limits` or differ from `shape`."""
     channels, height, width = shape
     want_mode = "L" if channels == 1 else "RGB"
     with open_image(data, limits) as image:
@@ -204,11 +195,7 @@ def decode_fitted(
     """Encoded bytes (JPEG, PNG, WebP, ...) as a `FittedImage`: limits checked from the header
     before decoding, turned upright by its EXIF orientation, then `fit_image`. The one path of
     every encoded input (folder files, foreign shard members), so the same bytes give the same
-    pixels whichever way they are read.
-
-    Raises:
-        BadImage: over the limits, not an image, or truncated/corrupt image data.
-    """
+    pixels whichever way they are read. BadImage: over the limits, not an image, or corrupt."""
     from PIL import ImageOps
 
     with open_image(data, limits) as image:

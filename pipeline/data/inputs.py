@@ -48,7 +48,7 @@ import posixpath
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from flowmodel.errors import FlowrayError
 from pipeline.data.shards import (
@@ -59,6 +59,7 @@ from pipeline.data.shards import (
     is_shard_file,
     read_manifest,
 )
+from pipeline.data.streams import version_of
 from pipeline.storage import StorageConfig, _translated, fsspec_filesystem, is_s3, join_url
 
 
@@ -141,26 +142,6 @@ class InputPlan:
             f"{self.spec}: {what}, {len(self.shards):,} shards, {total / 1e6:,.1f} MB{missing}; "
             f"listed in {self.listing_seconds:.2f} s"
         )
-
-
-def version_of(info: dict[str, Any]) -> str:
-    """A file's version from an fsspec listing or info entry: the ETag on S3; on local disk
-    `stat:<mtime_ns>/<ctime_ns>/<size>/<inode>` from a stat of the file (module docstring: why
-    not the mtime alone); else the entry's mtime or modification time."""
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return "etag:" + str(etag).strip('"')
-    if "ino" in info and info.get("name"):  # fsspec's local filesystem
-        try:
-            st = os.stat(info["name"])
-        except OSError:  # gone since it was listed: the reader finds it missing
-            return ""
-        return f"stat:{st.st_mtime_ns}/{st.st_ctime_ns}/{st.st_size}/{st.st_ino}"
-    mtime = info.get("mtime")
-    if mtime is not None:
-        return f"mtime:{float(mtime):.6f}"
-    modified = info.get("LastModified")
-    return f"modified:{modified.isoformat()}" if hasattr(modified, "isoformat") else ""
 
 
 def _is_hidden(relative: str) -> bool:

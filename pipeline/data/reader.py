@@ -84,15 +84,10 @@ COLUMNS = ("key", "shard", "image", "label", "nbytes", "orig_width", "orig_heigh
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How to read shards (picklable: sent to Ray read tasks).
-
-    Attributes:
-        shape: (C, H, W) of every row's image; C is 1 or 3.
-        on_error: "fail" raises at the first bad image or shard, "skip" reports it and goes on.
-        limits: bounds on each image, checked before decoding.
-        retry: how storage faults are retried.
-        image_members: extensions taken as the image, in order of preference.
-    """
+    """How to read shards (picklable: sent to Ray read tasks): `shape` (C, H, W) of every row's
+    image, C 1 or 3; `on_error` "fail" raises at the first bad image or shard, "skip" reports it
+    and goes on; `limits` checked before decoding; `retry` of storage faults; `image_members`:
+    the extensions taken as the image, in order of preference."""
 
     shape: tuple[int, int, int]
     storage: StorageConfig | None = None
@@ -633,21 +628,19 @@ def _job(
         )
     refs = list(plan.shards) if shards is None else [by_url[u] for u in shards]
     named = plan.missing if shards is None else ()
-    refused = [
-        (ShardRef(u, u, -1, ""), f"shard missing at {u} (named by {plan.spec})") for u in named
-    ]
+    refused: dict[str, tuple[ShardInfo | None, str]] = {
+        u: (None, f"shard missing at {u} (named by {plan.spec})") for u in named
+    }
     for ref in refs:
         if ref.expect is not None and ref.size != ref.expect.bytes:
-            missing = f"shard missing at {ref.url}"
-            refused.append(
-                (ref, missing if ref.size < 0 else _size_reason(ref.size, ref.expect.bytes))
-            )
-    for ref, reason in refused:
-        state = _ShardState(ref.url, options.on_error, ref.expect)
+            missing = ref.size < 0
+            reason = _size_reason(ref.size, ref.expect.bytes)
+            refused[ref.url] = (ref.expect, f"shard missing at {ref.url}" if missing else reason)
+    for url, (expect, reason) in refused.items():
+        state = _ShardState(url, options.on_error, expect)
         state.give_up(WHOLE_SHARD, reason)  # raises under "fail"
         tally.add_outcome(*state.outcome(handed=0))  # type: ignore[union-attr]
-    left_out = {ref.url for ref, _ in refused}
-    return _Job({r.url: r for r in refs if r.url not in left_out}, options, tally)
+    return _Job({r.url: r for r in refs if r.url not in refused}, options, tally)
 
 
 def iter_input(

@@ -107,19 +107,6 @@ class ShardDiff:
     extra: tuple[str, ...]
     wrong_size: tuple[tuple[str, int, int], ...]  # (name, bytes found, bytes expected)
 
-    def __bool__(self) -> bool:
-        return bool(self.missing or self.extra or self.wrong_size)
-
-    def describe(self) -> str:
-        parts = []
-        if self.missing:
-            parts.append(f"missing {_few(self.missing)}")
-        if self.extra:
-            parts.append(f"not in the manifest {_few(self.extra)}")
-        for name, found, expected in self.wrong_size[:3]:
-            parts.append(f"{name} has {found} bytes, manifest says {expected}")
-        return "; ".join(parts)
-
 
 def _few(names: Sequence[str]) -> str:
     shown = ", ".join(names[:3])
@@ -163,9 +150,16 @@ def read_manifest(where: str, storage: StorageConfig | None) -> Manifest:
 def check_shard_files(manifest: Manifest, files: dict[str, int], where: str) -> None:
     """ManifestError when the shard files present ({name: size}) disagree with `manifest`."""
     diff = compare_shards(manifest, files)
-    if diff:
+    parts = [f"missing {_few(diff.missing)}"] if diff.missing else []
+    if diff.extra:
+        parts.append(f"not in the manifest {_few(diff.extra)}")
+    parts += [
+        f"{name} has {found} bytes, manifest says {size}"
+        for name, found, size in diff.wrong_size[:3]
+    ]
+    if parts:
         raise ManifestError(
-            f"{where} disagrees with the shards present: {diff.describe()}",
+            f"{where} disagrees with the shards present: {'; '.join(parts)}",
             hint="rerun `flowray prepare` with the same options to repair missing shards",
         )
 

@@ -16,10 +16,9 @@ Not transient, raised at once: a missing object (FileNotFoundError), denied acce
 (PermissionError, AccessDenied, bad credentials), and any error of our own code.
 
 Pinned to one version: a `ResumingReader` reads the object its first `info` saw. Every reopen
-asks for the object's info afresh and compares its version (ETag on S3, the stat version on
-local disk: `pipeline.data.inputs.version_of`), and an S3 object is read with `If-Match` on the
-ETag the file was opened with (s3fs), so a precondition failure mid-read reopens and is compared
-too. An object replaced in between raises `ObjectReplaced` at once, never retried and never
+asks for the object's info afresh and compares its version (`version_of`: the ETag on S3, the
+stat version on local disk), and an S3 object is read with `If-Match` on the ETag the file was
+opened with (s3fs), so a precondition failure mid-read reopens and is compared too. An object replaced in between raises `ObjectReplaced` at once, never retried and never
 resumed into: the bytes before and after would be of two files.
 
 When a read still fails after `policy.attempts` tries, or one file needed more than
@@ -32,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -134,10 +134,24 @@ def is_transient(err: BaseException, _depth: int = 0) -> bool:
     return cause is not None and _depth < 5 and is_transient(cause, _depth + 1)
 
 
-def _version_of(info: dict[str, Any]) -> str:
-    from pipeline.data.inputs import version_of  # inputs lists; this module only reads
-
-    return version_of(info)
+def version_of(info: dict[str, Any]) -> str:
+    """A file's version from an fsspec listing or info entry: the ETag on S3; on local disk
+    `stat:<mtime_ns>/<ctime_ns>/<size>/<inode>` from a stat of the file (`pipeline.data.inputs`:
+    why not the mtime alone); else the entry's mtime or modification time."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return "etag:" + str(etag).strip('"')
+    if "ino" in info and info.get("name"):  # fsspec's local filesystem
+        try:
+            st = os.stat(info["name"])
+        except OSError:  # gone since it was listed: the reader finds it missing
+            return ""
+        return f"stat:{st.st_mtime_ns}/{st.st_ctime_ns}/{st.st_size}/{st.st_ino}"
+    mtime = info.get("mtime")
+    if mtime is not None:
+        return f"mtime:{float(mtime):.6f}"
+    modified = info.get("LastModified")
+    return f"modified:{modified.isoformat()}" if hasattr(modified, "isoformat") else ""
 
 
 class _ShortTransfer(OSError):
@@ -164,28 +178,19 @@ def with_retries(call: Callable[[], T], policy: RetryPolicy, what: str) -> T:
 
 
 class ResumingReader:
-    """A read-only binary stream of one object that rides out transient faults.
+    """A read-only binary stream of one object (`path` on the fsspec `fs`) that rides out
+    transient faults (module docstring); `retries` counts the retries made."""
 
-    Opens `path` on `fs` (fsspec), learns its size and version (`info`), and serves `read(n)`;
-    a transient error or a stream that ends before `size` closes the file, waits, reopens it and
-    seeks to the position reached, after checking it is the same version (else ObjectReplaced;
-    module docstring). `retries` counts the retries made.
-    """
-
-    def __init__(
-        self, fs: Any, path: str, policy: RetryPolicy, what: str, block_size: int = 8 << 20
-    ) -> None:
+    def __init__(self, fs: Any, path: str, policy: RetryPolicy, what: str) -> None:
         self._fs, self._path, self._policy, self._what = fs, path, policy, what
-        self._block_size = block_size
         self._file: Any = None
         self._opened = False
         self._position = 0
         self.retries = 0
-        # The info at open (size, and ETag or stat version): what this reader reads, whatever a
-        # listing said before.
-        self.info: dict[str, Any] = with_retries(lambda: dict(fs.info(path)), policy, what)
-        self.size: int = int(self.info["size"])
-        self.version: str = _version_of(self.info)  # what every reopen must find again
+        # What this reader reads, whatever a listing said before; every reopen must find it again.
+        info = with_retries(lambda: dict(fs.info(path)), policy, what)
+        self.size: int = int(info["size"])
+        self.version: str = version_of(info)
 
     def _open(self) -> Any:
         pinned = self.version
@@ -193,14 +198,14 @@ class ResumingReader:
             with contextlib.suppress(Exception):  # a filesystem without a cache to drop
                 self._fs.invalidate_cache(self._path)
             now = with_retries(lambda: dict(self._fs.info(self._path)), self._policy, self._what)
-            self._check_same(pinned, _version_of(now), int(now.get("size", -1)))
-        file = self._fs.open(self._path, "rb", block_size=self._block_size)
+            self._check_same(pinned, version_of(now), int(now.get("size", -1)))
+        file = self._fs.open(self._path, "rb", block_size=8 << 20)
         self._opened = True
         # s3fs opens with its own HEAD and reads with If-Match on that ETag: it must be ours.
         details = getattr(file, "details", None)
         if isinstance(details, dict) and (details.get("ETag") or details.get("etag")):
             try:
-                self._check_same(pinned, _version_of(details), int(details.get("size", -1)))
+                self._check_same(pinned, version_of(details), int(details.get("size", -1)))
             except ObjectReplaced:
                 file.close()
                 raise
@@ -233,7 +238,7 @@ class ResumingReader:
             except Exception as err:
                 if not is_transient(err):
                     raise
-                self._drop()
+                self.close()
                 attempt += 1
                 self.retries += 1
                 if attempt >= self._policy.attempts or self.retries > self._policy.max_retries:
@@ -257,16 +262,13 @@ class ResumingReader:
     def tell(self) -> int:
         return self._position
 
-    def _drop(self) -> None:
+    def close(self) -> None:
         if self._file is not None:
             try:
                 self._file.close()
             except Exception:  # a broken connection may fail to close; the file is gone anyway
                 logger.debug("closing %s after an error failed", self._what, exc_info=True)
             self._file = None
-
-    def close(self) -> None:
-        self._drop()
 
     def __enter__(self) -> ResumingReader:
         return self

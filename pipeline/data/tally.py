@@ -100,8 +100,7 @@ class _Counts:
         again = outcome.shard in self.outcomes
         self.outcomes[outcome.shard] = outcome
         if not again:  # a retried read task reports the same problems again
-            room = _MAX_RECORDS - len(self.records)
-            self.records.extend(records[: max(room, 0)])
+            self.records.extend(records[: _MAX_RECORDS - len(self.records)])
 
     def outcome(self, shard: str) -> ShardOutcome | None:
         return self.outcomes.get(shard)
@@ -151,16 +150,13 @@ class SkipTally:
         # Wait for it: once a read task has moved on, what it reported must be visible.
         return ray.get(getattr(self._actor, method).remote(*args))
 
-    def _lost(self) -> dict[str, int]:
-        return {name: o.lost for name, o in self._call("state")[1].items() if o.lost}
-
     def total(self) -> int:
         """Samples expected that were not handed on (bad images, shards left out)."""
-        return sum(self._lost().values())
+        return sum(self.by_shard().values())
 
     def by_shard(self) -> dict[str, int]:
         """{shard: samples not handed on}, for shards that lost any."""
-        return dict(sorted(self._lost().items()))
+        return {name: o.lost for name, o in self.outcomes().items() if o.lost}
 
     def records(self) -> list[Skipped]:
         """The first 1000 skip records, in report order."""
