@@ -49,11 +49,17 @@ def check_local_gpus(option: str, requested: float, address: str | None) -> None
         )
 
 
-def check_tracking_server(uri: str, timeout: float = 3.0) -> None:
-    """Fail in seconds, not after minutes of MLflow retries, when a tracking server is down; a
+def check_tracking_server(
+    configured: str | None, workdir: str | None = None, timeout: float = 3.0
+) -> str:
+    """The tracking URI `configured` resolves to (`resolve_tracking_uri`), after failing in
+    seconds, not after minutes of MLflow retries, when it is a tracking server that is down; a
     `user:password@` in the URI is sent as HTTP basic auth, as MLflow does."""
+    from pipeline.tracking.connection import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(configured, workdir)
     if not uri.startswith(("http://", "https://")):
-        return
+        return uri
     parts = urllib.parse.urlsplit(uri)
     headers = {}
     if parts.username is not None or parts.password is not None:
@@ -67,7 +73,7 @@ def check_tracking_server(uri: str, timeout: float = 3.0) -> None:
         request = urllib.request.Request(health, headers=headers)
         urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError:
-        return  # it answered: up, even if /health is not served there
+        return uri  # it answered: up, even if /health is not served there
     except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: a malformed URL
         reason = redact_url(str(getattr(err, "reason", err)))
         raise UserError(
@@ -76,3 +82,4 @@ def check_tracking_server(uri: str, timeout: float = 3.0) -> None:
             "to use the embedded SQLite store",
             exit_code=EXIT_FAILURE,  # a service down: a runtime failure, not a usage error
         ) from err
+    return uri

@@ -1,7 +1,7 @@
 """The command line of every job, read off its config dataclass: each option is declared once, as
 a field with its default and its "Attributes:" docstring entry, and becomes a flag here.
 
-    parser = job_parser("flowray score", ScoreConfig, description="...")
+    parser = config_parser("flowray score", "Score every image ...", ScoreConfig)
     args = parser.parse_args(argv)
     config = config_from_args(ScoreConfig, args)   # --config, then --set, then the flags
 
@@ -83,21 +83,21 @@ def config_parser(
     flags: Mapping[str, Sequence[str]] | None = None,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
     address: str = "",
+    default_config: str | None = None,
+    flat: bool = True,
 ) -> argparse.ArgumentParser:
-    """The parser of a job with a flat config: --config/--set, a flag per field of `cls`, the
-    job's `extra` options, then --address and -v."""
+    """The parser of a job: --config/--set, one option per config key (help and default from
+    the dataclass), the job's `extra` options, then, for a flat config, --address and -v.
+
+    Args:
+        flags: dotted key -> option strings, for keys inside sections and for a field whose
+            flag is not `--<field-name>`; STANDARD_FLAGS are added where `cls` has them.
+        address: what --address is used for, when not for the whole job.
+        default_config: the --config used when none is given.
+        flat: a flag for each top-level field that is not a section; a config of sections
+            names its flags (--address and -v among them) in `flags`.
+    """
     parser = job_parser(prog, description)
-    add_config_arguments(parser, None)
-    add_config_options(parser, cls, flags=flags)
-    if extra is not None:
-        extra(parser)
-    add_address_argument(parser, address)
-    add_verbose_argument(parser)
-    return parser
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
-    """The --config / --set pair every job takes."""
     parser.add_argument(
         "--config",
         default=default_config,
@@ -113,25 +113,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
         help="override one config value, e.g. --set batch_size=128 or --set "
         "storage.read_timeout=60; after --config, before flags (repeatable)",
     )
-
-
-def add_config_options(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    *,
-    every_field: bool = True,
-    flags: Mapping[str, Sequence[str]] | None = None,
-) -> None:
-    """One option per field of `cls`, help and default from the dataclass.
-
-    Args:
-        every_field: a flag for each top-level field that is not a section (a flat config).
-        flags: dotted key -> option strings, for keys inside sections and for a field whose
-            flag is not `--<field-name>`; STANDARD_FLAGS are added where `cls` has them.
-    """
     chosen: dict[str, Sequence[str]] = {}
     hints = get_type_hints(cls)
-    if every_field:
+    if flat:
         for item in dataclasses.fields(cls):
             if item.init and not _is_section(hints[item.name]):
                 chosen[item.name] = (f"--{item.name.replace('_', '-')}",)
@@ -139,17 +123,18 @@ def add_config_options(
     chosen.update(flags or {})
     for key, options in chosen.items():
         _add_option(parser, cls, key, options)
-
-
-def add_address_argument(parser: argparse.ArgumentParser, what: str = "") -> None:
-    """--address: the Ray cluster a job runs on."""
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster address, e.g. ray://head:10001 or auto"
-        + (f" ({what})" if what else "")
-        + " (default: $RAY_ADDRESS, else a local Ray started in this process)",
-    )
+    if extra is not None:
+        extra(parser)
+    if flat:
+        parser.add_argument(
+            "--address",
+            default=None,
+            help="Ray cluster address, e.g. ray://head:10001 or auto"
+            + (f" ({address})" if address else "")
+            + " (default: $RAY_ADDRESS, else a local Ray started in this process)",
+        )
+        add_verbose_argument(parser)
+    return parser
 
 
 def add_verbose_argument(parser: argparse.ArgumentParser, dest: str = "verbose") -> None:

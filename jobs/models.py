@@ -138,11 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        from pipeline.tracking.connection import resolve_tracking_uri
         from pipeline.tracking.registry import list_models, promote
 
-        uri = resolve_tracking_uri(args.tracking_uri)
-        check_tracking_server(uri)
+        uri = check_tracking_server(args.tracking_uri)
         mlflow.set_tracking_uri(uri)
         if args.command == "list":
             print(format_models(list_models(args.name), uri))

@@ -31,10 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from pipeline.batch.sampling import SampleConfig, generate
-        from pipeline.tracking.connection import resolve_tracking_uri
 
         config = config_from_args(SampleConfig, args)
-        check_tracking_server(resolve_tracking_uri(config.tracking_uri))
+        check_tracking_server(config.tracking_uri)
         check_local_gpus("--gpus-per-task", config.gpus_per_task, args.address)
         connect_ray(args.address, args.verbose)
         result = generate(config)

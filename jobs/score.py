@@ -95,10 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from pipeline.batch.scoring.config import ScoreConfig
         from pipeline.batch.scoring.job import score
-        from pipeline.tracking.connection import resolve_tracking_uri
 
         config = config_from_args(ScoreConfig, args, {"model": model_option(args)})
-        check_tracking_server(resolve_tracking_uri(config.tracking_uri))
+        check_tracking_server(config.tracking_uri)
         check_local_gpus("--gpus-per-actor", config.gpus_per_actor, args.address)
         connect_ray(args.address, args.verbose)
         return print_result(score(config), config.fail_on_drift)

@@ -158,7 +158,6 @@ def _drift(args: argparse.Namespace) -> int:
     from pipeline.batch.scoring.report import drift_unknown
     from pipeline.batch.top import model_prefix, output_drift, run_files
     from pipeline.storage import StorageConfig
-    from pipeline.tracking.connection import resolve_tracking_uri
     from pipeline.tracking.registry import load_calibration
 
     storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
@@ -168,8 +167,7 @@ def _drift(args: argparse.Namespace) -> int:
             f"--model: expected a registered model version (its calibration is in the "
             f"registry), found version {version!r} under {args.output}"
         )
-    uri = resolve_tracking_uri(args.tracking_uri)
-    check_tracking_server(uri)
+    uri = check_tracking_server(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     calibration = load_calibration(name, version)
     problem = calibration.problem() if calibration is not None else ""

@@ -56,11 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     from pipeline.serve.config import ServeConfig
     from pipeline.serve.runner import check_model, check_port_free, start, stop
-    from pipeline.tracking.connection import resolve_tracking_uri
 
     config = config_from_args(ServeConfig, args)
-    tracking_uri = resolve_tracking_uri(config.tracking_uri)
-    check_tracking_server(tracking_uri)
+    tracking_uri = check_tracking_server(config.tracking_uri)
     config = replace(config, tracking_uri=tracking_uri)  # replicas get the resolved URI
     on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
     if args.detach and not on_cluster:

@@ -10,13 +10,7 @@ import argparse
 import logging
 import sys
 
-from jobs.config import (
-    add_config_arguments,
-    add_config_options,
-    config_from_args,
-    job_parser,
-    setup_logging,
-)
+from jobs.config import config_from_args, config_parser, setup_logging
 from jobs.errors import run_main
 
 DEFAULT_CONFIG = "fashion-mnist"
@@ -31,7 +25,12 @@ FLAGS = {
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.train.config import TrainConfig
 
-    parser = job_parser(
+    def print_config(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+        )
+
+    return config_parser(
         "flowray train",
         "Train a multiscale flow with Ray Train (DDP) on prepared shards or on WebDataset "
         "shards in place (data.train / data.validation: a prepared split, a brace pattern, a "
@@ -40,13 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with the same run.name and run.storage_path resumes from the latest checkpoint, at the "
         "epoch and batch where it stopped. Config keys: the sections of TrainConfig "
         "(pipeline/train/config.py); `--print-config` shows them all, resolved.",
+        TrainConfig,
+        flags=FLAGS,
+        extra=print_config,
+        default_config=DEFAULT_CONFIG,
+        flat=False,
     )
-    add_config_arguments(parser, DEFAULT_CONFIG)
-    add_config_options(parser, TrainConfig, every_field=False, flags=FLAGS)
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from jobs._batch import check_tracking_server
-    from pipeline.tracking.connection import resolve_tracking_uri
     from pipeline.train.config import TrainConfig
     from pipeline.train.driver import train
 
@@ -69,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
         print(redact_url(yaml.safe_dump(config.to_dict(), sort_keys=False)))
         return 0
     setup_logging(config.verbose, logging.WARNING)
-    check_tracking_server(resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir))
+    check_tracking_server(config.mlflow.tracking_uri, config.workdir)
     result = train(config)
     print(
         f"\ndone: {result.steps} steps, validation {result.val_bits_per_dim:.4f} bits/dim, "

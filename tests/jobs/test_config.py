@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flowmodel.typed import ConfigError, field_docs
-from jobs.config import add_config_options, config_from_args
+from jobs.config import config_from_args, config_parser
 from pipeline.batch.sampling import SampleConfig
 from pipeline.batch.scoring.config import ScoreConfig
 from pipeline.config import PRESETS, load_config
@@ -206,7 +206,7 @@ def test_a_field_without_a_docstring_entry_cannot_become_a_flag() -> None:
         size: int = 1
 
     with pytest.raises(TypeError, match=r"Undocumented\.size: expected an entry"):
-        add_config_options(argparse.ArgumentParser(), Undocumented)
+        config_parser("flowray x", "", Undocumented)
 
 
 def test_the_work_folder_moves_with_flowray_workdir(

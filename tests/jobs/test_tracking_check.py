@@ -44,7 +44,7 @@ def health_server() -> Iterator[tuple[int, list[tuple[str, str | None]]]]:
 def test_a_tracking_uri_with_user_and_password_is_checked_with_basic_auth(health_server):
     port, seen = health_server
     check_tracking_server(f"http://bob:p%40ss@127.0.0.1:{port}/")
-    check_tracking_server(f"http://127.0.0.1:{port}")
+    assert check_tracking_server(f"http://127.0.0.1:{port}") == f"http://127.0.0.1:{port}"
     expected = "Basic " + base64.b64encode(b"bob:p@ss").decode()
     assert seen == [("/health", expected), ("/health", None)]
 
@@ -55,3 +55,8 @@ def test_a_server_that_is_down_fails_without_showing_the_password():
     assert info.value.exit_code == 1
     assert "s3cret" not in str(info.value)
     assert "http://127.0.0.1:9/" in str(info.value)
+
+
+def test_the_checked_uri_is_the_resolved_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert check_tracking_server(None, str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
