@@ -90,7 +90,7 @@ class TrainState:
 
 def save_checkpoint(
     directory: Path, flow: Flow, ema: Flow, state: TrainState, config: dict
-) -> Path:
+) -> None:
     save_flow(flow, directory)
     save_flow(ema, directory / "ema")
     raw = {**vars(state), "optimizer": _on_cpu(state.optimizer), "rng": state.rng.cpu()}
@@ -103,7 +103,6 @@ def save_checkpoint(
         if path.is_file() and path.name != COMPLETE_FILE
     }
     (directory / COMPLETE_FILE).write_text(json.dumps({"files": files}, indent=1))
-    return directory
 
 
 def checkpoint_problem(fs: fsspec.AbstractFileSystem, directory: str) -> str | None:

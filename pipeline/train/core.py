@@ -34,15 +34,6 @@ from pipeline.train.step import (
 )
 
 
-def noise_generator(device: torch.device | str, seed: int) -> torch.Generator:
-    """This worker's dequantization-noise generator: on `device` when torch has generators there
-    (CPU, CUDA), else on the CPU, from which `dequantize` copies the noise."""
-    try:
-        return torch.Generator(device=device).manual_seed(seed)
-    except RuntimeError:  # a device type without generators
-        return torch.Generator().manual_seed(seed)
-
-
 class StepLoss:
     """The training step's loss: `flow_bits_per_dim`, torch.compile'd when asked. Compiling
     happens at the first call; if it fails, `run_step` falls back to eager for the rest of the
@@ -128,8 +119,13 @@ def start_training(
         optimizer.load_state_dict(saved.optimizer)
         _keep_capturable(optimizer, capturable)
         step = saved.step
-    # Each worker draws its own noise, and a resumed run does not replay what it used.
-    generator = noise_generator(device, config.seed * 1000 + rank + step)
+    # Each worker draws its own noise, and a resumed run does not replay what it used. On a
+    # device type without generators it is drawn on the CPU, from which `dequantize` copies it.
+    seed = config.seed * 1000 + rank + step
+    try:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:
+        generator = torch.Generator().manual_seed(seed)
     loss = StepLoss(config.compile, say=say)
     return Training(model, optimizer, ema, generator, device, loss)
 
@@ -171,14 +167,12 @@ def _step(training: Training, config: TrainConfig, images: Tensor) -> StepOutcom
         )
 
     loss = training.loss
-    if loss.compiled is None:
-        return step(loss.eager)
-    if loss.proven:
-        return step(loss.compiled)
-    try:
-        metrics = step(loss.compiled)
-    except Exception as err:  # compiling (forward or backward) failed: this step runs eager
-        loss.fall_back(err)
-        return step(loss.eager)
-    loss.proven = True
-    return metrics
+    if loss.compiled is not None and not loss.proven:
+        try:
+            outcome = step(loss.compiled)
+        except Exception as err:  # compiling (forward or backward) failed: this step runs eager
+            loss.fall_back(err)
+        else:
+            loss.proven = True
+            return outcome
+    return step(loss.compiled or loss.eager)

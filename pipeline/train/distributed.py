@@ -38,19 +38,12 @@ def all_agree_on_device(flag: torch.Tensor, op: Any) -> torch.Tensor:
     return tensor[0].bool()
 
 
-def parameter_checksum(flow: Flow) -> float:
-    """Sum of every floating parameter and buffer, in float64, computed where they live."""
-    values = flow.state_dict().values()
-    return float(sum(v.detach().double().sum() for v in values if v.is_floating_point()))
-
-
 def check_identical_start(flow: Flow, device: torch.device) -> list[float]:
-    """All-gather each worker's parameter checksum after initialisation; they must be equal.
+    """All-gather each worker's checksum after initialisation (the float64 sum of every floating
+    parameter and buffer); they must be equal, or the workers would train different models."""
+    values = flow.state_dict().values()
+    checksum = float(sum(v.detach().double().sum() for v in values if v.is_floating_point()))
 
-    Raises:
-        RuntimeError: the workers' checksums differ (they would train different models).
-    """
-    checksum = parameter_checksum(flow)
     if not is_distributed():
         return [checksum]
     mine = torch.tensor([checksum], dtype=torch.float64, device=device)

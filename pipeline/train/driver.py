@@ -177,17 +177,15 @@ def _mlflow_run(config: TrainConfig, tracking_uri: str, plans: dict[str, InputPl
     )
     if existing:
         run_id = existing[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
         print(f"continuing MLflow run {run_id}", flush=True)
-        return run_id
-    run = client.create_run(experiment_id, run_name=config.run.name, tags={RUN_TAG: storage_tag})
-    run_id = run.info.run_id
-    log_config_params(run_id, config)
-    with mlflow.start_run(run_id=run_id):
-        _log_lineage(config, plans)
-        mlflow.log_text(
-            redact_url(json.dumps(config.to_dict(), indent=2)), "config/train_config.json"
-        )
+    else:
+        tags = {RUN_TAG: storage_tag}
+        run_id = client.create_run(experiment_id, run_name=config.run.name, tags=tags).info.run_id
+        log_config_params(run_id, config)
+        with mlflow.start_run(run_id=run_id):
+            _log_lineage(config, plans)
+            text = redact_url(json.dumps(config.to_dict(), indent=2))
+            mlflow.log_text(text, "config/train_config.json")
     client.update_run(run_id, status="RUNNING")
     return run_id
 
@@ -332,24 +330,14 @@ def _trainer(
     from dataclasses import asdict
 
     import ray.train
-    from ray.data import DataContext
     from ray.train.torch import TorchTrainer
 
     from pipeline.storage import arrow_filesystem, is_s3
-    from pipeline.train.reporting import ray_train_log_level
 
-    # The training split is read again every epoch; Ray Data's progress bars for it (drawn by
-    # its SplitCoordinator, one set per epoch) would bury the workers' own progress lines. A
-    # dataset keeps the DataContext it was created under, so they are off for this one alone.
-    context = DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, config.verbose
-    try:
-        dataset = _training_dataset(config, plans["train"], tally, epoch)
-    finally:
-        context.enable_progress_bars = bars
     storage_path, storage_filesystem = config.run.storage_path, None
     if is_s3(storage_path):
         storage_filesystem, storage_path = arrow_filesystem(storage_path, config.storage)
+    log_level = "INFO" if config.verbose else "WARNING"  # Ray Train's own lines
     return TorchTrainer(
         _loop,
         train_loop_config={
@@ -373,9 +361,9 @@ def _trainer(
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            logging_config=ray.train.LoggingConfig(log_level=ray_train_log_level(config.verbose)),
+            logging_config=ray.train.LoggingConfig(log_level=log_level),
         ),
-        datasets={"train": dataset},
+        datasets={"train": _training_dataset(config, plans["train"], tally, epoch)},
     )
 
 
@@ -383,16 +371,20 @@ def _training_dataset(
     config: TrainConfig, plan: InputPlan, tally: SkipTally | None, epoch: int
 ) -> Any:
     """The shuffled training input as a Ray Data stream of images at the model's shape, in an
-    order that is a function of (seed, epoch) (pipeline.train.data_order). preserve_order keeps
-    the blocks in that order, so a resume inside an epoch skips exactly the batches consumed
-    before it (set for this dataset alone, which keeps the DataContext it was created under)."""
+    order that is a function of (seed, epoch) (pipeline.train.data_order).
+
+    A dataset keeps the DataContext it was created under, so two settings are for this one
+    alone: preserve_order keeps the blocks in that order (a resume inside an epoch skips exactly
+    the batches consumed before it), and progress bars are off unless verbose (the split is read
+    again every epoch, and its bars would bury the workers' own progress lines)."""
     from ray.data import DataContext
 
     from pipeline.data.reader import read_input
     from pipeline.train.data_order import epoch_board
 
-    options = DataContext.get_current().execution_options
-    preserve, options.preserve_order = options.preserve_order, True
+    context = DataContext.get_current()
+    saved = context.enable_progress_bars, context.execution_options.preserve_order
+    context.enable_progress_bars, context.execution_options.preserve_order = config.verbose, True
     try:
         return read_input(
             plan,
@@ -405,7 +397,7 @@ def _training_dataset(
             epoch_of=epoch_board(config, default=epoch),
         ).select_columns(["image"])
     finally:
-        options.preserve_order = preserve
+        context.enable_progress_bars, context.execution_options.preserve_order = saved
 
 
 def _describe_count(plan: InputPlan) -> str:

@@ -42,10 +42,6 @@ class EMA(Generic[M]):
     def updates(self) -> int:
         return int(self.count)
 
-    @updates.setter
-    def updates(self, value: int) -> None:
-        self.count.fill_(value)
-
     @torch.no_grad()
     def update(self, model: M, applied: Tensor | None = None) -> None:
         """One averaging step towards `model` (not a DDP wrapper). `applied` False (a bool tensor
@@ -53,10 +49,6 @@ class EMA(Generic[M]):
         the count as they were with no host read. On the CPU the host reads them instead.
         """
         averages, currents = list(self.model.parameters()), list(model.parameters())
-        if len(averages) != len(currents):
-            raise ValueError(
-                f"EMA.update: expected a model with {len(averages)} parameters, found {len(currents)}"
-            )
         verdict = self.count if applied is None else applied
         if verdict.device.type == "cpu":  # the host is the device: read it
             if applied is not None and not bool(applied):
@@ -86,4 +78,4 @@ class EMA(Generic[M]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.updates = int(state["updates"])
+        self.count.fill_(int(state["updates"]))

@@ -17,7 +17,7 @@ import torch
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.step import StepMetrics, StepOutcome, read_outcomes
 
-NONFINITE_STOP = "nonfinite_stop"  # the report key that carries a non-finite stop to the driver
+NONFINITE_STOP = "nonfinite_stop"  # the run's file that carries a non-finite stop to the driver
 # What LoopState and a checkpoint's TrainState share: every TrainState field but these three.
 COUNTERS = [f.name for f in fields(TrainState) if f.name not in ("optimizer", "rng", "ema_updates")]
 
@@ -78,36 +78,26 @@ def record_outcome(state: LoopState, outcome: StepOutcome) -> None:
 
 def settle(state: LoopState, *, global_batch: int, max_skipped: int) -> StepMetrics | None:
     """Read the figures of the steps counted since the last settle (one host read) and count
-    them in order; returns the last step's figures (None when there were none).
-
-    Raises:
-        NonFiniteLoss: `max_skipped` consecutive skipped steps, at the step that reached it.
-    """
+    them in order; returns the last step's figures (None when there were none). NonFiniteLoss
+    at the step that makes `max_skipped` consecutive skipped steps."""
     metrics, state.unread = read_outcomes(state.unread), []
-    first = state.step - len(metrics) + 1
-    for offset, figures in enumerate(metrics):
-        _count(state, first + offset, figures, global_batch=global_batch, max_skipped=max_skipped)
+    for step, figures in enumerate(metrics, start=state.step - len(metrics) + 1):
+        if figures.skipped:
+            state.skipped_steps += 1
+            state.consecutive_skipped += 1
+            if state.consecutive_skipped >= max_skipped:
+                raise NonFiniteLoss(
+                    f"{state.consecutive_skipped} consecutive non-finite training steps (last at "
+                    f"step {step}); stopping. The last good checkpoint (step "
+                    f"{state.last_checkpoint_step}) is intact: lower optim.lr or "
+                    "optim.max_grad_norm and rerun to resume from it.",
+                    step=step,
+                )
+        else:
+            state.consecutive_skipped = 0
+            state.images_seen += global_batch
+        state.history["train"].append([step, figures.bits_per_dim])
     return metrics[-1] if metrics else None
-
-
-def _count(
-    state: LoopState, step: int, metrics: StepMetrics, *, global_batch: int, max_skipped: int
-) -> None:
-    if metrics.skipped:
-        state.skipped_steps += 1
-        state.consecutive_skipped += 1
-        if state.consecutive_skipped >= max_skipped:
-            raise NonFiniteLoss(
-                f"{state.consecutive_skipped} consecutive non-finite training steps (last at step "
-                f"{step}); stopping. The last good checkpoint (step "
-                f"{state.last_checkpoint_step}) is intact: lower optim.lr or optim.max_grad_norm "
-                "and rerun to resume from it.",
-                step=step,
-            )
-    else:
-        state.consecutive_skipped = 0
-        state.images_seen += global_batch
-    state.history["train"].append([step, metrics.bits_per_dim])
 
 
 def eta_seconds(

@@ -40,7 +40,8 @@ class RunLogger:
     sends the queue, oldest first, in log_batch-sized chunks. While MLflow does not answer, the
     thread retries and the queue keeps what fits in its bounds; one line says MLflow went away,
     one that it is back. `close` says how many values were never logged. A logger dropped without
-    `close` closes itself (its thread holds no reference to it).
+    `close` closes itself (its thread holds no reference to it). `sender` (None when inactive)
+    is the thread's end, where tests wait for the queue and put a client that fails on demand.
     """
 
     def __init__(
@@ -50,29 +51,19 @@ class RunLogger:
         active: bool,
         note: Callable[[str], None] | None = None,
     ) -> None:
-        self.run_id = run_id
-        self._sender: _Sender | None = None
+        self.sender: _Sender | None = None
         if active and tracking_uri and run_id:
             from mlflow.tracking import MlflowClient
 
             if tracking_uri.startswith(("http://", "https://")):
                 for name, value in HTTP_SETTINGS.items():
                     os.environ.setdefault(name, value)
-            self._sender = _Sender(MlflowClient(tracking_uri), run_id, note or say)
-            self._closer = weakref.finalize(self, self._sender.close)
-
-    @property
-    def client(self) -> Any:
-        return self._sender.client if self._sender else None
-
-    @client.setter
-    def client(self, client: Any) -> None:  # tests put a client that fails on demand here
-        if self._sender is not None:
-            self._sender.client = client
+            self.sender = _Sender(MlflowClient(tracking_uri), run_id, note or say)
+            self._closer = weakref.finalize(self, self.sender.close)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         """Queues the finite values at `step` (MLflow takes no NaN or infinity)."""
-        if self._sender is None:
+        if self.sender is None:
             return
         from mlflow.entities import Metric
 
@@ -80,32 +71,20 @@ class RunLogger:
         finite = [
             Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))
         ]
-        self._sender.put(finite)
+        self.sender.put(finite)
 
     def image(self, image: np.ndarray, key: str, step: int) -> None:
         """Queues an RGB uint8 image under `key` at `step`."""
-        if self._sender is not None:
-            self._sender.put([(image, key, step)], images=True)
-
-    def flush(self, timeout: float = CLOSE_SECONDS) -> bool:
-        """Waits until the queue is sent or `timeout` passes; True when sent."""
-        return self._sender.wait(timeout) if self._sender else True
+        if self.sender is not None:
+            self.sender.put([(image, key, step)], images=True)
 
     def close(self, timeout: float = CLOSE_SECONDS) -> tuple[int, int]:
         """Sends what is queued (waiting up to `timeout`) and stops the thread; returns the
         (metrics, images) never logged."""
-        if self._sender is None:
+        if self.sender is None:
             return 0, 0
         self._closer.detach()
-        return self._sender.close(timeout)
-
-    @property
-    def pending(self) -> int:
-        return self._sender.queued() if self._sender else 0
-
-    @property
-    def failing(self) -> bool:
-        return bool(self._sender and self._sender.failing)
+        return self.sender.close(timeout)
 
 
 class _Sender:
@@ -113,8 +92,9 @@ class _Sender:
 
     def __init__(self, client: Any, run_id: str, note: Callable[[str], None]) -> None:
         self.client, self.run_id, self.note = client, run_id, note
-        self.metrics: deque[Any] = deque()
-        self.images: deque[tuple[np.ndarray, str, int]] = deque()
+        # Bounded: past the bound, the oldest go first.
+        self.metrics: deque[Any] = deque(maxlen=MAX_BUFFERED_METRICS)
+        self.images: deque[tuple[np.ndarray, str, int]] = deque(maxlen=MAX_BUFFERED_IMAGES)
         self.dropped_metrics = self.dropped_images = 0
         self.failing = False
         self.busy = False  # a call to MLflow is under way
@@ -131,15 +111,13 @@ class _Sender:
     def put(self, items: list[Any], images: bool = False) -> None:
         """Queues metrics (or images), dropping the oldest past the queue's bound."""
         queue = self.images if images else self.metrics
-        bound = MAX_BUFFERED_IMAGES if images else MAX_BUFFERED_METRICS
         with self.condition:
             if self.closing:
                 dropped = len(items)
             else:
+                before = len(queue)
                 queue.extend(items)
-                dropped = max(len(queue) - bound, 0)
-                for _ in range(dropped):
-                    queue.popleft()
+                dropped = before + len(items) - len(queue)
                 self._start()
                 self.condition.notify_all()
             if images:
@@ -152,6 +130,7 @@ class _Sender:
             return len(self.metrics) + len(self.images)
 
     def wait(self, timeout: float) -> bool:
+        """Waits until the queue is sent or `timeout` passes; True when sent."""
         deadline = time.monotonic() + timeout
         with self.condition:
             while self.metrics or self.images or self.busy:
@@ -304,11 +283,6 @@ def quiet_ray_train_reports(verbose: bool) -> None:
     except ImportError:  # another Ray layout: its chatter stays, nothing breaks
         return
     context.logger.setLevel(logging.WARNING)
-
-
-def ray_train_log_level(verbose: bool) -> str:
-    """Ray Train's console level (its LoggingConfig): its INFO lines only with verbose."""
-    return "INFO" if verbose else "WARNING"
 
 
 def say(message: str) -> None:

@@ -30,17 +30,11 @@ class StepMetrics:
 class StepOutcome:
     """One step's figures as 0-dim tensors on the model's device: reading them waits for the
     device to finish the step. `read()` reads all three at once; the `StepMetrics` names read
-    one each.
+    one each."""
 
-    Attributes:
-        loss: the batch's mean bits/dim (float32).
-        norm: the gradient norm before clipping (NaN or inf when the loss was not finite).
-        applied: bool, whether the update was applied (False: the step was skipped).
-    """
-
-    loss: Tensor
-    norm: Tensor
-    applied: Tensor
+    loss: Tensor  # the batch's mean bits/dim (float32)
+    norm: Tensor  # the gradient norm before clipping (NaN or inf when the loss was not finite)
+    applied: Tensor  # bool: the update was applied (False: the step was skipped)
 
     def read(self) -> StepMetrics:
         return read_outcomes([self])[0]
@@ -84,11 +78,9 @@ def make_optimizer(
     params: Iterable[nn.Parameter], optim: OptimSettings, *, capturable: bool = False
 ) -> torch.optim.Optimizer:
     """Adam or Adamax at its peak learning rate (`set_learning_rate` warms up and decays it).
-
     `capturable` keeps the step count on the parameters' device, so that `train_step` can undo a
     skipped step there with no host read; its bias corrections are then float32 on the device,
-    not float64 on the host (the weights differ in the last bits). Leave it False on the CPU.
-    """
+    not float64 on the host (the weights differ in the last bits). Leave it False on the CPU."""
     kind = torch.optim.Adamax if optim.optimizer == "adamax" else torch.optim.Adam
     return kind(params, lr=optim.lr, weight_decay=optim.weight_decay, capturable=capturable)
 
@@ -174,15 +166,13 @@ def train_step(
     loss: LossFunction = flow_bits_per_dim,
 ) -> StepOutcome:
     """One maximum-likelihood step (loss: the batch's mean bits/dim) on uint8 images
-    [B, C, H, W], decided on the device with no host read.
-
-    The update is applied when the loss and the gradient norm are both finite; otherwise the
-    parameters and the optimizer state end exactly as before the step (`torch.where` between the
-    updated and the saved values) and the outcome says `applied=False`. On the CPU the host
-    reads the verdict instead and skips `optimizer.step()`. Under DDP, `agree` turns this
-    worker's verdict into all workers' (an all-reduce MIN), so every worker applies the same
-    steps; every worker always runs the backward pass, which DDP's gradient all-reduce needs.
-    """
+    [B, C, H, W], decided on the device with no host read. The update is applied when the loss
+    and the gradient norm are both finite; otherwise the parameters and the optimizer state end
+    exactly as before the step (`torch.where` between the updated and the saved values) and the
+    outcome says `applied=False`. On the CPU the host reads the verdict instead and skips
+    `optimizer.step()`. Under DDP, `agree` turns this worker's verdict into all workers' (an
+    all-reduce MIN), so every worker applies the same steps; every worker always runs the
+    backward pass, which DDP's gradient all-reduce needs."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     mean = batch_bits_per_dim(model, images, generator, loss).mean()
@@ -235,12 +225,10 @@ def _keep_if(applied: Tensor, optimizer: torch.optim.Optimizer, saved: _Saved) -
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Per-image bits/dim over a validation set, summed up.
-
-    `mean` is over every image, so one image of (numerically) zero density makes it inf: the
-    honest figure. `nonfinite` counts those and `finite_mean` averages the others, telling one
-    pathological image from a model that is bad everywhere.
-    """
+    """Per-image bits/dim over a validation set, summed up. `mean` is over every image, so one
+    image of (numerically) zero density makes it inf: the honest figure. `nonfinite` counts those
+    and `finite_mean` averages the others, telling one pathological image from a model that is
+    bad everywhere."""
 
     total: float = 0.0  # sum of every image's bits/dim
     count: int = 0

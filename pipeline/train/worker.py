@@ -1,13 +1,9 @@
 """The Ray Train worker loop: data shards, DDP, checkpoints and MLflow around the Ray-free
-training core (`pipeline.train.core`). Its phases:
-
-    restore or initialise   the flow, its EMA and optimizer on this worker's device, from the
-                            latest checkpoint (written on any device) or fresh
-    the step loop           epochs over this worker's shard; after each step, progress,
-                            evaluation and checkpoint when they fall due
-    evaluate (rank 0)       validation bits/dim of the EMA weights, a sample grid
-    checkpoint and report   every worker calls `ray.train.report` equally often (a barrier in
-                            Ray Train V2); rank 0 attaches the checkpoint
+training core (`pipeline.train.core`). It restores (or initialises) the flow, its EMA and
+optimizer on this worker's device, then runs epochs over this worker's shard; after each step,
+progress, evaluation (rank 0: the EMA weights' validation bits/dim, a sample grid) and a
+checkpoint when they fall due. Every worker calls `ray.train.report` equally often (a barrier in
+Ray Train V2); rank 0 attaches the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -84,9 +80,9 @@ class TrainHooks:
     record_batches: bool = False
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> TrainHooks:
+    def from_environment(cls) -> TrainHooks:
         """The hooks in $FLOWRAY_TEST_HOOKS (none when it is unset)."""
-        text = environ.get(HOOKS_VARIABLE, "").strip()
+        text = os.environ.get(HOOKS_VARIABLE, "").strip()
         return from_dict(cls, json.loads(text)) if text else cls()
 
 
@@ -222,22 +218,6 @@ def _report_stop(worker: _Worker, stop: NonFiniteLoss) -> None:
         )
 
 
-def _load_or_build(worker: _Worker, checkpoint: Any) -> tuple[Flow, tuple[Flow, TrainState] | None]:
-    """The flow of the latest checkpoint (with its EMA flow and state), or a new one initialised
-    from the same images and seed on every worker."""
-    if checkpoint is None:
-        flow = build_flow(worker.config.model)
-        seed = worker.config.seed
-        flow.initialize(_init_batch(worker.config), generator=torch.Generator().manual_seed(seed))
-        return flow, None
-    with checkpoint.as_directory() as directory:
-        flow, ema_flow, saved = load_checkpoint(Path(directory))
-    flow.train()
-    if worker.is_chief:
-        say(f"resuming from checkpoint at step {saved.step}")
-    return flow, (ema_flow, saved)
-
-
 def _ddp(flow: Flow) -> torch.nn.Module:
     """The flow wrapped for data-parallel training (unwrapped for one worker), without DDP's
     buffer sync before every forward: the flow's buffers never change after the identical start
@@ -253,20 +233,30 @@ def _ddp(flow: Flow) -> torch.nn.Module:
 
 
 def _restore_or_init(worker: _Worker, checkpoint: Any) -> tuple[Training, LoopState]:
-    """Phase 1: the model, EMA, optimizer and counters on this worker's device; every worker's
-    start is checked to be identical before DDP would make it so by broadcasting rank 0's."""
+    """The model, EMA, optimizer and counters on this worker's device: the latest checkpoint's,
+    or a new flow initialised from the same images and seed on every worker. Every worker's start
+    is checked to be identical before DDP would make it so by broadcasting rank 0's."""
     import ray.train.torch
 
-    device = ray.train.torch.get_device()
-    flow, restored = _load_or_build(worker, checkpoint)
+    config, device = worker.config, ray.train.torch.get_device()
+    restored: tuple[Flow, TrainState] | None = None
+    if checkpoint is None:
+        flow = build_flow(config.model)
+        flow.initialize(_init_batch(config), generator=torch.Generator().manual_seed(config.seed))
+    else:
+        with checkpoint.as_directory() as directory:
+            flow, ema_flow, saved = load_checkpoint(Path(directory))
+        flow.train()
+        restored = (ema_flow, saved)
+        if worker.is_chief:
+            say(f"resuming from checkpoint at step {saved.step}")
     flow = flow.to(device)  # with one worker too: prepare_model only moves (and wraps) for several
     checksums = check_identical_start(flow, device)
     training = start_training(
-        flow, worker.config, device, rank=worker.rank, wrap=_ddp, restored=restored, say=say
+        flow, config, device, rank=worker.rank, wrap=_ddp, restored=restored, say=say
     )
     state = LoopState()
     if restored is not None:
-        saved = restored[1]
         state = LoopState.resumed(saved)
         torch.set_rng_state(saved.rng)
     elif worker.is_chief:
@@ -277,7 +267,7 @@ def _restore_or_init(worker: _Worker, checkpoint: Any) -> tuple[Training, LoopSt
 
 
 def _step_loop(worker: _Worker, training: Training, state: LoopState) -> None:
-    """Phase 2: epochs over this worker's shard until max_steps or max_minutes."""
+    """Epochs over this worker's shard until max_steps or max_minutes."""
     import ray.train
 
     config = worker.config
@@ -416,8 +406,8 @@ def _log_progress(
 
 
 def _evaluate(worker: _Worker, training: Training, state: LoopState, final: bool) -> None:
-    """Phase 3 (rank 0): validation bits/dim of the EMA weights, logged with a sample grid. The
-    final evaluation must see images: the model is registered with its figure."""
+    """Rank 0: validation bits/dim of the EMA weights, logged with a sample grid. The final
+    evaluation must see images: the model is registered with its figure."""
     config, step, flow = worker.config, state.step, training.ema.model
     result = evaluate(flow, _validation_batches(config), seed=config.eval_seed)
     mean, count = result.mean, result.count
@@ -447,7 +437,7 @@ def _evaluate(worker: _Worker, training: Training, state: LoopState, final: bool
 
 
 def _checkpoint_and_report(worker: _Worker, training: Training, state: LoopState) -> None:
-    """Phase 4: every worker reports; rank 0 attaches the checkpoint of this step."""
+    """Every worker reports; rank 0 attaches the checkpoint of this step."""
     import ray.train
 
     state.last_checkpoint_step = state.step

@@ -130,21 +130,21 @@ def test_metrics_survive_an_mlflow_outage_and_are_sent_when_it_answers(tmp_path:
     lines: list[str] = []
     logger = RunLogger(uri, run_id, active=True, note=lines.append)
     flaky = FlakyClient(client)
-    logger.client = flaky
+    logger.sender.client = flaky
     logger.metrics({"loss": 5.0}, step=1)
-    assert logger.flush()
+    assert logger.sender.wait(30)
     flaky.down = True
     for step in range(2, 6):
         logger.metrics({"loss": 6.0 - step / 10}, step=step)
     logger.image(np.zeros((4, 4, 3), dtype=np.uint8), "samples", step=5)
     while not lines:  # the sender meets the outage on its next send (the test's timeout bounds it)
         time.sleep(0.05)
-    assert not logger.flush(timeout=0.1)  # still queued: MLflow refuses
+    assert not logger.sender.wait(0.1)  # still queued: MLflow refuses
     assert len(lines) == 1 and lines[0].startswith("MLflow not answering (ConnectionError")
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1]
     flaky.down = False
     logger.metrics({"loss": 5.3}, step=6)
-    assert logger.flush(timeout=30)
+    assert logger.sender.wait(30)
     history = client.get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [
         (1, 5.0),
@@ -158,7 +158,7 @@ def test_metrics_survive_an_mlflow_outage_and_are_sent_when_it_answers(tmp_path:
     assert [a.path for a in client.list_artifacts(run_id, "images")][0].startswith(
         "images/samples+step+5+"
     )
-    assert logger.pending == 0 and logger.close() == (0, 0)
+    assert logger.sender.queued() == 0 and logger.close() == (0, 0)
 
 
 def test_what_cannot_be_sent_by_close_is_counted_and_said(tmp_path: Path) -> None:
@@ -169,7 +169,7 @@ def test_what_cannot_be_sent_by_close_is_counted_and_said(tmp_path: Path) -> Non
     logger = RunLogger(uri, run_id, active=True, note=lines.append)
     flaky = FlakyClient(client)
     flaky.down = True
-    logger.client = flaky
+    logger.sender.client = flaky
     logger.metrics({"loss": 5.0, "lr": 1e-3}, step=1)
     logger.image(np.zeros((4, 4, 3), dtype=np.uint8), "samples", step=1)
     started = time.monotonic()
@@ -268,9 +268,9 @@ def test_steps_keep_their_pace_while_the_tracking_server_is_down(
 
         def block(client: MlflowClient, failing: bool) -> tuple[int, float]:
             """Steps (at least 40, in tens) until the logger's `failing` is as asked."""
-            logger.client = client
+            logger.sender.client = client
             count, seconds = 0, 0.0
-            while count < 40 or logger.failing != failing:
+            while count < 40 or logger.sender.failing != failing:
                 seconds += steps(10)
                 count += 10
                 assert count < 20_000, f"the logger never saw the server {('up', 'down')[failing]}"
