@@ -211,12 +211,7 @@ def arrow_filesystem(
 
 def join_url(base: str, *parts: str) -> str:
     """`base` with relative `parts` appended by "/", keeping its scheme."""
-    url = base.rstrip("/") if base.rstrip("/") else base
-    for part in parts:
-        part = part.strip("/")
-        if part:
-            url = f"{url}/{part}"
-    return url
+    return "/".join([base.rstrip("/") or base, *(p.strip("/") for p in parts if p.strip("/"))])
 
 
 @contextlib.contextmanager
