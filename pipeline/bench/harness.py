@@ -291,12 +291,11 @@ class Racer:
         max_steps: int | None,
         step: Callable[..., Any] = train_step,
         evaluate: Callable[..., tuple[float, int]] = evaluate_bits_per_dim,
-        batch_size: int | None = None,
         window_steps: int = 20,
     ) -> None:
         self.model, self.config, self.step, self.evaluate = model, config, step, evaluate
         self.seconds, self.max_steps, self.window_steps = seconds, max_steps, window_steps
-        self.batch_size = batch_size or global_batch(config)
+        self.batch_size = global_batch(config)
         self.optimizer = make_optimizer(model.parameters(), config.optim)
         self.ema = EMA(model, config.optim.ema_decay)
         self.noise = torch.Generator().manual_seed(config.seed)

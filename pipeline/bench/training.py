@@ -150,7 +150,7 @@ def measure(settings: Settings, run: Run) -> Result:
             step = f"repeat {repeat + 1}/{settings.repeats}"
             run.log(f"{step}: in-process flowray and normflows")
             budget = {"seconds": settings.seconds, "max_steps": settings.max_steps}
-            racers = race(config, images, **budget, batch_size=batch, window_steps=10)
+            racers = race(config, images, **budget, window_steps=10)
             harness.run_race(racers)
             for name, racer in racers.items():
                 samples[f"{name}_in_process"].append(racer.images_per_second)

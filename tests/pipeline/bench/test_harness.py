@@ -75,7 +75,8 @@ def test_a_table_renders_its_cells_and_notes_as_markdown_and_json() -> None:
 
 
 def test_a_racer_warms_up_counts_skips_and_averages_only_good_steps() -> None:
-    config = TrainConfig.from_dict({"optim": {"lr": 1.0, "warmup_steps": 4, "ema_decay": 0.5}})
+    optim = {"lr": 1.0, "warmup_steps": 4, "ema_decay": 0.5}
+    config = TrainConfig.from_dict({"optim": optim, "batch_size": 2, "scaling": {"num_workers": 1}})
     rates: list[float] = []
 
     def every_second_step_skipped(model, batch, optimizer, **_) -> StepMetrics:
@@ -85,7 +86,7 @@ def test_a_racer_warms_up_counts_skips_and_averages_only_good_steps() -> None:
     images = torch.zeros(8, 1, 1, 1, dtype=torch.uint8)
     model = torch.nn.Linear(1, 1, bias=False)
     step = every_second_step_skipped
-    racer = Racer(model, images, config, seconds=1e9, max_steps=4, step=step, batch_size=2)
+    racer = Racer(model, images, config, seconds=1e9, max_steps=4, step=step)
     while not racer.done:
         racer.advance()
     assert rates == [0.25, 0.5, 0.75, 1.0]
@@ -98,8 +99,9 @@ def test_a_racers_progress_is_step_time_or_steps_whichever_binds_first() -> None
         return StepMetrics(0.0, 0.0, skipped=True)
 
     images = torch.zeros(8, 1, 2, 2, dtype=torch.uint8)
-    budget = {"seconds": 3600.0, "max_steps": 10, "batch_size": 2}
-    racer = Racer(torch.nn.Linear(1, 1), images, TrainConfig(), step=skipped, **budget)
+    config = TrainConfig.from_dict({"batch_size": 2, "scaling": {"num_workers": 1}})
+    budget = {"seconds": 3600.0, "max_steps": 10}
+    racer = Racer(torch.nn.Linear(1, 1), images, config, step=skipped, **budget)
     for _ in range(4):
         racer.advance()
     assert racer.progress == pytest.approx(0.4)  # the step budget binds: 4 of 10
