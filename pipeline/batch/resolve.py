@@ -1,5 +1,6 @@
-"""The one model resolver of the batch jobs: a model reference -> the flow, its payload for Ray
-actors and tasks, and the name and version that key the jobs' outputs, tags and titles.
+"""What the batch jobs share: the one model resolver (a model reference -> the flow, its payload
+for Ray actors and tasks, and the name and version that key the jobs' outputs, tags and titles)
+and the MLflow run that records a job (`log_batch_run`).
 
     models:/<name>@<alias>, models:/<name>/<version>   name and version from the registry
     runs:/<run id>/<path>                              "run-<first 12 of the run id>", weights hash
@@ -8,7 +9,11 @@ actors and tasks, and the name and version that key the jobs' outputs, tags and 
 
 from __future__ import annotations
 
+import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from flowmodel import Flow
 from flowmodel.errors import FlowrayError
@@ -70,3 +75,30 @@ def resolve_batch_model(reference: str) -> BatchModel:
     else:
         name, version = LOCAL_NAME, payload.digest()
     return BatchModel(reference, resolved.flow, payload, name, version)
+
+
+def log_batch_run(
+    config: Any,
+    tracking_uri: str,
+    run_name: str,
+    tags: dict[str, str],
+    metrics: dict[str, float],
+    files: dict[str, bytes],
+    artifact_path: str | None = None,
+    exclude: tuple[str, ...] = (),
+) -> str:
+    """A batch job's MLflow run in `config.experiment`: the config as params (less `exclude`; no
+    `user:password@` of any URL), the finite metrics, `files` as artifacts; its id."""
+    import mlflow
+
+    from pipeline.tracking.connection import ensure_experiment, log_config_params
+
+    experiment_id = ensure_experiment(tracking_uri, config.experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        log_config_params(run.info.run_id, config, exclude=exclude)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(v)})
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                Path(tmp, name).write_bytes(data)
+            mlflow.log_artifacts(tmp, artifact_path=artifact_path)
+        return run.info.run_id

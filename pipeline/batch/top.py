@@ -8,10 +8,9 @@ Reads `<output>/model=<name>/version=<v>/*.parquet` (pipeline.batch.scoring.outp
 file by file and batch by batch (`batch_rows` rows of the few columns needed), keeping a running
 top n: memory is O(n + batch_rows), whatever the dataset's size. Higher is worse for both
 scores: bits_per_dim (least likely) and ood_score (pipeline.model.scores: most out-of-distribution).
-A non-finite score (+inf: a density that underflowed; NaN; -inf) ranks above every finite one,
-+inf first, then NaN, then -inf: the flow's density broke down on that image, which makes it
-unusual either way; `non_finite_scores` counts them. Ties are broken by shard, then key, so the
-answer does not depend on file order.
+A non-finite score ranks above every finite one (`pipeline.batch.scoring.report.rank_keys`);
+`non_finite_scores` counts them. Ties are broken by shard, then key, so the answer does not
+depend on file order.
 
 `output_drift` gives the drift verdict (pipeline.model.calibration) of a version's scores, or of
 the files one scoring run wrote (`run_files`: its summary.json lists them; on a growing prefix,
@@ -29,12 +28,15 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from pipeline.batch.scoring.config import ScoreError
+from pipeline.batch.scoring.output import is_scores_file, output_prefix
+from pipeline.batch.scoring.report import SUMMARY_DIR, rank_keys
 from pipeline.model.calibration import Calibration, Drift, DropTally, verdict
 from pipeline.storage import StorageConfig, arrow_filesystem, join_url, list_files, read_bytes
 
@@ -42,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 By = Literal["bits_per_dim", "ood_score"]
 BY: tuple[str, ...] = ("bits_per_dim", "ood_score")
-_SUMMARY_DIR = "_summary"
+_COLUMNS = ("key", "shard", "bits_per_dim", "ood_score", "label")  # what a top row shows
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ def model_prefix(output: str, model: str, storage: StorageConfig | None) -> tupl
     if not name:
         raise ScoreError(f"--model: expected <name>[/<version>], found {model!r}")
     # The listing names local files by absolute path: a relative --output must be one too.
-    base = join_url(output if "://" in output else os.path.abspath(output), f"model={name}")
+    root = output if "://" in output else os.path.abspath(output)
+    base = join_url(root, f"model={name}")
     if not version:
         prefix_text = base.rstrip("/") + "/version="
         found = {
@@ -114,18 +117,7 @@ def model_prefix(output: str, model: str, storage: StorageConfig | None) -> tupl
                 version,
                 sorted(found, key=_version_order),
             )
-    return join_url(base, f"version={version}"), name, version
-
-
-def _rank_keys(score: np.ndarray) -> np.ndarray:
-    """Higher ranks first: a finite score is itself; +inf, NaN and -inf map to inf, the largest
-    float and the one below it, so they sit above all finite values in that order (module
-    docstring; a finite score of 1.8e308 would tie with them, none comes near)."""
-    top = np.finfo(np.float64).max
-    non_finite = np.where(
-        score == np.inf, np.inf, np.where(np.isnan(score), top, np.nextafter(top, 0))
-    )
-    return np.where(np.isfinite(score), score, non_finite)
+    return output_prefix(root, name, version), name, version
 
 
 class _Running:
@@ -137,10 +129,11 @@ class _Running:
         self.best: list[tuple[float, float, str, str, float, float, int]] = []
         self.rows = self.non_finite = 0
 
-    def add(self, score, key, shard, bits, ood, label) -> None:  # numpy columns of one batch
+    def add(self, score: np.ndarray, batch: dict[str, np.ndarray]) -> None:
+        """Take one batch of `_columns`, ranked by `score` (one of its columns)."""
         self.rows += len(score)
         self.non_finite += int((~np.isfinite(score)).sum())
-        ranks = _rank_keys(score)
+        ranks = rank_keys(score)
         index = np.arange(len(score))
         if len(index) > self.n:
             # Everything at or above the batch's n-th highest rank (ties included).
@@ -148,6 +141,7 @@ class _Running:
             index = index[ranks >= threshold]
         if len(self.best) == self.n and len(index):
             index = index[ranks[index] >= self.best[-1][0]]
+        key, shard, bits, ood, label = (batch[name] for name in _COLUMNS)
         for i in index:
             entry = (float(ranks[i]), float(score[i]), str(shard[i]), str(key[i]))
             self.best.append((*entry, float(bits[i]), float(ood[i]), int(label[i])))
@@ -155,8 +149,10 @@ class _Running:
         del self.best[self.n :]
 
 
-def _columns(url: str, storage: StorageConfig | None, wanted: list[str], batch_rows: int):
-    """The `wanted` columns of one scores file, batch by batch, as numpy arrays."""
+def _columns(
+    url: str, storage: StorageConfig | None, wanted: Sequence[str], batch_rows: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The `wanted` columns of one scores file, batch by batch, as numpy arrays by name."""
     import pyarrow.parquet as pq
 
     fs, path = arrow_filesystem(url, storage)
@@ -166,14 +162,7 @@ def _columns(url: str, storage: StorageConfig | None, wanted: list[str], batch_r
         if missing:
             raise ScoreError(f"{url}: not a scores file (no column {', '.join(missing)})")
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
-            yield [batch.column(name).to_numpy(zero_copy_only=False) for name in wanted]
-
-
-def _batches(url: str, storage: StorageConfig | None, by: str, batch_rows: int):
-    wanted = ["key", "shard", "bits_per_dim", "ood_score", "label"]
-    for key, shard, bits, ood, label in _columns(url, storage, wanted, batch_rows):
-        score = bits if by == "bits_per_dim" else ood
-        yield score.astype(np.float64), key, shard, bits, ood, label
+            yield {name: batch.column(name).to_numpy(zero_copy_only=False) for name in wanted}
 
 
 def _summaries(prefix: str, storage: StorageConfig | None) -> list[str]:
@@ -182,17 +171,9 @@ def _summaries(prefix: str, storage: StorageConfig | None) -> list[str]:
 
     return sorted(
         url
-        for url in _listing(join_url(prefix, _SUMMARY_DIR), storage, recursive=True)
+        for url in _listing(join_url(prefix, SUMMARY_DIR), storage, recursive=True)
         if url.endswith("/summary.json")
     )
-
-
-def _input_of(prefix: str, storage: StorageConfig | None) -> str | None:
-    """The `input` the newest summary of this output recorded (None without a summary)."""
-    summaries = _summaries(prefix, storage)
-    if not summaries:
-        return None
-    return json.loads(read_bytes(summaries[-1], storage)).get("input")
 
 
 def _shard_url(shard: str, input_url: str | None) -> str:
@@ -226,11 +207,12 @@ def top_scores(
     files = _scores_files(prefix, storage)
     running = _Running(n)
     for file in files:
-        for columns in _batches(join_url(prefix, file), storage, by, batch_rows):
-            running.add(*columns)
-    needs_input = any(_shard_url(e[2], None) == "" for e in running.best)
-    if needs_input and input_url is None:
-        input_url = _input_of(prefix, storage)
+        for batch in _columns(join_url(prefix, file), storage, _COLUMNS, batch_rows):
+            running.add(batch[by].astype(np.float64), batch)
+    if input_url is None and any(_shard_url(e[2], None) == "" for e in running.best):
+        summaries = _summaries(prefix, storage)  # the input the newest one recorded
+        if summaries:
+            input_url = json.loads(read_bytes(summaries[-1], storage)).get("input")
     rows = tuple(
         TopRow(rank, score, key, shard, _shard_url(shard, input_url), bits, ood, label)
         for rank, (_, score, shard, key, bits, ood, label) in enumerate(running.best, start=1)
@@ -242,9 +224,7 @@ def top_scores(
 
 
 def _scores_files(prefix: str, storage: StorageConfig | None) -> list[str]:
-    files = sorted(
-        f for f in list_files(prefix, storage) if f.endswith(".parquet") and f[0] not in "._"
-    )
+    files = sorted(filter(is_scores_file, list_files(prefix, storage)))
     if not files:
         raise ScoreError(f"no scores files (*.parquet) in {prefix}")
     return files
@@ -285,8 +265,8 @@ def output_drift(
     threshold = calibration.threshold(quantile)
     drop = DropTally(threshold, calibration.bits_mean)
     for name in _scores_files(prefix, storage) if files is None else files:
-        for bits, ood in _columns(join_url(prefix, name), storage, list(BY), batch_rows):
-            drop.add(bits, ood)
+        for batch in _columns(join_url(prefix, name), storage, BY, batch_rows):
+            drop.add(batch["bits_per_dim"], batch["ood_score"])
     if not drop.count:
         raise ScoreError(f"no scored images in {len(files or [])} file(s) of {prefix}")
     return verdict(calibration, drop, quantile)

@@ -29,11 +29,10 @@ from pipeline.model.artifact import FlowPayload
 from pipeline.model.likelihood import CHUNK_DIMS
 from pipeline.model.scores import add_png_complexity, score_images
 
-# Bound on what the pipeline keeps in Ray's object store between the readers and the actors.
-# Unbounded, Ray Data lets the readers run ahead of the actors up to half the object store (itself
-# 30% of RAM by default): reading is ~5x faster than scoring on a CPU, so a 1M-image run would
-# buffer most of its input and peak memory would grow with the input. Eight batches per actor keep
-# every actor fed (it holds two in flight) with room for a read task's next blocks.
+# Bound on the object store the pipeline fills between readers and actors (`buffer_limit`).
+# Unbounded, Ray Data lets the readers (~5x faster than scoring on a CPU) run ahead up to half the
+# object store, so peak memory would grow with the input. Eight batches per actor keep every actor
+# fed (it holds two in flight) with room for a read task's next blocks.
 BUFFERED_BATCHES_PER_ACTOR = 8
 MIN_BUFFER_BYTES = 64 << 20
 
@@ -41,14 +40,11 @@ MIN_BUFFER_BYTES = 64 << 20
 class Scorer:
     """Ray Data callable class: loads the flow once per actor, scores batches of reader rows.
 
-    Input batch (numpy): read_input's rows (key, shard, image uint8 [B, C, H, W], label, nbytes,
-    orig_width, orig_height, shard_rows); and `png`,
-    `png_bits_per_dim` when `add_png_complexity` ran before (else they are computed here). Output:
-    the OUTPUT_COLUMNS of pipeline.batch.scoring.output plus `png`, the max-compression PNG of this
-    batch's `keep_png` least likely images (b"" for the others), so the driver can draw the least
-    likely images without images flowing through the pipeline. `precision` "bf16" runs the
-    conditioners under bfloat16 autocast (faster on GPUs; bits/dim then differ in the 3rd-4th
-    decimal, see docs/gpu.md).
+    Input: read_input's rows (`png` and `png_bits_per_dim` too when `add_png_complexity` ran
+    before). Output: the score rows (module docstring) with `png`, the max-compression PNG of the
+    batch's `keep_png` least likely images (b"" for the others), so the driver can draw them
+    without images flowing through the pipeline. `precision` "bf16" runs the conditioners under
+    bfloat16 autocast (faster on GPUs; bits/dim differ in the 3rd-4th decimal, docs/gpu.md).
     """
 
     def __init__(
@@ -111,11 +107,10 @@ def actor_batch_size(config: ScoreConfig, dims: int) -> int:
 
 
 def local_cpus() -> int:
-    """Logical CPUs of a local Ray started for the batch jobs: one per core plus one. The pool
-    is "CPUs less one for the read tasks" (`pool_size`), and reading (PNG decode, ~0.07 ms per
-    28x28 image) is light next to the flow's forward pass, so every core runs a model actor and
-    the reader shares them. (Read tasks holding no CPU instead would exceed Ray's soft limit of
-    one worker process per CPU, and Ray then starts a fresh worker for each read task.)"""
+    """Logical CPUs of a local Ray started for the batch jobs: one per core plus one. The pool is
+    "CPUs less one for the read tasks" (`pool_size`), and reading is light next to the forward
+    pass, so every core runs a model actor and the reader shares them. (Read tasks holding no CPU
+    would exceed Ray's soft limit of one worker per CPU: Ray would start one per read task.)"""
     return (os.cpu_count() or 2) + 1
 
 

@@ -4,80 +4,29 @@
                          output="s3://scores/fmnist-test")
     result = score(config)          # Ray must be initialised (or Ray Data starts a local one)
 
-The input is anything `pipeline.data.inputs.resolve_input` accepts: a prepared split, or the
-user's own WebDataset shards (a brace pattern, a prefix of *.tar, a list file; local or s3://),
-decoded and fitted to the model's shape in the read tasks.
-
-Per image (one row): key (the tar's `__key__`), shard (the shard's URL; a prepared split's shard
-name), label (-1 when none), log_likelihood (nats, of the discrete image: the dequantization
-bound, K draws averaged in probability space), bits_per_dim, png_bits_per_dim, ood_score, and
-orig_width / orig_height (the image's size before fitting; -1 for prepared splits).
-
-OOD score: pipeline.model.scores (the complexity-corrected bits/dim of Serra et al. 2020 plus the
-flow's coarsest level, docs/ood.md). Its complexity term L(x) is the decoded image re-encoded as
-PNG at maximum compression, not the stored PNG's length, so the score is a property of the image
-and the model only, whatever encoder wrote the shards.
-
-Output layout:
-
-    <output>/model=<name>/version=<v>/_scoring.json          input, seed, draws, weights, noise
-                                                              scheme: what the files mean (created
-                                                              once, compared after)
-    <output>/model=<name>/version=<v>/shard-000000.parquet    the rows of shard-000000.tar
-                                                              (prepared; `shard-000000@<s12>`
-                                                              once re-prepared, below)
-    <output>/model=<name>/version=<v>/<stem>@<v12>.parquet    the rows of foreign shard <stem>.tar
-                                                              at version <v12> (below)
-    <output>/model=<name>/version=<v>/_summary/<UTC time>/    summary.json, histogram, least likely
-
-Growing inputs (foreign shards): the input is listed once per run (its time is logged and kept in
-the result), each shard with its size and version (ETag on S3; on local disk mtime in ns, ctime,
-size and inode: `pipeline.data.inputs.version_of`). A shard's file is
-`<ShardRef.stem>@<first 12 hex of sha256(version)>.parquet`, with the shard's URL, version and
-size in its Parquet metadata (flowray.shard_url / shard_version / shard_size). A run scores the
-shards with no file for their current version: new shards, and shards rewritten in place, whose
-file of the old version is deleted once the new one is in place. So the nightly job over a
-growing prefix reads only what arrived (or changed) since the last night. A prepared shard's
-file is `<stem>.parquet` while its manifest sha256 is the one `_scoring.json` recorded at the
-first run, else `<stem>@<first 12 hex of its sha256>.parquet`, so re-preparing a split at the
-same path scores again the shards whose content changed (`output.shard_file`). A shard renamed
-in the input is scored under its new name, and its old file retired before the new one is
-written (keys appear once); files of shards deleted from the input stay
-(`pipeline.batch.scoring.output`). The root that names a foreign input's shards is the one
-`_scoring.json` recorded, while it holds every shard, so the files of a prefix keep their names
-and its settings their input.
-
-`name`/`v` come from pipeline.batch.resolve: the registry name and version; "run-<run id>" for a
-runs:/ model and "local" for a local model directory, with the first 12 hex digits of the sha256
-of the weights as the version.
+docs/scoring.md is the user's side: inputs (`pipeline.data.inputs.resolve_input`: a prepared
+split, or WebDataset shards decoded and fitted to the model's shape in the read tasks), the
+columns, flags and drift, the nightly run over a growing prefix, exit codes. The files go under
+`<output>/model=<name>/version=<v>/` (`name`, `v`: pipeline.batch.resolve), named by shard and
+version (`output.shard_file`).
 
 A run goes through four phases, one module each:
 
     plan       check access, and that the output store refuses a second create of one object
                (write-once; else exit 2 unless single_writer); list the input once, model and image
                shape; sweep this host's dead temps; list the shards without a file for their
-               version
+               version (new, rewritten in place, re-prepared)
     pipeline   pipeline.batch.scoring.actors: read_input -> map_batches(Scorer) on an actor pool
     collect    pipeline.batch.scoring.output: rows grouped by shard, each shard's file written
                once, when complete, so every key appears exactly once across crashes, retried
                tasks, reruns and concurrent jobs (a rerun scores only the shards without a file)
     report     pipeline.batch.scoring.report: summary files beside the outputs, MLflow summary run
 
-Flags and drift: a version registered with a calibration (pipeline.model.calibration, stored by
-pipeline.tracking.registry) gets a `flagged` column (ood_score above the `flag_quantile` of its
-validation ood_score), and each run a verdict on the images it scored (`drift: none | suspected |
-detected`, in the result, summary.json and the MLflow run); without one, `flagged` is null and
-the verdict "unknown".
-
-Under on_error="skip", bad images (a member read whole that does not decode or breaks the image
-limits) are logged with shard and key by the reader, left out of their shard's file and recorded
-in its Parquet metadata; a shard that cannot be read whole (missing, truncated, another size or
-sha256 than its manifest's, more or fewer samples, storage failing past the retries) gets no file
-and is listed, with its reason, in the result, the summary and the MLflow run: every other shard
-is scored, and a rerun tries the listed ones again. `ScoreResult.status` tells "complete" from
-"partial" (shards left out) and "failed" (nothing of the split could be scored), which
-`flowray score` turns into its exit code (0, 3, 1). Under on_error="fail" the job stops before
-any work when the manifest disagrees with the shards present, and at the first problem.
+Under on_error="skip", bad images are left out of their shard's file (named in its Parquet
+metadata); a shard that cannot be read whole gets no file and is listed with its reason in the
+result, the summary and the MLflow run, and a rerun tries it again: `ScoreResult.status` is
+"complete", "partial" or "failed" (nothing could be scored). Under on_error="fail" the job stops
+before any work when the manifest disagrees with the shards present, and at the first problem.
 """
 
 from __future__ import annotations
@@ -94,7 +43,6 @@ from pipeline.batch.resolve import BatchModel, resolve_batch_model
 from pipeline.batch.scoring.actors import build_pipeline
 from pipeline.batch.scoring.config import ScoreConfig, ScoreError, ScoreResult
 from pipeline.batch.scoring.output import (
-    LEGACY_SETTINGS,
     PREPARED_SHARDS_KEY,
     SETTINGS_FILE,
     SHARD_SIZE_KEY,
@@ -103,6 +51,7 @@ from pipeline.batch.scoring.output import (
     ShardCollector,
     ShardTarget,
     check_settings,
+    file_stem,
     orphan_files,
     output_prefix,
     remove_files,
@@ -125,16 +74,13 @@ from pipeline.storage import (
 
 logger = logging.getLogger(__name__)
 
-# Payloads saved before the noise scheme was recorded draw their noise with this one.
-LEGACY_NOISE_SCHEME = LEGACY_SETTINGS["noise_scheme"]
-
 
 def _versions_present(names: list[str]) -> dict[str, set[str]]:
     """{stem: {file names}} of the versioned shard files among `names`."""
     present: dict[str, set[str]] = {}
     for name in names:
         if name.endswith(".parquet") and "@" in name:
-            present.setdefault(name[: -len(".parquet")].rsplit("@", 1)[0], set()).add(name)
+            present.setdefault(file_stem(name), set()).add(name)
     return present
 
 
@@ -190,14 +136,12 @@ def score(
         CorruptDataError: an unreadable image under on_error="fail".
     """
     plan = _plan(config)
+    if plan.targets or plan.present:
+        check_settings(plan.prefix, plan.settings, config.storage)
     if not plan.targets:
-        if plan.present:
-            check_settings(plan.prefix, plan.settings, config.storage)
-        nothing = _Collected((), (), ScoreStats(keep=0), 0, (), 0, 0.0)
-        result = _result(plan, nothing)
+        result = _result(plan, _Collected((), (), ScoreStats(keep=0), 0, (), 0, 0.0))
         logger.info(result.line())
         return result
-    check_settings(plan.prefix, plan.settings, config.storage)
     logger.info(
         "scoring %d of %d shards of %s with %s -> %s",
         len(plan.targets),
@@ -232,7 +176,12 @@ def _plan(config: ScoreConfig) -> _Plan:
     storage = config.storage
     check_access(config.input, storage)
     check_access(config.output, storage)
-    _check_write_once(config)
+    try:  # exactly-once rests on write_once: prove the output store refuses a second create
+        check_write_once(config.output, storage)
+    except WriteOnceUnsupported as err:
+        if not config.single_writer:
+            raise
+        logger.warning("%s; going on as --single-writer asks", err)
     source = resolve_input(config.input, storage)
     logger.info("input %s", redact_url(source.describe()))
     if source.missing:
@@ -280,7 +229,7 @@ def _plan(config: ScoreConfig) -> _Plan:
         # A re-created model can reuse a version number: the weights say what was scored.
         "weights_sha256": hashlib.sha256(model.payload.weights).hexdigest(),
         # The dequantization noise function: another one gives other numbers.
-        "noise_scheme": getattr(model.payload, "noise_scheme", LEGACY_NOISE_SCHEME),
+        "noise_scheme": model.payload.noise_scheme,
     }
     recorded = (
         json.loads(read_bytes(join_url(prefix, SETTINGS_FILE), storage))
@@ -319,18 +268,6 @@ def _plan(config: ScoreConfig) -> _Plan:
         plan.already_done,
     )
     return plan
-
-
-def _check_write_once(config: ScoreConfig) -> None:
-    """Exactly-once output rests on `write_once`: prove the output store refuses a second create
-    (WriteOnceUnsupported, exit 2, where it does not), unless the user vouches for a single
-    writer, who is then warned."""
-    try:
-        check_write_once(config.output, config.storage)
-    except WriteOnceUnsupported as err:
-        if not config.single_writer:
-            raise
-        logger.warning("%s; going on as --single-writer asks", err)
 
 
 def _recorded_root(source: InputPlan, settings: dict[str, Any] | None) -> InputPlan:

@@ -1,53 +1,32 @@
 """Scoring's output: one Parquet file per shard, written once the shard is complete, so every key
 lands exactly once across crashes, retries, reruns and concurrent jobs.
 
-    <output>/model=<name>/version=<v>/_scoring.json          what the files mean (see below)
+    <output>/model=<name>/version=<v>/_scoring.json          what the files mean (`check_settings`)
     <output>/model=<name>/version=<v>/<stem>@<v12>.parquet    the rows of one shard at one
-                                                              version (`shard_file`; see
-                                                              pipeline.batch.scoring.job)
+                                                              version (`shard_file`)
 
 Beside the scores, `flagged`: ood_score above the model version's flag threshold (its
 calibration's quantile, pipeline.model.calibration; the file's `flowray.flag_threshold` metadata
 says which), null when the version has no calibration.
 
-`ShardCollector` receives the score rows as the pipeline streams them and groups them by shard (the
-first copy of each key wins, in case a task is retried). The reader hands on a shard's last row
-only after the whole shard was read (prepared: size, sha256, sample count checked; foreign: the
-tar read to its end; see `pipeline.data.reader`), and marks it with the rows the shard
-handed on (`shard_rows`), so a shard is written as soon as that many rows are in, for foreign
-shards whose count nothing knows in advance too; the bad images it lacks come from the reader's
-outcome (`SkipTally.outcome`). When
-the stream ends, each shard left is judged by its reader's `ShardOutcome`: it is written only if
-the outcome is complete and exactly the rows the reader handed on have arrived (its other images
-were bad images, skipped; a shard with no image at all gets an empty file, so it is not read
-again); otherwise it gets no file and is reported as left out, with why. Rows
-that arrive for a shard already written are duplicates from a retried read task: they are dropped
-and counted, never written.
+`ShardCollector` groups the streamed score rows by shard (the first copy of each key wins: a task
+may be retried). The reader marks a shard's last row, once it read the shard whole, with the rows
+it handed on (`shard_rows`; `pipeline.data.reader`), so a shard is written as soon as those rows
+are in. When the stream ends, a shard left is written only if its reader's `ShardOutcome` is
+complete and exactly those rows arrived (its other images were bad, skipped; a shard with no image
+gets an empty file, so it is not read again); otherwise it gets no file and is reported as left
+out, with why. Rows for a shard already written are duplicates of a retried task: dropped.
 
 Each file is created only if absent (`write_once`: a hard link locally, a conditional PUT on S3), so
-a file present is final: neither a late retry nor a concurrent job on the same prefix rewrites it,
-and a rerun scores only the shards without one. Its Parquet metadata records the images skipped in
-it (`flowray.skipped_count`, `flowray.skipped_keys`); a foreign shard's file also records which
-shard and version it scored (`flowray.shard_url`, `flowray.shard_version`, `flowray.shard_size`).
-A file of an older version of a shard (`ShardTarget.stale`) is deleted once the new one is in
-place. A file of a shard the input no longer lists (`ShardCollector`'s `orphans`: renamed,
-or deleted by a retention policy) is kept, and retired just before a file holding one of its
-keys is written: a renamed shard's keys then appear once, under its new name, and the scores of
-a shard deleted from the input stay. (Retired first, written second: a run killed in between
-leaves the keys out, and the next run, finding no file for the new shard, writes them; never
-twice.) Deleting the files of every shard no longer listed would be simpler, but would throw
-away the scores of shards a retention policy removed from a growing prefix. The cost: a run that
-writes files reads the keys of each orphan file once (one small GET each). Memory stays
-bounded: the driver holds the small score rows of the shards being read, never images or the
-whole dataset.
-
-`_scoring.json` holds the input (a prepared split and its source, or the foreign shards' root),
-the dequantization seed, draws and noise scheme, and the sha256 of the model's weights:
-everything that decides the numbers in the files; and, for a prepared split, the sha256 of each
-shard it was first scored from (PREPARED_SHARDS_KEY, a record that names files, never compared).
-It is created only if absent; a run whose settings differ from the recorded ones is refused with
-both named (so two jobs with other seeds, or a re-created model reusing a version number, never
-mix files under one prefix).
+a file present is final, and a rerun scores only the shards without one. Its Parquet metadata
+records the images skipped in it and, for a foreign shard, which shard and version it scored. A
+file of an older version of a shard (`ShardTarget.stale`) is deleted once the new one is in place.
+A file of a shard the input no longer lists (renamed, or deleted by a retention policy) is kept,
+and retired just before a file holding one of its keys is written: a renamed shard's keys then
+appear once, under its new name (retired first, written second: a run killed in between leaves
+the keys out, and the next run writes them; never twice), and the scores of a shard deleted from
+the input stay. The cost: a run that writes files reads the keys of each orphan file once. The
+driver holds only the small score rows of the shards being read.
 """
 
 from __future__ import annotations
@@ -70,18 +49,20 @@ from pipeline.storage import StorageConfig, join_url, read_bytes, write_once
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_COLUMNS = (
-    "key",
-    "shard",
-    "label",
-    "log_likelihood",
-    "bits_per_dim",
-    "png_bits_per_dim",
-    "ood_score",
-    "flagged",
-    "orig_width",
-    "orig_height",
-)
+# The Parquet columns and their Arrow types (pyarrow.type_for_alias names).
+OUTPUT_TYPES = {
+    "key": "string",
+    "shard": "string",
+    "label": "int64",
+    "log_likelihood": "float64",
+    "bits_per_dim": "float64",
+    "png_bits_per_dim": "float64",
+    "ood_score": "float64",
+    "flagged": "bool",
+    "orig_width": "int64",
+    "orig_height": "int64",
+}
+OUTPUT_COLUMNS = tuple(OUTPUT_TYPES)
 SETTINGS_FILE = "_scoring.json"
 # Parquet file metadata (schema metadata) of every shard file: the bad images left out of it.
 SKIPPED_COUNT_KEY = "flowray.skipped_count"
@@ -137,14 +118,15 @@ def file_stem(name: str) -> str:
     return name.removesuffix(".parquet").rsplit("@", 1)[0]
 
 
+def is_scores_file(name: str) -> bool:
+    """A shard's file, by its name under the prefix (not `_scoring.json`, a temp or a folder)."""
+    return name.endswith(".parquet") and name[0] not in "._"
+
+
 def orphan_files(names: Sequence[str], stems: set[str]) -> tuple[str, ...]:
     """The shard files among `names` (a prefix's listing) of shards whose stem is not in
     `stems` (the input's): shards renamed, or no longer listed."""
-    return tuple(
-        n
-        for n in sorted(names)
-        if n.endswith(".parquet") and n[0] not in "._" and file_stem(n) not in stems
-    )
+    return tuple(n for n in sorted(names) if is_scores_file(n) and file_stem(n) not in stems)
 
 
 def _shown(value: Any) -> str:
@@ -152,10 +134,13 @@ def _shown(value: Any) -> str:
 
 
 def check_settings(prefix: str, settings: dict[str, Any], storage: StorageConfig) -> None:
-    """Record what the files under `prefix` mean, or refuse to mix results of other settings.
+    """Record what the files under `prefix` mean (`_scoring.json`: the input, seed, draws, noise
+    scheme and weights' sha256, everything that decides the numbers), or refuse a run whose
+    settings differ, naming both (so two jobs with other seeds, or a re-created model reusing a
+    version number, never mix files under one prefix).
 
-    The settings file is created only if absent, so of two jobs started together one records its
-    settings and the other compares with them (no check-then-write window).
+    The file is created only if absent, so of two jobs started together one records its settings
+    and the other compares with them (no check-then-write window).
     """
     url = join_url(prefix, SETTINGS_FILE)
     if write_once(url, json.dumps(settings, indent=1, sort_keys=True).encode(), storage):
@@ -184,29 +169,16 @@ def check_settings(prefix: str, settings: dict[str, Any], storage: StorageConfig
     )
 
 
-def _table(
-    frame: pd.DataFrame,
-    target: ShardTarget,
-    skipped_keys: Sequence[str],
-    threshold: float | None = None,
-) -> Any:
-    """The shard's rows as an Arrow table with fixed column types, the flags at `threshold`
-    (null without one) and the skip metadata."""
+def _parquet(
+    frame: pd.DataFrame, target: ShardTarget, skipped_keys: Sequence[str], threshold: float | None
+) -> bytes:
+    """The shard's rows as Parquet bytes with fixed column types, sorted by key, the flags at
+    `threshold` (null without one) and the skip metadata."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     schema = pa.schema(
-        [
-            ("key", pa.string()),
-            ("shard", pa.string()),
-            ("label", pa.int64()),
-            ("log_likelihood", pa.float64()),
-            ("bits_per_dim", pa.float64()),
-            ("png_bits_per_dim", pa.float64()),
-            ("ood_score", pa.float64()),
-            ("flagged", pa.bool_()),
-            ("orig_width", pa.int64()),
-            ("orig_height", pa.int64()),
-        ],
+        [(name, pa.type_for_alias(kind)) for name, kind in OUTPUT_TYPES.items()],
         metadata={
             **target.metadata,
             SKIPPED_COUNT_KEY: str(len(skipped_keys)),
@@ -224,25 +196,10 @@ def _table(
     for name in ("orig_width", "orig_height"):  # rows of readers that do not know them
         if name not in frame:
             frame[name] = -1
-    return pa.Table.from_pandas(frame[list(OUTPUT_COLUMNS)], schema=schema, preserve_index=False)
-
-
-def _write_shard(
-    prefix: str,
-    target: ShardTarget,
-    frame: pd.DataFrame,
-    skipped_keys: Sequence[str],
-    storage: StorageConfig,
-    threshold: float | None = None,
-) -> bool:
-    """Write one shard's rows as Parquet, once (see the module docstring); False when a file was
-    there already (another job on this prefix wrote it first)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    table = pa.Table.from_pandas(frame[list(OUTPUT_COLUMNS)], schema=schema, preserve_index=False)
     sink = pa.BufferOutputStream()
-    pq.write_table(_table(frame, target, skipped_keys, threshold), sink)
-    return write_once(join_url(prefix, target.file), sink.getvalue().to_pybytes(), storage)
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def remove_files(prefix: str, names: Sequence[str], storage: StorageConfig) -> None:
@@ -273,21 +230,13 @@ def _left_out_reason(outcome: ShardOutcome | None, received: int) -> str:
 
 @dataclass(frozen=True)
 class ShardTarget:
-    """Where one input shard's rows go and what its file says about it.
+    """Where one input shard's rows go and what its file says about it."""
 
-    Attributes:
-        file: the Parquet file's name under the prefix.
-        label: the `shard` column's value (the shard's URL; a prepared split's shard name).
-        expected: images the manifest lists (prepared splits), None when unknown (foreign).
-        metadata: extra Parquet metadata (a foreign shard's URL, version and size).
-        stale: files of older versions of this shard, deleted once `file` is in place.
-    """
-
-    file: str
-    label: str
-    expected: int | None = None
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    stale: tuple[str, ...] = ()
+    file: str  # the Parquet file's name under the prefix
+    label: str  # the `shard` column's value (the shard's URL; a prepared split's shard name)
+    expected: int | None = None  # images the manifest lists; None when unknown (foreign)
+    metadata: Mapping[str, str] = field(default_factory=dict)  # a foreign shard's URL, version
+    stale: tuple[str, ...] = ()  # files of older versions of this shard, deleted once in place
 
 
 @dataclass
@@ -308,20 +257,18 @@ class ShardCollector:
             image count (file `parquet_name(shard)`, labelled `shard`).
         storage: where `prefix` lives.
         on_written: called with a shard's label after its file is in place.
-        on_rows: called with a shard's rows (as received, `png` included) when its file is
-            written: statistics cover exactly the rows written, never those of a shard left out.
+        on_rows: called with a shard's rows (`png` included) when its file is written:
+            statistics cover exactly the rows written, never those of a shard left out.
         outcome_of: the reader's outcome of one shard (`SkipTally.outcome`), asked when a shard's
             end marker says it is complete, for the bad images its file records.
-        orphans: files under `prefix` of shards the input no longer lists (`orphan_files`);
-            each is deleted just before a file holding one of its keys is written (module
-            docstring). Their keys are read once, when the first shard is written.
+        orphans: files under `prefix` of shards the input no longer lists (`orphan_files`),
+            retired as the module docstring says; their keys are read when a first shard is
+            written.
         threshold: the flag threshold of the `flagged` column (None: null flags).
 
-    A shard is complete when its rows `shard_rows` (the reader's end marker, carried on its last
-    row) have all arrived, or, without markers, its manifest count. Only the rows of shards in
-    flight are held. After `close`: `written` (labels of shards whose file is in place, in
-    order), `left_out` ({label: reason}), `late_rows` (duplicate rows dropped for shards
-    already written) and `retired` (orphan files deleted).
+    A shard without end markers is complete at its manifest count. After `close`: `written`
+    (labels of shards whose file is in place, in order), `left_out` ({label: reason}),
+    `late_rows` (duplicate rows dropped) and `retired` (orphan files deleted).
     """
 
     def __init__(
@@ -432,7 +379,8 @@ class ShardCollector:
             else pd.DataFrame({name: [] for name in (*OUTPUT_COLUMNS, "png")})
         )
         self._retire_orphans(set(frame["key"]))
-        if not _write_shard(self.prefix, target, frame, skipped_keys, self.storage, self.threshold):
+        data = _parquet(frame, target, skipped_keys, self.threshold)
+        if not write_once(join_url(self.prefix, target.file), data, self.storage):
             logger.info("shard %s: its file was already written (another job): kept", target.label)
         if target.stale:
             remove_files(self.prefix, target.stale, self.storage)

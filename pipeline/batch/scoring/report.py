@@ -26,16 +26,15 @@ import heapq
 import json
 import logging
 import math
-import os
-import tempfile
 from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
 
+from pipeline.batch.resolve import log_batch_run
 from pipeline.batch.scoring.config import ScoreConfig, ScoreResult
 from pipeline.data.tally import SkipTally
-from pipeline.model.calibration import Calibration, Drift, DropTally, verdict
+from pipeline.model.calibration import Calibration, DropTally, verdict
 from pipeline.storage import join_url, redact_url, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -57,15 +56,16 @@ def json_number(value: float) -> float | str:
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
-def _rank(value: float) -> float:
-    """Higher is less likely; a non-finite bits/dim (+inf, -inf, NaN) ranks above every finite
-    one: the density computation broke down on that image, which is unusual either way."""
-    return value if math.isfinite(value) else math.inf
-
-
-def _nonfinite_order(value: float) -> int:
-    """Among non-finite values: +inf first, then NaN, then -inf."""
-    return 0 if value == math.inf else (1 if math.isnan(value) else 2)
+def rank_keys(scores: np.ndarray) -> np.ndarray:
+    """Higher ranks first (less likely): a finite score is itself; +inf, NaN and -inf map to inf,
+    the largest float and the one below it, above every finite score in that order (the density
+    computation broke down on that image, which is unusual either way; a finite score of 1.8e308
+    would tie with them, none comes near)."""
+    top = np.finfo(np.float64).max
+    non_finite = np.where(
+        scores == np.inf, np.inf, np.where(np.isnan(scores), top, np.nextafter(top, 0))
+    )
+    return np.where(np.isfinite(scores), scores, non_finite)
 
 
 class ScoreStats:
@@ -81,8 +81,8 @@ class ScoreStats:
         self.fine = np.zeros(int(_FINE_MAX / _FINE_BIN) + 1, dtype=np.int64)
         self.low, self.high = math.inf, -math.inf  # over the finite values
         self.keep = keep
-        # min-heap on (rank, order among non-finite, ...): the least likely stay.
-        self._heap: list[tuple[float, int, float, str, bytes]] = []
+        # min-heap on (rank, bits/dim, key, PNG): the least likely stay.
+        self._heap: list[tuple[float, float, str, bytes]] = []
 
     @property
     def finite(self) -> int:
@@ -104,20 +104,20 @@ class ScoreStats:
             # Clipped as floats: a cast first would turn values past int64 into INT64_MIN.
             fine = np.clip(values / _FINE_BIN, 0, len(self.fine) - 1).astype(np.int64)
             np.add.at(self.fine, fine, 1)
-        for value, key, png in zip(bits, rows["key"].to_numpy(), rows["png"].to_numpy()):
+        columns = zip(rank_keys(bits), bits, rows["key"].to_numpy(), rows["png"].to_numpy())
+        for rank, value, key, png in columns:
             if not png:
                 continue
-            value = float(value)
-            item = (_rank(value), -_nonfinite_order(value), value, str(key), bytes(png))
+            item = (float(rank), float(value), str(key), bytes(png))
             if len(self._heap) < self.keep:
                 heapq.heappush(self._heap, item)
-            elif item[:2] > self._heap[0][:2]:
+            elif item[0] > self._heap[0][0]:
                 heapq.heapreplace(self._heap, item)
 
     def least_likely(self) -> list[tuple[float, str, bytes]]:
         """(bits/dim, key, PNG) of the least likely images kept, least likely first."""
-        ordered = sorted(self._heap, key=lambda item: (-item[0], -item[1], item[3]))
-        return [(value, key, png) for _, _, value, key, png in ordered]
+        ordered = sorted(self._heap, key=lambda item: (-item[0], item[2]))
+        return [(value, key, png) for _, value, key, png in ordered]
 
     @property
     def mean(self) -> float:
@@ -159,15 +159,21 @@ def report(
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     summary_url = join_url(result.output, SUMMARY_DIR, stamp)
     metrics = _metrics(result, stats)
-    pictures = {}
+    files = _pictures(result, stats, shape)
     if calibration is not None and drop is not None and drop.count:
+        from pipeline.plots import score_histograms
+
         drift = verdict(calibration, drop, config.flag_quantile)
         metrics |= drift.metrics()
         result = dataclasses.replace(result, drift_level=drift.level, drift=drift.line())
-        pictures["ood_score_histogram.png"] = _drift_histogram(result, drift, calibration, drop)
+        files["ood_score_histogram.png"] = score_histograms(
+            {"validation": calibration.ood_score, "this run": drop.sample},
+            f"ood_score under {result.model_name} v{result.model_version}: {drift.level}",
+            "ood_score (pipeline.model.scores; higher = more unusual)",
+            {f"flag threshold (q={1 - drift.expected_share:g})": drift.threshold},
+        )
     elif not result.images_scored:
         result = dataclasses.replace(result, drift="drift: unknown (no images scored in this run)")
-    level, line = result.drift_level, result.drift
     if stats.non_finite:
         logger.warning(
             "%d of %d images have a non-finite bits/dim (kept as such in the files, ranked least "
@@ -176,7 +182,6 @@ def report(
             stats.count,
             stats.finite,
         )
-    files = _pictures(result, stats, shape) | pictures
     summary = {
         "model": redact_url(config.model),
         "model_name": result.model_name,
@@ -189,7 +194,7 @@ def report(
         "least_likely": [
             {"key": key, "bits_per_dim": json_number(bits)} for bits, key, _ in stats.least_likely()
         ],
-        "drift": {"level": level, "line": line},
+        "drift": {"level": result.drift_level, "line": result.drift},
         "files": list(result.files_written),
         "left_out": [{"shard": s, "reason": r} for s, r in result.shards_left_out],
         "skipped": [dataclasses.asdict(s) for s in tally.records()[:100]] if tally else [],
@@ -199,8 +204,11 @@ def report(
     for name, data in files.items():
         write_bytes_atomic(join_url(summary_url, name), data, config.storage)
     run_id = None
-    if config.log_to_mlflow:
-        run_id = _log_run(config, result, metrics, files, tracking_uri, stamp)
+    if config.log_to_mlflow:  # the config as params, the metrics, the summary files
+        run_name = f"score {result.model_name} v{result.model_version} {stamp}"
+        run_id = log_batch_run(
+            config, tracking_uri, run_name, _tags(result), metrics, files, "summary"
+        )
     return dataclasses.replace(result, summary_url=summary_url, mlflow_run_id=run_id)
 
 
@@ -213,19 +221,6 @@ def drift_unknown(name: str, version: str, registered: bool, problem: str = "") 
     return (
         f"drift: unknown ({what}: run flowray models calibrate {name} {version} --data <its "
         "validation split>)"
-    )
-
-
-def _drift_histogram(
-    result: ScoreResult, drift: Drift, calibration: Calibration, drop: DropTally
-) -> bytes:
-    from pipeline.plots import score_histograms
-
-    return score_histograms(
-        {"validation": calibration.ood_score, "this run": drop.sample},
-        f"ood_score under {result.model_name} v{result.model_version}: {drift.level}",
-        "ood_score (pipeline.model.scores; higher = more unusual)",
-        {f"flag threshold (q={1 - drift.expected_share:g})": drift.threshold},
     )
 
 
@@ -279,20 +274,8 @@ def _pictures(
     return files
 
 
-def _log_run(
-    config: ScoreConfig,
-    result: ScoreResult,
-    metrics: dict[str, float],
-    files: dict[str, bytes],
-    tracking_uri: str,
-    stamp: str,
-) -> str:
-    """The MLflow summary run: the config as params, the metrics, the summary files; its id."""
-    import mlflow
-
-    from pipeline.tracking.connection import ensure_experiment, log_config_params
-
-    experiment_id = ensure_experiment(tracking_uri, config.experiment)
+def _tags(result: ScoreResult) -> dict[str, str]:
+    """The MLflow summary run's tags."""
     tags = {
         "flowray.job": "score",
         "flowray.status": result.status,
@@ -303,30 +286,4 @@ def _log_run(
     if result.shards_left_out:
         listed = "\n".join(f"{shard}: {reason}" for shard, reason in result.shards_left_out)
         tags[LEFT_OUT_TAG] = listed if len(listed) <= _MAX_TAG else listed[: _MAX_TAG - 3] + "..."
-    run_name = f"score {result.model_name} v{result.model_version} {stamp}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-        log_config_params(run.info.run_id, _redacted(config))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(v)})
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in files.items():
-                with open(os.path.join(tmp, name), "wb") as file:
-                    file.write(data)
-            mlflow.log_artifacts(tmp, artifact_path="summary")
-        return run.info.run_id
-
-
-def _redacted(config: ScoreConfig) -> ScoreConfig:
-    """The config as it may be saved: no `user:password@` in any URL."""
-    return dataclasses.replace(
-        config,
-        model=redact_url(config.model),
-        input=redact_url(config.input),
-        output=redact_url(config.output),
-        tracking_uri=redact_url(config.tracking_uri) if config.tracking_uri else None,
-        storage=dataclasses.replace(
-            config.storage,
-            endpoint_url=redact_url(config.storage.endpoint_url)
-            if config.storage.endpoint_url
-            else None,
-        ),
-    )
+    return tags
