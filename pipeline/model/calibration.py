@@ -1,9 +1,8 @@
-"""What "normal" is for one model version, and whether a drop of images still is.
+"""What "normal" is for one model version, and whether a drop of images still is (the user's
+side: docs/scoring.md, "Flags and drift").
 
 Calibration: the per-image `bits_per_dim` and `ood_score` (pipeline.model.scores) of the
 validation split, scored once when the version is registered (or by `flowray models calibrate`).
-Kept: the sorted finite values (at most MAX_VALUES; past that an evenly spaced quantile grid of
-them), their count, mean and standard deviation.
 
 Flags: an image is flagged when its ood_score is above t_q, the q-quantile of the validation
 ood_score (q = 0.95 by default: 5% of validation images are flagged), or is not a number.
@@ -17,23 +16,17 @@ The verdict on a drop of n images against m validation images (`verdict`):
                  effect D = sup |F_drop - F_validation|
     typicality   z = (mean_drop - mean_val) / sqrt(s_val^2 / m + s_drop^2 / n) of the finite
                  bits/dim, two-sided normal p (Nalisnick et al. 2019, "Detecting
-                 out-of-distribution inputs to deep generative models using typicality": a batch
-                 whose mean log-likelihood is far from the training set's, in either direction,
-                 is not from it); effect d = |mean_drop - mean_val| / s_val
+                 out-of-distribution inputs to deep generative models using typicality");
+                 effect d = |mean_drop - mean_val| / s_val
 
     detected     some test has p < 1e-6 and a large effect: r >= 2, D >= 0.2 or d >= 0.5
     suspected    else some test has p < 1e-3 and a small effect: r >= 1.5, D >= 0.1 or d >= 0.2
     none         else
 
-A calibration records the ood_score formula it was made with (`ood_score_definition`); one of
-another formula judges nothing (`Calibration.problem`).
-
-Significance alone would call a million-image drop drifted for a shift nobody cares about (and a
-threshold estimated on m images is itself uncertain by about sqrt(q (1 - q) / m)); effect size
-alone would call a 20-image drop drifted by chance. Requiring both keeps a drop of the model's
-own data at `none` and calls a drop of foreign images `detected`. The KS test uses a uniform
-sample of at most DropTally.keep drop scores (random priorities, the lowest kept); counts and
-means are over every image.
+Significance alone would call a million-image drop drifted for a shift nobody cares about; effect
+size alone would call a 20-image drop drifted by chance. The KS test uses a uniform sample of at
+most DropTally.keep drop scores; counts and means are over every image. A calibration records the
+ood_score formula it was made with; one of another formula judges nothing (`Calibration.problem`).
 """
 
 from __future__ import annotations
@@ -82,12 +75,10 @@ class Calibration:
         another ood_score formula than the one pipeline.model.scores computes now."""
         from pipeline.model.scores import OOD_SCORE
 
-        made, now = self.source.get("ood_score", ""), OOD_SCORE
-        if made == now:
+        made = self.source.get("ood_score", "")
+        if made == OOD_SCORE:
             return ""
-        return (
-            f"was made with ood_score {made or '(unnamed)'}, scoring computes {now or '(unnamed)'}"
-        )
+        return f"was made with ood_score {made or '(unnamed)'}, scoring computes {OOD_SCORE}"
 
     def threshold(self, quantile: float | None = None) -> float:
         """t_q: the `quantile` (default `self.quantile`) of the validation ood_score."""
@@ -177,18 +168,17 @@ def calibrate_flow(
     pipeline.data.reader.iter_input yields them) with `score_images` and calibrate on them."""
     from pipeline.model.scores import OOD_SCORE, score_images
 
-    bits: list[np.ndarray] = []
-    ood: list[np.ndarray] = []
+    scored: list[dict[str, np.ndarray]] = []
     rows = itertools.islice(rows, limit)
     while batch := list(itertools.islice(rows, batch_size)):
         images = np.stack([row["image"] for row in batch])  # (B, C, H, W) uint8
-        scores = score_images(flow, images, [str(row["key"]) for row in batch], seed, draws)
-        bits.append(scores["bits_per_dim"])
-        ood.append(scores["ood_score"])
-    if not bits:
+        scored.append(score_images(flow, images, [str(row["key"]) for row in batch], seed, draws))
+    if not scored:
         raise ValueError("calibration: expected images to score, found none")
+    bits = np.concatenate([scores["bits_per_dim"] for scores in scored])
+    ood = np.concatenate([scores["ood_score"] for scores in scored])
     made = {"seed": seed, "draws": draws, "ood_score": OOD_SCORE, **(source or {})}
-    return calibrate(np.concatenate(bits), np.concatenate(ood), source=made)
+    return calibrate(bits, ood, source=made)
 
 
 class DropTally:

@@ -1,15 +1,13 @@
 """Per-image log-likelihood and bits/dim of uint8 images: keyed dequantization, K draws.
 
-Shared by validation (pipeline.train.step), the scoring actors (pipeline.batch) and the MLflow
-pyfunc model (pipeline.model.pyfunc). It imports torch, numpy and pandas only, so a scoring actor
-starts without MLflow.
+Shared by validation, the scoring actors and the MLflow pyfunc model; no MLflow here, so a
+scoring actor starts without it.
 
-Noise: `pipeline.model.noise.keyed_noise` with the flow's noise scheme (`noise_scheme_of`: the
-one it was saved with; "mt19937-v1" for models saved before schemes were recorded), the same
-numbers on the CPU and on a GPU. The images are then dequantized in float64 and rounded once to the
-flow's dtype; float64 addition and division round the same way everywhere, so y, the flow's input,
-is the same numbers on any device. Only uint8 images cross to the GPU (from pinned memory,
-asynchronously), in chunks that bound the memory of the int64 generator states.
+Noise: `pipeline.model.noise.keyed_noise` with the flow's noise scheme, the same numbers on the CPU
+and on a GPU. The images are then dequantized in float64 and rounded once to the flow's dtype;
+float64 addition and division round the same way everywhere, so y, the flow's input, is the same
+numbers on any device. Only uint8 images cross to the GPU (from pinned memory, asynchronously), in
+chunks that bound the memory of the int64 generator states.
 """
 
 from __future__ import annotations
@@ -36,9 +34,8 @@ CHUNK_DIMS = 2**24
 def keyed_bits_per_dim(
     flow: Flow, keys: Sequence[str], images: Tensor, seed: int, scheme: str | None = None
 ) -> Tensor:
-    """Per-image bits/dim with keyed dequantization noise (see keyed_noise): [B], on the flow's
-    device. `images` may be on any device (they move to the flow's; see the module docstring).
-    The noise scheme is the flow's unless `scheme` names another."""
+    """Per-image bits/dim with keyed dequantization noise: [B], on the flow's device, for
+    `images` on any device. The noise scheme is the flow's unless `scheme` names another."""
     return keyed_log_prob_levels(flow, keys, images, seed, scheme)[0]
 
 

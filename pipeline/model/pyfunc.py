@@ -32,13 +32,10 @@ PIXEL_MAX = 255
 
 
 def as_uint8_images(values: Any, shape: Sequence[int]) -> np.ndarray:
-    """`values` as uint8 [B, C, H, W] with (C, H, W) == `shape`.
+    """`values` as uint8 [B, C, H, W] with (C, H, W) == `shape`; a ValueError otherwise.
 
     Any integer dtype is accepted when every value lies in 0..255 (JSON numbers arrive as int64);
     floats, booleans, strings and out-of-range values are refused rather than rounded or wrapped.
-
-    Raises:
-        ValueError: the message says what was expected and what was found.
     """
     array = np.asarray(values)
     expected = f"[B, {', '.join(str(s) for s in shape)}]"
@@ -72,8 +69,7 @@ def image_keys(images: np.ndarray, keys: Sequence[Any] | None) -> list[str]:
 
 
 class FlowPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: integer images [B, C, H, W] in 0..255. Params: keys ([] = content keys), seed (0),
-    draws (1). Output: a DataFrame with key, log_likelihood (nats) and bits_per_dim."""
+    """The serving contract of the module docstring; output: key, log_likelihood, bits_per_dim."""
 
     def load_context(self, context: Any) -> None:
         self.flow = load_flow(context.artifacts["flow"])

@@ -5,20 +5,18 @@
     bits_per_dim       -log2 P(x) / D
     png_bits_per_dim   L(x) / D: the bits of x's PNG at maximum compression, a generic lossless
                        compressor's code length (the complexity term)
-    ood_score          bits_per_dim - png_bits_per_dim + the final level's bits/dim: how much
-                       worse the flow codes x than a generic compressor (Serra et al. 2020,
-                       "Input complexity and out-of-distribution detection with likelihood-based
-                       generative models"), plus the bits/dim of the flow's final, coarsest level
-                       alone (Schirrmeister et al. 2020, "Understanding anomaly detection with
-                       deep invertible networks through hierarchies of distributions and
-                       features"); high = unusual. The first term flags images whose texture or
-                       complexity is foreign (noise, photos, flat images), the second those whose
-                       shapes are (digits, inverted clothes), where the first is fooled by the
-                       fine levels' reward for black backgrounds; docs/ood.md has the table.
+    ood_score          bits_per_dim - png_bits_per_dim + the final level's bits/dim; high =
+                       unusual. The first term, how much worse the flow codes x than a generic
+                       compressor (Serra et al. 2020, "Input complexity and out-of-distribution
+                       detection with likelihood-based generative models"), flags foreign texture
+                       or complexity; the coarsest level alone (Schirrmeister et al. 2020,
+                       "Understanding anomaly detection with deep invertible networks through
+                       hierarchies of distributions and features") flags foreign shapes, where
+                       the first is fooled by the fine levels' reward for black backgrounds
+                       (docs/ood.md has the table).
 
-The scoring actors (pipeline.batch.scoring.actors), the REST and Ray Serve scorer and the
-calibration at registration all call `score_images`, so a threshold chosen on one is valid on the
-others.
+The scoring actors, serving and the calibration at registration all call `score_images`, so a
+threshold chosen on one is valid on the others.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from flowmodel import Flow
 from pipeline.model.likelihood import predict_levels
 
 SCORE_COLUMNS = ("log_likelihood", "bits_per_dim", "png_bits_per_dim", "ood_score")
-# The name of ood_score's formula: calibrations record it, and one of another formula judges nothing.
+# ood_score's formula, by name: a calibration records it and judges only scores of the same one.
 OOD_SCORE = "bits-png+final-level"
 
 
@@ -76,11 +74,7 @@ def score_images(
     png_bits_per_dim: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """SCORE_COLUMNS of uint8 `images` [B, C, H, W], float64 arrays of length B, from one forward
-    pass per draw.
-
-    `png_bits_per_dim` is the complexity term when it was computed already (by read tasks,
-    `add_png_complexity`); otherwise it is computed here.
-    """
+    pass per draw; `png_bits_per_dim` when read tasks computed it already (`add_png_complexity`)."""
     if png_bits_per_dim is None:
         png_bits_per_dim = add_png_complexity({"image": images})["png_bits_per_dim"]
     log_likelihood, levels = predict_levels(flow, images, keys, seed, draws)
