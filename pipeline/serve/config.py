@@ -7,23 +7,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may hold (checked by pipeline.serve.requests).
-
-    Attributes:
-        max_image_bytes: bytes of an encoded image body.
-        max_json_bytes: bytes of a JSON body (each number parses to ~36 bytes of Python objects).
-        max_pixels: width x height of an encoded image, from its header (a quarter of it for 16-
-            and 32-bit modes).
-    """
+    """What one request may hold (checked by pipeline.serve.requests; ServeConfig says what each
+    limit is and validates it)."""
 
     max_image_bytes: int = 16 << 20
     max_json_bytes: int = 8 << 20
     max_pixels: int = 4096 * 4096
-
-    def __post_init__(self) -> None:
-        for name in ("max_image_bytes", "max_json_bytes", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -90,8 +79,8 @@ class ServeConfig:
             raise ValueError(
                 f"route_prefix: expected a path starting with /, found {self.route_prefix!r}"
             )
-        RequestLimits(self.max_image_bytes, self.max_json_bytes, self.max_pixels)  # validated
-        for name in ("max_batch_size", "draws", "replicas", "decode_threads"):
+        limits = ("max_image_bytes", "max_json_bytes", "max_pixels")
+        for name in (*limits, "max_batch_size", "draws", "replicas", "decode_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
         for name in ("batch_wait_ms", "reload_interval_s", "max_ongoing_requests"):

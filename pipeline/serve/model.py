@@ -107,7 +107,7 @@ class ModelHolder:
         served model changed."""
         from mlflow.tracking import MlflowClient
 
-        from pipeline.tracking.registry import SHAPE_TAG
+        from pipeline.tracking.registry import SHAPE_TAG, shape_tag
 
         assert self._alias is not None
         name, alias = self._alias
@@ -115,12 +115,12 @@ class ModelHolder:
         version = str(found.version)
         if version == self.current.version or version in self._refused:
             return False
-        tagged = (found.tags or {}).get(SHAPE_TAG)
-        if tagged and tagged != _shape_text(self.current.image_shape):
-            return self._refuse(version, tagged)  # before downloading the weights
+        served, tagged = shape_tag(self.current.image_shape), (found.tags or {}).get(SHAPE_TAG)
+        if tagged and tagged != served:
+            return self._refuse(version, tagged, served)  # before downloading the weights
         loaded = load_served_model(f"models:/{name}/{version}", self.seed, self.draws)
         if loaded.image_shape != self.current.image_shape:  # a version without the tag
-            return self._refuse(version, _shape_text(loaded.image_shape))
+            return self._refuse(version, shape_tag(loaded.image_shape), served)
         previous, self.current = self.current.version, replace(loaded, reference=self.reference)
         log.info(
             "flowray: %s moved from v%s to v%s; now serving v%s",
@@ -131,7 +131,7 @@ class ModelHolder:
         )
         return True
 
-    def _refuse(self, version: str, shape: str) -> bool:
+    def _refuse(self, version: str, shape: str, served: str) -> bool:
         self._refused.add(version)
         log.warning(
             "flowray: %s moved to v%s of image shape %s; not reloading: this replica serves %s "
@@ -140,12 +140,7 @@ class ModelHolder:
             self.reference,
             version,
             shape,
-            _shape_text(self.current.image_shape),
+            served,
             self.current.version,
         )
         return False
-
-
-def _shape_text(shape: tuple[int, ...]) -> str:
-    """(C, H, W) as the registry's image_shape tag writes it: "1x28x28"."""
-    return "x".join(str(size) for size in shape)

@@ -57,11 +57,8 @@ class ScoreItem:
 
 
 def media_type(content_type: str) -> str:
-    """The request's media type, lower case, without parameters.
-
-    Raises:
-        BadRequest: 415 for a type the server does not take.
-    """
+    """The request's media type, lower case, without parameters (BadRequest 415 for a type the
+    server does not take)."""
     mime = content_type.split(";")[0].strip().lower()
     if mime == JSON_TYPE or mime in ENCODED_TYPES:
         return mime
@@ -87,11 +84,8 @@ def _check_size(size: int, mime: str, limits: RequestLimits, found: str) -> None
 
 async def read_body(request: Any, mime: str, limits: RequestLimits) -> bytes:
     """The body of a Starlette `request`, read chunk by chunk up to the limit for `mime`.
-
-    Raises:
-        BadRequest: 413 when the Content-Length declares more than the limit (nothing is read)
-            or the body passes it while arriving; 400 for a Content-Length that is not a number.
-    """
+    BadRequest 413 when the Content-Length declares more than the limit (nothing is read) or the
+    body passes it while arriving; 400 for a Content-Length that is not a number."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -110,22 +104,11 @@ async def read_body(request: Any, mime: str, limits: RequestLimits) -> bytes:
 
 
 def parse_request(
-    body: bytes,
-    content_type: str,
-    shape: Sequence[int],
-    key: str | None = None,
-    limits: RequestLimits | None = None,
+    body: bytes, mime: str, shape: Sequence[int], key: str | None, limits: RequestLimits
 ) -> list[ScoreItem]:
-    """The images of one request, in the model's (C, H, W) `shape`, with their keys.
-
-    Raises:
-        BadRequest: 415 for an unsupported content type, 413 for a body or image over the
-            limits, 400 for a body that is not an image or not the documented JSON (the message
-            says what was expected and what was found).
-    """
-    limits = limits or RequestLimits()
-    mime = media_type(content_type)
-    _check_size(len(body), mime, limits, f"{len(body):,}")
+    """The images of one request (a body `read_body` took, of a `media_type`), in the model's
+    (C, H, W) `shape`, with their keys. BadRequest 413 for an image over the limits, 400 for a
+    body that is not an image or not the documented JSON."""
     if mime == JSON_TYPE:
         return _from_json(body, shape)
     image = decode_fitted(body, shape, limits)

@@ -1,30 +1,23 @@
 """The model registry: flows registered as versions, the candidate and champion aliases, listing
 and resolving model references.
 
-A model version carries tags `val_bits_per_dim` and `image_shape` ("1x28x28", C x H x W);
-aliases `candidate` (the newest trained version) and `champion` (the best validation bits/dim)
-drive scoring, sampling and serving. Registration goes through `mlflow.register_model`, which
-creates the registered model when needed and links the version to the logged model and its run.
-A version without a finite validation bits/dim is never registered and never becomes champion.
-A registered name holds one image shape: a version of another shape is refused at registration and
-at promotion (`ShapeMismatch`), since scoring and serving by alias assume the shape stays.
+A version carries tags `val_bits_per_dim` and `image_shape` ("1x28x28", C x H x W); aliases
+`candidate` (the newest trained version) and `champion` (the best validation bits/dim) drive
+scoring, sampling and serving. A version without a finite validation bits/dim is never registered
+and never becomes champion; a registered name holds one image shape (`ShapeMismatch` at
+registration and promotion), since scoring and serving by alias assume the shape stays.
 
-A version may carry its calibration (pipeline.model.calibration: its validation scores, what
-"normal" is for exactly that model): `calibration/v<version>.json` on the version's run, named by
-the version's tag `calibration`, and tags `calibration.count`, `calibration.threshold` and the
-ood_score quantiles (`store_calibration`, `load_calibration`). Training stores it at registration;
-`flowray models calibrate` does for older versions.
+A version may carry its calibration (pipeline.model.calibration): `calibration/v<version>.json`
+on the version's run, named by its tag `calibration`, and tags with its figures
+(`store_calibration`). Training stores it at registration; `flowray models calibrate` does for
+older versions.
 
-A registered version's model is a flow logged to MLflow (`log_flow_model`): a pyfunc "model from
-code" with a signature and an input example. It holds the entry pipeline/model/pyfunc_entry.py, the `flow` artifact (model.safetensors +
-flow_config.json) and the code loading needs: flowmodel/ and a pipeline/ holding only __init__.py
-and model/ (`SHIPPED_PIPELINE`). Nothing is pickled, so loading a model runs no code but
-ours, and a serving host needs no flowray install.
-
-Its signature is what `mlflow models serve` enforces: a uint8 tensor [-1, C, H, W] and the params
-keys, seed and draws (see pipeline.model.pyfunc for their meaning). Its input example is a few of
-the flow's own samples (or images the caller gives); MLflow answers it once while logging, so a
-model whose example does not serve is caught here and not at the first request.
+A version's model is a pyfunc "model from code" (`log_flow_model`): the entry
+pipeline/model/pyfunc_entry.py, the `flow` artifact (model.safetensors + flow_config.json) and
+the code loading needs (flowmodel/ and `SHIPPED_PIPELINE` of pipeline/). Nothing is pickled, so
+loading runs no code but ours, and a serving host needs no flowray install. Its signature is what
+`mlflow models serve` enforces; MLflow answers its input example once while logging, so a model
+that does not serve is caught here and not at the first request.
 """
 
 from __future__ import annotations
@@ -36,6 +29,7 @@ import logging
 import math
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,11 +124,8 @@ class RegisteredModelInfo:
 
 
 def list_models(name: str | None = None) -> list[RegisteredModelInfo]:
-    """Registered models (or the one called `name`), sorted by name, versions newest first.
-
-    Raises:
-        ModelNotFound: `name` is given and not registered (the message lists what is).
-    """
+    """Registered models (or the one called `name`: ModelNotFound, listing what is, when it is
+    not registered), sorted by name, versions newest first."""
     from datetime import datetime, timezone
 
     client = MlflowClient()
@@ -142,18 +133,12 @@ def list_models(name: str | None = None) -> list[RegisteredModelInfo]:
         try:
             models = [client.get_registered_model(name)]
         except MlflowException as err:
-            names = sorted(m.name for m in client.search_registered_models())
-            raise ModelNotFound(
-                f"no registered model {name!r} (registered: {', '.join(names) or 'none'}; "
-                f"searched {_searched()})"
-            ) from err
+            raise ModelNotFound(_unregistered(client, name)) from err
     else:
         models = sorted(client.search_registered_models(), key=lambda m: m.name)
     result = []
     for model in models:
-        by_version: dict[str, list[str]] = {}
-        for alias, version in (model.aliases or {}).items():
-            by_version.setdefault(str(version), []).append(alias)
+        aliases = {alias: str(v) for alias, v in sorted((model.aliases or {}).items())}
         versions = []
         for mv in client.search_model_versions(f"name='{model.name}'"):
             tag = mv.tags.get(VAL_TAG)
@@ -162,14 +147,13 @@ def list_models(name: str | None = None) -> list[RegisteredModelInfo]:
                 ModelVersionInfo(
                     version=str(mv.version),
                     val_bits_per_dim=float(tag) if tag is not None else math.nan,
-                    aliases=tuple(sorted(by_version.get(str(mv.version), []))),
+                    aliases=tuple(a for a, v in aliases.items() if v == str(mv.version)),
                     run_id=mv.run_id or "",
                     created=created.isoformat(timespec="seconds"),
                     promotion=mv.tags.get("promotion", ""),
                 )
             )
         versions.sort(key=lambda v: int(v.version), reverse=True)
-        aliases = {alias: str(v) for alias, v in sorted((model.aliases or {}).items())}
         result.append(RegisteredModelInfo(model.name, aliases, tuple(versions)))
     return result
 
@@ -184,17 +168,13 @@ def register_flow(
     """Register `model_uri` (a flow logged by `log_flow_model`) as a new version of `name`, tagged
     with its validation bits/dim and image shape (and `calibration`, stored with it), alias it
     `candidate`, and move `champion` to it when its validation bits/dim beats the champion's
-    (`promote`).
-
-    `run_id` is not needed: MLflow links the version to the run that logged the model. It stays
-    in the signature for callers that pass it.
+    (`promote`). MLflow links the version to the run that logged the model: `run_id` is unused.
 
     Raises:
         RegistrationError: `val_bits_per_dim` is not a finite number (NaN, None, empty); nothing
             is registered.
         ShapeMismatch: `name` has versions of another image shape; nothing is registered.
-        ValueError: `model_uri` is not a flow logged by `log_flow_model`; nothing is registered.
-    """
+        ValueError: `model_uri` is not a flow logged by `log_flow_model`; nothing is registered."""
     del run_id  # MLflow reads the run from the logged model
     if not _finite(val_bits_per_dim):
         raise RegistrationError(
@@ -219,10 +199,7 @@ def register_flow(
 def store_calibration(name: str, version: str, calibration: Calibration) -> str:
     """Log `calibration` as `calibration/v<version>.json` on the version's run and tag the version
     with where it is and its figures (module docstring); returns its runs:/ URI.
-
-    Raises:
-        RegistrationError: the version has no run to hold the file.
-    """
+    RegistrationError when the version has no run to hold the file."""
     client = MlflowClient()
     run_id = client.get_model_version(name, version).run_id
     if not run_id:
@@ -261,7 +238,12 @@ def _image_shape(model_uri: str) -> str:
             f"{model_uri}: expected a flow logged by log_flow_model (metadata flow_config), "
             f"found metadata keys {sorted(metadata) or 'none'}"
         )
-    return "x".join(str(size) for size in json.loads(metadata["flow_config"])["image_shape"])
+    return shape_tag(json.loads(metadata["flow_config"])["image_shape"])
+
+
+def shape_tag(shape: Sequence[int]) -> str:
+    """(C, H, W) as the `image_shape` tag writes it: "1x28x28"."""
+    return "x".join(str(size) for size in shape)
 
 
 def _check_shape(
@@ -282,36 +264,31 @@ def _check_shape(
             )
 
 
-def _version_bpd(client: MlflowClient, name: str, version: str) -> tuple[float, str | None]:
-    """The version's validation bits/dim (NaN when its tag is missing or not a number) and the
-    tag as stored."""
-    tag = client.get_model_version(name, version).tags.get(VAL_TAG)
+def _bits_per_dim(tags: dict[str, str]) -> float:
+    """A version's validation bits/dim, NaN when its tag is missing or not a number."""
     try:
-        return float(tag), tag  # type: ignore[arg-type]
+        return float(tags.get(VAL_TAG))  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return math.nan, tag
+        return math.nan
 
 
 def promote(name: str, version: str, force: bool = False, alias: str = CHAMPION) -> Promotion:
     """Point `alias` at `version` if its validation bits/dim is lower than the current holder's
-    (or `force`). Records the decision as the version's `promotion` tag either way.
-
-    Raises:
-        RegistrationError: `version` has no finite validation bits/dim: it never becomes `alias`,
-            even with `force`.
-        ShapeMismatch: `version`'s image shape differs from another version's of `name`, even
-            with `force`.
+    (or `force`). Records the decision as the version's `promotion` tag either way. Even with
+    `force`, a version without a finite validation bits/dim (RegistrationError) or of another
+    image shape than the other versions of `name` (ShapeMismatch) never becomes `alias`.
     """
     client = MlflowClient()
     version = str(version)
-    new, tag = _version_bpd(client, name, version)
-    shape = client.get_model_version(name, version).tags.get(SHAPE_TAG)
-    if shape:
-        _check_shape(client, name, shape, f"{name} v{version} cannot become {alias}", version)
+    tags = client.get_model_version(name, version).tags
+    if tags.get(SHAPE_TAG):
+        doing = f"{name} v{version} cannot become {alias}"
+        _check_shape(client, name, tags[SHAPE_TAG], doing, version)
+    new = _bits_per_dim(tags)
     if not math.isfinite(new):
         raise RegistrationError(
             f"{name} v{version} cannot become {alias}: expected a finite {VAL_TAG} tag, "
-            f"found {tag!r}"
+            f"found {tags.get(VAL_TAG)!r}"
         )
     try:
         current: str | None = str(client.get_model_version_by_alias(name, alias).version)
@@ -340,7 +317,7 @@ def _decide(
         return True, f"now {alias} (no previous {alias})"
     if current == version:
         return True, f"already {alias}"
-    old, _ = _version_bpd(client, name, current)
+    old = _bits_per_dim(client.get_model_version(name, current).tags)
     if not math.isfinite(old):  # a version without the tag (an older flowray's)
         return True, f"now {alias} (v{current} has no validation bits/dim)"
     if new < old:
@@ -393,13 +370,14 @@ def _not_found_message(client: MlflowClient, reference: str, name: str) -> str:
     try:
         model = client.get_registered_model(name)
     except MlflowException:
-        names = sorted(m.name for m in client.search_registered_models())
-        return (
-            f"model {reference!r} not found: no registered model {name!r} (registered: "
-            f"{', '.join(names) or 'none'}; searched {_searched()})"
-        )
+        return f"model {reference!r} not found: {_unregistered(client, name)}"
     aliases = ", ".join(f"@{alias} -> v{v}" for alias, v in sorted(model.aliases.items())) or "none"
     return f"model {reference!r} not found: {name!r} has aliases {aliases} (searched {_searched()})"
+
+
+def _unregistered(client: MlflowClient, name: str) -> str:
+    names = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
+    return f"no registered model {name!r} (registered: {names}; searched {_searched()})"
 
 
 def _searched() -> str:
