@@ -25,10 +25,7 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -36,7 +33,7 @@ import torch
 
 from flowmodel import Flow
 from flowmodel.errors import FlowrayError
-from pipeline.batch.resolve import BatchModel, resolve_batch_model
+from pipeline.batch.resolve import BatchModel, log_batch_run, resolve_batch_model
 from pipeline.data.images import encode_png
 from pipeline.data.shards import (
     FORMAT,
@@ -140,9 +137,9 @@ class SampleResult:
     images: int
     shards: int
     written: bool  # False: a finished identical run was found, nothing was written
-    images_per_second: float
-    seconds: float
-    mlflow_run_id: str | None
+    images_per_second: float = 0.0
+    seconds: float = 0.0
+    mlflow_run_id: str | None = None
 
     def line(self) -> str:
         """The one-line report a job prints at the end."""
@@ -204,7 +201,10 @@ def generate(config: SampleConfig) -> SampleResult:
     plan = _plan(config)
     model = plan.model
     if plan.done is not None:
-        result = _result(config, model, plan.done.count, plan.done.shards, written=False)
+        done = plan.done
+        result = SampleResult(
+            model.name, model.version, config.output, done.count, len(done.shards), False
+        )
         logger.info(result.line())
         return result
     started = time.perf_counter()
@@ -213,26 +213,25 @@ def generate(config: SampleConfig) -> SampleResult:
     grid = _grid_png(model.flow, config, model.label)
     write_bytes_atomic(join_url(config.output, GRID_FILE), grid, config.storage)
     _write_manifest(config, plan, shards)
-    result = _result(config, model, config.n, shards, written=True, seconds=seconds)
-    if config.log_to_mlflow:
-        run_id = _log_run(config, result, grid, plan.tracking_uri)
+    rate = config.n / seconds if seconds > 0 else 0.0
+    result = SampleResult(
+        model.name, model.version, config.output, config.n, len(shards), True, rate, seconds
+    )
+    if config.log_to_mlflow:  # the config as params (not storage), the figures, the grid
+        tags = {"flowray.job": "sample", "model_name": model.name, "model_version": model.version}
+        metrics = {"images": config.n, "images_per_second": rate, "seconds": seconds}
+        run_id = log_batch_run(
+            config,
+            plan.tracking_uri,
+            f"sample {model.label}",
+            tags,
+            metrics,
+            {GRID_FILE: grid},
+            exclude=("storage",),
+        )
         result = dataclasses.replace(result, mlflow_run_id=run_id)
     logger.info(result.line())
     return result
-
-
-def _result(
-    config: SampleConfig,
-    model: BatchModel,
-    images: int,
-    shards: Sequence[ShardInfo],
-    written: bool,
-    seconds: float = 0.0,
-) -> SampleResult:
-    rate = images / seconds if seconds > 0 else 0.0
-    return SampleResult(
-        model.name, model.version, config.output, images, len(shards), written, rate, seconds, None
-    )
 
 
 def _plan(config: SampleConfig) -> _Plan:
@@ -374,42 +373,3 @@ def _write_manifest(config: SampleConfig, plan: _Plan, shards: list[ShardInfo]) 
         format=FORMAT,
     )
     write_manifest(join_url(config.output, MANIFEST_NAME), manifest, config.storage)
-
-
-def _log_run(config: SampleConfig, result: SampleResult, grid: bytes, tracking_uri: str) -> str:
-    """The MLflow sampling run: the config as params (not storage), metrics, the grid; its id."""
-    import mlflow
-
-    from pipeline.tracking.connection import ensure_experiment, log_config_params
-
-    experiment_id = ensure_experiment(tracking_uri, config.experiment)
-    tags = {
-        "flowray.job": "sample",
-        "model_name": result.model_name,
-        "model_version": result.model_version,
-    }
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=f"sample {result.model_name} v{result.model_version}",
-        tags=tags,
-    ) as run:
-        saved = dataclasses.replace(  # no user:password@ of any URL in the params
-            config,
-            model=redact_url(config.model),
-            output=redact_url(config.output),
-            tracking_uri=redact_url(config.tracking_uri) if config.tracking_uri else None,
-        )
-        log_config_params(run.info.run_id, saved, exclude=("storage",))
-        mlflow.log_metrics(
-            {
-                "images": result.images,
-                "images_per_second": result.images_per_second,
-                "seconds": result.seconds,
-            }
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, GRID_FILE)
-            with open(path, "wb") as file:
-                file.write(grid)
-            mlflow.log_artifact(path)
-        return run.info.run_id
