@@ -23,16 +23,8 @@ A spec is one of:
 Listing happens once per resolve: a pattern or a list lists the folders its shards live in (one
 folder: one paginated listing; several: one recursive listing of their common folder), never a
 HEAD per shard, so 100,000 shards cost about 100 list requests on S3. The size and version of
-each shard come from that listing: `etag:<ETag>` on S3; on local disk
-`stat:<mtime_ns>/<ctime_ns>/<size>/<inode>` (one stat per shard, beside the listing). An mtime
-alone cannot tell a rewritten file: `cp -p`, `rsync -a`, `tar x` and `touch -r` copy it, and
-some filesystems keep it to 1-2 s. The inode changes when a file is replaced by another (rsync's
-rename, tar's unlink and create), the ctime whenever the file is written, renamed or has its mtime
-set, and no tool can set it back, so a file rewritten in place at the same size and mtime, or
-re-created on a reused inode, still gets another version. (A chmod or chown changes the ctime
-too: the shard is read again, with the same result.) A content digest would be exact but reads
-every byte of every shard at each listing; it is not used. A consumer records the version it
-read and reads a shard again when the version changes.
+each shard come from that listing (`streams.version_of`: the ETag on S3, a stat locally). A
+consumer records the version it read and reads a shard again when the version changes.
 
 `ShardRef.name` is the shard's path under `plan.root` (the folder before the first brace, the
 prefix, or the list file's own folder for a list), so it is unique in the plan and stays the same

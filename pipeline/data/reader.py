@@ -733,10 +733,6 @@ def fetch_images(
     keys: Iterable[str],
     shape: tuple[int, int, int],
     storage: StorageConfig | None = None,
-    *,
-    limits: ImageLimits | None = None,
-    retry: RetryPolicy | None = None,
-    image_members: Sequence[str] = IMAGE_MEMBERS,
 ) -> dict[str, FittedImage]:
     """The images of `keys` in the shard at `url` (prepared or foreign), fitted to `shape`.
 
@@ -744,9 +740,7 @@ def fetch_images(
     is streamed until every key is found, only those images are decoded, and a key that is
     absent or does not decode is left out of the result (and logged).
     """
-    options = ReadOptions(
-        shape, storage, "fail", limits or ImageLimits(), retry or RetryPolicy(), image_members
-    )
+    options = ReadOptions(shape, storage)
     wanted, found = set(keys), {}
     fs, path = fsspec_filesystem(url, storage)
     try:

@@ -409,14 +409,6 @@ class PrepareResult:
     out: str
     splits: dict[str, SplitResult]
 
-    @property
-    def shards_written(self) -> int:
-        return sum(r.shards_written for r in self.splits.values())
-
-    @property
-    def shards_skipped(self) -> int:
-        return sum(r.shards_skipped for r in self.splits.values())
-
 
 def _samples_per_shard(
     source: ImageSource, split: str, count: int, shard_samples: int, shard_bytes: int | None

@@ -33,7 +33,6 @@ from flowmodel.errors import FlowrayError
 from pipeline.data.images import BadImage, ImageLimits, decode_fitted, fit_array
 from pipeline.data.inputs import InputPlan, ShardRef, resolve_input
 from pipeline.data.reader import (
-    IMAGE_MEMBERS,
     BadSample,
     ReadOptions,
     ShardChanged,
@@ -419,16 +418,12 @@ class WebDatasetSource:
         channels: int | None = None,
         size: tuple[int, int] | None = None,
         limits: ImageLimits | None = None,
-        retry: RetryPolicy | None = None,
-        image_members: Sequence[str] = IMAGE_MEMBERS,
     ) -> None:
         check_target(channels, size, needs_size=f"webdataset source {spec}")
         self.spec, self.storage = spec, storage
         self.limits = limits or ImageLimits()  # part of prepare's fingerprint
         self.shape = (channels or 3, *size)
-        self.options = ReadOptions(
-            self.shape, storage, "fail", self.limits, retry or RetryPolicy(), tuple(image_members)
-        )
+        self.options = ReadOptions(self.shape, storage, limits=self.limits)
         self.plan: InputPlan = resolve_input(spec, storage)
         if self.plan.manifest is not None:
             raise SourceError(

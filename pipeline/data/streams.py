@@ -135,9 +135,16 @@ def is_transient(err: BaseException, _depth: int = 0) -> bool:
 
 
 def version_of(info: dict[str, Any]) -> str:
-    """A file's version from an fsspec listing or info entry: the ETag on S3; on local disk
-    `stat:<mtime_ns>/<ctime_ns>/<size>/<inode>` from a stat of the file (`pipeline.data.inputs`:
-    why not the mtime alone); else the entry's mtime or modification time."""
+    """A file's version from an fsspec listing or info entry: `etag:<ETag>` on S3; on local disk
+    `stat:<mtime_ns>/<ctime_ns>/<size>/<inode>` from one stat of the file; else the entry's mtime
+    or modification time.
+
+    Not the mtime alone: `cp -p`, `rsync -a`, `tar x` and `touch -r` copy it, and some
+    filesystems keep it to 1-2 s. A file replaced by another (rsync's rename, tar's unlink and
+    create) gets another inode; one written, renamed or re-timed in place another ctime, which no
+    tool can set back (a chmod or chown changes it too: the shard is read again, with the same
+    result). A content digest would be exact but reads every byte of every shard at each listing.
+    """
     etag = info.get("ETag") or info.get("etag")
     if etag:
         return "etag:" + str(etag).strip('"')

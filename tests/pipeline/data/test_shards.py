@@ -95,11 +95,11 @@ def test_manifest_records_sha256_and_size_of_each_shard(fmnist, tmp_path):
 def test_rerun_writes_nothing_and_repairs_only_what_is_broken(fmnist, tmp_path):
     out = str(tmp_path / "data")
     first = prepare(fmnist, out, splits=["train"], limit=300, shard_samples=100)
-    assert first.shards_written == 3
+    assert first.splits["train"].shards_written == 3
     before = _mtimes(out)
     again = prepare(fmnist, out, splits=["train"], limit=300, shard_samples=100)
-    assert (again.shards_written, again.shards_skipped) == (0, 3)
-    assert not again.splits["train"].manifest_written
+    train = again.splits["train"]
+    assert (train.shards_written, train.shards_skipped, train.manifest_written) == (0, 3, False)
     assert _mtimes(out) == before
     # A lost shard and a shard with one flipped byte (same size) are rewritten; the third is not.
     os.remove(tmp_path / "data" / "train" / "shard-000000.tar")
@@ -108,7 +108,8 @@ def test_rerun_writes_nothing_and_repairs_only_what_is_broken(fmnist, tmp_path):
     data[700] ^= 0xFF
     damaged.write_bytes(bytes(data))
     repaired = prepare(fmnist, out, splits=["train"], limit=300, shard_samples=100)
-    assert (repaired.shards_written, repaired.shards_skipped) == (2, 1)
+    train = repaired.splits["train"]
+    assert (train.shards_written, train.shards_skipped) == (2, 1)
     assert repaired.splits["train"].manifest == first.splits["train"].manifest  # identical bytes
     assert _mtimes(out)["train/shard-000001.tar"] == before["train/shard-000001.tar"]
 
@@ -120,7 +121,8 @@ def test_an_interrupted_prepare_is_completed_and_its_shards_kept(fmnist, tmp_pat
     with pytest.raises(ManifestError, match="no manifest.json: prepare did not finish"):
         load_manifest(join_url(out, "train"))
     result = prepare(fmnist, out, splits=["train"], limit=300, shard_samples=100)
-    assert (result.shards_written, result.shards_skipped) == (0, 3)
+    train = result.splits["train"]
+    assert (train.shards_written, train.shards_skipped) == (0, 3)
     assert load_manifest(join_url(out, "train")).count == 300
 
 
@@ -153,7 +155,7 @@ def test_s3_shards_are_identical_to_local_ones_and_a_rerun_leaves_them_alone(fmn
     assert "fmnist/train/manifest.json" in before and "fmnist/train/shard-000001.tar" in before
     assert not any(".tmp" in key for key in before)
     again = prepare(fmnist, remote_url, s3.storage, splits=["train"], limit=200, shard_samples=100)
-    assert again.shards_written == 0 and objects() == before
+    assert again.splits["train"].shards_written == 0 and objects() == before
     assert load_manifest(join_url(remote_url, "train"), s3.storage).count == 200
 
 
@@ -170,7 +172,7 @@ def test_ray_tasks_write_the_same_shards_to_s3(fmnist, tmp_path, s3, ray_local):
         workers=2,
         progress=events.append,
     )
-    assert remote.shards_written == 5
+    assert remote.splits["test"].shards_written == 5
     assert remote.splits["test"].manifest.shards == local.splits["test"].manifest.shards
     assert sorted(e.name for e in events) == [f"shard-00000{i}.tar" for i in range(5)]
     assert events[-1].done == 5 and events[-1].images_done == 300
@@ -384,7 +386,7 @@ def test_a_prepare_killed_mid_shard_leaves_a_temp_that_is_no_shard_and_a_rerun_s
     live = make_temp_file(str(split / "shard-000001.tar"))
 
     result = prepare(NpySource(str(tmp_path / "x.npy")), str(out), shard_samples=50)
-    assert result.shards_written == 2
+    assert result.splits["train"].shards_written == 2
     assert sorted(os.listdir(split)) == sorted(
         [os.path.basename(live), "_parts", "manifest.json", "shard-000000.tar", "shard-000001.tar"]
     )

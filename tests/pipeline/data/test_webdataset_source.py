@@ -35,11 +35,12 @@ def test_foreign_shards_on_s3_re_shard_into_a_prepared_split_with_ray_tasks(
     in_place = list(iter_input(spec, s3.storage, shape=(1, 20, 20)))
     for prepared, original in zip(rows, in_place):
         np.testing.assert_array_equal(prepared["image"], original["image"])
-    assert result.shards_written == 3
+    assert result.splits["train"].shards_written == 3
     again = prepare(
         open_source(f"webdataset:{spec}", s3.storage, 1, (20, 20)), out, s3.storage, shard_samples=5
     )
-    assert (again.shards_written, again.shards_skipped) == (0, 3)
+    train = again.splits["train"]
+    assert (train.shards_written, train.shards_skipped) == (0, 3)
 
 
 def _damaged(tmp_path) -> tuple[str, list[Photo]]:
