@@ -420,7 +420,6 @@ class WebDatasetSource:
         limits: ImageLimits | None = None,
     ) -> None:
         check_target(channels, size, needs_size=f"webdataset source {spec}")
-        self.spec, self.storage = spec, storage
         self.limits = limits or ImageLimits()  # part of prepare's fingerprint
         self.shape = (channels or 3, *size)
         self.options = ReadOptions(self.shape, storage, limits=self.limits)
