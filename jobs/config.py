@@ -137,14 +137,12 @@ def config_parser(
     return parser
 
 
-def add_verbose_argument(parser: argparse.ArgumentParser, dest: str = "verbose") -> None:
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
     """-v/--verbose: one meaning in every command."""
     parser.add_argument(
         "-v",
         "--verbose",
-        dest=dest,
-        action="store_const",
-        const=True,
+        action="store_true",
         default=None,
         help="more output: flowray's DEBUG lines, and Ray's and MLflow's own INFO lines "
         "(default: off)",
