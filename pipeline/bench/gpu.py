@@ -491,9 +491,11 @@ def score_phase(flow: Flow, settings: Settings, report: Report) -> None:
     seconds, on_cpu = timed(lambda: keyed_noise(keys, shape, 0), device)
     report.add("keyed noise on the CPU", len(keys) / seconds, None)
     seconds, on_device = timed(lambda: keyed_noise(keys, shape, 0, device), device)
-    same = "the CPU's numbers, bit for bit"
-    assert torch.equal(on_device.cpu(), on_cpu), f"keyed noise: expected {same}"
-    report.add(f"keyed noise on {device.type}", len(keys) / seconds, None, f"equal to {same}")
+    assert torch.equal(on_device.cpu(), on_cpu), (
+        "keyed noise: expected the CPU's numbers, bit for bit"
+    )
+    equal = "equal to the CPU's, bit for bit"
+    report.add(f"keyed noise on {device.type}", len(keys) / seconds, None, equal)
     report.figures.update({"score_fp32": rate, "raw_forward_fp32": raw, "score_bf16": rate_bf16})
     first = images[:batch]
     one = partial(predict_frame, flow, first, [f"one-{i}" for i in range(len(first))], 0, 1)

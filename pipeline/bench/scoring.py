@@ -8,8 +8,8 @@ growth x N images, medians over repeats:
   (which releases it): the best simple way to use every core in one process.
 - raw forward: `predict_frame` alone on images decoded in memory: the ceiling, apart.
 - Ray Data scoring (`pipeline.batch.scoring.job.score`), input on local disk and on S3 (moto):
-  images/s from the start of execution, actor start-up included. The first job on a fresh Ray
-  also starts its workers: it runs before the timed ones, apart.
+  images/s from the start of execution, actor start-up included (small inputs understate it).
+  The first job on a fresh Ray also starts its workers: it runs before the timed ones, apart.
 - start-up: the intercept of the line through the two local runs' wall times.
 - peak memory of the whole job (summed PSS over the process tree) at N and growth x N images:
   flat means inputs stream.
