@@ -262,8 +262,7 @@ def output_drift(
     """The drift verdict (pipeline.model.calibration) of the scores in `files` under `prefix`
     (default: every file), flagged at `quantile` (default the calibration's), read in bounded
     memory."""
-    threshold = calibration.threshold(quantile)
-    drop = DropTally(threshold, calibration.bits_mean)
+    drop = DropTally(calibration.threshold(quantile), calibration.bits_mean)
     for name in _scores_files(prefix, storage) if files is None else files:
         for batch in _columns(join_url(prefix, name), storage, BY, batch_rows):
             drop.add(batch["bits_per_dim"], batch["ood_score"])

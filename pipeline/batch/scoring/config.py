@@ -118,9 +118,7 @@ class ScoreResult:
     shards_new: int = 0  # shards with no file before this run
     shards_changed: int = 0  # foreign shards rewritten in place since their file was written
     files_written: tuple[str, ...] = ()  # this run's Parquet files (names under `output`)
-    drift_level: str = (
-        "unknown"  # none | suspected | detected | unknown (pipeline.model.calibration)
-    )
+    drift_level: str = "unknown"  # none | suspected | detected | unknown (no calibration)
     drift: str = ""  # the verdict's line: "drift: none (flagged 5.1% vs 5% expected, ...)"
 
     @property

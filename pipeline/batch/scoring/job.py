@@ -75,15 +75,6 @@ from pipeline.storage import (
 logger = logging.getLogger(__name__)
 
 
-def _versions_present(names: list[str]) -> dict[str, set[str]]:
-    """{stem: {file names}} of the versioned shard files among `names`."""
-    present: dict[str, set[str]] = {}
-    for name in names:
-        if name.endswith(".parquet") and "@" in name:
-            present.setdefault(file_stem(name), set()).add(name)
-    return present
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What a run will do, settled before any work starts."""
@@ -156,14 +147,13 @@ def score(
     shards = list(plan.targets)
     shape = plan.model.image_shape
     rows = build_pipeline(config, plan.model.payload, plan.input, shards, tally, shape)
-    drop = None
-    if plan.calibration is not None:
-        threshold = plan.calibration.threshold(config.flag_quantile)
-        drop = DropTally(threshold, plan.calibration.bits_mean)
+    calibration, drop = plan.calibration, None
+    if calibration is not None:
+        drop = DropTally(calibration.threshold(config.flag_quantile), calibration.bits_mean)
     collected = _collect(config, plan, rows, tally, on_shard_written, drop)
     result = _result(plan, collected)
     return report(
-        config, result, collected.stats, tally, plan.tracking_uri, shape, plan.calibration, drop
+        config, result, collected.stats, tally, plan.tracking_uri, shape, calibration, drop
     )
 
 
@@ -294,7 +284,11 @@ def _targets(
     `first`), and how many of them had a file of other content (rewritten in place or
     re-prepared). Files of older versions of shards already done (a run that stopped between
     writing the new file and deleting the old) are deleted here."""
-    versions, present = _versions_present(names), set(names)
+    versions: dict[str, set[str]] = {}  # the versioned shard files, by stem
+    for name in names:
+        if name.endswith(".parquet") and "@" in name:
+            versions.setdefault(file_stem(name), set()).add(name)
+    present = set(names)
     targets: dict[str, ShardTarget] = {}
     changed, leftovers = 0, []
     for ref in source.shards:

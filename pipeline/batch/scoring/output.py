@@ -92,18 +92,12 @@ def parquet_name(shard: str) -> str:
 
 
 def shard_file(ref: ShardRef, first: Mapping[str, str] | None = None) -> str:
-    """The output file of input shard `ref`, named so that a shard of other content gets
-    another file.
-
-    A foreign shard: `<stem>@<v12>.parquet`, v12 the first 12 hex digits of sha256 of its
-    listed version (the ETag, or a local file's stat version: `pipeline.data.inputs.version_of`).
-    A prepared shard (its manifest entry's sha256 is checked by the reader): `<stem>.parquet`
-    while its sha256 is the one `first` records for its name (PREPARED_SHARDS_KEY: the shards the
-    prefix was first scored from), else `<stem>@<s12>.parquet`, s12 its sha256's first 12 hex
-    digits, so a split re-prepared at the same path is scored again where its shards changed.
-    `first` None (settings recorded before that key was kept): `<stem>.parquet`, taken as the
-    current shard's, as LEGACY_SETTINGS takes unrecorded settings.
-    """
+    """The output file of input shard `ref`, named so that a shard of other content gets another
+    file: a foreign shard's `<stem>@<v12>.parquet`, v12 the first 12 hex digits of the sha256 of
+    its listed version (`pipeline.data.inputs.version_of`); a prepared shard's `<stem>.parquet`
+    while its manifest sha256 is the one `first` (PREPARED_SHARDS_KEY; None: settings older than
+    that key) records for its name, else `<stem>@<s12>.parquet`, s12 its sha256's first 12 hex
+    digits, so a split re-prepared at the same path is scored again where its shards changed."""
     if ref.expect is not None:
         sha256 = ref.expect.sha256
         if first is None or first.get(ref.name) == sha256:
@@ -330,14 +324,9 @@ class ShardCollector:
         return outcome.skipped_keys if outcome is not None else ()
 
     def close(self, outcomes: Mapping[str, ShardOutcome] | None) -> None:
-        """The stream has ended: settle every shard not written yet.
-
-        `outcomes` are the readers' (`SkipTally.outcomes()`): a shard is written only if its
-        outcome is complete and the rows its reader handed on have all arrived (a shard whose
-        every image was bad, or that holds none, gets an empty file, so it is not read again);
-        else it is left out (no file: a rerun reads it again). None (no tally: on_error="fail",
-        where any problem stops the job): the shards left are written with what they got.
-        """
+        """The stream has ended: settle every shard not written yet by the readers' `outcomes`
+        (`SkipTally.outcomes()`; module docstring). None (no tally: on_error="fail", where any
+        problem stops the job): the shards left are written with what they got."""
         if self.late_rows:
             logger.info("dropped %d late duplicate rows of shards already written", self.late_rows)
         if outcomes is None:

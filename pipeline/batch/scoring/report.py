@@ -1,22 +1,18 @@
 """What a scoring run reports: streaming statistics of the scored rows, the summary files beside
 the outputs, and the MLflow summary run.
 
-    <prefix>/_summary/<UTC time>/summary.json                 metrics, least likely keys, skips,
-                                                              shards left out (shard + reason)
+    <prefix>/_summary/<UTC time>/summary.json                 metrics (`drift_*` too), least
+                                                              likely keys, skips, shards left out,
+                                                              the drift verdict, the run's files
     <prefix>/_summary/<UTC time>/bits_per_dim_histogram.png
     <prefix>/_summary/<UTC time>/least_likely.png             the least likely images, captioned
     <prefix>/_summary/<UTC time>/ood_score_histogram.png      the run's ood_score over the
                                                               validation's (with a calibration)
 
-summary.json also lists the run's Parquet files (`files`: what `flowray scores drift --run` reads)
-and its drift verdict (`drift`: level and line, pipeline.model.calibration; its figures are the
-`drift_*` metrics, also on the MLflow run, with the tag `flowray.drift`).
-
-A bits/dim that is not finite (+inf when the flow's density underflows to zero on an image far
-from the data, NaN when it breaks) stays so in the Parquet files. Here such images are counted
-apart (`images_non_finite`, in summary.json and the MLflow run) and ranked as the least likely;
-mean, median, p99 and the histogram are over the finite values. summary.json is strict JSON: a
-non-finite number is written as the string "Infinity", "-Infinity" or "NaN" (`json_number`).
+A bits/dim that is not finite (+inf when the flow's density underflows, NaN when it breaks) stays
+so in the Parquet files. Here such images are counted apart (`images_non_finite`) and ranked as
+the least likely; mean, median, p99 and the histogram are over the finite values. summary.json is
+strict JSON (`json_number`).
 """
 
 from __future__ import annotations
@@ -69,11 +65,8 @@ def rank_keys(scores: np.ndarray) -> np.ndarray:
 
 
 class ScoreStats:
-    """Count, mean, fine histogram (for median / p99) and the least likely images, streaming.
-
-    Images with a non-finite bits/dim (an underflowing density gives +inf, a broken one NaN) are
-    counted in `non_finite` and ranked as the least likely; the mean, quantiles and histogram are
-    over the finite values, as training's validation reports `finite_mean`.
+    """Count, mean, fine histogram (for median / p99) and the least likely images, streaming;
+    non-finite bits/dim apart (module docstring), as training's validation reports `finite_mean`.
     """
 
     def __init__(self, keep: int) -> None:
