@@ -1,10 +1,11 @@
 """Batch jobs over a trained model: bulk likelihood scoring (Parquet per shard, exactly once per
 key) and sample generation, resolving the model the same way for both.
 
-    resolve          model reference -> flow, payload for actors, name and version (both jobs)
+    resolve          what both jobs share: model reference -> flow, payload, name and
+                     version; the job's MLflow run
     scoring/         score(): plan -> actors -> collect -> report (its __init__ lists the modules)
-    top              the least likely images of an output, in bounded memory
-    sampling         generate(): Ray tasks draw chunks; the MLflow run
+    top              the least likely images of an output, and its drift verdict
+    sampling         generate(): Ray tasks draw chunks, the driver writes shards in order
 
 May import: flowmodel, pipeline.batch.scoring, pipeline.{model,data,tracking},
 pipeline.{config,storage,plots,submission,local_ray}.
