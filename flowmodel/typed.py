@@ -124,19 +124,16 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready dict (tuples become lists) that `from_dict` turns back into the same config."""
-
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(config)
+def to_dict(config: Any) -> Any:
+    """A JSON-ready copy (a config becomes a dict, tuples lists) that `from_dict` turns back into
+    the same config."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
