@@ -211,7 +211,8 @@ def arrow_filesystem(
 
 def join_url(base: str, *parts: str) -> str:
     """`base` with relative `parts` appended by "/", keeping its scheme."""
-    return "/".join([base.rstrip("/") or base, *(p.strip("/") for p in parts if p.strip("/"))])
+    kept = [part.strip("/") for part in parts if part.strip("/")]
+    return "/".join([base.rstrip("/") or base, *kept])
 
 
 @contextlib.contextmanager
