@@ -114,12 +114,9 @@ class _Collected:
 def score(
     config: ScoreConfig, *, on_shard_written: Callable[[str], None] | None = None
 ) -> ScoreResult:
-    """Score the shards of `config.input` not yet scored; see the module docstring.
-
-    Args:
-        config: the job.
-        on_shard_written: called with each shard's label (URL; a prepared shard's name) after
-            its file is in place (progress, tests that interrupt a run).
+    """Score the shards of `config.input` not yet scored (module docstring); `on_shard_written`
+    gets each shard's label (URL; a prepared shard's name) once its file is in place (progress,
+    tests that interrupt a run).
 
     Raises:
         ScoreError: image shape differs from the model's; output made with other settings.

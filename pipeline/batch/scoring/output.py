@@ -249,15 +249,13 @@ class ShardCollector:
         prefix: the model version's output folder (see output_prefix).
         targets: per pending shard (the rows' `shard` value): a ShardTarget, or the manifest's
             image count (file `parquet_name(shard)`, labelled `shard`).
-        storage: where `prefix` lives.
         on_written: called with a shard's label after its file is in place.
-        on_rows: called with a shard's rows (`png` included) when its file is written:
-            statistics cover exactly the rows written, never those of a shard left out.
-        outcome_of: the reader's outcome of one shard (`SkipTally.outcome`), asked when a shard's
-            end marker says it is complete, for the bad images its file records.
-        orphans: files under `prefix` of shards the input no longer lists (`orphan_files`),
-            retired as the module docstring says; their keys are read when a first shard is
-            written.
+        on_rows: called with a shard's rows (`png` included) when its file is written, so
+            statistics cover exactly the rows written.
+        outcome_of: the reader's outcome of a shard (`SkipTally.outcome`), asked for the bad
+            images its file records when its end marker says it is complete.
+        orphans: files of shards the input no longer lists (`orphan_files`), retired as the
+            module docstring says.
         threshold: the flag threshold of the `flagged` column (None: null flags).
 
     A shard without end markers is complete at its manifest count. After `close`: `written`
