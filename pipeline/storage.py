@@ -297,24 +297,34 @@ def exists(url: str, storage: StorageConfig | None = None) -> bool:
         return bool(fs.exists(path))
 
 
-def list_files(url: str, storage: StorageConfig | None = None) -> dict[str, int]:
-    """{name: size in bytes} of the files directly under the prefix `url` (no folders); {} if none."""
+def list_tree(
+    url: str, storage: StorageConfig | None = None, recursive: bool = False
+) -> dict[str, dict]:
+    """{full URL: fsspec info} of the files directly under the prefix `url` (with `recursive`,
+    under it at any depth); {} when there is none. One recursive listing beats a walk on S3."""
     fs, path = fsspec_filesystem(url, storage)
     with _translated(url, storage):
         try:
-            entries = fs.ls(path, detail=True)
+            if recursive:
+                entries = fs.find(path, detail=True)
+            else:
+                entries = {e["name"]: e for e in fs.ls(path, detail=True)}
         except FileNotFoundError:
             return {}
+    scheme = "s3://" if is_s3(url) else ""
     return {
-        e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-        for e in entries
-        if e.get("type") == "file"
+        scheme + name.rstrip("/"): info
+        for name, info in entries.items()
+        if info.get("type") == "file"
     }
 
 
-def list_names(url: str, storage: StorageConfig | None = None) -> list[str]:
-    """Sorted names of the files directly under the prefix `url` (no folders); [] if none."""
-    return sorted(list_files(url, storage))
+def list_files(url: str, storage: StorageConfig | None = None) -> dict[str, int]:
+    """{name: size in bytes} of the files directly under the prefix `url` (no folders); {} if none."""
+    return {
+        name.rsplit("/", 1)[-1]: int(info.get("size") or 0)
+        for name, info in list_tree(url, storage).items()
+    }
 
 
 def read_bytes(url: str, storage: StorageConfig | None = None) -> bytes:

@@ -38,7 +38,14 @@ from pipeline.batch.scoring.config import ScoreError
 from pipeline.batch.scoring.output import is_scores_file, output_prefix
 from pipeline.batch.scoring.report import SUMMARY_DIR, rank_keys
 from pipeline.model.calibration import Calibration, Drift, DropTally, verdict
-from pipeline.storage import StorageConfig, arrow_filesystem, join_url, list_files, read_bytes
+from pipeline.storage import (
+    StorageConfig,
+    arrow_filesystem,
+    join_url,
+    list_files,
+    list_tree,
+    read_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +96,6 @@ def _version_order(version: str) -> tuple[int, int, str]:
 
 def model_prefix(output: str, model: str, storage: StorageConfig | None) -> tuple[str, str, str]:
     """(prefix, name, version) of `model` ("name" or "name/version") under `output`."""
-    from pipeline.data.inputs import _listing  # one recursive listing beats a walk
-
     name, _, version = model.partition("/")
     if not name:
         raise ScoreError(f"--model: expected <name>[/<version>], found {model!r}")
@@ -101,7 +106,7 @@ def model_prefix(output: str, model: str, storage: StorageConfig | None) -> tupl
         prefix_text = base.rstrip("/") + "/version="
         found = {
             url[len(prefix_text) :].split("/", 1)[0]
-            for url in _listing(base, storage, recursive=True)
+            for url in list_tree(base, storage, recursive=True)
             if url.startswith(prefix_text) and url.endswith(".parquet")
         }
         if not found:
@@ -167,11 +172,9 @@ def _columns(
 
 def _summaries(prefix: str, storage: StorageConfig | None) -> list[str]:
     """The summary.json URLs of a version's scoring runs, oldest first (named by UTC time)."""
-    from pipeline.data.inputs import _listing
-
     return sorted(
         url
-        for url in _listing(join_url(prefix, SUMMARY_DIR), storage, recursive=True)
+        for url in list_tree(join_url(prefix, SUMMARY_DIR), storage, recursive=True)
         if url.endswith("/summary.json")
     )
 

@@ -52,7 +52,7 @@ from pipeline.data.shards import (
     read_manifest,
 )
 from pipeline.data.streams import version_of
-from pipeline.storage import StorageConfig, _translated, fsspec_filesystem, is_s3, join_url
+from pipeline.storage import StorageConfig, is_s3, join_url, list_tree, read_bytes
 
 
 class InputError(FlowrayError, ValueError):
@@ -140,25 +140,6 @@ def _is_hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
-def _listing(url: str, storage: StorageConfig | None, recursive: bool) -> dict[str, dict]:
-    """{full URL: fsspec info} of the files under the prefix `url` ({} when there is none)."""
-    fs, path = fsspec_filesystem(url, storage)
-    try:
-        with _translated(url, storage):  # no endpoint, credentials, bucket: a StorageError
-            if recursive:
-                entries = fs.find(path, detail=True)
-            else:
-                entries = {e["name"]: e for e in fs.ls(path, detail=True)}
-    except FileNotFoundError:
-        return {}
-    scheme = "s3://" if is_s3(url) else ""
-    return {
-        scheme + name.rstrip("/"): info
-        for name, info in entries.items()
-        if info.get("type") == "file"
-    }
-
-
 def _common_folder(urls: Iterable[str]) -> str:
     folders = {posixpath.dirname(u) for u in urls}
     common = os.path.commonprefix(sorted(folders))
@@ -209,7 +190,7 @@ def _list_for(urls: list[str], storage: StorageConfig | None) -> tuple[dict[str,
     folders = {posixpath.dirname(u) for u in urls}
     if len(folders) == 1:
         (folder,) = folders
-        return _listing(folder, storage, recursive=False), folder
+        return list_tree(folder, storage, recursive=False), folder
     root = _common_folder(urls)
     if root in ("", "/", "s3:", "s3:/", "s3://"):
         raise InputError(
@@ -217,7 +198,7 @@ def _list_for(urls: list[str], storage: StorageConfig | None) -> tuple[dict[str,
             f"({', '.join(sorted(folders)[:3])}, ...)",
             hint="list shards of one bucket, or give one spec per bucket",
         )
-    return _listing(root, storage, recursive=True), root
+    return list_tree(root, storage, recursive=True), root
 
 
 def _resolve_urls(spec: str, urls: list[str], storage: StorageConfig | None, root: str | None):
@@ -250,11 +231,8 @@ def _pattern_root(pattern: str) -> str:
 
 
 def _read_list(spec: str, storage: StorageConfig | None) -> list[str]:
-    fs, path = fsspec_filesystem(spec, storage)
-    with _translated(spec, storage):
-        data = fs.cat_file(path)
     try:
-        text = data.decode("utf-8")
+        text = read_bytes(spec, storage).decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{spec}: a list file is text, one shard URL per line ({err})") from err
     folder = posixpath.dirname(_normal(spec))
@@ -285,7 +263,7 @@ def _prepared(spec: str, root: str, found: dict[str, dict], seconds: float, stor
 def _from_prefix(spec: str, storage: StorageConfig | None) -> InputPlan:
     root = _normal(spec)
     started = time.perf_counter()
-    found = _listing(root, storage, recursive=True)
+    found = list_tree(root, storage, recursive=True)
     seconds = time.perf_counter() - started
     if root in found:  # the spec is a file: one shard, or a list of them
         if root.endswith(".tar"):

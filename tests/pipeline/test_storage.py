@@ -18,7 +18,6 @@ from pipeline.storage import (
     fsspec_filesystem,
     join_url,
     list_files,
-    list_names,
     put_file_atomic,
     read_bytes,
     write_bytes_atomic,
@@ -106,7 +105,7 @@ def test_local_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
     source.write_bytes(b"payload")
     put_file_atomic(str(source), str(tmp_path / "sub" / "copy.bin"))
     assert list_files(str(tmp_path / "sub")) == {"blob.json": 3, "copy.bin": 7}
-    assert list_names(str(tmp_path / "nothing-here")) == []
+    assert list_files(str(tmp_path / "nothing-here")) == {}
 
 
 def test_write_once_creates_a_file_once_locally_and_on_s3(tmp_path, s3):

@@ -66,7 +66,7 @@ from pipeline.storage import (
     check_access,
     check_write_once,
     join_url,
-    list_names,
+    list_files,
     read_bytes,
     redact_url,
     sweep_temp_files,
@@ -209,7 +209,7 @@ def _plan(config: ScoreConfig) -> _Plan:
     swept = sweep_temp_files(prefix, storage)  # temps of killed runs on this host
     if swept:
         logger.info("removed %d temp file(s) of earlier runs under %s", len(swept), prefix)
-    names = list_names(prefix, storage)
+    names = sorted(list_files(prefix, storage))
     settings = {
         "seed": config.seed,
         "draws": config.draws,
