@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flowmodel.typed import from_dict, to_dict
+from flowmodel.typed import check_at_least, from_dict, to_dict
 
 
 @dataclass(frozen=True)
@@ -62,17 +62,14 @@ class FlowConfig:
         channels, height, width = self.image_shape
         if channels < 1 or height < 1 or width < 1:
             raise ValueError(f"image_shape: expected positive (C, H, W), found {self.image_shape}")
-        if self.levels < 1:
-            raise ValueError(f"levels: expected >= 1, found {self.levels}")
+        check_at_least(self, 1, "levels")
         factor = 2**self.levels
         if height % factor or width % factor:
             raise ValueError(
                 f"image_shape: H and W must be divisible by 2**levels = {factor} "
                 f"(levels={self.levels}), found H={height}, W={width}"
             )
-        for name in ("steps_per_level", "hidden_channels", "coupling_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
+        check_at_least(self, 1, "steps_per_level", "hidden_channels", "coupling_depth")
         if not 1 <= self.n_bits <= 8:
             raise ValueError(f"n_bits: expected 1..8, found {self.n_bits}")
         if not 0.0 <= self.logit_alpha < 0.5:

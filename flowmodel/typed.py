@@ -147,6 +147,20 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def check_required(config: object, *names: str) -> None:
+    """ValueError naming the first of `names` that is empty on `config`."""
+    for name in names:
+        if not getattr(config, name):
+            raise ValueError(f"{name}: required, found an empty value")
+
+
+def check_at_least(config: object, bound: int, *names: str) -> None:
+    """ValueError naming the first of `names` whose value on `config` is below `bound`."""
+    for name in names:
+        if getattr(config, name) < bound:
+            raise ValueError(f"{name}: expected >= {bound}, found {getattr(config, name)}")
+
+
 # One entry of a Google-style "Attributes:" section: "name: text" or "name, other: text".
 _ATTRIBUTE = re.compile(r"^(?P<names>[A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*):\s*(?P<text>.*)$")
 

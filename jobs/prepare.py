@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+from flowmodel.typed import check_at_least, check_required
 from jobs.config import config_from_args, config_parser, setup_logging
 from jobs.errors import run_main
 from pipeline.data.images import ImageLimits
@@ -103,8 +104,7 @@ class PrepareConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
-        if not self.output:
-            raise ValueError("output: required, found an empty value")
+        check_required(self, "output")
         if self.size is not None:
             parse_size(self.size)
         if parse_bytes(self.shard_bytes) < 0 or parse_bytes(self.max_image_bytes) < 1:
@@ -112,9 +112,7 @@ class PrepareConfig:
                 f"shard_bytes >= 0 and max_image_bytes >= 1 expected, found {self.shard_bytes} "
                 f"and {self.max_image_bytes}"
             )
-        for name in ("shard_samples", "max_image_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
+        check_at_least(self, 1, "shard_samples", "max_image_pixels")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: expected >= 1 or none, found {self.limit}")
         if self.tasks < 0:

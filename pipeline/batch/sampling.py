@@ -33,6 +33,7 @@ import torch
 
 from flowmodel import Flow
 from flowmodel.errors import FlowrayError
+from flowmodel.typed import check_at_least, check_required
 from pipeline.batch.resolve import BatchModel, log_batch_run, resolve_batch_model
 from pipeline.data.images import encode_png
 from pipeline.data.shards import (
@@ -113,12 +114,8 @@ class SampleConfig:
     log_to_mlflow: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("model", "output"):
-            if not getattr(self, name):
-                raise ValueError(f"{name}: required, found an empty value")
-        for name in ("n", "chunk_size", "cpus_per_task", "shard_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
+        check_required(self, "model", "output")
+        check_at_least(self, 1, "n", "chunk_size", "cpus_per_task", "shard_samples")
         if self.tasks < 0:
             raise ValueError(f"tasks: expected >= 0 (0 = auto), found {self.tasks}")
         if self.gpus_per_task < 0:

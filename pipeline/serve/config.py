@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flowmodel.typed import check_at_least, check_required
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -71,8 +73,7 @@ class ServeConfig:
     decode_threads: int = 2
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model: required, found an empty value")
+        check_required(self, "model")
         if not 0 < self.port < 65536:
             raise ValueError(f"port: expected 1..65535, found {self.port}")
         if not self.route_prefix.startswith("/"):
@@ -80,12 +81,8 @@ class ServeConfig:
                 f"route_prefix: expected a path starting with /, found {self.route_prefix!r}"
             )
         limits = ("max_image_bytes", "max_json_bytes", "max_pixels")
-        for name in (*limits, "max_batch_size", "draws", "replicas", "decode_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
-        for name in ("batch_wait_ms", "reload_interval_s", "max_ongoing_requests"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, found {getattr(self, name)}")
+        check_at_least(self, 1, *limits, "max_batch_size", "draws", "replicas", "decode_threads")
+        check_at_least(self, 0, "batch_wait_ms", "reload_interval_s", "max_ongoing_requests")
         if self.cpus_per_replica <= 0:
             raise ValueError(f"cpus_per_replica: expected > 0, found {self.cpus_per_replica}")
 

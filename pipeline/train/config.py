@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flowmodel import FlowConfig, Precision
-from flowmodel.typed import from_dict, to_dict
+from flowmodel.typed import check_at_least, from_dict, to_dict
 from pipeline.storage import StorageConfig
 from pipeline.tracking.connection import default_workdir
 
@@ -71,8 +71,7 @@ class ScalingSettings:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers: expected >= 1, found {self.num_workers}")
+        check_at_least(self, 1, "num_workers")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker: expected > 0, found {self.cpus_per_worker}")
 
@@ -156,9 +155,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         cadences = ("eval_every", "checkpoint_every", "log_every", "sync_every")
-        for name in ("batch_size", "max_steps", *cadences):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
+        check_at_least(self, 1, "batch_size", "max_steps", *cadences)
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes: expected > 0, found {self.max_minutes}")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from flowmodel.errors import FlowrayError
+from flowmodel.typed import check_at_least, check_required
 from pipeline.storage import StorageConfig
 
 
@@ -71,15 +72,11 @@ class ScoreConfig:
     single_writer: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("model", "input", "output"):
-            if not getattr(self, name):
-                raise ValueError(f"{name}: required, found an empty value")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, found {self.batch_size}")
+        check_required(self, "model", "input", "output")
+        check_at_least(self, 1, "batch_size")
         if self.actors < 0:
             raise ValueError(f"actors: expected >= 0 (0 = auto), found {self.actors}")
-        if self.draws < 1:
-            raise ValueError(f"draws: expected >= 1, found {self.draws}")
+        check_at_least(self, 1, "draws")
         if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
             raise ValueError(
                 f"cpus_per_actor > 0 and gpus_per_actor >= 0 expected, found "
