@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flowmodel.typed import from_dict, to_dict
-from jobs.config import add_verbose_argument, job_parser
+from jobs.config import add_set_argument, add_verbose_argument, job_parser
 from pipeline.bench import SUITES
 from pipeline.config import ConfigError, apply_overrides
 
@@ -45,13 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("suite", nargs="?", choices=choices, help="the suite to run (default: all)")
     parser.add_argument("--suite", dest="suite_option", choices=choices, help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="seconds-long sizes of each suite")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a suite setting, e.g. --set minutes=10 (repeatable; see --list-settings)",
+    add_set_argument(
+        parser, "a suite setting, e.g. --set minutes=10 (repeatable; see --list-settings)"
     )
     parser.add_argument(
         "--config",

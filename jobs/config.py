@@ -104,13 +104,9 @@ def config_parser(
         help="YAML config file or preset name from jobs/configs "
         f"(default: {default_config or 'none: flags and --set only'})",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set batch_size=128 or --set "
+    add_set_argument(
+        parser,
+        "override one config value, e.g. --set batch_size=128 or --set "
         "storage.read_timeout=60; after --config, before flags (repeatable)",
     )
     chosen: dict[str, Sequence[str]] = {}
@@ -135,6 +131,13 @@ def config_parser(
         )
         add_verbose_argument(parser)
     return parser
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """--set KEY=VALUE (repeatable), collected in `args.overrides`: one form in every command."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def add_verbose_argument(parser: argparse.ArgumentParser) -> None:

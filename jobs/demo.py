@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.config import add_verbose_argument, job_parser, setup_logging
+from jobs.config import add_set_argument, add_verbose_argument, job_parser, setup_logging
 from jobs.errors import run_main
 from jobs.prepare import print_progress, summary_lines
 from pipeline.config import load_config
@@ -61,13 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-n", "--num", type=int, default=256, help="images to generate, as `flowray sample -n`"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a training config value of the {PRESET} preset, e.g. --set optim.lr=5e-4",
+    add_set_argument(
+        parser,
+        f"override a training config value of the {PRESET} preset, e.g. --set optim.lr=5e-4",
     )
     add_verbose_argument(parser)
     return parser
