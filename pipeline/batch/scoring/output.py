@@ -94,7 +94,7 @@ def parquet_name(shard: str) -> str:
 def shard_file(ref: ShardRef, first: Mapping[str, str] | None = None) -> str:
     """The output file of input shard `ref`, named so that a shard of other content gets another
     file: a foreign shard's `<stem>@<v12>.parquet`, v12 the first 12 hex digits of the sha256 of
-    its listed version (`pipeline.data.inputs.version_of`); a prepared shard's `<stem>.parquet`
+    its listed version (`pipeline.data.streams.version_of`); a prepared shard's `<stem>.parquet`
     while its manifest sha256 is the one `first` (PREPARED_SHARDS_KEY; None: settings older than
     that key) records for its name, else `<stem>@<s12>.parquet`, s12 its sha256's first 12 hex
     digits, so a split re-prepared at the same path is scored again where its shards changed."""
