@@ -399,7 +399,7 @@ def _replace_durably(temp: str, path: str) -> None:
     reaches the disk before the rename, and the rename before we return."""
     _fsync_path(temp)
     os.replace(temp, path)
-    _fsync_path(os.path.dirname(path) or ".")
+    _fsync_path(os.path.dirname(path))
 
 
 @contextlib.contextmanager
@@ -431,10 +431,9 @@ def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> b
     """Create `url` holding `data` unless it exists: the first writer wins and nobody rewrites it.
     Returns True when this call created the file, False when it was there already.
 
-    Local: a synced temp is hard-linked to the final name; link(2) refuses an existing name, so
-    the check and the creation are one atomic step. Without hard links, a rename with
-    RENAME_NOREPLACE (renameat2(2)); without that either, a rename after a check that the name is
-    free (exclusive against later writers, not against one racing it in that instant).
+    Local: a synced temp gets the final name by `_name_if_absent`, where the check and the
+    creation are one atomic step (except in its last fallback: exclusive against later writers,
+    not against one racing it in that instant).
 
     S3: an existing key is found first (HEAD); else one PUT with `If-None-Match: *` settles a race.
     Any 412 means the key exists (some stores leave out the `<Condition>` AWS names); a 409
@@ -454,12 +453,11 @@ def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> b
     path = _local_path(url)
     with _local_temp(path) as temp:
         Path(temp).write_bytes(data)
-        try:
-            return _link_durably(temp, path)
-        except OSError as err:
-            if err.errno not in _NO_HARD_LINKS:
-                raise
-            return _rename_if_absent(temp, path)
+        _fsync_path(temp)
+        if not _name_if_absent(temp, path):
+            return False
+        _fsync_path(os.path.dirname(path))
+        return True
 
 
 # A 409 ConditionalRequestConflict is retried this many times in all, waiting 0.1 s, 0.2 s, ...
@@ -518,18 +516,6 @@ _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 
-def _link_durably(temp: str, path: str) -> bool:
-    """Hard-link a complete temp to `path` unless `path` exists (then False), durably as
-    `_replace_durably` renames."""
-    _fsync_path(temp)
-    try:
-        os.link(temp, path)
-    except FileExistsError:
-        return False
-    _fsync_path(os.path.dirname(path) or ".")
-    return True
-
-
 def _renameat2_noreplace(temp: str, path: str) -> None:
     """rename(temp, path) that fails with FileExistsError when `path` exists (Linux renameat2);
     OSError(ENOSYS) where the C library has no renameat2."""
@@ -545,21 +531,29 @@ def _renameat2_noreplace(temp: str, path: str) -> None:
         raise OSError(code, os.strerror(code), path)
 
 
-def _rename_if_absent(temp: str, path: str) -> bool:
-    """`write_once` where hard links fail: one rename that refuses an existing name."""
-    if os.path.exists(path):
+def _name_if_absent(temp: str, path: str) -> bool:
+    """Give the complete `temp` the name `path` unless `path` exists (then False): link(2), which
+    refuses an existing name; without hard links, renameat2(2) with RENAME_NOREPLACE; without
+    that either, a rename after a check that the name is free."""
+    try:
+        os.link(temp, path)
+        return True
+    except FileExistsError:
         return False
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise
     try:
         _renameat2_noreplace(temp, path)
+        return True
     except FileExistsError:
         return False
     except OSError as err:
         if err.errno not in _NO_NOREPLACE:
             raise
-        if os.path.exists(path):  # no atomic no-replace rename here: check, then rename
-            return False
-        os.replace(temp, path)
-    _fsync_path(os.path.dirname(path) or ".")
+    if os.path.exists(path):
+        return False
+    os.replace(temp, path)
     return True
 
 

@@ -24,6 +24,7 @@ the token never goes into the job's environment.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import secrets
@@ -160,7 +161,19 @@ def describe(spec: JobSpec, url: str) -> str:
     lines.append(
         "  env: " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) if env else "none")
     )
-    lines.append(credentials_line(env_vars))
+    forwarded = sorted(name for name in env_vars if is_secret(name))
+    userinfo = sorted(name for name, value in env_vars.items() if _URL_PASSWORD.search(value))
+    if forwarded or userinfo:
+        lines.append(
+            f"  credentials: forwarded {', '.join(forwarded + userinfo)} (values masked here; the "
+            "Ray dashboard shows them to anyone who can read it)"
+        )
+    else:
+        lines.append(
+            "  credentials: none forwarded (the cluster's nodes use their own; "
+            "--forward-credentials sends this shell's AWS_*/MLFLOW_TRACKING_* credentials, "
+            "which the Ray dashboard then shows)"
+        )
     return "\n".join(lines)
 
 
@@ -297,9 +310,15 @@ def submit(
         waited, delay = waited + delay, min(delay * 2, 8.0)
 
 
-def status_name(status: Any) -> str:
-    """JobStatus.SUCCEEDED (an enum in Ray, a str subclass) -> "SUCCEEDED"."""
-    return str(getattr(status, "value", status))
+def _wait_for_end(client: JobClient, job_id: str, poll_s: float, wait_s: float = math.inf) -> str:
+    """The job's status name once it is TERMINAL, or when `wait_s` have passed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        status = client.get_job_status(job_id)
+        name = str(getattr(status, "value", status))  # JobStatus is an enum (a str subclass)
+        if name in TERMINAL or time.monotonic() >= deadline:
+            return name
+        time.sleep(poll_s)
 
 
 def follow(
@@ -316,11 +335,7 @@ def follow(
     except Exception as err:
         # The log websocket closed early (job server restarted, proxy timeout): keep waiting.
         out.write(f"[flowray submit] log stream interrupted ({_first_line(err)}); polling status\n")
-    while True:
-        status = status_name(client.get_job_status(job_id))
-        if status in TERMINAL:
-            return status
-        time.sleep(poll_s)
+    return _wait_for_end(client, job_id, poll_s)
 
 
 async def _tail(client: JobClient, job_id: str, out: TextIO, secrets: Sequence[str]) -> None:
@@ -358,12 +373,7 @@ def job_exit_code(client: JobClient, job_id: str, status: str) -> int:
 def stop(client: JobClient, job_id: str, wait_s: float = 60.0, poll_s: float = 1.0) -> str:
     """Ask the job server to stop the job and wait (up to wait_s) for it to end; return its status."""
     client.stop_job(job_id)
-    deadline = time.monotonic() + wait_s
-    status = status_name(client.get_job_status(job_id))
-    while status not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(poll_s)
-        status = status_name(client.get_job_status(job_id))
-    return status
+    return _wait_for_end(client, job_id, poll_s, wait_s)
 
 
 FORWARDED_VARIABLES = (
@@ -432,19 +442,3 @@ def mask(text: str, secrets_: Sequence[str]) -> str:
     for value in secrets_:
         text = text.replace(value, MASK)
     return text
-
-
-def credentials_line(env_vars: Mapping[str, str]) -> str:
-    """What `describe` says about credentials: which were forwarded, or that none were."""
-    forwarded = sorted(name for name in env_vars if is_secret(name))
-    userinfo = sorted(name for name, value in env_vars.items() if _URL_PASSWORD.search(value))
-    if not forwarded and not userinfo:
-        return (
-            "  credentials: none forwarded (the cluster's nodes use their own; "
-            "--forward-credentials sends this shell's AWS_*/MLFLOW_TRACKING_* credentials, "
-            "which the Ray dashboard then shows)"
-        )
-    return (
-        f"  credentials: forwarded {', '.join(forwarded + userinfo)} (values masked here; the "
-        "Ray dashboard shows them to anyone who can read it)"
-    )
