@@ -95,8 +95,8 @@ def preflight(config: TrainConfig, local_ray: bool) -> dict[str, InputPlan]:
         )
     # Registration refuses a NaN validation figure: find out now, not after the whole run.
     validation = plans["validation"]
-    if validation.manifest is not None:
-        usable = _readable_images(config.data.validation, validation.manifest, config.storage)
+    if validation.manifest is not None:  # the shards present with the manifest's size are read
+        usable = sum(r.expect.count for r in validation.shards if r.size == r.expect.bytes)
         found = f"{validation.manifest.count} in the manifest and {usable} in shards that can be read whole"
     else:  # foreign shards: counts are found by reading; one decodable image is enough here
         usable = len(list(itertools.islice(decoded_rows(config, validation), 1)))
@@ -121,7 +121,6 @@ def _checked_input(config: TrainConfig, role: str, url: str) -> InputPlan:
     a shard that disagrees with the manifest is left out by the reader, so only fail checks the
     shards here."""
     from pipeline.data.inputs import InputError, resolve_input
-    from pipeline.data.shards import load_manifest
 
     try:
         plan = resolve_input(url, config.storage)
@@ -131,32 +130,22 @@ def _checked_input(config: TrainConfig, role: str, url: str) -> InputPlan:
             f"WebDataset shards (a brace pattern, a prefix of .tar files or a list file); {error}",
             hint=error.hint,
         ) from None
-    if plan.manifest is None:
-        if plan.missing and config.data.on_error == "fail":
+    if config.data.on_error == "fail":
+        plan.check_shards()
+        if plan.missing:
             raise PreflightError(
                 f"data.{role} ({url}): {len(plan.missing)} shard(s) of the pattern or list do "
                 f"not exist, e.g. {plan.missing[0]}",
                 hint="fix the pattern, or set data.on_error=skip to leave them out",
             )
-        return plan
-    manifest = load_manifest(url, config.storage, check_shards=config.data.on_error == "fail")
-    if tuple(manifest.shape) != tuple(config.model.image_shape):
+    manifest = plan.manifest
+    if manifest is not None and tuple(manifest.shape) != tuple(config.model.image_shape):
         raise PreflightError(
             f"data.{role}: images are {list(manifest.shape)} (C, H, W) but model.image_shape is "
             f"{list(config.model.image_shape)}",
             hint="set model.image_shape to the data's shape, or prepare the data at the model's size",
         )
     return plan
-
-
-def _readable_images(url: str, manifest: Any, storage: Any) -> int:
-    """Images in the shards that are present with the manifest's size (the others are skipped)."""
-    from pipeline.data.shards import compare_shards
-    from pipeline.storage import list_files
-
-    diff = compare_shards(manifest, list_files(url, storage))
-    bad = set(diff.missing) | {name for name, _, _ in diff.wrong_size}
-    return sum(info.count for info in manifest.shards if info.name not in bad)
 
 
 def _mlflow_run(config: TrainConfig, tracking_uri: str, plans: dict[str, InputPlan]) -> str:
@@ -285,11 +274,14 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     tally = SkipTally.shared() if config.data.on_error == "skip" else None
     hooks = hooks or TrainHooks.from_environment()
     trainer = _trainer(config, plans, tally, tracking_uri, run_id, epoch, hooks)
+    images = f"{image_count(plans['train'])} training images"
+    if plans["train"].manifest is None:
+        images = f"{len(plans['train'].shards)} training shard(s) of WebDataset images"
     print(
         f"training {config.run.name}: {config.scaling.num_workers} workers x batch {config.batch_size}, "
         f"up to {config.max_steps} steps"
         + (f" or {config.max_minutes:g} minutes" if config.max_minutes else "")
-        + f"; {_describe_count(plans['train'])}, checkpoints in {config.run.storage_path}/{config.run.name}",
+        + f"; {images}, checkpoints in {config.run.storage_path}/{config.run.name}",
         flush=True,
     )
     try:
@@ -398,13 +390,6 @@ def _training_dataset(
         ).select_columns(["image"])
     finally:
         context.enable_progress_bars, context.execution_options.preserve_order = saved
-
-
-def _describe_count(plan: InputPlan) -> str:
-    count = image_count(plan)
-    if count is None:
-        return f"{len(plan.shards)} training shard(s) of WebDataset images"
-    return f"{count} training images"
 
 
 def _fit(trainer: TorchTrainer, config: TrainConfig) -> Result:
