@@ -28,10 +28,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from flowmodel.typed import from_dict, to_dict
+from flowmodel.typed import to_dict
 from jobs.config import add_set_argument, add_verbose_argument, job_parser
 from pipeline.bench import SUITES
-from pipeline.config import ConfigError, apply_overrides
+from pipeline.bench.harness import suite_settings
+from pipeline.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +73,7 @@ def _module(name: str) -> Any:
 def settings_for(name: str, smoke: bool, overrides: list[str]) -> Any:
     """A suite's typed settings: its defaults, then SMOKE's sizes, then the overrides."""
     module = _module(name)
-    data = {**to_dict(module.Settings()), **(module.SMOKE if smoke else {})}
-    return from_dict(module.Settings, apply_overrides(data, overrides))
+    return suite_settings(module.Settings, module.SMOKE if smoke else {}, overrides)
 
 
 def _resolve(

@@ -37,9 +37,8 @@ import torch
 import torch.distributed as dist
 
 from flowmodel import Flow, dequantize
-from flowmodel.typed import from_dict, to_dict
-from pipeline.bench.harness import Result, Run, Table, preset_flow, timed
-from pipeline.config import apply_overrides, load_config
+from pipeline.bench.harness import Result, Run, Table, preset_flow, suite_settings, timed
+from pipeline.config import load_config
 from pipeline.model.likelihood import keyed_noise, predict_frame
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
@@ -715,8 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", "--out", help="also write the tables here (and .json)")
     args = parser.parse_args(argv)
-    data = {**to_dict(Settings()), **(SMOKE if args.small else {}), "device": args.device}
-    settings = resolved(from_dict(Settings, apply_overrides(data, args.overrides)))
+    changes = {**(SMOKE if args.small else {}), "device": args.device}
+    settings = resolved(suite_settings(Settings, changes, args.overrides))
     if settings is None:
         print(NO_GPU, flush=True)
         return 0

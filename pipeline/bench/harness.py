@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from flowmodel import Flow, FlowConfig, build_flow
-from pipeline.config import load_config
+from flowmodel.typed import from_dict, to_dict
+from pipeline.config import apply_overrides, load_config
 from pipeline.storage import StorageConfig
 from pipeline.train.config import TrainConfig
 from pipeline.train.ema import EMA
@@ -54,6 +55,18 @@ def median(values: Sequence[float]) -> float:
     """The median of the finite values; NaN when there are none."""
     finite = [v for v in values if math.isfinite(v)]
     return statistics.median(finite) if finite else math.nan
+
+
+def medians(repeats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each key's `median` over the repeats' figures (keys in the first repeat's order)."""
+    return {key: median([figures[key] for figures in repeats]) for key in repeats[0]}
+
+
+def suite_settings(settings: type[T], changes: dict[str, Any], overrides: Sequence[str]) -> T:
+    """A suite's typed settings: its defaults, then `changes` (its SMOKE sizes), then the
+    `key=value` overrides."""
+    data = {**to_dict(settings()), **changes}
+    return from_dict(settings, apply_overrides(data, list(overrides)))
 
 
 def timed(work: Callable[[], T], device: torch.device | None = None) -> tuple[float, T]:
@@ -378,6 +391,35 @@ def run_race(racers: dict[str, Racer], log: Callable[[str], None] | None = None)
 
 
 # ----------------------------------------------------------------------------- Ray and S3
+
+
+def score_job(
+    model: str,
+    split: str,
+    output: Path,
+    workdir: Path,
+    batch_size: int,
+    interval: float = 0.5,
+    **options: Any,
+) -> tuple[float, Any, RssSampler]:
+    """`flowray score` of `split` into `output` (more ScoreConfig `options`, no MLflow logging):
+    its wall seconds, its ScoreResult and the memory of the process tree, sampled every
+    `interval` seconds while it ran."""
+    from pipeline.batch.scoring.job import ScoreConfig, score
+
+    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
+    config = ScoreConfig(
+        model=model,
+        input=split,
+        output=str(output),
+        batch_size=batch_size,
+        tracking_uri=tracking,
+        log_to_mlflow=False,
+        **options,
+    )
+    with RssSampler(interval) as memory:
+        seconds, result = timed(lambda: score(config))
+    return seconds, result, memory
 
 
 @contextmanager

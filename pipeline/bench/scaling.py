@@ -34,20 +34,11 @@ SMOKE = {"sizes": [256, 512], "shard_samples": 128, "batch_size": 128, "fresh_ra
 
 
 def _score_size(model: str, split: str, size: int, settings: Settings, run: Run) -> dict[str, Any]:
-    from pipeline.batch.scoring.job import ScoreConfig, score
-
     output = run.workdir / f"scores-{time.strftime('%Y%m%d-%H%M%S')}-{size}"
-    config = ScoreConfig(
-        model=model,
-        input=split,
-        output=str(output),
-        batch_size=settings.batch_size,
-        log_to_mlflow=False,
-        tracking_uri=f"sqlite:///{run.workdir / 'mlflow.db'}",
-    )
     run.log(f"scaling: scoring {size:,} images")
-    with harness.RssSampler() as memory:
-        seconds, result = harness.timed(lambda: score(config))
+    seconds, result, memory = harness.score_job(
+        model, split, output, run.workdir, settings.batch_size
+    )
     shutil.rmtree(output, ignore_errors=True)  # this run's own scores, not needed
     run.log(f"scaling: {size:,} images in {seconds:.1f} s, peak PSS {memory.peak_pss_mb:,.0f} MB")
     return {

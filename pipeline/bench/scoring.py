@@ -151,14 +151,21 @@ def _read_cost(split: str, shape: tuple[int, int, int], rows_per_block: int) -> 
         import io
         import pstats
 
-        from pipeline.data.ray_source import _read_task
-        from pipeline.data.reader import ReadOptions, _job
+        from pipeline.data.inputs import resolve_input
+        from pipeline.data.ray_source import TaskPlan, tasks_datasource
+        from pipeline.data.reader import iter_input
 
-        job = _job(split, None, ReadOptions(shape), None)
-        urls = list(job.refs)
+        plan = resolve_input(split)
+        urls = [ref.url for ref in plan.shards]
+
+        def rows(shards: list[str], seed: int | None, shuffle: bool) -> Iterator[dict]:
+            return iter_input(plan, shape=shape, shards=shards)
+
+        tasks = TaskPlan("read", urls, [None] * len(urls), 0, rows)
+        [task] = tasks_datasource(tasks, False, None, rows_per_block).get_read_tasks(1)
 
         def run() -> int:
-            return sum(b.num_rows for b in _read_task(job.rows, urls, None, False, rows_per_block))
+            return sum(block.num_rows for block in task())
 
         run()  # warm: imports, page cache
         runs = [harness.timed(run) for _ in range(3)]
@@ -176,20 +183,10 @@ def _score(
     settings: Settings, model: str, split: str, base: Path, s3: StorageConfig, tag: str
 ) -> dict[str, float]:
     """`flowray score` on `split` into a fresh prefix: images/s, wall time, peak PSS."""
-    from pipeline.batch.scoring.job import ScoreConfig, score
-
-    config = ScoreConfig(
-        model=model,
-        input=split,
-        output=str(base / "scores" / f"{tag}-{time.monotonic_ns()}"),
-        storage=s3,
-        batch_size=settings.batch_size,
-        actors=settings.actors,
-        tracking_uri=f"sqlite:///{base / 'mlflow.db'}",
-        log_to_mlflow=False,
+    output = base / "scores" / f"{tag}-{time.monotonic_ns()}"
+    seconds, result, memory = harness.score_job(
+        model, split, output, base, settings.batch_size, 0.25, storage=s3, actors=settings.actors
     )
-    with harness.RssSampler(interval=0.25) as memory:
-        seconds, result = harness.timed(lambda: score(config))
     return {"rate": result.images_per_second, "seconds": seconds, "pss": memory.peak_pss_mb}
 
 
@@ -201,7 +198,7 @@ def measure(settings: Settings, run: Run) -> Result:
     model = settings.model or harness.saved_preset_model(base, model_config)
     flow = load_flow(model)
     sizes = {"": n, f"_{growth}x": n * growth}
-    figures: dict[str, list[float]] = {}
+    repeats: list[dict[str, float]] = []
     peaks: dict[str, list[float]] = {"n": [], f"{growth}n": []}
     startups: list[float] = []
     # Stand-in credentials before Ray starts: its workers inherit them.
@@ -231,13 +228,12 @@ def measure(settings: Settings, run: Run) -> Result:
                 runs[f"score_s3{tag}"] = on_s3["rate"]
                 peaks["n" if not tag else f"{growth}n"].append(on_disk["pss"])
                 seconds.append(on_disk["seconds"])
-            for name, value in runs.items():
-                figures.setdefault(name, []).append(value)
+            repeats.append(runs)
             # The intercept of the line through the two runs' (images, seconds): the fixed cost.
             per_image = (seconds[1] - seconds[0]) / (n * growth - n)
             startups.append(seconds[0] - n * per_image)
         read = _read_cost(local[""], flow.config.image_shape, settings.batch_size)
-    results = {name: harness.median(values) for name, values in figures.items()}
+    results = harness.medians(repeats)
     report: dict[str, Any] = {
         "images": n,
         "repeats": settings.repeats,

@@ -103,7 +103,7 @@ def _prepared(
     """{backend: {"write", "read_iter", ["read_ray"], "mb"}}: medians over `repeats`."""
     split = next(iter(source.splits()))
     images = min(settings.images, source.splits()[split])
-    samples: dict[str, dict[str, list[float]]] = {name: {} for name in backends}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in backends}
     megabytes: dict[str, float] = {}
     options = {"splits": [split], "limit": images, "shard_samples": settings.shard_samples}
     for repeat in range(settings.repeats):
@@ -117,13 +117,8 @@ def _prepared(
             reads = _reads(join_url(out, split), source.shape, where, 1, settings.with_ray)
             figures = {"write": result.images_written / seconds}
             figures |= {f"read_{reader}": value for reader, value in reads.items()}
-            for key, value in figures.items():
-                samples[name].setdefault(key, []).append(value)
-    return {
-        name: {key: harness.median(values) for key, values in figures.items()}
-        | {"mb": megabytes[name]}
-        for name, figures in samples.items()
-    }
+            samples[name].append(figures)
+    return {name: harness.medians(runs) | {"mb": megabytes[name]} for name, runs in samples.items()}
 
 
 def _photos(count: int) -> list[tuple[str, bytes]]:
