@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -165,12 +165,7 @@ class Table:
         return "\n".join(lines + notes if lines else notes[1:])
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "title": self.title,
-            "headers": self.headers,
-            "rows": self.rows,
-            "notes": self.notes,
-        }
+        return {"title": self.title, **asdict(self)}  # the title first
 
 
 @dataclass(frozen=True)
@@ -239,22 +234,19 @@ def prepared_fashion_mnist(
     images: int | None = None,
     *,
     split: str = "test",
-    storage: StorageConfig | None = None,
     shard_samples: int = 500,
     workers: int = 0,
 ) -> str:
-    """The first `images` of a Fashion-MNIST split as shards under `out`; the split's URL. Past the
-    split's size, its images repeated with unique keys (local only, through `NpySource`, whose
-    one split is "train"). A finished split is found again, not rewritten."""
+    """The first `images` of a Fashion-MNIST split as shards under the local folder `out`; the
+    split's URL. Past the split's size, its images repeated with unique keys (through `NpySource`,
+    whose one split is "train"). A finished split is found again, not rewritten."""
     from pipeline.data.shards import ManifestError, load_manifest, prepare
     from pipeline.data.sources import NpySource, open_source
 
     source = open_source("idx:")
     if images is None or images <= source.splits()[split]:
-        prepare(source, out, storage, splits=[split], limit=images, shard_samples=shard_samples)
+        prepare(source, out, splits=[split], limit=images, shard_samples=shard_samples)
         return f"{out}/{split}"
-    if storage is not None:
-        raise ValueError(f"S3 inputs: at most the {split} split's images, asked for {images}")
     folder = Path(out)
     try:
         if load_manifest(str(folder / "train")).count == images:

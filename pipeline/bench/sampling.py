@@ -42,11 +42,11 @@ def measure(settings: Settings, run: Run) -> Result:
             count = min(chunk, images - index * chunk)
             flow.sample(count, temperature, torch.Generator().manual_seed(chunk_seed(0, index)))
 
-    figures: dict[str, list[float]] = {"in_process": [], "job": [], "job_draw": []}
+    repeats: list[dict[str, float]] = []
     with harness.local_ray():
         for _ in range(settings.repeats):
             with harness.torch_threads(None):
-                figures["in_process"].append(images / harness.timed(in_process)[0])
+                own = images / harness.timed(in_process)[0]
             config = SampleConfig(
                 model=model,
                 output=str(run.workdir / f"samples-{time.monotonic_ns()}"),
@@ -55,9 +55,9 @@ def measure(settings: Settings, run: Run) -> Result:
                 log_to_mlflow=False,
             )
             seconds, result = harness.timed(lambda config=config: generate(config))
-            figures["job"].append(images / seconds)
-            figures["job_draw"].append(result.images_per_second)
-    results = {name: harness.median(values) for name, values in figures.items()}
+            job = {"job": images / seconds, "job_draw": result.images_per_second}
+            repeats.append({"in_process": own, **job})
+    results = harness.medians(repeats)
     ratio, ratio_draw = (results[k] / results["in_process"] for k in ("job", "job_draw"))
     table = Table(
         ["measurement", "images", "images/s (median)", "vs in-process"],

@@ -130,7 +130,7 @@ def _same_work(flow: Any, model: str, split: str, batch_size: int, output: Path)
 
 
 def _to_s3(local: str, url: str, storage: StorageConfig) -> str:
-    """A prepared split copied to `url`: larger than the harness prepares on S3 directly."""
+    """A prepared split copied to `url` (the harness prepares on S3 at most the split's images)."""
     from pipeline.storage import fsspec_filesystem, join_url
 
     fs, _ = fsspec_filesystem(url, storage)
@@ -208,12 +208,8 @@ def measure(settings: Settings, run: Run) -> Result:
             for tag, size in sizes.items()
         }
         remote = {
-            "": harness.prepared_fashion_mnist(
-                f"s3://{harness.BENCH_BUCKET}/data-{n}", n, storage=s3
-            ),
-            f"_{growth}x": _to_s3(
-                local[f"_{growth}x"], f"s3://{harness.BENCH_BUCKET}/data-{n * growth}", s3
-            ),
+            tag: _to_s3(local[tag], f"s3://{harness.BENCH_BUCKET}/data-{size}", s3)
+            for tag, size in sizes.items()
         }
         first = _score(settings, model, local[""], base, s3, "first")  # starts Ray's workers
         for _ in range(settings.repeats):

@@ -251,9 +251,8 @@ def measure(settings: Settings, run: Run) -> Result:
         if settings.foreign_images:
             report["foreign"] = _foreign(base, backends, settings)
         s3_shards = settings.listing_s3_shards
-        counts = {"local": settings.listing_shards, "s3": s3_shards}
-        if s3_shards is None:
-            counts["s3"] = settings.listing_shards
+        local_shards = settings.listing_shards
+        counts = {"local": local_shards, "s3": local_shards if s3_shards is None else s3_shards}
         if any(counts.values()):
             report["listing"] = _listing(base, backends, counts)
     return Result(report, _tables(report))
