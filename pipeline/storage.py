@@ -404,9 +404,8 @@ def _replace_durably(temp: str, path: str) -> None:
 
 @contextlib.contextmanager
 def _local_temp(path: str) -> Iterator[str]:
-    """A temp name beside `path` (its folder created); the temp is removed if still there after."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = _local_temp_name(path)
+    """A new temp file beside `path`, removed if still there after."""
+    temp = make_temp_file(path)
     try:
         yield temp
     finally:

@@ -260,12 +260,10 @@ def connect(url: str) -> JobClient:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    _check_reachable(
-        parts.hostname or "",
-        parts.port or (443 if parts.scheme == "https" else 80),
-        f"the Ray job server at {url}",
-    )
-    return _client(url, f"the Ray job server at {url}", f"cannot use the Ray job server at {url}")
+    what = f"the Ray job server at {url}"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    _check_reachable(parts.hostname or "", port, what)
+    return _client(url, what, f"cannot use {what}")
 
 
 def _first_line(err: BaseException) -> str:
