@@ -97,16 +97,10 @@ class _Sender:
         self.images: deque[tuple[np.ndarray, str, int]] = deque(maxlen=MAX_BUFFERED_IMAGES)
         self.dropped_metrics = self.dropped_images = 0
         self.failing = False
-        self.busy = False  # a call to MLflow is under way
         self.closing = False
         self.deadline = math.inf  # when closing: give up after this (time.monotonic())
         self.condition = threading.Condition()
-        self.thread: threading.Thread | None = None
-
-    def _start(self) -> None:  # under the condition
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="flowray-mlflow", daemon=True)
-            self.thread.start()
+        self.thread = threading.Thread(target=self._run, name="flowray-mlflow", daemon=True)
 
     def put(self, items: list[Any], images: bool = False) -> None:
         """Queues metrics (or images), dropping the oldest past the queue's bound."""
@@ -118,22 +112,20 @@ class _Sender:
                 before = len(queue)
                 queue.extend(items)
                 dropped = before + len(items) - len(queue)
-                self._start()
+                if self.thread.ident is None:  # started at the first put
+                    self.thread.start()
                 self.condition.notify_all()
             if images:
                 self.dropped_images += dropped
             else:
                 self.dropped_metrics += dropped
 
-    def queued(self) -> int:
-        with self.condition:
-            return len(self.metrics) + len(self.images)
-
     def wait(self, timeout: float) -> bool:
-        """Waits until the queue is sent or `timeout` passes; True when sent."""
+        """Waits until the queue is sent or `timeout` passes; True when sent (what is being sent
+        leaves the queue once MLflow has taken it)."""
         deadline = time.monotonic() + timeout
         with self.condition:
-            while self.metrics or self.images or self.busy:
+            while self.metrics or self.images:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -146,9 +138,8 @@ class _Sender:
                 self.closing = True
                 self.deadline = time.monotonic() + timeout
             self.condition.notify_all()
-            thread = self.thread
-        if thread is not None:
-            thread.join(max(self.deadline - time.monotonic(), 0) + 1.0)
+        if self.thread.ident is not None:  # no put starts it once closing
+            self.thread.join(max(self.deadline - time.monotonic(), 0) + 1.0)
         with self.condition:
             lost = (
                 len(self.metrics) + self.dropped_metrics,
@@ -180,7 +171,6 @@ class _Sender:
                 image_turn = bool(self.images) and (image_next or not self.metrics)
                 chunk = [] if image_turn else list(itertools.islice(self.metrics, LOG_BATCH_LIMIT))
                 image = self.images[0] if image_turn else None
-                self.busy = True
             try:
                 if chunk:
                     self.client.log_batch(self.run_id, metrics=chunk)
@@ -189,7 +179,6 @@ class _Sender:
                     self.client.log_image(self.run_id, pixels, key=key, step=step)
             except Exception as error:
                 with self.condition:
-                    self.busy = False
                     if not self.failing:
                         self.failing = True
                         self.note(
@@ -207,7 +196,6 @@ class _Sender:
             tries = 0
             image_next = not image_turn
             with self.condition:
-                self.busy = False
                 if chunk:
                     for _ in chunk:
                         self.metrics.popleft()

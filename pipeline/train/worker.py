@@ -201,21 +201,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         training, state = _restore_or_init(worker, ray.train.get_checkpoint())
         _step_loop(worker, training, state)
     except NonFiniteLoss as stop:
-        _report_stop(worker, stop)
+        # Ray Train retries every raised error, and a retry would resume into the same
+        # divergence. So the workers (all stopped at the same step) return normally, and rank 0
+        # leaves the reason in the run's folder, where the driver raises it as final after fit().
+        if worker.is_chief:
+            say(f"stopped: {stop}")
+            write_bytes_atomic(
+                worker.run_file(NONFINITE_STOP), str(stop).encode(), worker.config.storage
+            )
     finally:
         stop_system_metrics(monitor)
         worker.logger.close()  # what is still queued goes out (or is counted) before the loop ends
-
-
-def _report_stop(worker: _Worker, stop: NonFiniteLoss) -> None:
-    """Ray Train retries every raised error, and a retry would resume into the same divergence.
-    So the workers (all stopped at the same step) return normally, and rank 0 leaves the reason
-    in the run's folder, where the driver reads it after `fit()` and raises it as final."""
-    if worker.is_chief:
-        say(f"stopped: {stop}")
-        write_bytes_atomic(
-            worker.run_file(NONFINITE_STOP), str(stop).encode(), worker.config.storage
-        )
 
 
 def _ddp(flow: Flow) -> torch.nn.Module:
