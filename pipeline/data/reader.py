@@ -58,7 +58,7 @@ import logging
 import re
 import tarfile
 import zlib
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -254,7 +254,14 @@ def _tar_files(stream: Any) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
                     ) from None
                 end = f"{type(err).__name__}: {err}"
                 break
-            end = yield from _tarfile_files(_Chained(block, buffered))
+            chained = _Chained(block, buffered)
+            with tarfile.open(fileobj=chained, mode="r|", tarinfo=_EndAware) as archive:
+                archive.flowray_end = "no end"  # type: ignore[attr-defined]
+                for member in archive:
+                    if member.isfile():
+                        extracted = archive.extractfile(member)
+                        yield member.name, member.size, extracted.read if extracted else bytes
+            end = archive.flowray_end  # type: ignore[attr-defined]
             break
         first = False
         name, size, is_file = header
@@ -275,18 +282,6 @@ def _tar_files(stream: Any) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
             raise _truncated()
     if end:
         raise tarfile.ReadError(f"archive ends without its end-of-archive blocks ({end})")
-
-
-def _tarfile_files(stream: Any) -> Generator[tuple[str, int, Callable[[], bytes]], None, str]:
-    """`_tar_files` through tarfile (any header it knows); returns how the archive ended ("" at
-    its end blocks)."""
-    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAware) as archive:
-        archive.flowray_end = "no end"  # type: ignore[attr-defined]
-        for member in archive:
-            if member.isfile():
-                extracted = archive.extractfile(member)
-                yield member.name, member.size, extracted.read if extracted else bytes
-        return archive.flowray_end  # type: ignore[attr-defined]
 
 
 def tar_samples(
@@ -729,10 +724,7 @@ def read_input(
 
 
 def fetch_images(
-    url: str,
-    keys: Iterable[str],
-    shape: tuple[int, int, int],
-    storage: StorageConfig | None = None,
+    url: str, keys: Iterable[str], shape: tuple[int, int, int], storage: StorageConfig | None = None
 ) -> dict[str, FittedImage]:
     """The images of `keys` in the shard at `url` (prepared or foreign), fitted to `shape`.
 

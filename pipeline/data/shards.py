@@ -464,53 +464,40 @@ def prepare(
         )
     results = {}
     for split in chosen:
-        results[split] = _prepare_split(
-            source,
-            split,
-            join_url(out_url, split),
-            storage,
-            count=min(available[split], limit) if limit is not None else available[split],
-            shard_samples=shard_samples,
-            shard_bytes=shard_bytes,
-            workers=workers,
-            on_error=on_error,
-            progress=progress,
-        )
+        started = time.perf_counter()
+        split_url = join_url(out_url, split)
+        _sweep_leftovers(split_url, storage)
+        count = min(available[split], limit) if limit is not None else available[split]
+        per_shard = _samples_per_shard(source, split, count, shard_samples, shard_bytes)
+        plans = [
+            (i, start, min(start + per_shard, count))
+            for i, start in enumerate(range(0, count, per_shard))
+        ]
+        fingerprint = _split_fingerprint(source, split, count, per_shard)
+        job = ShardJob(source, split, split_url, storage, fingerprint, on_error)
+        results[split] = _prepare_split(job, plans, workers, progress, started)
     return PrepareResult(out_url, results)
 
 
 def _prepare_split(
-    source: ImageSource,
-    split: str,
-    split_url: str,
-    storage: StorageConfig | None,
-    *,
-    count: int,
-    shard_samples: int,
-    shard_bytes: int | None,
+    job: ShardJob,
+    plans: list[tuple[int, int, int]],
     workers: int,
-    on_error: OnError,
     progress: Callable[[ShardEvent], None] | None,
+    started: float,
 ) -> SplitResult:
-    """Plan the shards, check a previous run's manifest, write what is missing, then the manifest."""
-    started = time.perf_counter()
-    _sweep_leftovers(split_url, storage)
-    per_shard = _samples_per_shard(source, split, count, shard_samples, shard_bytes)
-    plans = [
-        (i, start, min(start + per_shard, count))
-        for i, start in enumerate(range(0, count, per_shard))
-    ]
-    fingerprint = _split_fingerprint(source, split, count, per_shard)
-    manifest_url = join_url(split_url, MANIFEST_NAME)
+    """Check a previous run's manifest, write the shards `plans` lists that are missing, then
+    the manifest."""
+    source, split, storage = job.source, job.split, job.storage
+    manifest_url = join_url(job.split_url, MANIFEST_NAME)
     previous = existing_manifest(manifest_url, storage)
-    if previous is not None and previous.fingerprint != fingerprint:
+    if previous is not None and previous.fingerprint != job.fingerprint:
         # An earlier run with other settings: its shards would mix with ours.
         raise PrepareError(
-            f"{split_url} already holds a split prepared with other settings "
+            f"{job.split_url} already holds a split prepared with other settings "
             f"(source {previous.source}, {previous.count} images of shape {list(previous.shape)})",
             hint="write to a new --output, or rerun with the options used before",
         )
-    job = ShardJob(source, split, split_url, storage, fingerprint, on_error)
     finished: dict[int, ShardResult] = {}  # by shard index
 
     def report(result: ShardResult) -> None:
@@ -536,7 +523,7 @@ def _prepare_split(
         shards=shards,
         source=source.description,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        fingerprint=fingerprint,
+        fingerprint=job.fingerprint,
         has_labels=source.has_labels,
         classes=tuple(source.classes) if source.classes else None,
         skipped_inputs=sum(r.skipped_inputs for r in finished.values()),
