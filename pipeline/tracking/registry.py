@@ -109,7 +109,7 @@ class ModelVersionInfo:
     """One registered version as `flowray models list` shows it."""
 
     version: str
-    val_bits_per_dim: float  # nan when the version has no tag
+    val_bits_per_dim: float  # nan when the version has no numeric tag
     aliases: tuple[str, ...]
     run_id: str
     created: str  # ISO 8601, UTC
@@ -141,12 +141,11 @@ def list_models(name: str | None = None) -> list[RegisteredModelInfo]:
         aliases = {alias: str(v) for alias, v in sorted((model.aliases or {}).items())}
         versions = []
         for mv in client.search_model_versions(f"name='{model.name}'"):
-            tag = mv.tags.get(VAL_TAG)
             created = datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc)
             versions.append(
                 ModelVersionInfo(
                     version=str(mv.version),
-                    val_bits_per_dim=float(tag) if tag is not None else math.nan,
+                    val_bits_per_dim=_bits_per_dim(mv.tags),
                     aliases=tuple(a for a, v in aliases.items() if v == str(mv.version)),
                     run_id=mv.run_id or "",
                     created=created.isoformat(timespec="seconds"),
@@ -291,33 +290,28 @@ def promote(name: str, version: str, force: bool = False, alias: str = CHAMPION)
             f"found {tags.get(VAL_TAG)!r}"
         )
     try:
-        current: str | None = str(client.get_model_version_by_alias(name, alias).version)
+        current = str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
-        current = None
-    promoted, reason = _decide(client, name, version, new, current, force, alias)
+        current = ""
+    held = current not in ("", version)
+    old = _bits_per_dim(client.get_model_version(name, current).tags) if held else math.nan
+    promoted, reason = _decide(alias, version, current, new, old, force)
     if promoted:
         client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "promotion", reason)
     log.info("model %s v%s: %s", name, version, reason)
-    return Promotion(version=version, promoted=promoted, reason=reason, previous=current or "")
+    return Promotion(version=version, promoted=promoted, reason=reason, previous=current)
 
 
 def _decide(
-    client: MlflowClient,
-    name: str,
-    version: str,
-    new: float,
-    current: str | None,
-    force: bool,
-    alias: str,
+    alias: str, version: str, current: str, new: float, old: float, force: bool
 ) -> tuple[bool, str]:
-    """Whether `version` (validation bits/dim `new`) takes `alias` from `current`, and why, in
-    the words the jobs print: "now champion (3.4100 < v2's 3.4500)"."""
-    if current is None:
+    """Whether `version` (validation bits/dim `new`) takes `alias` from `current` (`old`; "" when
+    none holds it), and why, in the words the jobs print: "now champion (3.4100 < v2's 3.4500)"."""
+    if not current:
         return True, f"now {alias} (no previous {alias})"
     if current == version:
         return True, f"already {alias}"
-    old = _bits_per_dim(client.get_model_version(name, current).tags)
     if not math.isfinite(old):  # a version without the tag (an older flowray's)
         return True, f"now {alias} (v{current} has no validation bits/dim)"
     if new < old:
