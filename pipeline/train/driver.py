@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,7 +444,7 @@ def _finish(
     skipped = tally.total() if tally is not None else 0
     client = MlflowClient(tracking_uri)
     rates = [m.value for m in client.get_metric_history(run_id, "images_per_second")]
-    rate = sorted(rates)[len(rates) // 2] if rates else math.nan
+    rate = statistics.median_high(rates) if rates else math.nan
     model_uri = _log_final(config, tracking_uri, run_id, ema_flow, state, val_bpd, skipped)
     calibration = _calibration(config, ema_flow)
     promotion = register_flow(

@@ -100,7 +100,6 @@ class _Worker:
         return self.rank == 0
 
     def run_file(self, name: str) -> str:
-        """The URL of `name` in the run's folder."""
         return join_url(self.config.run.storage_path, self.config.run.name, name)
 
 
