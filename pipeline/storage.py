@@ -216,12 +216,15 @@ def join_url(base: str, *parts: str) -> str:
 
 
 @contextlib.contextmanager
-def _translated(url: str, storage: StorageConfig | None, writing: bool = False) -> Iterator[None]:
-    """Turn the errors users meet (no endpoint, no credentials, no bucket) into StorageError. A
-    write to S3 that finds nothing there lost its bucket mid-run (jobs check it at start, and S3
-    has no folders): a runtime failure, not a usage error."""
+def _filesystem(
+    url: str, storage: StorageConfig | None, writing: bool = False
+) -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
+    """`fsspec_filesystem(url, storage)` for the block, whose errors users meet (no endpoint, no
+    credentials, no bucket) become StorageError. A write to S3 that finds nothing there lost its
+    bucket mid-run (jobs check it at start, and S3 has no folders): a runtime failure, not a
+    usage error."""
     try:
-        yield
+        yield fsspec_filesystem(url, storage)
     except FileNotFoundError as err:
         if writing:
             raise StorageError(
@@ -282,9 +285,8 @@ def check_access(url: str, storage: StorageConfig | None = None) -> None:
     if not is_s3(url):
         _local_path(url)
         return
-    fs, path = fsspec_filesystem(url, storage)
-    bucket = path.split("/", 1)[0]
-    with _translated(url, storage):
+    with _filesystem(url, storage) as (fs, path):
+        bucket = path.split("/", 1)[0]
         try:
             fs.ls(bucket, detail=False)
         except FileNotFoundError as err:
@@ -292,8 +294,7 @@ def check_access(url: str, storage: StorageConfig | None = None) -> None:
 
 
 def exists(url: str, storage: StorageConfig | None = None) -> bool:
-    fs, path = fsspec_filesystem(url, storage)
-    with _translated(url, storage):
+    with _filesystem(url, storage) as (fs, path):
         return bool(fs.exists(path))
 
 
@@ -302,8 +303,7 @@ def list_tree(
 ) -> dict[str, dict]:
     """{full URL: fsspec info} of the files directly under the prefix `url` (with `recursive`,
     under it at any depth); {} when there is none. One recursive listing beats a walk on S3."""
-    fs, path = fsspec_filesystem(url, storage)
-    with _translated(url, storage):
+    with _filesystem(url, storage) as (fs, path):
         try:
             if recursive:
                 entries = fs.find(path, detail=True)
@@ -328,8 +328,7 @@ def list_files(url: str, storage: StorageConfig | None = None) -> dict[str, int]
 
 
 def read_bytes(url: str, storage: StorageConfig | None = None) -> bytes:
-    fs, path = fsspec_filesystem(url, storage)
-    with _translated(url, storage):
+    with _filesystem(url, storage) as (fs, path):
         return fs.cat_file(path)
 
 
@@ -416,8 +415,7 @@ def _local_temp(path: str) -> Iterator[str]:
 def write_bytes_atomic(url: str, data: bytes, storage: StorageConfig | None = None) -> None:
     """Write `data` to `url` so that readers see the old content or all of the new, never a part."""
     if is_s3(url):
-        fs, key = fsspec_filesystem(url, storage)
-        with _translated(url, storage, writing=True):
+        with _filesystem(url, storage, writing=True) as (fs, key):
             fs.pipe_file(key, data)
         return
     path = _local_path(url)
@@ -444,8 +442,7 @@ def write_once(url: str, data: bytes, storage: StorageConfig | None = None) -> b
         StorageError: S3 refused the write for another reason, or kept answering 409.
     """
     if is_s3(url):
-        fs, key = fsspec_filesystem(url, storage)
-        with _translated(url, storage):
+        with _filesystem(url, storage) as (fs, key):
             if fs.exists(key):
                 return False
         return _put_if_absent(url, data, storage)
@@ -577,8 +574,7 @@ def check_write_once(url: str, storage: StorageConfig | None = None) -> None:
             raise StorageError(f"write-once probe {probe} existed before it was created")
         refused = not create(probe, b"second", storage)
     finally:
-        fs, path = fsspec_filesystem(probe, storage)
-        with contextlib.suppress(FileNotFoundError), _translated(probe, storage):
+        with contextlib.suppress(FileNotFoundError), _filesystem(probe, storage) as (fs, path):
             fs.rm_file(path)
     if refused:
         return
@@ -597,8 +593,7 @@ def check_write_once(url: str, storage: StorageConfig | None = None) -> None:
 def put_file_atomic(local_file: str, url: str, storage: StorageConfig | None = None) -> None:
     """Copy a finished local file to `url` atomically (see `write_bytes_atomic`)."""
     if is_s3(url):
-        fs, key = fsspec_filesystem(url, storage)
-        with _translated(url, storage, writing=True):
+        with _filesystem(url, storage, writing=True) as (fs, key):
             fs.put_file(local_file, key)
         return
     path = _local_path(url)
