@@ -24,7 +24,6 @@ import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
 import numpy as np
@@ -103,28 +102,34 @@ class _Array(NamedTuple):
         return np.frombuffer(data, self.dtype).reshape(stop - start, *self.shape[1:])
 
 
-def _array_images(
-    images: _Array,
-    labels: _Array | None,
-    layout: str,
-    shape: tuple[int, int, int],
-    storage: StorageConfig | None,
-    indices: Sequence[int],
-) -> Iterator[SourceImage]:
-    """The images (and labels) of `indices` from arrays, fitted to `shape`, keyed "<file>#<i>"."""
-    channels, *size = shape
-    name = images.url.rsplit("/", 1)[-1]
-    for start, stop in _runs(indices):
-        block = images.rows(storage, start, stop)
-        if layout == "NHW":
-            block = block[..., None]  # (n, H, W) -> (n, H, W, 1)
-        elif layout == "NCHW":
-            block = block.transpose(0, 2, 3, 1)  # (n, C, H, W) -> (n, H, W, C)
-        found = labels.rows(storage, start, stop) if labels is not None else None
-        for i in range(stop - start):
-            label = int(found[i]) if found is not None else None
-            image = fit_array(block[i], channels, tuple(size))
-            yield SourceImage(f"{name}#{start + i}", image, label)
+class _ArraySource:
+    """Images read by seeking in arrays (IdxSource, NpySource): per split (images, labels or
+    None), the images laid out as `layout` (NHW, NHWC or NCHW), fitted to `shape`."""
+
+    storage: StorageConfig | None
+    shape: tuple[int, int, int]
+    layout: str
+    arrays: dict[str, tuple[_Array, _Array | None]]
+
+    def splits(self) -> dict[str, int]:
+        return {split: images.shape[0] for split, (images, _) in self.arrays.items()}
+
+    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
+        """The images (and labels) of `indices`, keyed "<file>#<i>"."""
+        images, labels = self.arrays[split]
+        channels, *size = self.shape
+        name = images.url.rsplit("/", 1)[-1]
+        for start, stop in _runs(indices):
+            block = images.rows(self.storage, start, stop)
+            if self.layout == "NHW":
+                block = block[..., None]  # (n, H, W) -> (n, H, W, 1)
+            elif self.layout == "NCHW":
+                block = block.transpose(0, 2, 3, 1)  # (n, C, H, W) -> (n, H, W, C)
+            found = labels.rows(self.storage, start, stop) if labels is not None else None
+            for i in range(stop - start):
+                label = int(found[i]) if found is not None else None
+                image = fit_array(block[i], channels, tuple(size))
+                yield SourceImage(f"{name}#{start + i}", image, label)
 
 
 @functools.lru_cache(maxsize=4)
@@ -172,7 +177,7 @@ def _find_idx(folder: str, prefix: str, kind: str, storage: StorageConfig | None
     return join_url(folder, (gz or matches)[0])
 
 
-class IdxSource:
+class IdxSource(_ArraySource):
     """MNIST-format IDX files (.gz or raw) in a folder: splits "train" and "test", labels 0-9."""
 
     _PREFIXES = {"train": "train", "test": "t10k"}
@@ -185,9 +190,7 @@ class IdxSource:
         size: tuple[int, int] | None = None,
     ) -> None:
         check_target(channels, size)
-        self.folder = folder
-        self.storage = storage
-        self._files: dict[str, tuple[_Array, _Array]] = {}
+        self.folder, self.storage, self.layout, self.arrays = folder, storage, "NHW", {}
         for split, prefix in self._PREFIXES.items():
             images = _read_idx_header(_find_idx(folder, prefix, "images-idx3", storage), storage)
             labels = _read_idx_header(_find_idx(folder, prefix, "labels-idx1", storage), storage)
@@ -200,17 +203,10 @@ class IdxSource:
                     f"{folder}: {split} images {images.shape} and labels {labels.shape} disagree: "
                     "expected [N, H, W] images and [N] labels"
                 )
-            self._files[split] = (images, labels)
-        native = self._files["train"][0].shape[1:]
+            self.arrays[split] = (images, labels)
+        native = self.arrays["train"][0].shape[1:]
         self.shape = (channels or 1, *(size or native))
         self.description, self.classes, self.has_labels = f"idx:{folder}", None, True
-
-    def splits(self) -> dict[str, int]:
-        return {split: images.shape[0] for split, (images, _) in self._files.items()}
-
-    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
-        images, labels = self._files[split]
-        return _array_images(images, labels, "NHW", self.shape, self.storage, indices)
 
 
 def _read_npy_header(url: str, storage: StorageConfig | None) -> _Array:
@@ -232,7 +228,7 @@ def _read_npy_header(url: str, storage: StorageConfig | None) -> _Array:
     return _Array(url, tuple(shape), np.dtype(dtype), offset)
 
 
-class NpySource:
+class NpySource(_ArraySource):
     """Images in a .npy array ([N, H, W], [N, H, W, C] or [N, C, H, W], uint8, C in 1, 3, 4;
     channels-last when the last axis allows) and optional integer labels [N] in a second .npy.
     One split, "train"."""
@@ -274,14 +270,7 @@ class NpySource:
         labels = f",{self.labels.url}" if self.labels else ""
         self.description = f"npy:{self.images.url}{labels}"
         self.classes, self.has_labels = None, self.labels is not None
-
-    def splits(self) -> dict[str, int]:
-        return {"train": self.images.shape[0]}
-
-    def read(self, split: str, indices: Sequence[int]) -> Iterator[SourceImage]:
-        return _array_images(
-            self.images, self.labels, self.layout, self.shape, self.storage, indices
-        )
+        self.arrays = {"train": (self.images, self.labels)}
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -350,8 +339,7 @@ class FolderSource:
 _CENSUS_THREADS = 8  # shards counted at once: I/O bound, each a stream of its own
 
 
-@dataclass(frozen=True)
-class _Census:
+class _Census(NamedTuple):
     """One shard counted: its samples, whether all carry `cls`, and why it ended early."""
 
     count: int
