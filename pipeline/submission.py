@@ -163,17 +163,14 @@ def describe(spec: JobSpec, url: str) -> str:
     )
     forwarded = sorted(name for name in env_vars if is_secret(name))
     userinfo = sorted(name for name, value in env_vars.items() if _URL_PASSWORD.search(value))
-    if forwarded or userinfo:
-        lines.append(
-            f"  credentials: forwarded {', '.join(forwarded + userinfo)} (values masked here; the "
-            "Ray dashboard shows them to anyone who can read it)"
-        )
-    else:
-        lines.append(
-            "  credentials: none forwarded (the cluster's nodes use their own; "
-            "--forward-credentials sends this shell's AWS_*/MLFLOW_TRACKING_* credentials, "
-            "which the Ray dashboard then shows)"
-        )
+    lines.append(
+        f"  credentials: forwarded {', '.join(forwarded + userinfo)} (values masked here; the "
+        "Ray dashboard shows them to anyone who can read it)"
+        if forwarded or userinfo
+        else "  credentials: none forwarded (the cluster's nodes use their own; "
+        "--forward-credentials sends this shell's AWS_*/MLFLOW_TRACKING_* credentials, "
+        "which the Ray dashboard then shows)"
+    )
     return "\n".join(lines)
 
 
