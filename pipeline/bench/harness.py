@@ -386,29 +386,15 @@ def run_race(racers: dict[str, Racer], log: Callable[[str], None] | None = None)
 
 
 def score_job(
-    model: str,
-    split: str,
-    output: Path,
-    workdir: Path,
-    batch_size: int,
-    interval: float = 0.5,
-    **options: Any,
+    model: str, split: str, output: Path, workdir: Path, interval: float = 0.5, **options: Any
 ) -> tuple[float, Any, RssSampler]:
     """`flowray score` of `split` into `output` (more ScoreConfig `options`, no MLflow logging):
-    its wall seconds, its ScoreResult and the memory of the process tree, sampled every
-    `interval` seconds while it ran."""
+    its wall seconds, its ScoreResult and the process tree's memory, sampled every `interval` s."""
     from pipeline.batch.scoring.job import ScoreConfig, score
 
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
-    config = ScoreConfig(
-        model=model,
-        input=split,
-        output=str(output),
-        batch_size=batch_size,
-        tracking_uri=tracking,
-        log_to_mlflow=False,
-        **options,
-    )
+    options |= {"model": model, "input": split, "output": str(output)}
+    config = ScoreConfig(tracking_uri=tracking, log_to_mlflow=False, **options)
     with RssSampler(interval) as memory:
         seconds, result = timed(lambda: score(config))
     return seconds, result, memory

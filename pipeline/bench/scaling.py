@@ -36,9 +36,8 @@ SMOKE = {"sizes": [256, 512], "shard_samples": 128, "batch_size": 128, "fresh_ra
 def _score_size(model: str, split: str, size: int, settings: Settings, run: Run) -> dict[str, Any]:
     output = run.workdir / f"scores-{time.strftime('%Y%m%d-%H%M%S')}-{size}"
     run.log(f"scaling: scoring {size:,} images")
-    seconds, result, memory = harness.score_job(
-        model, split, output, run.workdir, settings.batch_size
-    )
+    batch = settings.batch_size
+    seconds, result, memory = harness.score_job(model, split, output, run.workdir, batch_size=batch)
     shutil.rmtree(output, ignore_errors=True)  # this run's own scores, not needed
     run.log(f"scaling: {size:,} images in {seconds:.1f} s, peak PSS {memory.peak_pss_mb:,.0f} MB")
     return {

@@ -184,9 +184,8 @@ def _score(
 ) -> dict[str, float]:
     """`flowray score` on `split` into a fresh prefix: images/s, wall time, peak PSS."""
     output = base / "scores" / f"{tag}-{time.monotonic_ns()}"
-    seconds, result, memory = harness.score_job(
-        model, split, output, base, settings.batch_size, 0.25, storage=s3, actors=settings.actors
-    )
+    options = {"storage": s3, "batch_size": settings.batch_size, "actors": settings.actors}
+    seconds, result, memory = harness.score_job(model, split, output, base, 0.25, **options)
     return {"rate": result.images_per_second, "seconds": seconds, "pss": memory.peak_pss_mb}
 
 
