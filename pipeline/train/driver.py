@@ -437,10 +437,9 @@ def _finish(
 
     with result.checkpoint.as_directory() as directory:
         _, ema_flow, state = load_checkpoint(Path(directory))
-    validation = [v for v in state.history["validation"] if v[0] == state.step]
-    val_bpd = (
-        validation[-1][1] if validation else float(result.metrics.get("val_bits_per_dim", math.nan))
-    )
+    # The last step's evaluation (the reported metrics carry it exactly when the history does).
+    last = [bpd for step, bpd in state.history["validation"] if step == state.step]
+    val_bpd = last[-1] if last else math.nan
     skipped = tally.total() if tally is not None else 0
     client = MlflowClient(tracking_uri)
     rates = [m.value for m in client.get_metric_history(run_id, "images_per_second")]
