@@ -69,7 +69,6 @@ def preflight(config: TrainConfig, local_ray: bool) -> dict[str, InputPlan]:
     from pipeline.train.worker import decoded_rows
 
     # Resources first: they fail without touching storage.
-
     cores = os.cpu_count() or 1
     if local_ray and config.scaling.num_workers * config.scaling.cpus_per_worker > cores:
         raise PreflightError(
