@@ -196,11 +196,17 @@ class _Sender:
             tries = 0
             image_next = not image_turn
             with self.condition:
-                if chunk:
-                    for _ in chunk:
-                        self.metrics.popleft()
-                else:
-                    self.images.popleft()
+                # What was sent leaves the head of its queue. A put that overflowed the queue
+                # meanwhile pushed the oldest of it out and counted them as dropped: they were
+                # sent, so they are not (popping them by count would drop unsent ones instead).
+                queue = self.metrics if chunk else self.images
+                for item in chunk or [image]:
+                    if queue and queue[0] is item:
+                        queue.popleft()
+                    elif chunk:
+                        self.dropped_metrics -= 1
+                    else:
+                        self.dropped_images -= 1
                 if self.failing and not (self.metrics or self.images):
                     self.failing = False
                     self.note("MLflow answers again: buffered metrics sent")

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from ray.train.v2._internal.execution import context
 
+from pipeline.train import reporting
 from pipeline.train.config import TrainConfig
 from pipeline.train.reporting import (
     HTTP_SETTINGS,
@@ -179,6 +181,40 @@ def test_what_cannot_be_sent_by_close_is_counted_and_said(tmp_path: Path) -> Non
         "MLflow: 2 metric value(s) and 1 image(s) of this run were never logged (the tracking "
         "server did not answer in time)"
     )
+
+
+class GatedClient:
+    """A real MLflow client whose first `log_batch` waits until the test opens the gate."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.client = client
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def log_batch(self, run_id: str, metrics: list[Any]) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.gate.wait(60)
+        self.client.log_batch(run_id, metrics=metrics)
+
+
+def test_a_queue_overflowing_during_a_send_drops_only_unsent_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reporting, "MAX_BUFFERED_METRICS", 4)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("overflow")).info.run_id
+    logger = RunLogger(uri, run_id, active=True, note=lambda line: None)
+    gated = GatedClient(client)
+    logger.sender.client = gated
+    logger.metrics({"loss": 1.0}, step=1)
+    assert gated.entered.wait(60)  # step 1 is being sent
+    for step in range(2, 7):  # the queue holds 4: steps 1 (in flight) and 2 are pushed out
+        logger.metrics({"loss": float(step)}, step=step)
+    gated.gate.set()
+    assert logger.sender.wait(60)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 3, 4, 5, 6]
+    assert logger.close() == (1, 0)  # step 2, the one value never sent
 
 
 def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
