@@ -12,14 +12,13 @@ application running on the cluster and returns. The model reloads when its alias
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
 import threading
 from dataclasses import replace
 
-from jobs._batch import check_tracking_server
+from jobs._batch import check_tracking_server, connect_ray
 from jobs.config import config_from_args, config_parser, setup_logging
 from jobs.errors import UserError, run_main
 
@@ -71,7 +70,7 @@ def serve(args: argparse.Namespace) -> int:
         check_port_free(config.host, config.port)
     check_model(config)  # before Ray starts: a wrong reference fails in seconds
     stopped = _stop_on_signals()  # before starting: a Ctrl-C during start-up still stops cleanly
-    _connect(args.address)
+    connect_ray(args.address, args.verbose)
     info = start(config, model_checked=True)
     print(
         f"serving {info.reference} ({info.name} v{info.version}, images {'x'.join(map(str, info.image_shape))})\n"
@@ -87,18 +86,6 @@ def serve(args: argparse.Namespace) -> int:
     print("stopping", flush=True)
     stop(config, shutdown=not on_cluster)
     return 0
-
-
-def _connect(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(address="local", include_dashboard=False, **quiet)
 
 
 def _stop_on_signals() -> threading.Event:
