@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 
 from flowmodel.errors import FlowrayError
-from pipeline.data.images import BadImage, ImageLimits, open_image
-from pipeline.data.images import decode_fitted as decode_fitted_image
+from pipeline.data.images import BadImage, ImageLimits, decode_fitted, open_image
 from pipeline.model.pyfunc import as_uint8_images, image_keys
 from pipeline.serve.config import RequestLimits
 
@@ -111,25 +110,17 @@ def parse_request(
     body that is not an image or not the documented JSON."""
     if mime == JSON_TYPE:
         return _from_json(body, shape)
-    image = decode_fitted(body, shape, limits)
-    return [ScoreItem(image, image_keys(image[None], [key] if key else None)[0])]
-
-
-def decode_fitted(
-    data: bytes, shape: Sequence[int], limits: RequestLimits | None = None
-) -> np.ndarray:
-    """Encoded image bytes as uint8 [C, H, W] in `shape` (`images.decode_fitted`, prepare's
-    path), its pixels checked against `limits` from the header, before decoding."""
-    limits = limits or RequestLimits()
     channels, height, width = shape
-    # Pillow's own bomb check stays; the pixel limit is this server's (`_check_pixels`).
-    unlimited = ImageLimits(max_pixels=2**62, max_bytes=len(data) or 1)
+    # Pillow's own bomb check stays; the pixel limit is this server's (`_check_pixels`), checked
+    # from the header before decoding; then prepare's path (`images.decode_fitted`).
+    unlimited = ImageLimits(max_pixels=2**62, max_bytes=len(body) or 1)
     try:
-        with open_image(data, unlimited) as image:
-            _check_pixels(image.size, image.mode, limits)
-        return decode_fitted_image(data, channels, (height, width), unlimited).pixels
+        with open_image(body, unlimited) as header:
+            _check_pixels(header.size, header.mode, limits)
+        image = decode_fitted(body, channels, (height, width), unlimited).pixels
     except BadImage as err:
         raise BadRequest(f"image: {err}") from err
+    return [ScoreItem(image, image_keys(image[None], [key] if key else None)[0])]
 
 
 def _check_pixels(size: tuple[int, int], mode: str, limits: RequestLimits) -> None:
@@ -165,19 +156,15 @@ def _from_json(body: bytes, shape: Sequence[int]) -> list[ScoreItem]:
         raise BadRequest(
             f"images: expected at most {MAX_IMAGES_PER_REQUEST} per request, found {len(values)}"
         )
-    try:
-        images = as_uint8_images(_array(values), shape)
-        keys = image_keys(images, keys)
-    except ValueError as err:
-        raise BadRequest(str(err)) from err
-    return [ScoreItem(image, key) for image, key in zip(images, keys)]
-
-
-def _array(values: Any) -> np.ndarray:
-    # A ragged list becomes an object array (refused by its dtype); numpy raises on some.
-    try:
-        return np.asarray(values)
+    try:  # a ragged list becomes an object array (refused by its dtype); numpy raises on some
+        array = np.asarray(values)
     except ValueError as err:
         raise BadRequest(
             f"images: expected a rectangular array, found a ragged one ({err})"
         ) from err
+    try:
+        images = as_uint8_images(array, shape)
+        keys = image_keys(images, keys)
+    except ValueError as err:
+        raise BadRequest(str(err)) from err
+    return [ScoreItem(image, key) for image, key in zip(images, keys)]

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.images import decode_fitted
 from pipeline.serve.config import ServeConfig
-from pipeline.serve.requests import decode_fitted
 from pipeline.serve.runner import ServingInfo, start, stop
 from tests.pipeline.flow_fixtures import MODEL_NAME, TrainedModel
 from tests.pipeline.serve.conftest import ScoredImages, free_port
@@ -121,7 +121,7 @@ def test_a_jpeg_photo_is_fitted_to_the_models_shape_like_prepare_fits_folders(
     jpeg = buffer.getvalue()
     status, answer = request(f"{serving.url}/score", jpeg, "image/jpeg")
     assert status == 200, answer
-    fitted = decode_fitted(jpeg, (1, 28, 28))
+    fitted = decode_fitted(jpeg, 1, (28, 28)).pixels
     body = json.dumps({"image": fitted.astype(int).tolist()}).encode()
     status, same = request(f"{serving.url}/score", body, "application/json")
     assert status == 200, same
