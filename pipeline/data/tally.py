@@ -4,8 +4,7 @@
     ds = read_input(plan, storage, shape=shape, on_error="skip", tally=tally)
     ...consume ds...
     tally.outcomes()[url]               # ShardOutcome(complete=True, rows=9998, ...), by shard URL
-    tally.left_out()                    # the shards that could not be read whole, with why
-    tally.total(), tally.by_shard(), tally.records()[:5], tally.summary()
+    tally.total(), tally.records()[:5]  # samples not handed on; the first skip records
 
 A shard's outcome is reported before its last row is handed on (`pipeline.data.reader`), so by
 the time a stream has ended every shard's outcome is in the tally. `complete`: every byte read
@@ -152,11 +151,7 @@ class SkipTally:
 
     def total(self) -> int:
         """Samples expected that were not handed on (bad images, shards left out)."""
-        return sum(self.by_shard().values())
-
-    def by_shard(self) -> dict[str, int]:
-        """{shard: samples not handed on}, for shards that lost any."""
-        return {name: o.lost for name, o in self.outcomes().items() if o.lost}
+        return sum(o.lost for o in self.outcomes().values())
 
     def records(self) -> list[Skipped]:
         """The first 1000 skip records, in report order."""
@@ -170,23 +165,6 @@ class SkipTally:
     def outcomes(self) -> dict[str, ShardOutcome]:
         """{shard: outcome} of every shard read (or refused) so far."""
         return dict(sorted(self._call("state")[1].items()))
-
-    def left_out(self) -> list[ShardOutcome]:
-        """The shards that could not be read whole, by URL."""
-        return [o for o in self.outcomes().values() if not o.complete]
-
-    def summary(self) -> str:
-        lost = self.by_shard()
-        left_out = self.left_out()
-        if not lost and not left_out:
-            return "skipped 0 samples"
-        shards = ", ".join(f"{name}: {count}" for name, count in lost.items())
-        line = f"skipped {sum(lost.values())} samples ({shards})"
-        if left_out:
-            reasons = "; ".join(f"{o.shard}: {o.reason}" for o in left_out[:5])
-            more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
-            line += f"; {len(left_out)} shard(s) left out ({reasons}{more})"
-        return line
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._actor is None:
