@@ -62,12 +62,13 @@ def check_tracking_server(
         return uri
     parts = urllib.parse.urlsplit(uri)
     headers = {}
-    if parts.username is not None or parts.password is not None:
-        user = urllib.parse.unquote(parts.username or "")
-        password = urllib.parse.unquote(parts.password or "")
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at:
+        user, _, password = userinfo.partition(":")
+        credentials = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+        token = base64.b64encode(credentials.encode()).decode()
         headers["Authorization"] = f"Basic {token}"
-        parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
+        parts = parts._replace(netloc=host)
     health = urllib.parse.urlunsplit(parts).rstrip("/") + "/health"
     try:
         request = urllib.request.Request(health, headers=headers)

@@ -22,7 +22,7 @@ from jobs.config import add_set_argument, add_verbose_argument, job_parser, setu
 from jobs.errors import run_main
 from jobs.prepare import print_progress, summary_lines
 from pipeline.config import load_config
-from pipeline.tracking.connection import default_workdir
+from pipeline.tracking.connection import default_tracking_uri, default_workdir
 
 if TYPE_CHECKING:  # the pipeline is imported when a step runs, so --help stays fast
     from pipeline.batch.sampling import SampleResult
@@ -82,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The four steps, each printed as it starts, then what they left behind."""
-    from pipeline.tracking.connection import default_tracking_uri
-
     workdir = Path(args.workdir or default_workdir()).resolve()
     tracking_uri = default_tracking_uri(workdir)
     source = args.source or f"idx:{os.environ.get('FASHION_MNIST_DIR', '')}"

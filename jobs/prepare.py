@@ -115,8 +115,7 @@ class PrepareConfig:
         check_at_least(self, 1, "shard_samples", "max_image_pixels")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: expected >= 1 or none, found {self.limit}")
-        if self.tasks < 0:
-            raise ValueError(f"tasks: expected >= 0, found {self.tasks}")
+        check_at_least(self, 0, "tasks")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -186,7 +186,7 @@ def _drift(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
     if args.command is None:
         p.print_help(sys.stderr)
         return EXIT_USAGE

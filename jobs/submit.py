@@ -206,7 +206,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     # Ray logs each .gitignore it honours and each default exclude while it packs working_dir:
     # keep its upload line, drop that chatter.
     for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir"):
