@@ -6,6 +6,7 @@ gives it the shards and the function. Imported only where a Ray dataset is built
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,14 +34,9 @@ def _rows_to_block(rows: list[dict]) -> Any:
 
 
 def _read_task(read: ReadShards, urls: list[str], seed: int | None, shuffle: bool, per_block: int):
-    rows: list[dict] = []
-    for row in read(urls, seed, shuffle):
-        rows.append(row)
-        if len(rows) == per_block:
-            yield _rows_to_block(rows)
-            rows = []
-    if rows:
-        yield _rows_to_block(rows)
+    rows = read(urls, seed, shuffle)
+    while block := list(itertools.islice(rows, per_block)):
+        yield _rows_to_block(block)
 
 
 @dataclass(frozen=True)
