@@ -118,8 +118,7 @@ class SampleConfig:
         check_at_least(self, 1, "n", "chunk_size", "cpus_per_task", "shard_samples")
         if self.tasks < 0:
             raise ValueError(f"tasks: expected >= 0 (0 = auto), found {self.tasks}")
-        if self.gpus_per_task < 0:
-            raise ValueError(f"gpus_per_task: expected >= 0, found {self.gpus_per_task}")
+        check_at_least(self, 0, "gpus_per_task")
         if self.temperature < 0 or any(t < 0 for t in self.grid_temperatures):
             raise ValueError("temperature and grid_temperatures: expected >= 0")
 
@@ -276,7 +275,7 @@ def _draw(config: SampleConfig, payload: FlowPayload) -> list[ShardInfo]:
     """Run the chunks as Ray tasks and write their images into shards, in image order."""
     import ray
 
-    chunks = [
+    queue = [
         (i, min(config.chunk_size, config.n - i * config.chunk_size))
         for i in range(math.ceil(config.n / config.chunk_size))
     ]
@@ -293,7 +292,7 @@ def _draw(config: SampleConfig, payload: FlowPayload) -> list[ShardInfo]:
     device = "cuda" if on_gpu else "cpu"
     payload_ref = ray.put(payload)
     writer = _ShardsInOrder(config.output, config.storage, config.shard_samples)
-    queue, in_flight = list(chunks), []
+    in_flight: list[ray.ObjectRef] = []
     try:
         # In-order consumption with `window` chunks in flight: shards come out in image order.
         while queue or in_flight:

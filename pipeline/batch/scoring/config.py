@@ -82,8 +82,7 @@ class ScoreConfig:
                 f"cpus_per_actor > 0 and gpus_per_actor >= 0 expected, found "
                 f"{self.cpus_per_actor} and {self.gpus_per_actor}"
             )
-        if self.least_likely < 0:
-            raise ValueError(f"least_likely: expected >= 0, found {self.least_likely}")
+        check_at_least(self, 0, "least_likely")
         if not 0 < self.flag_quantile < 1:
             raise ValueError(f"flag_quantile: expected in (0, 1), found {self.flag_quantile}")
 

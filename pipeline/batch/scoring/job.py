@@ -62,6 +62,7 @@ from pipeline.data.inputs import InputPlan, resolve_input
 from pipeline.data.tally import SkipTally
 from pipeline.model.calibration import Calibration, DropTally
 from pipeline.storage import (
+    StorageConfig,
     WriteOnceUnsupported,
     check_access,
     check_write_once,
@@ -102,13 +103,13 @@ class _Plan:
 
 @dataclass(frozen=True)
 class _Collected:
-    written: tuple[str, ...]
-    files: tuple[str, ...]  # their Parquet files
     stats: ScoreStats
-    images_skipped: int  # bad images left out of the shards written
-    left_out: tuple[tuple[str, str], ...]  # (shard, reason): shards that got no file
-    images_left_out: int  # images of those shards, by their manifest (foreign: samples met)
-    seconds: float
+    written: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()  # their Parquet files
+    images_skipped: int = 0  # bad images left out of the shards written
+    left_out: tuple[tuple[str, str], ...] = ()  # (shard, reason): shards that got no file
+    images_left_out: int = 0  # images of those shards, by their manifest (foreign: samples met)
+    seconds: float = 0.0
 
 
 def score(
@@ -127,7 +128,7 @@ def score(
     if plan.targets or plan.present:
         check_settings(plan.prefix, plan.settings, config.storage)
     if not plan.targets:
-        result = _result(plan, _Collected((), (), ScoreStats(keep=0), 0, (), 0, 0.0))
+        result = _result(plan, _Collected(ScoreStats(keep=0)))
         logger.info(result.line())
         return result
     logger.info(
@@ -141,9 +142,8 @@ def score(
     # A tally under "fail" too: the outcomes tell a shard read whole with no image in it (an
     # empty file, so it is not read again) from one never read.
     tally = SkipTally.shared()
-    shards = list(plan.targets)
     shape = plan.model.image_shape
-    rows = build_pipeline(config, plan.model.payload, plan.input, shards, tally, shape)
+    rows = build_pipeline(config, plan.model.payload, plan.input, list(plan.targets), tally, shape)
     calibration, drop = plan.calibration, None
     if calibration is not None:
         drop = DropTally(calibration.threshold(config.flag_quantile), calibration.bits_mean)
@@ -274,8 +274,8 @@ def _targets(
     source: InputPlan,
     names: list[str],
     prefix: str,
-    storage: Any,
-    first: dict[str, str] | None = None,
+    storage: StorageConfig,
+    first: dict[str, str] | None,
 ) -> tuple[dict[str, ShardTarget], int]:
     """The shards without a file (`shard_file`: named by version, or by content against
     `first`), and how many of them had a file of other content (rewritten in place or
@@ -319,7 +319,7 @@ def _collect(
     rows: Any,
     tally: SkipTally,
     on_shard_written: Callable[[str], None] | None,
-    drop: DropTally | None = None,
+    drop: DropTally | None,
 ) -> _Collected:
     """Stream the score rows into the shard files, the statistics and `drop` (flagged at its
     threshold) until the pipeline ends."""

@@ -331,16 +331,14 @@ class ShardCollector:
             self._close_without_outcomes()
             return
         for shard in sorted(set(self.targets) - self._finished):
-            state = self._partial.get(shard, _Partial())
+            state = self._partial.setdefault(shard, _Partial())
             outcome = outcomes.get(shard)
             reason = _left_out_reason(outcome, len(state.keys))
-            label = self.targets[shard].label
             if reason:
-                self._partial.pop(shard, None)
-                self.left_out[label] = reason
-                continue
-            self._partial.setdefault(shard, state)
-            self._finish(shard, outcome.skipped_keys if outcome else ())
+                del self._partial[shard]
+                self.left_out[self.targets[shard].label] = reason
+            else:
+                self._finish(shard, outcome.skipped_keys if outcome else ())
         for label, reason in sorted(self.left_out.items()):
             logger.warning("left out shard %s (no file written): %s", label, reason)
 

@@ -141,11 +141,11 @@ def report(
     config: ScoreConfig,
     result: ScoreResult,
     stats: ScoreStats,
-    tally: SkipTally | None,
+    tally: SkipTally,
     tracking_uri: str,
     shape: tuple[int, int, int],
-    calibration: Calibration | None = None,
-    drop: DropTally | None = None,
+    calibration: Calibration | None,
+    drop: DropTally | None,
 ) -> ScoreResult:
     """Write the summary files under _summary/<time>/ and log the MLflow summary run; returns
     `result` with where they went and its drift verdict (against `calibration`, of `drop`)."""
@@ -190,7 +190,7 @@ def report(
         "drift": {"level": result.drift_level, "line": result.drift},
         "files": list(result.files_written),
         "left_out": [{"shard": s, "reason": r} for s, r in result.shards_left_out],
-        "skipped": [dataclasses.asdict(s) for s in tally.records()[:100]] if tally else [],
+        "skipped": [dataclasses.asdict(s) for s in tally.records()[:100]],
     }
     text = json.dumps(summary, indent=1, default=str, allow_nan=False)
     files["summary.json"] = text.encode()
