@@ -24,11 +24,9 @@ from flowmodel import Flow
 from pipeline.batch.resolve import resolve_batch_model
 from pipeline.bench import harness
 from pipeline.bench.harness import Result, Run, Table
-from pipeline.config import load_config
 from pipeline.model.likelihood import predict_levels
 from pipeline.model.scores import add_png_complexity, ood_score
 from pipeline.tracking.connection import resolve_tracking_uri
-from pipeline.train.config import TrainConfig
 
 SIDE = 28  # the sets are 28x28 grayscale, Fashion-MNIST's shape
 
@@ -189,7 +187,7 @@ SMOKE = {"images": 24, "in_distribution": 48, "reference": 48}
 def _flow(settings: Settings, run: Run) -> tuple[Flow, str]:
     """The model and its label."""
     if settings.model is None:
-        model = load_config(TrainConfig, settings.preset).model
+        model = harness.preset_config(settings.preset).model
         _, images = harness.fashion_mnist("train", 512)
         return harness.preset_flow(model, images).eval(), f"the {settings.preset} preset, untrained"
     if settings.model.startswith(("models:/", "runs:/")):
@@ -198,6 +196,10 @@ def _flow(settings: Settings, run: Run) -> tuple[Flow, str]:
         mlflow.set_tracking_uri(resolve_tracking_uri(settings.tracking_uri, run.workdir))
     resolved = resolve_batch_model(settings.model)
     return resolved.flow, f"{resolved.label} ({settings.model})"
+
+
+def _separation(inliers: np.ndarray, outliers: np.ndarray) -> dict[str, float]:
+    return {"auroc": auroc(inliers, outliers), "fpr95": fpr_at_95_tpr(inliers, outliers)}
 
 
 def _parts(flow: Flow, images: np.ndarray, keys: list[str], settings: Settings) -> Parts:
@@ -237,15 +239,8 @@ def measure(settings: Settings, run: Run) -> Result:
             parts[name] = _parts(flow, made, [f"{name}-{i:05d}" for i in range(n)], settings)
             run.log(f"{name}: {n} images, mean bits/dim {parts[name].bits.mean():.3f}")
     load.append(harness.load_average())
-    inlier_scores = {score: fn(ins, ref) for score, (fn, _) in SCORES.items()}
     results = {
-        name: {
-            score: {
-                "auroc": auroc(inlier_scores[score], fn(p, ref)),
-                "fpr95": fpr_at_95_tpr(inlier_scores[score], fn(p, ref)),
-            }
-            for score, (fn, _) in SCORES.items()
-        }
+        name: {score: _separation(fn(ins, ref), fn(p, ref)) for score, (fn, _) in SCORES.items()}
         for name, p in parts.items()
     }
     foreign = [name for name in SETS if name != "fashion (control)"]

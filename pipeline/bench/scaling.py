@@ -123,7 +123,7 @@ def measure(settings: Settings, run: Run) -> Result:
 def role_table(rows: list[dict[str, Any]], top: int = 8) -> Table:
     """PSS by process role at each size's peak: the `top` roles at the largest size, the rest
     summed as "other"."""
-    roles = [row.get("peak_pss_by_role_mb", {}) for row in rows]
+    roles = [row["peak_pss_by_role_mb"] for row in rows]
     names = sorted(roles[-1], key=lambda name: -roles[-1][name])[:top]
     body = [[name, *(by_role.get(name, 0.0) for by_role in roles)] for name in names]
     body.append(

@@ -10,7 +10,6 @@ a local directory (no registry, no reloading).
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -103,7 +102,7 @@ async def _level(
         "errors": tally["errors"],
         "seconds": elapsed,
         "requests_per_second": done / elapsed if elapsed > 0 else float("nan"),
-        "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+        "p50_ms": 1000 * harness.median(latencies),
         "p95_ms": 1000 * float(np.percentile(latencies, 95)) if latencies else float("nan"),
         "mean_batch": float(np.mean(batches)) if batches else float("nan"),
     }

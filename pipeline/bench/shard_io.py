@@ -164,9 +164,9 @@ def _foreign(base: Path, backends: dict[str, _Where], settings: Settings) -> dic
     repeats, results = min(settings.repeats, 2), {}
     for name, where in backends.items():
         foreign, storage = str(base / "foreign-jpeg"), where.storage
-        out = join_url(str(base / "foreign-local"), "foreign-prepared")
+        out = join_url(where.root, "foreign-prepared")
         if storage is not None:
-            foreign, out = join_url(where.root, "foreign"), join_url(where.root, "foreign-prepared")
+            foreign = join_url(where.root, "foreign")
             for path in paths:
                 fs, key = fsspec_filesystem(join_url(foreign, path.name), storage)
                 fs.put_file(str(path), key)
@@ -204,13 +204,13 @@ def _tiny_shards(prefix: str, count: int, storage: StorageConfig | None) -> None
         backend.put_object(harness.BENCH_BUCKET, f"{key}/{i:06d}.tar", empty)
 
 
-def _listing(base: Path, backends: dict[str, _Where], counts: dict[str, int]) -> dict[str, Any]:
+def _listing(backends: dict[str, _Where], counts: dict[str, int]) -> dict[str, Any]:
     results = {}
     for name, where in backends.items():
         count = counts[name]
         if not count:
             continue
-        prefix = str(base / "tiny") if where.storage is None else join_url(where.root, "tiny")
+        prefix = join_url(where.root, "tiny")
         _tiny_shards(prefix, count, where.storage)
         pattern = join_url(prefix, f"{{000000..{count - 1:06d}}}.tar")
         figures = {}
@@ -250,11 +250,10 @@ def measure(settings: Settings, run: Run) -> Result:
             report["results"] = _prepared(source, backends, settings)
         if settings.foreign_images:
             report["foreign"] = _foreign(base, backends, settings)
-        s3_shards = settings.listing_s3_shards
-        local_shards = settings.listing_shards
-        counts = {"local": local_shards, "s3": local_shards if s3_shards is None else s3_shards}
+        local, s3_shards = settings.listing_shards, settings.listing_s3_shards
+        counts = {"local": local, "s3": local if s3_shards is None else s3_shards}
         if any(counts.values()):
-            report["listing"] = _listing(base, backends, counts)
+            report["listing"] = _listing(backends, counts)
     return Result(report, _tables(report))
 
 

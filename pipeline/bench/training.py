@@ -137,8 +137,8 @@ def measure(settings: Settings, run: Run) -> Result:
         init_images=min(config.init_images, limit or config.init_images),
     )
     _, images = harness.fashion_mnist("train", limit)
-    samples: dict[str, list[float]] = {"flowray_in_process": [], "normflows_in_process": []}
-    samples |= {key: [] for key in RAY_RUNS}
+    runs = ("flowray_in_process", "normflows_in_process", *RAY_RUNS)
+    samples: dict[str, list[float]] = {key: [] for key in runs}
     stopped: list[str] = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with harness.torch_threads(cores), harness.local_ray(cores + 2, dashboard=True):
