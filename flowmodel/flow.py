@@ -41,11 +41,6 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
     return -0.5 * (z.pow(2).sum(1) + z.shape[1] * LOG_2PI)
 
 
-def reduce_bits(images: Tensor, n_bits: int) -> Tensor:
-    """uint8 images -> integer levels in [0, 2**n_bits), as int64."""
-    return images.long() >> (8 - n_bits)
-
-
 def dequantize(
     images: Tensor,
     n_bits: int,
@@ -60,7 +55,7 @@ def dequantize(
     images' device, or given as `noise` (same shape as images, values in [0, 1)) when the caller
     needs noise that does not depend on batch order (keyed evaluation).
     """
-    x = reduce_bits(images, n_bits)
+    x = images.long() >> (8 - n_bits)  # integer levels in [0, 2**n_bits)
     if noise is None:
         # Drawn where the generator lives, so a CPU generator gives the same noise for a GPU model.
         where = generator.device if generator is not None else x.device

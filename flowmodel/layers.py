@@ -270,17 +270,15 @@ class Coupling(Bijection):
         # state, so checkpoints never hold it.
         self.autocast_dtype: torch.dtype | None = None
 
-    def _conditioner(self, x_a: Tensor) -> Tensor:
-        if self.autocast_dtype is None:
-            return self.net(x_a)
-        # Only the conditioner (most of the FLOPs) runs in low precision: the scale, shift and
-        # log-det are formed in the input's dtype.
-        with torch.autocast(device_type=x_a.device.type, dtype=self.autocast_dtype):
-            h = self.net(x_a)
-        return h.to(x_a.dtype)
-
     def _params(self, x_a: Tensor) -> tuple[Tensor, Tensor | None]:
-        h = self._conditioner(x_a)
+        if self.autocast_dtype is None:
+            h = self.net(x_a)
+        else:
+            # Only the conditioner (most of the FLOPs) runs in low precision: the scale, shift
+            # and log-det are formed in the input's dtype.
+            with torch.autocast(device_type=x_a.device.type, dtype=self.autocast_dtype):
+                h = self.net(x_a)
+            h = h.to(x_a.dtype)
         if not self.affine:
             return h, None
         shift, raw = h.chunk(2, dim=1)
