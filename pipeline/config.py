@@ -84,15 +84,14 @@ def load_config(
 ) -> T:
     """YAML at `path` (a file or preset name; None: defaults only), then `--set` overrides, then
     `flags` (dotted key -> value, used as it is; None: not given), validated by `from_dict`."""
-    data: dict[str, Any] = {}
+    data: Any = {}
     if path:
         file = preset_path(path)
-        loaded = _parse(file.read_text()) or {}
-        if not isinstance(loaded, dict):
+        data = _parse(file.read_text()) or {}
+        if not isinstance(data, dict):
             raise ConfigError(
-                f"{file}: expected a mapping at the top level, found {type(loaded).__name__}"
+                f"{file}: expected a mapping at the top level, found {type(data).__name__}"
             )
-        data = loaded
     data = apply_overrides(data, overrides or [])
     for key, value in (flags or {}).items():
         if value is not None:

@@ -8,16 +8,6 @@ from flowmodel.typed import check_at_least, check_required
 
 
 @dataclass(frozen=True)
-class RequestLimits:
-    """What one request may hold (checked by pipeline.serve.requests; ServeConfig says what each
-    limit is and validates it)."""
-
-    max_image_bytes: int = 16 << 20
-    max_json_bytes: int = 8 << 20
-    max_pixels: int = 4096 * 4096
-
-
-@dataclass(frozen=True)
 class ServeConfig:
     """One served model.
 
@@ -67,9 +57,9 @@ class ServeConfig:
     replicas: int = 1
     cpus_per_replica: float = 1.0
     access_log: bool = True
-    max_image_bytes: int = RequestLimits.max_image_bytes
-    max_json_bytes: int = RequestLimits.max_json_bytes
-    max_pixels: int = RequestLimits.max_pixels
+    max_image_bytes: int = 16 << 20
+    max_json_bytes: int = 8 << 20
+    max_pixels: int = 4096 * 4096
     decode_threads: int = 2
 
     def __post_init__(self) -> None:
@@ -85,10 +75,6 @@ class ServeConfig:
         check_at_least(self, 0, "batch_wait_ms", "reload_interval_s", "max_ongoing_requests")
         if self.cpus_per_replica <= 0:
             raise ValueError(f"cpus_per_replica: expected > 0, found {self.cpus_per_replica}")
-
-    @property
-    def limits(self) -> RequestLimits:
-        return RequestLimits(self.max_image_bytes, self.max_json_bytes, self.max_pixels)
 
     @property
     def ongoing_requests(self) -> int:

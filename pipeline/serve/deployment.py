@@ -41,7 +41,7 @@ class FlowScoring:
 
         mlflow.set_tracking_uri(config.tracking_uri)  # resolved by the driver
         self.holder = ModelHolder(config.model, config.seed, config.draws, config.reload_interval_s)
-        self.limits = config.limits
+        self.config = config
         self.decoder = ThreadPoolExecutor(
             config.decode_threads, thread_name_prefix="flowray-decode"
         )
@@ -63,10 +63,10 @@ class FlowScoring:
         shape = self.holder.current.image_shape
         try:
             mime = media_type(request.headers.get("content-type", ""))
-            body = await read_body(request, mime, self.limits)
+            body = await read_body(request, mime, self.config)
             loop = asyncio.get_running_loop()
             items = await loop.run_in_executor(
-                self.decoder, parse_request, body, mime, shape, key, self.limits
+                self.decoder, parse_request, body, mime, shape, key, self.config
             )
         except BadRequest as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)

@@ -10,7 +10,7 @@ Encoded images are fitted to the model's shape as `flowray prepare` fits folder 
 already in that shape and mode passes unchanged); JSON pixels are integers 0..255. Without a key,
 an image's key is a digest of its pixels, as in the MLflow model.
 
-Limits (`RequestLimits`), each answered with 413 and what was found:
+Limits (ServeConfig's), each answered with 413 and what was found:
 - the body's bytes (max_json_bytes for JSON: a parsed number costs ~36 bytes of Python objects;
   max_image_bytes otherwise). A declared Content-Length over it is refused before the body is
   read; a chunked body is refused as soon as it passes it.
@@ -31,7 +31,7 @@ import numpy as np
 from flowmodel.errors import FlowrayError
 from pipeline.data.images import BadImage, ImageLimits, decode_fitted, open_image
 from pipeline.model.pyfunc import as_uint8_images, image_keys
-from pipeline.serve.config import RequestLimits
+from pipeline.serve.config import ServeConfig
 
 ENCODED_TYPES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
 JSON_TYPE = "application/json"
@@ -68,11 +68,11 @@ def media_type(content_type: str) -> str:
     )
 
 
-def _check_size(size: int, mime: str, limits: RequestLimits, found: str) -> None:
+def _check_size(size: int, mime: str, config: ServeConfig, found: str) -> None:
     """BadRequest 413 when a body of `size` bytes passes the limit for `mime`; `found` says what
     was found."""
     json_body = mime == JSON_TYPE
-    limit = limits.max_json_bytes if json_body else limits.max_image_bytes
+    limit = config.max_json_bytes if json_body else config.max_image_bytes
     if size > limit:
         name = "max_json_bytes" if json_body else "max_image_bytes"
         raise BadRequest(
@@ -81,7 +81,7 @@ def _check_size(size: int, mime: str, limits: RequestLimits, found: str) -> None
         )
 
 
-async def read_body(request: Any, mime: str, limits: RequestLimits) -> bytes:
+async def read_body(request: Any, mime: str, config: ServeConfig) -> bytes:
     """The body of a Starlette `request`, read chunk by chunk up to the limit for `mime`.
     BadRequest 413 when the Content-Length declares more than the limit (nothing is read) or the
     body passes it while arriving; 400 for a Content-Length that is not a number."""
@@ -93,17 +93,17 @@ async def read_body(request: Any, mime: str, limits: RequestLimits) -> bytes:
             raise BadRequest(
                 f"Content-Length: expected a number of bytes, found {declared!r}"
             ) from None
-        _check_size(size, mime, limits, f"a Content-Length of {size:,}")
+        _check_size(size, mime, config, f"a Content-Length of {size:,}")
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
-        _check_size(total, mime, limits, f"more ({total:,} bytes received so far)")
+        _check_size(total, mime, config, f"more ({total:,} bytes received so far)")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 def parse_request(
-    body: bytes, mime: str, shape: Sequence[int], key: str | None, limits: RequestLimits
+    body: bytes, mime: str, shape: Sequence[int], key: str | None, config: ServeConfig
 ) -> list[ScoreItem]:
     """The images of one request (a body `read_body` took, of a `media_type`), in the model's
     (C, H, W) `shape`, with their keys. BadRequest 413 for an image over the limits, 400 for a
@@ -116,17 +116,17 @@ def parse_request(
     unlimited = ImageLimits(max_pixels=2**62, max_bytes=len(body) or 1)
     try:
         with open_image(body, unlimited) as header:
-            _check_pixels(header.size, header.mode, limits)
+            _check_pixels(header.size, header.mode, config)
         image = decode_fitted(body, channels, (height, width), unlimited).pixels
     except BadImage as err:
         raise BadRequest(f"image: {err}") from err
     return [ScoreItem(image, image_keys(image[None], [key] if key else None)[0])]
 
 
-def _check_pixels(size: tuple[int, int], mode: str, limits: RequestLimits) -> None:
+def _check_pixels(size: tuple[int, int], mode: str, config: ServeConfig) -> None:
     width, height = size
     wide = mode in WIDE_MODES
-    most = limits.max_pixels // WIDE_SHARE if wide else limits.max_pixels
+    most = config.max_pixels // WIDE_SHARE if wide else config.max_pixels
     if width * height > most:
         what = f"max_pixels / {WIDE_SHARE} for mode {mode}" if wide else "max_pixels"
         raise BadRequest(
