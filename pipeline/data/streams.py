@@ -61,6 +61,8 @@ _PERMANENT = (
 class TransientReadError(StorageError):
     """Storage kept failing after every retry; the data is not known to be bad."""
 
+    hint = "the data is not known to be bad; rerun the job (finished work is kept)"
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Ray pickles task errors: keep the hint, not only the message.
         return (type(self), (str(self), self.hint))
@@ -176,8 +178,7 @@ def with_retries(call: Callable[[], T], policy: RetryPolicy, what: str) -> T:
             if attempt + 1 == policy.attempts:
                 raise TransientReadError(
                     f"{what}: storage kept failing ({type(err).__name__}: {err}) after "
-                    f"{policy.attempts} attempts",
-                    hint="the data is not known to be bad; rerun the job (finished work is kept)",
+                    f"{policy.attempts} attempts"
                 ) from err
             logger.info("%s: %s: %s; retry %d", what, type(err).__name__, err, attempt + 1)
             time.sleep(policy.delay(attempt))
@@ -252,9 +253,7 @@ class ResumingReader:
                     raise TransientReadError(
                         f"{self._what}: storage kept failing at byte {self._position:,} "
                         f"({type(err).__name__}: {err}) after {attempt} attempts "
-                        f"({self.retries} retries of this file)",
-                        hint="the data is not known to be bad; rerun the job "
-                        "(finished work is kept)",
+                        f"({self.retries} retries of this file)"
                     ) from err
                 logger.info(
                     "%s: %s at byte %d: %s; retry %d",
