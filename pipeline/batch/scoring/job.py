@@ -15,7 +15,7 @@ A run goes through four phases, one module each:
     plan       check access, and that the output store refuses a second create of one object
                (write-once; else exit 2 unless single_writer); list the input once, model and image
                shape; sweep this host's dead temps; list the shards without a file for their
-               version (new, rewritten in place, re-prepared)
+               version (new, rewritten in place, re-prepared); record or check the settings
     pipeline   pipeline.batch.scoring.actors: read_input -> map_batches(Scorer) on an actor pool
     collect    pipeline.batch.scoring.output: rows grouped by shard, each shard's file written
                once, when complete, so every key appears exactly once across crashes, retried
@@ -84,8 +84,6 @@ class _Plan:
     input: InputPlan
     prefix: str  # <output>/model=<name>/version=<v>
     targets: dict[str, ShardTarget]  # shards to score, by URL: where their rows go
-    present: bool  # the prefix holds files already
-    settings: dict[str, Any]  # what the files mean: input, seed, draws, weights, noise scheme
     tracking_uri: str
     changed: int = 0  # foreign shards rewritten since their file was written
     orphans: tuple[str, ...] = ()  # files of shards the input no longer lists
@@ -125,8 +123,6 @@ def score(
         CorruptDataError: an unreadable image under on_error="fail".
     """
     plan = _plan(config)
-    if plan.targets or plan.present:
-        check_settings(plan.prefix, plan.settings, config.storage)
     if not plan.targets:
         result = _result(plan, _Collected(ScoreStats(keep=0)))
         logger.info(result.line())
@@ -155,7 +151,8 @@ def score(
 
 
 def _plan(config: ScoreConfig) -> _Plan:
-    """Check access, list the input once, resolve the model, settle the shards still to score."""
+    """Check access, list the input once, resolve the model, settle the shards still to score;
+    record the settings of the files, or check them against those recorded (`check_settings`)."""
     import mlflow
 
     from pipeline.tracking.connection import resolve_tracking_uri
@@ -238,8 +235,6 @@ def _plan(config: ScoreConfig) -> _Plan:
         input=source,
         prefix=prefix,
         targets=targets,
-        present=bool(names),
-        settings=settings,
         tracking_uri=tracking_uri,
         changed=changed,
         orphans=orphan_files(names, {ref.stem for ref in source.shards}),
@@ -254,6 +249,8 @@ def _plan(config: ScoreConfig) -> _Plan:
         plan.changed,
         plan.already_done,
     )
+    if targets or names:
+        check_settings(prefix, settings, storage)
     return plan
 
 
