@@ -163,8 +163,7 @@ def fit_image(image: PILImage.Image, channels: int, size: tuple[int, int]) -> np
     height, width = size
     if image.size != (width, height):
         image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
-    array = np.asarray(image, dtype=np.uint8)
-    return _chw(array)
+    return _chw(np.asarray(image, dtype=np.uint8))
 
 
 def fit_array(hwc: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
@@ -217,10 +216,7 @@ def encode_png(image: np.ndarray) -> bytes:
         raise ValueError(
             f"expected uint8 [C, H, W] with C in 1, 3; found {image.dtype} {image.shape}"
         )
-    if image.shape[0] == 1:
-        pil = Image.fromarray(image[0], "L")
-    else:
-        pil = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB")  # (H, W, C)
+    pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)  # (H, W[, C])
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG", compress_level=6)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
