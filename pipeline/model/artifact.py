@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_tensors
 
 from flowmodel import Flow, FlowConfig, build_flow
@@ -37,28 +36,13 @@ CONFIG_FILE = "flow_config.json"
 SCHEME_KEY = "noise_scheme"  # in flow_config.json, beside the FlowConfig keys
 
 
-def _state_dict(flow: Flow) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous storage; a state_dict copy has neither.
-    return {k: v.detach().cpu().contiguous().clone() for k, v in flow.state_dict().items()}
-
-
-def _build(
-    config: dict[str, Any],
-    state: dict[str, torch.Tensor],
-    device: str | torch.device,
-    noise_scheme: str,
-) -> Flow:
-    flow = build_flow(FlowConfig.from_dict(config))
-    flow.load_state_dict(state)
-    return with_noise_scheme(flow.to(device).eval(), noise_scheme)
-
-
 def save_flow(flow: Flow, directory: str | Path) -> Path:
     """Write `flow` to `directory` (created if needed); returns the directory."""
+    payload = FlowPayload.from_flow(flow)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(_state_dict(flow), str(directory / WEIGHTS_FILE))
-    config = {**flow.config.to_dict(), SCHEME_KEY: noise_scheme_of(flow)}
+    (directory / WEIGHTS_FILE).write_bytes(payload.weights)
+    config = {**payload.config, SCHEME_KEY: payload.noise_scheme}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return directory
 
@@ -74,7 +58,7 @@ def load_flow(directory: str | Path, device: str | torch.device = "cpu") -> Flow
         )
     config = json.loads((directory / CONFIG_FILE).read_text())
     scheme = config.pop(SCHEME_KEY, MT19937_V1)
-    return _build(config, load_file(str(directory / WEIGHTS_FILE)), device, scheme)
+    return FlowPayload(config, (directory / WEIGHTS_FILE).read_bytes(), scheme).load(device)
 
 
 @dataclass(frozen=True)
@@ -88,15 +72,15 @@ class FlowPayload:
 
     @classmethod
     def from_flow(cls, flow: Flow) -> FlowPayload:
-        return cls(
-            config=flow.config.to_dict(),
-            weights=save_tensors(_state_dict(flow)),
-            noise_scheme=noise_scheme_of(flow),
-        )
+        # safetensors refuses shared or non-contiguous storage; a state_dict copy has neither.
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in flow.state_dict().items()}
+        return cls(flow.config.to_dict(), save_tensors(state), noise_scheme_of(flow))
 
     def load(self, device: str | torch.device = "cpu") -> Flow:
         """The flow in eval mode on `device`, drawing its noise with `noise_scheme`."""
-        return _build(self.config, load_tensors(self.weights), device, self.noise_scheme)
+        flow = build_flow(FlowConfig.from_dict(self.config))
+        flow.load_state_dict(load_tensors(self.weights))
+        return with_noise_scheme(flow.to(device).eval(), self.noise_scheme)
 
     def digest(self) -> str:
         """A short hash of the weights: the version of a model that has no registry version."""
