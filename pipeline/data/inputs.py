@@ -35,11 +35,12 @@ by its whole path: `bucket/key` on S3, the absolute path without its leading "/"
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from flowmodel.errors import FlowrayError
@@ -106,18 +107,14 @@ class InputPlan:
     def rooted(self, root: str) -> InputPlan | None:
         """This plan with its shards named by their paths under `root` (an output's recorded
         root, so names made under it stay), or None when a shard is not under `root`."""
-        import dataclasses
-
         prefix = root.rstrip("/") + "/"
         if not all(ref.url.startswith(prefix) for ref in self.shards):
             return None
-        shards = tuple(dataclasses.replace(r, name=r.url[len(prefix) :]) for r in self.shards)
-        return dataclasses.replace(self, root=root.rstrip("/"), shards=shards)
+        shards = tuple(replace(r, name=r.url[len(prefix) :]) for r in self.shards)
+        return replace(self, root=root.rstrip("/"), shards=shards)
 
     def digest(self) -> str:
         """12 hex digits over every shard's URL, size and version: equal digests, same data."""
-        import hashlib
-
         listing = "\n".join(f"{r.url} {r.size} {r.version}" for r in self.shards)
         return hashlib.sha256(listing.encode()).hexdigest()[:12]
 
