@@ -189,11 +189,11 @@ def _plan(config: ScoreConfig) -> _Plan:
         calibration = load_calibration(model.name, model.version)
     problem = calibration.problem() if calibration is not None else ""
     unknown = drift_unknown(model.name, model.version, registered, problem)
-    if calibration is not None and not problem:  # the verdict's line, unless nothing is scored
-        unknown = "drift: unknown (no images scored in this run)"
     if problem:
         logger.warning("%s", unknown)
         calibration = None
+    elif calibration is not None:  # the verdict's line, unless nothing is scored
+        unknown = "drift: unknown (no images scored in this run)"
     manifest = source.manifest
     if manifest is not None and tuple(manifest.shape) != model.image_shape:
         raise ScoreError(
@@ -343,19 +343,18 @@ def _collect(
     outcomes = tally.outcomes()
     collector.close(outcomes)
     by_label = {target.label: url for url, target in plan.targets.items()}
-    written = {by_label[label] for label in collector.written}
+    written = [by_label[label] for label in collector.written]
     left_out = [by_label[label] for label in collector.left_out]
 
     def images_of(url: str) -> int:  # the manifest's count, else the samples the reader met
-        expected = plan.targets[url].expected
-        outcome = outcomes.get(url)
+        expected, outcome = plan.targets[url].expected, outcomes.get(url)
         return expected if expected is not None else (outcome.expected if outcome else 0)
 
     return _Collected(
+        stats,
         written=tuple(collector.written),
-        files=tuple(plan.targets[by_label[label]].file for label in collector.written),
-        stats=stats,
-        images_skipped=sum(len(o.skipped_keys) for url, o in outcomes.items() if url in written),
+        files=tuple(plan.targets[url].file for url in written),
+        images_skipped=sum(len(outcomes[url].skipped_keys) for url in written if url in outcomes),
         left_out=tuple(sorted(collector.left_out.items())),
         images_left_out=sum(images_of(url) for url in left_out),
         seconds=time.perf_counter() - started,
