@@ -118,9 +118,10 @@ def _tally_actor_class() -> Any:
 class SkipTally:
     """Shard outcomes and skipped samples reported by readers (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self._local: _Counts | None = _Counts()
-        self._actor: Any = None
+    def __init__(self, actor: Any = None) -> None:
+        """`actor`: the Ray actor of a shared tally (`shared()`); None: counted in this process."""
+        self._actor = actor
+        self._local = _Counts() if actor is None else None
 
     @classmethod
     def shared(cls) -> SkipTally:
@@ -131,7 +132,7 @@ class SkipTally:
         # Pinned to the driver's node: on a worker node that dies (a lost node that Ray Train
         # rides out) it would take every outcome with it; the driver's node dying ends the job.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        return _shared_tally(_tally_actor_class().options(scheduling_strategy=here).remote())
+        return cls(_tally_actor_class().options(scheduling_strategy=here).remote())
 
     @property
     def is_shared(self) -> bool:
@@ -172,10 +173,4 @@ class SkipTally:
             raise TypeError(
                 "a local SkipTally cannot be sent to other processes; use SkipTally.shared()"
             )
-        return (_shared_tally, (self._actor,))
-
-
-def _shared_tally(actor: Any) -> SkipTally:
-    tally = SkipTally()
-    tally._local, tally._actor = None, actor
-    return tally
+        return (SkipTally, (self._actor,))
