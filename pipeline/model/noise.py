@@ -82,18 +82,17 @@ def keyed_noise(
     if check_noise_scheme(scheme) == SPLITMIX64_V2:
         seeds = key_seeds64(keys, seed)
         if on_cpu:  # numpy: the same bits, faster on a CPU (pipeline.model.splitmix)
-            return torch.from_numpy(splitmix.uniform_float64_numpy(seeds, count)).reshape(
-                len(keys), *shape
-            )
-        on_device = torch.from_numpy(seeds.view(np.int64).copy()).to(device)
-        return splitmix.uniform_float64(on_device, count).reshape(len(keys), *shape)
-    v1_seeds = key_seeds(keys, seed)
-    if not on_cpu:
-        on_device = torch.tensor(v1_seeds, dtype=torch.int64).to(device)
-        return mersenne.uniform_float64(on_device, count).reshape(len(keys), *shape)
-    noise = torch.empty(len(keys), *shape, dtype=torch.float64)
-    generator = torch.Generator()  # reseeded per key: the same numbers as a fresh one, cheaper
-    for i, key_seed in enumerate(v1_seeds):
-        generator.manual_seed(key_seed)
-        torch.rand(shape, generator=generator, dtype=torch.float64, out=noise[i])
-    return noise
+            noise = torch.from_numpy(splitmix.uniform_float64_numpy(seeds, count))
+        else:
+            on_device = torch.from_numpy(seeds.view(np.int64).copy()).to(device)
+            noise = splitmix.uniform_float64(on_device, count)
+    elif on_cpu:
+        noise = torch.empty(len(keys), count, dtype=torch.float64)
+        generator = torch.Generator()  # reseeded per key: the same numbers as a fresh one, cheaper
+        for i, key_seed in enumerate(key_seeds(keys, seed)):
+            generator.manual_seed(key_seed)
+            torch.rand(count, generator=generator, dtype=torch.float64, out=noise[i])
+    else:
+        on_device = torch.tensor(key_seeds(keys, seed), dtype=torch.int64).to(device)
+        noise = mersenne.uniform_float64(on_device, count)
+    return noise.reshape(len(keys), *shape)
