@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import re
 import tarfile
 from pathlib import Path
@@ -366,6 +367,12 @@ def test_ray_reader_reports_outcomes_to_a_shared_tally(split, ray_local):
     assert outcomes[bad].complete and outcomes[bad].skipped_keys == (BAD_KEY,)
     assert not outcomes[last].complete and outcomes[last].rows == 0
     assert _lost(tally) == {bad: 1, last: 50}
+
+
+def test_a_local_tally_cannot_be_sent_to_another_process():
+    # A copy would count in the other process and report nothing to this one.
+    with pytest.raises(TypeError, match="use SkipTally.shared"):
+        pickle.dumps(SkipTally())
 
 
 def test_ray_reader_fails_naming_shard_and_key(split, ray_local):
