@@ -99,10 +99,12 @@ def _reads(
 
 def _prepared(
     source: ImageSource, backends: dict[str, _Where], settings: Settings
-) -> dict[str, dict[str, float]]:
-    """{backend: {"write", "read_iter", ["read_ray"], "mb"}}: medians over `repeats`."""
+) -> dict[str, Any]:
+    """The images, their source and {backend: {"write", "read_iter", ["read_ray"], "mb"}}:
+    medians over `repeats`."""
     split = next(iter(source.splits()))
     images = min(settings.images, source.splits()[split])
+    list(source.read(split, range(min(images, 64))))  # warm-up: decompress
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in backends}
     megabytes: dict[str, float] = {}
     options = {"splits": [split], "limit": images, "shard_samples": settings.shard_samples}
@@ -118,7 +120,10 @@ def _prepared(
             figures = {"write": result.images_written / seconds}
             figures |= {f"read_{reader}": value for reader, value in reads.items()}
             samples[name].append(figures)
-    return {name: harness.medians(runs) | {"mb": megabytes[name]} for name, runs in samples.items()}
+    results = {
+        name: harness.medians(runs) | {"mb": megabytes[name]} for name, runs in samples.items()
+    }
+    return {"images": images, "source": source.description, "results": results}
 
 
 def _photos(count: int) -> list[tuple[str, bytes]]:
@@ -242,12 +247,7 @@ def measure(settings: Settings, run: Run) -> Result:
             "s3": _Where(f"s3://{harness.BENCH_BUCKET}/{base.name}", s3, remote),
         }
         if settings.images:
-            source = _source(settings.images, base)
-            split = next(iter(source.splits()))
-            list(source.read(split, range(min(settings.images, 64))))  # warm-up: decompress
-            report["images"] = min(settings.images, source.splits()[split])
-            report["source"] = source.description
-            report["results"] = _prepared(source, backends, settings)
+            report |= _prepared(_source(settings.images, base), backends, settings)
         if settings.foreign_images:
             report["foreign"] = _foreign(base, backends, settings)
         local, s3_shards = settings.listing_shards, settings.listing_s3_shards
