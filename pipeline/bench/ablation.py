@@ -26,8 +26,6 @@ from flowmodel.typed import ConfigError
 from pipeline.bench import harness
 from pipeline.bench.harness import Result, Run, Table
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @dataclass(frozen=True)
 class Lever:
@@ -170,13 +168,10 @@ def _spawn(
     # Each BLAS/OpenMP pool sized like torch's, so that N children share the cores evenly.
     threads = str(settings.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    if env.get("FASHION_MNIST_DIR"):
-        env["FASHION_MNIST_DIR"] = str(Path(env["FASHION_MNIST_DIR"]).resolve())
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     log(f"{name}: started ({' '.join(lever.overrides) or 'no overrides'})")
     command = [sys.executable, "-m", "pipeline.bench.ablation", str(spec), str(result)]
     with log_path.open("w") as output:
-        code = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+        code = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     if code.returncode != 0 or not result.exists():
         tail = log_path.read_text().strip().splitlines()[-1:] or [""]
         log(f"{name}: failed (exit {code.returncode}): {tail[0]}; log: {log_path}")
