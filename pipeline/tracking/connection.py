@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,15 +105,14 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
 MAX_PARAM_LENGTH = 6000
 
 
-def log_config_params(run_id: str, config: Any, *, exclude: Iterable[str] = ()) -> None:
+def log_config_params(run_id: str, config: Any, *, exclude: Collection[str] = ()) -> None:
     """Log a typed config as the run's params, one per dotted key (`optim.lr`): strings as they
     are, less any `user:password@`, everything else as JSON, cut to MLflow's length limit.
     `exclude` drops top-level sections."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    skip = set(exclude)
-    values = {k: v for k, v in to_dict(config).items() if k not in skip}
+    values = {k: v for k, v in to_dict(config).items() if k not in exclude}
     params = [
         Param(
             key,
